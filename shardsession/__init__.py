@@ -1,0 +1,74 @@
+"""shardsession: a sharded SQLAlchemy Session.
+
+Routes each mapper or instance to one of several engines, merges cross-shard query results
+exactly, and commits a unit of work that touched several databases atomically (two-phase
+commit with a durable decision and crash recovery).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
+
+from .exc import (
+    AtomicityUnavailableError,
+    CapabilityError,
+    CommitIncomplete,
+    ConfigurationError,
+    CrossShardError,
+    FanoutTimeoutError,
+    NoShardChosenError,
+    NonAtomicCommitWarning,
+    OutcomeUnknown,
+    PrepareFailed,
+    QueryError,
+    RecoveryError,
+    RoutingError,
+    ShardKeyMissingError,
+    ShardSessionError,
+    TransactionError,
+    UnknownShardError,
+    UnsupportedQueryError,
+)
+from .routing import (
+    Broadcast,
+    DirectorySharding,
+    Follows,
+    HashSharding,
+    Pinned,
+    Placement,
+    RangeSharding,
+)
+from .session import ShardedSession
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomicityUnavailableError",
+    "Broadcast",
+    "CapabilityError",
+    "CommitIncomplete",
+    "ConfigurationError",
+    "CrossShardError",
+    "DirectorySharding",
+    "FanoutTimeoutError",
+    "Follows",
+    "HashSharding",
+    "NoShardChosenError",
+    "NonAtomicCommitWarning",
+    "OutcomeUnknown",
+    "Pinned",
+    "Placement",
+    "PrepareFailed",
+    "QueryError",
+    "RangeSharding",
+    "RecoveryError",
+    "RoutingError",
+    "ShardKeyMissingError",
+    "ShardSessionError",
+    "ShardedQuery",
+    "ShardedSession",
+    "TransactionError",
+    "UnknownShardError",
+    "UnsupportedQueryError",
+    "set_shard_id",
+]

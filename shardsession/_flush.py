@@ -1,0 +1,153 @@
+"""Flush-time placement: assign every new object a shard and refuse cross-shard links.
+
+Runs in ``before_flush``, so any error is raised before a single statement is sent:
+nothing is written when placement fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import get_history
+from sqlalchemy.orm.state import InstanceState
+
+from ._compat import identity_token_of, set_identity_token
+from .exc import CrossShardError, RoutingError
+from .routing.placement import Placement
+from .routing.strategies import Broadcast
+
+__all__ = ["place_flush"]
+
+
+def _related(state: InstanceState[Any], key: str) -> Iterable[Any]:
+    # Only what is loaded: placement never triggers a lazy load inside a flush.
+    value = state.dict.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, list | set | tuple):
+        return value
+    if isinstance(value, dict):
+        return value.values()
+    if hasattr(value, "__iter__") and not hasattr(value, "_sa_instance_state"):
+        return list(value)
+    return (value,)
+
+
+def _is_broadcast(placement: Placement, mapper: Mapper[Any]) -> bool:
+    return placement.is_placed(mapper) and isinstance(placement.resolve(mapper).rule, Broadcast)
+
+
+def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]) -> None:
+    """Assign shards to the session's new objects and check every link stays on one shard.
+
+    :raises CrossShardError: two related objects would be on different shards.
+    :raises RoutingError: a new object cannot be placed, or a persistent object's shard
+        key changed so that it would belong on another shard.
+
+    Failure semantics: raised from ``before_flush``, before any SQL; no object is
+    modified except that new objects may have been assigned their shard.
+    """
+    known = set(shard_ids)
+    new = list(session.new)
+    dirty = [o for o in session.dirty if session.is_modified(o)]
+    if not new and not dirty:
+        return
+
+    # 1. Children reached through a one-to-many collection take their parent's shard.
+    hints: dict[InstanceState[Any], str] = {}
+    for obj in (*new, *dirty):
+        state = inspect(obj)
+        mapper = state.mapper
+        if not placement.is_placed(mapper) or _is_broadcast(placement, mapper):
+            continue
+        shard = identity_token_of(state)
+        if shard is None:
+            continue
+        for prop in mapper.relationships:
+            if prop.viewonly or prop.direction.name != "ONETOMANY":
+                continue
+            for child in _related(state, prop.key):
+                cstate = inspect(child)
+                if identity_token_of(cstate) is None:
+                    prev = hints.setdefault(cstate, shard)
+                    if prev != shard:
+                        raise CrossShardError(
+                            f"{cstate.mapper.class_.__name__} is in collections of objects on "
+                            f"shards {prev!r} and {shard!r}",
+                            shard_id=shard,
+                            shard_ids=(prev, shard),
+                        )
+
+    # 2. Place every new object (parents first, by resolving recursively).
+    for obj in new:
+        state = inspect(obj)
+        if identity_token_of(state) is not None:
+            continue
+        hinted = hints.get(state)
+        shard = hinted if hinted is not None else placement.shard_for_instance(state.mapper, state)
+        if shard not in known:
+            raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
+        set_identity_token(state, shard)
+        # a hint must agree with what the object's own key says
+        if hinted is not None and placement.resolve(state.mapper).strategy is not None:
+            own = _own_shard(placement, state)
+            if own is not None and own != hinted:
+                raise CrossShardError(
+                    f"{state.mapper.class_.__name__} belongs on shard {own!r} by its key but "
+                    f"its parent is on shard {hinted!r}",
+                    shard_id=own,
+                    shard_ids=(own, hinted),
+                )
+
+    # 3. A persistent object whose shard key changed would now belong elsewhere.
+    for obj in dirty:
+        state = inspect(obj)
+        r = placement.resolve(state.mapper)
+        if r.strategy is None or state.key is None:
+            continue
+        if any(get_history(obj, a).deleted for a in r.attrs):
+            own = _own_shard(placement, state)
+            if own is not None and own != state.key[2]:
+                raise RoutingError(
+                    f"changing the shard key of {state.mapper.class_.__name__} would move it from "
+                    f"shard {state.key[2]!r} to {own!r}; moving rows between shards is not "
+                    "supported by a flush: delete the object and add a new one",
+                    shard_id=state.key[2],
+                )
+
+    # 4. Every link between two sharded objects stays on one shard.
+    for obj in (*new, *dirty):
+        state = inspect(obj)
+        mapper = state.mapper
+        if _is_broadcast(placement, mapper):
+            continue
+        shard = identity_token_of(state)
+        for prop in mapper.relationships:
+            if prop.viewonly or _is_broadcast(placement, prop.mapper):
+                continue
+            for other in _related(state, prop.key):
+                ostate = inspect(other)
+                oshard = identity_token_of(ostate)
+                if oshard is None and ostate.mapper is not None and ostate.key is None:
+                    continue  # placed in step 2 only if new in this session
+                if oshard is not None and shard is not None and oshard != shard:
+                    raise CrossShardError(
+                        f"{mapper.class_.__name__} on shard {shard!r} is linked through "
+                        f"{prop.key!r} to {ostate.mapper.class_.__name__} on shard {oshard!r}; "
+                        "related objects must live on the same shard",
+                        shard_id=shard,
+                        shard_ids=(shard, oshard),
+                    )
+
+
+def _own_shard(placement: Placement, state: InstanceState[Any]) -> str | None:
+    r = placement.resolve(state.mapper)
+    if r.strategy is None:
+        return None
+    values = tuple(state.dict.get(a) for a in r.attrs)
+    if any(v is None for v in values):
+        return None
+    return r.strategy.shard_for(values[0] if len(values) == 1 else values)

@@ -1,0 +1,206 @@
+"""The exception tree of shardsession.
+
+Every error the library raises on its own account derives from :class:`ShardSessionError`.
+Driver errors raised by work on a single shard pass through unchanged (they are SQLAlchemy's
+``DBAPIError`` subclasses), so code written for plain SQLAlchemy keeps catching them::
+
+    ShardSessionError
+    +-- ConfigurationError            a cluster, placement or strategy is set up wrongly
+    +-- RoutingError                  (shard_id) where a row or statement should go
+    |   +-- UnknownShardError         a shard id that is not configured
+    |   +-- NoShardChosenError        a chooser returned None / nothing
+    |   +-- ShardKeyMissingError      (mapper, key) a new object has no shard key value
+    |   +-- CrossShardError           (shard_ids) related objects live on different shards
+    +-- QueryError                    (shard_id) a cross-shard read or write
+    |   +-- UnsupportedQueryError     (construct) cannot be merged exactly; never a wrong answer
+    |   +-- FanoutTimeoutError        (pending_shards) the per-query deadline passed
+    +-- TransactionError              (gtrid) a unit of work over several shards
+    |   +-- AtomicityUnavailableError the commit cannot be atomic and atomic="require"
+    |   +-- CapabilityError           (shard_id) a shard cannot do what is asked (e.g. PREPARE)
+    |   +-- PrepareFailed             (failed_shards) nothing was committed
+    |   +-- CommitIncomplete          (pending_shards) committed; recovery finishes the rest
+    |   +-- OutcomeUnknown            the decision's fate is unknown; recovery settles it
+    +-- RecoveryError                 (gtrid, shard_id) recovery could not settle a branch
+
+Every exception pickles with its structured fields (they cross process boundaries in
+worker pools and in the recovery worker).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "AtomicityUnavailableError",
+    "CapabilityError",
+    "CommitIncomplete",
+    "ConfigurationError",
+    "CrossShardError",
+    "FanoutTimeoutError",
+    "NoShardChosenError",
+    "NonAtomicCommitWarning",
+    "OutcomeUnknown",
+    "PrepareFailed",
+    "QueryError",
+    "RecoveryError",
+    "RoutingError",
+    "ShardKeyMissingError",
+    "ShardSessionError",
+    "TransactionError",
+    "UnknownShardError",
+    "UnsupportedQueryError",
+]
+
+
+class ShardSessionError(Exception):
+    """Root of every error raised by shardsession itself.
+
+    Subclasses keep their structured fields as attributes; ``str()`` is the message.
+    """
+
+    #: names of the keyword fields a subclass stores; used for pickling and ``repr``
+    _fields: tuple[str, ...] = ()
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for name in self._fields:
+            setattr(self, name, fields.pop(name, None))
+        if fields:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected fields: {', '.join(sorted(fields))}"
+            )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, {n: getattr(self, n) for n in self._fields}))
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__name__}({self.message!r}{extra})"
+
+
+def _rebuild(cls: type[ShardSessionError], message: str, fields: dict[str, Any]) -> Any:
+    return cls(message, **fields)
+
+
+class ConfigurationError(ShardSessionError):
+    """A cluster, placement rule or strategy is configured wrongly (raised at setup time)."""
+
+
+class RoutingError(ShardSessionError):
+    """A row or statement could not be routed to a shard."""
+
+    _fields = ("shard_id",)
+    shard_id: Any
+
+
+class UnknownShardError(RoutingError):
+    """A shard id that is not one of the session's shards."""
+
+
+class NoShardChosenError(RoutingError):
+    """A chooser returned ``None`` or an empty list."""
+
+
+class ShardKeyMissingError(RoutingError):
+    """A new object has no value for the shard key its placement needs."""
+
+    _fields = ("shard_id", "mapper", "key")
+    mapper: Any
+    key: Any
+
+
+class CrossShardError(RoutingError):
+    """Related objects would be written to different shards."""
+
+    _fields = ("shard_id", "shard_ids")
+    shard_ids: Sequence[Any]
+
+
+class QueryError(ShardSessionError):
+    """A cross-shard read or bulk write failed."""
+
+    _fields = ("shard_id",)
+    shard_id: Any
+
+
+class UnsupportedQueryError(QueryError):
+    """The statement cannot be answered exactly across shards; names the construct."""
+
+    _fields = ("shard_id", "construct")
+    construct: str | None
+
+
+class FanoutTimeoutError(QueryError):
+    """A fan-out's deadline passed before every shard answered."""
+
+    _fields = ("shard_id", "pending_shards", "timeout")
+    pending_shards: Sequence[Any]
+    timeout: float | None
+
+
+class TransactionError(ShardSessionError):
+    """A unit of work over several shards could not be completed as asked."""
+
+    _fields = ("gtrid",)
+    gtrid: str | None
+
+
+class AtomicityUnavailableError(TransactionError):
+    """The commit cannot be atomic (two or more writers cannot prepare) and
+    ``atomic="require"``; raised before anything is committed."""
+
+    _fields = ("gtrid", "shard_ids")
+    shard_ids: Sequence[Any]
+
+
+class CapabilityError(TransactionError):
+    """A shard cannot take part as asked, e.g. PostgreSQL with
+    ``max_prepared_transactions = 0`` asked to PREPARE."""
+
+    _fields = ("gtrid", "shard_id")
+    shard_id: Any
+
+
+class PrepareFailed(TransactionError):
+    """One or more branches could not be prepared; every branch was rolled back and
+    nothing was committed."""
+
+    _fields = ("gtrid", "failed_shards")
+    failed_shards: Sequence[Any]
+
+
+class CommitIncomplete(TransactionError):
+    """The transaction is committed (the decision is durable) but some branches are
+    still being completed; recovery finishes them. The data will appear."""
+
+    _fields = ("gtrid", "pending_shards")
+    pending_shards: Sequence[Any]
+
+
+class OutcomeUnknown(TransactionError):
+    """The decision commit was sent but its reply was lost; recovery settles the
+    transaction (named by ``gtrid``) one way or the other."""
+
+    _fields = ("gtrid", "pending_shards")
+    pending_shards: Sequence[Any]
+
+
+class RecoveryError(ShardSessionError):
+    """Recovery could not settle a branch (it is left in doubt and reported)."""
+
+    _fields = ("gtrid", "shard_id")
+    gtrid: str | None
+    shard_id: Any
+
+
+class NonAtomicCommitWarning(UserWarning):
+    """A commit touched several shards that cannot prepare and ``atomic="best_effort"``
+    committed them one after another: a crash in between leaves them inconsistent."""
+
+
+def warn_non_atomic(message: str) -> None:
+    """Emit :class:`NonAtomicCommitWarning` attributed to the caller of the session API."""
+    warnings.warn(message, NonAtomicCommitWarning, stacklevel=4)

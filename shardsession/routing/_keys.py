@@ -1,0 +1,62 @@
+"""Canonical, process-independent encodings of shard key values.
+
+Python's ``hash()`` is salted per process for ``str`` and differs across versions, so it
+must never place data. Every key value is turned into bytes by a fixed, documented rule
+and hashed with BLAKE2b; the same key gives the same bytes on every machine and version.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import hashlib
+import uuid
+from typing import Any
+
+from ..exc import RoutingError
+
+__all__ = ["canonical_key", "key_hash"]
+
+
+def _one(value: Any) -> bytes:
+    # A type tag keeps 1, "1" and b"1" apart; bool is tested before int (bool is an int).
+    if isinstance(value, bool):
+        return b"b:1" if value else b"b:0"
+    if isinstance(value, int):
+        return b"i:" + str(value).encode("ascii")
+    if isinstance(value, str):
+        return b"s:" + value.encode("utf-8")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return b"y:" + bytes(value)
+    if isinstance(value, uuid.UUID):
+        return b"u:" + value.bytes
+    if isinstance(value, decimal.Decimal):
+        if value == value.to_integral_value():
+            # 5 and Decimal("5.00") are the same key, as they are in the database.
+            return b"i:" + str(int(value)).encode("ascii")
+        return b"d:" + str(value.normalize()).encode("ascii")
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return b"t:" + value.isoformat().encode("ascii")
+    raise RoutingError(
+        f"cannot place a shard key of type {type(value).__name__!r}: "
+        "use int, str, bytes, uuid.UUID, Decimal, date/time, or a tuple of those",
+        shard_id=None,
+    )
+
+
+def canonical_key(value: Any) -> bytes:
+    """Encode a key value (or a tuple of them, for a composite key) as bytes.
+
+    :raises RoutingError: for ``None`` or a type with no stable encoding.
+    """
+    if value is None:
+        raise RoutingError("a shard key value is None", shard_id=None)
+    if isinstance(value, tuple):
+        parts = [_one(v) for v in value]
+        return b"(" + b"\x00".join(len(p).to_bytes(4, "big") + p for p in parts) + b")"
+    return _one(value)
+
+
+def key_hash(salt: bytes, key: bytes) -> int:
+    """A 64-bit hash of ``key`` under ``salt`` (BLAKE2b, stable everywhere)."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8, key=salt[:64]).digest(), "big")

@@ -1,0 +1,400 @@
+"""The sharded Session: a drop-in for ``sqlalchemy.ext.horizontal_shard.ShardedSession``.
+
+Two ways to configure it:
+
+* the drop-in way, exactly as SQLAlchemy's class: ``shard_chooser``, ``identity_chooser``,
+  ``execute_chooser`` and ``shards``; the choosers are obeyed as given;
+* the declarative way: ``placement=Placement({...})`` derives all three choosers, prunes
+  statements by their WHERE clause, places children with their parents and refuses
+  cross-shard links at flush.
+
+Either way, cross-shard reads are merged exactly (see :mod:`shardsession.query`) and a
+commit that wrote to several shards goes through the coordinator
+(:mod:`shardsession.coordinator`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from sqlalchemy import Engine, event, inspect
+from sqlalchemy.engine import Connection, Result
+from sqlalchemy.ext.horizontal_shard import ShardedQuery
+from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
+from sqlalchemy.ext.horizontal_shard import execute_and_instances as _sa_execute_and_instances
+from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
+from sqlalchemy.sql import Delete, Insert, Select, Update
+
+from . import _compat
+from ._flush import place_flush
+from .exc import ConfigurationError, NoShardChosenError, RoutingError, UnknownShardError
+from .routing.placement import Placement
+from .routing.strategies import Broadcast
+
+__all__ = ["ShardedQuery", "ShardedSession"]
+
+log = logging.getLogger(__name__)
+
+AtomicMode = Literal["require", "best_effort"]
+
+
+class ShardedSession(_SAShardedSession):
+    """A Session whose data is spread over several databases.
+
+    Accepts every argument of :class:`sqlalchemy.orm.Session` and of SQLAlchemy's
+    ``ShardedSession``, plus:
+
+    :param placement: a :class:`~shardsession.routing.Placement`; derives the three
+        choosers (do not pass them too).
+    :param atomic: ``"require"`` refuses a commit that cannot be atomic (two or more
+        written shards that cannot prepare) before anything is committed;
+        ``"best_effort"`` commits those last, one after another, and warns. Default:
+        ``"best_effort"`` for the drop-in constructor (SQLAlchemy's behaviour),
+        ``"require"`` when a ``placement`` is given.
+    :param decider: shard id preferred as the decision holder of atomic commits.
+    :param fanout_max_workers: bound on shards queried at once by a fan-out.
+    :param fanout_timeout: default per-query deadline of a fan-out, in seconds.
+    :param coordinator: a shared
+        :class:`~shardsession.coordinator.TransactionCoordinator` (sessionmakers share
+        one so capability checks are cached once per engine).
+    """
+
+    def __init__(
+        self,
+        shard_chooser: Callable[..., Any] | None = None,
+        identity_chooser: Callable[..., Any] | None = None,
+        execute_chooser: Callable[[ORMExecuteState], Iterable[Any]] | None = None,
+        shards: Mapping[str, Any] | None = None,
+        query_cls: type[Query[Any]] = ShardedQuery,
+        *,
+        placement: Placement | None = None,
+        atomic: AtomicMode | None = None,
+        decider: str | None = None,
+        fanout_max_workers: int | None = None,
+        fanout_timeout: float | None = None,
+        coordinator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._shards: dict[str, Any] = {}
+        self._placement = placement
+        if placement is not None:
+            if shard_chooser or identity_chooser or execute_chooser:
+                raise ConfigurationError(
+                    "pass either placement= or the shard_chooser/identity_chooser/"
+                    "execute_chooser callables, not both"
+                )
+            if not shards:
+                raise ConfigurationError("a placement needs shards={name: engine, ...}")
+            placement.bind(list(shards))
+            shard_chooser = self._placement_shard_chooser
+            identity_chooser = self._placement_identity_chooser
+            execute_chooser = self._placement_execute_chooser
+        if atomic not in (None, "require", "best_effort"):
+            raise ConfigurationError(f"atomic must be 'require' or 'best_effort', not {atomic!r}")
+        if fanout_max_workers is not None and fanout_max_workers < 1:
+            raise ConfigurationError("fanout_max_workers must be >= 1")
+        if fanout_timeout is not None and fanout_timeout <= 0:
+            raise ConfigurationError("fanout_timeout must be > 0")
+        self.atomic: AtomicMode = atomic or ("require" if placement is not None else "best_effort")
+        self.fanout_max_workers = fanout_max_workers
+        self.fanout_timeout = fanout_timeout
+        super().__init__(
+            shard_chooser,  # type: ignore[arg-type]
+            identity_chooser,  # type: ignore[arg-type]
+            execute_chooser,
+            shards,
+            query_cls,
+            **kwargs,
+        )
+        # Replace SQLAlchemy's sequential, concatenating executor with ours.
+        event.remove(self, "do_orm_execute", _sa_execute_and_instances)
+        event.listen(self, "do_orm_execute", _execute, retval=True)
+        if placement is not None:
+            event.listen(self, "before_flush", _before_flush)
+        self._coordinator = coordinator
+        self._install_coordinator(decider)
+
+    def _install_coordinator(self, decider: str | None) -> None:
+        try:  # TEMPORARY until the coordinator lands
+            from .coordinator import TransactionCoordinator
+        except ImportError:
+            return
+        if self._coordinator is None:
+            self._coordinator = TransactionCoordinator(atomic=self.atomic, decider=decider)
+        elif decider is not None:
+            raise ConfigurationError("pass decider= to the TransactionCoordinator, not both")
+        engine_names: dict[Any, str] = {}
+        for name, bind in self._shards.items():
+            engine_names.setdefault(_engine_of(bind), name)
+        self._coordinator.install(self, lambda e: engine_names.get(e, repr(e)))
+
+    # -- shards ------------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> Mapping[str, Any]:
+        """The shard ids and their binds (read-only view)."""
+        return dict(self._shards)
+
+    def bind_shard(self, shard_id: str, bind: Any) -> None:
+        """Add or replace the bind (Engine) of ``shard_id``."""
+        if not isinstance(shard_id, str) or not shard_id:
+            raise ConfigurationError(f"shard ids are non-empty strings, not {shard_id!r}")
+        if not isinstance(bind, Engine | Connection) and not hasattr(bind, "connect"):
+            raise ConfigurationError(f"shard {shard_id!r}: bind must be an Engine, not {bind!r}")
+        super().bind_shard(shard_id, bind)
+        self._shards[shard_id] = bind
+
+    def _check_shard(self, shard_id: Any) -> str:
+        if shard_id is None:
+            raise NoShardChosenError("the shard chooser returned None", shard_id=None)
+        if shard_id not in self._shards:
+            raise UnknownShardError(
+                f"unknown shard id {shard_id!r}; configured shards are {sorted(self._shards)}",
+                shard_id=shard_id,
+            )
+        return str(shard_id)
+
+    def _shard_for(self, mapper: Any, instance: Any, **kw: Any) -> str:
+        if instance is not None:
+            state = inspect(instance)
+            token = _compat.identity_token_of(state)
+            if token is not None:
+                return self._check_shard(token)
+        if not isinstance(mapper, Mapper):
+            raise RoutingError(
+                "cannot choose a shard without a mapper or instance; pass "
+                "bind_arguments={'shard_id': ...}",
+                shard_id=None,
+            )
+        shard_id = self._check_shard(self.shard_chooser(mapper, instance, **kw))
+        if instance is not None:
+            _compat.set_identity_token(state, shard_id)
+        return shard_id
+
+    def get_bind(  # type: ignore[override]
+        self,
+        mapper: Any = None,
+        *,
+        shard_id: Any = None,
+        instance: Any = None,
+        clause: Any = None,
+        **kw: Any,
+    ) -> Any:
+        """Return the Engine of ``shard_id`` (chosen by the shard chooser when not given).
+
+        :raises UnknownShardError: the id is not configured.
+        :raises NoShardChosenError: the chooser returned ``None``.
+        """
+        if shard_id is None:
+            shard_id = self._shard_for(mapper, instance, clause=clause)
+        return self._shards[self._check_shard(shard_id)]
+
+    def connection_callable(  # type: ignore[override]
+        self,
+        mapper: Any = None,
+        instance: Any = None,
+        shard_id: Any = None,
+        **kw: Any,
+    ) -> Connection:
+        """The connection the unit of work uses for ``instance`` (its shard's)."""
+        if shard_id is None:
+            shard_id = self._shard_for(mapper, instance)
+        shard_id = self._check_shard(shard_id)
+        trans = self.get_transaction() if self.in_transaction() else None
+        if trans is not None:
+            return trans.connection(mapper, shard_id=shard_id)
+        bind = self._shards[shard_id]
+        return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return]
+
+    # -- placement-derived choosers ----------------------------------------------------------
+
+    @property
+    def placement(self) -> Placement | None:
+        return self._placement
+
+    def _placement_shard_chooser(
+        self, mapper: Any, instance: Any, clause: Any = None, **kw: Any
+    ) -> str:
+        assert self._placement is not None
+        if instance is not None:
+            return self._placement.shard_for_instance(mapper, inspect(instance))
+        where = getattr(clause, "whereclause", None) if clause is not None else None
+        shards = self._placement.shards_for_clause(mapper, where)
+        if len(shards) == 1:
+            return shards[0]
+        raise RoutingError(
+            f"cannot choose one shard for {mapper.class_.__name__} without an instance "
+            f"(it may be on any of {shards}); pass bind_arguments={{'shard_id': ...}}",
+            shard_id=None,
+        )
+
+    def _placement_identity_chooser(
+        self,
+        mapper: Mapper[Any],
+        primary_key: Any,
+        *,
+        lazy_loaded_from: Any = None,
+        **kw: Any,
+    ) -> list[str]:
+        assert self._placement is not None
+        if lazy_loaded_from is not None:
+            token = _compat.identity_token_of(lazy_loaded_from)
+            if token is not None and not isinstance(
+                self._placement.resolve(mapper).rule, Broadcast
+            ):
+                return [token]
+        pk = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
+        return self._placement.shards_for_identity(mapper, pk)
+
+    def _placement_execute_chooser(self, orm_context: ORMExecuteState) -> list[str]:
+        assert self._placement is not None
+        placement = self._placement
+        stmt = orm_context.statement
+        for_write = isinstance(stmt, Update | Delete | Insert)
+        mappers = [m for m in orm_context.all_mappers if placement.is_placed(m)]
+        if not mappers:
+            mappers = _mappers_of_tables(placement, stmt)
+        if not mappers:
+            return list(placement.shards)
+        params = orm_context.parameters if isinstance(orm_context.parameters, dict) else {}
+        where = getattr(stmt, "whereclause", None)
+        if isinstance(stmt, Select | Update | Delete) or for_write:
+            candidates: list[str] | None = None
+            keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
+            for m in keyed or mappers:
+                found = placement.shards_for_clause(m, where, params, for_write=for_write)
+                candidates = (
+                    found if candidates is None else [s for s in candidates if s in found]
+                )
+            assert candidates is not None
+            if not candidates:
+                # The WHERE clause can match no row: ask one shard, for an empty result of
+                # the right shape.
+                return placement.all_candidates(mappers[0])[:1] or list(placement.shards)[:1]
+            return candidates
+        return list(placement.shards)
+
+
+def _engine_of(bind: Any) -> Any:
+    return getattr(bind, "engine", bind)
+
+
+def _mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
+    tables = []
+    table = getattr(stmt, "table", None)
+    if table is not None:
+        tables.append(table)
+    froms = getattr(stmt, "get_final_froms", None)
+    if froms is not None:
+        tables.extend(froms())
+    return placement.mappers_for_tables(tables)
+
+
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    assert isinstance(session, ShardedSession) and session.placement is not None
+    place_flush(session, session.placement, session.shards)
+
+
+def _invoke_one(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
+    bind_arguments = dict(orm_context.bind_arguments)
+    bind_arguments["shard_id"] = shard_id
+    orm_context.update_execution_options(identity_token=shard_id)
+    return orm_context.invoke_statement(bind_arguments=bind_arguments)
+
+
+def _execute(orm_context: ORMExecuteState) -> Result[Any]:
+    """The session's ``do_orm_execute`` handler: route, then run on one or many shards.
+
+    Failure semantics: a routing error is raised before any shard is asked; errors of a
+    fan-out are described in :func:`shardsession.query.execute_on_shards`.
+    """
+    session = orm_context.session
+    assert isinstance(session, ShardedSession)
+    explicit = _compat.explicit_shard_of(orm_context)
+    if explicit is not None:
+        return _invoke_one(orm_context, session._check_shard(explicit))
+
+    if session.placement is not None and orm_context.is_insert:
+        return _routed_insert(session, orm_context)
+
+    chosen = session.execute_chooser(orm_context)
+    if chosen is None:
+        raise NoShardChosenError("the execute chooser returned None", shard_id=None)
+    shard_ids = list(dict.fromkeys(session._check_shard(s) for s in chosen))
+    if not shard_ids:
+        raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
+    if len(shard_ids) == 1:
+        return _invoke_one(orm_context, shard_ids[0])
+    try:  # TEMPORARY until the query engine lands
+        from .query import FanoutOptions, execute_on_shards
+    except ImportError:
+        parts = [_invoke_one(orm_context, s) for s in shard_ids]
+        return parts[0].merge(*parts[1:])
+    options = FanoutOptions(
+        max_workers=session.fanout_max_workers, timeout=session.fanout_timeout
+    )
+    return execute_on_shards(orm_context, shard_ids, options)
+
+
+def _routed_insert(session: ShardedSession, orm_context: ORMExecuteState) -> Result[Any]:
+    """Route a bulk INSERT: each parameter set goes to the shard of its key."""
+    placement = session.placement
+    assert placement is not None
+    mapper = orm_context.bind_mapper
+    if mapper is None:
+        mappers = _mappers_of_tables(placement, orm_context.statement)
+        mapper = mappers[0] if mappers else None
+    if mapper is None:
+        raise RoutingError(
+            "cannot route an INSERT into a table the placement does not know; "
+            "pass bind_arguments={'shard_id': ...}",
+            shard_id=None,
+        )
+    r = placement.resolve(mapper)
+    params = orm_context.parameters
+    if isinstance(r.rule, Broadcast):
+        return _combine([_invoke_one(orm_context, s) for s in placement.shards])
+    if r.strategy is None or not params:
+        only = placement.all_candidates(mapper)
+        if len(only) == 1:
+            return _invoke_one(orm_context, only[0])
+        raise RoutingError(
+            f"cannot route this INSERT into {mapper.class_.__name__}: pass the rows as "
+            "parameter dictionaries carrying the shard key, or bind_arguments={'shard_id': ...}",
+            shard_id=None,
+        )
+    rows = params if isinstance(params, list) else [params]
+    groups: dict[str, list[Any]] = {}
+    for row in rows:
+        try:
+            values = tuple(row[a] for a in r.attrs)
+        except KeyError as e:
+            raise RoutingError(
+                f"an INSERT row for {mapper.class_.__name__} lacks shard key {e.args[0]!r}",
+                shard_id=None,
+            ) from e
+        shard = r.strategy.shard_for(values[0] if len(values) == 1 else values)
+        groups.setdefault(session._check_shard(shard), []).append(row)
+    results = []
+    for shard_id, group in groups.items():
+        bind_arguments = dict(orm_context.bind_arguments)
+        bind_arguments["shard_id"] = shard_id
+        results.append(
+            orm_context.invoke_statement(
+                params=group if isinstance(params, list) else group[0],
+                bind_arguments=bind_arguments,
+                execution_options={"identity_token": shard_id},
+            )
+        )
+    return _combine(results)
+
+
+def _combine(results: Sequence[Result[Any]]) -> Result[Any]:
+    """One result for a write sent to several shards: RETURNING rows concatenated."""
+    if len(results) == 1:
+        return results[0]
+    if all(getattr(r, "returns_rows", False) for r in results):
+        return results[0].merge(*results[1:])
+    return results[-1]
