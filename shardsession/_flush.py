@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import and_, delete, insert, inspect, update
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import get_history
 from sqlalchemy.orm.state import InstanceState
@@ -19,7 +19,7 @@ from .exc import CrossShardError, RoutingError
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
-__all__ = ["place_flush"]
+__all__ = ["place_flush", "replicate_broadcast"]
 
 
 def _related(state: InstanceState[Any], key: str) -> Iterable[Any]:
@@ -151,3 +151,52 @@ def _own_shard(placement: Placement, state: InstanceState[Any]) -> str | None:
     if any(v is None for v in values):
         return None
     return r.strategy.shard_for(values[0] if len(values) == 1 else values)
+
+
+def _table_values(mapper: Mapper[Any], obj: Any, table: Any) -> dict[str, Any]:
+    values = {}
+    for col in table.columns:
+        try:
+            prop = mapper.get_property_by_column(col)
+        except Exception:  # a column the mapper does not map: leave it to its default
+            continue
+        values[col.key] = getattr(obj, prop.key)
+    return values
+
+
+def replicate_broadcast(session: Session, placement: Placement) -> None:
+    """Copy this flush's writes to broadcast (reference) objects onto every other shard.
+
+    Called from ``after_flush``: the rows were just written to the object's own shard;
+    the same INSERT/UPDATE/DELETE goes to the other shards inside the same session
+    transaction, so the commit protocol makes all copies durable together.
+
+    Failure semantics: an error is raised out of the flush, which SQLAlchemy rolls back;
+    nothing of the flush stays on any shard.
+    """
+    shards = list(placement.shards)
+    work = [(o, "insert") for o in session.new]
+    work += [(o, "update") for o in session.dirty if session.is_modified(o)]
+    work += [(o, "delete") for o in session.deleted]
+    for obj, kind in work:
+        state = inspect(obj)
+        mapper = state.mapper
+        if not _is_broadcast(placement, mapper):
+            continue
+        own = identity_token_of(state)
+        tables = list(mapper.tables)
+        if kind == "delete":
+            tables.reverse()
+        for shard in shards:
+            if shard == own:
+                continue
+            conn = session.connection(bind_arguments={"shard_id": shard})
+            for table in tables:
+                values = _table_values(mapper, obj, table)
+                pk = and_(*(c == values[c.key] for c in table.primary_key.columns))
+                if kind == "insert":
+                    conn.execute(insert(table).values(values))
+                elif kind == "update":
+                    conn.execute(update(table).where(pk).values(values))
+                else:
+                    conn.execute(delete(table).where(pk))

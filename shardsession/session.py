@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.sql import Delete, Insert, Select, Update
 
 from . import _compat
-from ._flush import place_flush
+from ._flush import place_flush, replicate_broadcast
 from .exc import ConfigurationError, NoShardChosenError, RoutingError, UnknownShardError
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
@@ -113,6 +113,7 @@ class ShardedSession(_SAShardedSession):
         event.listen(self, "do_orm_execute", _execute, retval=True)
         if placement is not None:
             event.listen(self, "before_flush", _before_flush)
+            event.listen(self, "after_flush", _after_flush)
         self._coordinator = coordinator
         self._install_coordinator(decider)
 
@@ -295,6 +296,11 @@ def _mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     assert isinstance(session, ShardedSession) and session.placement is not None
     place_flush(session, session.placement, session.shards)
+
+
+def _after_flush(session: Session, flush_context: Any) -> None:
+    assert isinstance(session, ShardedSession) and session.placement is not None
+    replicate_broadcast(session, session.placement)
 
 
 def _invoke_one(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
