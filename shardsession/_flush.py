@@ -17,7 +17,7 @@ from sqlalchemy.orm.state import InstanceState
 from ._compat import identity_token_of, set_identity_token
 from .exc import CrossShardError, RoutingError
 from .routing.placement import Placement
-from .routing.strategies import Broadcast
+from .routing.strategies import Broadcast, Follows
 
 __all__ = ["place_flush", "replicate_broadcast"]
 
@@ -56,51 +56,22 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
     if not new and not dirty:
         return
 
-    # 1. Children reached through a one-to-many collection take their parent's shard.
-    hints: dict[InstanceState[Any], str] = {}
-    for obj in (*new, *dirty):
-        state = inspect(obj)
-        mapper = state.mapper
-        if not placement.is_placed(mapper) or _is_broadcast(placement, mapper):
-            continue
-        shard = identity_token_of(state)
-        if shard is None:
-            continue
-        for prop in mapper.relationships:
-            if prop.viewonly or prop.direction.name != "ONETOMANY":
-                continue
-            for child in _related(state, prop.key):
-                cstate = inspect(child)
-                if identity_token_of(cstate) is None:
-                    prev = hints.setdefault(cstate, shard)
-                    if prev != shard:
-                        raise CrossShardError(
-                            f"{cstate.mapper.class_.__name__} is in collections of objects on "
-                            f"shards {prev!r} and {shard!r}",
-                            shard_id=shard,
-                            shard_ids=(prev, shard),
-                        )
-
-    # 2. Place every new object (parents first, by resolving recursively).
+    # 1. Objects placed by their own key, pin or broadcast rule.
+    pending: list[InstanceState[Any]] = []
     for obj in new:
         state = inspect(obj)
         if identity_token_of(state) is not None:
             continue
-        hinted = hints.get(state)
-        shard = hinted if hinted is not None else placement.shard_for_instance(state.mapper, state)
-        if shard not in known:
-            raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
-        set_identity_token(state, shard)
-        # a hint must agree with what the object's own key says
-        if hinted is not None and placement.resolve(state.mapper).strategy is not None:
-            own = _own_shard(placement, state)
-            if own is not None and own != hinted:
-                raise CrossShardError(
-                    f"{state.mapper.class_.__name__} belongs on shard {own!r} by its key but "
-                    f"its parent is on shard {hinted!r}",
-                    shard_id=own,
-                    shard_ids=(own, hinted),
-                )
+        r = placement.resolve(state.mapper)
+        if isinstance(r.rule, Follows):
+            pending.append(state)  # placed through its parent first, below
+            continue
+        _assign(state, placement.shard_for_instance(state.mapper, state), known)
+
+    # 2. Followers take their parent's shard, through a many-to-one attribute or by being
+    #    in a one-to-many collection of a placed object; repeat for grandchildren.
+    if pending:
+        _place_followers(placement, pending, [inspect(o) for o in (*new, *dirty)], known)
 
     # 3. A persistent object whose shard key changed would now belong elsewhere.
     for obj in dirty:
@@ -141,6 +112,61 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
                         shard_id=shard,
                         shard_ids=(shard, oshard),
                     )
+
+
+def _assign(state: InstanceState[Any], shard: str, known: set[str]) -> None:
+    if shard not in known:
+        raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
+    set_identity_token(state, shard)
+
+
+def _place_followers(
+    placement: Placement,
+    pending: list[InstanceState[Any]],
+    touched: list[InstanceState[Any]],
+    known: set[str],
+) -> None:
+    waiting = {id(s): s for s in pending}
+    changed = True
+    while waiting and changed:
+        changed = False
+        # parent -> child through collections
+        for state in touched:
+            shard = identity_token_of(state)
+            if shard is None or _is_broadcast(placement, state.mapper):
+                continue
+            for prop in state.mapper.relationships:
+                if prop.viewonly or prop.direction.name != "ONETOMANY":
+                    continue
+                for child in _related(state, prop.key):
+                    cstate = inspect(child)
+                    current = identity_token_of(cstate)
+                    if current is None and id(cstate) in waiting:
+                        _assign(cstate, shard, known)
+                        del waiting[id(cstate)]
+                        changed = True
+                    elif current is not None and current != shard and cstate.key is None:
+                        raise CrossShardError(
+                            f"{cstate.mapper.class_.__name__} is in collections of objects on "
+                            f"shards {current!r} and {shard!r}",
+                            shard_id=shard,
+                            shard_ids=(current, shard),
+                        )
+        # child -> parent through many-to-one attributes
+        for key, state in list(waiting.items()):
+            for prop in placement.resolve(state.mapper).parent_props:
+                parent = state.dict.get(prop.key)
+                if parent is None:
+                    continue
+                shard = identity_token_of(inspect(parent))
+                if shard is not None:
+                    _assign(state, shard, known)
+                    del waiting[key]
+                    changed = True
+                    break
+    # what is left is placed by its foreign key, or raises a clear error
+    for state in waiting.values():
+        _assign(state, placement.shard_for_instance(state.mapper, state), known)
 
 
 def _own_shard(placement: Placement, state: InstanceState[Any]) -> str | None:

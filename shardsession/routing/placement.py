@@ -175,7 +175,7 @@ class Placement:
             return found
         rule = self._rule_of(mapper) or self._default
         if rule is None:
-            parents = self._placed_parents(mapper, None)
+            parents = self._placed_parents(mapper, None) or self._collection_parents(mapper)
             if not parents:
                 raise ConfigurationError(
                     f"no placement rule for {mapper.class_.__name__}: add one to the Placement "
@@ -200,6 +200,22 @@ class Placement:
                 props.append(prop)
         return props
 
+    def _collection_parents(self, mapper: Mapper[Any]) -> list[RelationshipProperty[Any]]:
+        """One-to-many relationships of placed classes whose targets are ``mapper``."""
+        found = []
+        for target in self._rules:
+            parent = inspect(target, raiseerr=False) if isinstance(target, type) else None
+            if not isinstance(parent, Mapper):
+                continue
+            for prop in parent.relationships:
+                if (
+                    not prop.viewonly
+                    and prop.direction.name == "ONETOMANY"
+                    and mapper.isa(prop.mapper)
+                ):
+                    found.append(prop)
+        return found
+
     def _resolve_rule(self, mapper: Mapper[Any], rule: Rule) -> ResolvedRule:
         if isinstance(rule, KeyStrategy):
             cols = []
@@ -218,10 +234,10 @@ class Placement:
                     f"{rule!r}: {mapper.class_.__name__}.{rule.relationship} is not a many-to-one "
                     "relationship to a placed class"
                 )
-            if not props:
+            if not props and not self._collection_parents(mapper):
                 raise ConfigurationError(
-                    f"{mapper.class_.__name__} follows its parent but has no many-to-one "
-                    "relationship to a placed class"
+                    f"{mapper.class_.__name__} follows its parent but is reached by no "
+                    "relationship of a placed class"
                 )
             # Prune by the foreign key when it carries the parent's shard key.
             for prop in props:
