@@ -7,11 +7,12 @@ nothing is written when placement fails.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, inspect, update
+from sqlalchemy import and_, delete, insert, update
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.attributes import get_history
+from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
 from ._compat import identity_token_of, set_identity_token
@@ -20,6 +21,46 @@ from .routing.placement import Placement
 from .routing.strategies import Broadcast, Follows
 
 __all__ = ["place_flush", "replicate_broadcast"]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the flush checks need to know about one mapper (computed once)."""
+
+    broadcast: bool
+    follows: bool
+    strategy: Any
+    attrs: tuple[str, ...]
+    o2m: tuple[str, ...]  # one-to-many relationship keys (children to place)
+    links: tuple[str, ...]  # relationship keys whose targets must share the shard
+
+
+def _plan(placement: Placement, mapper: Mapper[Any]) -> _Plan:
+    cache: dict[Mapper[Any], _Plan] = placement.cache.setdefault("flush_plans", {})
+    plan = cache.get(mapper)
+    if plan is None:
+        r = placement.resolve(mapper)
+        broadcast = isinstance(r.rule, Broadcast)
+        rels = [p for p in mapper.relationships if not p.viewonly]
+        plan = _Plan(
+            broadcast=broadcast,
+            follows=isinstance(r.rule, Follows),
+            strategy=r.strategy,
+            attrs=r.attrs,
+            o2m=tuple(p.key for p in rels if p.direction.name == "ONETOMANY"),
+            links=tuple(
+                p.key
+                for p in rels
+                if not (
+                    placement.is_placed(p.mapper)
+                    and isinstance(placement.resolve(p.mapper).rule, Broadcast)
+                )
+            )
+            if not broadcast and rels
+            else (),
+        )
+        cache[mapper] = plan
+    return plan
 
 
 def _related(state: InstanceState[Any], key: str) -> Iterable[Any]:
@@ -36,10 +77,6 @@ def _related(state: InstanceState[Any], key: str) -> Iterable[Any]:
     return (value,)
 
 
-def _is_broadcast(placement: Placement, mapper: Mapper[Any]) -> bool:
-    return placement.is_placed(mapper) and isinstance(placement.resolve(mapper).rule, Broadcast)
-
-
 def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]) -> None:
     """Assign shards to the session's new objects and check every link stays on one shard.
 
@@ -51,36 +88,35 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
     modified except that new objects may have been assigned their shard.
     """
     known = set(shard_ids)
-    new = list(session.new)
-    dirty = [o for o in session.dirty if session.is_modified(o)]
+    new = [instance_state(o) for o in session.new]
+    dirty = [instance_state(o) for o in session.dirty]
     if not new and not dirty:
         return
 
     # 1. Objects placed by their own key, pin or broadcast rule.
     pending: list[InstanceState[Any]] = []
-    for obj in new:
-        state = inspect(obj)
+    for state in new:
         if identity_token_of(state) is not None:
             continue
-        r = placement.resolve(state.mapper)
-        if isinstance(r.rule, Follows):
+        plan = _plan(placement, state.mapper)
+        if plan.follows:
             pending.append(state)  # placed through its parent first, below
-            continue
-        _assign(state, placement.shard_for_instance(state.mapper, state), known)
+        else:
+            _assign(state, placement.shard_for_instance(state.mapper, state), known)
 
     # 2. Followers take their parent's shard, through a many-to-one attribute or by being
     #    in a one-to-many collection of a placed object; repeat for grandchildren.
     if pending:
-        _place_followers(placement, pending, [inspect(o) for o in (*new, *dirty)], known)
+        _place_followers(placement, pending, new + dirty, known)
 
     # 3. A persistent object whose shard key changed would now belong elsewhere.
-    for obj in dirty:
-        state = inspect(obj)
-        r = placement.resolve(state.mapper)
-        if r.strategy is None or state.key is None:
+    for state in dirty:
+        plan = _plan(placement, state.mapper)
+        if plan.strategy is None or state.key is None:
             continue
-        if any(get_history(obj, a).deleted for a in r.attrs):
-            own = _own_shard(placement, state)
+        obj = state.obj()
+        if obj is not None and any(get_history(obj, a).deleted for a in plan.attrs):
+            own = _own_shard(plan, state)
             if own is not None and own != state.key[2]:
                 raise RoutingError(
                     f"changing the shard key of {state.mapper.class_.__name__} would move it from "
@@ -90,24 +126,19 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
                 )
 
     # 4. Every link between two sharded objects stays on one shard.
-    for obj in (*new, *dirty):
-        state = inspect(obj)
-        mapper = state.mapper
-        if _is_broadcast(placement, mapper):
+    for state in (*new, *dirty):
+        plan = _plan(placement, state.mapper)
+        if not plan.links:
             continue
         shard = identity_token_of(state)
-        for prop in mapper.relationships:
-            if prop.viewonly or _is_broadcast(placement, prop.mapper):
-                continue
-            for other in _related(state, prop.key):
-                ostate = inspect(other)
+        for key in plan.links:
+            for other in _related(state, key):
+                ostate = instance_state(other)
                 oshard = identity_token_of(ostate)
-                if oshard is None and ostate.mapper is not None and ostate.key is None:
-                    continue  # placed in step 2 only if new in this session
                 if oshard is not None and shard is not None and oshard != shard:
                     raise CrossShardError(
-                        f"{mapper.class_.__name__} on shard {shard!r} is linked through "
-                        f"{prop.key!r} to {ostate.mapper.class_.__name__} on shard {oshard!r}; "
+                        f"{state.mapper.class_.__name__} on shard {shard!r} is linked through "
+                        f"{key!r} to {ostate.mapper.class_.__name__} on shard {oshard!r}; "
                         "related objects must live on the same shard",
                         shard_id=shard,
                         shard_ids=(shard, oshard),
@@ -133,13 +164,12 @@ def _place_followers(
         # parent -> child through collections
         for state in touched:
             shard = identity_token_of(state)
-            if shard is None or _is_broadcast(placement, state.mapper):
+            plan = _plan(placement, state.mapper)
+            if shard is None or plan.broadcast:
                 continue
-            for prop in state.mapper.relationships:
-                if prop.viewonly or prop.direction.name != "ONETOMANY":
-                    continue
-                for child in _related(state, prop.key):
-                    cstate = inspect(child)
+            for key in plan.o2m:
+                for child in _related(state, key):
+                    cstate = instance_state(child)
                     current = identity_token_of(cstate)
                     if current is None and id(cstate) in waiting:
                         _assign(cstate, shard, known)
@@ -153,15 +183,15 @@ def _place_followers(
                             shard_ids=(current, shard),
                         )
         # child -> parent through many-to-one attributes
-        for key, state in list(waiting.items()):
+        for wkey, state in list(waiting.items()):
             for prop in placement.resolve(state.mapper).parent_props:
                 parent = state.dict.get(prop.key)
                 if parent is None:
                     continue
-                shard = identity_token_of(inspect(parent))
+                shard = identity_token_of(instance_state(parent))
                 if shard is not None:
                     _assign(state, shard, known)
-                    del waiting[key]
+                    del waiting[wkey]
                     changed = True
                     break
     # what is left is placed by its foreign key, or raises a clear error
@@ -169,14 +199,14 @@ def _place_followers(
         _assign(state, placement.shard_for_instance(state.mapper, state), known)
 
 
-def _own_shard(placement: Placement, state: InstanceState[Any]) -> str | None:
-    r = placement.resolve(state.mapper)
-    if r.strategy is None:
+def _own_shard(plan: _Plan, state: InstanceState[Any]) -> str | None:
+    if plan.strategy is None:
         return None
-    values = tuple(state.dict.get(a) for a in r.attrs)
+    values = tuple(state.dict.get(a) for a in plan.attrs)
     if any(v is None for v in values):
         return None
-    return r.strategy.shard_for(values[0] if len(values) == 1 else values)
+    shard: str = plan.strategy.shard_for(values[0] if len(values) == 1 else values)
+    return shard
 
 
 def _table_values(mapper: Mapper[Any], obj: Any, table: Any) -> dict[str, Any]:
@@ -200,14 +230,16 @@ def replicate_broadcast(session: Session, placement: Placement) -> None:
     Failure semantics: an error is raised out of the flush, which SQLAlchemy rolls back;
     nothing of the flush stays on any shard.
     """
+    if not placement.has_broadcast:
+        return
     shards = list(placement.shards)
     work = [(o, "insert") for o in session.new]
     work += [(o, "update") for o in session.dirty if session.is_modified(o)]
     work += [(o, "delete") for o in session.deleted]
     for obj, kind in work:
-        state = inspect(obj)
+        state = instance_state(obj)
         mapper = state.mapper
-        if not _is_broadcast(placement, mapper):
+        if not _plan(placement, mapper).broadcast:
             continue
         own = identity_token_of(state)
         tables = list(mapper.tables)

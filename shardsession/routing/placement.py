@@ -73,6 +73,8 @@ class Placement:
         self._shards: tuple[str, ...] | None = None
         self._resolved: dict[Any, ResolvedRule] = {}
         self._lock = threading.Lock()
+        #: derived per-mapper data other modules cache here; cleared when rules change
+        self.cache: dict[str, Any] = {}
         for target, rule in (rules or {}).items():
             self.add(target, rule)
 
@@ -92,7 +94,13 @@ class Placement:
         if self._shards is not None:
             rule.bind(self._shards)
         self._resolved.clear()
+        self.cache.clear()
         return self
+
+    @property
+    def has_broadcast(self) -> bool:
+        """Whether any rule (or the default) is :class:`Broadcast`."""
+        return any(isinstance(r, Broadcast) for r in (*self._rules.values(), self._default))
 
     @staticmethod
     def _class_of(target: Any) -> Any:

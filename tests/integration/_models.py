@@ -97,6 +97,9 @@ class Cluster:
     statements: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def session_factory(self, **kw: Any) -> sessionmaker[ShardedSession]:
+        if all(e.dialect.name == "sqlite" for e in self.engines.values()):
+            # separate SQLite files cannot commit atomically together
+            kw.setdefault("atomic", "best_effort")
         return sessionmaker(
             class_=ShardedSession, shards=self.engines, placement=make_placement(), **kw
         )

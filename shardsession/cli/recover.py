@@ -1,0 +1,166 @@
+"""``shardsession recover`` and ``shardsession status``.
+
+The configuration file is TOML with one table per shard::
+
+    [shards.eu]
+    url = "postgresql+psycopg2://app:secret@db-eu/app"
+
+    [shards.us]
+    url = "mysql+pymysql://app:secret@db-us/app"
+
+Shard names must be the shard ids the application uses (the decider of a transaction is
+found by its shard id). Exit status: 0 when every prepared transaction of ours is
+resolved, 1 when some are left in doubt or errors occurred, 2 on a configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+
+from ..coordinator.recovery import RecoveryReport, in_doubt, recover
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+__all__ = ["add_arguments", "cmd_recover", "cmd_status", "load_shard_urls"]
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(Exception):
+    """The configuration file is unusable."""
+
+
+def load_shard_urls(path: str) -> dict[str, str]:
+    """Read ``[shards.NAME] url = "..."`` tables from a TOML file.
+
+    Kept small on purpose: ``shardsession.config.Cluster.from_toml`` replaces it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+    shards = data.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise ConfigError(f"{path}: no [shards.NAME] tables")
+    out: dict[str, str] = {}
+    for name, table in shards.items():
+        url = table.get("url") if isinstance(table, dict) else None
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"{path}: [shards.{name}] needs url = \"...\"")
+        out[str(name)] = url
+    return out
+
+
+def _engines(urls: Mapping[str, str]) -> dict[str, Engine]:
+    # Engines of one URL are shared so shards that are one database are one connection
+    # pool; passwords never reach the output (hide_password in every message).
+    by_url: dict[str, Engine] = {}
+    out = {}
+    for name, url in urls.items():
+        if url not in by_url:
+            by_url[url] = create_engine(url, pool_pre_ping=True)
+        out[name] = by_url[url]
+    return out
+
+
+def _print_report(report: RecoveryReport) -> None:
+    print(
+        f"committed={len(report.committed)} rolled_back={len(report.rolled_back)} "
+        f"already_finished={len(report.already_finished)} left_alone={len(report.left_alone)} "
+        f"errors={len(report.errors)} foreign={report.foreign} "
+        f"decisions_deleted={report.decisions_deleted}"
+    )
+    for ref, reason in report.left_alone:
+        print(f"  left in doubt: {ref.shard} {ref.gtrid}.{ref.bqual} ({reason})")
+    for err in report.errors:
+        print(f"  error: {err}")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """One recovery pass, or a worker loop with ``--watch`` (stops on SIGTERM/SIGINT)."""
+    try:
+        engines = _engines(load_shard_urls(args.config))
+    except ConfigError as e:
+        print(f"shardsession recover: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    if args.watch:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping after the current pass", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        while True:
+            try:
+                report = recover(engines, grace_period=args.grace)
+            except Exception as e:  # keep the worker alive across transient failures
+                log.exception("recovery pass failed")
+                print(f"recovery pass failed: {type(e).__name__}: {e}")
+                code = 1
+            else:
+                _print_report(report)
+                code = 0 if report.resolved else 1
+            sys.stdout.flush()
+            if not args.watch or stop.wait(args.interval):
+                break
+    finally:
+        for engine in set(engines.values()):
+            engine.dispose()
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print in-doubt branches of ours per shard with their age."""
+    try:
+        engines = _engines(load_shard_urls(args.config))
+    except ConfigError as e:
+        print(f"shardsession status: {e}", file=sys.stderr)
+        return 2
+    try:
+        rows = in_doubt(engines)
+    except Exception as e:
+        print(f"status incomplete: {e}")
+        return 1
+    finally:
+        for engine in set(engines.values()):
+            engine.dispose()
+    if not rows:
+        print("no in-doubt transactions")
+        return 0
+    for r in rows:
+        age = f"{r.age:.0f}s" if r.age is not None else "?"
+        print(f"{r.shard}\t{r.xid.gid}\tage={age}\tdecider={r.decider or '(not configured)'}")
+    return 1
+
+
+def add_arguments(subparsers: Any) -> None:
+    """Register ``recover`` and ``status`` on the CLI's subparsers."""
+    p = subparsers.add_parser("recover", help="finish in-doubt two-phase transactions")
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML with [shards.NAME] url")
+    p.add_argument("--watch", action="store_true", help="run as a worker until SIGTERM")
+    p.add_argument("--interval", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between passes with --watch (default 30)")
+    p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                   help="leave undecided transactions younger than this to their "
+                        "coordinator (default 60)")
+    p.set_defaults(func=cmd_recover)
+    s = subparsers.add_parser("status", help="list in-doubt transactions per shard")
+    s.add_argument("--config", required=True, metavar="FILE", help="TOML with [shards.NAME] url")
+    s.set_defaults(func=cmd_status)

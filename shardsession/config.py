@@ -1,0 +1,199 @@
+"""Cluster configuration: shards by name and URL, in code or in a TOML file.
+
+The TOML format, kept simple at its core::
+
+    [cluster]                 # optional
+    atomic = "require"        # or "best_effort"
+    decider = "main"          # optional shard id preferred as decision holder
+    recovery_grace = 60       # seconds before recovery claims an abort for a stuck prepare
+
+    [shards.main]
+    url = "postgresql+psycopg2://app@db1/app"
+
+    [shards.eu]
+    url = "mysql+pymysql://app@db2/app"
+    pool_size = 10            # any other key is passed to create_engine()
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import sessionmaker
+
+from .exc import ConfigurationError
+from .routing.placement import Placement
+from .session import ShardedSession
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["Cluster", "masked_url"]
+
+_CLUSTER_KEYS = {"atomic", "decider", "recovery_grace"}
+
+
+def masked_url(url: str | URL) -> str:
+    """A URL as text with its password hidden (for logs, errors and ``repr``)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: never echo it, it may hold a secret
+        return "<invalid URL>"
+
+
+class Cluster:
+    """A named set of shards and how commits over them behave.
+
+    :param shards: ``{shard_id: URL string, URL or Engine}``.
+    :param atomic: ``"require"`` (default) or ``"best_effort"``; see
+        :class:`~shardsession.ShardedSession`.
+    :param decider: shard id preferred as the decision holder.
+    :param recovery_grace: seconds a prepared branch may wait before recovery claims an
+        abort for it (the claim itself is what decides, never the clock alone).
+    :param engine_options: ``{shard_id: {create_engine keyword: value}}``.
+    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider.
+    """
+
+    def __init__(
+        self,
+        shards: Mapping[str, str | URL | Engine],
+        *,
+        atomic: Literal["require", "best_effort"] = "require",
+        decider: str | None = None,
+        recovery_grace: float = 60.0,
+        engine_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        if not shards:
+            raise ConfigurationError("a cluster needs at least one shard")
+        if atomic not in ("require", "best_effort"):
+            raise ConfigurationError(f"atomic must be 'require' or 'best_effort', not {atomic!r}")
+        if decider is not None and decider not in shards:
+            raise ConfigurationError(f"decider {decider!r} is not one of the shards")
+        if recovery_grace < 0:
+            raise ConfigurationError("recovery_grace must be >= 0")
+        options = dict(engine_options or {})
+        unknown = set(options) - set(shards)
+        if unknown:
+            raise ConfigurationError(f"engine_options name unknown shards {sorted(unknown)}")
+        self.atomic = atomic
+        self.decider = decider
+        self.recovery_grace = recovery_grace
+        self._engines: dict[str, Engine] = {}
+        for name, target in shards.items():
+            if not isinstance(name, str) or not name or not name.isidentifier():
+                raise ConfigurationError(
+                    f"shard ids are identifiers (letters, digits, _), not {name!r}"
+                )
+            if isinstance(target, Engine):
+                self._engines[name] = target
+                continue
+            try:
+                url = make_url(target)
+            except Exception as e:
+                raise ConfigurationError(
+                    f"shard {name!r}: not a database URL: {masked_url(target)}"
+                ) from e
+            try:
+                self._engines[name] = create_engine(url, **dict(options.get(name, {})))
+            except Exception as e:
+                raise ConfigurationError(
+                    f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
+                ) from e
+        self._coordinator: Any = None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Cluster:
+        """Read a cluster from a TOML file (see the module docstring for the format).
+
+        :raises ConfigurationError: unreadable file, bad TOML, or a bad table or key.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigurationError(f"cannot read cluster config {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"{path}: invalid TOML: {e}") from e
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> Cluster:
+        """Build a cluster from the parsed TOML structure."""
+        unknown = set(data) - {"cluster", "shards"}
+        if unknown:
+            raise ConfigurationError(f"{source}: unknown top-level tables {sorted(unknown)}")
+        shards_table = data.get("shards")
+        if not isinstance(shards_table, Mapping) or not shards_table:
+            raise ConfigurationError(f"{source}: needs at least one [shards.NAME] table")
+        shards: dict[str, str] = {}
+        options: dict[str, dict[str, Any]] = {}
+        for name, spec in shards_table.items():
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
+                raise ConfigurationError(f'{source}: [shards.{name}] needs url = "..."')
+            shards[name] = spec["url"]
+            extra = {k: v for k, v in spec.items() if k != "url"}
+            if extra:
+                options[name] = extra
+        settings = data.get("cluster", {})
+        if not isinstance(settings, Mapping):
+            raise ConfigurationError(f"{source}: [cluster] must be a table")
+        bad = set(settings) - _CLUSTER_KEYS
+        if bad:
+            raise ConfigurationError(f"{source}: unknown [cluster] keys {sorted(bad)}")
+        return cls(shards, engine_options=options, **dict(settings))
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """The shard engines by id."""
+        return dict(self._engines)
+
+    @property
+    def shard_ids(self) -> list[str]:
+        return list(self._engines)
+
+    def coordinator(self) -> Any:
+        """The cluster's shared transaction coordinator (created on first use)."""
+        if self._coordinator is None:
+            try:  # TEMPORARY until the coordinator lands
+                from .coordinator import TransactionCoordinator
+            except ImportError:
+                return None
+            self._coordinator = TransactionCoordinator(atomic=self.atomic, decider=self.decider)
+        return self._coordinator
+
+    def sessionmaker(
+        self, placement: Placement | None = None, **session_kw: Any
+    ) -> sessionmaker[ShardedSession]:
+        """A ``sessionmaker`` of :class:`ShardedSession` over this cluster.
+
+        With ``placement`` the choosers are derived from it; otherwise pass
+        ``shard_chooser``/``identity_chooser``/``execute_chooser`` in ``session_kw``.
+        """
+        return sessionmaker(
+            class_=ShardedSession,
+            shards=self.engines,
+            placement=placement,
+            coordinator=self.coordinator(),
+            **session_kw,
+        )
+
+    def create_all(self, metadata: Any) -> None:
+        """Create ``metadata``'s tables on every shard (idempotent)."""
+        for engine in self._engines.values():
+            metadata.create_all(engine)
+
+    def dispose(self) -> None:
+        """Close every pooled connection of every shard engine."""
+        for engine in self._engines.values():
+            engine.dispose()
+
+    def __repr__(self) -> str:
+        shards = ", ".join(f"{n}={masked_url(e.url)}" for n, e in self._engines.items())
+        return f"Cluster({shards}, atomic={self.atomic!r})"
