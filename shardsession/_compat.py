@@ -6,6 +6,7 @@ each function documents the private name it relies on, so an upgrade has one pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
@@ -16,6 +17,7 @@ __all__ = [
     "explicit_shard_of",
     "identity_token_of",
     "set_identity_token",
+    "wrap_root_prepare",
 ]
 
 
@@ -73,3 +75,232 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     if "_sa_shard_id" in orm_context.execution_options:
         return orm_context.execution_options["_sa_shard_id"]
     return orm_context.bind_arguments.get("shard_id")
+
+
+# --- commit protocol hook (used by shardsession.coordinator) -------------------------------
+
+
+def wrap_root_prepare(transaction: Any, hook: Callable[[], None]) -> None:
+    """Run ``hook`` where SQLAlchemy's own two-phase commit prepares its connections.
+
+    ``transaction`` is a root ``SessionTransaction``. Its ``_prepare_impl`` (private) is
+    replaced *on the instance* by a wrapper that runs the original (``before_commit``,
+    release of savepoints, the final flush) and then ``hook()``. So both
+    ``Session.commit()`` and ``with session.begin():`` run the hook after the last write
+    and before SQLAlchemy commits each connection.
+
+    If ``hook`` raises, the session transaction is rolled back and the error re-raised,
+    exactly as SQLAlchemy's twophase failure path does inside ``_prepare_impl``: the
+    rollback runs under ``_expect_state(CLOSED)`` with ``_next_state`` (private
+    state-machine helpers of ``SessionTransaction``; checked on 2.0.30 and 2.1.9).
+    """
+    from sqlalchemy.orm.session import SessionTransactionState
+    from sqlalchemy.orm.state_changes import _StateChangeStates
+    from sqlalchemy.util import safe_reraise
+
+    original_prepare = transaction._prepare_impl
+
+    def _prepare_impl() -> None:
+        original_prepare()
+        try:
+            hook()
+        except BaseException:
+            with safe_reraise():
+                saved = transaction._next_state
+                transaction._next_state = _StateChangeStates.CHANGE_IN_PROGRESS
+                try:
+                    with transaction._expect_state(SessionTransactionState.CLOSED):
+                        transaction.rollback()
+                finally:
+                    transaction._next_state = saved
+
+    transaction._prepare_impl = _prepare_impl
+
+
+# ---------------------------------------------------------------------------
+# Cross-shard query engine (shardsession.query)
+# ---------------------------------------------------------------------------
+# Imports of this section live here so the section can be read (and merged) on its own.
+from collections.abc import Iterable, Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from sqlalchemy.engine import CursorResult, IteratorResult, Result  # noqa: E402
+from sqlalchemy.sql import elements  # noqa: E402
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement  # noqa: E402
+from sqlalchemy.sql.selectable import Select  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SelectParts:
+    """The clauses of a :class:`~sqlalchemy.sql.expression.Select`, read in one place.
+
+    SQLAlchemy has generative setters for these but no public getters; each field names
+    the private attribute it is read from.
+    """
+
+    raw_columns: tuple[Any, ...]  # Select._raw_columns (entities count as one column)
+    where: tuple[ColumnElement[Any], ...]  # Select._where_criteria
+    group_by: tuple[ColumnElement[Any], ...]  # Select._group_by_clauses
+    having: tuple[ColumnElement[Any], ...]  # Select._having_criteria
+    order_by: tuple[ColumnElement[Any], ...]  # Select._order_by_clauses
+    limit_clause: Any  # Select._limit_clause
+    offset_clause: Any  # Select._offset_clause
+    fetch_clause: Any  # Select._fetch_clause
+    distinct: bool  # Select._distinct
+    distinct_on: tuple[Any, ...]  # Select._distinct_on
+    for_update: Any  # Select._for_update_arg
+    ctes: tuple[Any, ...]  # Select._independent_ctes (add_cte())
+    setup_joins: tuple[Any, ...]  # Select._setup_joins (ORM .join() targets)
+    from_obj: tuple[Any, ...]  # Select._from_obj (select_from())
+
+
+def select_parts(stmt: Select[Any]) -> SelectParts:
+    """Return the clauses of ``stmt`` (private ``Select._*`` attributes, see fields)."""
+    return SelectParts(
+        raw_columns=tuple(stmt._raw_columns),
+        where=tuple(stmt._where_criteria),
+        group_by=tuple(stmt._group_by_clauses),
+        having=tuple(stmt._having_criteria),
+        order_by=tuple(stmt._order_by_clauses),
+        limit_clause=stmt._limit_clause,
+        offset_clause=stmt._offset_clause,
+        fetch_clause=stmt._fetch_clause,
+        distinct=bool(stmt._distinct),
+        distinct_on=tuple(stmt._distinct_on),
+        for_update=stmt._for_update_arg,
+        ctes=tuple(getattr(stmt, "_independent_ctes", ())),
+        setup_joins=tuple(stmt._setup_joins),
+        from_obj=tuple(stmt._from_obj),
+    )
+
+
+def with_having(stmt: Select[Any], criteria: Sequence[ColumnElement[Any]]) -> Select[Any]:
+    """Return a copy of ``stmt`` whose HAVING is ``criteria`` (``Select._having_criteria``).
+
+    ``Select.having()`` can only add criteria; the fan-out must remove HAVING from the
+    per-shard statement because groups are only complete after the merge.
+    """
+    new = stmt._generate()
+    new._having_criteria = tuple(criteria)
+    return new
+
+
+def limit_offset_values(stmt: Select[Any]) -> tuple[int | None, int | None]:
+    """Return LIMIT and OFFSET as ints (``Select._limit`` / ``Select._offset``).
+
+    :raises sqlalchemy.exc.CompileError: when either is an expression, not an integer.
+    """
+    return stmt._limit, stmt._offset
+
+
+def label_reference_target(expr: ClauseElement) -> ColumnElement[Any] | str | None:
+    """Unwrap the ORDER BY wrappers SQLAlchemy makes for labels.
+
+    ``order_by(some_label)`` wraps the label in ``elements._label_reference`` and
+    ``order_by("name")`` in ``elements._textual_label_reference``; both are private
+    classes.  Returns the label (or the label's name) or ``None`` for anything else.
+    """
+    if isinstance(expr, elements._label_reference):
+        return expr.element  # type: ignore[no-any-return]
+    if isinstance(expr, elements._textual_label_reference):
+        return str(expr.element)
+    return None
+
+
+def requires_unique(result: Result[Any]) -> bool:
+    """Whether an ORM result insists on ``.unique()`` (``Result._unique_filter_state``).
+
+    The ORM sets it for joined eager loading of collections.
+    """
+    return result._unique_filter_state is not None
+
+
+def result_yield_per(result: Result[Any]) -> int | None:
+    """The batch size a result was set up with (``Result._yield_per``)."""
+    return result._yield_per  # type: ignore[no-any-return]
+
+
+def build_result(
+    template: Result[Any],
+    rows: Iterable[Sequence[Any]],
+    *,
+    visible: int,
+    attributes: Mapping[str, Any] | None = None,
+    unique_state_from: Result[Any] | None = None,
+) -> Result[Any]:
+    """Build a :class:`Result` that looks like ``template`` but yields ``rows``.
+
+    ``rows`` hold *processed* values (what iterating a per-shard result gives), with the
+    first ``visible`` columns being those of the user's statement and any further
+    columns helpers added for the merge (sort keys), which are not shown.
+
+    Private names used: ``Result._metadata``, ``ResultMetaData._for_freeze()`` (metadata
+    without type processors: values are already processed, possibly by another shard's
+    dialect), ``ResultMetaData._reduce()``, ``Result._attributes``,
+    ``Result._unique_filter_state``, ``Result._yield_per``.
+    """
+    metadata = template._metadata._for_freeze()
+    if visible != len(template.keys()):
+        metadata = metadata._reduce(list(range(visible)))
+    result: IteratorResult[Any] = IteratorResult(metadata, iter(rows))
+    merged_attrs = dict(template._attributes)
+    if attributes:
+        merged_attrs.update(attributes)
+    result._attributes = template._attributes.union(merged_attrs)
+    source = unique_state_from if unique_state_from is not None else template
+    result._unique_filter_state = source._unique_filter_state
+    if template._yield_per:
+        result._yield_per = template._yield_per
+    return result
+
+
+def is_cursor_result(result: Result[Any]) -> bool:
+    """Whether ``result`` comes straight from a DBAPI cursor (Core statement)."""
+    return isinstance(result, CursorResult)
+
+
+def remaining_orm_execute_handlers(orm_context: ORMExecuteState) -> int:
+    """How many ``do_orm_execute`` handlers run after the current one
+    (``ORMExecuteState._remaining_events()``).
+
+    ``invoke_statement()`` runs them for each call, so the fan-out must know whether
+    calling it from a worker thread would run user code there.
+    """
+    return len(orm_context._remaining_events())
+
+
+def orm_autoflush_requested(orm_context: ORMExecuteState) -> bool:
+    """Whether executing ``orm_context`` would autoflush (``load_options._autoflush`` or
+    ``update_delete_options._autoflush``; Core statements always autoflush, #9809)."""
+    if not orm_context.is_orm_statement:
+        return True
+    if orm_context.is_select:
+        return bool(orm_context.load_options._autoflush)
+    if orm_context.is_update or orm_context.is_delete:
+        return bool(orm_context.update_delete_options._autoflush)
+    return True
+
+
+def wants_tuples(orm_context: ORMExecuteState) -> bool:
+    """Whether a legacy ``Query`` asked for tuples even for one entity
+    (``load_options._only_return_tuples``)."""
+    if not (orm_context.is_orm_statement and orm_context.is_select):
+        return False
+    return bool(orm_context.load_options._only_return_tuples)
+
+
+def session_autoflush(session: Session) -> None:
+    """Run the Session's query-invoked autoflush (``Session._autoflush()``), which wraps
+    flush errors the way a query-triggered flush reports them."""
+    session._autoflush()
+
+
+def auto_correlates(sel: Select[Any]) -> bool:
+    """Whether ``sel`` correlates to an enclosing statement at all (``Select._auto_correlate``,
+    ``Select._correlate``, ``Select._correlate_except``); ``correlate(None)`` turns it off."""
+    return bool(sel._auto_correlate or sel._correlate or sel._correlate_except)
+
+
+def query_lazyload_from(query: Any, state: InstanceState[Any]) -> Any:
+    """``Query._set_lazyload_from`` (private), as SQLAlchemy's legacy ``id_chooser`` shim uses."""
+    return query._set_lazyload_from(state)  # noqa: SLF001

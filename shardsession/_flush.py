@@ -101,8 +101,22 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
         plan = _plan(placement, state.mapper)
         if plan.follows:
             pending.append(state)  # placed through its parent first, below
-        else:
-            _assign(state, placement.shard_for_instance(state.mapper, state), known)
+            continue
+        if plan.strategy is not None and len(plan.attrs) == 1:
+            # the hot path of a big flush: one key attribute, set
+            value = state.dict.get(plan.attrs[0])
+            if value is not None:
+                try:
+                    shard = plan.strategy.shard_for(value)
+                except RoutingError as e:
+                    raise type(e)(
+                        f"{state.mapper.class_.__name__}: {e.message}", shard_id=e.shard_id
+                    ) from e
+                if shard not in known:
+                    raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
+                set_identity_token(state, shard)
+                continue
+        _assign(state, placement.shard_for_instance(state.mapper, state), known)
 
     # 2. Followers take their parent's shard, through a many-to-one attribute or by being
     #    in a one-to-many collection of a placed object; repeat for grandchildren.

@@ -16,15 +16,18 @@ commit that wrote to several shards goes through the coordinator
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from sqlalchemy import Engine, event, inspect
+from sqlalchemy.exc import ArgumentError, SADeprecationWarning
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
-from sqlalchemy.ext.horizontal_shard import execute_and_instances as _sa_execute_and_instances
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql import Delete, Insert, Select, Update
 
 from . import _compat
@@ -75,6 +78,8 @@ class ShardedSession(_SAShardedSession):
         fanout_max_workers: int | None = None,
         fanout_timeout: float | None = None,
         coordinator: Any = None,
+        id_chooser: Callable[..., Any] | None = None,
+        query_chooser: Callable[..., Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self._shards: dict[str, Any] = {}
@@ -100,36 +105,18 @@ class ShardedSession(_SAShardedSession):
         self.atomic: AtomicMode = atomic or ("require" if placement is not None else "best_effort")
         self.fanout_max_workers = fanout_max_workers
         self.fanout_timeout = fanout_timeout
-        super().__init__(
-            shard_chooser,  # type: ignore[arg-type]
-            identity_chooser,  # type: ignore[arg-type]
-            execute_chooser,
-            shards,
-            query_cls,
-            **kwargs,
-        )
-        # Replace SQLAlchemy's sequential, concatenating executor with ours.
-        event.remove(self, "do_orm_execute", _sa_execute_and_instances)
-        event.listen(self, "do_orm_execute", _execute, retval=True)
-        if placement is not None:
-            event.listen(self, "before_flush", _before_flush)
-            event.listen(self, "after_flush", _after_flush)
-        self._coordinator = coordinator
-        self._install_coordinator(decider)
-
-    def _install_coordinator(self, decider: str | None) -> None:
-        try:  # TEMPORARY until the coordinator lands
-            from .coordinator import TransactionCoordinator
-        except ImportError:
-            return
-        if self._coordinator is None:
-            self._coordinator = TransactionCoordinator(atomic=self.atomic, decider=decider)
-        elif decider is not None:
-            raise ConfigurationError("pass decider= to the TransactionCoordinator, not both")
-        engine_names: dict[Any, str] = {}
-        for name, bind in self._shards.items():
-            engine_names.setdefault(_engine_of(bind), name)
-        self._coordinator.install(self, lambda e: engine_names.get(e, repr(e)))
+        # SQLAlchemy's ShardedSession.__init__ is not called: it registers its sequential,
+        # concatenating executor on every instance. Ours is registered once on the class
+        # (module bottom), which also keeps session creation as cheap as a plain Session's.
+        Session.__init__(self, query_cls=query_cls, **kwargs)
+        self.shard_chooser = shard_chooser  # type: ignore[assignment]
+        self.identity_chooser = _identity_chooser(self, identity_chooser, id_chooser)
+        self.execute_chooser = _execute_chooser(execute_chooser, query_chooser)
+        if self.shard_chooser is None:
+            raise ArgumentError("shard_chooser is required (or pass placement=)")
+        for name, bind in (shards or {}).items():
+            self.bind_shard(name, bind)
+        self._coordinator = _coordinator_for(self, coordinator, decider)
 
     # -- shards ------------------------------------------------------------------------------
 
@@ -144,7 +131,6 @@ class ShardedSession(_SAShardedSession):
             raise ConfigurationError(f"shard ids are non-empty strings, not {shard_id!r}")
         if not isinstance(bind, Engine | Connection) and not hasattr(bind, "connect"):
             raise ConfigurationError(f"shard {shard_id!r}: bind must be an Engine, not {bind!r}")
-        super().bind_shard(shard_id, bind)
         self._shards[shard_id] = bind
 
     def _check_shard(self, shard_id: Any) -> str:
@@ -159,10 +145,10 @@ class ShardedSession(_SAShardedSession):
 
     def _shard_for(self, mapper: Any, instance: Any, **kw: Any) -> str:
         if instance is not None:
-            state = inspect(instance)
+            state = instance_state(instance)
             token = _compat.identity_token_of(state)
             if token is not None:
-                return self._check_shard(token)
+                return token if token in self._shards else self._check_shard(token)
         if not isinstance(mapper, Mapper):
             raise RoutingError(
                 "cannot choose a shard without a mapper or instance; pass "
@@ -202,8 +188,9 @@ class ShardedSession(_SAShardedSession):
         """The connection the unit of work uses for ``instance`` (its shard's)."""
         if shard_id is None:
             shard_id = self._shard_for(mapper, instance)
-        shard_id = self._check_shard(shard_id)
-        trans = self.get_transaction() if self.in_transaction() else None
+        elif shard_id not in self._shards:
+            self._check_shard(shard_id)
+        trans = self.get_transaction()
         if trans is not None:
             return trans.connection(mapper, shard_id=shard_id)
         bind = self._shards[shard_id]
@@ -282,6 +269,78 @@ def _engine_of(bind: Any) -> Any:
     return getattr(bind, "engine", bind)
 
 
+def _identity_chooser(
+    session: ShardedSession,
+    identity_chooser: Callable[..., Any] | None,
+    id_chooser: Callable[..., Any] | None,
+) -> Callable[..., Any]:
+    """SQLAlchemy's rules: ``identity_chooser``, or the deprecated ``id_chooser``."""
+    if id_chooser is not None:
+        warnings.warn(
+            "The ``id_chooser`` parameter is deprecated; please use ``identity_chooser``.",
+            SADeprecationWarning,
+            stacklevel=4,
+        )
+        legacy = id_chooser
+
+        def _legacy(
+            mapper: Mapper[Any], primary_key: Any, *, lazy_loaded_from: Any = None, **kw: Any
+        ) -> Any:
+            q = session.query(mapper)
+            if lazy_loaded_from:
+                q = _compat.query_lazyload_from(q, lazy_loaded_from)
+            return legacy(q, primary_key)
+
+        return _legacy
+    if identity_chooser is None:
+        raise ArgumentError("identity_chooser or id_chooser is required")
+    return identity_chooser
+
+
+def _execute_chooser(
+    execute_chooser: Callable[..., Any] | None, query_chooser: Callable[..., Any] | None
+) -> Callable[[ORMExecuteState], Iterable[Any]]:
+    """SQLAlchemy's rules: ``execute_chooser``, or the deprecated ``query_chooser``."""
+    if query_chooser is not None:
+        warnings.warn(
+            "The ``query_chooser`` parameter is deprecated; please use ``execute_chooser``.",
+            SADeprecationWarning,
+            stacklevel=4,
+        )
+        if execute_chooser is not None:
+            raise ArgumentError("Can't pass query_chooser and execute_chooser at the same time.")
+        legacy = query_chooser
+        return lambda orm_context: legacy(orm_context.statement)  # type: ignore[no-any-return]
+    if execute_chooser is None:
+        raise ArgumentError("execute_chooser or query_chooser is required")
+    return execute_chooser
+
+
+_default_coordinators: dict[tuple[str, str | None], Any] = {}
+_default_lock = threading.Lock()
+
+
+def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | None) -> Any:
+    """The session's coordinator: the one given, or one shared per (atomic, decider) so
+    capability checks are cached once per engine, not once per session."""
+    from .coordinator import TransactionCoordinator
+
+    if coordinator is None:
+        key = (session.atomic, decider)
+        with _default_lock:
+            coordinator = _default_coordinators.get(key)
+            if coordinator is None:
+                coordinator = TransactionCoordinator(atomic=session.atomic, decider=decider)
+                _default_coordinators[key] = coordinator
+    elif decider is not None:
+        raise ConfigurationError("pass decider= to the TransactionCoordinator, not both")
+    engine_names: dict[Any, str] = {}
+    for name, bind in session._shards.items():
+        engine_names.setdefault(_engine_of(bind), name)
+    coordinator.install(session, lambda e: engine_names.get(e, repr(e)))
+    return coordinator
+
+
 def _mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
     tables = []
     table = getattr(stmt, "table", None)
@@ -294,13 +353,13 @@ def _mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
 
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    assert isinstance(session, ShardedSession) and session.placement is not None
-    place_flush(session, session.placement, session.shards)
+    if isinstance(session, ShardedSession) and session.placement is not None:
+        place_flush(session, session.placement, session._shards)
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
-    assert isinstance(session, ShardedSession) and session.placement is not None
-    replicate_broadcast(session, session.placement)
+    if isinstance(session, ShardedSession) and session.placement is not None:
+        replicate_broadcast(session, session.placement)
 
 
 def _invoke_one(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
@@ -404,3 +463,10 @@ def _combine(results: Sequence[Result[Any]]) -> Result[Any]:
     if all(getattr(r, "returns_rows", False) for r in results):
         return results[0].merge(*results[1:])
     return results[-1]
+
+
+# Class-level listeners: registered once, they apply to every ShardedSession (and subclass)
+# instance without the per-instance registration cost.
+event.listen(ShardedSession, "do_orm_execute", _execute, retval=True)
+event.listen(ShardedSession, "before_flush", _before_flush)
+event.listen(ShardedSession, "after_flush", _after_flush)
