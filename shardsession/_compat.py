@@ -304,3 +304,18 @@ def auto_correlates(sel: Select[Any]) -> bool:
 def query_lazyload_from(query: Any, state: InstanceState[Any]) -> Any:
     """``Query._set_lazyload_from`` (private), as SQLAlchemy's legacy ``id_chooser`` shim uses."""
     return query._set_lazyload_from(state)  # noqa: SLF001
+
+
+def final_froms_without_eager_joins(sel: Select[Any]) -> Sequence[Any]:
+    """``sel.get_final_froms()`` with the ORM's eager joins left out.
+
+    For an ORM statement the FROM list is computed by the ORM compile step, which adds
+    the joins and LIMIT-wrapping subqueries of ``joinedload()``; those belong to the
+    statement's own semantics, not to what the user wrote.  The copy drops the loader
+    options (private ``Executable._with_options``); they do not change the FROM list
+    otherwise.
+    """
+    if sel._with_options:
+        sel = sel._generate()
+        sel._with_options = ()
+    return sel.get_final_froms()

@@ -28,11 +28,17 @@ from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql import Delete, Insert, Select, Update, insert
 
 from . import _compat
 from ._flush import place_flush, replicate_broadcast
-from .exc import ConfigurationError, NoShardChosenError, RoutingError, UnknownShardError
+from .exc import (
+    ConfigurationError,
+    NoShardChosenError,
+    RoutingError,
+    UnknownShardError,
+    UnsupportedQueryError,
+)
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
@@ -404,12 +410,21 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any]:
 
 
 def _routed_insert(session: ShardedSession, orm_context: ORMExecuteState) -> Result[Any]:
-    """Route a bulk INSERT: each parameter set goes to the shard of its key."""
+    """Route an INSERT with parameter sets: each row goes to the shard of its key.
+
+    An ORM-enabled bulk INSERT (``session.execute(insert(User), rows)``) is sent as a Core
+    INSERT into the mapper's table, because SQLAlchemy's ORM bulk insert refuses sharded
+    sessions; a broadcast table gets every row on every shard.
+
+    Failure semantics: rows go to their shards inside the session's transaction; an error
+    on one shard propagates and the session must be rolled back (nothing is committed).
+    """
     placement = session.placement
     assert placement is not None
+    stmt = orm_context.statement
     mapper = orm_context.bind_mapper
     if mapper is None:
-        mappers = _mappers_of_tables(placement, orm_context.statement)
+        mappers = _mappers_of_tables(placement, stmt)
         mapper = mappers[0] if mappers else None
     if mapper is None:
         raise RoutingError(
@@ -419,40 +434,57 @@ def _routed_insert(session: ShardedSession, orm_context: ORMExecuteState) -> Res
         )
     r = placement.resolve(mapper)
     params = orm_context.parameters
+    rows: list[dict[str, Any]] = (
+        [dict(p) for p in params] if isinstance(params, list) else [dict(params)] if params else []
+    )
+    orm_entity = orm_context.is_orm_statement
+    # parameter keys are attribute names for an ORM insert, column keys for a Core one
+    key_names = r.attrs if orm_entity else tuple(c.key for c in r.columns)
     if isinstance(r.rule, Broadcast):
-        return _combine([_invoke_one(orm_context, s) for s in placement.shards])
-    if r.strategy is None or not params:
+        groups = {s: rows for s in placement.shards}
+    elif r.strategy is not None and rows:
+        groups = {}
+        for row in rows:
+            try:
+                values = tuple(row[k] for k in key_names)
+            except KeyError as e:
+                raise RoutingError(
+                    f"an INSERT row for {mapper.class_.__name__} lacks shard key {e.args[0]!r}",
+                    shard_id=None,
+                ) from e
+            shard = r.strategy.shard_for(values[0] if len(values) == 1 else values)
+            groups.setdefault(session._check_shard(shard), []).append(row)
+    else:
         only = placement.all_candidates(mapper)
-        if len(only) == 1:
-            return _invoke_one(orm_context, only[0])
-        raise RoutingError(
-            f"cannot route this INSERT into {mapper.class_.__name__}: pass the rows as "
-            "parameter dictionaries carrying the shard key, or bind_arguments={'shard_id': ...}",
-            shard_id=None,
-        )
-    rows = params if isinstance(params, list) else [params]
-    groups: dict[str, list[Any]] = {}
-    for row in rows:
-        try:
-            values = tuple(row[a] for a in r.attrs)
-        except KeyError as e:
+        if len(only) != 1:
             raise RoutingError(
-                f"an INSERT row for {mapper.class_.__name__} lacks shard key {e.args[0]!r}",
+                f"cannot route this INSERT into {mapper.class_.__name__}: pass the rows as "
+                "parameter dictionaries carrying the shard key, or "
+                "bind_arguments={'shard_id': ...}",
                 shard_id=None,
-            ) from e
-        shard = r.strategy.shard_for(values[0] if len(values) == 1 else values)
-        groups.setdefault(session._check_shard(shard), []).append(row)
+            )
+        groups = {only[0]: rows}
+    if not orm_entity and len(groups) == 1 and not isinstance(r.rule, Broadcast):
+        return _invoke_one(orm_context, next(iter(groups)))
+    if orm_entity:
+        if getattr(stmt, "returning_column_descriptions", None) or len(mapper.tables) != 1:
+            raise UnsupportedQueryError(
+                "a bulk INSERT with RETURNING, or into a multi-table (joined inheritance) "
+                f"mapper {mapper.class_.__name__}, cannot be routed across shards; add the "
+                "objects with session.add_all() instead",
+                shard_id=None,
+                construct="bulk INSERT",
+            )
+        stmt = insert(mapper.local_table)
+        to_column = {p.key: p.columns[0].key for p in mapper.column_attrs}
+        groups = {
+            s: [{to_column.get(k, k): v for k, v in row.items()} for row in g]
+            for s, g in groups.items()
+        }
     results = []
     for shard_id, group in groups.items():
-        bind_arguments = dict(orm_context.bind_arguments)
-        bind_arguments["shard_id"] = shard_id
-        results.append(
-            orm_context.invoke_statement(
-                params=group if isinstance(params, list) else group[0],
-                bind_arguments=bind_arguments,
-                execution_options={"identity_token": shard_id},
-            )
-        )
+        conn = session.connection(bind_arguments={"shard_id": shard_id})
+        results.append(conn.execute(stmt, group if len(group) != 1 else group[0]))
     return _combine(results)
 
 

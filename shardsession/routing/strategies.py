@@ -25,6 +25,9 @@ __all__ = [
     "Rule",
 ]
 
+#: keys remembered per HashSharding (a plain dict, cleared when full)
+_MEMO_SIZE = 65_536
+
 KeySpec = Any  # an attribute name, an ORM attribute (User.id), or a tuple of those
 
 
@@ -115,6 +118,7 @@ class HashSharding(KeyStrategy):
             if not isinstance(w, int) or isinstance(w, bool) or w < 1:
                 raise ConfigurationError(f"HashSharding weight of {name!r} must be an int >= 1")
         self._slots: list[tuple[Any, str]] = []
+        self._memo: dict[Any, str] = {}
         if self._explicit is not None:
             self._build(self._explicit)
 
@@ -137,6 +141,7 @@ class HashSharding(KeyStrategy):
                 slots.append((pre, name))
         self._slots = slots
         self._shards = list(shards)
+        self._memo.clear()
 
     def bind(self, all_shards: Sequence[str]) -> None:
         if self._explicit is None:
@@ -145,6 +150,23 @@ class HashSharding(KeyStrategy):
             self._check_known(self._explicit, all_shards)
 
     def shard_for(self, value: Any) -> str:
+        # A small memo: the same keys are placed again and again (identity lookups, the
+        # statement that follows, the flush); (type, value) keeps 1, True and 1.0 apart.
+        try:
+            memo_key = (type(value), value)
+            hit = self._memo.get(memo_key)
+        except TypeError:  # unhashable: compute every time
+            memo_key, hit = None, None
+        if hit is not None:
+            return hit
+        shard = self._score(value)
+        if memo_key is not None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[memo_key] = shard
+        return shard
+
+    def _score(self, value: Any) -> str:
         if not self._slots:
             raise ConfigurationError("HashSharding is not bound to any shards yet")
         key = canonical_key(value)

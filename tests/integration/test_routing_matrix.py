@@ -197,3 +197,34 @@ def test_children_follow_parent_through_collection(cluster: Cluster) -> None:
         parent.orders.append(Order(id=4100, amount=1))
     want = expected_user_shard(41)
     assert set(cluster.where("SELECT id FROM orders WHERE id = 4100")) == {want}
+
+
+def test_bulk_insert_rows_routed_by_key(cluster: Cluster) -> None:
+    from sqlalchemy import insert
+
+    Session = cluster.session_factory()
+    rows = [{"id": i, "name": f"bulk{i}"} for i in range(200, 230)]
+    with Session.begin() as s:
+        s.execute(insert(User), rows)
+        s.execute(insert(Country), [{"code": "SE", "name": "Sweden"}])
+    for i in range(200, 230):
+        assert set(cluster.where(f"SELECT id FROM users WHERE id = {i}")) == {
+            expected_user_shard(i)
+        }
+    assert set(cluster.where("SELECT code FROM countries WHERE code = 'SE'")) == {"s0", "s1", "s2"}
+
+
+def test_core_table_statements_are_pruned(cluster: Cluster) -> None:
+    users = User.__table__
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.add_all(User(id=i, name=f"c{i}") for i in range(300, 310))
+    with Session() as s:
+        cluster.reset_log()
+        rows = s.execute(select(users.c.name).where(users.c.id == 305)).all()
+        assert [r.name for r in rows] == ["c305"]
+        assert cluster.touched("SELECT") == {expected_user_shard(305)}
+        cluster.reset_log()
+        s.execute(users.update().where(users.c.id == 306).values(name="six"))
+        s.commit()
+        assert cluster.touched("UPDATE") == {expected_user_shard(306)}
