@@ -46,7 +46,7 @@ def session_identity_lookup(
     **kw: Any,
 ) -> Any:
     """Call ``Session._identity_lookup`` of the plain Session class (private in 2.x)."""
-    return Session._identity_lookup(  # noqa: SLF001
+    return Session._identity_lookup(
         session, mapper, primary_key_identity, identity_token=identity_token, **kw
     )
 
@@ -60,7 +60,7 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     object stay on its shard), the ``_sa_shard_id`` execution option of
     ``ShardedQuery.set_shard``, then ``bind_arguments["shard_id"]``.
     """
-    for opt in orm_context._non_compile_orm_options:  # noqa: SLF001
+    for opt in orm_context._non_compile_orm_options:
         if isinstance(opt, set_shard_id):
             return opt.shard_id
     active: Any
@@ -70,8 +70,8 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
         active = orm_context.update_delete_options
     else:
         active = None
-    if active is not None and active._identity_token is not None:  # noqa: SLF001
-        return active._identity_token  # noqa: SLF001
+    if active is not None and active._identity_token is not None:
+        return active._identity_token
     if "_sa_shard_id" in orm_context.execution_options:
         return orm_context.execution_options["_sa_shard_id"]
     return orm_context.bind_arguments.get("shard_id")
@@ -303,7 +303,7 @@ def auto_correlates(sel: Select[Any]) -> bool:
 
 def query_lazyload_from(query: Any, state: InstanceState[Any]) -> Any:
     """``Query._set_lazyload_from`` (private), as SQLAlchemy's legacy ``id_chooser`` shim uses."""
-    return query._set_lazyload_from(state)  # noqa: SLF001
+    return query._set_lazyload_from(state)
 
 
 def final_froms_without_eager_joins(sel: Select[Any]) -> Sequence[Any]:

@@ -265,7 +265,7 @@ def replicate_broadcast(session: Session, placement: Placement) -> None:
             conn = session.connection(bind_arguments={"shard_id": shard})
             for table in tables:
                 values = _table_values(mapper, obj, table)
-                pk = and_(*(c == values[c.key] for c in table.primary_key.columns))
+                pk = and_(*(c == values[c.key] for c in list(table.primary_key)))
                 if kind == "insert":
                     conn.execute(insert(table).values(values))
                 elif kind == "update":

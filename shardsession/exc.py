@@ -92,7 +92,7 @@ class ConfigurationError(ShardSessionError):
 class RoutingError(ShardSessionError):
     """A row or statement could not be routed to a shard."""
 
-    _fields = ("shard_id",)
+    _fields: tuple[str, ...] = ("shard_id",)
     shard_id: Any
 
 
@@ -107,7 +107,7 @@ class NoShardChosenError(RoutingError):
 class ShardKeyMissingError(RoutingError):
     """A new object has no value for the shard key its placement needs."""
 
-    _fields = ("shard_id", "mapper", "key")
+    _fields: tuple[str, ...] = ("shard_id", "mapper", "key")
     mapper: Any
     key: Any
 
@@ -115,28 +115,28 @@ class ShardKeyMissingError(RoutingError):
 class CrossShardError(RoutingError):
     """Related objects would be written to different shards."""
 
-    _fields = ("shard_id", "shard_ids")
+    _fields: tuple[str, ...] = ("shard_id", "shard_ids")
     shard_ids: Sequence[Any]
 
 
 class QueryError(ShardSessionError):
     """A cross-shard read or bulk write failed."""
 
-    _fields = ("shard_id",)
+    _fields: tuple[str, ...] = ("shard_id",)
     shard_id: Any
 
 
 class UnsupportedQueryError(QueryError):
     """The statement cannot be answered exactly across shards; names the construct."""
 
-    _fields = ("shard_id", "construct")
+    _fields: tuple[str, ...] = ("shard_id", "construct")
     construct: str | None
 
 
 class FanoutTimeoutError(QueryError):
     """A fan-out's deadline passed before every shard answered."""
 
-    _fields = ("shard_id", "pending_shards", "timeout")
+    _fields: tuple[str, ...] = ("shard_id", "pending_shards", "timeout")
     pending_shards: Sequence[Any]
     timeout: float | None
 
@@ -144,7 +144,7 @@ class FanoutTimeoutError(QueryError):
 class TransactionError(ShardSessionError):
     """A unit of work over several shards could not be completed as asked."""
 
-    _fields = ("gtrid",)
+    _fields: tuple[str, ...] = ("gtrid",)
     gtrid: str | None
 
 
@@ -152,7 +152,7 @@ class AtomicityUnavailableError(TransactionError):
     """The commit cannot be atomic (two or more writers cannot prepare) and
     ``atomic="require"``; raised before anything is committed."""
 
-    _fields = ("gtrid", "shard_ids")
+    _fields: tuple[str, ...] = ("gtrid", "shard_ids")
     shard_ids: Sequence[Any]
 
 
@@ -160,7 +160,7 @@ class CapabilityError(TransactionError):
     """A shard cannot take part as asked, e.g. PostgreSQL with
     ``max_prepared_transactions = 0`` asked to PREPARE."""
 
-    _fields = ("gtrid", "shard_id")
+    _fields: tuple[str, ...] = ("gtrid", "shard_id")
     shard_id: Any
 
 
@@ -168,7 +168,7 @@ class PrepareFailed(TransactionError):
     """One or more branches could not be prepared; every branch was rolled back and
     nothing was committed."""
 
-    _fields = ("gtrid", "failed_shards")
+    _fields: tuple[str, ...] = ("gtrid", "failed_shards")
     failed_shards: Sequence[Any]
 
 
@@ -176,7 +176,7 @@ class CommitIncomplete(TransactionError):
     """The transaction is committed (the decision is durable) but some branches are
     still being completed; recovery finishes them. The data will appear."""
 
-    _fields = ("gtrid", "pending_shards")
+    _fields: tuple[str, ...] = ("gtrid", "pending_shards")
     pending_shards: Sequence[Any]
 
 
@@ -184,14 +184,14 @@ class OutcomeUnknown(TransactionError):
     """The decision commit was sent but its reply was lost; recovery settles the
     transaction (named by ``gtrid``) one way or the other."""
 
-    _fields = ("gtrid", "pending_shards")
+    _fields: tuple[str, ...] = ("gtrid", "pending_shards")
     pending_shards: Sequence[Any]
 
 
 class RecoveryError(ShardSessionError):
     """Recovery could not settle a branch (it is left in doubt and reported)."""
 
-    _fields = ("gtrid", "shard_id")
+    _fields: tuple[str, ...] = ("gtrid", "shard_id")
     gtrid: str | None
     shard_id: Any
 

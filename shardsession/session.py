@@ -19,11 +19,11 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import Engine, event, inspect
-from sqlalchemy.exc import ArgumentError, SADeprecationWarning
+from sqlalchemy import Engine, Table, event, inspect
 from sqlalchemy.engine import Connection, Result
+from sqlalchemy.exc import ArgumentError, SADeprecationWarning
 from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
@@ -259,9 +259,7 @@ class ShardedSession(_SAShardedSession):
             keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
             for m in keyed or mappers:
                 found = placement.shards_for_clause(m, where, params, for_write=for_write)
-                candidates = (
-                    found if candidates is None else [s for s in candidates if s in found]
-                )
+                candidates = found if candidates is None else [s for s in candidates if s in found]
             assert candidates is not None
             if not candidates:
                 # The WHERE clause can match no row: ask one shard, for an empty result of
@@ -403,9 +401,7 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any]:
     except ImportError:
         parts = [_invoke_one(orm_context, s) for s in shard_ids]
         return parts[0].merge(*parts[1:])
-    options = FanoutOptions(
-        max_workers=session.fanout_max_workers, timeout=session.fanout_timeout
-    )
+    options = FanoutOptions(max_workers=session.fanout_max_workers, timeout=session.fanout_timeout)
     return execute_on_shards(orm_context, shard_ids, options)
 
 
@@ -434,12 +430,16 @@ def _routed_insert(session: ShardedSession, orm_context: ORMExecuteState) -> Res
         )
     r = placement.resolve(mapper)
     params = orm_context.parameters
-    rows: list[dict[str, Any]] = (
-        [dict(p) for p in params] if isinstance(params, list) else [dict(params)] if params else []
-    )
+    rows: list[dict[str, Any]]
+    if isinstance(params, list):
+        rows = [dict(p) for p in params]
+    elif isinstance(params, Mapping):
+        rows = [dict(params)]
+    else:
+        rows = []
     orm_entity = orm_context.is_orm_statement
     # parameter keys are attribute names for an ORM insert, column keys for a Core one
-    key_names = r.attrs if orm_entity else tuple(c.key for c in r.columns)
+    key_names = r.attrs if orm_entity else tuple(str(c.key) for c in r.columns)
     if isinstance(r.rule, Broadcast):
         groups = {s: rows for s in placement.shards}
     elif r.strategy is not None and rows:
@@ -475,7 +475,7 @@ def _routed_insert(session: ShardedSession, orm_context: ORMExecuteState) -> Res
                 shard_id=None,
                 construct="bulk INSERT",
             )
-        stmt = insert(mapper.local_table)
+        stmt = insert(cast(Table, mapper.local_table))
         to_column = {p.key: p.columns[0].key for p in mapper.column_attrs}
         groups = {
             s: [{to_column.get(k, k): v for k, v in row.items()} for row in g]

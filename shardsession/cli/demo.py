@@ -69,6 +69,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def _local_cluster(folder: Path) -> Cluster:
+    local_sqlite_cluster: Any
     try:
         from ..coordinator.local import local_sqlite_cluster
     except ImportError:
@@ -76,9 +77,7 @@ def _local_cluster(folder: Path) -> Cluster:
     if local_sqlite_cluster is not None:
         cluster: Cluster = local_sqlite_cluster(folder, SHARDS)
         return cluster
-    return Cluster(
-        {s: f"sqlite:///{folder / (s + '.db')}" for s in SHARDS}, atomic="best_effort"
-    )
+    return Cluster({s: f"sqlite:///{folder / (s + '.db')}" for s in SHARDS}, atomic="best_effort")
 
 
 def run_demo(folder: Path, out: Any = print) -> int:
@@ -138,9 +137,7 @@ def run_demo(folder: Path, out: Any = print) -> int:
         out("sum and count per currency (GROUP BY, merged across shards):")
         for cur, amount, n in per_currency:
             out(f"  {cur}: {amount} over {n} orders")
-        everything = sorted(
-            (o.amount for o in s.scalars(select(Order))), reverse=True
-        )[:5]
+        everything = sorted((o.amount for o in s.scalars(select(Order))), reverse=True)[:5]
         ok &= [r.amount for r in top] == everything and total == sum(i % 4 for i in range(1, 31))
 
         before = dict(statements)

@@ -159,7 +159,7 @@ class Placement:
         by_table: dict[Any, Mapper[Any]] = {}
         for target in self._rules:
             if isinstance(target, type):
-                mapper = inspect(target, raiseerr=False)
+                mapper: Any = inspect(target, raiseerr=False)
                 if isinstance(mapper, Mapper):
                     by_table.setdefault(mapper.local_table, mapper)
         found: dict[Mapper[Any], None] = {}
@@ -210,7 +210,7 @@ class Placement:
 
     def _collection_parents(self, mapper: Mapper[Any]) -> list[RelationshipProperty[Any]]:
         """One-to-many relationships of placed classes whose targets are ``mapper``."""
-        found = []
+        found: list[RelationshipProperty[Any]] = []
         for target in self._rules:
             parent = inspect(target, raiseerr=False) if isinstance(target, type) else None
             if not isinstance(parent, Mapper):

@@ -131,7 +131,7 @@ def _and(a: _DNF, b: _DNF) -> _DNF:
 
 
 def _walk(
-    clause: ClauseElement,
+    clause: Any,
     key_columns: Sequence[ColumnElement[Any]],
     params: Mapping[str, Any],
     types: Sequence[type | None],
@@ -187,6 +187,8 @@ def key_values(
             product *= len(vals)
         if product + len(combos) > MAX_KEY_COMBINATIONS:
             return None
-        for combo in itertools.product(*(sorted(box[i], key=repr) for i in range(len(key_columns)))):
+        for combo in itertools.product(
+            *(sorted(box[i], key=repr) for i in range(len(key_columns)))
+        ):
             combos.add(combo)
     return sorted(combos, key=repr)

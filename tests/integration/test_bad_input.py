@@ -163,8 +163,16 @@ def test_key_attribute_that_does_not_exist(cluster: Cluster) -> None:
         lambda: HashSharding(42),
         lambda: Pinned(""),
     ],
-    ids=["range-decreasing", "range-open-middle", "range-empty", "range-bad-item",
-         "hash-repeat", "hash-weight", "hash-bad-key", "pinned-empty"],
+    ids=[
+        "range-decreasing",
+        "range-open-middle",
+        "range-empty",
+        "range-bad-item",
+        "hash-repeat",
+        "hash-weight",
+        "hash-bad-key",
+        "pinned-empty",
+    ],
 )
 def test_misconfigured_strategy(make: Callable[[], Any]) -> None:
     with pytest.raises(ConfigurationError):

@@ -83,8 +83,10 @@ def _build(session_cls: type, tmp_path: Any) -> dict[str, Any]:
             cols.add(c)
 
         def visit_binary(b: Any) -> None:
-            if b.left in cols and b.right in binds and b.left.shares_lineage(
-                Station.__table__.c.region
+            if (
+                b.left in cols
+                and b.right in binds
+                and b.left.shares_lineage(Station.__table__.c.region)
             ):
                 v = binds[b.right]
                 if b.operator == operators.eq:
@@ -135,7 +137,8 @@ def _program(env: dict[str, Any]) -> dict[str, Any]:
             tokyo = sess.get(Station, objs[0].id)
             seen["get"] = (tokyo.name, tokyo.readings[0].value)
             seen["eq"] = sorted(
-                s.name for s in sess.execute(select(Station).where(Station.region == "Americas")).scalars()
+                s.name
+                for s in sess.execute(select(Station).where(Station.region == "Americas")).scalars()
             )
             seen["in"] = sorted(
                 s.name
@@ -147,11 +150,11 @@ def _program(env: dict[str, Any]) -> dict[str, Any]:
                 for r in sess.scalars(select(Reading))
             )
             seen["set_shard_id"] = sorted(
-                s.name for s in sess.scalars(select(Station).options(shardsession.set_shard_id("emea")))
+                s.name
+                for s in sess.scalars(select(Station).options(shardsession.set_shard_id("emea")))
             )
             seen["bind_args"] = sorted(
-                s.name
-                for s in sess.scalars(select(Station), bind_arguments={"shard_id": "amer"})
+                s.name for s in sess.scalars(select(Station), bind_arguments={"shard_id": "amer"})
             )
             seen["legacy_query_set_shard"] = sorted(
                 s.name for s in sess.query(Station).set_shard("apac")

@@ -18,7 +18,21 @@ from shardsession import exc
 from shardsession.routing import HashSharding, RangeSharding, key_values
 from shardsession.routing._keys import canonical_key
 
-GOLDEN_KEYS = [0, 1, 2, 3, 42, -7, 10**20, "alice", "bob", "", b"\x00\x01", uuid.UUID(int=5), (1, "x")]
+GOLDEN_KEYS = [
+    0,
+    1,
+    2,
+    3,
+    42,
+    -7,
+    10**20,
+    "alice",
+    "bob",
+    "",
+    b"\x00\x01",
+    uuid.UUID(int=5),
+    (1, "x"),
+]
 # Computed once and frozen: a change here moves users' data. Never edit to make a test pass.
 GOLDEN_SHARDS = ["c", "b", "c", "a", "c", "b", "a", "a", "d", "a", "a", "c", "a"]
 
@@ -54,7 +68,9 @@ def test_hash_spread_and_minimal_movement() -> None:
     assert {five.shard_for(i) for i in moved} == {"e"}
     # removing a shard moves only that shard's keys
     three = HashSharding("id", ["a", "b", "c"])
-    assert all(three.shard_for(i) == four.shard_for(i) for i in range(5_000) if four.shard_for(i) != "d")
+    assert all(
+        three.shard_for(i) == four.shard_for(i) for i in range(5_000) if four.shard_for(i) != "d"
+    )
 
 
 def test_hash_weights() -> None:
