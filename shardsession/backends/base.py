@@ -1,0 +1,160 @@
+"""What the coordinator asks of a database: the per-dialect adapter protocol.
+
+Adapters are leaves: they speak to one DBAPI connection, know the SQL of their backend and
+nothing of sessions, branches or the protocol's decisions. Every method takes a raw DBAPI
+connection (``Connection.connection.dbapi_connection``), so the statements of the protocol
+never go through SQLAlchemy's execution events (they are not the application's writes).
+
+Xids reach SQL only as values the driver binds (PostgreSQL) or as hex literals rendered
+from a validated :class:`~shardsession.coordinator.xid.Xid` (XA statements, which MariaDB's
+grammar does not let us bind); text read back from a server is never executed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "DECISION_TABLE",
+    "BackendAdapter",
+    "Capabilities",
+    "DecisionRow",
+    "InDoubt",
+    "Outcome",
+]
+
+#: name of the decision table created on deciders (and by ``create-all``)
+DECISION_TABLE = "shardsession_decisions"
+
+
+class Outcome:
+    """Values of the ``outcome`` column."""
+
+    COMMIT = "C"
+    ABORT = "A"
+
+
+@dataclass(frozen=True)
+class InDoubt:
+    """A prepared transaction found on a server, exactly as the server listed it.
+
+    ``raw`` is a GID ``str`` (PostgreSQL) or the ``XA RECOVER`` row
+    ``(formatID, gtrid_length, bqual_length, data)``; it is untrusted, parsed strictly by
+    the coordinator and never executed. ``age`` is in seconds where the server knows it.
+    """
+
+    raw: Any
+    age: float | None = None
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """One row of the decision table."""
+
+    gtrid: str
+    outcome: str
+    decided_at: float
+    participants: str = ""
+
+
+@dataclass
+class Capabilities:
+    """What a shard's server can do, detected once per engine."""
+
+    can_prepare: bool
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendAdapter(Protocol):
+    """The operations of the commit protocol and of recovery for one dialect."""
+
+    #: SQLAlchemy dialect name this adapter serves
+    name: str
+    #: the branch must be begun with its xid before its first statement (XA START)
+    xid_at_begin: bool
+    #: a branch left prepared keeps the session busy: the connection must be discarded
+    prepared_blocks_connection: bool
+
+    def detect(self, dbapi_conn: Any) -> Capabilities:
+        """Detect whether this server can prepare (may run a query)."""
+        ...
+
+    def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
+        """Start the branch (XA START on MySQL; nothing elsewhere)."""
+        ...
+
+    def prepare(self, dbapi_conn: Any, xid: Any) -> None:
+        """Prepare the active branch on its own connection (phase one)."""
+        ...
+
+    def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        """Commit a branch this connection prepared, leaving the connection idle."""
+        ...
+
+    def rollback_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        """Roll back a branch this connection prepared, leaving the connection idle."""
+        ...
+
+    def commit_one_phase(self, dbapi_conn: Any, xid: Any | None) -> None:
+        """Commit the active branch without PREPARE."""
+        ...
+
+    def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
+        """Roll back the active (unprepared) branch, so a plain ROLLBACK can follow."""
+        ...
+
+    def finish_prepared(self, dbapi_conn: Any, xid: Any, commit: bool) -> bool:
+        """From any (autocommit) connection: COMMIT/ROLLBACK PREPARED ``xid``.
+
+        :returns: ``False`` when the server does not know the xid (already finished).
+        """
+        ...
+
+    def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        """Return every prepared transaction visible to this database (ours or not)."""
+        ...
+
+    def server_key(self, dbapi_conn: Any, url_key: str) -> str:
+        """Identity of the namespace in which xids are unique (see recovery grouping)."""
+        ...
+
+    # --- decision table -------------------------------------------------------------
+    def ensure_decision_table(self, dbapi_conn: Any) -> None:
+        """Create the decision table if missing (autocommit connection)."""
+        ...
+
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+        """Insert a decision row in the connection's current transaction, made durable
+        at its commit regardless of relaxed-durability settings."""
+        ...
+
+    def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:
+        """Return the decision row of ``gtrid`` or ``None``."""
+        ...
+
+    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
+        """Return every decision row (recovery's snapshot)."""
+        ...
+
+    def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
+        """Delete decision rows (autocommit connection); return how many."""
+        ...
+
+    def is_unknown_xid(self, error: BaseException) -> bool:
+        """Whether ``error`` says the xid is unknown (already finished)."""
+        ...
+
+    def is_duplicate_key(self, error: BaseException) -> bool:
+        """Whether ``error`` is a primary-key conflict (a decision already claimed)."""
+        ...
+
+
+def printable(value: object, limit: int = 80) -> str:
+    """Render untrusted server text for a report: printable ASCII only, bounded."""
+    raw = bytes(value) if isinstance(value, (bytes, bytearray)) else None
+    text = raw.decode("latin-1") if raw is not None else str(value)
+    out = "".join(ch if 32 <= ord(ch) < 127 else f"\\x{ord(ch) & 0xFF:02x}" for ch in text)
+    return out if len(out) <= limit else out[:limit] + "..."

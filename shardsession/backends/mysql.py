@@ -1,0 +1,175 @@
+"""MySQL/MariaDB adapter: XA transactions written by hand (pymysql).
+
+SQLAlchemy's MySQL two-phase support sends ``XA BEGIN`` with a gtrid only and its
+``XA RECOVER`` handling drops the branch qualifier and formatID, so every XA statement is
+written here. XA statements take no bound parameters in MariaDB's grammar: the xid is
+rendered as hex literals from a validated :class:`~shardsession.coordinator.xid.Xid`
+(``Xid.xa_literal``), the form the manual recommends; nothing read from a server is ever
+rendered into SQL.
+
+Server rules followed here (checked on MariaDB 10.11):
+
+* ``XA START`` must be the first statement of the connection's transaction (error 1400
+  XAER_OUTSIDE otherwise); XA needs REPEATABLE READ or stricter;
+* in XA ACTIVE or PREPARED state a plain ``ROLLBACK`` fails (1399 XAER_RMFAIL): the
+  branch must be ended with ``XA END`` + ``XA ROLLBACK`` first, and a connection whose
+  branch is left prepared for recovery cannot be reused: it must be discarded;
+* an unknown xid is 1397 XAER_NOTA (already finished, or never prepared);
+* ``XA RECOVER`` lists the prepared branches of the whole server, not of one database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
+
+__all__ = ["MySQLAdapter"]
+
+XAER_NOTA = 1397
+XAER_RMFAIL = 1399
+DUP_ENTRY = 1062
+
+_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {DECISION_TABLE} ("
+    "gtrid VARCHAR(64) CHARACTER SET ascii NOT NULL PRIMARY KEY, "
+    "outcome CHAR(1) CHARACTER SET ascii NOT NULL, "
+    "decided_at DOUBLE NOT NULL, "
+    "participants VARCHAR(4000) CHARACTER SET ascii NOT NULL DEFAULT '') ENGINE=InnoDB"
+)
+
+
+def _errno(error: BaseException) -> int | None:
+    err = getattr(error, "orig", None) or error
+    args = getattr(err, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+class MySQLAdapter:
+    """Two-phase commit on MySQL/MariaDB through XA."""
+
+    name = "mysql"
+    xid_at_begin = True
+    prepared_blocks_connection = True
+
+    def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> Any:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else None
+        finally:
+            cur.close()
+
+    def detect(self, dbapi_conn: Any) -> Capabilities:
+        return Capabilities(True)
+
+    def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
+        self._exec(dbapi_conn, f"XA START {xid.xa_literal}")
+
+    def prepare(self, dbapi_conn: Any, xid: Any) -> None:
+        self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
+        self._exec(dbapi_conn, f"XA PREPARE {xid.xa_literal}")
+
+    def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        self._exec(dbapi_conn, f"XA COMMIT {xid.xa_literal}")
+
+    def rollback_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        self._exec(dbapi_conn, f"XA ROLLBACK {xid.xa_literal}")
+
+    def commit_one_phase(self, dbapi_conn: Any, xid: Any | None) -> None:
+        if xid is None:
+            dbapi_conn.commit()
+            return
+        self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
+        self._exec(dbapi_conn, f"XA COMMIT {xid.xa_literal} ONE PHASE")
+
+    def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
+        if xid is None:
+            return
+        try:
+            self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
+        except Exception as e:
+            # Already IDLE (XA END was sent before a failure): go on to XA ROLLBACK.
+            if _errno(e) != XAER_RMFAIL:
+                raise
+        try:
+            self._exec(dbapi_conn, f"XA ROLLBACK {xid.xa_literal}")
+        except Exception as e:
+            if _errno(e) != XAER_NOTA:
+                raise
+
+    def finish_prepared(self, dbapi_conn: Any, xid: Any, commit: bool) -> bool:
+        verb = "XA COMMIT" if commit else "XA ROLLBACK"
+        try:
+            self._exec(dbapi_conn, f"{verb} {xid.xa_literal}")
+        except Exception as e:
+            if self.is_unknown_xid(e):
+                return False
+            raise
+        return True
+
+    def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        rows = self._exec(dbapi_conn, "XA RECOVER") or ()
+        out: list[InDoubt] = []
+        for row in rows:
+            # Keep the row as the server sent it; the coordinator parses it strictly.
+            out.append(InDoubt(tuple(row[:4]) if len(row) >= 4 else tuple(row), None))
+        return out
+
+    def server_key(self, dbapi_conn: Any, url_key: str) -> str:
+        # XA RECOVER is server-wide: shards that are databases of one server share it.
+        rows = self._exec(dbapi_conn, "SELECT @@hostname, @@port, @@datadir")
+        host, port, datadir = rows[0] if rows else (url_key, "", "")
+        return f"mysql:{host}:{port}:{datadir}"
+
+    def ensure_decision_table(self, dbapi_conn: Any) -> None:
+        self._exec(dbapi_conn, _DDL)
+
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+        self._exec(
+            dbapi_conn,
+            f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
+            "VALUES (%s, %s, %s, %s)",
+            (row.gtrid, row.outcome, row.decided_at, row.participants),
+        )
+
+    def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:
+        rows = self._exec(
+            dbapi_conn,
+            f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE} "
+            "WHERE gtrid = %s",
+            (gtrid,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3]))
+
+    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
+        rows = self._exec(
+            dbapi_conn, f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE}"
+        )
+        return [DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3])) for r in rows or ()]
+
+    def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
+        n = 0
+        cur = dbapi_conn.cursor()
+        try:
+            for g in gtrids:
+                n += int(cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = %s", (g,)))
+        finally:
+            cur.close()
+        return n
+
+    def is_unknown_xid(self, error: BaseException) -> bool:
+        return _errno(error) == XAER_NOTA
+
+    def is_duplicate_key(self, error: BaseException) -> bool:
+        return _errno(error) == DUP_ENTRY
+
+    def is_busy(self, error: BaseException) -> bool:
+        """MariaDB has no "busy" state for XA: a concurrent finish waits on locks."""
+        return False

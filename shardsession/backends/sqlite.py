@@ -1,0 +1,134 @@
+"""SQLite adapter: no prepared state, so SQLite can only be the decider.
+
+A SQLite transaction cannot survive its connection and no other connection can finish it,
+so SQLite never prepares. It is the ideal decider ("logging last resource"): its data and
+the decision row commit in one local transaction. That commit must be durable, so the
+decider commit runs with ``PRAGMA synchronous = FULL`` (``NORMAL`` in WAL mode can lose a
+commit on power loss) and restores the connection's own setting afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
+
+__all__ = ["SQLiteAdapter"]
+
+_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {DECISION_TABLE} ("
+    "gtrid VARCHAR(64) NOT NULL PRIMARY KEY, "
+    "outcome CHAR(1) NOT NULL, "
+    "decided_at REAL NOT NULL, "
+    "participants VARCHAR(4000) NOT NULL DEFAULT '')"
+)
+
+_FULL = 2
+
+
+class SQLiteAdapter:
+    """SQLite as a one-phase participant and decider."""
+
+    name = "sqlite"
+    xid_at_begin = False
+    prepared_blocks_connection = False
+
+    def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else None
+        finally:
+            cur.close()
+
+    def detect(self, dbapi_conn: Any) -> Capabilities:
+        return Capabilities(False, "SQLite cannot prepare a transaction (no two-phase commit)")
+
+    def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
+        return None
+
+    def prepare(self, dbapi_conn: Any, xid: Any) -> None:
+        raise NotImplementedError("SQLite cannot prepare")
+
+    def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        raise NotImplementedError("SQLite cannot prepare")
+
+    def rollback_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        raise NotImplementedError("SQLite cannot prepare")
+
+    def commit_one_phase(self, dbapi_conn: Any, xid: Any | None) -> None:
+        rows = self._exec(dbapi_conn, "PRAGMA synchronous")
+        level = int(rows[0][0]) if rows else _FULL
+        if level >= _FULL:
+            dbapi_conn.commit()
+            return
+        # The decider's commit is the commit point of a global transaction: it must
+        # reach the disk before we report success. Restore the user's level after.
+        self._exec(dbapi_conn, "PRAGMA synchronous = FULL")
+        try:
+            dbapi_conn.commit()
+        finally:
+            self._exec(dbapi_conn, f"PRAGMA synchronous = {level:d}")
+
+    def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
+        return None
+
+    def finish_prepared(self, dbapi_conn: Any, xid: Any, commit: bool) -> bool:
+        return False
+
+    def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        return []
+
+    def server_key(self, dbapi_conn: Any, url_key: str) -> str:
+        return f"sqlite:{url_key}"
+
+    def ensure_decision_table(self, dbapi_conn: Any) -> None:
+        self._exec(dbapi_conn, _DDL)
+
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+        self._exec(
+            dbapi_conn,
+            f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
+            "VALUES (?, ?, ?, ?)",
+            (row.gtrid, row.outcome, row.decided_at, row.participants),
+        )
+
+    def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:
+        rows = self._exec(
+            dbapi_conn,
+            f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE} "
+            "WHERE gtrid = ?",
+            (gtrid,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3]))
+
+    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
+        rows = self._exec(
+            dbapi_conn, f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE}"
+        )
+        return [DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3])) for r in rows or ()]
+
+    def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
+        n = 0
+        cur = dbapi_conn.cursor()
+        try:
+            for g in gtrids:
+                cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = ?", (g,))
+                n += max(cur.rowcount, 0)
+        finally:
+            cur.close()
+        return n
+
+    def is_unknown_xid(self, error: BaseException) -> bool:
+        return False
+
+    def is_duplicate_key(self, error: BaseException) -> bool:
+        text = str(error)
+        return "UNIQUE constraint failed" in text or "PRIMARY KEY" in text
+
+    def is_busy(self, error: BaseException) -> bool:
+        return "database is locked" in str(error)

@@ -1,0 +1,20 @@
+"""Atomic commit across shards: xids, the protocol, decision records and recovery.
+
+The coordinator works on branches (a connection and its xid) and knows nothing of the
+ORM's mapping or of queries; the session installs it with
+:meth:`TransactionCoordinator.install`.
+"""
+
+from __future__ import annotations
+
+from .coordinator import TransactionCoordinator
+from .recovery import BranchRef, InDoubtBranch, RecoveryReport, in_doubt, recover
+
+__all__ = [
+    "BranchRef",
+    "InDoubtBranch",
+    "RecoveryReport",
+    "TransactionCoordinator",
+    "in_doubt",
+    "recover",
+]

@@ -1,0 +1,266 @@
+"""TransactionCoordinator: makes a session's commits atomic across its shards.
+
+How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
+:mod:`shardsession._compat`):
+
+* ``after_transaction_create`` of a root ``SessionTransaction``: a new
+  :class:`~.transaction.GlobalTransaction`, and the protocol hook wrapped into the root's
+  prepare step, right after the final flush (so ``session.commit()`` and
+  ``with session.begin():`` both run it);
+* ``after_begin``: the connection the session just began becomes a branch (MySQL branches
+  send ``XA START`` now: it must be the first statement);
+* engine ``before_cursor_execute``: marks the branch as written unless the statement is a
+  compiled SELECT (or a savepoint); after the protocol ran, a write raises;
+* engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
+  plain ROLLBACK fails in XA ACTIVE state;
+* ``after_transaction_end`` of the root: branches are forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.sql.expression import (
+    ReleaseSavepointClause,
+    RollbackToSavepointClause,
+    SavepointClause,
+)
+
+from .. import _compat
+from ..backends import BackendAdapter, Capabilities, adapter_for
+from ..exc import ConfigurationError, TransactionError
+from .transaction import Branch, BranchState, GlobalTransaction
+
+__all__ = ["TransactionCoordinator"]
+
+log = logging.getLogger(__name__)
+
+_BRANCH_KEY = "shardsession.branch"
+_SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
+
+# Engines whose connection-level listeners are installed (once per engine, whatever the
+# number of coordinators: the listeners find their branch through the connection).
+_instrumented: weakref.WeakSet[Engine] = weakref.WeakSet()
+_instrument_lock = threading.Lock()
+
+
+def _branch_of(conn: Connection) -> Branch | None:
+    try:
+        info = conn.info
+    except Exception:  # invalidated / closed connection
+        return None
+    branch = info.get(_BRANCH_KEY)
+    if isinstance(branch, Branch) and branch.state is not BranchState.CLOSED:
+        return branch
+    return None
+
+
+def _is_write(context: Any) -> bool:
+    if context is None:
+        return True
+    compiled = getattr(context, "compiled", None)
+    if compiled is None:
+        return True  # driver-level SQL: cannot tell, assume it writes
+    if context.isinsert or context.isupdate or context.isdelete or context.isddl:
+        return True
+    stmt = getattr(compiled, "statement", None)
+    if isinstance(stmt, _SAVEPOINTS):
+        return False
+    return not bool(getattr(stmt, "is_select", False))
+
+
+def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
+                           context: Any, executemany: bool) -> None:
+    branch = _branch_of(conn)
+    if branch is None or not _is_write(context):
+        return
+    if branch.gt is not None and branch.gt.protocol_ran:
+        raise TransactionError(
+            f"write on shard {branch.shard_id!r} after the commit protocol ran: it would "
+            "not be part of the committed transaction",
+            gtrid=branch.gt.gtrid,
+        )
+    branch.wrote = True
+
+
+def _on_rollback(conn: Connection) -> None:
+    branch = _branch_of(conn)
+    if branch is not None and branch.gt is not None:
+        branch.gt.on_connection_rollback(branch)
+
+
+def _instrument(engine: Engine) -> None:
+    with _instrument_lock:
+        if engine in _instrumented:
+            return
+        event.listen(engine, "before_cursor_execute", _before_cursor_execute)
+        event.listen(engine, "rollback", _on_rollback)
+        _instrumented.add(engine)
+
+
+def _is_autocommit(conn: Connection) -> bool:
+    level = conn.get_execution_options().get("isolation_level")
+    if level is None:
+        level = getattr(conn.engine.dialect, "isolation_level", None)
+    return level == "AUTOCOMMIT"
+
+
+class TransactionCoordinator:
+    """Shared, thread-safe per session factory: settings + per-engine capability cache.
+
+    :param atomic: ``"require"``: a commit that cannot be atomic (two or more written
+        shards that cannot prepare) raises
+        :class:`~shardsession.exc.AtomicityUnavailableError` before anything commits;
+        ``"best_effort"``: those shards are committed last, one by one, with a
+        :class:`~shardsession.exc.NonAtomicCommitWarning`.
+    :param decider: shard id preferred as the holder of the decision row.
+    :param max_workers: threads for the parallel phases (default: ``min(32, cpus + 4)``).
+    :param max_commit_age: seconds; an older transaction is refused at commit (nothing is
+        committed). Must stay below half of recovery's ``abort_retention``.
+    :param crash_point: tests only: called with the name of each protocol step.
+    """
+
+    def __init__(
+        self,
+        *,
+        atomic: Literal["require", "best_effort"] = "require",
+        decider: str | None = None,
+        max_workers: int | None = None,
+        max_commit_age: float = 6 * 3600.0,
+        crash_point: Callable[[str], None] | None = None,
+    ) -> None:
+        if atomic not in ("require", "best_effort"):
+            raise ConfigurationError(f"atomic must be 'require' or 'best_effort', not {atomic!r}")
+        self.atomic = atomic
+        self.decider = decider
+        self.max_workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
+        self.max_commit_age = max_commit_age
+        self.crash_point = crash_point
+        self._lock = threading.Lock()
+        self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
+        self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+        self._executor: ThreadPoolExecutor | None = None
+        self._by_transaction: weakref.WeakKeyDictionary[SessionTransaction, GlobalTransaction] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # --- shared resources ------------------------------------------------------------
+
+    def executor(self) -> Executor:
+        """The thread pool of the parallel phases (created on first use)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.max_workers, thread_name_prefix="shardsession-2pc"
+                )
+            return self._executor
+
+    def adapter(self, engine: Engine) -> BackendAdapter | None:
+        """The adapter of an engine's dialect, or ``None`` if there is none."""
+        try:
+            return adapter_for(engine.dialect.name)
+        except KeyError:
+            return None
+
+    def capabilities(self, branch: Branch, *, detect: bool) -> Capabilities:
+        """Capabilities of a branch's engine, detected on its connection on first need.
+
+        Without ``detect``, an undetected server is assumed able to prepare (used only
+        to pick a decider early; the commit detects before relying on it).
+        """
+        caps = self._caps.get(branch.engine)
+        if caps is not None:
+            return caps
+        assert branch.adapter is not None
+        if not detect and branch.adapter.name != "sqlite":
+            return Capabilities(True)
+        caps = branch.adapter.detect(branch.dbapi)
+        if not caps.can_prepare:
+            log.info("shard %s cannot prepare: %s", branch.shard_id, caps.reason)
+        with self._lock:
+            self._caps[branch.engine] = caps
+        return caps
+
+    def ensure_decision_table(self, branch: Branch) -> None:
+        """Create the decision table on a decider's database on first use."""
+        if self._tables.get(branch.engine):
+            return
+        assert branch.adapter is not None
+        if branch.adapter.name == "sqlite":
+            # Transactional DDL on the branch's own connection: a second connection
+            # could not see (or would lock) an in-memory or busy database file.
+            branch.adapter.ensure_decision_table(branch.dbapi)
+        else:
+            # MySQL DDL commits implicitly: never on the branch's connection.
+            with branch.engine.connect() as c:
+                c = c.execution_options(isolation_level="AUTOCOMMIT")
+                branch.adapter.ensure_decision_table(c.connection.dbapi_connection)
+        with self._lock:
+            self._tables[branch.engine] = True
+
+    def forget(self, branch: Branch) -> None:
+        """Drop a branch's mark from its connection."""
+        try:
+            info = branch.connection.info
+        except Exception:
+            return
+        if info.get(_BRANCH_KEY) is branch:
+            del info[_BRANCH_KEY]
+
+    # --- session integration ---------------------------------------------------------
+
+    def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
+        """Make this session's commits atomic. Called once from ShardedSession.__init__."""
+
+        def after_transaction_create(sess: Session, transaction: SessionTransaction) -> None:
+            if transaction.parent is not None:
+                return
+            gt = GlobalTransaction(self, shard_of_engine)
+            self._by_transaction[transaction] = gt
+            _compat.wrap_root_prepare(transaction, gt.commit)
+
+        def after_begin(sess: Session, transaction: SessionTransaction,
+                        connection: Connection) -> None:
+            root = transaction
+            while root.parent is not None:
+                root = root.parent
+            gt = self._by_transaction.get(root)
+            if gt is None or _is_autocommit(connection):
+                return
+            engine = connection.engine
+            if engine in gt.branches:
+                return
+            _instrument(engine)
+            branch = gt.add_branch(connection)
+            connection.info[_BRANCH_KEY] = branch
+
+        def after_transaction_end(sess: Session, transaction: SessionTransaction) -> None:
+            if transaction.parent is not None:
+                return
+            gt = self._by_transaction.pop(transaction, None)
+            if gt is not None:
+                gt.close()
+
+        event.listen(session, "after_transaction_create", after_transaction_create)
+        event.listen(session, "after_begin", after_begin)
+        event.listen(session, "after_transaction_end", after_transaction_end)
+        # A session may already have autobegun (e.g. installed late): cover it too.
+        current = session.get_transaction()
+        if current is not None and current not in self._by_transaction:
+            after_transaction_create(session, current)
+
+    def close(self) -> None:
+        """Shut the worker threads down (they are daemon-like; optional)."""
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None

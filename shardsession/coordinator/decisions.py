@@ -1,0 +1,79 @@
+"""Decision records on a decider shard: reading, claiming and deleting them.
+
+The table (``shardsession_decisions``: gtrid primary key, outcome ``C``/``A``,
+``decided_at``, participants) is created on first use where it is missing. Its primary key
+is what makes presumed abort safe: a coordinator's COMMIT row and a recoverer's ABORT
+claim for the same gtrid cannot both commit; whichever commits first wins and the loser
+reads and follows the winner.
+
+Privileges: whoever can insert into this table can force the outcome of an in-doubt
+transaction; grant INSERT/DELETE on it only to the application role and the recovery
+worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from ..backends import BackendAdapter, DecisionRow, Outcome
+
+__all__ = ["admin_connection", "claim_abort", "is_missing_table", "read_all"]
+
+
+@contextlib.contextmanager
+def admin_connection(engine: Engine) -> Iterator[Any]:
+    """A pooled DBAPI connection in autocommit mode (restored when it goes back)."""
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn.connection.dbapi_connection
+
+
+def is_missing_table(error: BaseException) -> bool:
+    """Whether ``error`` says the decision table does not exist (nothing decided there)."""
+    code = getattr(error, "pgcode", None)
+    if code == "42P01":
+        return True
+    args = getattr(error, "args", ())
+    if args and args[0] == 1146:
+        return True
+    return "no such table" in str(error)
+
+
+def read_all(adapter: BackendAdapter, engine: Engine) -> list[DecisionRow]:
+    """Every decision row on ``engine`` (empty when the table does not exist yet)."""
+    with admin_connection(engine) as dbapi:
+        try:
+            return adapter.read_decisions(dbapi)
+        except Exception as e:
+            if is_missing_table(e):
+                return []
+            raise
+
+
+def claim_abort(adapter: BackendAdapter, engine: Engine, gtrid: str) -> tuple[bool, str | None]:
+    """Try to record ABORT for ``gtrid``; return ``(won, outcome now recorded)``.
+
+    Runs in its own short transaction so it commits (or conflicts) on its own. If a
+    coordinator's COMMIT row for the same gtrid is still uncommitted, the insert waits for
+    it: whichever commits first wins.
+    """
+    with admin_connection(engine) as admin:
+        adapter.ensure_decision_table(admin)
+    with engine.connect() as conn:
+        dbapi: Any = conn.connection.dbapi_connection
+        try:
+            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, time.time(), ""))
+            dbapi.commit()
+            return True, Outcome.ABORT
+        except Exception as e:
+            dbapi.rollback()
+            if not adapter.is_duplicate_key(e):
+                raise
+        row = adapter.read_decision(dbapi, gtrid)
+        dbapi.rollback()
+        return False, (row.outcome if row else None)

@@ -1,0 +1,469 @@
+"""A global transaction: the branches of one root session transaction and the protocol.
+
+:class:`GlobalTransaction` knows connections, adapters and xids, nothing of the ORM. The
+decisions come from :mod:`.protocol`; this module only carries them out, in parallel where
+the protocol allows (phase one, and the COMMIT PREPAREDs of phase two).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from ..backends import BackendAdapter, DecisionRow, Outcome
+from ..exc import AtomicityUnavailableError, TransactionError, warn_non_atomic
+from .protocol import (
+    Action,
+    BranchFacts,
+    CommitPlan,
+    Event,
+    PlanKind,
+    State,
+    choose_decider,
+    next_step,
+    plan_commit,
+)
+from .xid import Xid, gtrid_created, new_gtrid
+
+if TYPE_CHECKING:
+    from .coordinator import TransactionCoordinator
+
+__all__ = ["Branch", "BranchState", "GlobalTransaction"]
+
+log = logging.getLogger(__name__)
+
+
+class BranchState(enum.Enum):
+    ACTIVE = "active"
+    PREPARED = "prepared"
+    #: committed or rolled back by the protocol; SQLAlchemy's own COMMIT/ROLLBACK follows
+    FINISHED = "finished"
+    #: left prepared for recovery (outcome unknown or commit incomplete)
+    LEFT = "left"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class Branch:
+    """One shard connection taking part in a global transaction."""
+
+    index: int
+    engine: Engine
+    shard_id: str
+    connection: Connection
+    adapter: BackendAdapter | None
+    xid: Xid | None = None
+    xa_started: bool = False
+    wrote: bool = False
+    state: BranchState = BranchState.ACTIVE
+    gt: GlobalTransaction | None = field(default=None, repr=False)
+
+    @property
+    def dbapi(self) -> Any:
+        return self.connection.connection.dbapi_connection
+
+    def describe(self) -> str:
+        return f"{self.shard_id} ({self.xid.bqual if self.xid else self.index})"
+
+
+class GlobalTransaction:
+    """The branches of one root ``SessionTransaction`` and the commit protocol over them.
+
+    Not thread-safe: used by the thread that owns the session (the protocol's worker
+    threads each touch one branch's connection only).
+    """
+
+    def __init__(self, coordinator: TransactionCoordinator,
+                 shard_of_engine: Callable[[Engine], str]) -> None:
+        self.coordinator = coordinator
+        self.shard_of_engine = shard_of_engine
+        self.branches: dict[Engine, Branch] = {}
+        self.gtrid: str | None = None
+        self.decider_index: int | None = None
+        self.protocol_ran = False
+
+    # --- branches --------------------------------------------------------------------
+
+    def add_branch(self, connection: Connection) -> Branch:
+        """Register the connection a root session transaction just began."""
+        engine = connection.engine
+        existing = self.branches.get(engine)
+        if existing is not None:
+            return existing
+        dbapi = connection.connection.dbapi_connection
+        for other in self.branches.values():
+            if other.dbapi is dbapi:
+                # Two engines on one DBAPI connection (e.g. the local SQLite cluster, or
+                # option engines of one pool) share one transaction: one branch.
+                self.branches[engine] = other
+                return other
+        if self.protocol_ran:
+            raise TransactionError(
+                "the commit protocol already ran for this transaction; no new shard "
+                "may join it", gtrid=self.gtrid,
+            )
+        adapter = self.coordinator.adapter(engine)
+        branch = Branch(
+            index=len({id(b) for b in self.branches.values()}), engine=engine,
+            shard_id=str(self.shard_of_engine(engine)), connection=connection,
+            adapter=adapter, gt=self,
+        )
+        self.branches[engine] = branch
+        if adapter is not None and adapter.xid_at_begin:
+            # XA START must be this transaction's first statement, so the xid (and with it
+            # the decider) is fixed now, from the branches known so far.
+            self._fix_gtrid(None)
+            assert self.gtrid is not None
+            branch.xid = Xid.branch(self.gtrid, branch.index)
+            adapter.begin_branch(branch.dbapi, branch.xid)
+            branch.xa_started = True
+        return branch
+
+    def _ordered(self) -> list[Branch]:
+        """Distinct branches in registration order (index == position)."""
+        seen: dict[int, Branch] = {}
+        for b in self.branches.values():
+            seen.setdefault(id(b), b)
+        return sorted(seen.values(), key=lambda b: b.index)
+
+    def _facts(self, branch: Branch, *, detect: bool) -> BranchFacts:
+        if branch.adapter is None:
+            return BranchFacts(branch.index, branch.shard_id, branch.wrote, False,
+                               f"no shardsession adapter for dialect {branch.engine.dialect.name}")
+        caps = self.coordinator.capabilities(branch, detect=detect)
+        return BranchFacts(branch.index, branch.shard_id, branch.wrote, caps.can_prepare,
+                           caps.reason)
+
+    def _fix_gtrid(self, decider_index: int | None) -> None:
+        if self.gtrid is not None:
+            return
+        ordered = self._ordered()
+        if decider_index is None:
+            facts = [self._facts(b, detect=False) for b in ordered]
+            decider_index = choose_decider(facts, self.coordinator.decider)
+        self.decider_index = decider_index
+        self.gtrid = new_gtrid(ordered[decider_index].shard_id)
+
+    # --- the protocol ----------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Run the commit protocol (called once, after the session's final flush).
+
+        Failure semantics: :class:`~shardsession.exc.PrepareFailed` and
+        :class:`~shardsession.exc.AtomicityUnavailableError` /
+        :class:`~shardsession.exc.CapabilityError` mean nothing was committed on any
+        shard. :class:`~shardsession.exc.CommitIncomplete` means the transaction is
+        committed (the decision is durable) and the named branches are left prepared for
+        recovery. :class:`~shardsession.exc.OutcomeUnknown` means the decider's commit
+        was sent and its reply lost: recovery settles it (all committed or all rolled
+        back). A driver error of a single-writer commit passes through unchanged. In every
+        failure case the caller rolls the session back; no branch is left in an XA or
+        session state that could leak into the pool.
+        """
+        if self.protocol_ran:
+            return
+        self.protocol_ran = True
+        ordered = self._ordered()
+        if not ordered:
+            return
+        writers = sum(1 for b in ordered if b.wrote)
+        facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
+        plan = plan_commit(
+            facts, fixed_decider=self.decider_index, configured_decider=self.coordinator.decider,
+            atomic=self.coordinator.atomic, gtrid=self.gtrid,
+        )
+        if plan.kind is PlanKind.TWO_PHASE:
+            self._two_phase(ordered, plan)
+        else:
+            self._simple(ordered, plan)
+
+    def _simple(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
+        # Readers and a single writer: only XA branches need anything from us; PostgreSQL
+        # and SQLite branches are committed by SQLAlchemy itself, at plain cost.
+        for i in plan.release:
+            self._release(ordered[i])
+        if plan.kind is PlanKind.ONE_PHASE:
+            assert plan.decider is not None
+            b = ordered[plan.decider]
+            if b.xa_started and b.adapter is not None:
+                try:
+                    b.adapter.commit_one_phase(b.dbapi, b.xid)
+                except Exception as e:
+                    raise self._wrap(b, e, "XA COMMIT ONE PHASE") from e
+                b.state = BranchState.FINISHED
+
+    def _release(self, b: Branch) -> None:
+        if b.xa_started and b.adapter is not None and b.state is BranchState.ACTIVE:
+            try:
+                b.adapter.rollback_active(b.dbapi, b.xid)
+            except Exception as e:
+                raise self._wrap(b, e, "XA ROLLBACK") from e
+            b.state = BranchState.FINISHED
+
+    @staticmethod
+    def _wrap(b: Branch, e: Exception, statement: str) -> Exception:
+        dbapi_mod = b.engine.dialect.loaded_dbapi
+        if isinstance(e, dbapi_mod.Error):
+            return sa_exc.DBAPIError.instance(statement, None, e, dbapi_mod.Error)
+        return e
+
+    def _crash(self, point: str) -> None:
+        hook = self.coordinator.crash_point
+        if hook is not None:
+            hook(point)
+
+    def _parallel(self, tasks: Sequence[tuple[Branch, Callable[[], None]]]) -> dict[int, Exception]:
+        """Run one callable per branch, all at once; return the failures by branch index."""
+        errors: dict[int, Exception] = {}
+        if not tasks:
+            return errors
+        pool: Executor = self.coordinator.executor()
+        futures: list[tuple[Branch, Future[None]]] = [(b, pool.submit(fn)) for b, fn in tasks[1:]]
+        first_b, first_fn = tasks[0]
+        try:
+            first_fn()
+        except Exception as e:
+            errors[first_b.index] = e
+        for b, fut in futures:
+            try:
+                fut.result()
+            except Exception as e:
+                errors[b.index] = e
+        return errors
+
+    def _is_disconnect(self, b: Branch, e: Exception) -> bool:
+        dialect = b.engine.dialect
+        if not isinstance(e, dialect.loaded_dbapi.Error):
+            return False
+        try:
+            return bool(dialect.is_disconnect(e, b.dbapi, None))
+        except Exception:
+            return True
+
+    def _discard_dead(self, ordered: Sequence[Branch], errors: dict[int, Exception]) -> None:
+        """Invalidate connections lost mid-protocol, so that SQLAlchemy's ROLLBACK skips
+        them instead of raising over the protocol's own exception."""
+        for i, e in errors.items():
+            b = ordered[i]
+            if self._is_disconnect(b, e) and not b.connection.invalidated:
+                b.connection.invalidate()
+
+    def _two_phase(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
+        assert plan.decider is not None
+        self._fix_gtrid(plan.decider)
+        assert self.gtrid is not None
+        gtrid = self.gtrid
+        decider = ordered[plan.decider]
+        if decider.adapter is None:
+            raise AtomicityUnavailableError(
+                f"shard {decider.shard_id!r} has no adapter and cannot hold the decision",
+                gtrid=gtrid, shard_ids=[decider.shard_id],
+            )
+        if gtrid_created(gtrid) < time.time() - self.coordinator.max_commit_age:
+            # Recovery may delete ABORT claims after abort_retention (> 2 x this age):
+            # committing an older transaction could follow a claim that was forgotten.
+            raise TransactionError(
+                "transaction too old to commit atomically (max_commit_age exceeded); "
+                "nothing was committed", gtrid=gtrid,
+            )
+        for b in ordered:
+            if b.xid is None:
+                b.xid = Xid.branch(gtrid, b.index)
+        prepare = [ordered[i] for i in plan.prepare]
+        participants = ",".join(b.xid.bqual for b in prepare if b.xid)
+        # With nothing to prepare (best effort over unpreparable shards only) there is no
+        # in-doubt branch for a decision row to settle.
+        need_decision = bool(prepare)
+        if need_decision:
+            self.coordinator.ensure_decision_table(decider)
+        self._crash("after_writes")
+        log.debug("2PC %s: prepare %d branch(es), decider %s", gtrid, len(prepare),
+                  decider.describe())
+
+        state = State.PREPARING
+        tasks: list[tuple[Branch, Callable[[], None]]] = []
+
+        def prepare_one(b: Branch) -> Callable[[], None]:
+            def run() -> None:
+                assert b.adapter is not None
+                b.adapter.prepare(b.dbapi, b.xid)
+                b.state = BranchState.PREPARED
+                self._crash(f"after_prepare:{b.xid.bqual if b.xid else b.index}")
+            return run
+
+        def decide() -> None:
+            assert decider.adapter is not None
+            decider.adapter.insert_decision(
+                decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(), participants)
+            )
+
+        def release_one(b: Branch) -> Callable[[], None]:
+            return lambda: self._release(b)
+
+        if need_decision:
+            tasks.append((decider, decide))
+        tasks.extend((b, prepare_one(b)) for b in prepare)
+        tasks.extend((ordered[i], release_one(ordered[i])) for i in plan.release)
+        errors = self._parallel(tasks)
+        self._discard_dead(ordered, errors)
+        failed = [ordered[i] for i in errors if i not in plan.release]
+        if failed:
+            step = next_step(state, Event.PREPARE_FAILED)
+            self._rollback_all(ordered)
+            first = errors[failed[0].index]
+            raise self._raise(step.raises, gtrid,
+                              f"prepare failed on {[b.shard_id for b in failed]}: {first}",
+                              failed_shards=[b.shard_id for b in failed]) from first
+        step = next_step(state, Event.PREPARED_ALL)
+        state = step.next_state
+        self._crash("after_all_prepared")
+
+        # Phase two: the decider's local commit is the commit point.
+        assert step.action is Action.COMMIT_DECIDER
+        self._crash("before_decision_commit")
+        try:
+            xid = decider.xid if decider.xa_started else None
+            decider.adapter.commit_one_phase(decider.dbapi, xid)
+        except Exception as e:
+            self._discard_dead(ordered, {decider.index: e})
+            if self._is_disconnect(decider, e):
+                step = next_step(state, Event.DECISION_UNKNOWN)
+                self._leave(ordered, prepare)
+                decider.state = BranchState.LEFT
+                raise self._raise(
+                    step.raises, gtrid,
+                    f"the decision commit on {decider.shard_id!r} was sent but its outcome is "
+                    f"unknown ({e}); recovery will commit or roll back every branch",
+                    pending_shards=[b.shard_id for b in prepare],
+                ) from e
+            step = next_step(state, Event.DECISION_FAILED)
+            self._rollback_all(ordered)
+            raise self._raise(step.raises, gtrid,
+                              f"the decision commit on {decider.shard_id!r} failed: {e}",
+                              failed_shards=[decider.shard_id]) from e
+        decider.state = BranchState.FINISHED
+        step = next_step(state, Event.DECISION_DURABLE)
+        state = step.next_state
+        self._crash("after_decision_commit")
+
+        def commit_one(b: Branch) -> Callable[[], None]:
+            def run() -> None:
+                assert b.adapter is not None
+                b.adapter.commit_prepared_here(b.dbapi, b.xid)
+                b.state = BranchState.FINISHED
+                self._crash(f"after_commit_prepared:{b.xid.bqual if b.xid else b.index}")
+            return run
+
+        errors = self._parallel([(b, commit_one(b)) for b in prepare])
+        self._discard_dead(ordered, errors)
+        pending = [ordered[i] for i in errors]
+        for b in pending:
+            log.warning("2PC %s: COMMIT PREPARED of %s failed (%s); recovery will finish it",
+                        gtrid, b.describe(), errors[b.index])
+        self._leave(ordered, pending)
+
+        last_errors: list[str] = []
+        if plan.last:
+            names = [ordered[i].shard_id for i in plan.last]
+            for i in plan.last:
+                b = ordered[i]
+                try:
+                    assert b.adapter is not None
+                    b.adapter.commit_one_phase(b.dbapi, b.xid if b.xa_started else None)
+                    b.state = BranchState.FINISHED
+                except Exception as e:
+                    last_errors.append(f"{b.shard_id}: {e}")
+            warn_non_atomic(
+                f"shards {names} cannot prepare and were committed one after another after "
+                f"the atomic part of transaction {gtrid}: a crash in between leaves them "
+                "inconsistent"
+            )
+        if pending:
+            step = next_step(state, Event.COMMIT_FAILED)
+            raise self._raise(
+                step.raises, gtrid,
+                f"transaction {gtrid} is committed; branches {[b.shard_id for b in pending]} "
+                "are still prepared and will be completed by recovery",
+                pending_shards=[b.shard_id for b in pending],
+            )
+        step = next_step(state, Event.COMMITTED_ALL)
+        self._crash("after_all_committed")
+        if last_errors:
+            raise TransactionError(
+                f"transaction {gtrid}: the atomic part committed but best-effort shards "
+                f"failed to commit: {last_errors}", gtrid=gtrid,
+            )
+
+    @staticmethod
+    def _raise(cls: type[TransactionError] | None, gtrid: str, message: str,
+               **fields: Any) -> TransactionError:
+        assert cls is not None
+        return cls(message, gtrid=gtrid, **fields)
+
+    def _leave(self, ordered: Sequence[Branch], left: Sequence[Branch]) -> None:
+        """Leave branches prepared for recovery without leaking them into the pool."""
+        for b in left:
+            if b.state is BranchState.FINISHED:
+                continue
+            b.state = BranchState.LEFT
+            if (b.adapter is not None and b.adapter.prepared_blocks_connection
+                    and not b.connection.invalidated):
+                # A MySQL session holding a prepared branch cannot do anything else; closing
+                # it leaves the branch to recovery (prepared XA survives the disconnect).
+                b.connection.invalidate()
+
+    def _rollback_all(self, ordered: Sequence[Branch]) -> None:
+        """Roll back every branch before the commit point (nothing is committed)."""
+
+        def undo(b: Branch) -> Callable[[], None]:
+            def run() -> None:
+                if b.adapter is None:
+                    return
+                if b.state is BranchState.PREPARED:
+                    b.adapter.rollback_prepared_here(b.dbapi, b.xid)
+                    b.state = BranchState.FINISHED
+                elif b.state is BranchState.ACTIVE and b.xa_started:
+                    b.adapter.rollback_active(b.dbapi, b.xid)
+                    b.state = BranchState.FINISHED
+            return run
+
+        errors = self._parallel([(b, undo(b)) for b in ordered])
+        self._discard_dead(ordered, errors)
+        for i, e in errors.items():
+            b = ordered[i]
+            log.warning("2PC %s: rollback of %s failed (%s); recovery will roll it back",
+                        self.gtrid, b.describe(), e)
+            self._leave(ordered, [b])
+
+    # --- SQLAlchemy's own end of the connection transaction ----------------------------
+
+    def on_connection_rollback(self, branch: Branch) -> None:
+        """Called before SQLAlchemy's ROLLBACK on a branch's connection."""
+        if branch.state is BranchState.ACTIVE and branch.xa_started and branch.adapter:
+            try:
+                branch.adapter.rollback_active(branch.dbapi, branch.xid)
+            except Exception as e:
+                log.warning("rollback of XA branch %s failed (%s); discarding the connection",
+                            branch.describe(), e)
+                branch.connection.invalidate()
+        if branch.state is not BranchState.LEFT:
+            branch.state = BranchState.FINISHED
+
+    def close(self) -> None:
+        """The root session transaction ended: forget every branch."""
+        for b in self._ordered():
+            if b.state is BranchState.ACTIVE and b.xa_started and b.adapter is not None:
+                # Not ended by commit or rollback (should not happen): do not let an XA
+                # ACTIVE connection go back to the pool.
+                self.on_connection_rollback(b)
+            b.state = BranchState.CLOSED
+            self.coordinator.forget(b)
+        self.branches.clear()

@@ -1,0 +1,120 @@
+"""Crash matrix: a child coordinator is SIGKILLed at each protocol step, then recovery runs.
+
+After recovery every transaction is all-or-nothing on every shard, nothing of ours is in
+doubt, commits the protocol had made durable are present, and pooled connections are clean.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import Engine
+
+from shardsession.coordinator import in_doubt, recover
+
+from ._2pc_child import tables
+from ._2pc_mixes import MIXES, mix_urls
+
+pytestmark = pytest.mark.crash
+
+CHILD = str(Path(__file__).with_name("_2pc_child.py"))
+ROOT = str(Path(__file__).resolve().parents[2])
+
+# step -> expected outcome after recovery (REFERENCE.md crash-point matrix)
+POINTS = {
+    "during_writes": "abort",  # S0
+    "after_writes": "abort",  # S0/S2: nothing prepared yet
+    "after_prepare": "abort",  # S2: one PREPARE done
+    "after_all_prepared": "abort",  # S3
+    "before_decision_commit": "abort",  # S3
+    "after_decision_commit": "commit",  # S5
+    "after_commit_prepared": "commit",  # S6
+    "after_all_committed": "commit",  # S8
+    "none": "commit",
+}
+
+
+def run_child(cfg: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, CHILD, json.dumps(cfg)], capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env={"PYTHONPATH": ROOT, "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.fixture(params=MIXES)
+def urls(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    u = mix_urls(request, request.param)
+    md, _ = tables(list(u))
+    for url in u.values():
+        e = create_engine(url)
+        md.drop_all(e)
+        md.create_all(e)
+        e.dispose()
+    yield u
+
+
+def rows(engines: dict[str, Engine], key: int) -> dict[str, int]:
+    _md, tbl = tables(list(engines))
+    out = {}
+    for n, e in engines.items():
+        with e.connect() as c:
+            out[n] = int(c.scalar(select(func.count()).select_from(tbl[n]).where(
+                tbl[n].c.id == key)) or 0)
+    return out
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_crash_then_recover(urls: dict[str, str], point: str) -> None:
+    proc = run_child({"urls": urls, "crash": point, "key": 1})
+    if point == "none":
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    try:
+        report = recover(engines, grace_period=0)
+        assert not report.errors, report.errors
+        assert in_doubt(engines) == []
+        got = rows(engines, 1)
+        want = 1 if POINTS[point] == "commit" else 0
+        assert got == dict.fromkeys(engines, want), (point, got, report)
+        again = recover(engines, grace_period=0)  # idempotent
+        assert again.resolved and not again.committed and not again.rolled_back
+        # pooled connections reused after the crash and recovery are clean
+        proc = run_child({"urls": urls, "crash": "none", "key": 2})
+        assert proc.returncode == 0, proc.stderr
+        assert rows(engines, 2) == dict.fromkeys(engines, 1)
+    finally:
+        for e in engines.values():
+            e.dispose()
+
+
+@pytest.mark.parametrize("first,outcome", [("after_decision_commit", "commit"),
+                                           ("after_all_prepared", "abort")])
+@pytest.mark.parametrize("rpoint", ["recovery_after_claim", "recovery_after_finish"])
+def test_crash_inside_recovery(request: pytest.FixtureRequest, first: str, outcome: str,
+                               rpoint: str) -> None:
+    u = mix_urls(request, "pg+mariadb")
+    md, _ = tables(list(u))
+    for url in u.values():
+        e = create_engine(url)
+        md.create_all(e)
+        e.dispose()
+    assert run_child({"urls": u, "crash": first, "key": 1}).returncode == -signal.SIGKILL
+    r = run_child({"urls": u, "crash": rpoint, "key": 1, "mode": "recover"})
+    assert r.returncode in (0, -signal.SIGKILL), r.stderr
+    engines = {n: create_engine(x) for n, x in u.items()}
+    report = recover(engines, grace_period=0)
+    assert not report.errors
+    assert in_doubt(engines) == []
+    want = 1 if outcome == "commit" else 0
+    assert rows(engines, 1) == dict.fromkeys(engines, want)
+    for e in engines.values():
+        e.dispose()
