@@ -341,7 +341,7 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
     engine_names: dict[Any, str] = {}
     for name, bind in session._shards.items():
         engine_names.setdefault(_engine_of(bind), name)
-    coordinator.install(session, lambda e: engine_names.get(e, repr(e)))
+    coordinator.attach(session, lambda e: engine_names.get(e, repr(e)))
     return coordinator
 
 
@@ -502,3 +502,26 @@ def _combine(results: Sequence[Result[Any]]) -> Result[Any]:
 event.listen(ShardedSession, "do_orm_execute", _execute, retval=True)
 event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
+
+
+def _on_transaction_create(session: Session, transaction: Any) -> None:
+    coordinator = getattr(session, "_coordinator", None)
+    if coordinator is not None:
+        coordinator.on_transaction_create(session, transaction)
+
+
+def _on_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    coordinator = getattr(session, "_coordinator", None)
+    if coordinator is not None:
+        coordinator.on_begin(session, transaction, connection)
+
+
+def _on_transaction_end(session: Session, transaction: Any) -> None:
+    coordinator = getattr(session, "_coordinator", None)
+    if coordinator is not None:
+        coordinator.on_transaction_end(session, transaction)
+
+
+event.listen(ShardedSession, "after_transaction_create", _on_transaction_create)
+event.listen(ShardedSession, "after_begin", _on_begin)
+event.listen(ShardedSession, "after_transaction_end", _on_transaction_end)

@@ -152,6 +152,9 @@ class TransactionCoordinator:
         self._by_transaction: weakref.WeakKeyDictionary[SessionTransaction, GlobalTransaction] = (
             weakref.WeakKeyDictionary()
         )
+        self._naming: weakref.WeakKeyDictionary[Session, Callable[[Engine], str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- shared resources ------------------------------------------------------------
 
@@ -218,45 +221,59 @@ class TransactionCoordinator:
 
     # --- session integration ---------------------------------------------------------
 
-    def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
-        """Make this session's commits atomic. Called once from ShardedSession.__init__."""
-
-        def after_transaction_create(sess: Session, transaction: SessionTransaction) -> None:
-            if transaction.parent is not None:
-                return
-            gt = GlobalTransaction(self, shard_of_engine)
-            self._by_transaction[transaction] = gt
-            _compat.wrap_root_prepare(transaction, gt.commit)
-
-        def after_begin(sess: Session, transaction: SessionTransaction,
-                        connection: Connection) -> None:
-            root = transaction
-            while root.parent is not None:
-                root = root.parent
-            gt = self._by_transaction.get(root)
-            if gt is None or _is_autocommit(connection):
-                return
-            engine = connection.engine
-            if engine in gt.branches:
-                return
-            _instrument(engine)
-            branch = gt.add_branch(connection)
-            connection.info[_BRANCH_KEY] = branch
-
-        def after_transaction_end(sess: Session, transaction: SessionTransaction) -> None:
-            if transaction.parent is not None:
-                return
-            gt = self._by_transaction.pop(transaction, None)
-            if gt is not None:
-                gt.close()
-
-        event.listen(session, "after_transaction_create", after_transaction_create)
-        event.listen(session, "after_begin", after_begin)
-        event.listen(session, "after_transaction_end", after_transaction_end)
-        # A session may already have autobegun (e.g. installed late): cover it too.
+    def attach(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
+        """Make this session's commits atomic, for a session class whose class-level
+        listeners call :meth:`on_transaction_create`, :meth:`on_begin` and
+        :meth:`on_transaction_end` (as :class:`~shardsession.ShardedSession` does: that
+        costs a session nothing at creation, unlike per-instance listeners)."""
+        self._naming[session] = shard_of_engine
+        # A session may already have autobegun (e.g. attached late): cover it too.
         current = session.get_transaction()
         if current is not None and current not in self._by_transaction:
-            after_transaction_create(session, current)
+            self.on_transaction_create(session, current)
+
+    def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
+        """Make this session's commits atomic, by listening to its events (any Session)."""
+        event.listen(session, "after_transaction_create", self.on_transaction_create)
+        event.listen(session, "after_begin", self.on_begin)
+        event.listen(session, "after_transaction_end", self.on_transaction_end)
+        self.attach(session, shard_of_engine)
+
+    def on_transaction_create(self, sess: Session, transaction: SessionTransaction) -> None:
+        """``after_transaction_create``: a root transaction gets its GlobalTransaction."""
+        if transaction.parent is not None:
+            return
+        naming = self._naming.get(sess)
+        if naming is None:
+            return
+        gt = GlobalTransaction(self, naming)
+        self._by_transaction[transaction] = gt
+        _compat.wrap_root_prepare(transaction, gt.commit)
+
+    def on_begin(
+        self, sess: Session, transaction: SessionTransaction, connection: Connection
+    ) -> None:
+        """``after_begin``: the connection just begun becomes a branch."""
+        root = transaction
+        while root.parent is not None:
+            root = root.parent
+        gt = self._by_transaction.get(root)
+        if gt is None or _is_autocommit(connection):
+            return
+        engine = connection.engine
+        if engine in gt.branches:
+            return
+        _instrument(engine)
+        branch = gt.add_branch(connection)
+        connection.info[_BRANCH_KEY] = branch
+
+    def on_transaction_end(self, sess: Session, transaction: SessionTransaction) -> None:
+        """``after_transaction_end`` of the root: its branches are forgotten."""
+        if transaction.parent is not None:
+            return
+        gt = self._by_transaction.pop(transaction, None)
+        if gt is not None:
+            gt.close()
 
     def close(self) -> None:
         """Shut the worker threads down (they are daemon-like; optional)."""
