@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = res.get("ratio")
         print(
             f"{name:28} {res['ours']:12.6f} {res.get('baseline') or 0:13.6f} "
-            f"{ratio if ratio is None else format(ratio, '7.3f'):>7}  {json.dumps(extra)}"
+            f"{'-' if ratio is None else format(ratio, '7.3f'):>7}  {json.dumps(extra)}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True))

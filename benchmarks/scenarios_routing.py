@@ -111,8 +111,19 @@ def single_shard_txn(env: BenchEnv, rounds: int) -> dict[str, Any]:
                 s.add(Item(id=next(next_id), name="x", qty=1))
         return (time.perf_counter() - t0) / n
 
-    run(ours_maker), run(plain_maker)  # warm both pools and caches
+    # Reference: SQLAlchemy's own sharded session on the same two engines, with choosers
+    # that route exactly as the placement does (the cost of do_orm_execute-based routing).
+    sa_maker = sessionmaker(
+        class_=SAShardedSession,
+        shards=engines,
+        shard_chooser=lambda m, inst, clause=None: hasher_of(placement, inst.id),
+        identity_chooser=lambda m, pk, **kw: [hasher_of(placement, pk[0])],
+        execute_chooser=lambda ctx: [home],
+    )
+    run(ours_maker), run(plain_maker), run(sa_maker)  # warm pools and caches
     res: dict[str, Any] = median_pair(lambda: run(ours_maker), lambda: run(plain_maker), rounds)
+    ref = median_pair(lambda: run(sa_maker), lambda: run(plain_maker), rounds)
+    res["horizontal_shard_ratio"] = round(ref["ratio"], 3)
     res["per"] = "transaction"
     for e in engines.values():
         e.dispose()

@@ -17,6 +17,7 @@ __all__ = [
     "explicit_shard_of",
     "identity_token_of",
     "set_identity_token",
+    "skip_connection_commit",
     "wrap_root_prepare",
 ]
 
@@ -80,7 +81,7 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
 # --- commit protocol hook (used by shardsession.coordinator) -------------------------------
 
 
-def wrap_root_prepare(transaction: Any, hook: Callable[[], None]) -> None:
+def wrap_root_prepare(transaction: Any, hook: Callable[[], BaseException | None]) -> None:
     """Run ``hook`` where SQLAlchemy's own two-phase commit prepares its connections.
 
     ``transaction`` is a root ``SessionTransaction``. Its ``_prepare_impl`` (private) is
@@ -93,17 +94,26 @@ def wrap_root_prepare(transaction: Any, hook: Callable[[], None]) -> None:
     exactly as SQLAlchemy's twophase failure path does inside ``_prepare_impl``: the
     rollback runs under ``_expect_state(CLOSED)`` with ``_next_state`` (private
     state-machine helpers of ``SessionTransaction``; checked on 2.0.30 and 2.1.9).
+
+    If ``hook`` *returns* an exception, the data is committed but the caller must still
+    hear about it: SQLAlchemy finishes its commit (bookkeeping, ``after_commit``, expiry,
+    close) and the exception is raised from the transaction's ``commit()`` afterwards
+    (``commit`` is wrapped on the instance too: ``Session.commit()``,
+    ``SessionTransaction.__exit__`` and a nested transaction's commit to the root all call
+    it through the instance).
     """
     from sqlalchemy.orm.session import SessionTransactionState
     from sqlalchemy.orm.state_changes import _StateChangeStates
     from sqlalchemy.util import safe_reraise
 
     original_prepare = transaction._prepare_impl
+    original_commit = transaction.commit
+    deferred: list[BaseException] = []
 
     def _prepare_impl() -> None:
         original_prepare()
         try:
-            hook()
+            late = hook()
         except BaseException:
             with safe_reraise():
                 saved = transaction._next_state
@@ -113,8 +123,32 @@ def wrap_root_prepare(transaction: Any, hook: Callable[[], None]) -> None:
                         transaction.rollback()
                 finally:
                     transaction._next_state = saved
+        if late is not None:
+            deferred.append(late)
+
+    def commit(_to_root: bool = False) -> None:
+        original_commit(_to_root=_to_root)
+        if deferred:
+            raise deferred.pop()
 
     transaction._prepare_impl = _prepare_impl
+    transaction.commit = commit
+
+
+def skip_connection_commit(transaction: Any, connection: Any) -> None:
+    """Tell a root ``SessionTransaction`` not to commit ``connection`` itself.
+
+    Used for a branch the commit protocol left prepared for recovery (its connection is
+    invalidated or holds a prepared XA branch, so SQLAlchemy's own COMMIT would fail
+    while the data is already committed). Rewrites the ``should_commit`` flag of the
+    entry in ``SessionTransaction._connections`` (private: ``{bind: (connection,
+    transaction, should_commit, autoclose)}``); the connection is still closed (and its
+    SQLAlchemy transaction ended without touching the DBAPI connection) at close time.
+    """
+    entries = transaction._connections
+    for key, (conn, trans, _should_commit, autoclose) in list(entries.items()):
+        if conn is connection:
+            entries[key] = (conn, trans, False, autoclose)
 
 
 # ---------------------------------------------------------------------------

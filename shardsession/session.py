@@ -16,6 +16,7 @@ commit that wrote to several shards goes through the coordinator
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -112,9 +113,12 @@ class ShardedSession(_SAShardedSession):
         self.fanout_max_workers = fanout_max_workers
         self.fanout_timeout = fanout_timeout
         # SQLAlchemy's ShardedSession.__init__ is not called: it registers its sequential,
-        # concatenating executor on every instance. Ours is registered once on the class
-        # (module bottom), which also keeps session creation as cheap as a plain Session's.
+        # concatenating executor on every instance. Ours is registered per instance too,
+        # where SQLAlchemy registers its own: do_orm_execute listeners of the class or of a
+        # sessionmaker then run before the routing (once per statement, and the choosers
+        # see what they did), not once per shard inside it.
         Session.__init__(self, query_cls=query_cls, **kwargs)
+        event.listen(self, "do_orm_execute", _execute, retval=True)
         self.shard_chooser = shard_chooser  # type: ignore[assignment]
         self.identity_chooser = _identity_chooser(self, identity_chooser, id_chooser)
         self.execute_chooser = _execute_chooser(execute_chooser, query_chooser)
@@ -273,6 +277,23 @@ def _engine_of(bind: Any) -> Any:
     return getattr(bind, "engine", bind)
 
 
+def _warn_deprecated(message: str, since: str) -> None:
+    """Warn as ``sqlalchemy.util.warn_deprecated`` does: attributed to the first frame
+    outside shardsession and SQLAlchemy (the program's constructor or sessionmaker call),
+    however deep the call."""
+    frame: Any = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "shardsession",
+        "sqlalchemy",
+    ):
+        frame = frame.f_back
+        level += 1
+    warning = SADeprecationWarning(message)
+    warning.deprecated_since = since  # type: ignore[attr-defined]
+    warnings.warn(warning, stacklevel=level)
+
+
 def _identity_chooser(
     session: ShardedSession,
     identity_chooser: Callable[..., Any] | None,
@@ -280,10 +301,9 @@ def _identity_chooser(
 ) -> Callable[..., Any]:
     """SQLAlchemy's rules: ``identity_chooser``, or the deprecated ``id_chooser``."""
     if id_chooser is not None:
-        warnings.warn(
+        _warn_deprecated(
             "The ``id_chooser`` parameter is deprecated; please use ``identity_chooser``.",
-            SADeprecationWarning,
-            stacklevel=4,
+            "2.0",
         )
         legacy = id_chooser
 
@@ -306,10 +326,9 @@ def _execute_chooser(
 ) -> Callable[[ORMExecuteState], Iterable[Any]]:
     """SQLAlchemy's rules: ``execute_chooser``, or the deprecated ``query_chooser``."""
     if query_chooser is not None:
-        warnings.warn(
+        _warn_deprecated(
             "The ``query_chooser`` parameter is deprecated; please use ``execute_chooser``.",
-            SADeprecationWarning,
-            stacklevel=4,
+            "1.4",
         )
         if execute_chooser is not None:
             raise ArgumentError("Can't pass query_chooser and execute_chooser at the same time.")
@@ -499,7 +518,6 @@ def _combine(results: Sequence[Result[Any]]) -> Result[Any]:
 
 # Class-level listeners: registered once, they apply to every ShardedSession (and subclass)
 # instance without the per-instance registration cost.
-event.listen(ShardedSession, "do_orm_execute", _execute, retval=True)
 event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
 

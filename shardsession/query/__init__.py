@@ -1,0 +1,181 @@
+"""Cross-shard queries that return what one database holding all rows would return.
+
+:func:`execute_on_shards` is called by :class:`shardsession.ShardedSession` for every
+statement that targets more than one shard.  It runs the statement on the shards in
+parallel and merges the results exactly (ORDER BY, LIMIT/OFFSET, COUNT/SUM/MIN/MAX/AVG,
+GROUP BY, HAVING, DISTINCT), or raises :class:`~shardsession.exc.UnsupportedQueryError`
+naming the construct it cannot merge.  docs/queries.md has the support matrix.
+
+Per-statement execution options (``stmt.execution_options(...)`` or
+``session.execute(..., execution_options=...)``):
+
+``shardsession_merge`` (bool)
+    ``False`` returns SQLAlchemy's ``horizontal_shard`` behaviour: the shards' results
+    concatenated, unmerged (still fetched in parallel).
+``shardsession_timeout`` (float, seconds)
+    deadline of the fan-out; :class:`~shardsession.exc.FanoutTimeoutError` when passed.
+``shardsession_max_workers`` (int)
+    how many shards are queried at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import ORMExecuteState
+from sqlalchemy.sql import Select
+
+from .. import _compat
+from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
+from ._checks import CheckContext, QueryPlacement, check_select
+from ._fanout import ShardCall, run_on_shards
+from ._merge import merge_aggregate, merge_rows
+from ._paginate import Page, paginate
+from ._plan import AggregatePlan, plan_select
+
+__all__ = [
+    "MAX_WORKERS_OPTION",
+    "MERGE_OPTION",
+    "TIMEOUT_OPTION",
+    "FanoutOptions",
+    "Page",
+    "QueryPlacement",
+    "execute_on_shards",
+    "paginate",
+]
+
+log = logging.getLogger(__name__)
+
+MERGE_OPTION = "shardsession_merge"
+TIMEOUT_OPTION = "shardsession_timeout"
+MAX_WORKERS_OPTION = "shardsession_max_workers"
+#: internal: per-shard bound parameters (used by :func:`paginate`)
+SHARD_PARAMS_OPTION = "shardsession_shard_params"
+
+
+@dataclass(frozen=True)
+class FanoutOptions:
+    """Session-wide defaults of a fan-out; execution options override them per statement.
+
+    :param max_workers: bound on shards queried at once (``None``: all).
+    :param timeout: per-query deadline in seconds (``None``: none).
+    :param merge: ``False`` gives SQLAlchemy's unmerged concatenation.
+    :param placement: answers whether tables are replicated and whether joined tables
+        are co-located; ``None`` accepts joins as evaluated on each shard.
+    """
+
+    max_workers: int | None = None
+    timeout: float | None = None
+    merge: bool = True
+    placement: QueryPlacement | None = None
+
+
+def _resolve(options: FanoutOptions, execution_options: Any) -> FanoutOptions:
+    merge = execution_options.get(MERGE_OPTION, options.merge)
+    timeout = execution_options.get(TIMEOUT_OPTION, options.timeout)
+    max_workers = execution_options.get(MAX_WORKERS_OPTION, options.max_workers)
+    if not isinstance(merge, bool):
+        raise ConfigurationError(f"{MERGE_OPTION} must be True or False, not {merge!r}")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ConfigurationError(f"{TIMEOUT_OPTION} must be a positive number, not {timeout!r}")
+    if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
+        raise ConfigurationError(f"{MAX_WORKERS_OPTION} must be an int >= 1")
+    return replace(options, merge=merge, timeout=timeout, max_workers=max_workers)
+
+
+def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
+    bind = orm_context.session.get_bind(shard_id=shard_id)
+    return str(bind.dialect.name)
+
+
+def _concatenate(results: Sequence[tuple[Any, Result[Any]]]) -> Result[Any]:
+    # Exactly horizontal_shard's answer: Result.merge (CursorResult.merge sums rowcount).
+    first = results[0][1]
+    return first.merge(*[r for _, r in results[1:]])
+
+
+def execute_on_shards(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], options: FanoutOptions
+) -> Result[Any]:
+    """Run ``orm_context``'s statement on each shard and return one Result.
+
+    SELECTs are merged as one database holding all rows would answer them; UPDATE and
+    DELETE run on every shard and the result's ``rowcount`` is the sum.
+
+    Failure semantics: an :class:`~shardsession.exc.UnsupportedQueryError` is raised
+    before any shard is asked (or, for an ORDER BY the database collates differently
+    from Python, while the rows are read; nothing was changed).  A driver error on one
+    shard is re-raised unchanged after the other shards' statements finished; their
+    results are discarded; for UPDATE/DELETE the other shards' changes stay in the
+    session's open transaction (roll back to undo them).  A deadline raises
+    :class:`~shardsession.exc.FanoutTimeoutError`; roll the session back afterwards.
+    """
+    shard_ids = list(dict.fromkeys(shard_ids))
+    if not shard_ids:
+        raise NoShardChosenError("no shard to run the statement on", shard_id=None)
+    opts = _resolve(options, orm_context.execution_options)
+    shard_params = orm_context.execution_options.get(SHARD_PARAMS_OPTION)
+    statement = orm_context.statement
+    call = ShardCall(
+        statement=statement,
+        max_workers=opts.max_workers,
+        timeout=opts.timeout,
+        shard_params=shard_params,
+    )
+
+    if orm_context.is_insert:
+        if len(shard_ids) > 1:
+            raise UnsupportedQueryError(
+                "an INSERT sent to several shards would store each row several times",
+                construct="INSERT",
+            )
+        return _concatenate(run_on_shards(orm_context, shard_ids, call))
+
+    if orm_context.is_update or orm_context.is_delete:
+        sync = orm_context.execution_options.get("synchronize_session", "auto")
+        # synchronize_session updates objects in the identity map per shard: keep that
+        # in the calling thread.
+        parallel = (not orm_context.is_orm_statement) or sync is False
+        return _concatenate(
+            run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel))
+        )
+
+    if not opts.merge:
+        return _concatenate(run_on_shards(orm_context, shard_ids, call))
+
+    if not isinstance(statement, Select):
+        construct = "UNION/INTERSECT/EXCEPT" if orm_context.is_select else "statement"
+        if orm_context.is_from_statement or not orm_context.is_select:
+            construct = "text()/from_statement()"
+        raise UnsupportedQueryError(
+            f"{type(statement).__name__} cannot be merged across shards; pass "
+            f"execution_options({MERGE_OPTION}=False) for SQLAlchemy's concatenation",
+            construct=construct,
+        )
+
+    # Canonical shard order for ORDER BY: ties of the merge come out in this order, which
+    # keeps keyset pagination stable whatever order the chooser returned.  Without ORDER BY
+    # keep the chooser's order: rows (and load events) come out as horizontal_shard's do.
+    if _compat.select_parts(statement).order_by:
+        shard_ids = sorted(shard_ids, key=str)
+    sharded_tables = check_select(statement, CheckContext(opts.placement))
+    if not sharded_tables:
+        # Only replicated tables (or none): every shard has the same answer.
+        log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
+        return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
+
+    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    plan = plan_select(
+        statement,
+        dialects=dialects,
+        is_orm=orm_context.is_orm_statement,
+        wants_tuples=_compat.wants_tuples(orm_context),
+    )
+    results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
+    if isinstance(plan, AggregatePlan):
+        return merge_aggregate(plan, results, avg_dialect=dialects[0])
+    return merge_rows(plan, results)

@@ -1,0 +1,383 @@
+"""Refuse what cannot be answered exactly across shards, naming the construct.
+
+The rule behind every check: a statement is run unchanged (apart from the rewrites of
+:mod:`._plan`) on each shard, so anything whose value depends on rows of *other* shards
+would be computed from one shard's rows only. Window functions, uncorrelated subqueries
+with aggregates or LIMIT, derived tables that aggregate, set operations... all of those
+raise :class:`~shardsession.exc.UnsupportedQueryError`.
+
+Joins and correlated subqueries are evaluated on each shard; that is exact only when the
+related rows live on the same shard (as SQLAlchemy's ``horizontal_shard`` also assumes).
+A :class:`QueryPlacement` (normally the session's placement) answers that question; with
+none, joins are accepted (documented in docs/queries.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import (
+    ClauseElement,
+    ColumnClause,
+    FunctionFilter,
+    Label,
+    Over,
+    TextClause,
+    UnaryExpression,
+    WithinGroup,
+)
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.schema import Table
+from sqlalchemy.sql.selectable import (
+    CTE,
+    Alias,
+    CompoundSelect,
+    FromClause,
+    Join,
+    Lateral,
+    Select,
+    SelectBase,
+    Subquery,
+    TableClause,
+    TextualSelect,
+)
+from sqlalchemy.sql.util import find_tables
+from sqlalchemy.sql.visitors import iterate
+
+from .. import _compat
+from ..exc import UnsupportedQueryError
+
+__all__ = [
+    "MERGEABLE_AGGREGATES",
+    "CheckContext",
+    "QueryPlacement",
+    "aggregate_kind",
+    "contains_aggregate",
+    "unwrap_label",
+]
+
+#: aggregates whose per-shard partials combine exactly
+MERGEABLE_AGGREGATES = frozenset({"count", "sum", "min", "max", "avg"})
+
+#: aggregate (and grouping) functions of the supported backends that do not combine;
+#: any of these refuses the statement.  Functions not listed are taken as scalar.
+OTHER_AGGREGATES = frozenset(
+    {
+        "array_agg", "string_agg", "group_concat", "json_agg", "jsonb_agg",
+        "json_object_agg", "jsonb_object_agg", "json_arrayagg", "json_objectagg",
+        "json_group_array", "json_group_object", "xmlagg", "listagg", "bool_and",
+        "bool_or", "every", "bit_and", "bit_or", "bit_xor", "stddev", "stddev_pop",
+        "stddev_samp", "std", "variance", "var_pop", "var_samp", "covar_pop",
+        "covar_samp", "corr", "regr_slope", "regr_intercept", "regr_count", "regr_r2",
+        "regr_avgx", "regr_avgy", "regr_sxx", "regr_syy", "regr_sxy", "mode",
+        "median", "percentile_cont", "percentile_disc", "rank", "dense_rank",
+        "percent_rank", "cume_dist", "total", "any_value", "count_big",
+        "approx_count_distinct", "grouping", "rollup", "cube", "grouping_sets",
+        "range_agg", "range_intersect_agg",
+    }
+)  # fmt: skip
+
+# Textual SQL is opaque; refuse fragments that could hide a cross-row computation.
+_SUSPICIOUS_TEXT = re.compile(
+    r"\b(select|over|"
+    + "|".join(sorted(MERGEABLE_AGGREGATES | OTHER_AGGREGATES))
+    + r")\b\s*\(?",
+    re.IGNORECASE,
+)
+
+
+@runtime_checkable
+class QueryPlacement(Protocol):
+    """What the query engine asks the placement about tables (a hook for the session).
+
+    Implementations must be cheap and side-effect free; they run on every fan-out.
+    """
+
+    def is_replicated(self, table: FromClause) -> bool:
+        """Whether every shard holds all rows of ``table`` (a broadcast table)."""
+        ...
+
+    def colocated(self, tables: Sequence[FromClause]) -> bool:
+        """Whether rows of ``tables`` that a join or correlation relates are always on
+        the same shard (e.g. children placed with their parent)."""
+        ...
+
+
+@dataclass
+class CheckContext:
+    """State of one statement's checks."""
+
+    placement: QueryPlacement | None
+    #: sharded tables of the outer statement (for joins and correlation)
+    outer_tables: list[FromClause] = field(default_factory=list)
+
+
+def unwrap_label(expr: Any) -> Any:
+    """Return the expression under any number of labels."""
+    while isinstance(expr, Label):
+        expr = expr.element
+    return expr
+
+
+def _function_name(expr: Any) -> str | None:
+    if isinstance(expr, FunctionElement):
+        return str(getattr(expr, "name", "")).lower() or None
+    return None
+
+
+def aggregate_kind(expr: Any) -> str | None:
+    """``"count"``, ``"sum"``, ... when ``expr`` (under labels) is a mergeable aggregate.
+
+    :raises UnsupportedQueryError: for DISTINCT inside SUM/AVG/COUNT.
+    """
+    expr = unwrap_label(expr)
+    name = _function_name(expr)
+    if name not in MERGEABLE_AGGREGATES:
+        return None
+    for arg in expr.clauses.clauses:  # type: ignore[union-attr]
+        if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
+            if name in ("min", "max"):
+                continue  # MIN/MAX of distinct values is the same MIN/MAX
+            raise UnsupportedQueryError(
+                f"{name.upper()}(DISTINCT ...) cannot be merged across shards "
+                "(a value may occur on several shards)",
+                construct=f"{name.upper()}(DISTINCT)",
+            )
+    return name
+
+
+def _walk(expr: ClauseElement) -> Iterator[ClauseElement]:
+    """Yield ``expr`` and its sub-expressions, stopping at subqueries (yielded, not
+    entered)."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, SelectBase | FromClause):
+            continue
+        stack.extend(node.get_children())
+
+
+def contains_aggregate(expr: ClauseElement) -> bool:
+    """Whether ``expr`` has an aggregate function outside of subqueries."""
+    for node in _walk(expr):
+        name = _function_name(node)
+        if name in MERGEABLE_AGGREGATES or name in OTHER_AGGREGATES:
+            return True
+        if isinstance(node, WithinGroup | FunctionFilter):
+            return True
+    return False
+
+
+def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
+    """Refuse window functions, non-mergeable aggregates, suspicious text and
+    cross-shard subqueries anywhere in ``expr``."""
+    for node in _walk(expr):
+        if isinstance(node, Over):
+            raise UnsupportedQueryError(
+                "window functions (OVER) see only one shard's rows", construct="OVER"
+            )
+        if isinstance(node, WithinGroup):
+            raise UnsupportedQueryError(
+                "ordered-set aggregates (WITHIN GROUP) cannot be merged",
+                construct="WITHIN GROUP",
+            )
+        if isinstance(node, FunctionFilter):
+            raise UnsupportedQueryError(
+                "aggregate FILTER (WHERE ...) is not merged", construct="FILTER"
+            )
+        name = _function_name(node)
+        if name in OTHER_AGGREGATES:
+            raise UnsupportedQueryError(
+                f"{name}() cannot be merged across shards", construct=f"{name}()"
+            )
+        if isinstance(node, TextClause) and _SUSPICIOUS_TEXT.search(node.text):
+            raise UnsupportedQueryError(
+                "textual SQL containing a subquery, window or aggregate cannot be "
+                "checked for cross-shard correctness",
+                construct="text()",
+            )
+        if isinstance(node, SelectBase):
+            check_subquery(node, ctx)
+
+
+def _is_global(sel: Select[Any]) -> str | None:
+    """Name the construct that makes ``sel``'s result depend on all of a table's rows."""
+    parts = _compat.select_parts(sel)
+    if parts.group_by:
+        return "GROUP BY"
+    if parts.having:
+        return "HAVING"
+    if parts.distinct or parts.distinct_on:
+        return "DISTINCT"
+    if (
+        parts.limit_clause is not None
+        or parts.offset_clause is not None
+        or parts.fetch_clause is not None
+    ):
+        return "LIMIT/OFFSET"
+    for col in parts.raw_columns:
+        if isinstance(col, ClauseElement) and contains_aggregate(col):
+            return "aggregate"
+    for col in parts.order_by:
+        if contains_aggregate(col):
+            return "aggregate"
+    return None
+
+
+def _tables_in(clause: ClauseElement) -> list[FromClause]:
+    return list(find_tables(clause, check_columns=True, include_aliases=True))
+
+
+def _sharded(tables: Sequence[FromClause], ctx: CheckContext) -> list[FromClause]:
+    out: list[FromClause] = []
+    for t in tables:
+        base = t.element if isinstance(t, Alias) and isinstance(t.element, TableClause) else t
+        if not isinstance(base, TableClause):
+            continue
+        if ctx.placement is not None and ctx.placement.is_replicated(base):
+            continue
+        out.append(base)
+    return out
+
+
+def _check_colocated(tables: Sequence[FromClause], ctx: CheckContext, what: str) -> None:
+    if len(tables) < 2 or ctx.placement is None:
+        return
+    if not ctx.placement.colocated(tables):
+        names = ", ".join(sorted({getattr(t, "name", repr(t)) for t in tables}))
+        raise UnsupportedQueryError(
+            f"{what} over tables whose related rows may be on different shards ({names})",
+            construct=what,
+        )
+
+
+def check_subquery(sel: SelectBase, ctx: CheckContext) -> None:
+    """A subquery inside an expression (scalar, IN, EXISTS)."""
+    if isinstance(sel, CompoundSelect):
+        raise UnsupportedQueryError(
+            "set operations (UNION, ...) are not merged", construct="UNION/INTERSECT/EXCEPT"
+        )
+    if not isinstance(sel, Select):
+        raise UnsupportedQueryError("textual subqueries cannot be checked", construct="text()")
+    inner = _tables_in(sel)
+    outer_ids = {id(t) for t in ctx.outer_tables}
+    # Correlated: a column of the enclosing statement's FROM objects is used inside
+    # (compared by object: an aliased table is a different FROM).
+    referenced = {
+        id(node.table)
+        for node in iterate(sel)
+        if isinstance(node, ColumnClause) and getattr(node, "table", None) is not None
+    }
+    # SQLAlchemy only auto-correlates when the subquery keeps a FROM of its own;
+    # ``select(avg(t.c.x))`` inside a select from ``t`` is the global average.
+    own_froms = _compat.final_froms_without_eager_joins(sel)
+    correlated = (
+        bool(referenced & outer_ids)
+        and _compat.auto_correlates(sel)
+        and any(id(f) not in outer_ids for f in own_froms)
+    )
+    inner_sharded = _sharded(inner, ctx)
+    global_construct = _is_global(sel)
+    if global_construct is not None and not correlated and inner_sharded:
+        raise UnsupportedQueryError(
+            f"an uncorrelated subquery with {global_construct} would be computed from "
+            "each shard's rows only",
+            construct=f"subquery with {global_construct}",
+        )
+    sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded)
+    _check_select_body(sel, sub_ctx, top_level=False)
+    _check_colocated(_sharded(ctx.outer_tables, ctx) + inner_sharded, ctx, "subquery")
+
+
+def _check_from(frm: FromClause, ctx: CheckContext, tables: list[FromClause]) -> None:
+    if isinstance(frm, Lateral):
+        raise UnsupportedQueryError("LATERAL is not merged", construct="LATERAL")
+    # An alias of an alias (Query.count() makes one) is the inner FROM renamed.
+    while isinstance(frm, Alias | Subquery) and isinstance(frm.element, Alias | Subquery):
+        frm = frm.element
+    if isinstance(frm, Join):
+        _check_from(frm.left, ctx, tables)
+        _check_from(frm.right, ctx, tables)
+        if frm.onclause is not None:
+            check_expression(frm.onclause, ctx)
+        return
+    if isinstance(frm, Lateral):
+        raise UnsupportedQueryError("LATERAL is not merged", construct="LATERAL")
+    if isinstance(frm, CTE) and getattr(frm, "recursive", False):
+        raise UnsupportedQueryError("recursive CTEs are not merged", construct="WITH RECURSIVE")
+    if isinstance(frm, Subquery | CTE | Alias) and isinstance(frm.element, SelectBase):
+        inner = frm.element
+        if isinstance(inner, CompoundSelect):
+            raise UnsupportedQueryError(
+                "set operations (UNION, ...) are not merged",
+                construct="UNION/INTERSECT/EXCEPT",
+            )
+        if isinstance(inner, TextualSelect) or not isinstance(inner, Select):
+            raise UnsupportedQueryError(
+                "textual subqueries cannot be checked", construct="text()"
+            )
+        construct = _is_global(inner)
+        if construct is not None:
+            inner_tables = _sharded(_tables_in(inner), ctx)
+            if inner_tables:
+                raise UnsupportedQueryError(
+                    f"a derived table (subquery in FROM) with {construct} would be "
+                    "computed from each shard's rows only",
+                    construct=f"FROM subquery with {construct}",
+                )
+        _check_select_body(inner, ctx, top_level=False, collect=tables)
+        return
+    if isinstance(frm, Alias) and isinstance(frm.element, TableClause):
+        tables.append(frm)
+        return
+    if isinstance(frm, TableClause | Table):
+        tables.append(frm)
+        return
+    if _tables_in(frm):
+        raise UnsupportedQueryError(
+            f"FROM element {type(frm).__name__} is not understood by the merge",
+            construct=type(frm).__name__,
+        )
+    # Table-valued functions, VALUES ...: the same on every shard, nothing to check.
+
+
+def _check_select_body(
+    sel: Select[Any],
+    ctx: CheckContext,
+    *,
+    top_level: bool,
+    collect: list[FromClause] | None = None,
+) -> list[FromClause]:
+    tables: list[FromClause] = [] if collect is None else collect
+    for frm in _compat.final_froms_without_eager_joins(sel):
+        _check_from(frm, ctx, tables)
+    for cte in _compat.select_parts(sel).ctes:
+        _check_from(cte, ctx, tables)
+    if top_level:
+        ctx.outer_tables = list(tables)
+    parts = _compat.select_parts(sel)
+    exprs: list[Any] = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
+    exprs += list(parts.where) + list(parts.having) + list(parts.order_by)
+    exprs += list(parts.group_by)
+    for expr in exprs:
+        if isinstance(expr, FromClause):
+            continue  # a table or entity selected whole
+        check_expression(expr, ctx)
+    return tables
+
+
+def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
+    """Check a top-level SELECT; return its sharded tables (empty: only replicated or no
+    tables, so one shard answers it).
+
+    :raises UnsupportedQueryError: naming the first construct that cannot be merged.
+    """
+    tables = _check_select_body(sel, ctx, top_level=True)
+    sharded = _sharded(tables, ctx)
+    _check_colocated(sharded, ctx, "JOIN")
+    return sharded

@@ -1,0 +1,143 @@
+"""Pure ordering logic: sort keys, NULL placement per dialect, the verified k-way merge.
+
+Nothing here touches SQLAlchemy; rows are plain tuples of already-processed values.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..exc import UnsupportedQueryError
+
+__all__ = [
+    "NULLS_HIGH_DIALECTS",
+    "SortKey",
+    "compare_rows",
+    "default_nulls_first",
+    "merge_sorted",
+    "nulls_high",
+    "sort_rows",
+]
+
+#: Dialects that treat NULL as larger than every value (NULLS LAST for ASC, FIRST for DESC).
+#: Every other dialect SQLAlchemy ships (SQLite, MySQL/MariaDB, SQL Server) sorts NULL
+#: as the smallest value.
+NULLS_HIGH_DIALECTS = frozenset({"postgresql", "oracle"})
+
+
+def nulls_high(dialect_name: str) -> bool:
+    """Whether ``dialect_name`` sorts NULL above every value by default."""
+    return dialect_name in NULLS_HIGH_DIALECTS
+
+
+def default_nulls_first(descending: bool, dialect_names: Sequence[str]) -> tuple[bool, bool]:
+    """Where NULLs go for a key without NULLS FIRST/LAST, and whether shards disagree.
+
+    Returns ``(nulls_first, mixed)``. When every shard's dialect agrees, that dialect's
+    placement is used (so the merge reproduces what one such database returns). When
+    they disagree (``mixed``), the documented rule is *NULL sorts as the smallest value*
+    (SQLite, MySQL/MariaDB and SQL Server behaviour) and the caller must make each shard
+    order that way explicitly.
+    """
+    highs = {nulls_high(d) for d in dialect_names}
+    mixed = len(highs) > 1
+    high = (not mixed) and highs == {True}
+    # NULL high: ASC puts it last, DESC first.  NULL low: the reverse.
+    return (descending if high else not descending), mixed
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One ORDER BY key: which column of the row, its direction, where NULLs go.
+
+    ``nulls_first`` is the absolute position of NULLs in the output, already resolved
+    from NULLS FIRST/LAST or the dialect default.
+    """
+
+    index: int
+    descending: bool = False
+    nulls_first: bool = False
+
+
+def compare_rows(keys: Sequence[SortKey], a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Three-way comparison of two rows under ``keys`` (negative: ``a`` sorts first).
+
+    Values are compared with Python's operators: numbers numerically, strings by code
+    point (the "C"/binary collation), dates chronologically.
+    """
+    for key in keys:
+        x = a[key.index]
+        y = b[key.index]
+        if x is None or y is None:
+            if x is None and y is None:
+                continue
+            # x is NULL and y not: x first iff NULLs go first.
+            if x is None:
+                return -1 if key.nulls_first else 1
+            return 1 if key.nulls_first else -1
+        if x == y:
+            continue
+        try:
+            less = x < y
+        except TypeError as err:
+            raise UnsupportedQueryError(
+                f"cannot order values of types {type(x).__name__} and {type(y).__name__} "
+                "returned by different shards",
+                construct="ORDER BY",
+            ) from err
+        if key.descending:
+            less = not less
+        return -1 if less else 1
+    return 0
+
+
+def _verified(
+    rows: Iterable[Sequence[Any]],
+    compare: Callable[[Sequence[Any], Sequence[Any]], int],
+    shard_id: Any,
+) -> Iterator[Sequence[Any]]:
+    # A shard's rows must already be in the merge order.  If they are not, the database
+    # orders differently from Python (a collation that is not code point order, NULL
+    # placement) and a merge would be silently wrong: refuse instead.
+    previous: Sequence[Any] | None = None
+    for row in rows:
+        if previous is not None and compare(previous, row) > 0:
+            raise UnsupportedQueryError(
+                f"shard {shard_id!r} returned rows in an order the merge cannot reproduce "
+                "(a string collation other than binary/code point order, or a NULL "
+                "placement that differs from the documented rule)",
+                construct="ORDER BY",
+                shard_id=shard_id,
+            )
+        previous = row
+        yield row
+
+
+def merge_sorted(
+    streams: Sequence[tuple[Any, Iterable[Sequence[Any]]]],
+    keys: Sequence[SortKey],
+) -> Iterator[Sequence[Any]]:
+    """Lazily k-way merge per-shard sorted row streams into one sorted stream.
+
+    ``streams`` is ``[(shard_id, rows), ...]`` in a stable shard order; rows with equal
+    keys come out in that shard order (``heapq.merge`` is stable), which keyset
+    pagination relies on. Memory: one row per stream plus what each stream buffers.
+
+    :raises UnsupportedQueryError: a stream is not sorted under ``keys`` (detected when
+        the offending row is reached).
+    """
+    compare = functools.partial(compare_rows, keys)
+    sort_key = functools.cmp_to_key(compare)
+    verified = [_verified(rows, compare, shard_id) for shard_id, rows in streams]
+    if len(verified) == 1:
+        return verified[0]
+    return heapq.merge(*verified, key=sort_key)
+
+
+def sort_rows(rows: list[Sequence[Any]], keys: Sequence[SortKey]) -> None:
+    """Sort ``rows`` in place under ``keys`` (stable)."""
+    rows.sort(key=functools.cmp_to_key(functools.partial(compare_rows, keys)))
