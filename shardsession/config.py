@@ -161,10 +161,8 @@ class Cluster:
     def coordinator(self) -> Any:
         """The cluster's shared transaction coordinator (created on first use)."""
         if self._coordinator is None:
-            try:  # TEMPORARY until the coordinator lands
-                from .coordinator import TransactionCoordinator
-            except ImportError:
-                return None
+            from .coordinator import TransactionCoordinator
+
             self._coordinator = TransactionCoordinator(atomic=self.atomic, decider=self.decider)
         return self._coordinator
 

@@ -14,6 +14,7 @@ Driver errors raised by work on a single shard pass through unchanged (they are 
     +-- QueryError                    (shard_id) a cross-shard read or write
     |   +-- UnsupportedQueryError     (construct) cannot be merged exactly; never a wrong answer
     |   +-- FanoutTimeoutError        (pending_shards) the per-query deadline passed
+    |   +-- PageTokenError            a pagination token is malformed, altered or foreign
     +-- TransactionError              (gtrid) a unit of work over several shards
     |   +-- AtomicityUnavailableError the commit cannot be atomic and atomic="require"
     |   +-- CapabilityError           (shard_id) a shard cannot do what is asked (e.g. PREPARE)
@@ -42,6 +43,7 @@ __all__ = [
     "NoShardChosenError",
     "NonAtomicCommitWarning",
     "OutcomeUnknown",
+    "PageTokenError",
     "PrepareFailed",
     "QueryError",
     "RecoveryError",
@@ -139,6 +141,10 @@ class FanoutTimeoutError(QueryError):
     _fields: tuple[str, ...] = ("shard_id", "pending_shards", "timeout")
     pending_shards: Sequence[Any]
     timeout: float | None
+
+
+class PageTokenError(QueryError, ValueError):
+    """A page token is malformed, was altered, or belongs to another query."""
 
 
 class TransactionError(ShardSessionError):

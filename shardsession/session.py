@@ -40,6 +40,7 @@ from .exc import (
     UnknownShardError,
     UnsupportedQueryError,
 )
+from .query import FanoutOptions, execute_on_shards
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
@@ -415,12 +416,11 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any]:
         raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
     if len(shard_ids) == 1:
         return _invoke_one(orm_context, shard_ids[0])
-    try:  # TEMPORARY until the query engine lands
-        from .query import FanoutOptions, execute_on_shards
-    except ImportError:
-        parts = [_invoke_one(orm_context, s) for s in shard_ids]
-        return parts[0].merge(*parts[1:])
-    options = FanoutOptions(max_workers=session.fanout_max_workers, timeout=session.fanout_timeout)
+    options = FanoutOptions(
+        max_workers=session.fanout_max_workers,
+        timeout=session.fanout_timeout,
+        placement=session.placement,
+    )
     return execute_on_shards(orm_context, shard_ids, options)
 
 

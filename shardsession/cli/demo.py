@@ -12,6 +12,7 @@ from sqlalchemy import ForeignKey, Integer, String, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from ..config import Cluster
+from ..coordinator.local import local_sqlite_cluster
 from ..routing import Broadcast, Follows, HashSharding, Placement
 
 __all__ = ["add_arguments", "run_demo"]
@@ -69,15 +70,10 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def _local_cluster(folder: Path) -> Cluster:
-    local_sqlite_cluster: Any
-    try:
-        from ..coordinator.local import local_sqlite_cluster
-    except ImportError:
-        local_sqlite_cluster = None
-    if local_sqlite_cluster is not None:
-        cluster: Cluster = local_sqlite_cluster(folder, SHARDS)
-        return cluster
-    return Cluster({s: f"sqlite:///{folder / (s + '.db')}" for s in SHARDS}, atomic="best_effort")
+    # The embedded default: SQLite files attached to one connection, so a commit over
+    # several shards is one atomic SQLite commit (see shardsession.coordinator.local).
+    cluster: Cluster = local_sqlite_cluster(folder, SHARDS)
+    return cluster
 
 
 def run_demo(folder: Path, out: Any = print) -> int:

@@ -21,6 +21,7 @@ Per-statement execution options (``stmt.execution_options(...)`` or
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import TextClause
 
 from .. import _compat
 from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
@@ -55,6 +57,16 @@ TIMEOUT_OPTION = "shardsession_timeout"
 MAX_WORKERS_OPTION = "shardsession_max_workers"
 #: internal: per-shard bound parameters (used by :func:`paginate`)
 SHARD_PARAMS_OPTION = "shardsession_shard_params"
+
+
+# Words in textual SQL whose answer over several shards is not the concatenation of the
+# shards' answers; finding one refuses the statement (a false alarm refuses, never lies).
+_UNMERGEABLE_TEXT = re.compile(
+    r"\b(order\s+by|limit|offset|fetch|top|group\s+by|having|distinct|union|intersect|except"
+    r"|over|window|count|sum|min|max|avg|total|group_concat|string_agg|array_agg|every|"
+    r"bool_and|bool_or|bit_and|bit_or|stddev\w*|variance|var_pop|var_samp|percentile\w*)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -140,12 +152,24 @@ def execute_on_shards(
         # synchronize_session updates objects in the identity map per shard: keep that
         # in the calling thread.
         parallel = (not orm_context.is_orm_statement) or sync is False
-        return _concatenate(
-            run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel))
-        )
+        return _concatenate(run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel)))
 
     if not opts.merge:
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
+
+    if isinstance(statement, TextClause):
+        found = _UNMERGEABLE_TEXT.search(statement.text)
+        if found is None:
+            # Plain textual SQL (a filter-only SELECT, or a write the chooser sends to
+            # every shard): each shard's answer is part of the whole, as horizontal_shard
+            # concatenates them.
+            return _concatenate(run_on_shards(orm_context, shard_ids, call))
+        raise UnsupportedQueryError(
+            f"textual SQL with {found.group(1).upper()!r} cannot be merged across shards: "
+            f"write it with select(), or pass execution_options({MERGE_OPTION}=False) for "
+            "SQLAlchemy's concatenation",
+            construct="text()",
+        )
 
     if not isinstance(statement, Select):
         construct = "UNION/INTERSECT/EXCEPT" if orm_context.is_select else "statement"

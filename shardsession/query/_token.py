@@ -22,17 +22,13 @@ import json
 import uuid
 from typing import Any
 
-from ..exc import QueryError
+from ..exc import PageTokenError
 
 __all__ = ["PageTokenError", "decode_token", "encode_token"]
 
 _VERSION = 1
 _DEFAULT_KEY = b"shardsession page token v1"
 _MAC_BYTES = 16
-
-
-class PageTokenError(QueryError, ValueError):
-    """A page token is malformed, was altered, or belongs to another query."""
 
 
 def _b64(data: bytes) -> str:

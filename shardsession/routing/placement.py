@@ -170,6 +170,48 @@ class Placement:
                 found[m] = None
         return list(found)
 
+    # -- what the query engine asks (shardsession.query.QueryPlacement) --------------------
+
+    def is_replicated(self, table: Any) -> bool:
+        """Whether every shard holds all rows of ``table`` (a :class:`Broadcast` table)."""
+        mappers = self.mappers_for_tables([table])
+        return bool(mappers) and all(isinstance(self.resolve(m).rule, Broadcast) for m in mappers)
+
+    def _group_of(self, mapper: Mapper[Any], depth: int = 0) -> Any:
+        """What decides a mapper's shard: its own pin or key rule, or its parent's."""
+        r = self.resolve(mapper)
+        if isinstance(r.rule, Pinned):
+            return ("pinned", r.rule.shard_id)
+        if isinstance(r.rule, Follows) and depth < 50:
+            roots = {self._group_of(p.mapper, depth + 1) for p in r.parent_props}
+            for prop in self._collection_parents(mapper):
+                roots.add(self._group_of(prop.parent, depth + 1))
+            return roots.pop() if len(roots) == 1 else ("mixed", id(mapper))
+        return ("own", id(mapper.base_mapper))
+
+    def colocated(self, tables: Sequence[Any]) -> bool:
+        """Whether rows of ``tables`` related by a join are always on the same shard.
+
+        True when every table is pinned to the same shard, or when the tables are
+        distinct and all follow (directly or through parents) one keyed parent, so that a
+        join along the placement relationship finds its rows on one shard. A table joined
+        with itself (other than pinned) is not co-located: its rows may be anywhere.
+        Joins must be along the placement relationship (the foreign key); a join of
+        co-located tables on unrelated columns is not detected.
+        """
+        sharded = [t for t in tables if not self.is_replicated(t)]
+        bases = [getattr(t, "element", t) for t in sharded]
+        mappers = self.mappers_for_tables(sharded)
+        if len(mappers) != len({id(b) for b in bases}):
+            return False  # a table the placement does not know
+        groups = {self._group_of(m) for m in mappers}
+        if len(groups) != 1:
+            return False
+        (group,) = groups
+        if group[0] == "pinned":
+            return True
+        return len(bases) == len({id(b) for b in bases})
+
     def is_placed(self, mapper: Mapper[Any]) -> bool:
         return self._rule_of(mapper) is not None or self._default is not None
 

@@ -217,7 +217,7 @@ REFUSED = {
     .group_by(Item.grp)
     .order_by(Item.a),
     "DISTINCT with ORDER BY not selected": lambda: select(Item.grp).distinct().order_by(Item.a),
-    "textual statement": lambda: text("SELECT id FROM qitems"),
+    "textual statement with ORDER BY": lambda: text("SELECT id FROM qitems ORDER BY id"),
     "from_statement": lambda: select(Item).from_statement(text("SELECT * FROM qitems")),
     "textual subquery in WHERE": lambda: select(Item.id).where(
         text("a > (SELECT avg(a) FROM qitems)")

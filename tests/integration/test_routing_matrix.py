@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import aliased
 
 from shardsession import HashSharding
 
@@ -228,3 +229,38 @@ def test_core_table_statements_are_pruned(cluster: Cluster) -> None:
         s.execute(users.update().where(users.c.id == 306).values(name="six"))
         s.commit()
         assert cluster.touched("UPDATE") == {expected_user_shard(306)}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_joins_need_colocated_placement(tmp_path: Any, backend: str) -> None:
+    from shardsession import UnsupportedQueryError
+
+    gen = build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in ("s0", "s1", "s2")])
+    cluster = next(gen)
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        for i in range(1, 7):
+            u = User(id=i, name=f"j{i}")
+            u.orders.append(Order(id=600 + i, amount=i))
+            s.add(u)
+        s.add(Country(code="DK", name="Denmark"))
+        s.add(Event(id=1, day=1, what="x"))
+    with Session() as s:
+        # children placed with their parent: the join is evaluated on each shard, exactly
+        rows = s.execute(
+            select(User.name, Order.amount).join(User.orders).order_by(Order.amount.desc())
+        ).all()
+        assert [r.amount for r in rows] == [6, 5, 4, 3, 2, 1]
+        # a broadcast table joins with anything
+        n = s.scalar(
+            select(func.count()).select_from(User).join(Country, Country.code != User.name)
+        )
+        assert n == 6
+        # tables placed independently, or a sharded table joined with itself: refused
+        with pytest.raises(UnsupportedQueryError):
+            s.execute(select(User.id, Event.id).join(Event, Event.day == User.id)).all()
+        u2 = aliased(User)
+        with pytest.raises(UnsupportedQueryError):
+            s.execute(select(User.id).join(u2, u2.id == User.id + 1)).all()
+    for _ in gen:
+        pass
