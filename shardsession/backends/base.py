@@ -90,6 +90,11 @@ class BackendAdapter(Protocol):
         """Prepare the active branch on its own connection (phase one)."""
         ...
 
+    def settle_prepared(self, dbapi_conn: Any) -> None:
+        """After :meth:`prepare`, bring the driver's own state to idle (the branch stays
+        prepared on the server). Run while the decider commits; may cost a round trip."""
+        ...
+
     def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
         """Commit a branch this connection prepared, leaving the connection idle."""
         ...
@@ -126,9 +131,19 @@ class BackendAdapter(Protocol):
         """Create the decision table if missing (autocommit connection)."""
         ...
 
-    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,
+                        lock_timeout: float | None = None) -> None:
         """Insert a decision row in the connection's current transaction, made durable
-        at its commit regardless of relaxed-durability settings."""
+        at its commit regardless of relaxed-durability settings. ``lock_timeout``: bound
+        the wait on a conflicting uncommitted row (seconds; where supported)."""
+        ...
+
+    def is_lock_timeout(self, error: BaseException) -> bool:
+        """Whether ``error`` is a lock wait that timed out."""
+        ...
+
+    def isolation_problem(self, isolation_level: str | None) -> str | None:
+        """Why a branch cannot run at ``isolation_level`` (``None``: it can)."""
         ...
 
     def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:

@@ -30,6 +30,8 @@ __all__ = ["MySQLAdapter"]
 XAER_NOTA = 1397
 XAER_RMFAIL = 1399
 DUP_ENTRY = 1062
+LOCK_WAIT_TIMEOUT = 1205
+_TOO_WEAK = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 _DDL = (
     f"CREATE TABLE IF NOT EXISTS {DECISION_TABLE} ("
@@ -46,6 +48,11 @@ def _errno(error: BaseException) -> int | None:
     if args and isinstance(args[0], int):
         return args[0]
     return None
+
+
+def _server_info(dbapi_conn: Any) -> Any:
+    get = getattr(dbapi_conn, "get_server_info", None)
+    return get() if get is not None else ""
 
 
 class MySQLAdapter:
@@ -72,6 +79,9 @@ class MySQLAdapter:
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:
         self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
         self._exec(dbapi_conn, f"XA PREPARE {xid.xa_literal}")
+
+    def settle_prepared(self, dbapi_conn: Any) -> None:
+        return None
 
     def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
         self._exec(dbapi_conn, f"XA COMMIT {xid.xa_literal}")
@@ -128,10 +138,17 @@ class MySQLAdapter:
     def ensure_decision_table(self, dbapi_conn: Any) -> None:
         self._exec(dbapi_conn, _DDL)
 
-    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,
+                        lock_timeout: float | None = None) -> None:
+        # MariaDB's SET STATEMENT bounds the wait for this statement only (nothing is
+        # left on the session); innodb_lock_wait_timeout takes whole seconds.
+        prefix = ""
+        if lock_timeout is not None and "MariaDB" in str(_server_info(dbapi_conn)):
+            prefix = (f"SET STATEMENT innodb_lock_wait_timeout = "
+                      f"{max(1, round(lock_timeout)):d} FOR ")
         self._exec(
             dbapi_conn,
-            f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
+            f"{prefix}INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
             "VALUES (%s, %s, %s, %s)",
             (row.gtrid, row.outcome, row.decided_at, row.participants),
         )
@@ -169,6 +186,15 @@ class MySQLAdapter:
 
     def is_duplicate_key(self, error: BaseException) -> bool:
         return _errno(error) == DUP_ENTRY
+
+    def is_lock_timeout(self, error: BaseException) -> bool:
+        return _errno(error) == LOCK_WAIT_TIMEOUT
+
+    def isolation_problem(self, isolation_level: str | None) -> str | None:
+        if isolation_level in _TOO_WEAK:
+            return (f"MariaDB XA needs REPEATABLE READ or SERIALIZABLE; this connection "
+                    f"runs at {isolation_level}")
+        return None
 
     def is_busy(self, error: BaseException) -> bool:
         """MariaDB has no "busy" state for XA: a concurrent finish waits on locks."""

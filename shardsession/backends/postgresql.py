@@ -16,6 +16,7 @@ SQL text. Notes on the server's rules this adapter follows:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,9 @@ __all__ = ["PostgreSQLAdapter"]
 _UNDEFINED_OBJECT = "42704"
 _UNIQUE_VIOLATION = "23505"
 _OBJECT_IN_USE = "55000"
+_LOCK_NOT_AVAILABLE = "55P03"
+#: psycopg2.extensions.STATUS_READY: no transaction open in the driver
+_STATUS_READY = 1
 
 _DDL = (
     f"CREATE TABLE IF NOT EXISTS {DECISION_TABLE} ("
@@ -82,13 +86,35 @@ class PostgreSQLAdapter:
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:
         self._exec(dbapi_conn, "PREPARE TRANSACTION %s", (xid.gid,))
 
-    def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
-        self._exec(dbapi_conn, "COMMIT PREPARED %s", (xid.gid,))
+    def settle_prepared(self, dbapi_conn: Any) -> None:
+        # After PREPARE TRANSACTION the server session is idle but psycopg2 still
+        # believes a transaction is open: end that belief (a COMMIT the server answers
+        # with a warning). The coordinator does this while the decider commits, so the
+        # COMMIT PREPARED that follows costs one round trip, not two.
         dbapi_conn.commit()
 
+    def _finish_here(self, dbapi_conn: Any, sql: str, xid: Any) -> None:
+        if getattr(dbapi_conn, "status", None) != _STATUS_READY or dbapi_conn.autocommit:
+            # Not settled (or not psycopg2): the driver sends no BEGIN before this
+            # statement; end its transaction belief afterwards.
+            self._exec(dbapi_conn, sql, (xid.gid,))
+            dbapi_conn.commit()
+            return
+        # Settled: the driver would send BEGIN first, and COMMIT/ROLLBACK PREPARED
+        # refuses to run in a transaction block; autocommit for this statement only
+        # (psycopg2 sends nothing to switch it).
+        dbapi_conn.autocommit = True
+        try:
+            self._exec(dbapi_conn, sql, (xid.gid,))
+        finally:
+            with contextlib.suppress(Exception):  # a dead connection: keep its error
+                dbapi_conn.autocommit = False
+
+    def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
+        self._finish_here(dbapi_conn, "COMMIT PREPARED %s", xid)
+
     def rollback_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
-        self._exec(dbapi_conn, "ROLLBACK PREPARED %s", (xid.gid,))
-        dbapi_conn.commit()
+        self._finish_here(dbapi_conn, "ROLLBACK PREPARED %s", xid)
 
     def commit_one_phase(self, dbapi_conn: Any, xid: Any | None) -> None:
         dbapi_conn.commit()
@@ -132,13 +158,17 @@ class PostgreSQLAdapter:
             if _pgcode(e) != _UNIQUE_VIOLATION:
                 raise
 
-    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,
+                        lock_timeout: float | None = None) -> None:
         # SET LOCAL: the commit of this transaction is the commit point and must be
         # durable even where the server or role runs with synchronous_commit = off; the
         # setting ends with the transaction, so nothing leaks into the pool.
+        timeout = ""
+        if lock_timeout is not None:
+            timeout = f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000)):d}; "
         self._exec(
             dbapi_conn,
-            "SET LOCAL synchronous_commit TO on; "
+            f"SET LOCAL synchronous_commit TO on; {timeout}"
             f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
             "VALUES (%s, %s, %s, %s)",
             (row.gtrid, row.outcome, row.decided_at, row.participants),
@@ -183,6 +213,12 @@ class PostgreSQLAdapter:
 
     def is_duplicate_key(self, error: BaseException) -> bool:
         return _pgcode(error) == _UNIQUE_VIOLATION
+
+    def is_lock_timeout(self, error: BaseException) -> bool:
+        return _pgcode(error) == _LOCK_NOT_AVAILABLE
+
+    def isolation_problem(self, isolation_level: str | None) -> str | None:
+        return None
 
     def is_busy(self, error: BaseException) -> bool:
         """Another session is finishing the same GID right now."""

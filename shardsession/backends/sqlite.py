@@ -51,6 +51,9 @@ class SQLiteAdapter:
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:
         raise NotImplementedError("SQLite cannot prepare")
 
+    def settle_prepared(self, dbapi_conn: Any) -> None:
+        return None
+
     def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
         raise NotImplementedError("SQLite cannot prepare")
 
@@ -86,7 +89,8 @@ class SQLiteAdapter:
     def ensure_decision_table(self, dbapi_conn: Any) -> None:
         self._exec(dbapi_conn, _DDL)
 
-    def insert_decision(self, dbapi_conn: Any, row: DecisionRow) -> None:
+    def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,
+                        lock_timeout: float | None = None) -> None:
         self._exec(
             dbapi_conn,
             f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
@@ -129,6 +133,12 @@ class SQLiteAdapter:
     def is_duplicate_key(self, error: BaseException) -> bool:
         text = str(error)
         return "UNIQUE constraint failed" in text or "PRIMARY KEY" in text
+
+    def is_lock_timeout(self, error: BaseException) -> bool:
+        return "database is locked" in str(error)
+
+    def isolation_problem(self, isolation_level: str | None) -> str | None:
+        return None
 
     def is_busy(self, error: BaseException) -> bool:
         return "database is locked" in str(error)

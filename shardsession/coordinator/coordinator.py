@@ -37,8 +37,9 @@ from sqlalchemy.sql.expression import (
 
 from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
-from ..exc import ConfigurationError, TransactionError
-from .transaction import Branch, BranchState, GlobalTransaction
+from ..exc import CommitIncomplete, ConfigurationError, TransactionError
+from .branch import Branch, BranchState
+from .transaction import GlobalTransaction
 
 __all__ = ["TransactionCoordinator"]
 
@@ -248,7 +249,20 @@ class TransactionCoordinator:
             return
         gt = GlobalTransaction(self, naming)
         self._by_transaction[transaction] = gt
-        _compat.wrap_root_prepare(transaction, gt.commit)
+
+        def protocol() -> BaseException | None:
+            try:
+                gt.commit()
+            except CommitIncomplete as e:
+                # Committed: SQLAlchemy must finish its commit (objects persistent and
+                # expired, as after any commit) without touching the branches left to
+                # recovery; the exception is raised from commit() afterwards.
+                for b in gt.left_branches():
+                    _compat.skip_connection_commit(transaction, b.connection)
+                return e
+            return None
+
+        _compat.wrap_root_prepare(transaction, protocol)
 
     def on_begin(
         self, sess: Session, transaction: SessionTransaction, connection: Connection

@@ -22,7 +22,14 @@ from sqlalchemy.engine import Engine
 
 from ..backends import BackendAdapter, DecisionRow, Outcome
 
-__all__ = ["admin_connection", "claim_abort", "is_missing_table", "read_all"]
+__all__ = [
+    "CLAIM_LOCK_TIMEOUT",
+    "ClaimBlocked",
+    "admin_connection",
+    "claim_abort",
+    "is_missing_table",
+    "read_all",
+]
 
 
 @contextlib.contextmanager
@@ -55,23 +62,41 @@ def read_all(adapter: BackendAdapter, engine: Engine) -> list[DecisionRow]:
             raise
 
 
-def claim_abort(adapter: BackendAdapter, engine: Engine, gtrid: str) -> tuple[bool, str | None]:
+#: seconds an abort claim waits for a live coordinator's uncommitted decision row
+CLAIM_LOCK_TIMEOUT = 5.0
+
+
+class ClaimBlocked(Exception):
+    """The claim waited :data:`CLAIM_LOCK_TIMEOUT` on another transaction's row for the
+    same gtrid (a live coordinator deciding right now): try again on the next pass."""
+
+
+def claim_abort(adapter: BackendAdapter, engine: Engine, gtrid: str,
+                *, lock_timeout: float = CLAIM_LOCK_TIMEOUT) -> tuple[bool, str | None]:
     """Try to record ABORT for ``gtrid``; return ``(won, outcome now recorded)``.
 
     Runs in its own short transaction so it commits (or conflicts) on its own. If a
     coordinator's COMMIT row for the same gtrid is still uncommitted, the insert waits for
-    it: whichever commits first wins.
+    it: whichever commits first wins. The wait is bounded by ``lock_timeout`` where the
+    backend allows it (PostgreSQL ``SET LOCAL lock_timeout``, MariaDB ``SET STATEMENT``):
+    a coordinator stuck with its decision uncommitted cannot hang recovery.
+
+    :raises ClaimBlocked: the wait timed out; nothing was recorded.
     """
     with admin_connection(engine) as admin:
         adapter.ensure_decision_table(admin)
     with engine.connect() as conn:
         dbapi: Any = conn.connection.dbapi_connection
         try:
-            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, time.time(), ""))
+            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, time.time(), ""),
+                                    lock_timeout=lock_timeout)
             dbapi.commit()
             return True, Outcome.ABORT
         except Exception as e:
             dbapi.rollback()
+            if adapter.is_lock_timeout(e):
+                raise ClaimBlocked(f"abort claim for {gtrid} timed out after "
+                                   f"{lock_timeout:g} s waiting for a live coordinator") from e
             if not adapter.is_duplicate_key(e):
                 raise
         row = adapter.read_decision(dbapi, gtrid)

@@ -31,7 +31,14 @@ from sqlalchemy.engine import Engine
 
 from ..backends import BackendAdapter, DecisionRow, adapter_for
 from ..backends.base import printable
-from .decisions import admin_connection, claim_abort, read_all
+from ..exc import RecoveryError
+from .decisions import (
+    CLAIM_LOCK_TIMEOUT,
+    ClaimBlocked,
+    admin_connection,
+    claim_abort,
+    read_all,
+)
 from .protocol import RecoveryAction, after_claim, may_delete_decision, recovery_action
 from .xid import Xid, decider_token, gtrid_created, gtrid_decider, parse_gid, parse_xa
 
@@ -95,6 +102,8 @@ class _Listing:
     foreign: set[tuple[str, str]] = field(default_factory=set)
     complete: bool = True
     errors: list[str] = field(default_factory=list)
+    #: shards that could not be listed
+    failed: list[str] = field(default_factory=list)
 
 
 def _adapters(shards: Mapping[str, Engine]) -> dict[str, BackendAdapter]:
@@ -119,6 +128,7 @@ def _list(shards: Mapping[str, Engine], adapters: Mapping[str, BackendAdapter]) 
                 rows = adapter.list_in_doubt(dbapi)
         except Exception as e:
             listing.complete = False
+            listing.failed.append(name)
             listing.errors.append(f"{name}: cannot list prepared transactions: {e}")
             continue
         for row in rows:
@@ -131,7 +141,11 @@ def _list(shards: Mapping[str, Engine], adapters: Mapping[str, BackendAdapter]) 
 
 
 def in_doubt(shards: Mapping[str, Engine]) -> list[InDoubtBranch]:
-    """Every prepared branch of ours on ``shards``, with its age in seconds."""
+    """Every prepared branch of ours on ``shards``, with its age in seconds.
+
+    :raises RecoveryError: a shard could not be listed (``shard_id`` names the first);
+        the answer would be incomplete.
+    """
     adapters = _adapters(shards)
     tokens = {decider_token(n): n for n in shards}
     listing = _list(shards, adapters)
@@ -142,7 +156,10 @@ def in_doubt(shards: Mapping[str, Engine]) -> list[InDoubtBranch]:
             age = max(0.0, now - gtrid_created(xid.gtrid))
         out.append(InDoubtBranch(shard, xid, age, tokens.get(gtrid_decider(xid.gtrid))))
     if listing.errors:
-        raise RuntimeError("; ".join(listing.errors))
+        raise RecoveryError(
+            "cannot list prepared transactions on every shard: " + "; ".join(listing.errors),
+            gtrid=None, shard_id=listing.failed[0] if listing.failed else None,
+        )
     return out
 
 
@@ -151,6 +168,7 @@ def recover(
     *,
     grace_period: float = 60.0,
     abort_retention: float = 7 * 86400.0,
+    claim_timeout: float = CLAIM_LOCK_TIMEOUT,
     crash_point: Callable[[str], None] | None = None,
 ) -> RecoveryReport:
     """Run one recovery pass over ``shards`` (shard id -> Engine, as configured).
@@ -158,6 +176,8 @@ def recover(
     :param grace_period: seconds after a gtrid's creation during which an undecided
         branch is left to its coordinator (it is counted in ``left_alone``).
     :param abort_retention: seconds an ABORT claim is kept after its gtrid's creation.
+    :param claim_timeout: seconds an abort claim waits on a live coordinator's
+        uncommitted decision row before leaving the gtrid to the next pass.
     :param crash_point: tests only.
 
     Failure semantics: each branch is finished on its own; a failure is recorded in
@@ -206,7 +226,11 @@ def recover(
         action = recovery_action(outcome, young)
         if action is RecoveryAction.CLAIM_ABORT:
             try:
-                won, existing = claim_abort(adapters[decider], shards[decider], gtrid)
+                won, existing = claim_abort(adapters[decider], shards[decider], gtrid,
+                                            lock_timeout=claim_timeout)
+            except ClaimBlocked:
+                report.left_alone.extend((r, "decision in progress") for _x, _s, r in refs)
+                continue
             except Exception as e:
                 report.errors.append(f"{gtrid}: cannot claim abort on {decider}: {e}")
                 report.left_alone.extend((r, "claim failed") for _x, _s, r in refs)

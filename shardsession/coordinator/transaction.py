@@ -7,19 +7,31 @@ the protocol allows (phase one, and the COMMIT PREPAREDs of phase two).
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from ..backends import BackendAdapter, DecisionRow, Outcome
-from ..exc import AtomicityUnavailableError, TransactionError, warn_non_atomic
+from ..backends import DecisionRow, Outcome
+from ..exc import (
+    AtomicityUnavailableError,
+    CapabilityError,
+    TransactionError,
+    warn_non_atomic,
+)
+from .branch import (
+    Branch,
+    BranchState,
+    discard_dead,
+    is_disconnect,
+    isolation_of,
+    leave,
+    rollback_all,
+    run_parallel,
+    wrap_error,
+)
 from .protocol import (
     Action,
     BranchFacts,
@@ -39,39 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["Branch", "BranchState", "GlobalTransaction"]
 
 log = logging.getLogger(__name__)
-
-
-class BranchState(enum.Enum):
-    ACTIVE = "active"
-    PREPARED = "prepared"
-    #: committed or rolled back by the protocol; SQLAlchemy's own COMMIT/ROLLBACK follows
-    FINISHED = "finished"
-    #: left prepared for recovery (outcome unknown or commit incomplete)
-    LEFT = "left"
-    CLOSED = "closed"
-
-
-@dataclass(eq=False)
-class Branch:
-    """One shard connection taking part in a global transaction."""
-
-    index: int
-    engine: Engine
-    shard_id: str
-    connection: Connection
-    adapter: BackendAdapter | None
-    xid: Xid | None = None
-    xa_started: bool = False
-    wrote: bool = False
-    state: BranchState = BranchState.ACTIVE
-    gt: GlobalTransaction | None = field(default=None, repr=False)
-
-    @property
-    def dbapi(self) -> Any:
-        return self.connection.connection.dbapi_connection
-
-    def describe(self) -> str:
-        return f"{self.shard_id} ({self.xid.bqual if self.xid else self.index})"
 
 
 class GlobalTransaction:
@@ -114,7 +93,7 @@ class GlobalTransaction:
         branch = Branch(
             index=len({id(b) for b in self.branches.values()}), engine=engine,
             shard_id=str(self.shard_of_engine(engine)), connection=connection,
-            adapter=adapter, gt=self,
+            adapter=adapter, gt=self, isolation=isolation_of(connection),
         )
         self.branches[engine] = branch
         if adapter is not None and adapter.xid_at_begin:
@@ -133,6 +112,10 @@ class GlobalTransaction:
         for b in self.branches.values():
             seen.setdefault(id(b), b)
         return sorted(seen.values(), key=lambda b: b.index)
+
+    def left_branches(self) -> list[Branch]:
+        """Branches left prepared for recovery by the last protocol run."""
+        return [b for b in self._ordered() if b.state is BranchState.LEFT]
 
     def _facts(self, branch: Branch, *, detect: bool) -> BranchFacts:
         if branch.adapter is None:
@@ -162,10 +145,11 @@ class GlobalTransaction:
         :class:`~shardsession.exc.CapabilityError` mean nothing was committed on any
         shard. :class:`~shardsession.exc.CommitIncomplete` means the transaction is
         committed (the decision is durable) and the named branches are left prepared for
-        recovery. :class:`~shardsession.exc.OutcomeUnknown` means the decider's commit
+        recovery (the coordinator lets the session finish its commit, then raises it).
+        :class:`~shardsession.exc.OutcomeUnknown` means the decider's commit
         was sent and its reply lost: recovery settles it (all committed or all rolled
         back). A driver error of a single-writer commit passes through unchanged. In every
-        failure case the caller rolls the session back; no branch is left in an XA or
+        other failure case the caller rolls the session back; no branch is left in an XA or
         session state that could leak into the pool.
         """
         if self.protocol_ran:
@@ -197,7 +181,7 @@ class GlobalTransaction:
                 try:
                     b.adapter.commit_one_phase(b.dbapi, b.xid)
                 except Exception as e:
-                    raise self._wrap(b, e, "XA COMMIT ONE PHASE") from e
+                    raise wrap_error(b, e, "XA COMMIT ONE PHASE") from e
                 b.state = BranchState.FINISHED
 
     def _release(self, b: Branch) -> None:
@@ -205,15 +189,8 @@ class GlobalTransaction:
             try:
                 b.adapter.rollback_active(b.dbapi, b.xid)
             except Exception as e:
-                raise self._wrap(b, e, "XA ROLLBACK") from e
+                raise wrap_error(b, e, "XA ROLLBACK") from e
             b.state = BranchState.FINISHED
-
-    @staticmethod
-    def _wrap(b: Branch, e: Exception, statement: str) -> Exception:
-        dbapi_mod = b.engine.dialect.loaded_dbapi
-        if isinstance(e, dbapi_mod.Error):
-            return sa_exc.DBAPIError.instance(statement, None, e, dbapi_mod.Error)
-        return e
 
     def _crash(self, point: str) -> None:
         hook = self.coordinator.crash_point
@@ -221,40 +198,7 @@ class GlobalTransaction:
             hook(point)
 
     def _parallel(self, tasks: Sequence[tuple[Branch, Callable[[], None]]]) -> dict[int, Exception]:
-        """Run one callable per branch, all at once; return the failures by branch index."""
-        errors: dict[int, Exception] = {}
-        if not tasks:
-            return errors
-        pool: Executor = self.coordinator.executor()
-        futures: list[tuple[Branch, Future[None]]] = [(b, pool.submit(fn)) for b, fn in tasks[1:]]
-        first_b, first_fn = tasks[0]
-        try:
-            first_fn()
-        except Exception as e:
-            errors[first_b.index] = e
-        for b, fut in futures:
-            try:
-                fut.result()
-            except Exception as e:
-                errors[b.index] = e
-        return errors
-
-    def _is_disconnect(self, b: Branch, e: Exception) -> bool:
-        dialect = b.engine.dialect
-        if not isinstance(e, dialect.loaded_dbapi.Error):
-            return False
-        try:
-            return bool(dialect.is_disconnect(e, b.dbapi, None))
-        except Exception:
-            return True
-
-    def _discard_dead(self, ordered: Sequence[Branch], errors: dict[int, Exception]) -> None:
-        """Invalidate connections lost mid-protocol, so that SQLAlchemy's ROLLBACK skips
-        them instead of raising over the protocol's own exception."""
-        for i, e in errors.items():
-            b = ordered[i]
-            if self._is_disconnect(b, e) and not b.connection.invalidated:
-                b.connection.invalidate()
+        return run_parallel(self.coordinator.executor(), tasks)
 
     def _two_phase(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
         assert plan.decider is not None
@@ -278,6 +222,14 @@ class GlobalTransaction:
             if b.xid is None:
                 b.xid = Xid.branch(gtrid, b.index)
         prepare = [ordered[i] for i in plan.prepare]
+        for b in prepare:
+            problem = b.adapter.isolation_problem(b.isolation) if b.adapter else None
+            if problem is not None:
+                self._rollback_all(ordered)
+                raise CapabilityError(
+                    f"shard {b.shard_id!r} must prepare for this commit to be atomic, but: "
+                    f"{problem}; nothing was committed", gtrid=gtrid, shard_id=b.shard_id,
+                )
         participants = ",".join(b.xid.bqual for b in prepare if b.xid)
         # With nothing to prepare (best effort over unpreparable shards only) there is no
         # in-doubt branch for a decision row to settle.
@@ -313,7 +265,7 @@ class GlobalTransaction:
         tasks.extend((b, prepare_one(b)) for b in prepare)
         tasks.extend((ordered[i], release_one(ordered[i])) for i in plan.release)
         errors = self._parallel(tasks)
-        self._discard_dead(ordered, errors)
+        discard_dead(ordered, errors)
         failed = [ordered[i] for i in errors if i not in plan.release]
         if failed:
             step = next_step(state, Event.PREPARE_FAILED)
@@ -329,14 +281,26 @@ class GlobalTransaction:
         # Phase two: the decider's local commit is the commit point.
         assert step.action is Action.COMMIT_DECIDER
         self._crash("before_decision_commit")
-        try:
-            xid = decider.xid if decider.xa_started else None
-            decider.adapter.commit_one_phase(decider.dbapi, xid)
-        except Exception as e:
-            self._discard_dead(ordered, {decider.index: e})
-            if self._is_disconnect(decider, e):
+
+        def commit_decider() -> None:
+            assert decider.adapter is not None
+            decider.adapter.commit_one_phase(decider.dbapi,
+                                             decider.xid if decider.xa_started else None)
+
+        def settle_one(b: Branch) -> Callable[[], None]:
+            return lambda: b.adapter.settle_prepared(b.dbapi) if b.adapter else None
+
+        # While the decider commits, the prepared branches' drivers are brought to idle
+        # (no effect on the server) so that phase two is one round trip per branch.
+        errors = self._parallel([(decider, commit_decider),
+                                 *((b, settle_one(b)) for b in prepare)])
+        discard_dead(ordered, errors)
+        unsettled = {i: e for i, e in errors.items() if i != decider.index}
+        if decider.index in errors:
+            e = errors[decider.index]
+            if is_disconnect(decider, e):
                 step = next_step(state, Event.DECISION_UNKNOWN)
-                self._leave(ordered, prepare)
+                leave(prepare)
                 decider.state = BranchState.LEFT
                 raise self._raise(
                     step.raises, gtrid,
@@ -362,13 +326,15 @@ class GlobalTransaction:
                 self._crash(f"after_commit_prepared:{b.xid.bqual if b.xid else b.index}")
             return run
 
-        errors = self._parallel([(b, commit_one(b)) for b in prepare])
-        self._discard_dead(ordered, errors)
+        errors = self._parallel([(b, commit_one(b)) for b in prepare
+                                 if b.index not in unsettled])
+        discard_dead(ordered, errors)
+        errors.update(unsettled)
         pending = [ordered[i] for i in errors]
         for b in pending:
             log.warning("2PC %s: COMMIT PREPARED of %s failed (%s); recovery will finish it",
                         gtrid, b.describe(), errors[b.index])
-        self._leave(ordered, pending)
+        leave(pending)
 
         last_errors: list[str] = []
         if plan.last:
@@ -408,40 +374,9 @@ class GlobalTransaction:
         assert cls is not None
         return cls(message, gtrid=gtrid, **fields)
 
-    def _leave(self, ordered: Sequence[Branch], left: Sequence[Branch]) -> None:
-        """Leave branches prepared for recovery without leaking them into the pool."""
-        for b in left:
-            if b.state is BranchState.FINISHED:
-                continue
-            b.state = BranchState.LEFT
-            if (b.adapter is not None and b.adapter.prepared_blocks_connection
-                    and not b.connection.invalidated):
-                # A MySQL session holding a prepared branch cannot do anything else; closing
-                # it leaves the branch to recovery (prepared XA survives the disconnect).
-                b.connection.invalidate()
-
     def _rollback_all(self, ordered: Sequence[Branch]) -> None:
         """Roll back every branch before the commit point (nothing is committed)."""
-
-        def undo(b: Branch) -> Callable[[], None]:
-            def run() -> None:
-                if b.adapter is None:
-                    return
-                if b.state is BranchState.PREPARED:
-                    b.adapter.rollback_prepared_here(b.dbapi, b.xid)
-                    b.state = BranchState.FINISHED
-                elif b.state is BranchState.ACTIVE and b.xa_started:
-                    b.adapter.rollback_active(b.dbapi, b.xid)
-                    b.state = BranchState.FINISHED
-            return run
-
-        errors = self._parallel([(b, undo(b)) for b in ordered])
-        self._discard_dead(ordered, errors)
-        for i, e in errors.items():
-            b = ordered[i]
-            log.warning("2PC %s: rollback of %s failed (%s); recovery will roll it back",
-                        self.gtrid, b.describe(), e)
-            self._leave(ordered, [b])
+        rollback_all(self.coordinator.executor(), ordered, self.gtrid)
 
     # --- SQLAlchemy's own end of the connection transaction ----------------------------
 
@@ -467,3 +402,4 @@ class GlobalTransaction:
             b.state = BranchState.CLOSED
             self.coordinator.forget(b)
         self.branches.clear()
+

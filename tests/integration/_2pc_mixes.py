@@ -7,6 +7,10 @@ from typing import Any
 import pytest
 
 MIXES = ["pg+pg", "pg2db", "pg+mariadb", "mariadb+mariadb", "pg+sqlite"]
+#: PostgreSQL + MariaDB + SQLite (SQLite decides). SQLite comes first: the MariaDB branch
+#: fixes the gtrid (and so the decider) at its XA START, from the shards begun so far; a
+#: SQLite writer that joins after that cannot decide (AtomicityUnavailableError).
+THREE_WAY = "sqlite+pg+mariadb"
 
 
 def mix_urls(request: pytest.FixtureRequest, mix: str) -> dict[str, str]:
@@ -31,6 +35,12 @@ def mix_urls(request: pytest.FixtureRequest, mix: str) -> dict[str, str]:
     if mix == "pg+sqlite":
         folder = get("sqlite_dir")
         return {"alpha": get("pg_url_a"), "beta": f"sqlite:///{folder / 'beta.db'}"}
+    if mix == THREE_WAY:
+        folder = get("sqlite_dir")
+        return {"gamma": f"sqlite:///{folder / 'gamma.db'}", "alpha": get("pg_url_a"),
+                "beta": get("mariadb_url")}
+    if mix == "pg+mariadb_binlog":
+        return {"alpha": get("pg_url_a"), "beta": get("mariadb_binlog_url")}
     raise AssertionError(mix)
 
 

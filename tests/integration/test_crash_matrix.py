@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -20,7 +21,7 @@ from sqlalchemy.engine import Engine
 from shardsession.coordinator import in_doubt, recover
 
 from ._2pc_child import tables
-from ._2pc_mixes import MIXES, mix_urls
+from ._2pc_mixes import MIXES, THREE_WAY, mix_urls
 
 pytestmark = pytest.mark.crash
 
@@ -48,16 +49,19 @@ def run_child(cfg: dict[str, object]) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(params=MIXES)
-def urls(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    u = mix_urls(request, request.param)
+def _create(u: dict[str, str]) -> dict[str, str]:
     md, _ = tables(list(u))
     for url in u.values():
         e = create_engine(url)
         md.drop_all(e)
         md.create_all(e)
         e.dispose()
-    yield u
+    return u
+
+
+@pytest.fixture(params=MIXES)
+def urls(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    yield _create(mix_urls(request, request.param))
 
 
 def rows(engines: dict[str, Engine], key: int) -> dict[str, int]:
@@ -70,8 +74,7 @@ def rows(engines: dict[str, Engine], key: int) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("point", list(POINTS))
-def test_crash_then_recover(urls: dict[str, str], point: str) -> None:
+def crash_then_recover(urls: dict[str, str], point: str) -> None:
     proc = run_child({"urls": urls, "crash": point, "key": 1})
     if point == "none":
         assert proc.returncode == 0, proc.stderr
@@ -94,6 +97,58 @@ def test_crash_then_recover(urls: dict[str, str], point: str) -> None:
     finally:
         for e in engines.values():
             e.dispose()
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_crash_then_recover(urls: dict[str, str], point: str) -> None:
+    crash_then_recover(urls, point)
+
+
+# The three-way mix and the binary-log server on a subset of points (runtime budget): one
+# before the decision with a branch prepared, the decision itself, and the commit phase.
+SUBSET = ["after_prepare", "before_decision_commit", "after_decision_commit",
+          "after_commit_prepared"]
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+@pytest.mark.sqlite
+@pytest.mark.parametrize("point", SUBSET)
+def test_crash_three_way(request: pytest.FixtureRequest, point: str) -> None:
+    """PostgreSQL + MariaDB + SQLite, SQLite holding the decision."""
+    crash_then_recover(_create(mix_urls(request, THREE_WAY)), point)
+
+
+@pytest.fixture(scope="module")
+def mariadb_binlog_server() -> Iterator[Any]:
+    """A MariaDB server of its own with the binary log on (MDEV-21469 territory)."""
+    from harness.servers import ServerUnavailable, start_mariadb
+
+    try:
+        server = start_mariadb("binlog", log_bin=True)
+    except ServerUnavailable as e:
+        pytest.skip(f"backend unavailable: MariaDB with binlog: {e}")
+    yield server
+    server.teardown()
+
+
+@pytest.fixture
+def mariadb_binlog_url(mariadb_binlog_server: Any) -> Iterator[str]:
+    from harness.servers import clear_prepared
+
+    url = mariadb_binlog_server.create_database()
+    clear_prepared(url, None)
+    yield url
+    clear_prepared(url, None)
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+@pytest.mark.parametrize("point", SUBSET)
+def test_crash_mariadb_binlog(request: pytest.FixtureRequest, point: str) -> None:
+    """PostgreSQL + MariaDB with ``log_bin`` on: prepared XA branches and their recovery
+    go through the binary log's two-phase commit with InnoDB."""
+    crash_then_recover(_create(mix_urls(request, "pg+mariadb_binlog")), point)
 
 
 @pytest.mark.parametrize("first,outcome", [("after_decision_commit", "commit"),

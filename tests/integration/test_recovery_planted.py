@@ -169,3 +169,37 @@ def test_mariadb_foreign_hostile_and_unconfigured_decider(mariadb_url: str) -> N
             cur.execute("XA ROLLBACK " + xid)
             raw.close()
         e.dispose()
+
+
+def test_claim_does_not_hang_on_a_live_coordinator(pg: dict[str, Engine]) -> None:
+    """A coordinator holds its COMMIT row uncommitted on the decider: the abort claim
+    waits at most ``claim_timeout``, leaves the gtrid alone, and the next pass follows the
+    decision once it commits."""
+    gtrid = new_gtrid("alpha", now=time.time() - 3600)
+    decide(pg["alpha"], new_gtrid("alpha"), "A")  # creates the table
+    plant_pg(pg["beta"], Xid.branch(gtrid, 1).gid, row=7)
+    with pg["alpha"].connect() as live:
+        live.execute(text("INSERT INTO shardsession_decisions VALUES (:g, 'C', 0, '')"),
+                     {"g": gtrid})
+        t0 = time.monotonic()
+        report = recover(pg, grace_period=0, claim_timeout=0.3)
+        assert time.monotonic() - t0 < 5
+        assert not report.errors, report.errors
+        assert [reason for _r, reason in report.left_alone] == ["decision in progress"]
+        live.commit()
+    report = recover(pg, grace_period=0)
+    assert report.resolved and len(report.committed) == 1
+    assert ids(pg["beta"]) == {7}
+
+
+def test_in_doubt_raises_recovery_error_when_a_shard_is_down(pg: dict[str, Engine]) -> None:
+    from harness.servers import free_port
+
+    from shardsession.exc import RecoveryError
+
+    dead = create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x",
+                         connect_args={"connect_timeout": 2})
+    with pytest.raises(RecoveryError) as ei:
+        in_doubt({**pg, "gone": dead})
+    assert ei.value.shard_id == "gone"
+    dead.dispose()

@@ -13,9 +13,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
-from shardsession.exc import AtomicityUnavailableError, NonAtomicCommitWarning
+from shardsession.exc import AtomicityUnavailableError, CapabilityError, NonAtomicCommitWarning
 
-from ._2pc_mixes import MIXES, mix_urls
+from ._2pc_mixes import MIXES, THREE_WAY, mix_urls
 
 md = MetaData()
 T = {n: Table(f"ss_rows_{n}", md, Column("id", Integer, primary_key=True), Column("v", String(20)))
@@ -179,3 +179,79 @@ def test_two_sqlite_writers_require_vs_best_effort(sqlite_dir: Any) -> None:
         s.commit()
     assert any(issubclass(x.category, NonAtomicCommitWarning) for x in w)
     assert count(engines, "alpha") == count(engines, "beta") == 1
+
+
+@pytest.fixture
+def three_way(request: pytest.FixtureRequest) -> Iterator[dict[str, Engine]]:
+    urls = mix_urls(request, THREE_WAY)
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    for n, e in engines.items():
+        T[n].drop(e, checkfirst=True)
+        T[n].create(e)
+    yield engines
+    for e in engines.values():
+        e.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+def test_three_way_sqlite_decides(three_way: dict[str, Engine]) -> None:
+    s = session(three_way, TransactionCoordinator())
+    for n in ("gamma", "alpha", "beta"):  # SQLite begins first
+        insert(s, three_way, n, 1)
+    s.commit()
+    assert {n: count(three_way, n, 1) for n in three_way} == dict.fromkeys(three_way, 1)
+    assert decisions(three_way["gamma"]) == 1
+    assert decisions(three_way["alpha"]) == decisions(three_way["beta"]) == 0
+    assert in_doubt(three_way) == []
+    assert recover(three_way, grace_period=0).decisions_deleted == 1
+    # rollback and savepoints over all three
+    s = session(three_way, TransactionCoordinator())
+    with s.begin():
+        for n in ("gamma", "alpha", "beta"):
+            insert(s, three_way, n, 2)
+        sp = s.begin_nested()
+        for n in ("gamma", "alpha", "beta"):
+            insert(s, three_way, n, 20)
+        sp.rollback()
+    assert {n: count(three_way, n) for n in three_way} == dict.fromkeys(three_way, 2)
+    assert_pool_clean(three_way)
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+def test_three_way_late_sqlite_writer_is_refused(three_way: dict[str, Engine]) -> None:
+    """Known limit: the MariaDB branch fixes the decider at XA START; a SQLite writer that
+    joins later cannot hold the decision, so require-mode refuses (nothing committed)."""
+    s = session(three_way, TransactionCoordinator())
+    for n in ("alpha", "beta", "gamma"):
+        insert(s, three_way, n, 3)
+    with pytest.raises(AtomicityUnavailableError):
+        s.commit()
+    assert {n: count(three_way, n) for n in three_way} == dict.fromkeys(three_way, 0)
+    assert in_doubt(three_way) == []
+    assert_pool_clean(three_way)
+
+
+def test_mariadb_read_committed_cannot_prepare(request: pytest.FixtureRequest) -> None:
+    """XA branches need REPEATABLE READ or stricter: a clear CapabilityError before
+    anything commits (a single-shard transaction at READ COMMITTED stays allowed)."""
+    urls = mix_urls(request, "pg+mariadb")
+    engines = {"alpha": create_engine(urls["alpha"]),
+               "beta": create_engine(urls["beta"], isolation_level="READ COMMITTED")}
+    for n, e in engines.items():
+        T[n].create(e)
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, "beta", 1)
+    s.commit()  # one writer: one phase, allowed
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, "alpha", 2)
+    insert(s, engines, "beta", 2)
+    with pytest.raises(CapabilityError) as ei:
+        s.commit()
+    assert ei.value.shard_id == "beta" and "REPEATABLE READ" in str(ei.value)
+    assert count(engines, "alpha") == 0 and count(engines, "beta") == 1
+    assert in_doubt(engines) == []
+    assert_pool_clean(engines)
+    for e in engines.values():
+        e.dispose()

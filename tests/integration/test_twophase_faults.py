@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Session
 
+from shardsession import Pinned, Placement, ShardedSession
 from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
 from shardsession.exc import CommitIncomplete, OutcomeUnknown, PrepareFailed
 
@@ -93,3 +94,59 @@ def test_lost_prepare_request(proxied: Any) -> None:
     direct = ctx["direct"]
     assert recover(direct, grace_period=0).resolved
     assert rows(direct) == {"alpha": 0, "beta": 0}
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class RowA(_Base):
+    __table__ = T["alpha"]
+
+
+class RowB(_Base):
+    __table__ = T["beta"]
+
+
+def test_commit_incomplete_leaves_session_committed(proxied: Any) -> None:
+    """The data is committed: the session ends as after a successful commit (objects
+    persistent and expired, no transaction), then CommitIncomplete tells the caller."""
+    via, ctx = proxied
+    ctx["proxies"]["beta"].drop_reply(STEP["commit_prepared", via["beta"].dialect.name])
+    s = ShardedSession(shards=via, placement=Placement({RowA: Pinned("alpha"),
+                                                        RowB: Pinned("beta")}),
+                       coordinator=TransactionCoordinator(decider="alpha"))
+    a, b = RowA(id=1, v="a"), RowB(id=1, v="b")
+    s.add_all([a, b])
+    with pytest.raises(CommitIncomplete) as ei:
+        s.commit()
+    assert ei.value.pending_shards == ["beta"]
+    assert not s.in_transaction()
+    for obj in (a, b):
+        state = inspect(obj)
+        assert state.persistent and "v" in state.expired_attributes
+    direct = ctx["direct"]
+    assert rows(direct)["alpha"] == 1
+    assert recover(direct, grace_period=0).resolved
+    assert rows(direct) == {"alpha": 1, "beta": 1}
+    ctx["proxies"]["beta"].clear()
+    assert a.v == "a" and b.v == "b"  # reloaded from both shards by the same session
+    s.add(RowA(id=2, v="c"))
+    s.commit()
+    s.close()
+    assert rows(direct)["alpha"] == 2
+
+
+def test_commit_incomplete_with_begin_block(proxied: Any) -> None:
+    via, ctx = proxied
+    ctx["proxies"]["beta"].drop_reply(STEP["commit_prepared", via["beta"].dialect.name])
+    s = ShardedSession(shards=via, placement=Placement({RowA: Pinned("alpha"),
+                                                        RowB: Pinned("beta")}),
+                       coordinator=TransactionCoordinator(decider="alpha"))
+    a = RowA(id=3, v="a")
+    with pytest.raises(CommitIncomplete), s.begin():
+        s.add_all([a, RowB(id=3, v="b")])
+    assert inspect(a).persistent and not s.in_transaction()
+    assert recover(ctx["direct"], grace_period=0).resolved
+    assert rows(ctx["direct"]) == {"alpha": 1, "beta": 1}
+    s.close()

@@ -1,0 +1,171 @@
+"""Branches of a global transaction, and the helpers the protocol runs them with.
+
+A :class:`Branch` is one shard connection and its xid; the helpers here run work on several
+branches at once and deal with lost connections. Nothing here decides anything: the
+decisions are in :mod:`.protocol` and their execution in :mod:`.transaction`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+
+from ..backends import BackendAdapter
+from .xid import Xid
+
+if TYPE_CHECKING:
+    from .transaction import GlobalTransaction
+
+__all__ = [
+    "Branch",
+    "BranchState",
+    "discard_dead",
+    "is_disconnect",
+    "isolation_of",
+    "leave",
+    "rollback_all",
+    "run_parallel",
+    "wrap_error",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BranchState(enum.Enum):
+    ACTIVE = "active"
+    PREPARED = "prepared"
+    #: committed or rolled back by the protocol; SQLAlchemy's own COMMIT/ROLLBACK follows
+    FINISHED = "finished"
+    #: left prepared for recovery (outcome unknown or commit incomplete)
+    LEFT = "left"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class Branch:
+    """One shard connection taking part in a global transaction."""
+
+    index: int
+    engine: Engine
+    shard_id: str
+    connection: Connection
+    adapter: BackendAdapter | None
+    xid: Xid | None = None
+    xa_started: bool = False
+    wrote: bool = False
+    #: the connection's isolation level as SQLAlchemy knows it (no round trip)
+    isolation: str | None = None
+    state: BranchState = BranchState.ACTIVE
+    gt: GlobalTransaction | None = field(default=None, repr=False)
+
+    @property
+    def dbapi(self) -> Any:
+        return self.connection.connection.dbapi_connection
+
+    def describe(self) -> str:
+        return f"{self.shard_id} ({self.xid.bqual if self.xid else self.index})"
+
+def wrap_error(b: Branch, e: Exception, statement: str) -> Exception:
+    """A driver error of a protocol statement as SQLAlchemy would have raised it."""
+    dbapi_mod = b.engine.dialect.loaded_dbapi
+    if isinstance(e, dbapi_mod.Error):
+        return sa_exc.DBAPIError.instance(statement, None, e, dbapi_mod.Error)
+    return e
+
+
+def run_parallel(pool: Executor, tasks: Sequence[tuple[Branch, Callable[[], None]]]
+                 ) -> dict[int, Exception]:
+    """Run one callable per branch, all at once (the first in the calling thread);
+    return the failures by branch index."""
+    errors: dict[int, Exception] = {}
+    if not tasks:
+        return errors
+    futures: list[tuple[Branch, Future[None]]] = [(b, pool.submit(fn)) for b, fn in tasks[1:]]
+    first_b, first_fn = tasks[0]
+    try:
+        first_fn()
+    except Exception as e:
+        errors[first_b.index] = e
+    for b, fut in futures:
+        try:
+            fut.result()
+        except Exception as e:
+            errors[b.index] = e
+    return errors
+
+
+def is_disconnect(b: Branch, e: Exception) -> bool:
+    """Whether ``e`` means the branch's connection is lost."""
+    dialect = b.engine.dialect
+    if not isinstance(e, dialect.loaded_dbapi.Error):
+        return False
+    try:
+        return bool(dialect.is_disconnect(e, b.dbapi, None))
+    except Exception:
+        return True
+
+
+def discard_dead(ordered: Sequence[Branch], errors: dict[int, Exception]) -> None:
+    """Invalidate connections lost mid-protocol, so that SQLAlchemy's ROLLBACK skips
+    them instead of raising over the protocol's own exception."""
+    for i, e in errors.items():
+        b = ordered[i]
+        if is_disconnect(b, e) and not b.connection.invalidated:
+            b.connection.invalidate()
+
+
+def leave(left: Sequence[Branch]) -> None:
+    """Leave branches prepared for recovery without leaking them into the pool."""
+    for b in left:
+        if b.state is BranchState.FINISHED:
+            continue
+        b.state = BranchState.LEFT
+        if (b.adapter is not None and b.adapter.prepared_blocks_connection
+                and not b.connection.invalidated):
+            # A MySQL session holding a prepared branch cannot do anything else; closing
+            # it leaves the branch to recovery (prepared XA survives the disconnect).
+            b.connection.invalidate()
+
+
+
+def rollback_all(pool: Executor, ordered: Sequence[Branch], gtrid: str | None) -> None:
+    """Roll back every branch before the commit point (nothing is committed); a branch
+    that cannot be rolled back now is left to recovery (presumed abort)."""
+
+    def undo(b: Branch) -> Callable[[], None]:
+        def run() -> None:
+            if b.adapter is None:
+                return
+            if b.state is BranchState.PREPARED:
+                b.adapter.rollback_prepared_here(b.dbapi, b.xid)
+                b.state = BranchState.FINISHED
+            elif b.state is BranchState.ACTIVE and b.xa_started:
+                b.adapter.rollback_active(b.dbapi, b.xid)
+                b.state = BranchState.FINISHED
+        return run
+
+    errors = run_parallel(pool, [(b, undo(b)) for b in ordered])
+    discard_dead(ordered, errors)
+    for i, e in errors.items():
+        b = ordered[i]
+        log.warning("2PC %s: rollback of %s failed (%s); recovery will roll it back",
+                    gtrid, b.describe(), e)
+        leave([b])
+
+def isolation_of(connection: Connection) -> str | None:
+    """The isolation level a connection runs at, from what SQLAlchemy knows: the
+    execution option, else the engine's setting, else the server default read at first
+    connect (a ``SET SESSION TRANSACTION`` sent by hand is not seen)."""
+    level = connection.get_execution_options().get("isolation_level")
+    if level is None:
+        dialect = connection.dialect
+        level = getattr(dialect, "isolation_level", None) or getattr(
+            dialect, "default_isolation_level", None)
+    return str(level).upper().replace("_", " ") if level else None

@@ -1,0 +1,206 @@
+"""Concurrency soak (Jepsen's bank test, after quiescence): cross-shard transfers from 8
+threads over PostgreSQL x2 and MariaDB while a recovery worker runs ``recover()`` in a loop.
+
+Every transfer moves an amount between two accounts on different shards in one atomic
+commit. Conflicts (deadlocks across shards end in a lock timeout; serialization failures;
+a prepare that loses against a recovery claim) are retried as whole units of work, never by
+replaying statements. At the end the total balance is unchanged and nothing of ours is in
+doubt. ``SHARDSESSION_SOAK_SECONDS`` sets the duration (default 30 s).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
+from shardsession.exc import CommitIncomplete, OutcomeUnknown, PrepareFailed
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgresql, pytest.mark.mysql]
+
+ACCOUNTS_PER_SHARD = 20
+START_BALANCE = 1000
+THREADS = 8
+
+md = MetaData()
+accounts = Table("soak_accounts", md,
+                 Column("id", Integer, primary_key=True, autoincrement=False),
+                 Column("balance", Integer, nullable=False))
+
+# PostgreSQL: deadlock, serialization failure, lock timeout; MariaDB: deadlock, lock wait
+_RETRY_PG = {"40P01", "40001", "55P03"}
+_RETRY_MY = {1213, 1205}
+
+
+def _retryable(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, PrepareFailed):
+            return True  # nothing committed: a "no" vote or a lost race with a claim
+        orig = getattr(cur, "orig", cur)
+        if getattr(orig, "pgcode", None) in _RETRY_PG:
+            return True
+        args = getattr(orig, "args", ())
+        if args and args[0] in _RETRY_MY:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+@dataclass
+class Stats:
+    commits: int = 0
+    retries: int = 0
+    incomplete: int = 0
+    unknown: int = 0
+    failures: list[str] = field(default_factory=list)
+    recovery_passes: int = 0
+    recovery_errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+
+@pytest.fixture
+def bank(request: pytest.FixtureRequest) -> Iterator[dict[str, Engine]]:
+    urls = {"alpha": request.getfixturevalue("pg_url_a"),
+            "beta": request.getfixturevalue("pg_url_b"),
+            "gamma": request.getfixturevalue("mariadb_url")}
+    engines: dict[str, Engine] = {}
+    for n, u in urls.items():
+        if u.startswith("postgresql"):
+            e = create_engine(u, pool_size=THREADS + 2,
+                              connect_args={"options": "-c lock_timeout=1000"})
+        else:
+            e = create_engine(u, pool_size=THREADS + 2)
+
+            @event.listens_for(e, "connect")
+            def _timeout(dbapi_conn: Any, record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+                cur.close()
+        md.create_all(e)
+        with e.begin() as c:
+            c.execute(accounts.insert(), [{"id": i, "balance": START_BALANCE}
+                                          for i in range(ACCOUNTS_PER_SHARD)])
+        engines[n] = e
+    yield engines
+    for e in engines.values():
+        e.dispose()
+
+
+def _total(engines: dict[str, Engine]) -> int:
+    total = 0
+    for e in engines.values():
+        with e.connect() as c:
+            total += int(c.scalar(select(func.sum(accounts.c.balance))) or 0)
+    return total
+
+
+def _transfer(coord: TransactionCoordinator, engines: dict[str, Engine],
+              names: dict[Engine, str], rnd: random.Random) -> None:
+    src, dst = rnd.sample(list(engines), 2)
+    a, b = rnd.randrange(ACCOUNTS_PER_SHARD), rnd.randrange(ACCOUNTS_PER_SHARD)
+    amount = rnd.randint(1, 50)
+    s = Session()
+    coord.install(s, names.__getitem__)
+    try:
+        s.connection(bind_arguments={"bind": engines[src]}).execute(
+            accounts.update().where(accounts.c.id == a)
+            .values(balance=accounts.c.balance - amount))
+        s.connection(bind_arguments={"bind": engines[dst]}).execute(
+            accounts.update().where(accounts.c.id == b)
+            .values(balance=accounts.c.balance + amount))
+        s.commit()
+    finally:
+        s.close()
+
+
+def test_concurrent_transfers_with_recovery_worker(bank: dict[str, Engine]) -> None:
+    seconds = float(os.environ.get("SHARDSESSION_SOAK_SECONDS", "30"))
+    engines = bank
+    names = {e: n for n, e in engines.items()}
+    initial = _total(engines)
+    assert initial == 3 * ACCOUNTS_PER_SHARD * START_BALANCE
+    coord = TransactionCoordinator()
+    stats = Stats()
+    stop = threading.Event()
+    deadline = time.monotonic() + seconds
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        while time.monotonic() < deadline:
+            for _attempt in range(50):
+                try:
+                    _transfer(coord, engines, names, rnd)
+                    stats.add("commits")
+                    break
+                except CommitIncomplete:
+                    stats.add("incomplete")  # committed; recovery finishes it
+                    break
+                except OutcomeUnknown:
+                    stats.add("unknown")  # all or nothing: the total holds either way
+                    break
+                except (DBAPIError, PrepareFailed) as e:
+                    if not _retryable(e):
+                        with stats.lock:
+                            stats.failures.append(f"{type(e).__name__}: {e}"[:300])
+                        break
+                    stats.add("retries")
+                    time.sleep(rnd.random() * 0.01)
+
+    def recovery_worker() -> None:
+        while not stop.is_set():
+            try:
+                report = recover(engines, grace_period=5.0)
+                if report.errors:
+                    with stats.lock:
+                        stats.recovery_errors.extend(report.errors)
+            except Exception as e:  # keep going, like the CLI's --watch loop
+                with stats.lock:
+                    stats.recovery_errors.append(f"{type(e).__name__}: {e}")
+            stats.add("recovery_passes")
+            stop.wait(0.2)
+
+    rec = threading.Thread(target=recovery_worker, name="soak-recovery")
+    rec.start()
+    threads = [threading.Thread(target=worker, args=(i,), name=f"soak-{i}")
+               for i in range(THREADS)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    rec.join(60)
+    coord.close()
+
+    for _ in range(5):
+        if recover(engines, grace_period=0).resolved and not in_doubt(engines):
+            break
+        time.sleep(1)
+    assert in_doubt(engines) == []
+    assert _total(engines) == initial
+    assert not stats.failures, stats.failures[:5]
+    assert not stats.recovery_errors, stats.recovery_errors[:5]
+    assert stats.commits > 0 and stats.recovery_passes > 10
+    print(f"\nsoak: {elapsed:.1f}s commits={stats.commits} retries={stats.retries} "
+          f"incomplete={stats.incomplete} unknown={stats.unknown} "
+          f"recovery_passes={stats.recovery_passes} "
+          f"throughput={stats.commits / elapsed:.1f} commits/s")
