@@ -252,16 +252,26 @@ class ShardedSession(_SAShardedSession):
         placement = self._placement
         stmt = orm_context.statement
         for_write = isinstance(stmt, Update | Delete | Insert)
+        params = orm_context.parameters if isinstance(orm_context.parameters, dict) else {}
+        where = getattr(stmt, "whereclause", None)
         mappers = [m for m in orm_context.all_mappers if placement.is_placed(m)]
         if not mappers:
             mappers = _mappers_of_tables(placement, stmt)
         if not mappers:
             return list(placement.shards)
-        params = orm_context.parameters if isinstance(orm_context.parameters, dict) else {}
-        where = getattr(stmt, "whereclause", None)
         if isinstance(stmt, Select | Update | Delete) or for_write:
             candidates: list[str] | None = None
             keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
+            if len(keyed) > 1 and not placement.colocated([m.local_table for m in keyed]):
+                # Intersecting their shards would silently drop the pairs of rows that live
+                # on different shards: refuse before asking any shard.
+                raise UnsupportedQueryError(
+                    "the statement relates rows of "
+                    + ", ".join(sorted({m.class_.__name__ for m in keyed}))
+                    + ", which are placed independently and may be on different shards",
+                    shard_id=None,
+                    construct="join of tables that are not co-located",
+                )
             for m in keyed or mappers:
                 found = placement.shards_for_clause(m, where, params, for_write=for_write)
                 candidates = found if candidates is None else [s for s in candidates if s in found]

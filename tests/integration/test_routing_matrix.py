@@ -264,3 +264,23 @@ def test_joins_need_colocated_placement(tmp_path: Any, backend: str) -> None:
             s.execute(select(User.id).join(u2, u2.id == User.id + 1)).all()
     for _ in gen:
         pass
+
+
+def test_single_shard_join_of_independent_tables_is_refused(tmp_path: Any) -> None:
+    from shardsession import UnsupportedQueryError
+
+    gen = build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in ("s0", "s1", "s2")])
+    cluster = next(gen)
+    Session = cluster.session_factory()
+    with Session() as s:
+        # both sides pinned to one shard each by the WHERE clause: intersecting the shards
+        # would answer "no rows" without asking; the pair may well exist across shards
+        stmt = (
+            select(User.id, AuditLog.id)
+            .join(AuditLog, AuditLog.id == User.id)
+            .where(User.id == 5)
+        )
+        with pytest.raises(UnsupportedQueryError, match="placed independently"):
+            s.execute(stmt).all()
+    for _ in gen:
+        pass
