@@ -86,6 +86,9 @@ class Cluster:
         self.decider = decider
         self.recovery_grace = recovery_grace
         self._engines: dict[str, Engine] = {}
+        # Shards given the same URL and options are one database: one engine, one pool
+        # (and one branch of a commit).
+        by_url: dict[tuple[str, str], Engine] = {}
         for name, target in shards.items():
             if not isinstance(name, str) or not name or not name.isidentifier():
                 raise ConfigurationError(
@@ -100,8 +103,13 @@ class Cluster:
                 raise ConfigurationError(
                     f"shard {name!r}: not a database URL: {masked_url(target)}"
                 ) from e
+            kw = dict(options.get(name, {}))
+            key = (url.render_as_string(hide_password=False), repr(sorted(kw.items())))
+            if key in by_url:
+                self._engines[name] = by_url[key]
+                continue
             try:
-                self._engines[name] = create_engine(url, **dict(options.get(name, {})))
+                self._engines[name] = by_url[key] = create_engine(url, **kw)
             except Exception as e:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
@@ -109,9 +117,11 @@ class Cluster:
         self._coordinator: Any = None
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> Cluster:
+    def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Cluster:
         """Read a cluster from a TOML file (see the module docstring for the format).
 
+        :param engine_defaults: ``create_engine`` keywords for every shard (a shard's own
+            keys in the file win).
         :raises ConfigurationError: unreadable file, bad TOML, or a bad table or key.
         """
         try:
@@ -121,10 +131,12 @@ class Cluster:
             raise ConfigurationError(f"cannot read cluster config {path}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"{path}: invalid TOML: {e}") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), **engine_defaults)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> Cluster:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str = "config", **engine_defaults: Any
+    ) -> Cluster:
         """Build a cluster from the parsed TOML structure."""
         unknown = set(data) - {"cluster", "shards"}
         if unknown:
@@ -138,7 +150,7 @@ class Cluster:
             if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
                 raise ConfigurationError(f'{source}: [shards.{name}] needs url = "..."')
             shards[name] = spec["url"]
-            extra = {k: v for k, v in spec.items() if k != "url"}
+            extra = {**engine_defaults, **{k: v for k, v in spec.items() if k != "url"}}
             if extra:
                 options[name] = extra
         settings = data.get("cluster", {})

@@ -20,61 +20,24 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import create_engine
-from sqlalchemy.engine import Engine
-
+from ..config import Cluster
 from ..coordinator.recovery import RecoveryReport, in_doubt, recover
+from ..exc import ConfigurationError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
-
-__all__ = ["add_arguments", "cmd_recover", "cmd_status", "load_shard_urls"]
+__all__ = ["add_arguments", "cmd_recover", "cmd_status", "load_cluster"]
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(Exception):
-    """The configuration file is unusable."""
+def load_cluster(path: str) -> Cluster:
+    """Read the cluster's TOML file (the format of :class:`shardsession.config.Cluster`).
 
-
-def load_shard_urls(path: str) -> dict[str, str]:
-    """Read ``[shards.NAME] url = "..."`` tables from a TOML file.
-
-    Kept small on purpose: ``shardsession.config.Cluster.from_toml`` replaces it.
+    :raises ConfigurationError: the file is unreadable or not a valid cluster config.
     """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
-    shards = data.get("shards")
-    if not isinstance(shards, dict) or not shards:
-        raise ConfigError(f"{path}: no [shards.NAME] tables")
-    out: dict[str, str] = {}
-    for name, table in shards.items():
-        url = table.get("url") if isinstance(table, dict) else None
-        if not isinstance(url, str) or not url:
-            raise ConfigError(f"{path}: [shards.{name}] needs url = \"...\"")
-        out[str(name)] = url
-    return out
-
-
-def _engines(urls: Mapping[str, str]) -> dict[str, Engine]:
-    # Engines of one URL are shared so shards that are one database are one connection
-    # pool; passwords never reach the output (hide_password in every message).
-    by_url: dict[str, Engine] = {}
-    out = {}
-    for name, url in urls.items():
-        if url not in by_url:
-            by_url[url] = create_engine(url, pool_pre_ping=True)
-        out[name] = by_url[url]
-    return out
+    return Cluster.from_toml(path, pool_pre_ping=True)
 
 
 def _print_report(report: RecoveryReport) -> None:
@@ -93,10 +56,12 @@ def _print_report(report: RecoveryReport) -> None:
 def cmd_recover(args: argparse.Namespace) -> int:
     """One recovery pass, or a worker loop with ``--watch`` (stops on SIGTERM/SIGINT)."""
     try:
-        engines = _engines(load_shard_urls(args.config))
-    except ConfigError as e:
+        cluster = load_cluster(args.config)
+    except ConfigurationError as e:
         print(f"shardsession recover: {e}", file=sys.stderr)
         return 2
+    engines = cluster.engines
+    grace = args.grace if args.grace is not None else cluster.recovery_grace
     stop = threading.Event()
     if args.watch:
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -109,7 +74,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                report = recover(engines, grace_period=args.grace)
+                report = recover(engines, grace_period=grace)
             except Exception as e:  # keep the worker alive across transient failures
                 log.exception("recovery pass failed")
                 print(f"recovery pass failed: {type(e).__name__}: {e}")
@@ -129,8 +94,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print in-doubt branches of ours per shard with their age."""
     try:
-        engines = _engines(load_shard_urls(args.config))
-    except ConfigError as e:
+        engines = load_cluster(args.config).engines
+    except ConfigurationError as e:
         print(f"shardsession status: {e}", file=sys.stderr)
         return 2
     try:
@@ -157,9 +122,9 @@ def add_arguments(subparsers: Any) -> None:
     p.add_argument("--watch", action="store_true", help="run as a worker until SIGTERM")
     p.add_argument("--interval", type=float, default=30.0, metavar="SECONDS",
                    help="seconds between passes with --watch (default 30)")
-    p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
-                   help="leave undecided transactions younger than this to their "
-                        "coordinator (default 60)")
+    p.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                   help="seconds before an undecided prepared branch is claimed aborted "
+                   "(default: [cluster] recovery_grace of the config, else 60)")
     p.set_defaults(func=cmd_recover)
     s = subparsers.add_parser("status", help="list in-doubt transactions per shard")
     s.add_argument("--config", required=True, metavar="FILE", help="TOML with [shards.NAME] url")
