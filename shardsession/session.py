@@ -100,6 +100,9 @@ class ShardedSession(_SAShardedSession):
                 )
             if not shards:
                 raise ConfigurationError("a placement needs shards={name: engine, ...}")
+            bad = [k for k in shards if not isinstance(k, str) or not k]
+            if bad:
+                raise ConfigurationError(f"a placement needs string shard ids, not {bad!r}")
             placement.bind(list(shards))
             shard_chooser = self._placement_shard_chooser
             identity_chooser = self._placement_identity_chooser
@@ -136,10 +139,18 @@ class ShardedSession(_SAShardedSession):
         """The shard ids and their binds (read-only view)."""
         return dict(self._shards)
 
-    def bind_shard(self, shard_id: str, bind: Any) -> None:
-        """Add or replace the bind (Engine) of ``shard_id``."""
-        if not isinstance(shard_id, str) or not shard_id:
-            raise ConfigurationError(f"shard ids are non-empty strings, not {shard_id!r}")
+    def bind_shard(self, shard_id: Any, bind: Any) -> None:
+        """Add or replace the bind (Engine) of ``shard_id``.
+
+        Shard ids are strings by convention; like SQLAlchemy's class, any hashable id other
+        than ``None`` and ``""`` is accepted (a ``placement`` needs strings).
+        """
+        try:
+            hash(shard_id)
+        except TypeError:
+            raise ConfigurationError(f"shard ids must be hashable, not {shard_id!r}") from None
+        if shard_id is None or shard_id == "":
+            raise ConfigurationError(f"a shard id cannot be {shard_id!r}")
         if not isinstance(bind, Engine | Connection) and not hasattr(bind, "connect"):
             raise ConfigurationError(f"shard {shard_id!r}: bind must be an Engine, not {bind!r}")
         self._shards[shard_id] = bind
@@ -149,10 +160,11 @@ class ShardedSession(_SAShardedSession):
             raise NoShardChosenError("the shard chooser returned None", shard_id=None)
         if shard_id not in self._shards:
             raise UnknownShardError(
-                f"unknown shard id {shard_id!r}; configured shards are {sorted(self._shards)}",
+                f"unknown shard id {shard_id!r}; configured shards are "
+                f"{sorted(self._shards, key=repr)}",
                 shard_id=shard_id,
             )
-        return str(shard_id)
+        return shard_id  # type: ignore[no-any-return]
 
     def _shard_for(self, mapper: Any, instance: Any, **kw: Any) -> str:
         if instance is not None:

@@ -212,3 +212,33 @@ def test_ordered_limit_and_count_are_merged(tmp_path: Any) -> None:
         assert names == everything[:3]
         assert sess.scalar(select(func.count()).select_from(Station)) == len(everything)
         assert sess.query(Station).count() == len(everything)
+
+
+def test_integer_shard_ids_work_as_in_sqlalchemy(tmp_path: Any) -> None:
+    Base = declarative_base()
+
+    class Thing(Base):  # type: ignore[valid-type,misc]
+        __tablename__ = "things"
+        id = Column(Integer, primary_key=True, autoincrement=False)
+
+    engines = {n: create_engine(f"sqlite:///{tmp_path}/int{n}.db") for n in (1, 2)}
+    for e in engines.values():
+        Base.metadata.create_all(e)
+    for cls in (horizontal_shard.ShardedSession, shardsession.ShardedSession):
+        maker = sessionmaker(
+            class_=cls,
+            shards=engines,
+            shard_chooser=lambda m, inst, clause=None: 1 + inst.id % 2,
+            identity_chooser=lambda *a, **k: [1, 2],
+            execute_chooser=lambda ctx: [1, 2],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonAtomicCommitWarning)
+            with maker() as s:
+                s.add_all(
+                    Thing(id=i + (100 if cls is shardsession.ShardedSession else 0))
+                    for i in range(4)
+                )
+                s.commit()
+                tokens = sorted({inspect(t).identity_token for t in s.scalars(select(Thing))})
+        assert tokens == [1, 2]
