@@ -29,6 +29,7 @@ worker pools and in the recovery worker).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -208,5 +209,22 @@ class NonAtomicCommitWarning(UserWarning):
 
 
 def warn_non_atomic(message: str) -> None:
-    """Emit :class:`NonAtomicCommitWarning` attributed to the caller of the session API."""
-    warnings.warn(message, NonAtomicCommitWarning, stacklevel=4)
+    """Emit :class:`NonAtomicCommitWarning` attributed to the program's own line."""
+    warnings.warn(message, NonAtomicCommitWarning, stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside
+    shardsession and SQLAlchemy (the program's ``commit()`` or constructor call), as
+    SQLAlchemy's own warnings do, however deep inside the libraries it is raised."""
+    # frame 2 is the caller of the function that calls warnings.warn (stacklevel 2)
+    frame: Any = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "shardsession",
+        "sqlalchemy",
+        "contextlib",  # `with sessionmaker.begin():` exits through contextlib
+    ):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -16,7 +16,6 @@ commit that wrote to several shards goes through the coordinator
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +38,7 @@ from .exc import (
     RoutingError,
     UnknownShardError,
     UnsupportedQueryError,
+    user_stacklevel,
 )
 from .query import FanoutOptions, execute_on_shards
 from .routing.placement import Placement
@@ -304,17 +304,9 @@ def _warn_deprecated(message: str, since: str) -> None:
     """Warn as ``sqlalchemy.util.warn_deprecated`` does: attributed to the first frame
     outside shardsession and SQLAlchemy (the program's constructor or sessionmaker call),
     however deep the call."""
-    frame: Any = sys._getframe(1)
-    level = 2
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
-        "shardsession",
-        "sqlalchemy",
-    ):
-        frame = frame.f_back
-        level += 1
     warning = SADeprecationWarning(message)
     warning.deprecated_since = since  # type: ignore[attr-defined]
-    warnings.warn(warning, stacklevel=level)
+    warnings.warn(warning, stacklevel=user_stacklevel())
 
 
 def _identity_chooser(
