@@ -17,30 +17,29 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
-from sqlalchemy import Engine, Table, event, inspect
-from sqlalchemy.engine import Connection, Result
-from sqlalchemy.exc import ArgumentError, SADeprecationWarning
+from sqlalchemy import Engine, event, inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql import Delete, Insert, Select, Update, insert
+from sqlalchemy.sql import Delete, Insert, Select, Update
 
 from . import _compat
+from ._execute import execute, mappers_of_tables
 from ._flush import place_flush, replicate_broadcast
+from ._legacy import execute_chooser_of, identity_chooser_of
 from .exc import (
     ConfigurationError,
     NoShardChosenError,
     RoutingError,
     UnknownShardError,
     UnsupportedQueryError,
-    user_stacklevel,
 )
-from .query import FanoutOptions, execute_on_shards
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
@@ -122,10 +121,10 @@ class ShardedSession(_SAShardedSession):
         # sessionmaker then run before the routing (once per statement, and the choosers
         # see what they did), not once per shard inside it.
         Session.__init__(self, query_cls=query_cls, **kwargs)
-        event.listen(self, "do_orm_execute", _execute, retval=True)
+        event.listen(self, "do_orm_execute", execute, retval=True)
         self.shard_chooser = shard_chooser  # type: ignore[assignment]
-        self.identity_chooser = _identity_chooser(self, identity_chooser, id_chooser)
-        self.execute_chooser = _execute_chooser(execute_chooser, query_chooser)
+        self.identity_chooser = identity_chooser_of(self, identity_chooser, id_chooser)
+        self.execute_chooser = execute_chooser_of(execute_chooser, query_chooser)
         if self.shard_chooser is None:
             raise ArgumentError("shard_chooser is required (or pass placement=)")
         for name, bind in (shards or {}).items():
@@ -268,7 +267,7 @@ class ShardedSession(_SAShardedSession):
         where = getattr(stmt, "whereclause", None)
         mappers = [m for m in orm_context.all_mappers if placement.is_placed(m)]
         if not mappers:
-            mappers = _mappers_of_tables(placement, stmt)
+            mappers = mappers_of_tables(placement, stmt)
         if not mappers:
             return list(placement.shards)
         if isinstance(stmt, Select | Update | Delete) or for_write:
@@ -300,60 +299,6 @@ def _engine_of(bind: Any) -> Any:
     return getattr(bind, "engine", bind)
 
 
-def _warn_deprecated(message: str, since: str) -> None:
-    """Warn as ``sqlalchemy.util.warn_deprecated`` does: attributed to the first frame
-    outside shardsession and SQLAlchemy (the program's constructor or sessionmaker call),
-    however deep the call."""
-    warning = SADeprecationWarning(message)
-    warning.deprecated_since = since  # type: ignore[attr-defined]
-    warnings.warn(warning, stacklevel=user_stacklevel())
-
-
-def _identity_chooser(
-    session: ShardedSession,
-    identity_chooser: Callable[..., Any] | None,
-    id_chooser: Callable[..., Any] | None,
-) -> Callable[..., Any]:
-    """SQLAlchemy's rules: ``identity_chooser``, or the deprecated ``id_chooser``."""
-    if id_chooser is not None:
-        _warn_deprecated(
-            "The ``id_chooser`` parameter is deprecated; please use ``identity_chooser``.",
-            "2.0",
-        )
-        legacy = id_chooser
-
-        def _legacy(
-            mapper: Mapper[Any], primary_key: Any, *, lazy_loaded_from: Any = None, **kw: Any
-        ) -> Any:
-            q = session.query(mapper)
-            if lazy_loaded_from:
-                q = _compat.query_lazyload_from(q, lazy_loaded_from)
-            return legacy(q, primary_key)
-
-        return _legacy
-    if identity_chooser is None:
-        raise ArgumentError("identity_chooser or id_chooser is required")
-    return identity_chooser
-
-
-def _execute_chooser(
-    execute_chooser: Callable[..., Any] | None, query_chooser: Callable[..., Any] | None
-) -> Callable[[ORMExecuteState], Iterable[Any]]:
-    """SQLAlchemy's rules: ``execute_chooser``, or the deprecated ``query_chooser``."""
-    if query_chooser is not None:
-        _warn_deprecated(
-            "The ``query_chooser`` parameter is deprecated; please use ``execute_chooser``.",
-            "1.4",
-        )
-        if execute_chooser is not None:
-            raise ArgumentError("Can't pass query_chooser and execute_chooser at the same time.")
-        legacy = query_chooser
-        return lambda orm_context: legacy(orm_context.statement)  # type: ignore[no-any-return]
-    if execute_chooser is None:
-        raise ArgumentError("execute_chooser or query_chooser is required")
-    return execute_chooser
-
-
 _default_coordinators: dict[tuple[str, str | None], Any] = {}
 _default_lock = threading.Lock()
 
@@ -379,17 +324,6 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
     return coordinator
 
 
-def _mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
-    tables = []
-    table = getattr(stmt, "table", None)
-    if table is not None:
-        tables.append(table)
-    froms = getattr(stmt, "get_final_froms", None)
-    if froms is not None:
-        tables.extend(froms())
-    return placement.mappers_for_tables(tables)
-
-
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     if isinstance(session, ShardedSession) and session.placement is not None:
         place_flush(session, session.placement, session._shards)
@@ -398,136 +332,6 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 def _after_flush(session: Session, flush_context: Any) -> None:
     if isinstance(session, ShardedSession) and session.placement is not None:
         replicate_broadcast(session, session.placement)
-
-
-def _invoke_one(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
-    bind_arguments = dict(orm_context.bind_arguments)
-    bind_arguments["shard_id"] = shard_id
-    orm_context.update_execution_options(identity_token=shard_id)
-    return orm_context.invoke_statement(bind_arguments=bind_arguments)
-
-
-def _execute(orm_context: ORMExecuteState) -> Result[Any]:
-    """The session's ``do_orm_execute`` handler: route, then run on one or many shards.
-
-    Failure semantics: a routing error is raised before any shard is asked; errors of a
-    fan-out are described in :func:`shardsession.query.execute_on_shards`.
-    """
-    session = orm_context.session
-    assert isinstance(session, ShardedSession)
-    explicit = _compat.explicit_shard_of(orm_context)
-    if explicit is not None:
-        return _invoke_one(orm_context, session._check_shard(explicit))
-
-    if session.placement is not None and orm_context.is_insert:
-        return _routed_insert(session, orm_context)
-
-    chosen = session.execute_chooser(orm_context)
-    if chosen is None:
-        raise NoShardChosenError("the execute chooser returned None", shard_id=None)
-    shard_ids = list(dict.fromkeys(session._check_shard(s) for s in chosen))
-    if not shard_ids:
-        raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
-    if len(shard_ids) == 1:
-        return _invoke_one(orm_context, shard_ids[0])
-    options = FanoutOptions(
-        max_workers=session.fanout_max_workers,
-        timeout=session.fanout_timeout,
-        placement=session.placement,
-    )
-    return execute_on_shards(orm_context, shard_ids, options)
-
-
-def _routed_insert(session: ShardedSession, orm_context: ORMExecuteState) -> Result[Any]:
-    """Route an INSERT with parameter sets: each row goes to the shard of its key.
-
-    An ORM-enabled bulk INSERT (``session.execute(insert(User), rows)``) is sent as a Core
-    INSERT into the mapper's table, because SQLAlchemy's ORM bulk insert refuses sharded
-    sessions; a broadcast table gets every row on every shard.
-
-    Failure semantics: rows go to their shards inside the session's transaction; an error
-    on one shard propagates and the session must be rolled back (nothing is committed).
-    """
-    placement = session.placement
-    assert placement is not None
-    stmt = orm_context.statement
-    mapper = orm_context.bind_mapper
-    if mapper is None:
-        mappers = _mappers_of_tables(placement, stmt)
-        mapper = mappers[0] if mappers else None
-    if mapper is None:
-        raise RoutingError(
-            "cannot route an INSERT into a table the placement does not know; "
-            "pass bind_arguments={'shard_id': ...}",
-            shard_id=None,
-        )
-    r = placement.resolve(mapper)
-    params = orm_context.parameters
-    rows: list[dict[str, Any]]
-    if isinstance(params, list):
-        rows = [dict(p) for p in params]
-    elif isinstance(params, Mapping):
-        rows = [dict(params)]
-    else:
-        rows = []
-    orm_entity = orm_context.is_orm_statement
-    # parameter keys are attribute names for an ORM insert, column keys for a Core one
-    key_names = r.attrs if orm_entity else tuple(str(c.key) for c in r.columns)
-    if isinstance(r.rule, Broadcast):
-        groups = {s: rows for s in placement.shards}
-    elif r.strategy is not None and rows:
-        groups = {}
-        for row in rows:
-            try:
-                values = tuple(row[k] for k in key_names)
-            except KeyError as e:
-                raise RoutingError(
-                    f"an INSERT row for {mapper.class_.__name__} lacks shard key {e.args[0]!r}",
-                    shard_id=None,
-                ) from e
-            shard = r.strategy.shard_for(values[0] if len(values) == 1 else values)
-            groups.setdefault(session._check_shard(shard), []).append(row)
-    else:
-        only = placement.all_candidates(mapper)
-        if len(only) != 1:
-            raise RoutingError(
-                f"cannot route this INSERT into {mapper.class_.__name__}: pass the rows as "
-                "parameter dictionaries carrying the shard key, or "
-                "bind_arguments={'shard_id': ...}",
-                shard_id=None,
-            )
-        groups = {only[0]: rows}
-    if not orm_entity and len(groups) == 1 and not isinstance(r.rule, Broadcast):
-        return _invoke_one(orm_context, next(iter(groups)))
-    if orm_entity:
-        if getattr(stmt, "returning_column_descriptions", None) or len(mapper.tables) != 1:
-            raise UnsupportedQueryError(
-                "a bulk INSERT with RETURNING, or into a multi-table (joined inheritance) "
-                f"mapper {mapper.class_.__name__}, cannot be routed across shards; add the "
-                "objects with session.add_all() instead",
-                shard_id=None,
-                construct="bulk INSERT",
-            )
-        stmt = insert(cast(Table, mapper.local_table))
-        to_column = {p.key: p.columns[0].key for p in mapper.column_attrs}
-        groups = {
-            s: [{to_column.get(k, k): v for k, v in row.items()} for row in g]
-            for s, g in groups.items()
-        }
-    results = []
-    for shard_id, group in groups.items():
-        conn = session.connection(bind_arguments={"shard_id": shard_id})
-        results.append(conn.execute(stmt, group if len(group) != 1 else group[0]))
-    return _combine(results)
-
-
-def _combine(results: Sequence[Result[Any]]) -> Result[Any]:
-    """One result for a write sent to several shards: RETURNING rows concatenated."""
-    if len(results) == 1:
-        return results[0]
-    if all(getattr(r, "returns_rows", False) for r in results):
-        return results[0].merge(*results[1:])
-    return results[-1]
 
 
 # Class-level listeners: registered once, they apply to every ShardedSession (and subclass)

@@ -1,0 +1,164 @@
+"""Statement execution of a sharded session: where each statement goes, and how.
+
+The session's ``do_orm_execute`` handler (:func:`execute`) pins a statement to the shard
+an option, identity token or bind argument names, routes INSERT rows by their keys, and
+otherwise asks the execute chooser and hands the shards to :mod:`shardsession.query`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy import Table
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import Mapper, ORMExecuteState
+from sqlalchemy.sql import insert
+
+from . import _compat
+from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
+from .query import FanoutOptions, execute_on_shards
+from .routing.placement import Placement
+from .routing.strategies import Broadcast
+
+__all__ = ["combine", "execute", "invoke_one", "mappers_of_tables", "routed_insert"]
+
+
+def mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
+    tables = []
+    table = getattr(stmt, "table", None)
+    if table is not None:
+        tables.append(table)
+    froms = getattr(stmt, "get_final_froms", None)
+    if froms is not None:
+        tables.extend(froms())
+    return placement.mappers_for_tables(tables)
+
+
+def invoke_one(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
+    bind_arguments = dict(orm_context.bind_arguments)
+    bind_arguments["shard_id"] = shard_id
+    orm_context.update_execution_options(identity_token=shard_id)
+    return orm_context.invoke_statement(bind_arguments=bind_arguments)
+
+
+def execute(orm_context: ORMExecuteState) -> Result[Any]:
+    """The session's ``do_orm_execute`` handler: route, then run on one or many shards.
+
+    Failure semantics: a routing error is raised before any shard is asked; errors of a
+    fan-out are described in :func:`shardsession.query.execute_on_shards`.
+    """
+    session: Any = orm_context.session  # a shardsession.ShardedSession
+    explicit = _compat.explicit_shard_of(orm_context)
+    if explicit is not None:
+        return invoke_one(orm_context, session._check_shard(explicit))
+
+    if session.placement is not None and orm_context.is_insert:
+        return routed_insert(session, orm_context)
+
+    chosen = session.execute_chooser(orm_context)
+    if chosen is None:
+        raise NoShardChosenError("the execute chooser returned None", shard_id=None)
+    shard_ids = list(dict.fromkeys(session._check_shard(s) for s in chosen))
+    if not shard_ids:
+        raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
+    if len(shard_ids) == 1:
+        return invoke_one(orm_context, shard_ids[0])
+    options = FanoutOptions(
+        max_workers=session.fanout_max_workers,
+        timeout=session.fanout_timeout,
+        placement=session.placement,
+    )
+    return execute_on_shards(orm_context, shard_ids, options)
+
+
+def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
+    """Route an INSERT with parameter sets: each row goes to the shard of its key.
+
+    An ORM-enabled bulk INSERT (``session.execute(insert(User), rows)``) is sent as a Core
+    INSERT into the mapper's table, because SQLAlchemy's ORM bulk insert refuses sharded
+    sessions; a broadcast table gets every row on every shard.
+
+    Failure semantics: rows go to their shards inside the session's transaction; an error
+    on one shard propagates and the session must be rolled back (nothing is committed).
+    """
+    placement = session.placement
+    assert placement is not None
+    stmt = orm_context.statement
+    mapper = orm_context.bind_mapper
+    if mapper is None:
+        mappers = mappers_of_tables(placement, stmt)
+        mapper = mappers[0] if mappers else None
+    if mapper is None:
+        raise RoutingError(
+            "cannot route an INSERT into a table the placement does not know; "
+            "pass bind_arguments={'shard_id': ...}",
+            shard_id=None,
+        )
+    r = placement.resolve(mapper)
+    params = orm_context.parameters
+    rows: list[dict[str, Any]]
+    if isinstance(params, list):
+        rows = [dict(p) for p in params]
+    elif isinstance(params, Mapping):
+        rows = [dict(params)]
+    else:
+        rows = []
+    orm_entity = orm_context.is_orm_statement
+    # parameter keys are attribute names for an ORM insert, column keys for a Core one
+    key_names = r.attrs if orm_entity else tuple(str(c.key) for c in r.columns)
+    if isinstance(r.rule, Broadcast):
+        groups = {s: rows for s in placement.shards}
+    elif r.strategy is not None and rows:
+        groups = {}
+        for row in rows:
+            try:
+                values = tuple(row[k] for k in key_names)
+            except KeyError as e:
+                raise RoutingError(
+                    f"an INSERT row for {mapper.class_.__name__} lacks shard key {e.args[0]!r}",
+                    shard_id=None,
+                ) from e
+            shard = r.strategy.shard_for(values[0] if len(values) == 1 else values)
+            groups.setdefault(session._check_shard(shard), []).append(row)
+    else:
+        only = placement.all_candidates(mapper)
+        if len(only) != 1:
+            raise RoutingError(
+                f"cannot route this INSERT into {mapper.class_.__name__}: pass the rows as "
+                "parameter dictionaries carrying the shard key, or "
+                "bind_arguments={'shard_id': ...}",
+                shard_id=None,
+            )
+        groups = {only[0]: rows}
+    if not orm_entity and len(groups) == 1 and not isinstance(r.rule, Broadcast):
+        return invoke_one(orm_context, next(iter(groups)))
+    if orm_entity:
+        if getattr(stmt, "returning_column_descriptions", None) or len(mapper.tables) != 1:
+            raise UnsupportedQueryError(
+                "a bulk INSERT with RETURNING, or into a multi-table (joined inheritance) "
+                f"mapper {mapper.class_.__name__}, cannot be routed across shards; add the "
+                "objects with session.add_all() instead",
+                shard_id=None,
+                construct="bulk INSERT",
+            )
+        stmt = insert(cast(Table, mapper.local_table))
+        to_column = {p.key: p.columns[0].key for p in mapper.column_attrs}
+        groups = {
+            s: [{to_column.get(k, k): v for k, v in row.items()} for row in g]
+            for s, g in groups.items()
+        }
+    results = []
+    for shard_id, group in groups.items():
+        conn = session.connection(bind_arguments={"shard_id": shard_id})
+        results.append(conn.execute(stmt, group if len(group) != 1 else group[0]))
+    return combine(results)
+
+
+def combine(results: Sequence[Result[Any]]) -> Result[Any]:
+    """One result for a write sent to several shards: RETURNING rows concatenated."""
+    if len(results) == 1:
+        return results[0]
+    if all(getattr(r, "returns_rows", False) for r in results):
+        return results[0].merge(*results[1:])
+    return results[-1]
