@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
 __all__ = ["MySQLAdapter"]
@@ -55,7 +56,7 @@ def _server_info(dbapi_conn: Any) -> Any:
     return get() if get is not None else ""
 
 
-class MySQLAdapter:
+class MySQLAdapter(DecisionTableSQL):
     """Two-phase commit on MySQL/MariaDB through XA."""
 
     name = "mysql"
@@ -146,40 +147,7 @@ class MySQLAdapter:
         if lock_timeout is not None and "MariaDB" in str(_server_info(dbapi_conn)):
             prefix = (f"SET STATEMENT innodb_lock_wait_timeout = "
                       f"{max(1, round(lock_timeout)):d} FOR ")
-        self._exec(
-            dbapi_conn,
-            f"{prefix}INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
-            "VALUES (%s, %s, %s, %s)",
-            (row.gtrid, row.outcome, row.decided_at, row.participants),
-        )
-
-    def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:
-        rows = self._exec(
-            dbapi_conn,
-            f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE} "
-            "WHERE gtrid = %s",
-            (gtrid,),
-        )
-        if not rows:
-            return None
-        r = rows[0]
-        return DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3]))
-
-    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
-        rows = self._exec(
-            dbapi_conn, f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE}"
-        )
-        return [DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3])) for r in rows or ()]
-
-    def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
-        n = 0
-        cur = dbapi_conn.cursor()
-        try:
-            for g in gtrids:
-                n += int(cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = %s", (g,)))
-        finally:
-            cur.close()
-        return n
+        self._exec(dbapi_conn, self._insert_decision_sql(prefix), self._decision_params(row))
 
     def is_unknown_xid(self, error: BaseException) -> bool:
         return _errno(error) == XAER_NOTA

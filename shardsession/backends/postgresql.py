@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
 __all__ = ["PostgreSQLAdapter"]
@@ -47,7 +48,7 @@ def _pgcode(error: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
-class PostgreSQLAdapter:
+class PostgreSQLAdapter(DecisionTableSQL):
     """Two-phase commit on PostgreSQL (``max_prepared_transactions`` > 0)."""
 
     name = "postgresql"
@@ -168,35 +169,9 @@ class PostgreSQLAdapter:
             timeout = f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000)):d}; "
         self._exec(
             dbapi_conn,
-            f"SET LOCAL synchronous_commit TO on; {timeout}"
-            f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
-            "VALUES (%s, %s, %s, %s)",
-            (row.gtrid, row.outcome, row.decided_at, row.participants),
+            self._insert_decision_sql(f"SET LOCAL synchronous_commit TO on; {timeout}"),
+            self._decision_params(row),
         )
-
-    def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(
-                f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE} "
-                "WHERE gtrid = %s",
-                (gtrid,),
-            )
-            r = cur.fetchone()
-        finally:
-            cur.close()
-        return DecisionRow(r[0], r[1], float(r[2]), r[3]) if r else None
-
-    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(
-                f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE}"
-            )
-            rows = cur.fetchall()
-        finally:
-            cur.close()
-        return [DecisionRow(r[0], r[1], float(r[2]), r[3]) for r in rows]
 
     def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
         if not gtrids:

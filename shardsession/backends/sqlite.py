@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
 __all__ = ["SQLiteAdapter"]
@@ -27,10 +28,11 @@ _DDL = (
 _FULL = 2
 
 
-class SQLiteAdapter:
+class SQLiteAdapter(DecisionTableSQL):
     """SQLite as a one-phase participant and decider."""
 
     name = "sqlite"
+    placeholder = "?"
     xid_at_begin = False
     prepared_blocks_connection = False
 
@@ -91,41 +93,7 @@ class SQLiteAdapter:
 
     def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,
                         lock_timeout: float | None = None) -> None:
-        self._exec(
-            dbapi_conn,
-            f"INSERT INTO {DECISION_TABLE} (gtrid, outcome, decided_at, participants) "
-            "VALUES (?, ?, ?, ?)",
-            (row.gtrid, row.outcome, row.decided_at, row.participants),
-        )
-
-    def read_decision(self, dbapi_conn: Any, gtrid: str) -> DecisionRow | None:
-        rows = self._exec(
-            dbapi_conn,
-            f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE} "
-            "WHERE gtrid = ?",
-            (gtrid,),
-        )
-        if not rows:
-            return None
-        r = rows[0]
-        return DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3]))
-
-    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
-        rows = self._exec(
-            dbapi_conn, f"SELECT gtrid, outcome, decided_at, participants FROM {DECISION_TABLE}"
-        )
-        return [DecisionRow(str(r[0]), str(r[1]), float(r[2]), str(r[3])) for r in rows or ()]
-
-    def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
-        n = 0
-        cur = dbapi_conn.cursor()
-        try:
-            for g in gtrids:
-                cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = ?", (g,))
-                n += max(cur.rowcount, 0)
-        finally:
-            cur.close()
-        return n
+        self._exec(dbapi_conn, self._insert_decision_sql(), self._decision_params(row))
 
     def is_unknown_xid(self, error: BaseException) -> bool:
         return False
