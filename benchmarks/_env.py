@@ -9,6 +9,8 @@ from typing import Any
 from harness import servers
 from harness.faultproxy import FaultProxy
 
+from ._proxy_process import ProcessProxy
+
 __all__ = ["BenchEnv", "median_pair"]
 
 
@@ -17,7 +19,7 @@ class BenchEnv:
 
     def __init__(self) -> None:
         self._servers: dict[str, Any] = {}
-        self._proxies: list[FaultProxy] = []
+        self._proxies: list[FaultProxy | ProcessProxy] = []
 
     def server(self, slot: str) -> Any:
         """``"pg1"``, ``"pg2"`` or ``"mysql"``: a running server (started on first use)."""
@@ -29,12 +31,22 @@ class BenchEnv:
         """``n`` fresh PostgreSQL database URLs, alternating between the two servers."""
         return [self.server("pg1" if i % 2 == 0 else "pg2").create_database() for i in range(n)]
 
-    def proxy(self, url: str, *, latency: float = 0.0) -> tuple[FaultProxy, str]:
-        """A FaultProxy in front of ``url``'s server and the URL that goes through it."""
+    def proxy(
+        self, url: str, *, latency: float = 0.0, process: bool = False
+    ) -> tuple[FaultProxy | ProcessProxy, str]:
+        """A FaultProxy in front of ``url``'s server and the URL that goes through it.
+
+        ``process=True`` runs the proxy in a child process (latency only, no fault rules),
+        so its forwarding threads do not compete with the measured code for the GIL.
+        """
         from sqlalchemy.engine import make_url
 
         u = make_url(url)
-        proxy = FaultProxy(u.host or "127.0.0.1", u.port or 5432, latency=latency)
+        proxy: FaultProxy | ProcessProxy
+        if process:
+            proxy = ProcessProxy(u.host or "127.0.0.1", u.port or 5432, latency=latency)
+        else:
+            proxy = FaultProxy(u.host or "127.0.0.1", u.port or 5432, latency=latency)
         self._proxies.append(proxy)
         return proxy, proxy.url_for(url)
 

@@ -84,7 +84,8 @@ def fanout_4shards_rtt5ms(env: BenchEnv, rounds: int = 15) -> dict[str, Any]:
         _fill(create_engine(url), i, 2_000)
     engines = {}
     for i, url in enumerate(urls):
-        _, proxied = env.proxy(url, latency=0.005)
+        # Out of process: the modelled network must not share our GIL (a real one does not).
+        _, proxied = env.proxy(url, latency=0.005, process=True)
         engines[f"s{i}"] = create_engine(proxied, pool_size=2)
     ours_factory, baseline_factory = _sessions(engines)
     stmt = select(Reading).where(Reading.value < 500_000).order_by(Reading.value).limit(20)

@@ -353,3 +353,31 @@ def final_froms_without_eager_joins(sel: Select[Any]) -> Sequence[Any]:
         sel = sel._generate()
         sel._with_options = ()
     return sel.get_final_froms()
+
+
+def statement_cache_key(stmt: ClauseElement) -> tuple[Any, ...] | None:
+    """The structural cache key of ``stmt`` (``ClauseElement._generate_cache_key().key``),
+    or ``None`` when SQLAlchemy cannot cache it.
+
+    It is the key of SQLAlchemy's own compiled cache: equal for statements that differ
+    only in the values of bound parameters, with tables, columns and mappers compared
+    by identity (``Table._gen_cache_key`` is ``(self,)``).  Anything derived from it must
+    therefore not depend on bound values (LIMIT numbers, literals).
+    """
+    key = stmt._generate_cache_key()
+    return None if key is None else key.key
+
+
+def dbapi_socket_fileno(dbapi_connection: Any) -> int | None:
+    """The file descriptor of a DBAPI connection's network socket, or ``None``.
+
+    psycopg2 and psycopg 3 have a public ``fileno()``; PyMySQL keeps its socket in the
+    private ``Connection._sock``.  SQLite (no socket) and unknown drivers give ``None``.
+    """
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if callable(fileno):
+        return int(fileno())
+    sock = getattr(dbapi_connection, "_sock", None)
+    if sock is not None:
+        return int(sock.fileno())
+    return None

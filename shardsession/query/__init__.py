@@ -33,6 +33,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from .. import _compat
 from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
+from ._cache import LRUCache
 from ._checks import CheckContext, QueryPlacement, check_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
@@ -40,6 +41,7 @@ from ._paginate import Page, paginate
 from ._plan import AggregatePlan, plan_select
 
 __all__ = [
+    "CHECK_CACHE",
     "MAX_WORKERS_OPTION",
     "MERGE_OPTION",
     "TIMEOUT_OPTION",
@@ -97,6 +99,32 @@ def _resolve(options: FanoutOptions, execution_options: Any) -> FanoutOptions:
     if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
         raise ConfigurationError(f"{MAX_WORKERS_OPTION} must be an int >= 1")
     return replace(options, merge=merge, timeout=timeout, max_workers=max_workers)
+
+
+#: verdicts of :func:`check_select` by (placement, statement cache key): ``(placement,
+#: reads_sharded_tables)``.  Only statements that passed are stored (a refusal is computed
+#: again, and raised again, every time).
+CHECK_CACHE: LRUCache[tuple[QueryPlacement | None, bool]] = LRUCache(1024)
+
+
+def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | None) -> bool:
+    """Whether ``statement`` reads a sharded table; raise if it cannot be merged.
+
+    The verdict depends only on the statement's structure and the placement's answers,
+    not on bound values, so it is cached by the statement's structural cache key (the
+    placement's answers for a table must not change, see :class:`QueryPlacement`).
+    """
+    key = _compat.statement_cache_key(statement)
+    if key is None:
+        return bool(check_select(statement, CheckContext(placement)))
+    cache_key = (id(placement), key)
+    hit = CHECK_CACHE.get(cache_key)
+    if hit is not None and hit[0] is placement:
+        return hit[1]
+    verdict = bool(check_select(statement, CheckContext(placement)))
+    # The entry keeps ``placement`` alive, so its id cannot be reused by another object.
+    CHECK_CACHE.put(cache_key, (placement, verdict))
+    return verdict
 
 
 def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
@@ -186,8 +214,7 @@ def execute_on_shards(
     # keep the chooser's order: rows (and load events) come out as horizontal_shard's do.
     if _compat.select_parts(statement).order_by:
         shard_ids = sorted(shard_ids, key=str)
-    sharded_tables = check_select(statement, CheckContext(opts.placement))
-    if not sharded_tables:
+    if not _reads_sharded_tables(statement, opts.placement):
         # Only replicated tables (or none): every shard has the same answer.
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))

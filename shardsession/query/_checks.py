@@ -94,7 +94,9 @@ _SUSPICIOUS_TEXT = re.compile(
 class QueryPlacement(Protocol):
     """What the query engine asks the placement about tables (a hook for the session).
 
-    Implementations must be cheap and side-effect free; they run on every fan-out.
+    Implementations must be cheap and side-effect free, and give the same answer for a
+    table every time: the query engine caches its verdict per statement shape and
+    placement object.
     """
 
     def is_replicated(self, table: FromClause) -> bool:

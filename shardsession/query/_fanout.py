@@ -22,17 +22,29 @@ Thread safety (a Session is not thread-safe) rests on four rules:
 Failure semantics: if a shard raises, the other shards' statements still complete (they
 run inside the same session transaction), their results are closed, and the first
 error (in shard order) is re-raised unchanged; nothing is rolled back by the fan-out, the
-caller's transaction handling decides.  If the deadline passes, statements still running
-are cancelled on the server where the driver allows it (psycopg2 ``cancel()``, SQLite
-``interrupt()``, MySQL ``KILL QUERY``), the fan-out waits for the workers to return, and
+caller's transaction handling decides.  If the deadline passes, shards not started yet
+are never started, statements still running are cancelled on the server where the driver
+allows it (PostgreSQL ``pg_cancel_backend()``, SQLite ``interrupt()``, MySQL ``KILL
+QUERY``; sent from a helper thread that never touches the session, since a cancel request
+can block), and
 :class:`~shardsession.exc.FanoutTimeoutError` names the shards that had not answered;
 those shards' transactions may be aborted, so roll the session back.
+
+No worker outlives the fan-out: :func:`run_on_shards` returns or raises (deadline, error,
+``KeyboardInterrupt``) only after every worker it started has returned, so none can touch
+the session or a connection afterwards.  A worker that has not returned
+:data:`CANCEL_GRACE_SECONDS` after its server-side cancel (an unreachable server, a
+cancel request lost on the way) has its connection's socket shut down, which makes the
+blocked driver call fail at once; that connection is then invalidated (closed, never
+returned to the pool) and the fan-out waits for the worker to return.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -51,8 +63,15 @@ __all__ = ["ShardCall", "run_on_shards"]
 
 log = logging.getLogger(__name__)
 
-#: how long to wait for cancelled statements to return after a deadline passed
-CANCEL_GRACE_SECONDS = 5.0
+#: how long to wait for cancelled statements to return after a deadline passed, before
+#: their connections are severed
+CANCEL_GRACE_SECONDS = 2.0
+#: while waiting for a severed worker, log an error this often
+STUCK_LOG_SECONDS = 10.0
+
+
+class _Abandoned(Exception):
+    """Raised in a worker that was told to stop before starting its next statement."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +116,16 @@ def _interrupt(conn: Connection) -> bool:
         if conn.dialect.name == "sqlite":
             dbapi_conn.interrupt()
             return True
-        if driver in ("psycopg2", "psycopg"):
-            dbapi_conn.cancel()
+        if driver == "psycopg2":
+            # Not ``connection.cancel()``: psycopg2 holds the GIL during PQcancel, so a
+            # server that does not answer would freeze the whole process.
+            pid = int(dbapi_conn.get_backend_pid())
+            with conn.engine.connect() as killer:
+                killer.exec_driver_sql("SELECT pg_cancel_backend(%(pid)s)", {"pid": pid})
+            return True
+        if driver == "psycopg":
+            # psycopg >= 3.2: cancel_safe() does not block other threads.
+            getattr(dbapi_conn, "cancel_safe", dbapi_conn.cancel)()
             return True
         if driver in ("pymysql", "mysqldb", "mysqlconnector"):
             thread_id = dbapi_conn.thread_id()
@@ -111,10 +138,16 @@ def _interrupt(conn: Connection) -> bool:
 
 
 def _run_group(
-    orm_context: ORMExecuteState, call: ShardCall, shard_ids: Sequence[Any]
+    orm_context: ORMExecuteState,
+    call: ShardCall,
+    shard_ids: Sequence[Any],
+    stop: threading.Event | None = None,
 ) -> list[tuple[Any, Result[Any]]]:
-    out = []
+    out: list[tuple[Any, Result[Any]]] = []
     for shard_id in shard_ids:
+        if stop is not None and stop.is_set():
+            _close_all([r for _, r in out])
+            raise _Abandoned(shard_id)
         out.append((shard_id, _invoke(orm_context, call, shard_id)))
     return out
 
@@ -160,51 +193,183 @@ def run_on_shards(
     )
     if not parallel or (len(groups) == 1 and call.timeout is None):
         return _run_group(orm_context, call, shard_ids)
+    return _Fanout(orm_context, call, groups, conn_of_group).run(shard_ids)
 
-    started = time.monotonic()
-    futures = _submit(orm_context, call, groups)
-    try:
-        _, pending = concurrent.futures.wait(futures, timeout=call.timeout)
-        if pending:
-            _expire(futures, pending, conn_of_group, groups, call.timeout, started)
+
+class _Fanout:
+    """One parallel fan-out: its workers, and the guarantee that none outlives it."""
+
+    def __init__(
+        self,
+        orm_context: ORMExecuteState,
+        call: ShardCall,
+        groups: dict[int, list[Any]],
+        conn_of_group: dict[int, Connection],
+    ) -> None:
+        self.orm_context = orm_context
+        self.call = call
+        self.groups = groups
+        self.conn_of_group = conn_of_group
+        self.stop = threading.Event()
+        self.futures: dict[concurrent.futures.Future[Any], int] = {}
+
+    def run(self, shard_ids: Sequence[Any]) -> list[tuple[Any, Result[Any]]]:
+        call = self.call
+        started = time.monotonic()
+        keys = list(self.groups)
+        # Without a deadline the calling thread runs the last group itself instead of
+        # sleeping: one thread hand-off less per fan-out.  With a deadline it must stay
+        # free to watch the clock.
+        unbounded = call.max_workers is None or call.max_workers >= len(keys)
+        inline = keys[-1] if call.timeout is None and unbounded else None
+        outcomes: dict[int, list[tuple[Any, Result[Any]]] | BaseException] = {}
+        try:
+            self._submit([k for k in keys if k != inline])
+            if inline is not None:
+                try:
+                    outcomes[inline] = _run_group(
+                        self.orm_context, call, self.groups[inline], self.stop
+                    )
+                except Exception as err:  # reported in shard order below
+                    outcomes[inline] = err
+            _, pending = concurrent.futures.wait(self.futures, timeout=call.timeout)
+            if pending:
+                self._deadline_passed(pending, outcomes, started)
+        finally:
+            if any(not f.done() for f in self.futures):
+                # Leaving abnormally (KeyboardInterrupt...): still outlive every worker.
+                self._settle({f for f in self.futures if not f.done()})
+        for future, key in self.futures.items():
+            failure = future.exception()
+            outcomes[key] = failure if failure is not None else future.result()
         by_shard: dict[Any, Result[Any]] = {}
         errors: dict[Any, BaseException] = {}
-        for future, key in futures.items():
-            err = future.exception()
-            if err is not None:
-                errors[groups[key][0]] = err
-                continue
-            for shard_id, result in future.result():
-                by_shard[shard_id] = result
+        for key, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                errors[self.groups[key][0]] = outcome
+            else:
+                by_shard.update(outcome)
         if errors:
             _close_all(list(by_shard.values()))
             first = next(s for s in shard_ids if s in errors)
             log.debug("fan-out failed on shard %r", first)
             raise errors[first]
         return [(s, by_shard[s]) for s in shard_ids]
-    finally:
-        for future in futures:
-            future.cancel()  # only not-yet-started groups (after an error or deadline)
+
+    def _submit(self, keys: Sequence[int]) -> None:
+        """Start the groups on the shared pool, at most ``call.max_workers`` at a time."""
+        pool = _shared_pool()
+        limit = self.call.max_workers or len(keys)
+        ctx, call, stop = self.orm_context, self.call, self.stop
+        if limit >= len(keys):
+            for k in keys:
+                self.futures[pool.submit(_run_group, ctx, call, self.groups[k], stop)] = k
+            return
+        # Bounded: each group waits for a slot inside its worker, and checks ``stop``
+        # once it has one, so a deadline also stops groups that never got to run.
+        slots = threading.BoundedSemaphore(limit)
+
+        def bounded(members: list[Any]) -> list[tuple[Any, Result[Any]]]:
+            with slots:
+                return _run_group(ctx, call, members, stop)
+
+        for k in keys:
+            self.futures[pool.submit(bounded, self.groups[k])] = k
+
+    def _deadline_passed(
+        self,
+        pending: set[concurrent.futures.Future[Any]],
+        outcomes: dict[int, list[tuple[Any, Result[Any]]] | BaseException],
+        started: float,
+    ) -> None:
+        pending_shards = sorted(
+            (s for f in pending for s in self.groups[self.futures[f]]), key=str
+        )
+        self._settle(pending)
+        results: list[Result[Any]] = []
+        for outcome in outcomes.values():
+            if not isinstance(outcome, BaseException):
+                results.extend(r for _, r in outcome)
+        for future in self.futures:
+            if not future.cancelled() and future.exception() is None:
+                results.extend(r for _, r in future.result())
+        _close_all(results)
+        timeout = self.call.timeout
+        elapsed = time.monotonic() - started
+        raise FanoutTimeoutError(
+            f"fan-out deadline of {timeout}s passed after {elapsed:.3f}s; "
+            f"shards not answered: {[str(s) for s in pending_shards]}",
+            pending_shards=pending_shards,
+            timeout=timeout,
+            shard_id=None,
+        )
+
+    def _settle(self, pending: set[concurrent.futures.Future[Any]]) -> None:
+        """Stop the ``pending`` workers and return only once each has returned.
+
+        Not-started groups are cancelled; running statements are cancelled on the
+        server; after :data:`CANCEL_GRACE_SECONDS` the sockets of those still running
+        are shut down, and their connections invalidated once their workers returned.
+        """
+        self.stop.set()
+        running = []
+        for future in pending:
+            if not future.cancel():
+                running.append(future)
+                # A cancel request can block (PQcancel connects to the server): send it
+                # from a helper thread, which only uses the DBAPI cancel handle or a new
+                # connection of the engine, never the session.
+                threading.Thread(
+                    target=_interrupt,
+                    args=(self.conn_of_group[self.futures[future]],),
+                    name="shardsession-cancel",
+                    daemon=True,
+                ).start()
+        if not running:
+            return
+        _, still = concurrent.futures.wait(running, timeout=CANCEL_GRACE_SECONDS)
+        severed = [self.futures[f] for f in still]
+        for key in severed:
+            shards = self.groups[key]
+            log.warning(
+                "fan-out worker for shards %r did not return %.1fs after its statement "
+                "was cancelled; shutting down its connection",
+                shards,
+                CANCEL_GRACE_SECONDS,
+            )
+            _sever(self.conn_of_group[key])
+        while still:
+            _, still = concurrent.futures.wait(still, timeout=STUCK_LOG_SECONDS)
+            if still:
+                log.error(
+                    "still waiting for fan-out workers of shards %r to return",
+                    [s for f in still for s in self.groups[self.futures[f]]],
+                )
+        for key in severed:
+            conn = self.conn_of_group[key]
+            if not conn.invalidated:
+                try:
+                    conn.invalidate()
+                except Exception:
+                    log.debug("invalidating a severed connection failed", exc_info=True)
 
 
-def _submit(
-    orm_context: ORMExecuteState, call: ShardCall, groups: dict[int, list[Any]]
-) -> dict[concurrent.futures.Future[Any], int]:
-    """Start the groups on the shared pool, at most ``call.max_workers`` at a time."""
-    pool = _shared_pool()
-    keys = list(groups)
-    limit = call.max_workers or len(keys)
-    if limit >= len(keys):
-        return {pool.submit(_run_group, orm_context, call, groups[k]): k for k in keys}
-    # Bounded: each group waits for a slot; the slot is taken inside the worker so a
-    # deadline can still cancel groups that never started.
-    slots = threading.BoundedSemaphore(limit)
+def _sever(conn: Connection) -> bool:
+    """Shut down the socket under ``conn`` so a driver call blocked on it fails now.
 
-    def bounded(members: list[Any]) -> list[tuple[Any, Result[Any]]]:
-        with slots:
-            return _run_group(orm_context, call, members)
-
-    return {pool.submit(bounded, groups[k]): k for k in keys}
+    ``shutdown()`` acts on the socket, not on one descriptor, so it is done on a
+    duplicate and the driver's own descriptor stays valid (and is closed by the driver).
+    """
+    try:
+        fd = _compat.dbapi_socket_fileno(conn.connection.dbapi_connection)
+        if fd is None or fd < 0:
+            return False
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except Exception:
+        log.warning("could not shut down a stuck fan-out connection", exc_info=True)
+        return False
 
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -225,45 +390,6 @@ def _shared_pool() -> concurrent.futures.ThreadPoolExecutor:
                     max_workers=POOL_SIZE, thread_name_prefix="shardsession-fanout"
                 )
     return _POOL
-
-
-def _expire(
-    futures: dict[concurrent.futures.Future[Any], int],
-    pending: set[concurrent.futures.Future[Any]],
-    conn_of_group: dict[int, Connection],
-    groups: dict[int, list[Any]],
-    timeout: float | None,
-    started: float,
-) -> None:
-    pending_shards: list[Any] = []
-    running = []
-    for future in pending:
-        key = futures[future]
-        pending_shards.extend(groups[key])
-        if not future.cancel():
-            running.append(future)
-            _interrupt(conn_of_group[key])
-    if running:
-        _, still = concurrent.futures.wait(running, timeout=CANCEL_GRACE_SECONDS)
-        if still:
-            log.error(
-                "fan-out workers for shards %r did not return %.1fs after cancellation",
-                pending_shards,
-                CANCEL_GRACE_SECONDS,
-            )
-    results: list[Result[Any]] = []
-    for future in futures:
-        if future.done() and not future.cancelled() and future.exception() is None:
-            results.extend(r for _, r in future.result())
-    _close_all(results)
-    elapsed = time.monotonic() - started
-    raise FanoutTimeoutError(
-        f"fan-out deadline of {timeout}s passed after {elapsed:.3f}s; "
-        f"shards not answered: {sorted(map(str, pending_shards))}",
-        pending_shards=sorted(pending_shards, key=str),
-        timeout=timeout,
-        shard_id=None,
-    )
 
 
 def _may_cross_threads(conn: Connection) -> bool:

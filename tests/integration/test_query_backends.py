@@ -135,3 +135,46 @@ def test_postgresql_avg_keeps_numeric_scale(pg_cluster: qp.Cluster) -> None:
     assert tuple(ours) == tuple(want)
     assert str(ours[0]) == str(want[0])
     assert type(ours[1]) is type(want[1])
+
+
+def test_deadline_severs_a_shard_that_does_not_answer(
+    pg_url_a: str, pg_url_b: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard whose server stops answering (and whose cancel request is stuck too):
+    after the grace period its socket is shut down, the blocked driver call fails, and
+    only then is FanoutTimeoutError raised; the session recovers after a rollback."""
+    import time
+
+    from sqlalchemy import event
+
+    from shardsession.exc import FanoutTimeoutError
+    from shardsession.query import _fanout
+
+    monkeypatch.setattr(_fanout, "CANCEL_GRACE_SECONDS", 0.2)
+    proxy = fault_proxy(pg_url_b)
+    cluster = qp.make_cluster({"p0": pg_url_a, "p1": proxy.url_for(pg_url_b)}, "sqlite://")
+    try:
+        rows = [{"id": i, "grp": "a", "a": i, "b": 1} for i in range(1, 11)]
+        cluster.load(rows, [i % 2 for i in range(10)])
+        failed: list[float] = []
+        event.listen(
+            cluster.engines["p1"], "handle_error", lambda c: failed.append(time.monotonic())
+        )
+        with cluster.session() as s:
+            assert s.scalar(select(func.count()).select_from(qp.Item)) == 10
+            proxy.latency = 30.0  # nothing reaches the server behind p1 any more
+            started = time.monotonic()
+            with pytest.raises(FanoutTimeoutError) as info:
+                s.execute(
+                    select(qp.Item.id), execution_options={"shardsession_timeout": 0.2}
+                ).all()
+            raised = time.monotonic()
+            assert raised - started < 5
+            assert info.value.pending_shards == ["p1"]
+            assert failed and max(failed) <= raised  # the worker had returned
+            s.rollback()
+            proxy.latency = 0.0
+            assert s.scalar(select(func.count()).select_from(qp.Item)) == 10
+    finally:
+        proxy.latency = 0.0
+        qp.dispose(cluster)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -319,13 +320,43 @@ def test_autoflush_runs_once_before_the_fanout(cluster: qp.Cluster) -> None:
         assert len(flushes) == 1
 
 
+def _record_statements(cluster: qp.Cluster) -> list[tuple[str, str, float]]:
+    """``(shard, "start"|"end"|"error", time)`` for every statement the shards run."""
+    log: list[tuple[str, str, float]] = []
+    for name, engine in cluster.engines.items():
+
+        def start(*a: Any, _n: str = name) -> None:
+            log.append((_n, "start", time.monotonic()))
+
+        def end(*a: Any, _n: str = name) -> None:
+            log.append((_n, "end", time.monotonic()))
+
+        def error(ctx: Any, _n: str = name) -> None:
+            log.append((_n, "error", time.monotonic()))
+
+        event.listen(engine, "before_cursor_execute", start)
+        event.listen(engine, "after_cursor_execute", end)
+        event.listen(engine, "handle_error", error)
+    return log
+
+
+def _intervals(log: list[tuple[str, str, float]]) -> dict[str, tuple[float, float]]:
+    starts = {s: t for s, what, t in log if what == "start"}
+    ends = {s: t for s, what, t in log if what != "start"}
+    return {s: (starts[s], ends[s]) for s in starts}
+
+
 def test_shards_run_in_parallel(cluster: qp.Cluster) -> None:
+    # Proved by overlap, not by wall-clock thresholds: every shard's statement starts
+    # before any of them ends (each sleeps 0.3 s inside the database).
     stmt = select(Item.id).where(func.ss_sleep(0.3) == 0).limit(1)
     with cluster.session() as s:
-        started = time.monotonic()
+        s.execute(select(Item.id).limit(1)).all()  # connections begun
+        log = _record_statements(cluster)
         assert len(s.execute(stmt).all()) == 1
-        elapsed = time.monotonic() - started
-    assert elapsed < 0.75, elapsed  # sequential would be >= 0.9
+    spans = _intervals(log)
+    assert sorted(spans) == ["s0", "s1", "s2"]
+    assert max(a for a, _ in spans.values()) < min(b for _, b in spans.values()), spans
 
 
 def test_deadline_raises_and_names_the_pending_shards(cluster: qp.Cluster) -> None:
@@ -341,12 +372,82 @@ def test_deadline_raises_and_names_the_pending_shards(cluster: qp.Cluster) -> No
         assert s.scalar(select(func.count()).select_from(Item)) == 60
 
 
-def test_max_workers_bounds_concurrency(cluster: qp.Cluster) -> None:
-    stmt = select(Item.id).where(func.ss_sleep(0.2) == 0).limit(1)
+def test_no_worker_outlives_a_deadline(
+    cluster: qp.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement that ignores its cancel (a Python function sleeping inside SQLite is
+    not interrupted) keeps the fan-out waiting: when FanoutTimeoutError is raised, every
+    worker has returned, and nothing touches the shards' connections afterwards."""
+    from shardsession.query import _fanout
+
+    monkeypatch.setattr(_fanout, "CANCEL_GRACE_SECONDS", 0.05)
+    stmt = select(Item.id).where(func.ss_sleep(0.6) == 0)
     with cluster.session() as s:
-        started = time.monotonic()
+        s.execute(select(Item.id).limit(1)).all()
+        log = _record_statements(cluster)
+        with pytest.raises(FanoutTimeoutError):
+            s.execute(stmt, execution_options={"shardsession_timeout": 0.1}).all()
+        raised = time.monotonic()
+        ended = [t for _, what, t in log if what != "start"]
+        assert len(ended) == 3 and max(ended) <= raised, log
+        time.sleep(0.8)  # a worker left behind would run (and log) now
+        assert [e for e in log if e[2] > raised] == []
+        s.rollback()
+        assert s.scalar(select(func.count()).select_from(Item)) == 60
+
+
+def test_max_workers_bounds_concurrency(cluster: qp.Cluster) -> None:
+    # One at a time: no two shards' statements overlap.
+    stmt = select(Item.id).where(func.ss_sleep(0.05) == 0).limit(1)
+    with cluster.session() as s:
+        s.execute(select(Item.id).limit(1)).all()
+        log = _record_statements(cluster)
         s.execute(stmt, execution_options={"shardsession_max_workers": 1}).all()
-        assert time.monotonic() - started >= 0.55
+    spans = sorted(_intervals(log).values())
+    assert len(spans) == 3
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end <= start, spans
+
+
+def test_yield_per_buffers_at_most_one_batch_per_shard(tmp_path: Any) -> None:
+    """Streaming an ordered fan-out with yield_per: the ORM never holds more than one
+    batch per shard beyond the rows already handed to the caller, whatever the row
+    count (counted with the ``load`` event: one per object built from a shard's row)."""
+    urls = {f"s{i}": f"sqlite:///{tmp_path}/y{i}.db" for i in range(4)}
+    c = qp.make_cluster(urls, "sqlite://")
+    batch = 25
+    try:
+        for n in (200, 2000):
+            rows = _rows(4 * n, seed=n)
+            c.load(rows, [r["id"] % 4 for r in rows])
+            built = 0
+
+            def on_load(target: Any, context: Any) -> None:
+                nonlocal built
+                built += 1
+
+            event.listen(Item, "load", on_load)
+            try:
+                with c.session() as s:
+                    stmt = select(Item).order_by(Item.a, Item.id)
+                    result = s.scalars(stmt.execution_options(yield_per=batch))
+                    consumed = 0
+                    worst = 0
+                    previous: tuple[Any, int] | None = None
+                    for item in result:
+                        consumed += 1
+                        worst = max(worst, built - consumed)
+                        key = (item.a is not None, item.a or 0, item.id)
+                        assert previous is None or previous <= key
+                        previous = key
+                        del item
+                    assert consumed == 4 * n
+            finally:
+                event.remove(Item, "load", on_load)
+            assert worst <= 4 * batch, (n, worst)
+            assert worst >= batch  # the bound is what is measured, not an empty stream
+    finally:
+        qp.dispose(c)
 
 
 def test_orm_work_stays_in_the_calling_thread(cluster: qp.Cluster) -> None:

@@ -1,0 +1,182 @@
+"""Plan an aggregate SELECT (aggregates and/or GROUP BY) across shards.
+
+Each shard returns its partial groups (AVG as SUM and COUNT; HAVING, ORDER BY and
+LIMIT removed, hidden partial columns added); :class:`AggregatePlan` says where each
+merged value comes from, and HAVING, DISTINCT, ORDER BY and LIMIT/OFFSET are applied to
+the merged groups in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
+from sqlalchemy.sql.selectable import Select
+
+from .. import _compat
+from ..exc import UnsupportedQueryError
+from ._aggregates import Slot
+from ._checks import aggregate_kind, contains_aggregate, unwrap_label
+from ._columns import Columns, parse_order_by, references_columns, resolve_nulls
+from ._having import compile_having
+from ._ordering import SortKey
+
+__all__ = ["AggregatePlan", "plan_aggregate"]
+
+
+@dataclass
+class AggregatePlan:
+    statement: Select[Any]
+    visible: int
+    slots: list[Slot]
+    group_positions: list[int]
+    has_group_by: bool
+    having: Callable[[Sequence[Any]], Any] | None
+    sort_keys: list[SortKey]
+    distinct: bool
+    limit: int | None
+    offset: int
+
+
+class _SlotBuilder:
+    def __init__(self, cols: Columns) -> None:
+        self.cols = cols
+        self.slots: list[Slot] = []
+        self.slot_exprs: list[Any] = []
+
+    def add(self, slot: Slot, expr: Any) -> int:
+        self.slots.append(slot)
+        self.slot_exprs.append(expr)
+        return len(self.slots) - 1
+
+    def aggregate_slot(self, kind: str, expr: Any, visible_pos: int | None) -> Slot:
+        plain = unwrap_label(expr)
+        if kind == "avg":
+            args = list(plain.clauses.clauses)
+            arg = args[0] if args else None
+            if arg is None:
+                raise UnsupportedQueryError("AVG() needs an argument", construct="AVG")
+            s = self.cols.add_hidden(func.sum(arg))
+            c = self.cols.add_hidden(func.count(arg))
+            return Slot("avg", (s, c))
+        if visible_pos is None:
+            visible_pos = self.cols.add_hidden(plain)
+        return Slot(kind, (visible_pos,))
+
+    def find_slot(self, expr: Any) -> int | None:
+        plain = unwrap_label(expr)
+        for i, existing in enumerate(self.slot_exprs):
+            if existing is expr:
+                return i
+            cand = unwrap_label(existing)
+            if (
+                isinstance(cand, ColumnElement)
+                and isinstance(plain, ColumnElement)
+                and cand.compare(plain)
+            ):
+                return i
+        return None
+
+    def slot_for(self, expr: Any, group_exprs: Sequence[Any]) -> int:
+        """A slot holding ``expr``'s merged value (adding hidden partials when needed)."""
+        if isinstance(expr, str):
+            pos = self.cols.find(expr)
+            if pos is None:
+                raise UnsupportedQueryError(
+                    f"{expr!r} does not name one selected column", construct="label reference"
+                )
+            return pos
+        found = self.find_slot(expr)
+        if found is not None:
+            return found
+        kind = aggregate_kind(expr)
+        if kind is not None:
+            return self.add(self.aggregate_slot(kind, expr, None), expr)
+        plain = unwrap_label(expr)
+        for g in group_exprs:
+            if isinstance(plain, ColumnElement) and unwrap_label(g).compare(plain):
+                return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)
+        if not references_columns(plain) and not contains_aggregate(plain):
+            return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)
+        raise UnsupportedQueryError(
+            "in an aggregate query across shards, ORDER BY and HAVING may only use "
+            "aggregates, GROUP BY expressions and selected columns",
+            construct="expression in ORDER BY/HAVING",
+        )
+
+
+
+def plan_aggregate(
+    stmt: Select[Any],
+    cols: Columns,
+    dialects: Sequence[str],
+    limit: int | None,
+    offset: int,
+) -> AggregatePlan:
+    parts = _compat.select_parts(stmt)
+    builder = _SlotBuilder(cols)
+    group_exprs: list[Any] = []
+    for g in parts.group_by:
+        target = _compat.label_reference_target(g)
+        group_exprs.append(g if target is None else target)
+    for i, expr in enumerate(list(cols.exprs)):
+        kind = aggregate_kind(expr) if isinstance(expr, ClauseElement) else None
+        if kind is not None:
+            builder.add(builder.aggregate_slot(kind, expr, i), expr)
+            continue
+        if isinstance(expr, ClauseElement) and contains_aggregate(expr):
+            raise UnsupportedQueryError(
+                "an aggregate inside an expression cannot be merged; select the "
+                "aggregates themselves and combine them in Python",
+                construct="aggregate in expression",
+            )
+        if not group_exprs and references_columns(expr):
+            raise UnsupportedQueryError(
+                "a column that is neither aggregated nor grouped has no single value "
+                "across shards",
+                construct="non-aggregated column",
+            )
+        # A GROUP BY expression, or (as PostgreSQL requires) functionally dependent on
+        # one: every shard holding the group has the same value.
+        builder.add(Slot("key", (i,)), expr)
+    group_positions = []
+    for g in group_exprs:
+        if isinstance(g, str):
+            pos = cols.find(g)
+            if pos is None:
+                raise UnsupportedQueryError(
+                    f"GROUP BY {g!r} does not name one selected column",
+                    construct="GROUP BY label",
+                )
+        else:
+            pos = cols.find(g)
+            if pos is None:
+                pos = cols.add_hidden(unwrap_label(g))
+        group_positions.append(pos)
+    having = None
+    if parts.having:
+        having = compile_having(parts.having, lambda e: builder.slot_for(e, group_exprs))
+    sort_keys = []
+    for element in parts.order_by:
+        item = parse_order_by(element)
+        slot = builder.slot_for(item.target, group_exprs)
+        nulls_first, _mixed = resolve_nulls(item, dialects)
+        sort_keys.append(SortKey(slot, item.descending, nulls_first))
+    per_shard = _compat.with_having(stmt, ()).order_by(None).limit(None).offset(None)
+    if cols.hidden:
+        per_shard = per_shard.add_columns(*cols.hidden)
+    return AggregatePlan(
+        statement=per_shard,
+        visible=cols.visible,
+        slots=builder.slots,
+        group_positions=group_positions,
+        has_group_by=bool(group_exprs),
+        having=having,
+        sort_keys=sort_keys,
+        distinct=parts.distinct,
+        limit=limit,
+        offset=offset,
+    )
