@@ -135,6 +135,17 @@ def wrap_root_prepare(transaction: Any, hook: Callable[[], BaseException | None]
     transaction.commit = commit
 
 
+def unwrap_root_prepare(transaction: Any) -> None:
+    """Remove what :func:`wrap_root_prepare` put on the instance.
+
+    Called when the root transaction has ended: the wrappers close over the transaction,
+    so leaving them would keep a reference cycle (transaction -> wrapper -> transaction)
+    for the cyclic garbage collector to find, once per transaction.
+    """
+    vars(transaction).pop("_prepare_impl", None)
+    vars(transaction).pop("commit", None)
+
+
 def skip_connection_commit(transaction: Any, connection: Any) -> None:
     """Tell a root ``SessionTransaction`` not to commit ``connection`` itself.
 

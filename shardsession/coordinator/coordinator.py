@@ -288,6 +288,7 @@ class TransactionCoordinator:
         gt = self._by_transaction.pop(transaction, None)
         if gt is not None:
             gt.close()
+            _compat.unwrap_root_prepare(transaction)
 
     def close(self) -> None:
         """Shut the worker threads down (they are daemon-like; optional)."""
