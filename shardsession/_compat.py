@@ -304,6 +304,13 @@ def is_cursor_result(result: Result[Any]) -> bool:
     return isinstance(result, CursorResult)
 
 
+def class_orm_execute_listeners(session: Session) -> int:
+    """How many ``do_orm_execute`` listeners the session's class (and its bases, and a
+    sessionmaker's class) carry; iterates ``Session.dispatch.do_orm_execute``, the
+    collection SQLAlchemy itself tests before dispatching the event."""
+    return len(list(session.dispatch.do_orm_execute))
+
+
 def remaining_orm_execute_handlers(orm_context: ORMExecuteState) -> int:
     """How many ``do_orm_execute`` handlers run after the current one
     (``ORMExecuteState._remaining_events()``).

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from sqlalchemy import Engine, event, inspect
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
@@ -121,7 +121,14 @@ class ShardedSession(_SAShardedSession):
         # sessionmaker then run before the routing (once per statement, and the choosers
         # see what they did), not once per shard inside it.
         Session.__init__(self, query_cls=query_cls, **kwargs)
-        event.listen(self, "do_orm_execute", execute, retval=True)
+        # Our executor is a class-level listener (no per-session registration cost) as
+        # long as it is the only one. When the class or a sessionmaker carries other
+        # do_orm_execute listeners, it is registered on this instance instead, where
+        # SQLAlchemy registers its own: those listeners then run first, once per
+        # statement, and the choosers see what they did.
+        self._route_on_instance = _compat.class_orm_execute_listeners(self) > 1
+        if self._route_on_instance:
+            event.listen(self, "do_orm_execute", execute, retval=True)
         self.shard_chooser = shard_chooser  # type: ignore[assignment]
         self.identity_chooser = identity_chooser_of(self, identity_chooser, id_chooser)
         self.execute_chooser = execute_chooser_of(execute_chooser, query_chooser)
@@ -334,8 +341,15 @@ def _after_flush(session: Session, flush_context: Any) -> None:
         replicate_broadcast(session, session.placement)
 
 
+def _execute_from_class(orm_context: ORMExecuteState) -> Result[Any] | None:
+    if getattr(orm_context.session, "_route_on_instance", True):
+        return None  # the instance-level registration routes (after other listeners)
+    return execute(orm_context)
+
+
 # Class-level listeners: registered once, they apply to every ShardedSession (and subclass)
 # instance without the per-instance registration cost.
+event.listen(ShardedSession, "do_orm_execute", _execute_from_class, retval=True)
 event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
 
