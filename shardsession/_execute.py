@@ -17,7 +17,7 @@ from sqlalchemy.sql import insert
 
 from . import _compat
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
-from .query import FanoutOptions, execute_on_shards
+from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
@@ -51,7 +51,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     session: Any = orm_context.session  # a shardsession.ShardedSession
     explicit = _compat.explicit_shard_of(orm_context)
     if explicit is not None:
-        return invoke_one(orm_context, session._check_shard(explicit))
+        return _single(session, orm_context, session._check_shard(explicit))
 
     if session.placement is not None and orm_context.is_insert:
         return routed_insert(session, orm_context)
@@ -63,13 +63,24 @@ def execute(orm_context: ORMExecuteState) -> Result[Any]:
     if not shard_ids:
         raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
     if len(shard_ids) == 1:
-        return invoke_one(orm_context, shard_ids[0])
-    options = FanoutOptions(
+        return _single(session, orm_context, shard_ids[0])
+    return execute_on_shards(orm_context, shard_ids, _options(session))
+
+
+def _options(session: Any) -> FanoutOptions:
+    return FanoutOptions(
         max_workers=session.fanout_max_workers,
         timeout=session.fanout_timeout,
         placement=session.placement,
     )
-    return execute_on_shards(orm_context, shard_ids, options)
+
+
+def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result[Any]:
+    # A statement's own deadline (execution option) applies on one shard too; the
+    # session-wide fanout_timeout is for fan-outs only, so lazy loads are never cut.
+    if TIMEOUT_OPTION in orm_context.execution_options:
+        return execute_on_shards(orm_context, [shard_id], _options(session))
+    return invoke_one(orm_context, shard_id)
 
 
 def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:

@@ -167,6 +167,10 @@ def execute_on_shards(
         shard_params=shard_params,
     )
 
+    if len(shard_ids) == 1:
+        # One shard needs no merge: only the deadline (when one is set) applies.
+        return _concatenate(run_on_shards(orm_context, shard_ids, call))
+
     if orm_context.is_insert:
         if len(shard_ids) > 1:
             raise UnsupportedQueryError(

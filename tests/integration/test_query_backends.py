@@ -178,3 +178,34 @@ def test_deadline_severs_a_shard_that_does_not_answer(
     finally:
         proxy.latency = 0.0
         qp.dispose(cluster)
+
+
+def test_statement_deadline_applies_on_one_shard(pg_url_a: str, pg_url_b: str) -> None:
+    """execution_options(shardsession_timeout=...) bounds a single-shard statement too
+    (a pinned read here); the session-wide fan-out timeout does not (lazy loads are never
+    cut), and the session is usable after a rollback."""
+    import time
+
+    from shardsession.exc import FanoutTimeoutError
+
+    cluster = qp.make_cluster({"p0": pg_url_a, "p1": pg_url_b}, "sqlite://")
+    try:
+        with cluster.session() as s:
+            started = time.monotonic()
+            with pytest.raises(FanoutTimeoutError) as info:
+                s.execute(
+                    select(func.pg_sleep(5)),
+                    bind_arguments={"shard_id": "p1"},
+                    execution_options={"shardsession_timeout": 0.3},
+                ).all()
+            assert time.monotonic() - started < 4
+            assert info.value.pending_shards == ["p1"]
+            s.rollback()
+            assert s.scalar(select(func.count()).select_from(qp.Item)) == 0
+            # without the option, a one-shard statement runs as plain SQLAlchemy does
+            assert s.scalar(select(func.pg_sleep(0.1)), bind_arguments={"shard_id": "p1"}) in (
+                None,
+                "",
+            )
+    finally:
+        qp.dispose(cluster)
