@@ -17,7 +17,7 @@ from sqlalchemy.orm.state import InstanceState
 
 from ._compat import identity_token_of, set_identity_token
 from .exc import CrossShardError, RoutingError
-from .routing.placement import Placement
+from .routing.placement import Placement, place_by_key
 from .routing.strategies import Broadcast, Follows
 
 __all__ = ["place_flush", "replicate_broadcast"]
@@ -106,15 +106,7 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
             # the hot path of a big flush: one key attribute, set
             value = state.dict.get(plan.attrs[0])
             if value is not None:
-                try:
-                    shard = plan.strategy.shard_for(value)
-                except RoutingError as e:
-                    raise type(e)(
-                        f"{state.mapper.class_.__name__}: {e.message}", shard_id=e.shard_id
-                    ) from e
-                if shard not in known:
-                    raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
-                set_identity_token(state, shard)
+                _assign(state, place_by_key(plan.strategy, value, state.mapper), known)
                 continue
         _assign(state, placement.shard_for_instance(state.mapper, state), known)
 

@@ -24,7 +24,18 @@ from ..exc import ConfigurationError, RoutingError, ShardKeyMissingError
 from .pruning import key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
 
-__all__ = ["Placement", "ResolvedRule"]
+__all__ = ["Placement", "ResolvedRule", "place_by_key"]
+
+
+def place_by_key(strategy: KeyStrategy, value: Any, mapper: Mapper[Any]) -> str:
+    """The shard of a key value, with a strategy's :class:`RoutingError` naming the mapper.
+
+    :raises RoutingError: the strategy cannot place the value.
+    """
+    try:
+        return strategy.shard_for(value)
+    except RoutingError as e:
+        raise type(e)(f"{mapper.class_.__name__}: {e.message}", shard_id=e.shard_id) from e
 
 
 @dataclass(frozen=True)
@@ -380,7 +391,7 @@ class Placement:
                     key=tuple(missing),
                 )
             value = values[0] if len(values) == 1 else values
-            return self._strategy_shard(r.strategy, value, mapper)
+            return place_by_key(r.strategy, value, mapper)
         raise ShardKeyMissingError(
             f"cannot place new {mapper.class_.__name__}: it follows a parent through "
             f"{', '.join(p.key for p in r.parent_props)} but none is set",
@@ -388,15 +399,6 @@ class Placement:
             mapper=mapper.class_.__name__,
             key=tuple(p.key for p in r.parent_props),
         )
-
-    @staticmethod
-    def _strategy_shard(strategy: KeyStrategy, value: Any, mapper: Mapper[Any]) -> str:
-        try:
-            return strategy.shard_for(value)
-        except RoutingError as e:
-            raise type(e)(
-                f"{mapper.class_.__name__}: {e.message}", shard_id=getattr(e, "shard_id", None)
-            ) from e
 
     def shards_for_identity(self, mapper: Mapper[Any], primary_key: Sequence[Any]) -> list[str]:
         """The shards a primary key may be on (one when the key determines the shard)."""
