@@ -228,7 +228,11 @@ def test_latency_accuracy(pg_url_a: str, fault_proxy: Any, latency: float) -> No
                 break
         assert abs(diff - latency) <= 0.0007, f"added {diff * 1000:.2f} ms"
         proxy.latency = 0.0  # settable at any time
-        assert _median_select1(proxied) - _median_select1(direct) < 0.0007
+        for _attempt in range(3):  # same second chance as above
+            overhead = _median_select1(proxied) - _median_select1(direct)
+            if overhead < 0.0007:
+                break
+        assert overhead < 0.0007, f"proxy overhead {overhead * 1000:.2f} ms"
     finally:
         direct.close()
         proxied.close()
