@@ -100,11 +100,19 @@ def test_recover_watch_stops_cleanly_on_sigterm(pg_url_a: str, tmp_path: Path) -
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT},
     )
-    time.sleep(1.5)
+    # wait (bounded) until two passes have been reported, then ask it to stop
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while sum("committed=0" in line for line in seen) < 2 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
-    assert out.count("committed=0") >= 2  # several passes ran before the signal
+    assert sum("committed=0" in line for line in seen) >= 2, "".join(seen) + out
 
 
 @pytest.mark.parametrize(
