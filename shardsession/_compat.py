@@ -11,7 +11,10 @@ from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.orm.state_changes import _StateChangeStates
+from sqlalchemy.util import safe_reraise
 
 __all__ = [
     "explicit_shard_of",
@@ -37,6 +40,14 @@ def identity_token_of(state: InstanceState[Any]) -> Any:
 def set_identity_token(state: InstanceState[Any], shard_id: Any) -> None:
     """Assign a pending object to a shard (what ``horizontal_shard`` does on first flush)."""
     state.identity_token = shard_id
+
+
+def attribute_changed(state: InstanceState[Any], key: str) -> bool:
+    """Whether attribute ``key`` of a persistent object may have changed since it was
+    loaded: it has an entry in ``InstanceState.committed_state`` (where SQLAlchemy keeps
+    the old value of every attribute set since the last flush). ``False`` means
+    ``get_history()`` would report no change, so a caller may skip that (costlier) call."""
+    return key in state.committed_state
 
 
 def session_identity_lookup(
@@ -78,6 +89,21 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     return orm_context.bind_arguments.get("shard_id")
 
 
+def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
+    """Pin the statement a ``do_orm_execute`` handler is looking at to ``shard_id`` and
+    let SQLAlchemy execute it when the handler returns ``None``.
+
+    ``Session._execute_internal`` hands the very ``bind_arguments`` dict it later passes
+    to ``get_bind(**bind_arguments)`` to the ``ORMExecuteState``, and merges
+    ``update_execution_options()`` into the options it executes with (checked on 2.0.30
+    and 2.1.9). The effect equals ``invoke_statement(bind_arguments={..., "shard_id":
+    shard_id})`` with the ``identity_token`` option, without a nested execution.
+    """
+    orm_context.bind_arguments["shard_id"] = shard_id
+    if not (orm_context.is_select and orm_context.load_options._identity_token == shard_id):
+        orm_context.update_execution_options(identity_token=shard_id)
+
+
 # --- commit protocol hook (used by shardsession.coordinator) -------------------------------
 
 
@@ -102,10 +128,6 @@ def wrap_root_prepare(transaction: Any, hook: Callable[[], BaseException | None]
     ``SessionTransaction.__exit__`` and a nested transaction's commit to the root all call
     it through the instance).
     """
-    from sqlalchemy.orm.session import SessionTransactionState
-    from sqlalchemy.orm.state_changes import _StateChangeStates
-    from sqlalchemy.util import safe_reraise
-
     original_prepare = transaction._prepare_impl
     original_commit = transaction.commit
     deferred: list[BaseException] = []
@@ -246,7 +268,7 @@ def label_reference_target(expr: ClauseElement) -> ColumnElement[Any] | str | No
     classes.  Returns the label (or the label's name) or ``None`` for anything else.
     """
     if isinstance(expr, elements._label_reference):
-        return expr.element  # type: ignore[no-any-return]
+        return expr.element  # type: ignore[no-any-return, unused-ignore]
     if isinstance(expr, elements._textual_label_reference):
         return str(expr.element)
     return None
@@ -262,7 +284,7 @@ def requires_unique(result: Result[Any]) -> bool:
 
 def result_yield_per(result: Result[Any]) -> int | None:
     """The batch size a result was set up with (``Result._yield_per``)."""
-    return result._yield_per  # type: ignore[no-any-return]
+    return result._yield_per  # type: ignore[no-any-return, unused-ignore]
 
 
 def build_result(
@@ -308,7 +330,7 @@ def class_orm_execute_listeners(session: Session) -> int:
     """How many ``do_orm_execute`` listeners the session's class (and its bases, and a
     sessionmaker's class) carry; iterates ``Session.dispatch.do_orm_execute``, the
     collection SQLAlchemy itself tests before dispatching the event."""
-    return len(list(session.dispatch.do_orm_execute))
+    return len(session.dispatch.do_orm_execute)
 
 
 def remaining_orm_execute_handlers(orm_context: ORMExecuteState) -> int:

@@ -42,8 +42,11 @@ def invoke_one(orm_context: ORMExecuteState, shard_id: str) -> Result[Any]:
     return orm_context.invoke_statement(bind_arguments=bind_arguments)
 
 
-def execute(orm_context: ORMExecuteState) -> Result[Any]:
+def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     """The session's ``do_orm_execute`` handler: route, then run on one or many shards.
+
+    Returns ``None`` when the statement goes to one shard: it is then pinned to it and
+    SQLAlchemy runs it as usual (later ``do_orm_execute`` handlers included).
 
     Failure semantics: a routing error is raised before any shard is asked; errors of a
     fan-out are described in :func:`shardsession.query.execute_on_shards`.
@@ -75,12 +78,16 @@ def _options(session: Any) -> FanoutOptions:
     )
 
 
-def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result[Any]:
+def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result[Any] | None:
     # A statement's own deadline (execution option) applies on one shard too; the
     # session-wide fanout_timeout is for fan-outs only, so lazy loads are never cut.
     if TIMEOUT_OPTION in orm_context.execution_options:
         return execute_on_shards(orm_context, [shard_id], _options(session))
-    return invoke_one(orm_context, shard_id)
+    # One shard: SQLAlchemy runs the statement itself once the handler returns None,
+    # bound to that shard (no nested execution: the common case costs what it costs
+    # without sharding).
+    _compat.route_in_place(orm_context, shard_id)
+    return None
 
 
 def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:

@@ -6,7 +6,7 @@ nothing is written when placement fails.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from ._compat import identity_token_of, set_identity_token
+from ._compat import attribute_changed, identity_token_of, set_identity_token
 from .exc import CrossShardError, RoutingError
 from .routing.placement import Placement, place_by_key
 from .routing.strategies import Broadcast, Follows
@@ -77,7 +77,7 @@ def _related(state: InstanceState[Any], key: str) -> Iterable[Any]:
     return (value,)
 
 
-def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]) -> None:
+def place_flush(session: Session, placement: Placement, shard_ids: Collection[str]) -> None:
     """Assign shards to the session's new objects and check every link stays on one shard.
 
     :raises CrossShardError: two related objects would be on different shards.
@@ -87,7 +87,7 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
     Failure semantics: raised from ``before_flush``, before any SQL; no object is
     modified except that new objects may have been assigned their shard.
     """
-    known = set(shard_ids)
+    known = shard_ids
     new = [instance_state(o) for o in session.new]
     dirty = [instance_state(o) for o in session.dirty]
     if not new and not dirty:
@@ -121,7 +121,9 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
         if plan.strategy is None or state.key is None:
             continue
         obj = state.obj()
-        if obj is not None and any(get_history(obj, a).deleted for a in plan.attrs):
+        if obj is not None and any(
+            attribute_changed(state, a) and get_history(obj, a).deleted for a in plan.attrs
+        ):
             own = _own_shard(plan, state)
             if own is not None and own != state.key[2]:
                 raise RoutingError(
@@ -151,7 +153,7 @@ def place_flush(session: Session, placement: Placement, shard_ids: Iterable[str]
                     )
 
 
-def _assign(state: InstanceState[Any], shard: str, known: set[str]) -> None:
+def _assign(state: InstanceState[Any], shard: str, known: Collection[str]) -> None:
     if shard not in known:
         raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
     set_identity_token(state, shard)
@@ -161,7 +163,7 @@ def _place_followers(
     placement: Placement,
     pending: list[InstanceState[Any]],
     touched: list[InstanceState[Any]],
-    known: set[str],
+    known: Collection[str],
 ) -> None:
     waiting = {id(s): s for s in pending}
     changed = True

@@ -25,7 +25,7 @@ def _warn_deprecated(message: str, since: str) -> None:
     outside shardsession and SQLAlchemy (the program's constructor or sessionmaker call),
     however deep the call."""
     warning = SADeprecationWarning(message)
-    warning.deprecated_since = since  # type: ignore[attr-defined]
+    warning.deprecated_since = since  # type: ignore[attr-defined, unused-ignore]
     warnings.warn(warning, stacklevel=user_stacklevel())
 
 
@@ -68,7 +68,7 @@ def execute_chooser_of(
         if execute_chooser is not None:
             raise ArgumentError("Can't pass query_chooser and execute_chooser at the same time.")
         legacy = query_chooser
-        return lambda orm_context: legacy(orm_context.statement)  # type: ignore[no-any-return]
+        return lambda orm_context: legacy(orm_context.statement)  # type: ignore[no-any-return, unused-ignore]
     if execute_chooser is None:
         raise ArgumentError("execute_chooser or query_chooser is required")
     return execute_chooser

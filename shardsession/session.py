@@ -15,6 +15,7 @@ commit that wrote to several shards goes through the coordinator
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +24,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.horizontal_shard import ShardedQuery
+from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
@@ -189,7 +190,7 @@ class ShardedSession(_SAShardedSession):
             _compat.set_identity_token(state, shard_id)
         return shard_id
 
-    def get_bind(  # type: ignore[override]
+    def get_bind(  # type: ignore[override, unused-ignore]
         self,
         mapper: Any = None,
         *,
@@ -207,7 +208,7 @@ class ShardedSession(_SAShardedSession):
             shard_id = self._shard_for(mapper, instance, clause=clause)
         return self._shards[self._check_shard(shard_id)]
 
-    def connection_callable(  # type: ignore[override]
+    def connection_callable(  # type: ignore[override, unused-ignore]
         self,
         mapper: Any = None,
         instance: Any = None,
@@ -223,7 +224,60 @@ class ShardedSession(_SAShardedSession):
         if trans is not None:
             return trans.connection(mapper, shard_id=shard_id)
         bind = self._shards[shard_id]
-        return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return]
+        return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return, unused-ignore]
+
+    # -- identity lookups --------------------------------------------------------------------
+
+    def get(  # type: ignore[override, unused-ignore]
+        self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any
+    ) -> Any:
+        """:meth:`Session.get`; with a ``placement`` the key's one shard is looked up
+        directly (its identity map, then one SELECT), without asking the execute chooser.
+
+        Everything else (arguments, errors, results) is SQLAlchemy's.
+        """
+        if identity_token is None:
+            identity_token = self._shard_of_identity(entity, ident, kw)
+        return super().get(entity, ident, identity_token=identity_token, **kw)
+
+    def get_one(  # type: ignore[override, unused-ignore]
+        self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any
+    ) -> Any:
+        """:meth:`Session.get_one`, routed like :meth:`get`."""
+        if identity_token is None:
+            identity_token = self._shard_of_identity(entity, ident, kw)
+        return super().get_one(entity, ident, identity_token=identity_token, **kw)
+
+    def _shard_of_identity(self, entity: Any, ident: Any, kw: Mapping[str, Any]) -> Any:
+        """The one shard a placed primary key maps to, or ``None`` (SQLAlchemy's path then
+        decides, with its own errors for malformed keys)."""
+        placement = self._placement
+        if placement is None or isinstance(ident, Mapping):
+            return None
+        if kw:
+            bind_arguments = kw.get("bind_arguments")
+            if bind_arguments and bind_arguments.get("shard_id") is not None:
+                return None
+            if "_sa_shard_id" in (kw.get("execution_options") or {}):
+                return None
+            if any(isinstance(o, set_shard_id) for o in kw.get("options") or ()):
+                return None
+        routes: dict[Any, Any] = placement.cache.setdefault("identity_routes", {})
+        route = routes.get(entity)
+        if route is None:
+            insp = inspect(entity, raiseerr=False)
+            mapper = getattr(insp, "mapper", None)
+            placed = isinstance(mapper, Mapper) and placement.is_placed(mapper)
+            route = routes[entity] = (mapper, len(mapper.primary_key)) if placed else False
+        if route is False:
+            return None
+        mapper, width = route
+        pk = ident if type(ident) is tuple else (
+            tuple(ident) if isinstance(ident, tuple | list) else (ident,))
+        if len(pk) != width or None in pk:
+            return None
+        shards = placement.shards_for_identity(mapper, pk)
+        return shards[0] if len(shards) == 1 else None
 
     # -- placement-derived choosers ----------------------------------------------------------
 
@@ -306,6 +360,15 @@ def _engine_of(bind: Any) -> Any:
     return getattr(bind, "engine", bind)
 
 
+def _shard_name(shards: Mapping[Any, Any], engine: Any) -> str:
+    """The name of the (first) shard bound to ``engine``; its ``repr`` when none is (the
+    coordinator names branches with it)."""
+    for name, bind in shards.items():
+        if bind is engine or _engine_of(bind) is engine:
+            return str(name)
+    return repr(engine)
+
+
 _default_coordinators: dict[tuple[str, str | None], Any] = {}
 _default_lock = threading.Lock()
 
@@ -317,17 +380,18 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
 
     if coordinator is None:
         key = (session.atomic, decider)
-        with _default_lock:
-            coordinator = _default_coordinators.get(key)
-            if coordinator is None:
-                coordinator = TransactionCoordinator(atomic=session.atomic, decider=decider)
-                _default_coordinators[key] = coordinator
+        coordinator = _default_coordinators.get(key)
+        if coordinator is None:
+            with _default_lock:
+                coordinator = _default_coordinators.get(key)
+                if coordinator is None:
+                    coordinator = TransactionCoordinator(atomic=session.atomic, decider=decider)
+                    _default_coordinators[key] = coordinator
     elif decider is not None:
         raise ConfigurationError("pass decider= to the TransactionCoordinator, not both")
-    engine_names: dict[Any, str] = {}
-    for name, bind in session._shards.items():
-        engine_names.setdefault(_engine_of(bind), name)
-    coordinator.attach(session, lambda e: engine_names.get(e, repr(e)))
+    # The shards dict, not the session: the coordinator keeps this per session in a
+    # WeakKeyDictionary, whose values must not refer back to their key.
+    coordinator.attach(session, functools.partial(_shard_name, session._shards))
     return coordinator
 
 

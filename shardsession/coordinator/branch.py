@@ -60,8 +60,6 @@ class Branch:
     xid: Xid | None = None
     xa_started: bool = False
     wrote: bool = False
-    #: the connection's isolation level as SQLAlchemy knows it (no round trip)
-    isolation: str | None = None
     state: BranchState = BranchState.ACTIVE
     gt: GlobalTransaction | None = field(default=None, repr=False)
 

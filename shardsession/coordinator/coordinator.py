@@ -100,6 +100,8 @@ def _on_rollback(conn: Connection) -> None:
 
 
 def _instrument(engine: Engine) -> None:
+    if engine in _instrumented:
+        return
     with _instrument_lock:
         if engine in _instrumented:
             return

@@ -93,7 +93,7 @@ class GlobalTransaction:
         branch = Branch(
             index=len({id(b) for b in self.branches.values()}), engine=engine,
             shard_id=str(self.shard_of_engine(engine)), connection=connection,
-            adapter=adapter, gt=self, isolation=isolation_of(connection),
+            adapter=adapter, gt=self,
         )
         self.branches[engine] = branch
         if adapter is not None and adapter.xid_at_begin:
@@ -155,6 +155,10 @@ class GlobalTransaction:
         if self.protocol_ran:
             return
         self.protocol_ran = True
+        if len(self.branches) == 1:
+            only = next(iter(self.branches.values()))
+            if not only.xa_started:
+                return  # one branch, no XA: SQLAlchemy's own commit is the whole protocol
         ordered = self._ordered()
         if not ordered:
             return
@@ -223,7 +227,7 @@ class GlobalTransaction:
                 b.xid = Xid.branch(gtrid, b.index)
         prepare = [ordered[i] for i in plan.prepare]
         for b in prepare:
-            problem = b.adapter.isolation_problem(b.isolation) if b.adapter else None
+            problem = b.adapter.isolation_problem(isolation_of(b.connection)) if b.adapter else None
             if problem is not None:
                 self._rollback_all(ordered)
                 raise CapabilityError(
@@ -394,7 +398,10 @@ class GlobalTransaction:
 
     def close(self) -> None:
         """The root session transaction ended: forget every branch."""
-        for b in self._ordered():
+        branches = self.branches
+        if not branches:
+            return
+        for b in self._ordered() if len(branches) > 1 else branches.values():
             if b.state is BranchState.ACTIVE and b.xa_started and b.adapter is not None:
                 # Not ended by commit or rollback (should not happen): do not let an XA
                 # ACTIVE connection go back to the pool.

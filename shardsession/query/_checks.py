@@ -140,7 +140,7 @@ def aggregate_kind(expr: Any) -> str | None:
     name = _function_name(expr)
     if name not in MERGEABLE_AGGREGATES:
         return None
-    for arg in expr.clauses.clauses:  # type: ignore[union-attr]
+    for arg in expr.clauses.clauses:  # type: ignore[union-attr, unused-ignore]
         if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
             if name in ("min", "max"):
                 continue  # MIN/MAX of distinct values is the same MIN/MAX

@@ -111,7 +111,12 @@ class Placement:
     @property
     def has_broadcast(self) -> bool:
         """Whether any rule (or the default) is :class:`Broadcast`."""
-        return any(isinstance(r, Broadcast) for r in (*self._rules.values(), self._default))
+        found = self.cache.get("has_broadcast")
+        if found is None:
+            found = self.cache["has_broadcast"] = any(
+                isinstance(r, Broadcast) for r in (*self._rules.values(), self._default)
+            )
+        return bool(found)
 
     @staticmethod
     def _class_of(target: Any) -> Any:
@@ -130,6 +135,8 @@ class Placement:
             already bound to a different set of shards.
         """
         shards = tuple(sorted(shard_ids))
+        if shards == self._shards:
+            return  # already bound to these shards (every session of a sessionmaker)
         if not shards:
             raise ConfigurationError("a sharded session needs at least one shard")
         with self._lock:
@@ -224,7 +231,13 @@ class Placement:
         return len(bases) == len({id(b) for b in bases})
 
     def is_placed(self, mapper: Mapper[Any]) -> bool:
-        return self._rule_of(mapper) is not None or self._default is not None
+        placed: dict[Any, bool] = self.cache.setdefault("is_placed", {})
+        found = placed.get(mapper)
+        if found is None:
+            found = placed[mapper] = (
+                self._rule_of(mapper) is not None or self._default is not None
+            )
+        return found
 
     def resolve(self, mapper: Mapper[Any]) -> ResolvedRule:
         """Return the resolved rule for ``mapper`` (cached).
