@@ -77,8 +77,13 @@ def _related(state: InstanceState[Any], key: str) -> Iterable[Any]:
     return (value,)
 
 
-def place_flush(session: Session, placement: Placement, shard_ids: Collection[str]) -> None:
+def place_flush(
+    session: Session, placement: Placement, shard_ids: Collection[str]
+) -> list[str]:
     """Assign shards to the session's new objects and check every link stays on one shard.
+
+    Returns the shards the flush will write, in the order it will most likely write them
+    (those of new objects first, in the order they were added).
 
     :raises CrossShardError: two related objects would be on different shards.
     :raises RoutingError: a new object cannot be placed, or a persistent object's shard
@@ -91,7 +96,7 @@ def place_flush(session: Session, placement: Placement, shard_ids: Collection[st
     new = [instance_state(o) for o in session.new]
     dirty = [instance_state(o) for o in session.dirty]
     if not new and not dirty:
-        return
+        return []
 
     # 1. Objects placed by their own key, pin or broadcast rule.
     pending: list[InstanceState[Any]] = []
@@ -152,6 +157,9 @@ def place_flush(session: Session, placement: Placement, shard_ids: Collection[st
                         shard_ids=(shard, oshard),
                     )
 
+    written = dict.fromkeys(identity_token_of(state) for state in (*new, *dirty))
+    written.pop(None, None)
+    return list(written)
 
 def _assign(state: InstanceState[Any], shard: str, known: Collection[str]) -> None:
     if shard not in known:

@@ -34,6 +34,7 @@ from . import _compat
 from ._execute import execute, mappers_of_tables
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
+from .coordinator import early
 from .exc import (
     ConfigurationError,
     NoShardChosenError,
@@ -91,6 +92,8 @@ class ShardedSession(_SAShardedSession):
         **kwargs: Any,
     ) -> None:
         self._shards: dict[str, Any] = {}
+        #: early BEGINs of the current flush (see shardsession.coordinator.early)
+        self._early: list[Any] = []
         self._placement = placement
         if placement is not None:
             if shard_chooser or identity_chooser or execute_chooser:
@@ -262,14 +265,19 @@ class ShardedSession(_SAShardedSession):
                 return None
             if any(isinstance(o, set_shard_id) for o in kw.get("options") or ()):
                 return None
-        routes: dict[Any, Any] = placement.cache.setdefault("identity_routes", {})
-        route = routes.get(entity)
+        # entity -> (its mapper, primary key width), or None when it is not placed
+        routes: dict[Any, tuple[Mapper[Any], int] | None] = placement.cache.setdefault(
+            "identity_routes", {})
+        if entity in routes:
+            route = routes[entity]
+        else:
+            mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
+            route = routes[entity] = (
+                (mapper, len(mapper.primary_key))
+                if isinstance(mapper, Mapper) and placement.is_placed(mapper)
+                else None
+            )
         if route is None:
-            insp = inspect(entity, raiseerr=False)
-            mapper = getattr(insp, "mapper", None)
-            placed = isinstance(mapper, Mapper) and placement.is_placed(mapper)
-            route = routes[entity] = (mapper, len(mapper.primary_key)) if placed else False
-        if route is False:
             return None
         mapper, width = route
         pk = ident if type(ident) is tuple else (
@@ -397,12 +405,17 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     if isinstance(session, ShardedSession) and session.placement is not None:
-        place_flush(session, session.placement, session._shards)
+        written = place_flush(session, session.placement, session._shards)
+        if len(written) > 1 and session._coordinator is not None:
+            session._early = session._coordinator.begin_early(session, written)
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
-    if isinstance(session, ShardedSession) and session.placement is not None:
-        replicate_broadcast(session, session.placement)
+    if isinstance(session, ShardedSession):
+        if session._early:
+            early.join(session._early)
+        if session.placement is not None:
+            replicate_broadcast(session, session.placement)
 
 
 def _execute_from_class(orm_context: ORMExecuteState) -> Result[Any] | None:

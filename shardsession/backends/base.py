@@ -12,7 +12,7 @@ grammar does not let us bind); text read back from a server is never executed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,6 +84,13 @@ class BackendAdapter(Protocol):
 
     def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
         """Start the branch (XA START on MySQL; nothing elsewhere)."""
+        ...
+
+    def early_begin(self, dbapi_conn: Any) -> Callable[[], None] | None:
+        """A callable that opens the server transaction of this idle connection now, run
+        in a worker thread to overlap other shards' round trips; ``None`` when the
+        driver opens it without a round trip of its own, the connection is not idle, or
+        the driver may not be used from two threads."""
         ...
 
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:

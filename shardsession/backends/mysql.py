@@ -20,7 +20,7 @@ Server rules followed here (checked on MariaDB 10.11):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._decisions import DecisionTableSQL
@@ -80,6 +80,11 @@ class MySQLAdapter(DecisionTableSQL):
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:
         self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
         self._exec(dbapi_conn, f"XA PREPARE {xid.xa_literal}")
+
+    def early_begin(self, dbapi_conn: Any) -> Callable[[], None] | None:
+        # PyMySQL connections must not be shared between threads, and MySQL opens the
+        # transaction with its first statement anyway.
+        return None
 
     def settle_prepared(self, dbapi_conn: Any) -> None:
         return None

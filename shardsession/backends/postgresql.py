@@ -17,7 +17,7 @@ SQL text. Notes on the server's rules this adapter follows:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._decisions import DecisionTableSQL
@@ -76,6 +76,27 @@ class PostgreSQLAdapter(DecisionTableSQL):
     def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
         # The GID is given at PREPARE time; the transaction begins with its first statement.
         return None
+
+    def early_begin(self, dbapi_conn: Any) -> Callable[[], None] | None:
+        # psycopg2 sends BEGIN as a round trip of its own before a transaction's first
+        # statement; its connections are thread-safe (a lock serialises their use).
+        if (
+            not type(dbapi_conn).__module__.startswith("psycopg2")
+            or dbapi_conn.autocommit
+            or dbapi_conn.status != _STATUS_READY
+        ):
+            return None
+
+        def run() -> None:
+            if dbapi_conn.status != _STATUS_READY:
+                return  # the flush got there first (a busy worker pool)
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("SELECT 1")  # psycopg2 sends BEGIN first
+            finally:
+                cur.close()
+
+        return run
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> None:
         cur = dbapi_conn.cursor()

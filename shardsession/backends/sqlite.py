@@ -9,7 +9,7 @@ commit on power loss) and restores the connection's own setting afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._decisions import DecisionTableSQL
@@ -52,6 +52,9 @@ class SQLiteAdapter(DecisionTableSQL):
 
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:
         raise NotImplementedError("SQLite cannot prepare")
+
+    def early_begin(self, dbapi_conn: Any) -> Callable[[], None] | None:
+        return None  # SQLite has no round trips
 
     def settle_prepared(self, dbapi_conn: Any) -> None:
         return None

@@ -22,8 +22,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from sqlalchemy import event
@@ -38,6 +38,7 @@ from sqlalchemy.sql.expression import (
 from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..exc import CommitIncomplete, ConfigurationError, TransactionError
+from . import early
 from .branch import Branch, BranchState
 from .transaction import GlobalTransaction
 
@@ -282,6 +283,30 @@ class TransactionCoordinator:
         _instrument(engine)
         branch = gt.add_branch(connection)
         connection.info[_BRANCH_KEY] = branch
+
+    def begin_early(self, sess: Session, shard_ids: Sequence[str]) -> list[Future[None]]:
+        """Before a flush that writes ``shard_ids`` (in the order the flush will most
+        likely write them): check out their connections and open the server
+        transactions of all but the first from worker threads (see :mod:`.early`).
+
+        Returns the running early BEGINs (a list :func:`.early.join` empties); the
+        transaction joins them itself before it commits or rolls back.
+        """
+        root = sess.get_transaction()
+        gt = self._by_transaction.get(root) if root is not None else None
+        if len(shard_ids) < 2 or gt is None or gt.protocol_ran or gt.early:
+            return []
+        branches = []
+        # Every connection is checked out in the flush's order (the branches register as
+        # the flush would register them, which fixes e.g. a MySQL branch's decider at its
+        # XA START); the first is left to the flush's own first statement.
+        for i, shard_id in enumerate(shard_ids):
+            conn = sess.connection(bind_arguments={"shard_id": shard_id})
+            branch = gt.branches.get(conn.engine)
+            if branch is not None and i > 0:
+                branches.append(branch)
+        gt.early = early.start(self.executor(), branches)
+        return gt.early
 
     def on_transaction_end(self, sess: Session, transaction: SessionTransaction) -> None:
         """``after_transaction_end`` of the root: its branches are forgotten."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection, Engine
@@ -21,6 +22,7 @@ from ..exc import (
     TransactionError,
     warn_non_atomic,
 )
+from . import early
 from .branch import (
     Branch,
     BranchState,
@@ -68,6 +70,8 @@ class GlobalTransaction:
         self.gtrid: str | None = None
         self.decider_index: int | None = None
         self.protocol_ran = False
+        #: early BEGINs still running (see :mod:`.early`); shared with the session
+        self.early: list[Future[None]] = []
 
     # --- branches --------------------------------------------------------------------
 
@@ -154,6 +158,8 @@ class GlobalTransaction:
         """
         if self.protocol_ran:
             return
+        if self.early:
+            early.join(self.early)
         self.protocol_ran = True
         if len(self.branches) == 1:
             only = next(iter(self.branches.values()))
@@ -386,6 +392,8 @@ class GlobalTransaction:
 
     def on_connection_rollback(self, branch: Branch) -> None:
         """Called before SQLAlchemy's ROLLBACK on a branch's connection."""
+        if self.early:
+            early.join(self.early)
         if branch.state is BranchState.ACTIVE and branch.xa_started and branch.adapter:
             try:
                 branch.adapter.rollback_active(branch.dbapi, branch.xid)
@@ -398,6 +406,8 @@ class GlobalTransaction:
 
     def close(self) -> None:
         """The root session transaction ended: forget every branch."""
+        if self.early:
+            early.join(self.early)
         branches = self.branches
         if not branches:
             return
