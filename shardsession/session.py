@@ -94,6 +94,8 @@ class ShardedSession(_SAShardedSession):
         self._shards: dict[str, Any] = {}
         #: early BEGINs of the current flush (see shardsession.coordinator.early)
         self._early: list[Any] = []
+        #: (root transaction, {shard id: its Connection}) for connection_callable
+        self._flush_connections: tuple[Any, dict[Any, Connection]] | None = None
         self._placement = placement
         if placement is not None:
             if shard_chooser or identity_chooser or execute_chooser:
@@ -225,7 +227,15 @@ class ShardedSession(_SAShardedSession):
             self._check_shard(shard_id)
         trans = self.get_transaction()
         if trans is not None:
-            return trans.connection(mapper, shard_id=shard_id)
+            # A flush asks once per object: remember the answers for this transaction
+            # (SQLAlchemy's own answer never changes while the transaction lasts).
+            cache = self._flush_connections
+            if cache is None or cache[0] is not trans:
+                cache = self._flush_connections = (trans, {})
+            conn = cache[1].get(shard_id)
+            if conn is None:
+                conn = cache[1][shard_id] = trans.connection(mapper, shard_id=shard_id)
+            return conn
         bind = self._shards[shard_id]
         return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return, unused-ignore]
 
@@ -444,6 +454,8 @@ def _on_begin(session: Session, transaction: Any, connection: Connection) -> Non
 
 
 def _on_transaction_end(session: Session, transaction: Any) -> None:
+    if transaction.parent is None and getattr(session, "_flush_connections", None):
+        session._flush_connections = None  # type: ignore[attr-defined]
     coordinator = getattr(session, "_coordinator", None)
     if coordinator is not None:
         coordinator.on_transaction_end(session, transaction)

@@ -82,8 +82,10 @@ def _is_write(context: Any) -> bool:
 
 def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
                            context: Any, executemany: bool) -> None:
+    if not _is_write(context):
+        return
     branch = _branch_of(conn)
-    if branch is None or not _is_write(context):
+    if branch is None:
         return
     if branch.gt is not None and branch.gt.protocol_ran:
         raise TransactionError(
