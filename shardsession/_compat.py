@@ -421,3 +421,95 @@ def dbapi_socket_fileno(dbapi_connection: Any) -> int | None:
     if sock is not None:
         return int(sock.fileno())
     return None
+
+
+# --- late materialization of ORM rows (shardsession.query._merge) -------------------------
+from sqlalchemy.engine import ChunkedIteratorResult  # noqa: E402
+from sqlalchemy.engine.cursor import (  # noqa: E402
+    CursorFetchStrategy,
+    FullyBufferedCursorFetchStrategy,
+)
+
+
+@dataclass(frozen=True)
+class UnloadedRows:
+    """The cursor under an ORM result whose rows the ORM has not turned into objects yet.
+
+    ``positions`` are the positions of the requested keys in the cursor's rows;
+    ``process`` makes processed rows of raw ones (see :func:`_processed_rows_maker`).
+    """
+
+    cursor: CursorResult[Any]
+    positions: tuple[int, ...]
+    process: Callable[[Sequence[Any]], Sequence[Sequence[Any]]]
+
+
+def unloaded_orm_rows(result: Result[Any], keys: Sequence[str]) -> UnloadedRows | None:
+    """The cursor of an ORM ``result`` that nobody has read yet, or ``None``.
+
+    Only a result built by the ORM's ``loading.instances()`` qualifies: a
+    ``ChunkedIteratorResult`` whose ``raw`` is a :class:`CursorResult` (public attribute,
+    undocumented), not read yet (``CursorResult._soft_closed``: the ORM soft-closes it once
+    it read the rows, e.g. for ``prebuffer_rows``), fetching from a client-side cursor
+    (``CursorResult.cursor_strategy`` exactly ``CursorFetchStrategy`` or
+    ``FullyBufferedCursorFetchStrategy``; server-side cursors stream), without
+    ``yield_per`` or ``unique()`` (``Result._yield_per``, ``Result._unique_filter_state``),
+    and with each of ``keys`` naming exactly one column of the cursor.  Nothing is read or
+    changed here but the memoized ``Result._row_getter`` (computed as the ORM would).
+    """
+    if type(result) is not ChunkedIteratorResult:
+        return None
+    cursor = result.raw
+    if not isinstance(cursor, CursorResult) or cursor._soft_closed or cursor.closed:
+        return None
+    if type(cursor.cursor_strategy) not in (CursorFetchStrategy, FullyBufferedCursorFetchStrategy):
+        return None
+    if result._yield_per or result._unique_filter_state is not None:
+        return None
+    process = _processed_rows_maker(cursor)
+    if process is None:
+        return None
+    names = list(cursor.keys())
+    if any(names.count(k) != 1 for k in keys):
+        return None
+    return UnloadedRows(cursor, tuple(names.index(k) for k in keys), process)
+
+
+def read_unloaded_rows(rows: UnloadedRows) -> tuple[list[Any], Sequence[Sequence[Any]]]:
+    """Read every remaining row of ``rows.cursor``: ``(raw DBAPI rows, processed rows)``.
+
+    The processed rows (type processors applied, in the cursor's key order) are made by
+    ``rows.process``, as the ORM itself makes them; the raw rows come from
+    ``CursorResult._fetchall_impl()`` (the cursor strategy, which wraps driver errors).
+    The cursor is soft-closed, as when the ORM reads it; put rows back with
+    :func:`reload_unloaded_rows` before the ORM result is iterated.
+
+    :raises sqlalchemy.exc.DBAPIError: the driver failed to fetch (wrapped by SQLAlchemy,
+        as for any fetch).
+    """
+    raw = list(rows.cursor._fetchall_impl())
+    return raw, rows.process(raw)
+
+
+def _processed_rows_maker(
+    cursor: CursorResult[Any],
+) -> Callable[[Sequence[Any]], Sequence[Sequence[Any]]] | None:
+    """``Result._row_getter`` as a function of a list of raw rows: on 2.1 its third
+    element (plain processed tuples, or Rows where rows are logged); on 2.0 it is the
+    one-row ``Row`` maker.  ``None`` where there is none (scalar sources only)."""
+    getter: Any = cursor._row_getter
+    if isinstance(getter, tuple):
+        interim_rows: Callable[[Sequence[Any]], Sequence[Sequence[Any]]] | None = getter[2]
+        return interim_rows
+    if callable(getter):
+        make_row: Callable[[Any], Sequence[Any]] = getter
+        return lambda raw: [make_row(row) for row in raw]
+    return None
+
+
+def reload_unloaded_rows(rows: UnloadedRows, raw: Sequence[Any]) -> None:
+    """Make ``raw`` (rows returned by :func:`read_unloaded_rows`) the only rows the ORM
+    result will read from the cursor: ``CursorResult.cursor_strategy`` becomes a
+    ``FullyBufferedCursorFetchStrategy`` over them (what SQLAlchemy uses for results read
+    ahead of time)."""
+    rows.cursor.cursor_strategy = FullyBufferedCursorFetchStrategy(None, initial_buffer=raw)

@@ -38,12 +38,13 @@ from ._checks import CheckContext, QueryPlacement, check_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
 from ._paginate import Page, paginate
-from ._plan import AggregatePlan, plan_select
+from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 
 __all__ = [
     "CHECK_CACHE",
     "MAX_WORKERS_OPTION",
     "MERGE_OPTION",
+    "PLAN_CACHE",
     "TIMEOUT_OPTION",
     "FanoutOptions",
     "Page",
@@ -229,6 +230,8 @@ def execute_on_shards(
         dialects=dialects,
         is_orm=orm_context.is_orm_statement,
         wants_tuples=_compat.wants_tuples(orm_context),
+        # memoized on the statement by _reads_sharded_tables()
+        cache_key=_compat.statement_cache_key(statement),
     )
     results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
     if isinstance(plan, AggregatePlan):

@@ -27,6 +27,7 @@ __all__ = [
     "Columns",
     "OrderItem",
     "as_clause",
+    "hidden_label",
     "limit_offset",
     "parse_order_by",
     "references_columns",
@@ -130,8 +131,13 @@ class Columns:
         for j, existing in enumerate(self.hidden):
             if existing.element.compare(plain):
                 return self.visible + j
-        self.hidden.append(plain.label(f"{HIDDEN_PREFIX}{len(self.hidden)}"))
+        self.hidden.append(hidden_label(plain, len(self.hidden)))
         return self.visible + len(self.hidden) - 1
+
+
+def hidden_label(expr: ColumnElement[Any], index: int) -> Label[Any]:
+    """``expr`` as the ``index``-th hidden column."""
+    return expr.label(f"{HIDDEN_PREFIX}{index}")
 
 
 def as_clause(expr: Any) -> Any:

@@ -8,8 +8,10 @@ Thread safety (a Session is not thread-safe) rests on four rules:
    any ``after_begin`` hooks).  A worker's ``invoke_statement`` then only *finds* its
    connection and runs with ``autoflush=False``.
 2. A worker only executes the statement and sets up the ORM result; ORM rows are turned
-   into objects lazily, when the caller iterates -- in the calling thread.  Eager loaders
-   (``selectinload``) therefore issue their queries from the calling thread too.  The
+   into objects lazily, when the caller iterates -- in the calling thread (for ORDER BY
+   with LIMIT the merge first reads each shard's cursor there, see :mod:`._merge`).
+   Eager loaders (``selectinload``) therefore issue their queries from the calling
+   thread too.  The
    drivers supported buffer results at execute time (psycopg2, PyMySQL's default cursor)
    or fetch later on the caller's thread (SQLite, server-side cursors), never both at once.
 3. Two shard ids bound to the same Connection/Engine run one after the other in the same

@@ -1,4 +1,11 @@
-"""Apply a plan to per-shard results and build the one Result the caller gets."""
+"""Apply a plan to per-shard results and build the one Result the caller gets.
+
+ORDER BY with LIMIT over ORM entities merges *before* the ORM builds objects: each
+shard's rows are read from its cursor as plain values, k-way merged on the hidden sort
+columns, and only the rows that survive OFFSET/LIMIT are handed back to the ORM, so
+objects (and ``load`` events, identity-map entries, eager loads) exist only for rows one
+database would have returned.  Other statements merge the ORM's rows as they come.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from sqlalchemy.engine import Result
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import GroupMerger
-from ._ordering import merge_sorted, sort_rows
+from ._ordering import SortKey, merge_sorted, merged_order, sort_rows
 from ._plan import AggregatePlan, RowsPlan
 
 __all__ = ["dedupe", "merge_aggregate", "merge_rows", "slice_rows"]
@@ -60,8 +67,15 @@ def merge_rows(
     """Merge row results: k-way merge when ordered, lazy concatenation otherwise."""
     template = results[0][1]
     unique = _compat.requires_unique(template)
-    streams = [(shard_id, _rows_of(r, unique)) for shard_id, r in results]
+    unloaded = None if unique else _unloaded(plan, results)
     merged: Iterable[Sequence[Any]]
+    if unloaded is not None and plan.limit is not None:
+        stop = plan.offset + plan.limit
+        merged = _close_when_done(_merge_unloaded(plan, stop, results, unloaded), results)
+        return _compat.build_result(
+            template, merged, visible=plan.visible, attributes=plan.attributes
+        )
+    streams = [(shard_id, _rows_of(r, unique)) for shard_id, r in results]
     if plan.sort_keys:
         merged = merge_sorted(streams, plan.sort_keys)
     else:
@@ -76,6 +90,70 @@ def merge_rows(
         visible=plan.visible,
         attributes=plan.attributes,
     )
+
+
+def _unloaded(
+    plan: RowsPlan, results: Sequence[tuple[Any, Result[Any]]]
+) -> list[_compat.UnloadedRows] | None:
+    """Each shard's unread cursor when the merge can run before the ORM builds objects:
+    ORDER BY only on hidden columns, a LIMIT (so rows are dropped), no DISTINCT, and ORM
+    results nobody has read (see :func:`shardsession._compat.unloaded_orm_rows`) with
+    the sort columns at the same positions.  ``None`` otherwise; nothing is read here."""
+    if plan.limit is None or plan.distinct or not plan.sort_keys:
+        return None
+    if any(k.index < plan.visible for k in plan.sort_keys):
+        return None
+    names = [plan.hidden_names[k.index - plan.visible] for k in plan.sort_keys]
+    unloaded: list[_compat.UnloadedRows] = []
+    for _, result in results:
+        found = _compat.unloaded_orm_rows(result, names)
+        if found is None or (unloaded and found.positions != unloaded[0].positions):
+            return None
+        unloaded.append(found)
+    return unloaded
+
+
+def _merge_unloaded(
+    plan: RowsPlan,
+    stop: int,
+    results: Sequence[tuple[Any, Result[Any]]],
+    unloaded: Sequence[_compat.UnloadedRows],
+) -> Iterator[Sequence[Any]]:
+    """The merged, sliced rows, objects built only for the rows that are returned.
+
+    Runs when the caller first reads: each shard's raw rows are read and their sort
+    values merged up to ``stop`` (verified per shard, as :func:`merge_sorted` does);
+    each shard's ORM result is then given back only the rows it contributes (a
+    contiguous run of its rows: a shard's rows leave the merge in their own order) and
+    read in merged order.
+
+    :raises UnsupportedQueryError: a shard's rows are not in Python's order, or values
+        of different shards cannot be compared.
+    """
+    raws: list[list[Any]] = []
+    streams: list[tuple[Any, Sequence[Sequence[Any]]]] = []
+    for (shard_id, _), source in zip(results, unloaded, strict=True):
+        raw, values = _compat.read_unloaded_rows(source)
+        raws.append(raw)
+        streams.append((shard_id, values))
+    # The sort keys read the cursor's columns (positions of the hidden columns there).
+    positions = unloaded[0].positions
+    keys = [
+        SortKey(p, k.descending, k.nulls_first)
+        for p, k in zip(positions, plan.sort_keys, strict=True)
+    ]
+    order = merged_order(streams, keys, stop)
+    skipped = [0] * len(results)
+    for index in order[: plan.offset]:
+        skipped[index] += 1
+    taken = list(skipped)
+    for index in order[plan.offset :]:
+        taken[index] += 1
+    for source, raw, first, end in zip(unloaded, raws, skipped, taken, strict=True):
+        _compat.reload_unloaded_rows(source, raw[first:end])
+    rows = [_rows_of(r, False) for _, r in results]
+    for index in order[plan.offset :]:
+        yield next(rows[index])
 
 
 def _close_when_done(
