@@ -1,4 +1,4 @@
-"""The ``shardsession`` command: demo, recover, status.
+"""The ``shardsession`` command: demo, recover, status, create-all.
 
 The CLI is the one place that reads the process environment and prints; the library
 itself does neither.
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         recover = None  # type: ignore[assignment]
     if recover is not None:
         recover.add_arguments(sub)
+        from . import create_all
+
+        create_all.add_arguments(sub)
     return parser
 
 

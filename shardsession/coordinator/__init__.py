@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from .coordinator import TransactionCoordinator
 from .recovery import BranchRef, InDoubtBranch, RecoveryReport, in_doubt, recover
+from .setup import ShardSetup, prepare_shards
 
 __all__ = [
     "BranchRef",
     "InDoubtBranch",
     "RecoveryReport",
+    "ShardSetup",
     "TransactionCoordinator",
     "in_doubt",
+    "prepare_shards",
     "recover",
 ]

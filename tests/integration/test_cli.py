@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from harness import servers
+from sqlalchemy import create_engine, func, inspect, select
 
 from shardsession.config import Cluster
 from shardsession.coordinator import in_doubt
@@ -22,14 +23,14 @@ from .test_crash_matrix import _create, run_child
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 60, path: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "shardsession", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, path) if p)},
     )
 
 
@@ -158,3 +159,63 @@ def test_demo_command(tmp_path: Path) -> None:
     proc = cli("demo", "--dir", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
+
+
+MODELS = """
+from sqlalchemy import Column, Integer, MetaData, String, Table
+
+metadata = MetaData()
+Table("cli_accounts", metadata, Column("id", Integer, primary_key=True), Column("v", String(9)))
+"""
+
+
+def _tables_of(url: str) -> set[str]:
+    e = create_engine(url)
+    try:
+        return set(inspect(e).get_table_names())
+    finally:
+        e.dispose()
+
+
+def test_create_all_sets_up_every_shard(pg_url_a: str, mariadb_url: str, tmp_path: Path) -> None:
+    (tmp_path / "ss_cli_models.py").write_text(MODELS)
+    urls = {"alpha": pg_url_a, "beta": mariadb_url, "gamma": f"sqlite:///{tmp_path / 'g.db'}"}
+    config = write_config(tmp_path / "cluster.toml", urls)
+    for _ in range(2):  # idempotent
+        done = cli("create-all", "--config", str(config), "--metadata", "ss_cli_models:metadata",
+                   path=str(tmp_path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = done.stdout.splitlines()
+        assert "alpha: decision table ready, 1 application tables present; can prepare" in out
+        assert "beta: decision table ready, 1 application tables present; can prepare" in out
+        assert any(line.startswith("gamma: decision table ready, 1 application tables present;"
+                                   " cannot prepare") for line in out), out
+    for url in urls.values():
+        assert {"shardsession_decisions", "cli_accounts"} <= _tables_of(url)
+
+
+def test_create_all_reports_shards_that_cannot_prepare_or_fail(tmp_path: Path) -> None:
+    noprep = servers.start_postgres("noprep", max_prepared_transactions=0)
+    try:
+        urls = {"ok": f"sqlite:///{tmp_path / 'ok.db'}", "noprep": noprep.create_database(),
+                "gone": f"postgresql+psycopg2://postgres@127.0.0.1:{servers.free_port()}/x"}
+        config = write_config(tmp_path / "cluster.toml", urls)
+        done = cli("create-all", "--config", str(config))
+        assert done.returncode == 1, done.stdout + done.stderr
+        out = done.stdout.splitlines()
+        assert any(line.startswith("noprep: decision table ready; cannot prepare (PostgreSQL "
+                                   "max_prepared_transactions = 0") for line in out), out
+        assert any(line.startswith("gone: FAILED: OperationalError") for line in out), out
+        assert any(line.startswith("ok: decision table ready; cannot prepare") for line in out)
+        assert "shardsession_decisions" in _tables_of(urls["noprep"])
+    finally:
+        noprep.teardown()
+
+
+@pytest.mark.parametrize("spec", ["no_such_module:metadata", "os:path", "nocolon"])
+def test_create_all_rejects_a_bad_metadata_spec(tmp_path: Path, spec: str) -> None:
+    config = write_config(tmp_path / "cluster.toml", {"a": f"sqlite:///{tmp_path / 'a.db'}"})
+    done = cli("create-all", "--config", str(config), "--metadata", spec)
+    assert done.returncode == 2 and "--metadata" in done.stderr, done.stderr
+    assert not (tmp_path / "a.db").exists() or "shardsession_decisions" not in _tables_of(
+        f"sqlite:///{tmp_path / 'a.db'}")
