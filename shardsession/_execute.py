@@ -170,13 +170,20 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
     for shard_id, group in groups.items():
         conn = session.connection(bind_arguments={"shard_id": shard_id})
         results.append(conn.execute(stmt, group if len(group) != 1 else group[0]))
-    return combine(results)
+    return combine(results, replicated=isinstance(r.rule, Broadcast))
 
 
-def combine(results: Sequence[Result[Any]]) -> Result[Any]:
-    """One result for a write sent to several shards: RETURNING rows concatenated."""
+def combine(results: Sequence[Result[Any]], *, replicated: bool = False) -> Result[Any]:
+    """One result for a write sent to several shards: RETURNING rows concatenated;
+    without RETURNING, a result that returns no rows whose ``rowcount`` is the sum of the
+    shards' (``-1`` when a driver did not report one), as for one database. A write
+    ``replicated`` to every shard (a broadcast table) counts its rows once."""
     if len(results) == 1:
         return results[0]
-    if all(getattr(r, "returns_rows", False) for r in results):
-        return results[0].merge(*results[1:])
-    return results[-1]
+    merged = results[0].merge(*results[1:])
+    if not all(getattr(r, "returns_rows", False) for r in results):
+        counts = [int(getattr(r, "rowcount", -1)) for r in results]
+        total = counts[0] if replicated else sum(counts)
+        merged.rowcount = total if min(counts) >= 0 else -1  # type: ignore[attr-defined]
+        merged.returns_rows = False  # type: ignore[attr-defined]
+    return merged

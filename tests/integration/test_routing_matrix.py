@@ -208,6 +208,12 @@ def test_bulk_insert_rows_routed_by_key(cluster: Cluster) -> None:
     with Session.begin() as s:
         s.execute(insert(User), rows)
         s.execute(insert(Country), [{"code": "SE", "name": "Sweden"}])
+        # a Core INSERT spread over the shards reports all its rows, as one database would
+        core = s.execute(insert(User.__table__),
+                         [{"id": i, "name": f"core{i}"} for i in range(230, 240)])
+        assert core.rowcount == 10 and not core.returns_rows
+        countries = s.execute(insert(Country.__table__), [{"code": "NO", "name": "Norway"}])
+        assert countries.rowcount == 1  # one row, replicated to every shard
     for i in range(200, 230):
         assert set(cluster.where(f"SELECT id FROM users WHERE id = {i}")) == {
             expected_user_shard(i)
