@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from sqlalchemy import Engine, event, inspect
@@ -29,6 +29,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql.selectable import Join
 
 from . import _compat
 from ._execute import execute, mappers_of_tables
@@ -352,16 +353,8 @@ class ShardedSession(_SAShardedSession):
         if isinstance(stmt, Select | Update | Delete) or for_write:
             candidates: list[str] | None = None
             keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
-            if len(keyed) > 1 and not placement.colocated([m.local_table for m in keyed]):
-                # Intersecting their shards would silently drop the pairs of rows that live
-                # on different shards: refuse before asking any shard.
-                raise UnsupportedQueryError(
-                    "the statement relates rows of "
-                    + ", ".join(sorted({m.class_.__name__ for m in keyed}))
-                    + ", which are placed independently and may be on different shards",
-                    shard_id=None,
-                    construct="join of tables that are not co-located",
-                )
+            if isinstance(stmt, Select) or len(keyed) > 1:
+                _refuse_cross_shard_pairs(placement, keyed, stmt)
             for m in keyed or mappers:
                 found = placement.shards_for_clause(m, where, params, for_write=for_write)
                 candidates = found if candidates is None else [s for s in candidates if s in found]
@@ -372,6 +365,79 @@ class ShardedSession(_SAShardedSession):
                 return placement.all_candidates(mappers[0])[:1] or list(placement.shards)[:1]
             return candidates
         return list(placement.shards)
+
+
+_JOIN_VERDICTS = "join_verdicts"
+_JOIN_VERDICTS_MAX = 2048
+
+
+def _refuse_cross_shard_pairs(placement: Placement, keyed: list[Mapper[Any]], stmt: Any) -> None:
+    """Refuse, before any shard is asked, a statement relating rows of ``keyed`` (and of
+    the tables it joins in) that may be on different shards: each shard would pair only
+    its own rows, silently dropping the pairs one database would return.
+
+    The verdict depends only on the statement's structure, so it is cached by
+    SQLAlchemy's cache key (working out an ORM statement's FROM list costs a compile).
+
+    :raises UnsupportedQueryError: the tables are placed independently, or co-located but
+        not related along their placement (joined on other columns, or not at all).
+    """
+    key = _compat.statement_cache_key(stmt) if isinstance(stmt, Select) else None
+    verdicts: dict[Any, tuple[str, str] | None] = placement.cache.setdefault(_JOIN_VERDICTS, {})
+    if key is not None and key in verdicts:
+        verdict = verdicts[key]
+    else:
+        verdict = _cross_shard_pairs(placement, keyed, stmt)
+        if key is not None:
+            if len(verdicts) >= _JOIN_VERDICTS_MAX:
+                verdicts.clear()
+            verdicts[key] = verdict
+    if verdict is not None:
+        message, construct = verdict
+        raise UnsupportedQueryError(message, shard_id=None, construct=construct)
+
+
+def _cross_shard_pairs(
+    placement: Placement, keyed: list[Mapper[Any]], stmt: Any
+) -> tuple[str, str] | None:
+    froms: Sequence[Any] = ()
+    if isinstance(stmt, Select):
+        # Tables joined in without being selected relate rows as well.
+        froms = _compat.final_froms_without_eager_joins(stmt)
+        for m in placement.mappers_for_tables(_tables_of(froms)):
+            if m not in keyed and not isinstance(placement.resolve(m).rule, Broadcast):
+                keyed = [*keyed, m]
+    if len(keyed) < 2:
+        return None
+    names = ", ".join(sorted({m.class_.__name__ for m in keyed}))
+    if not placement.colocated([m.local_table for m in keyed]):
+        return (
+            f"the statement relates rows of {names}, which are placed independently and "
+            "may be on different shards",
+            "join of tables that are not co-located",
+        )
+    if isinstance(stmt, Select):
+        apart = placement.joined_apart(keyed, froms, stmt.whereclause)
+        if apart:
+            return (
+                f"the statement relates rows of {names} but does not join "
+                + " with ".join("(" + ", ".join(g) + ")" for g in apart)
+                + " along their placement relationship (a child's foreign key to its "
+                "parent): rows it would pair may be on different shards",
+                "join not along the placement relationship",
+            )
+    return None
+
+
+def _tables_of(froms: Iterable[Any]) -> list[Any]:
+    """The tables (and aliases of tables) of FROM elements, joins flattened."""
+    out: list[Any] = []
+    for frm in froms:
+        if isinstance(frm, Join):
+            out += _tables_of((frm.left, frm.right))
+        else:
+            out.append(frm)
+    return out
 
 
 def _engine_of(bind: Any) -> Any:

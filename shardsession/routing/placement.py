@@ -9,7 +9,7 @@ must visit. It knows nothing of connections or transactions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .._compat import identity_token_of
 from ..exc import ConfigurationError, RoutingError, ShardKeyMissingError
+from .joins import ColumnKey, placement_pairs, unrelated_tables
 from .pruning import key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
 
@@ -229,6 +230,26 @@ class Placement:
         if group[0] == "pinned":
             return True
         return len(bases) == len({id(b) for b in bases})
+
+    def joined_apart(
+        self, mappers: Sequence[Mapper[Any]], froms: Iterable[Any], where: Any
+    ) -> list[list[str]]:
+        """For the co-located ``mappers`` of one statement (see :meth:`colocated`): the
+        groups of their tables that its JOIN conditions and WHERE clause do not relate
+        along the placement (a child's foreign key to its parent); ``[]`` when they all
+        are, or when they are pinned to one shard (any join is then exact)."""
+        if all(self._group_of(m)[0] == "pinned" for m in mappers):
+            return []
+        cache: dict[Mapper[Any], set[frozenset[ColumnKey]]] = self.cache.setdefault(
+            "join_pairs", {})
+        allowed: set[frozenset[ColumnKey]] = set()
+        for m in mappers:
+            pairs = cache.get(m)
+            if pairs is None:
+                parents = [*self.resolve(m).parent_props, *self._collection_parents(m)]
+                pairs = cache[m] = placement_pairs(m, parents)
+            allowed |= pairs
+        return unrelated_tables([m.local_table for m in mappers], froms, where, allowed)
 
     def is_placed(self, mapper: Mapper[Any]) -> bool:
         placed: dict[Any, bool] = self.cache.setdefault("is_placed", {})
