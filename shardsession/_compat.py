@@ -487,7 +487,7 @@ def read_unloaded_rows(rows: UnloadedRows) -> tuple[list[Any], Sequence[Sequence
     :raises sqlalchemy.exc.DBAPIError: the driver failed to fetch (wrapped by SQLAlchemy,
         as for any fetch).
     """
-    raw = list(rows.cursor._fetchall_impl())
+    raw = list(rows.cursor._fetchall_impl())  # type: ignore[no-untyped-call, unused-ignore]
     return raw, rows.process(raw)
 
 
@@ -512,4 +512,23 @@ def reload_unloaded_rows(rows: UnloadedRows, raw: Sequence[Any]) -> None:
     result will read from the cursor: ``CursorResult.cursor_strategy`` becomes a
     ``FullyBufferedCursorFetchStrategy`` over them (what SQLAlchemy uses for results read
     ahead of time)."""
-    rows.cursor.cursor_strategy = FullyBufferedCursorFetchStrategy(None, initial_buffer=raw)
+    rows.cursor.cursor_strategy = FullyBufferedCursorFetchStrategy(None, initial_buffer=raw)  # type: ignore[no-untyped-call, unused-ignore]
+
+
+# --- subqueries inside expressions (shardsession.query._checks) ---------------------------
+from sqlalchemy.sql.selectable import SelectBase, SelectStatementGrouping  # noqa: E402
+
+
+def ungrouped_select(sel: SelectBase) -> SelectBase:
+    """The statement inside any parentheses around a subquery
+    (``SelectStatementGrouping.element``, repeatedly).
+
+    A version difference: ``Exists.where()``, ``.correlate()``, ``.select_from()``... (and
+    so the ORM's ``relationship.any()`` / ``has()``) rebuild the EXISTS with
+    ``Exists._regroup``, whose result is a ``SelectStatementGrouping`` of the SELECT on
+    2.0 (checked on 2.0.30) and a ``ScalarSelect`` on 2.1.  A grouping only adds
+    parentheses, so the grouped statement is what the subquery checks must look at.
+    """
+    while isinstance(sel, SelectStatementGrouping):
+        sel = sel.element
+    return sel

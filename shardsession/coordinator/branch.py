@@ -74,7 +74,8 @@ def wrap_error(b: Branch, e: Exception, statement: str) -> Exception:
     """A driver error of a protocol statement as SQLAlchemy would have raised it."""
     dbapi_mod = b.engine.dialect.loaded_dbapi
     if isinstance(e, dbapi_mod.Error):
-        return sa_exc.DBAPIError.instance(statement, None, e, dbapi_mod.Error)
+        wrapped: Exception = sa_exc.DBAPIError.instance(statement, None, e, dbapi_mod.Error)
+        return wrapped
     return e
 
 

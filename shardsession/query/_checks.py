@@ -260,6 +260,7 @@ def _check_colocated(tables: Sequence[FromClause], ctx: CheckContext, what: str)
 
 def check_subquery(sel: SelectBase, ctx: CheckContext) -> None:
     """A subquery inside an expression (scalar, IN, EXISTS)."""
+    sel = _compat.ungrouped_select(sel)
     if isinstance(sel, CompoundSelect):
         raise UnsupportedQueryError(
             "set operations (UNION, ...) are not merged", construct="UNION/INTERSECT/EXCEPT"

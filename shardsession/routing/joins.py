@@ -75,7 +75,7 @@ def placement_pairs(mapper: Mapper[Any], parents: Sequence[Any]) -> set[frozense
     condition."""
     pairs: set[frozenset[ColumnKey]] = set()
     for prop in parents:
-        for left, right in prop.local_remote_pairs:
+        for left, right in prop.local_remote_pairs or ():
             a, b = _key(left), _key(right)
             if a is not None and b is not None:
                 pairs.add(frozenset((a, b)))

@@ -339,7 +339,7 @@ class Placement:
                 parent = self.resolve(prop.mapper)
                 if parent.strategy is None:
                     continue
-                local_for_remote = {r: loc for loc, r in prop.local_remote_pairs}
+                local_for_remote = {r: loc for loc, r in prop.local_remote_pairs or ()}
                 try:
                     local_cols = tuple(local_for_remote[c] for c in parent.columns)
                 except KeyError:
@@ -363,7 +363,7 @@ class Placement:
         attrs: tuple[str, ...],
         parent_props: tuple[RelationshipProperty[Any], ...] = (),
     ) -> ResolvedRule:
-        pk = list(mapper.primary_key)
+        pk: list[ColumnElement[Any]] = list(mapper.primary_key)
         key_in_pk = tuple(pk.index(c) for c in cols if c in pk)
         return ResolvedRule(
             rule=rule,
