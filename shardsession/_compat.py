@@ -157,6 +157,27 @@ def wrap_root_prepare(transaction: Any, hook: Callable[[], BaseException | None]
     transaction.commit = commit
 
 
+_SLOT = "_shardsession_gt"
+
+
+def transaction_slot(transaction: Any) -> Any:
+    """What :func:`set_transaction_slot` put on a ``SessionTransaction`` (or ``None``).
+
+    Kept in the instance's ``__dict__`` (an attribute of ours; SQLAlchemy's own names are
+    untouched): cheaper than a ``WeakKeyDictionary`` lookup, and it goes away with the
+    transaction object.
+    """
+    return vars(transaction).get(_SLOT)
+
+
+def set_transaction_slot(transaction: Any, value: Any) -> None:
+    vars(transaction)[_SLOT] = value
+
+
+def pop_transaction_slot(transaction: Any) -> Any:
+    return vars(transaction).pop(_SLOT, None)
+
+
 def unwrap_root_prepare(transaction: Any) -> None:
     """Remove what :func:`wrap_root_prepare` put on the instance.
 

@@ -155,9 +155,6 @@ class TransactionCoordinator:
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
         self._executor: ThreadPoolExecutor | None = None
-        self._by_transaction: weakref.WeakKeyDictionary[SessionTransaction, GlobalTransaction] = (
-            weakref.WeakKeyDictionary()
-        )
         self._naming: weakref.WeakKeyDictionary[Session, Callable[[Engine], str]] = (
             weakref.WeakKeyDictionary()
         )
@@ -235,7 +232,7 @@ class TransactionCoordinator:
         self._naming[session] = shard_of_engine
         # A session may already have autobegun (e.g. attached late): cover it too.
         current = session.get_transaction()
-        if current is not None and current not in self._by_transaction:
+        if current is not None and _compat.transaction_slot(current) is None:
             self.on_transaction_create(session, current)
 
     def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
@@ -253,7 +250,7 @@ class TransactionCoordinator:
         if naming is None:
             return
         gt = GlobalTransaction(self, naming)
-        self._by_transaction[transaction] = gt
+        _compat.set_transaction_slot(transaction, gt)
 
         def protocol() -> BaseException | None:
             try:
@@ -276,7 +273,7 @@ class TransactionCoordinator:
         root = transaction
         while root.parent is not None:
             root = root.parent
-        gt = self._by_transaction.get(root)
+        gt: GlobalTransaction | None = _compat.transaction_slot(root)
         if gt is None or _is_autocommit(connection):
             return
         engine = connection.engine
@@ -295,7 +292,8 @@ class TransactionCoordinator:
         transaction joins them itself before it commits or rolls back.
         """
         root = sess.get_transaction()
-        gt = self._by_transaction.get(root) if root is not None else None
+        gt: GlobalTransaction | None = (
+            _compat.transaction_slot(root) if root is not None else None)
         if len(shard_ids) < 2 or gt is None or gt.protocol_ran or gt.early:
             return []
         branches = []
@@ -314,7 +312,7 @@ class TransactionCoordinator:
         """``after_transaction_end`` of the root: its branches are forgotten."""
         if transaction.parent is not None:
             return
-        gt = self._by_transaction.pop(transaction, None)
+        gt: GlobalTransaction | None = _compat.pop_transaction_slot(transaction)
         if gt is not None:
             gt.close()
             _compat.unwrap_root_prepare(transaction)
