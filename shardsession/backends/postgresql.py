@@ -1,13 +1,35 @@
-"""PostgreSQL adapter: PREPARE TRANSACTION / COMMIT PREPARED through psycopg2.
+"""PostgreSQL adapter: PREPARE TRANSACTION / COMMIT PREPARED through psycopg2 or psycopg 3.
 
-GIDs are always passed as bound parameters, which psycopg2 renders as escaped literals
-(``PREPARE TRANSACTION`` takes no server-side parameters); they are never formatted into
-SQL text. Notes on the server's rules this adapter follows:
+Both drivers are supported (``postgresql+psycopg2://`` and ``postgresql+psycopg://``, the
+latter SQLAlchemy 2.1's default for a plain ``postgresql://`` URL). Their differences are
+kept in the small helpers at the top of this module and nowhere else:
+
+* :func:`_cursor`: every statement of the protocol goes through a cursor that binds
+  parameters on the client (psycopg2's only kind; psycopg 3's ``ClientCursor``) and
+  sends the simple query protocol, so a GID becomes an escaped literal
+  (``PREPARE TRANSACTION`` takes no server-side parameters, and psycopg 3's default
+  cursor would send ``$1``) and the decision insert's ``SET LOCAL``s travel with it in one
+  round trip. GIDs are never formatted into SQL text by us;
+* :func:`_sqlstate`: the SQLSTATE of an error (psycopg 3 ``sqlstate``, psycopg2
+  ``pgcode``), also through SQLAlchemy's wrapper (``.orig``);
+* :func:`_begins_next`: whether the driver will send ``BEGIN`` before the connection's
+  next statement. psycopg2 decides from its own state, which stays "in a transaction"
+  after ``PREPARE TRANSACTION`` until ``commit()``; psycopg 3 decides from the server's
+  reported status, which is idle right after ``PREPARE TRANSACTION``.
+
+Both drivers send ``BEGIN`` as a round trip of its own, under the connection's lock,
+right before a transaction's first statement, and both document their connections as
+safe to share between threads; :meth:`PostgreSQLAdapter.early_begin` relies on that.
+An unknown driver (psycopg 3's asyncio connection wrapped by SQLAlchemy, say) gets no
+early BEGIN and the conservative path everywhere else; it is not tested.
+
+Notes on the server's rules this adapter follows:
 
 * ``COMMIT PREPARED`` must run outside a transaction block and from the GID's database;
-  a branch prepared on a connection is finished on that same connection, whose driver still
-  believes a transaction is open, so the adapter ends that belief with ``commit()`` (a
-  no-op on the server) to leave nothing for the pool;
+  a branch prepared on a connection is finished on that same connection, whose driver
+  (psycopg2) may still believe a transaction is open, so the adapter ends that belief with
+  ``commit()`` (a no-op on the server, and no round trip at all with psycopg 3) to leave
+  nothing for the pool;
 * ``pg_prepared_xacts`` lists every database of the server: filter by
   ``current_database()``;
 * unknown GID is SQLSTATE 42704 (already finished); 55000 means another session is
@@ -26,11 +48,14 @@ from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 __all__ = ["PostgreSQLAdapter"]
 
 _UNDEFINED_OBJECT = "42704"
+_UNDEFINED_TABLE = "42P01"
 _UNIQUE_VIOLATION = "23505"
 _OBJECT_IN_USE = "55000"
 _LOCK_NOT_AVAILABLE = "55P03"
 #: psycopg2.extensions.STATUS_READY: no transaction open in the driver
-_STATUS_READY = 1
+_PSYCOPG2_STATUS_READY = 1
+#: libpq's PQTRANS_IDLE (psycopg 3 ``pq.TransactionStatus.IDLE``)
+_PQTRANS_IDLE = 0
 
 _DDL = (
     f"CREATE TABLE IF NOT EXISTS {DECISION_TABLE} ("
@@ -41,11 +66,58 @@ _DDL = (
 )
 
 
-def _pgcode(error: BaseException) -> str | None:
-    code = getattr(error, "pgcode", None)
-    if code is None:
-        code = getattr(getattr(error, "orig", None), "pgcode", None)
-    return code if isinstance(code, str) else None
+# --- driver differences ----------------------------------------------------------------
+
+
+def _driver(dbapi_conn: Any) -> str | None:
+    """``"psycopg2"``, ``"psycopg"`` (3) or ``None`` (another driver or a wrapper).
+
+    Decided by the top-level package of the connection's class or of one of its bases,
+    so a ``connection_factory`` / ``connection_class`` subclass counts as its driver.
+    """
+    for cls in type(dbapi_conn).__mro__:
+        top = cls.__module__.split(".", 1)[0]
+        if top in ("psycopg2", "psycopg"):
+            return top
+    return None
+
+
+def _cursor(dbapi_conn: Any) -> Any:
+    """A cursor that binds parameters on the client and may run several statements.
+
+    psycopg2's cursors always do; psycopg 3's default cursor binds on the server (which
+    ``PREPARE TRANSACTION $1`` and multi-statement strings do not allow), so a
+    ``ClientCursor`` (psycopg >= 3.1) is used instead, whatever ``cursor_factory`` the
+    engine configured. It never prepares statements on the server.
+    """
+    if _driver(dbapi_conn) == "psycopg":
+        import psycopg
+
+        return psycopg.ClientCursor(dbapi_conn)
+    return dbapi_conn.cursor()
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a driver error (or of the driver error SQLAlchemy wrapped), or
+    ``None`` when there is none (a lost connection, a non-driver error)."""
+    for err in (error, getattr(error, "orig", None)):
+        for attr in ("sqlstate", "pgcode"):  # psycopg 3, psycopg2
+            code = getattr(err, attr, None)
+            if isinstance(code, str):
+                return code
+    return None
+
+
+def _begins_next(dbapi_conn: Any) -> bool:
+    """Whether the driver will send ``BEGIN`` (a round trip of its own) before the next
+    statement on ``dbapi_conn``: not in autocommit mode, and no transaction open as far
+    as the driver knows. ``False`` for an unknown driver (nothing is assumed)."""
+    driver = _driver(dbapi_conn)
+    if driver is None or dbapi_conn.autocommit:
+        return False
+    if driver == "psycopg2":
+        return bool(dbapi_conn.status == _PSYCOPG2_STATUS_READY)
+    return bool(dbapi_conn.info.transaction_status == _PQTRANS_IDLE)
 
 
 class PostgreSQLAdapter(DecisionTableSQL):
@@ -56,7 +128,7 @@ class PostgreSQLAdapter(DecisionTableSQL):
     prepared_blocks_connection = False
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
-        cur = dbapi_conn.cursor()
+        cur = _cursor(dbapi_conn)
         try:
             cur.execute("SHOW max_prepared_transactions")
             row = cur.fetchone()
@@ -78,28 +150,26 @@ class PostgreSQLAdapter(DecisionTableSQL):
         return None
 
     def early_begin(self, dbapi_conn: Any) -> Callable[[], None] | None:
-        # psycopg2 sends BEGIN as a round trip of its own before a transaction's first
-        # statement; its connections are thread-safe (a lock serialises their use).
-        if (
-            not type(dbapi_conn).__module__.startswith("psycopg2")
-            or dbapi_conn.autocommit
-            or dbapi_conn.status != _STATUS_READY
-        ):
+        # psycopg2 and psycopg 3 send BEGIN as a round trip of its own before a
+        # transaction's first statement, inside the same hold of the connection's lock as
+        # that statement; their connections are documented thread-safe. A flush statement
+        # sent meanwhile waits for the lock and then runs in the transaction begun here.
+        if not _begins_next(dbapi_conn):
             return None
 
         def run() -> None:
-            if dbapi_conn.status != _STATUS_READY:
+            if not _begins_next(dbapi_conn):
                 return  # the flush got there first (a busy worker pool)
-            cur = dbapi_conn.cursor()
+            cur = _cursor(dbapi_conn)
             try:
-                cur.execute("SELECT 1")  # psycopg2 sends BEGIN first
+                cur.execute("SELECT 1")  # the driver sends BEGIN first
             finally:
                 cur.close()
 
         return run
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> None:
-        cur = dbapi_conn.cursor()
+        cur = _cursor(dbapi_conn)
         try:
             cur.execute(sql, params)
         finally:
@@ -112,19 +182,20 @@ class PostgreSQLAdapter(DecisionTableSQL):
         # After PREPARE TRANSACTION the server session is idle but psycopg2 still
         # believes a transaction is open: end that belief (a COMMIT the server answers
         # with a warning). The coordinator does this while the decider commits, so the
-        # COMMIT PREPARED that follows costs one round trip, not two.
+        # COMMIT PREPARED that follows costs one round trip, not two. psycopg 3 already
+        # knows the session is idle: its commit() returns without sending anything.
         dbapi_conn.commit()
 
     def _finish_here(self, dbapi_conn: Any, sql: str, xid: Any) -> None:
-        if getattr(dbapi_conn, "status", None) != _STATUS_READY or dbapi_conn.autocommit:
-            # Not settled (or not psycopg2): the driver sends no BEGIN before this
-            # statement; end its transaction belief afterwards.
+        if not _begins_next(dbapi_conn):
+            # Not settled (psycopg2), autocommit, or an unknown driver: the driver sends
+            # no BEGIN before this statement; end its transaction belief afterwards.
             self._exec(dbapi_conn, sql, (xid.gid,))
             dbapi_conn.commit()
             return
-        # Settled: the driver would send BEGIN first, and COMMIT/ROLLBACK PREPARED
-        # refuses to run in a transaction block; autocommit for this statement only
-        # (psycopg2 sends nothing to switch it).
+        # Settled (psycopg2) or idle after PREPARE (psycopg 3): the driver would send
+        # BEGIN first, and COMMIT/ROLLBACK PREPARED refuses to run in a transaction block;
+        # autocommit for this statement only (neither driver sends anything to switch it).
         dbapi_conn.autocommit = True
         try:
             self._exec(dbapi_conn, sql, (xid.gid,))
@@ -156,7 +227,7 @@ class PostgreSQLAdapter(DecisionTableSQL):
         return True
 
     def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
-        cur = dbapi_conn.cursor()
+        cur = _cursor(dbapi_conn)
         try:
             cur.execute(
                 "SELECT gid, EXTRACT(EPOCH FROM (now() - prepared)) "
@@ -177,14 +248,15 @@ class PostgreSQLAdapter(DecisionTableSQL):
         except Exception as e:
             # Two processes racing on CREATE TABLE IF NOT EXISTS: the loser sees a
             # duplicate in pg_type; the table exists either way.
-            if _pgcode(e) != _UNIQUE_VIOLATION:
+            if _sqlstate(e) != _UNIQUE_VIOLATION:
                 raise
 
     def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,
                         lock_timeout: float | None = None) -> None:
         # SET LOCAL: the commit of this transaction is the commit point and must be
         # durable even where the server or role runs with synchronous_commit = off; the
-        # setting ends with the transaction, so nothing leaks into the pool.
+        # setting ends with the transaction, so nothing leaks into the pool. One string,
+        # one round trip (client-side binding, see _cursor).
         timeout = ""
         if lock_timeout is not None:
             timeout = f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000)):d}; "
@@ -194,10 +266,25 @@ class PostgreSQLAdapter(DecisionTableSQL):
             self._decision_params(row),
         )
 
+    def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
+        """Every decision row; none where the table does not exist yet.
+
+        The missing table is answered here, by SQLSTATE 42P01 (psycopg 3 errors have no
+        ``pgcode`` for the generic check of :mod:`shardsession.coordinator.decisions`),
+        and only on an autocommit connection: inside a transaction the error has aborted
+        it, and the caller must see that.
+        """
+        try:
+            return super().read_decisions(dbapi_conn)
+        except Exception as e:
+            if _sqlstate(e) == _UNDEFINED_TABLE and dbapi_conn.autocommit:
+                return []
+            raise
+
     def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
         if not gtrids:
             return 0
-        cur = dbapi_conn.cursor()
+        cur = _cursor(dbapi_conn)
         try:
             cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = ANY(%s)", (list(gtrids),))
             return int(cur.rowcount)
@@ -205,17 +292,17 @@ class PostgreSQLAdapter(DecisionTableSQL):
             cur.close()
 
     def is_unknown_xid(self, error: BaseException) -> bool:
-        return _pgcode(error) == _UNDEFINED_OBJECT
+        return _sqlstate(error) == _UNDEFINED_OBJECT
 
     def is_duplicate_key(self, error: BaseException) -> bool:
-        return _pgcode(error) == _UNIQUE_VIOLATION
+        return _sqlstate(error) == _UNIQUE_VIOLATION
 
     def is_lock_timeout(self, error: BaseException) -> bool:
-        return _pgcode(error) == _LOCK_NOT_AVAILABLE
+        return _sqlstate(error) == _LOCK_NOT_AVAILABLE
 
     def isolation_problem(self, isolation_level: str | None) -> str | None:
         return None
 
     def is_busy(self, error: BaseException) -> bool:
         """Another session is finishing the same GID right now."""
-        return _pgcode(error) == _OBJECT_IN_USE
+        return _sqlstate(error) == _OBJECT_IN_USE

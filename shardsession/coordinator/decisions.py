@@ -42,7 +42,7 @@ def admin_connection(engine: Engine) -> Iterator[Any]:
 
 def is_missing_table(error: BaseException) -> bool:
     """Whether ``error`` says the decision table does not exist (nothing decided there)."""
-    code = getattr(error, "pgcode", None)
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)  # psycopg 3 / 2
     if code == "42P01":
         return True
     args = getattr(error, "args", ())

@@ -1,14 +1,15 @@
 """Opening the server transactions of a flush's shards in parallel ("early BEGIN").
 
-psycopg2 opens a transaction with a ``BEGIN`` round trip of its own before the
-transaction's first statement, and SQLAlchemy's unit of work writes the shards of a flush
+psycopg2 and psycopg 3 open a transaction with a ``BEGIN`` round trip of its own before
+the transaction's first statement, and SQLAlchemy's unit of work writes the shards of a flush
 one after another: a flush writing *n* idle PostgreSQL shards waits for *n* BEGINs in a
 row. Before such a flush, the BEGINs of all but the first shard are sent from worker
 threads, so they overlap the round trips of the first shard's statements.
 
-Thread safety: a psycopg2 connection may be used from several threads (a lock inside the
-driver serialises its use), so a flush statement sent while the early BEGIN runs waits for
-it and then runs inside that transaction. The workers never touch SQLAlchemy objects. They
+Thread safety: psycopg2 and psycopg 3 connections may be used from several threads (a lock
+inside the driver serialises their use, and both send the BEGIN within the same hold of
+that lock as the statement), so a flush statement sent while the early BEGIN runs waits
+for it and then runs inside that transaction. The workers never touch SQLAlchemy objects. They
 are joined before their connection's transaction can end: after the flush, before the
 commit protocol, and before SQLAlchemy rolls a branch back. So no worker runs on a
 connection that went back to the pool.

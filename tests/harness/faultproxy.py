@@ -3,7 +3,10 @@
 Each proxied connection has three threads: a reader of client->server data, a scheduler that
 forwards it after ``latency`` (so connections never wait on each other and byte order is kept),
 and a pump for server->client data.  Rules match substrings of client->server data (psycopg2
-sends simple Query messages and pymysql COM_QUERY packets, both with the SQL text in clear):
+sends simple Query messages and pymysql COM_QUERY packets, both with the SQL text in clear;
+psycopg 3 sends the protocol's own statements -- BEGIN, COMMIT, PREPARE TRANSACTION, COMMIT
+PREPARED, the decision insert -- as simple Query messages too, and statements with server-side
+parameters as Parse messages whose SQL text is in clear, with ``$n`` for the values):
 
 - :meth:`FaultProxy.drop_request`: the matching chunk is swallowed and the connection cut;
   the server never sees the statement.

@@ -14,6 +14,9 @@ Where the servers come from, slot by slot (:func:`get_server`, :func:`find_or_st
    someone else runs (``controllable = False``: no stop/kill/restart);
 2. the locally installed binaries (a server of our own, ``controllable = True``);
 3. ``docker compose`` with the top-level ``docker-compose.yml`` when a docker engine answers.
+
+PostgreSQL URLs name the driver ``SHARDSESSION_PG_DRIVER`` chooses (``psycopg2``, the default,
+or ``psycopg`` for psycopg 3): see :data:`PG_DRIVER`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,39 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = float(os.environ.get("SHARDSESSION_SERVER_START_TIMEOUT", "60"))
 STOP_TIMEOUT = 30.0
+
+#: PostgreSQL drivers the suite can run the library under (``SHARDSESSION_PG_DRIVER``)
+PG_DRIVERS = ("psycopg2", "psycopg")
+
+
+def _pg_driver_from_env() -> str:
+    value = os.environ.get("SHARDSESSION_PG_DRIVER", "").strip() or "psycopg2"
+    if value not in PG_DRIVERS:
+        raise ValueError(f"SHARDSESSION_PG_DRIVER={value!r}: expected one of {PG_DRIVERS}")
+    return value
+
+
+#: The DBAPI driver of every PostgreSQL URL this harness hands out: ``psycopg2`` (default)
+#: or ``psycopg`` (psycopg 3, SQLAlchemy 2.1's default for ``postgresql://``), chosen once,
+#: here, by ``SHARDSESSION_PG_DRIVER``. The harness's own admin work (probing servers,
+#: creating databases, clearing prepared transactions) always uses psycopg2 directly.
+PG_DRIVER = _pg_driver_from_env()
+#: SQLAlchemy drivername of the harness's PostgreSQL URLs
+PG_DRIVERNAME = f"postgresql+{PG_DRIVER}"
+
+
+
+def client_cursor(dbapi_conn: Any) -> Any:
+    """A cursor on a PostgreSQL DBAPI connection (either driver) that binds parameters on
+    the client, for utility statements that take no server-side parameters
+    (``PREPARE TRANSACTION %s``): psycopg2's cursors always do, psycopg 3's
+    ``ClientCursor`` does (its default cursor would send ``$1``)."""
+    if type(dbapi_conn).__module__.split(".", 1)[0] == "psycopg":
+        import psycopg
+
+        return psycopg.ClientCursor(dbapi_conn)
+    return dbapi_conn.cursor()
+
 
 ENV_URLS = {
     "pg1": "SHARDSESSION_PG1_URL",
@@ -409,7 +445,7 @@ class PostgresServer(_LocalServer):
             conn.close()
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg2://postgres@{self.host}:{self.port}/{database}"
+        return f"{PG_DRIVERNAME}://postgres@{self.host}:{self.port}/{database}"
 
     def create_database(self, name: str | None = None) -> str:
         return _pg_create_database(self.host, self.port, "postgres", None, name, self.url)
@@ -719,8 +755,9 @@ class ExternalServer:
         backend = u.get_backend_name()
         if backend == "postgresql":
             self.kind = "postgresql"
-            if u.drivername == "postgresql":
-                self._url = u.set(drivername="postgresql+psycopg2")
+            # a plain postgresql:// URL, or any when SHARDSESSION_PG_DRIVER asks for a driver
+            if u.drivername == "postgresql" or "SHARDSESSION_PG_DRIVER" in os.environ:
+                self._url = u.set(drivername=PG_DRIVERNAME)
         elif backend in ("mysql", "mariadb"):
             self.kind = "mariadb"
             if "+" not in u.drivername:
@@ -780,8 +817,8 @@ _COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 _COMPOSE_PROJECT = "shardsession-tests"
 # published ports in docker-compose.yml
 _DOCKER_URLS = {
-    "pg1": "postgresql+psycopg2://postgres@127.0.0.1:55432/postgres",
-    "pg2": "postgresql+psycopg2://postgres@127.0.0.1:55433/postgres",
+    "pg1": f"{PG_DRIVERNAME}://postgres@127.0.0.1:55432/postgres",
+    "pg2": f"{PG_DRIVERNAME}://postgres@127.0.0.1:55433/postgres",
     "mysql": "mysql+pymysql://root@127.0.0.1:53307/mysql",
 }
 _docker_state: dict[str, Any] = {}

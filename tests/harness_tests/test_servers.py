@@ -78,7 +78,7 @@ def own_mariadb() -> Any:
 def test_pg_starts_fast_with_prepared_transactions(own_pg: Any) -> None:
     assert own_pg.total_start_seconds < 5, own_pg.total_start_seconds
     url = own_pg.url()
-    assert url == f"postgresql+psycopg2://postgres@127.0.0.1:{own_pg.port}/postgres"
+    assert url == f"{servers.PG_DRIVERNAME}://postgres@127.0.0.1:{own_pg.port}/postgres"
     assert pg_scalar(url, "SHOW max_prepared_transactions") == "64"
     assert int(pg_scalar(url, "SHOW max_connections")) >= 100
     assert pg_scalar(url, "SHOW listen_addresses") == "127.0.0.1"
@@ -310,7 +310,7 @@ def test_external_server_from_env(monkeypatch: pytest.MonkeyPatch, own_pg: Any) 
     server = servers._find_or_start("pg1")
     assert isinstance(server, ExternalServer)
     assert server.controllable is False
-    assert server.url("db1") == f"postgresql+psycopg2://postgres@127.0.0.1:{own_pg.port}/db1"
+    assert server.url("db1") == f"{servers.PG_DRIVERNAME}://postgres@127.0.0.1:{own_pg.port}/db1"
     url = server.create_database()
     assert pg_scalar(url, "SELECT 1") == 1
     server.drop_database(make_url(url).database)

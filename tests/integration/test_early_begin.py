@@ -1,6 +1,12 @@
 """Early BEGIN: a flush writing several idle PostgreSQL shards opens their transactions in
 parallel (shardsession.coordinator.early). Real servers; what is checked is the outcome on
-every shard, the state of pooled connections afterwards, and which shards got one."""
+every shard, the state of pooled connections afterwards, and which shards got one.
+
+Driver-aware: the PostgreSQL engines use the harness's driver (``SHARDSESSION_PG_DRIVER``:
+psycopg2 or psycopg 3). Both send BEGIN as a round trip of its own and both get early
+BEGINs; transaction states are read through ``connection.info.transaction_status`` (libpq's
+status as the server last reported it), which both drivers have.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from sqlalchemy import Integer, String, create_engine, event, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardsession import Pinned, Placement, ShardedSession
-from shardsession.coordinator import in_doubt
+from shardsession.coordinator import early, in_doubt
+
+#: libpq's PQTRANS_IDLE / PQTRANS_INTRANS (psycopg2 TRANSACTION_STATUS_*, psycopg 3
+#: pq.TransactionStatus)
+PQTRANS_IDLE = 0
+PQTRANS_INTRANS = 2
 
 
 class _Base(DeclarativeBase):
@@ -87,7 +97,7 @@ def _assert_pool_idle(engines: dict[str, Engine]) -> None:
         for _ in range(e.pool.checkedin()):
             raw = e.raw_connection()
             try:
-                assert raw.dbapi_connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
+                assert raw.dbapi_connection.info.transaction_status == PQTRANS_IDLE
                 cur = raw.cursor()
                 cur.execute("SELECT count(*) FROM pg_prepared_xacts")
                 cur.close()
@@ -104,6 +114,51 @@ def test_flush_over_three_shards_begins_two_early_and_commits(engines: dict[str,
     s.close()
     assert seen == [2]  # the first shard's BEGIN is left to the flush's first INSERT
     assert _rows(engines) == {"a": 1, "b": 1, "c": 1}
+    assert in_doubt(engines) == []
+    _assert_pool_idle(engines)
+
+
+def test_early_begin_opens_the_server_transaction_before_the_flush(
+        engines: dict[str, Engine]) -> None:
+    """Once the early BEGINs are joined, before any flush statement, the server reports a
+    transaction open on the shards that got one (b and c) and none on the first (a); the
+    flush's rows then live in that transaction (a rollback removes them)."""
+    states: dict[str, int] = {}
+    s = _session(engines, [])
+
+    @event.listens_for(s, "before_flush")
+    def _states(session: Any, ctx: Any, objs: Any) -> None:
+        early.join(list(session._early))  # a copy: the session still joins its own list
+        for name in PLACED.values():
+            conn = session.connection(bind_arguments={"shard_id": name})
+            states[name] = conn.connection.dbapi_connection.info.transaction_status
+
+    s.add_all([A(id=8, v="a"), B(id=8, v="b"), C(id=8, v="c")])
+    s.flush()
+    assert states == {"a": PQTRANS_IDLE, "b": PQTRANS_INTRANS, "c": PQTRANS_INTRANS}
+    s.rollback()
+    s.close()
+    assert _rows(engines) == {"a": 0, "b": 0, "c": 0}
+    _assert_pool_idle(engines)
+
+
+def test_repeated_flushes_share_connections_with_early_begins(
+        engines: dict[str, Engine]) -> None:
+    """Many multi-shard flushes in a row, committed and rolled back in turn: each flush's
+    statements meet an early BEGIN that may still be running on another thread, and every
+    outcome is exact."""
+    for i in range(20):
+        seen: list[int] = []
+        s = _session(engines, seen)
+        s.add_all([A(id=100 + i, v="a"), B(id=100 + i, v="b"), C(id=100 + i, v="c")])
+        if i % 2:
+            s.flush()
+            s.rollback()
+        else:
+            s.commit()
+        s.close()
+        assert seen == [2]
+    assert _rows(engines) == {"a": 10, "b": 10, "c": 10}
     assert in_doubt(engines) == []
     _assert_pool_idle(engines)
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from harness.servers import client_cursor
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
@@ -29,11 +30,25 @@ def pg(pg_url_a: str, pg_url_b: str) -> Iterator[dict[str, Engine]]:
 def plant_pg(engine: Engine, gid: str, row: int | None = None) -> None:
     raw: Any = engine.raw_connection()
     try:
-        cur = raw.cursor()
+        cur = client_cursor(raw.dbapi_connection)
         cur.execute("INSERT INTO t VALUES (%s)" if row is not None else "SELECT 1",
                     (row,) if row is not None else None)
         cur.execute("PREPARE TRANSACTION %s", (gid,))
         raw.commit()
+    finally:
+        raw.close()
+
+
+def rollback_pg(engine: Engine, to_finish: list[str]) -> None:
+    """ROLLBACK PREPARED each GID (bound on the client: the statement takes no server-side
+    parameters, which psycopg 3's default cursor would send)."""
+    raw: Any = engine.raw_connection()
+    try:
+        raw.dbapi_connection.autocommit = True
+        cur = client_cursor(raw.dbapi_connection)
+        for gid in to_finish:
+            cur.execute("ROLLBACK PREPARED %s", (gid,))
+        raw.dbapi_connection.autocommit = False
     finally:
         raw.close()
 
@@ -124,14 +139,9 @@ def test_foreign_and_hostile_pg_untouched(pg: dict[str, Engine], pg_server_a: An
         assert ids(b) == set()
         assert in_doubt(pg) == []
     finally:
-        with other.connect() as c:
-            c = c.execution_options(isolation_level="AUTOCOMMIT")
-            c.execute(text("ROLLBACK PREPARED :g").bindparams(g=foreign_db_gid))
+        rollback_pg(other, [foreign_db_gid])
         other.dispose()
-        with b.connect() as c:
-            c = c.execution_options(isolation_level="AUTOCOMMIT")
-            for gid in HOSTILE_PG:
-                c.exec_driver_sql("ROLLBACK PREPARED %(g)s", {"g": gid})
+        rollback_pg(b, HOSTILE_PG)
 
 
 def test_mariadb_foreign_hostile_and_unconfigured_decider(mariadb_url: str) -> None:
@@ -193,11 +203,11 @@ def test_claim_does_not_hang_on_a_live_coordinator(pg: dict[str, Engine]) -> Non
 
 
 def test_in_doubt_raises_recovery_error_when_a_shard_is_down(pg: dict[str, Engine]) -> None:
-    from harness.servers import free_port
+    from harness.servers import PG_DRIVERNAME, free_port
 
     from shardsession.exc import RecoveryError
 
-    dead = create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/x",
+    dead = create_engine(f"{PG_DRIVERNAME}://postgres@127.0.0.1:{free_port()}/x",
                          connect_args={"connect_timeout": 2})
     with pytest.raises(RecoveryError) as ei:
         in_doubt({**pg, "gone": dead})
