@@ -18,21 +18,19 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from sqlalchemy import Engine, event, inspect
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
+from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql import Delete, Insert, Select, Update
-from sqlalchemy.sql.selectable import Join
 
-from . import _compat
-from ._execute import execute, mappers_of_tables
+from . import _compat, _placed
+from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
 from .coordinator import early
@@ -41,10 +39,8 @@ from .exc import (
     NoShardChosenError,
     RoutingError,
     UnknownShardError,
-    UnsupportedQueryError,
 )
 from .routing.placement import Placement
-from .routing.strategies import Broadcast
 
 __all__ = ["ShardedQuery", "ShardedSession"]
 
@@ -263,42 +259,9 @@ class ShardedSession(_SAShardedSession):
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
     def _shard_of_identity(self, entity: Any, ident: Any, kw: Mapping[str, Any]) -> Any:
-        """The one shard a placed primary key maps to, or ``None`` (SQLAlchemy's path then
-        decides, with its own errors for malformed keys)."""
-        placement = self._placement
-        if placement is None or isinstance(ident, Mapping):
-            return None
-        if kw:
-            bind_arguments = kw.get("bind_arguments")
-            if bind_arguments and bind_arguments.get("shard_id") is not None:
-                return None
-            if "_sa_shard_id" in (kw.get("execution_options") or {}):
-                return None
-            if any(isinstance(o, set_shard_id) for o in kw.get("options") or ()):
-                return None
-        # entity -> (its mapper, primary key width), or None when it is not placed
-        routes: dict[Any, tuple[Mapper[Any], int] | None] = placement.cache.setdefault(
-            "identity_routes", {})
-        if entity in routes:
-            route = routes[entity]
-        else:
-            mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
-            route = routes[entity] = (
-                (mapper, len(mapper.primary_key))
-                if isinstance(mapper, Mapper) and placement.is_placed(mapper)
-                else None
-            )
-        if route is None:
-            return None
-        mapper, width = route
-        pk = ident if type(ident) is tuple else (
-            tuple(ident) if isinstance(ident, tuple | list) else (ident,))
-        if len(pk) != width or None in pk:
-            return None
-        shards = placement.shards_for_identity(mapper, pk)
-        return shards[0] if len(shards) == 1 else None
+        return _placed.shard_of_identity(self._placement, entity, ident, kw)
 
-    # -- placement-derived choosers ----------------------------------------------------------
+    # -- placement-derived choosers (shardsession._placed) ----------------------------------
 
     @property
     def placement(self) -> Placement | None:
@@ -308,136 +271,18 @@ class ShardedSession(_SAShardedSession):
         self, mapper: Any, instance: Any, clause: Any = None, **kw: Any
     ) -> str:
         assert self._placement is not None
-        if instance is not None:
-            return self._placement.shard_for_instance(mapper, inspect(instance))
-        where = getattr(clause, "whereclause", None) if clause is not None else None
-        shards = self._placement.shards_for_clause(mapper, where)
-        if len(shards) == 1:
-            return shards[0]
-        raise RoutingError(
-            f"cannot choose one shard for {mapper.class_.__name__} without an instance "
-            f"(it may be on any of {shards}); pass bind_arguments={{'shard_id': ...}}",
-            shard_id=None,
-        )
+        return _placed.shard_chooser(self._placement, mapper, instance, clause)
 
     def _placement_identity_chooser(
-        self,
-        mapper: Mapper[Any],
-        primary_key: Any,
-        *,
-        lazy_loaded_from: Any = None,
-        **kw: Any,
+        self, mapper: Mapper[Any], primary_key: Any, *, lazy_loaded_from: Any = None, **kw: Any
     ) -> list[str]:
         assert self._placement is not None
-        if lazy_loaded_from is not None:
-            token = _compat.identity_token_of(lazy_loaded_from)
-            if token is not None and not isinstance(
-                self._placement.resolve(mapper).rule, Broadcast
-            ):
-                return [token]
-        pk = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
-        return self._placement.shards_for_identity(mapper, pk)
+        return _placed.identity_chooser(self._placement, mapper, primary_key, lazy_loaded_from)
 
     def _placement_execute_chooser(self, orm_context: ORMExecuteState) -> list[str]:
         assert self._placement is not None
-        placement = self._placement
-        stmt = orm_context.statement
-        for_write = isinstance(stmt, Update | Delete | Insert)
-        params = orm_context.parameters if isinstance(orm_context.parameters, dict) else {}
-        where = getattr(stmt, "whereclause", None)
-        mappers = [m for m in orm_context.all_mappers if placement.is_placed(m)]
-        if not mappers:
-            mappers = mappers_of_tables(placement, stmt)
-        if not mappers:
-            return list(placement.shards)
-        if isinstance(stmt, Select | Update | Delete) or for_write:
-            candidates: list[str] | None = None
-            keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
-            if isinstance(stmt, Select) or len(keyed) > 1:
-                _refuse_cross_shard_pairs(placement, keyed, stmt)
-            for m in keyed or mappers:
-                found = placement.shards_for_clause(m, where, params, for_write=for_write)
-                candidates = found if candidates is None else [s for s in candidates if s in found]
-            assert candidates is not None
-            if not candidates:
-                # The WHERE clause can match no row: ask one shard, for an empty result of
-                # the right shape.
-                return placement.all_candidates(mappers[0])[:1] or list(placement.shards)[:1]
-            return candidates
-        return list(placement.shards)
+        return _placed.execute_chooser(self._placement, orm_context)
 
-
-_JOIN_VERDICTS = "join_verdicts"
-_JOIN_VERDICTS_MAX = 2048
-
-
-def _refuse_cross_shard_pairs(placement: Placement, keyed: list[Mapper[Any]], stmt: Any) -> None:
-    """Refuse, before any shard is asked, a statement relating rows of ``keyed`` (and of
-    the tables it joins in) that may be on different shards: each shard would pair only
-    its own rows, silently dropping the pairs one database would return.
-
-    The verdict depends only on the statement's structure, so it is cached by
-    SQLAlchemy's cache key (working out an ORM statement's FROM list costs a compile).
-
-    :raises UnsupportedQueryError: the tables are placed independently, or co-located but
-        not related along their placement (joined on other columns, or not at all).
-    """
-    key = _compat.statement_cache_key(stmt) if isinstance(stmt, Select) else None
-    verdicts: dict[Any, tuple[str, str] | None] = placement.cache.setdefault(_JOIN_VERDICTS, {})
-    if key is not None and key in verdicts:
-        verdict = verdicts[key]
-    else:
-        verdict = _cross_shard_pairs(placement, keyed, stmt)
-        if key is not None:
-            if len(verdicts) >= _JOIN_VERDICTS_MAX:
-                verdicts.clear()
-            verdicts[key] = verdict
-    if verdict is not None:
-        message, construct = verdict
-        raise UnsupportedQueryError(message, shard_id=None, construct=construct)
-
-
-def _cross_shard_pairs(
-    placement: Placement, keyed: list[Mapper[Any]], stmt: Any
-) -> tuple[str, str] | None:
-    froms: Sequence[Any] = ()
-    if isinstance(stmt, Select):
-        # Tables joined in without being selected relate rows as well.
-        froms = _compat.final_froms_without_eager_joins(stmt)
-        for m in placement.mappers_for_tables(_tables_of(froms)):
-            if m not in keyed and not isinstance(placement.resolve(m).rule, Broadcast):
-                keyed = [*keyed, m]
-    if len(keyed) < 2:
-        return None
-    names = ", ".join(sorted({m.class_.__name__ for m in keyed}))
-    if not placement.colocated([m.local_table for m in keyed]):
-        return (
-            f"the statement relates rows of {names}, which are placed independently and "
-            "may be on different shards",
-            "join of tables that are not co-located",
-        )
-    if isinstance(stmt, Select):
-        apart = placement.joined_apart(keyed, froms, stmt.whereclause)
-        if apart:
-            return (
-                f"the statement relates rows of {names} but does not join "
-                + " with ".join("(" + ", ".join(g) + ")" for g in apart)
-                + " along their placement relationship (a child's foreign key to its "
-                "parent): rows it would pair may be on different shards",
-                "join not along the placement relationship",
-            )
-    return None
-
-
-def _tables_of(froms: Iterable[Any]) -> list[Any]:
-    """The tables (and aliases of tables) of FROM elements, joins flattened."""
-    out: list[Any] = []
-    for frm in froms:
-        if isinstance(frm, Join):
-            out += _tables_of((frm.left, frm.right))
-        else:
-            out.append(frm)
-    return out
 
 
 def _engine_of(bind: Any) -> Any:
