@@ -21,9 +21,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
+    BinaryExpression,
     ClauseElement,
     ColumnClause,
     FunctionFilter,
+    Grouping,
     Label,
     Over,
     TextClause,
@@ -39,6 +41,7 @@ from sqlalchemy.sql.selectable import (
     FromClause,
     Join,
     Lateral,
+    ScalarSelect,
     Select,
     SelectBase,
     Subquery,
@@ -178,7 +181,17 @@ def contains_aggregate(expr: ClauseElement) -> bool:
 def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
     """Refuse window functions, non-mergeable aggregates, suspicious text and
     cross-shard subqueries anywhere in ``expr``."""
+    in_links: dict[int, Any] = {}  # subquery -> the column compared IN it
     for node in _walk(expr):
+        if (
+            isinstance(node, BinaryExpression)
+            and node.operator in (operators.in_op, operators.not_in_op)
+            and isinstance(node.left, ColumnClause)
+        ):
+            right: Any = node.right
+            while isinstance(right, Grouping | ScalarSelect):
+                right = right.element
+            in_links[id(right)] = node.left
         if isinstance(node, Over):
             raise UnsupportedQueryError(
                 "window functions (OVER) see only one shard's rows", construct="OVER"
@@ -204,7 +217,7 @@ def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
                 construct="text()",
             )
         if isinstance(node, SelectBase):
-            check_subquery(node, ctx)
+            check_subquery(node, ctx, in_links.get(id(node)))
 
 
 def _is_global(sel: Select[Any]) -> str | None:
@@ -258,8 +271,9 @@ def _check_colocated(tables: Sequence[FromClause], ctx: CheckContext, what: str)
         )
 
 
-def check_subquery(sel: SelectBase, ctx: CheckContext) -> None:
-    """A subquery inside an expression (scalar, IN, EXISTS)."""
+def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> None:
+    """A subquery inside an expression (scalar, IN, EXISTS); ``in_left`` is the column
+    of ``in_left IN (sel)`` when that is how it is used."""
     sel = _compat.ungrouped_select(sel)
     if isinstance(sel, CompoundSelect):
         raise UnsupportedQueryError(
@@ -294,7 +308,47 @@ def check_subquery(sel: SelectBase, ctx: CheckContext) -> None:
         )
     sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded)
     _check_select_body(sel, sub_ctx, top_level=False)
-    _check_colocated(_sharded(ctx.outer_tables, ctx) + inner_sharded, ctx, "subquery")
+    outer_sharded = _sharded(ctx.outer_tables, ctx)
+    # The subquery's own FROM list: a correlated reference to an enclosing table is that
+    # table's row, not a second scan of it.
+    own_sharded = _sharded(
+        [t for f in own_froms for t in _tables_in(f) if not (correlated and id(t) in outer_ids)],
+        ctx,
+    )
+    _check_colocated(outer_sharded + own_sharded, ctx, "subquery")
+    if (correlated or in_left is not None) and own_sharded and outer_sharded:
+        _check_related(sel, ctx, outer_sharded, own_sharded, own_froms, in_left)
+
+
+def _check_related(
+    sel: Select[Any],
+    ctx: CheckContext,
+    outer: list[FromClause],
+    inner: list[FromClause],
+    froms: Sequence[Any],
+    in_left: Any,
+) -> None:
+    """A correlated or IN subquery must relate its rows to the enclosing statement's along
+    the placement (``orders.user_id = users.id``), or each shard would pair only its own
+    rows. Asked of placements that can tell (``tables_joined_apart``, as
+    :class:`~shardsession.routing.Placement` does); others keep the co-location check."""
+    joined_apart = getattr(ctx.placement, "tables_joined_apart", None)
+    if joined_apart is None:
+        return
+    parts = _compat.select_parts(sel)
+    conditions: list[Any] = list(parts.where)
+    columns = [c for c in parts.raw_columns if isinstance(c, ColumnClause)]
+    if in_left is not None and len(parts.raw_columns) == 1 and columns:
+        conditions.append(in_left == columns[0])
+    apart = joined_apart(outer, inner, froms, conditions)
+    if apart:
+        raise UnsupportedQueryError(
+            "a subquery relates rows of "
+            + " and ".join("(" + ", ".join(g) + ")" for g in apart)
+            + " other than along their placement relationship (a child's foreign key to "
+            "its parent): rows it would pair may be on different shards",
+            construct="subquery not related along the placement relationship",
+        )
 
 
 def _check_from(frm: FromClause, ctx: CheckContext, tables: list[FromClause]) -> None:

@@ -92,15 +92,22 @@ def unrelated_tables(
     froms: Iterable[Any],
     where: Any,
     allowed: set[frozenset[ColumnKey]],
+    *,
+    connected: Sequence[Any] = (),
 ) -> list[list[str]]:
     """Groups of ``tables`` (by table key) that no placement equality connects.
 
     Returns ``[]`` when every table is reached from every other through equalities in
-    ``allowed`` found in the JOIN conditions of ``froms`` or in ``where``; otherwise the
-    connected groups (two or more).
+    ``allowed`` found in the JOIN conditions of ``froms`` or in ``where`` (a condition or
+    a list of them); otherwise the connected groups (two or more). ``connected`` tables
+    count as related to each other already (e.g. an enclosing statement's, which its own
+    check covers).
     """
-    wanted = [k for k in (_table_key(t) for t in tables) if k is not None]
+    known = [k for k in (_table_key(t) for t in connected) if k is not None]
+    wanted = known + [k for k in (_table_key(t) for t in tables) if k is not None]
     parent: dict[str, str] = {k: k for k in wanted}
+    for k in known[1:]:
+        parent[k] = known[0]
 
     def find(k: str) -> str:
         parent.setdefault(k, k)
@@ -110,7 +117,7 @@ def unrelated_tables(
         return k
 
     # Tables between them (joined through, not selected) connect them too.
-    for cond in [*_join_conditions(froms), where]:
+    for cond in [*_join_conditions(froms), *(where if isinstance(where, list) else [where])]:
         for left, right in equalities(cond):
             if frozenset((left, right)) in allowed:
                 parent[find(left[0])] = find(right[0])

@@ -240,6 +240,28 @@ class Placement:
         are, or when they are pinned to one shard (any join is then exact)."""
         if all(self._group_of(m)[0] == "pinned" for m in mappers):
             return []
+        return unrelated_tables(
+            [m.local_table for m in mappers], froms, where, self._join_pairs(mappers))
+
+    def tables_joined_apart(
+        self,
+        outer: Sequence[Any],
+        inner: Sequence[Any],
+        froms: Iterable[Any],
+        conditions: list[Any],
+    ) -> list[list[str]]:
+        """For a subquery over the co-located tables ``inner`` inside a statement over
+        ``outer`` (correlated, or ``outer_column IN (subquery)`` with that equality among
+        ``conditions``): the groups its FROM list and conditions leave unrelated along the
+        placement; ``[]`` when every inner table is related to the outer ones."""
+        mappers = [m for m in self.mappers_for_tables([*outer, *inner])
+                   if not isinstance(self.resolve(m).rule, Broadcast)]
+        if len(mappers) < 2 or all(self._group_of(m)[0] == "pinned" for m in mappers):
+            return []
+        return unrelated_tables(inner, froms, conditions, self._join_pairs(mappers),
+                                connected=outer)
+
+    def _join_pairs(self, mappers: Iterable[Mapper[Any]]) -> set[frozenset[ColumnKey]]:
         cache: dict[Mapper[Any], set[frozenset[ColumnKey]]] = self.cache.setdefault(
             "join_pairs", {})
         allowed: set[frozenset[ColumnKey]] = set()
@@ -249,7 +271,7 @@ class Placement:
                 parents = [*self.resolve(m).parent_props, *self._collection_parents(m)]
                 pairs = cache[m] = placement_pairs(m, parents)
             allowed |= pairs
-        return unrelated_tables([m.local_table for m in mappers], froms, where, allowed)
+        return allowed
 
     def is_placed(self, mapper: Mapper[Any]) -> bool:
         placed: dict[Any, bool] = self.cache.setdefault("is_placed", {})

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, Integer, String, create_engine, or_, select
+from sqlalchemy import ForeignKey, Integer, String, create_engine, exists, or_, select
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -156,3 +156,39 @@ def test_eager_joined_children_equal_one_database(sessions: Any) -> None:
     ours = [(u.id, [o.id for o in u.orders]) for u in s.scalars(stmt).unique()]
     want = [(u.id, [o.id for o in u.orders]) for u in oracle.scalars(stmt).unique()]
     assert ours == want
+
+
+SUBQUERY_ALONG = {
+    "any() over the children": lambda: select(User.id).where(User.orders.any(Order.amount > 15))
+    .order_by(User.id),
+    "has() on the parent": lambda: select(Order.id).where(Order.user.has(User.name == "u3"))
+    .order_by(Order.id),
+    "IN on the foreign key": lambda: select(User.name)
+    .where(User.id.in_(select(Order.user_id).where(Order.amount > 18))).order_by(User.name),
+    "NOT IN on the key": lambda: select(Order.id)
+    .where(Order.user_id.not_in(select(User.id).where(User.name == "u5"))).order_by(Order.id),
+}
+
+SUBQUERY_APART = {
+    "IN on another column": lambda: select(User.id)
+    .where(User.id.in_(select(Order.amount))),
+    "EXISTS correlated on another column": lambda: select(User.id)
+    .where(exists().where(Order.amount == User.id)),
+}
+
+
+@pytest.mark.parametrize("name", list(SUBQUERY_ALONG))
+def test_subquery_along_placement_equals_one_database(sessions: Any, name: str) -> None:
+    s, oracle = sessions
+    stmt = SUBQUERY_ALONG[name]()
+    want = oracle.execute(stmt).all()
+    assert want and s.execute(stmt).all() == want
+
+
+@pytest.mark.parametrize("name", list(SUBQUERY_APART))
+def test_subquery_not_along_placement_is_refused(sessions: Any, name: str) -> None:
+    s, oracle = sessions
+    stmt = SUBQUERY_APART[name]()
+    assert oracle.execute(stmt).all()  # one database pairs rows across users
+    with pytest.raises(UnsupportedQueryError, match="placement relationship"):
+        s.execute(stmt).all()
