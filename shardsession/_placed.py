@@ -15,6 +15,7 @@ from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import Delete, Insert, Select, Update
 from sqlalchemy.sql.selectable import Join
+from sqlalchemy.sql.util import find_tables
 
 from . import _compat
 from ._execute import mappers_of_tables
@@ -109,7 +110,8 @@ def execute_chooser(placement: Placement, orm_context: ORMExecuteState) -> list[
         candidates: list[str] | None = None
         keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
         if isinstance(stmt, Select) or len(keyed) > 1:
-            _refuse_cross_shard_pairs(placement, keyed, stmt)
+            # Sharded tables joined in without being selected route the statement too.
+            keyed = _checked_keyed(placement, keyed, stmt)
         for m in keyed or mappers:
             found = placement.shards_for_clause(m, where, params, for_write=for_write)
             candidates = found if candidates is None else [s for s in candidates if s in found]
@@ -126,44 +128,78 @@ _JOIN_VERDICTS = "join_verdicts"
 _JOIN_VERDICTS_MAX = 2048
 
 
-def _refuse_cross_shard_pairs(placement: Placement, keyed: list[Mapper[Any]], stmt: Any) -> None:
-    """Refuse, before any shard is asked, a statement relating rows of ``keyed`` (and of
-    the tables it joins in) that may be on different shards: each shard would pair only
-    its own rows, silently dropping the pairs one database would return.
+def _checked_keyed(placement: Placement, keyed: list[Mapper[Any]], stmt: Any) -> list[Mapper[Any]]:
+    """The sharded mappers that route ``stmt``: ``keyed`` (its placed entities) plus the
+    sharded tables of its FROM list (joined in without being selected).
 
-    The verdict depends only on the statement's structure, so it is cached by
+    Refuses, before any shard is asked, a statement whose answer would need rows of
+    several shards paired: each shard would pair only its own rows, silently dropping the
+    pairs one database would return.
+
+    The answer depends only on the statement's structure, so it is cached by
     SQLAlchemy's cache key (working out an ORM statement's FROM list costs a compile).
 
-    :raises UnsupportedQueryError: the tables are placed independently, or co-located but
-        not related along their placement (joined on other columns, or not at all).
+    :raises UnsupportedQueryError: the tables are placed independently; or co-located but
+        not related along their placement (joined on other columns, or not at all); or a
+        subquery reads sharded tables that the statement's own FROM list does not route
+        by (a statement over replicated or pinned tables would see one shard's rows).
     """
     key = _compat.statement_cache_key(stmt) if isinstance(stmt, Select) else None
-    verdicts: dict[Any, tuple[str, str] | None] = placement.cache.setdefault(_JOIN_VERDICTS, {})
+    verdicts: dict[Any, tuple[tuple[Mapper[Any], ...], tuple[str, str] | None]] = (
+        placement.cache.setdefault(_JOIN_VERDICTS, {}))
     if key is not None and key in verdicts:
-        verdict = verdicts[key]
+        routed, refusal = verdicts[key]
     else:
-        verdict = _cross_shard_pairs(placement, keyed, stmt)
+        routed, refusal = _routing_facts(placement, keyed, stmt)
         if key is not None:
             if len(verdicts) >= _JOIN_VERDICTS_MAX:
                 verdicts.clear()
-            verdicts[key] = verdict
-    if verdict is not None:
-        message, construct = verdict
+            verdicts[key] = (routed, refusal)
+    if refusal is not None:
+        message, construct = refusal
         raise UnsupportedQueryError(message, shard_id=None, construct=construct)
+    return list(routed)
+
+
+def _sharded_mappers(placement: Placement, tables: Iterable[Any]) -> list[Mapper[Any]]:
+    return [m for m in placement.mappers_for_tables(list(tables))
+            if not isinstance(placement.resolve(m).rule, Broadcast)]
+
+
+def _routing_facts(
+    placement: Placement, keyed: list[Mapper[Any]], stmt: Any
+) -> tuple[tuple[Mapper[Any], ...], tuple[str, str] | None]:
+    froms: Sequence[Any] = ()
+    if isinstance(stmt, Select):
+        froms = _compat.final_froms_without_eager_joins(stmt)
+        keyed = [*keyed, *(m for m in _sharded_mappers(placement, _tables_of(froms))
+                           if m not in keyed)]
+        in_subqueries = [m for m in _sharded_mappers(
+            placement, find_tables(stmt, check_columns=True, include_aliases=True))
+            if m not in keyed]
+        if in_subqueries:
+            names = ", ".join(sorted({m.class_.__name__ for m in in_subqueries}))
+            if not keyed:
+                return (), (
+                    f"a subquery reads the sharded {names}, but the statement itself reads "
+                    "only replicated tables and would run on one shard, seeing that "
+                    "shard's rows only",
+                    "subquery over sharded tables in a statement over replicated tables",
+                )
+            if not placement.colocated([m.local_table for m in [*keyed, *in_subqueries]]):
+                return (), (
+                    f"a subquery reads {names}, which is not placed with "
+                    + ", ".join(sorted({m.class_.__name__ for m in keyed}))
+                    + ": it would see only the rows of the shard it runs on",
+                    "subquery over tables that are not co-located",
+                )
+    refusal = _cross_shard_pairs(placement, keyed, stmt, froms) if len(keyed) > 1 else None
+    return tuple(keyed), refusal
 
 
 def _cross_shard_pairs(
-    placement: Placement, keyed: list[Mapper[Any]], stmt: Any
+    placement: Placement, keyed: list[Mapper[Any]], stmt: Any, froms: Sequence[Any]
 ) -> tuple[str, str] | None:
-    froms: Sequence[Any] = ()
-    if isinstance(stmt, Select):
-        # Tables joined in without being selected relate rows as well.
-        froms = _compat.final_froms_without_eager_joins(stmt)
-        for m in placement.mappers_for_tables(_tables_of(froms)):
-            if m not in keyed and not isinstance(placement.resolve(m).rule, Broadcast):
-                keyed = [*keyed, m]
-    if len(keyed) < 2:
-        return None
     names = ", ".join(sorted({m.class_.__name__ for m in keyed}))
     if not placement.colocated([m.local_table for m in keyed]):
         return (

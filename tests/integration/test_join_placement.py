@@ -26,7 +26,7 @@ from sqlalchemy.orm import (
     relationship,
 )
 
-from shardsession import Follows, HashSharding, Pinned, Placement, ShardedSession
+from shardsession import Broadcast, Follows, HashSharding, Pinned, Placement, ShardedSession
 from shardsession.exc import UnsupportedQueryError
 
 
@@ -38,6 +38,7 @@ class User(_Base):
     __tablename__ = "jp_users"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(20))
+    region: Mapped[int] = mapped_column(Integer)
     orders: Mapped[list[Order]] = relationship(back_populates="user", order_by="Order.id")
 
 
@@ -64,6 +65,12 @@ class Note(_Base):
     text: Mapped[str] = mapped_column(String(20))
 
 
+class Region(_Base):
+    __tablename__ = "jp_regions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(20))
+
+
 class Tag(_Base):
     __tablename__ = "jp_tags"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -73,13 +80,14 @@ class Tag(_Base):
 def _data() -> list[Any]:
     out: list[Any] = []
     for u in range(1, 13):
-        user = User(id=u, name=f"u{u}")
+        user = User(id=u, name=f"u{u}", region=u % 4)
         for k in range(3):
             oid = u * 10 + k
             order = Order(id=oid, amount=(u * 7 + k * 5) % 23, user=user)
             order.items = [Item(id=oid * 10 + j, qty=j + 1) for j in range(2)]
         out.append(user)
     out += [Note(id=1, text="n1"), Note(id=2, text="n2"), Tag(id=1, label="t1")]
+    out += [Region(id=r, name=f"r{r}") for r in range(5)]
     return out
 
 
@@ -90,7 +98,7 @@ def sessions(tmp_path: Path) -> Iterator[tuple[Session, Session]]:
     for e in (*shards.values(), oracle):
         _Base.metadata.create_all(e)
     placement = Placement({User: HashSharding(User.id), Order: Follows(), Item: Follows(),
-                           Note: Pinned("s1"), Tag: Pinned("s1")})
+                           Note: Pinned("s1"), Tag: Pinned("s1"), Region: Broadcast()})
     with ShardedSession(shards=shards, placement=placement, atomic="best_effort") as s:
         s.add_all(_data())
         with warnings.catch_warnings():
@@ -191,4 +199,29 @@ def test_subquery_not_along_placement_is_refused(sessions: Any, name: str) -> No
     stmt = SUBQUERY_APART[name]()
     assert oracle.execute(stmt).all()  # one database pairs rows across users
     with pytest.raises(UnsupportedQueryError, match="placement relationship"):
+        s.execute(stmt).all()
+
+
+def test_replicated_table_joined_to_sharded_one_fans_out(sessions: Any) -> None:
+    """Selecting only a broadcast table's columns, with a sharded table joined in: every
+    shard's pairs are needed (before, one shard was asked and most pairs were lost)."""
+    s, oracle = sessions
+    stmt = select(Region.name).join(User, User.region == Region.id)
+    assert sorted(s.scalars(stmt).all()) == sorted(oracle.scalars(stmt).all())
+    assert len(s.scalars(stmt).all()) == 12
+
+
+@pytest.mark.parametrize("where", ["in", "exists", "pinned"])
+def test_subquery_over_other_shards_is_refused(sessions: Any, where: str) -> None:
+    """The statement is routed by its own FROM list; a subquery reading sharded tables
+    it is not routed by would see one shard's rows (before: a silently short answer)."""
+    s, oracle = sessions
+    if where == "in":
+        stmt = select(Region.name).where(Region.id.in_(select(User.region)))
+    elif where == "exists":
+        stmt = select(Region.name).where(exists().where(User.region == Region.id))
+    else:  # a table pinned to s1 read from a statement routed by users
+        stmt = select(User.id).where(User.id.in_(select(Note.id)))
+    assert oracle.execute(stmt).all()
+    with pytest.raises(UnsupportedQueryError, match="subquery reads"):
         s.execute(stmt).all()
