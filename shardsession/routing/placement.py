@@ -9,7 +9,7 @@ must visit. It knows nothing of connections or transactions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .._compat import identity_token_of
 from ..exc import ConfigurationError, RoutingError, ShardKeyMissingError
-from .joins import ColumnKey, placement_pairs, unrelated_tables
+from .colocation import CoLocation
 from .pruning import key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
 
@@ -57,7 +57,7 @@ class ResolvedRule:
     key_in_pk: tuple[int, ...] = ()
 
 
-class Placement:
+class Placement(CoLocation):
     """Where each mapped class's rows live.
 
     ::
@@ -195,83 +195,6 @@ class Placement:
         """Whether every shard holds all rows of ``table`` (a :class:`Broadcast` table)."""
         mappers = self.mappers_for_tables([table])
         return bool(mappers) and all(isinstance(self.resolve(m).rule, Broadcast) for m in mappers)
-
-    def _group_of(self, mapper: Mapper[Any], depth: int = 0) -> Any:
-        """What decides a mapper's shard: its own pin or key rule, or its parent's."""
-        r = self.resolve(mapper)
-        if isinstance(r.rule, Pinned):
-            return ("pinned", r.rule.shard_id)
-        if isinstance(r.rule, Follows) and depth < 50:
-            roots = {self._group_of(p.mapper, depth + 1) for p in r.parent_props}
-            for prop in self._collection_parents(mapper):
-                roots.add(self._group_of(prop.parent, depth + 1))
-            return roots.pop() if len(roots) == 1 else ("mixed", id(mapper))
-        return ("own", id(mapper.base_mapper))
-
-    def colocated(self, tables: Sequence[Any]) -> bool:
-        """Whether rows of ``tables`` related by a join are always on the same shard.
-
-        True when every table is pinned to the same shard, or when the tables are
-        distinct and all follow (directly or through parents) one keyed parent, so that a
-        join along the placement relationship finds its rows on one shard. A table joined
-        with itself (other than pinned) is not co-located: its rows may be anywhere.
-        Joins must be along the placement relationship (the foreign key); a join of
-        co-located tables on unrelated columns is not detected.
-        """
-        sharded = [t for t in tables if not self.is_replicated(t)]
-        bases = [getattr(t, "element", t) for t in sharded]
-        mappers = self.mappers_for_tables(sharded)
-        if len(mappers) != len({id(b) for b in bases}):
-            return False  # a table the placement does not know
-        groups = {self._group_of(m) for m in mappers}
-        if len(groups) != 1:
-            return False
-        (group,) = groups
-        if group[0] == "pinned":
-            return True
-        return len(bases) == len({id(b) for b in bases})
-
-    def joined_apart(
-        self, mappers: Sequence[Mapper[Any]], froms: Iterable[Any], where: Any
-    ) -> list[list[str]]:
-        """For the co-located ``mappers`` of one statement (see :meth:`colocated`): the
-        groups of their tables that its JOIN conditions and WHERE clause do not relate
-        along the placement (a child's foreign key to its parent); ``[]`` when they all
-        are, or when they are pinned to one shard (any join is then exact)."""
-        if all(self._group_of(m)[0] == "pinned" for m in mappers):
-            return []
-        return unrelated_tables(
-            [m.local_table for m in mappers], froms, where, self._join_pairs(mappers))
-
-    def tables_joined_apart(
-        self,
-        outer: Sequence[Any],
-        inner: Sequence[Any],
-        froms: Iterable[Any],
-        conditions: list[Any],
-    ) -> list[list[str]]:
-        """For a subquery over the co-located tables ``inner`` inside a statement over
-        ``outer`` (correlated, or ``outer_column IN (subquery)`` with that equality among
-        ``conditions``): the groups its FROM list and conditions leave unrelated along the
-        placement; ``[]`` when every inner table is related to the outer ones."""
-        mappers = [m for m in self.mappers_for_tables([*outer, *inner])
-                   if not isinstance(self.resolve(m).rule, Broadcast)]
-        if len(mappers) < 2 or all(self._group_of(m)[0] == "pinned" for m in mappers):
-            return []
-        return unrelated_tables(inner, froms, conditions, self._join_pairs(mappers),
-                                connected=outer)
-
-    def _join_pairs(self, mappers: Iterable[Mapper[Any]]) -> set[frozenset[ColumnKey]]:
-        cache: dict[Mapper[Any], set[frozenset[ColumnKey]]] = self.cache.setdefault(
-            "join_pairs", {})
-        allowed: set[frozenset[ColumnKey]] = set()
-        for m in mappers:
-            pairs = cache.get(m)
-            if pairs is None:
-                parents = [*self.resolve(m).parent_props, *self._collection_parents(m)]
-                pairs = cache[m] = placement_pairs(m, parents)
-            allowed |= pairs
-        return allowed
 
     def is_placed(self, mapper: Mapper[Any]) -> bool:
         placed: dict[Any, bool] = self.cache.setdefault("is_placed", {})
