@@ -20,6 +20,7 @@ from sqlalchemy.sql.util import find_tables
 from . import _compat
 from ._execute import mappers_of_tables
 from .exc import RoutingError, UnsupportedQueryError
+from .query._checks import unrelated_subquery
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
@@ -193,6 +194,9 @@ def _routing_facts(
                     + ": it would see only the rows of the shard it runs on",
                     "subquery over tables that are not co-located",
                 )
+            unrelated = unrelated_subquery(stmt, placement)
+            if unrelated is not None:
+                return (), (unrelated, "subquery not related along the placement relationship")
     refusal = _cross_shard_pairs(placement, keyed, stmt, froms) if len(keyed) > 1 else None
     return tuple(keyed), refusal
 

@@ -438,3 +438,64 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
     sharded = _sharded(tables, ctx)
     _check_colocated(sharded, ctx, "JOIN")
     return sharded
+
+
+def unrelated_subquery(sel: Select[Any], placement: Any) -> str | None:
+    """Describe the first subquery of ``sel`` over sharded tables that does not relate its
+    rows to ``sel``'s along the placement (correlated, or ``col IN (subquery)``, by a
+    placement equality); ``None`` when there is none.
+
+    Wherever ``sel`` runs (one shard or each shard), such a subquery sees only the rows of
+    the shard it runs on: an uncorrelated ``EXISTS``, a global scalar aggregate, an ``IN``
+    on a column other than the placement key. Used by the session's router, which also
+    sees statements pruned to one shard (the fan-out checks above see fan-outs only).
+    Subqueries nested inside subqueries are left to the fan-out checks.
+    """
+    joined_apart = getattr(placement, "tables_joined_apart", None)
+    if joined_apart is None:
+        return None
+    ctx = CheckContext(placement)
+    froms = _compat.final_froms_without_eager_joins(sel)
+    outer = _sharded([t for f in froms for t in _tables_in(f)], ctx)
+    outer_ids = {id(t) for t in outer}
+    parts = _compat.select_parts(sel)
+    exprs: list[Any] = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
+    exprs += [*parts.where, *parts.having, *parts.order_by, *parts.group_by]
+    for expr in exprs:
+        if isinstance(expr, FromClause):
+            continue
+        in_links: dict[int, Any] = {}
+        for node in _walk(expr):
+            if (
+                isinstance(node, BinaryExpression)
+                and node.operator in (operators.in_op, operators.not_in_op)
+                and isinstance(node.left, ColumnClause)
+            ):
+                right: Any = node.right
+                while isinstance(right, Grouping | ScalarSelect):
+                    right = right.element
+                in_links[id(right)] = node.left
+            if not isinstance(node, SelectBase):
+                continue
+            sub = _compat.ungrouped_select(node)
+            if not isinstance(sub, Select):
+                continue
+            own_froms = _compat.final_froms_without_eager_joins(sub)
+            own = _sharded([t for f in own_froms for t in _tables_in(f) if id(t) not in outer_ids],
+                           ctx)
+            if not own:
+                continue
+            sub_parts = _compat.select_parts(sub)
+            conditions: list[Any] = list(sub_parts.where)
+            in_left = in_links.get(id(node))
+            columns = [c for c in sub_parts.raw_columns if isinstance(c, ColumnClause)]
+            if in_left is not None and len(sub_parts.raw_columns) == 1 and columns:
+                conditions.append(in_left == columns[0])
+            if not outer or joined_apart(outer, own, own_froms, conditions):
+                names = ", ".join(sorted({str(getattr(t, "name", t)) for t in own}))
+                return (
+                    f"a subquery over {names} is not related to the statement's rows along "
+                    "the placement relationship (correlated, or IN, by a child's foreign key "
+                    "to its parent): it would see only the rows of the shard it runs on"
+                )
+    return None

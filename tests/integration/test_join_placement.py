@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, Integer, String, create_engine, exists, or_, select
+from sqlalchemy import ForeignKey, Integer, String, create_engine, exists, func, or_, select
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -225,3 +225,31 @@ def test_subquery_over_other_shards_is_refused(sessions: Any, where: str) -> Non
     assert oracle.execute(stmt).all()
     with pytest.raises(UnsupportedQueryError, match="subquery reads"):
         s.execute(stmt).all()
+
+
+PRUNED_APART = {
+    "IN on another column": lambda: select(User.id)
+    .where(User.id == 5, User.id.in_(select(Order.amount))),
+    "uncorrelated EXISTS": lambda: select(User.id)
+    .where(User.id == 7, exists(select(Order.id).where(Order.user_id == 3))),
+    "global aggregate": lambda: select(User.id)
+    .where(User.id == 5, User.id < select(func.max(Order.amount)).scalar_subquery()),
+}
+
+
+@pytest.mark.parametrize("name", list(PRUNED_APART))
+def test_subquery_of_a_one_shard_statement_is_checked_too(sessions: Any, name: str) -> None:
+    """The WHERE clause pins one shard, so the statement runs there only; its subquery
+    would see that shard's rows only (before: a silently wrong answer)."""
+    s, oracle = sessions
+    stmt = PRUNED_APART[name]()
+    assert oracle.execute(stmt).all()
+    with pytest.raises(UnsupportedQueryError, match="subquery"):
+        s.execute(stmt).all()
+
+
+def test_subquery_of_a_one_shard_statement_along_placement(sessions: Any) -> None:
+    s, oracle = sessions
+    stmt = select(User.id).where(User.id == 5, User.orders.any(Order.amount > 1))
+    want = oracle.execute(stmt).all()
+    assert want and s.execute(stmt).all() == want
