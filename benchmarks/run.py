@@ -34,6 +34,7 @@ def _scenarios() -> dict[str, Scenario]:
     found: dict[str, Scenario] = {
         "routing_flush_10k": scenarios_routing.routing_flush_10k,
         "single_shard_txn": scenarios_routing.single_shard_txn,
+        "single_shard_txn_mariadb": scenarios_routing.single_shard_txn_mariadb,
     }
     for module_name, names in (
         ("benchmarks.scenarios_query", ("fanout_4shards_rtt5ms", "topk_merge")),

@@ -87,7 +87,17 @@ def routing_flush_10k(env: BenchEnv, rounds: int) -> dict[str, Any]:
 def single_shard_txn(env: BenchEnv, rounds: int) -> dict[str, Any]:
     """A small transaction (get, update, insert, commit) on one PostgreSQL shard:
     ours (two-shard placement, transaction touching one) vs a plain Session."""
-    urls = env.pg_databases(2)
+    return _single_shard(env.pg_databases(2), rounds)
+
+
+def single_shard_txn_mariadb(env: BenchEnv, rounds: int) -> dict[str, Any]:
+    """The same small transaction on one MariaDB shard (no target: it measures what the
+    XA branch every MariaDB shard runs costs a one-shard transaction)."""
+    server = env.server("mysql")
+    return _single_shard([server.create_database(), server.create_database()], rounds)
+
+
+def _single_shard(urls: list[str], rounds: int) -> dict[str, Any]:
     engines = {"a": create_engine(urls[0]), "b": create_engine(urls[1])}
     for e in engines.values():
         _Base.metadata.create_all(e)
