@@ -145,7 +145,8 @@ def execute_on_shards(
     """Run ``orm_context``'s statement on each shard and return one Result.
 
     SELECTs are merged as one database holding all rows would answer them; UPDATE and
-    DELETE run on every shard and the result's ``rowcount`` is the sum.
+    DELETE run on every shard and the result's ``rowcount`` is the sum (for a replicated
+    table, one copy's count).
 
     Failure semantics: an :class:`~shardsession.exc.UnsupportedQueryError` is raised
     before any shard is asked (or, for an ORDER BY the database collates differently
@@ -185,7 +186,16 @@ def execute_on_shards(
         # synchronize_session updates objects in the identity map per shard: keep that
         # in the calling thread.
         parallel = (not orm_context.is_orm_statement) or sync is False
-        return _concatenate(run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel)))
+        written = run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel))
+        merged = _concatenate(written)
+        table = getattr(statement, "table", None)
+        if opts.placement is not None and table is not None and opts.placement.is_replicated(
+            table
+        ):
+            # A replicated (broadcast) table's copies changed alike: one database would
+            # count its rows once, not once per copy.
+            merged.rowcount = getattr(written[0][1], "rowcount", -1)  # type: ignore[attr-defined]
+        return merged
 
     if not opts.merge:
         return _concatenate(run_on_shards(orm_context, shard_ids, call))

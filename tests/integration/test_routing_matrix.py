@@ -176,7 +176,10 @@ def test_broadcast_and_pinned_placement(cluster: Cluster) -> None:
     }
     with Session() as s:
         cluster.reset_log()
-        s.execute(update(Country).values(name="Norge"))
+        changed = s.execute(update(Country).values(name="Norge"))
+        assert changed.rowcount == 1  # one row, however many copies
+        core = s.execute(Country.__table__.update().values(name="Norge"))
+        assert core.rowcount == 1
         s.delete(s.get(AuditLog, 1))
         s.commit()
         assert cluster.touched("UPDATE") == {"s0", "s1", "s2"}
