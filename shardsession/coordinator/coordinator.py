@@ -299,12 +299,18 @@ class TransactionCoordinator:
         branches = []
         # Every connection is checked out in the flush's order (the branches register as
         # the flush would register them, which fixes e.g. a MySQL branch's decider at its
-        # XA START); the first is left to the flush's own first statement.
-        for i, shard_id in enumerate(shard_ids):
-            conn = sess.connection(bind_arguments={"shard_id": shard_id})
-            branch = gt.branches.get(conn.engine)
-            if branch is not None and i > 0:
-                branches.append(branch)
+        # XA START); their XA STARTs go out together afterwards. The first shard's BEGIN
+        # is left to the flush's own first statement.
+        gt.defer_xa_start = True
+        try:
+            for i, shard_id in enumerate(shard_ids):
+                conn = sess.connection(bind_arguments={"shard_id": shard_id})
+                branch = gt.branches.get(conn.engine)
+                if branch is not None and i > 0:
+                    branches.append(branch)
+        finally:
+            gt.defer_xa_start = False
+            gt.start_pending_xa()
         gt.early = early.start(self.executor(), branches)
         return gt.early
 

@@ -72,6 +72,10 @@ class GlobalTransaction:
         self.protocol_ran = False
         #: early BEGINs still running (see :mod:`.early`); shared with the session
         self.early: list[Future[None]] = []
+        #: while set, XA STARTs of new branches wait in ``_xa_pending`` (see
+        #: :meth:`start_pending_xa`) instead of running one after another
+        self.defer_xa_start = False
+        self._xa_pending: list[Branch] = []
 
     # --- branches --------------------------------------------------------------------
 
@@ -106,9 +110,36 @@ class GlobalTransaction:
             self._fix_gtrid(None)
             assert self.gtrid is not None
             branch.xid = Xid.branch(self.gtrid, branch.index)
-            adapter.begin_branch(branch.dbapi, branch.xid)
-            branch.xa_started = True
+            if self.defer_xa_start:
+                self._xa_pending.append(branch)
+            else:
+                adapter.begin_branch(branch.dbapi, branch.xid)
+                branch.xa_started = True
         return branch
+
+    def start_pending_xa(self) -> None:
+        """Send the XA STARTs deferred by ``defer_xa_start``, all at once (each on its own
+        connection, which nothing else uses meanwhile).
+
+        :raises sqlalchemy.exc.DBAPIError: an XA START failed (the first, in branch order);
+            the branches that did start are XA ACTIVE and are rolled back with the session.
+        """
+        pending, self._xa_pending = self._xa_pending, []
+        if not pending:
+            return
+
+        def start(b: Branch) -> Callable[[], None]:
+            def run() -> None:
+                assert b.adapter is not None and b.xid is not None
+                b.adapter.begin_branch(b.dbapi, b.xid)
+                b.xa_started = True
+            return run
+
+        errors = self._parallel([(b, start(b)) for b in pending])
+        if errors:
+            b = next(x for x in pending if x.index in errors)
+            e = errors[b.index]
+            raise wrap_error(b, e, "XA START") from e
 
     def _ordered(self) -> list[Branch]:
         """Distinct branches in registration order (index == position)."""

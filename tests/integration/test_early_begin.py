@@ -58,8 +58,13 @@ def engines(request: pytest.FixtureRequest, pg_url_a: str, pg_url_b: str,
             pg_server_a: Any) -> Iterator[dict[str, Engine]]:
     third = pg_server_a.create_database()
     urls = {"a": pg_url_a, "b": pg_url_b, "c": third}
+    extra: str | None = None
     if getattr(request, "param", None) == "mariadb":
         urls["c"] = request.getfixturevalue("mariadb_url")
+    if getattr(request, "param", None) == "two_mariadb":
+        server = request.getfixturevalue("mariadb_server")
+        urls["b"] = request.getfixturevalue("mariadb_url")
+        urls["c"] = extra = server.create_database()
     out = {n: create_engine(u) for n, u in urls.items()}
     for e in out.values():
         _Base.metadata.create_all(e)
@@ -67,6 +72,8 @@ def engines(request: pytest.FixtureRequest, pg_url_a: str, pg_url_b: str,
     for e in out.values():
         e.dispose()
     pg_server_a.drop_database(third.rsplit("/", 1)[1])
+    if extra is not None:
+        request.getfixturevalue("mariadb_server").drop_database(extra.rsplit("/", 1)[1])
 
 
 def _session(engines: dict[str, Engine], seen: list[int]) -> ShardedSession:
@@ -225,3 +232,37 @@ def test_mariadb_shard_gets_no_early_begin(engines: dict[str, Engine]) -> None:
     assert seen == [1]  # b (PostgreSQL) only: PyMySQL connections stay on one thread
     assert _rows(engines) == {"a": 1, "b": 1, "c": 1}
     assert in_doubt(engines) == []
+
+
+@pytest.mark.parametrize("engines", ["two_mariadb"], indirect=True)
+def test_two_mariadb_shards_start_their_xa_branches_together(
+        engines: dict[str, Engine]) -> None:
+    """b and c are MariaDB: their XA STARTs are sent together before the flush. The
+    commit prepares them (XA PREPARE needs an XA START first), so a successful atomic
+    commit shows they started; a failed flush and a rollback leave nothing behind."""
+    seen: list[int] = []
+    s = _session(engines, seen)
+    s.add_all([A(id=8, v="a"), B(id=8, v="b"), C(id=8, v="c")])
+    s.commit()
+    s.close()
+    assert _rows(engines) == {"a": 1, "b": 1, "c": 1}
+    assert in_doubt(engines) == []
+    with engines["c"].begin() as c:
+        c.execute(C.__table__.insert().values(id=9, v="taken"))
+    s = _session(engines, seen)
+    s.add_all([A(id=9, v="a"), B(id=9, v="b"), C(id=9, v="c")])
+    with pytest.raises(IntegrityError):
+        s.commit()
+    s.rollback()
+    s.add_all([A(id=10, v="a"), B(id=10, v="b"), C(id=10, v="c")])
+    s.flush()
+    s.rollback()
+    s.close()
+    assert _rows(engines) == {"a": 1, "b": 1, "c": 2}
+    assert in_doubt(engines) == []
+    for e in engines.values():  # pooled MariaDB connections hold no XA state
+        if e.dialect.name == "mysql":
+            with e.connect() as c:
+                c.exec_driver_sql("XA START 'ss-check'")
+                c.exec_driver_sql("XA END 'ss-check'")
+                c.exec_driver_sql("XA ROLLBACK 'ss-check'")
