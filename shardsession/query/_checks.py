@@ -178,20 +178,37 @@ def contains_aggregate(expr: ClauseElement) -> bool:
     return False
 
 
+def _note_in_link(node: ClauseElement, in_links: dict[int, Any]) -> None:
+    """Remember ``column`` for the subquery of ``column [NOT] IN (subquery)``, keyed by
+    the subquery's identity as :func:`_walk` yields it."""
+    if (
+        isinstance(node, BinaryExpression)
+        and node.operator in (operators.in_op, operators.not_in_op)
+        and isinstance(node.left, ColumnClause)
+    ):
+        right: Any = node.right
+        while isinstance(right, Grouping | ScalarSelect):
+            right = right.element
+        in_links[id(right)] = node.left
+
+
+def _relating_conditions(sub: Select[Any], in_left: Any) -> list[Any]:
+    """The conditions that may relate ``sub``'s rows to the enclosing statement's: its
+    WHERE terms, plus ``in_left = <its one column>`` when it is ``in_left IN (sub)``."""
+    parts = _compat.select_parts(sub)
+    conditions: list[Any] = list(parts.where)
+    columns = [c for c in parts.raw_columns if isinstance(c, ColumnClause)]
+    if in_left is not None and len(parts.raw_columns) == 1 and columns:
+        conditions.append(in_left == columns[0])
+    return conditions
+
+
 def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
     """Refuse window functions, non-mergeable aggregates, suspicious text and
     cross-shard subqueries anywhere in ``expr``."""
     in_links: dict[int, Any] = {}  # subquery -> the column compared IN it
     for node in _walk(expr):
-        if (
-            isinstance(node, BinaryExpression)
-            and node.operator in (operators.in_op, operators.not_in_op)
-            and isinstance(node.left, ColumnClause)
-        ):
-            right: Any = node.right
-            while isinstance(right, Grouping | ScalarSelect):
-                right = right.element
-            in_links[id(right)] = node.left
+        _note_in_link(node, in_links)
         if isinstance(node, Over):
             raise UnsupportedQueryError(
                 "window functions (OVER) see only one shard's rows", construct="OVER"
@@ -335,12 +352,7 @@ def _check_related(
     joined_apart = getattr(ctx.placement, "tables_joined_apart", None)
     if joined_apart is None:
         return
-    parts = _compat.select_parts(sel)
-    conditions: list[Any] = list(parts.where)
-    columns = [c for c in parts.raw_columns if isinstance(c, ColumnClause)]
-    if in_left is not None and len(parts.raw_columns) == 1 and columns:
-        conditions.append(in_left == columns[0])
-    apart = joined_apart(outer, inner, froms, conditions)
+    apart = joined_apart(outer, inner, froms, _relating_conditions(sel, in_left))
     if apart:
         raise UnsupportedQueryError(
             "a subquery relates rows of "
@@ -466,15 +478,7 @@ def unrelated_subquery(sel: Select[Any], placement: Any) -> str | None:
             continue
         in_links: dict[int, Any] = {}
         for node in _walk(expr):
-            if (
-                isinstance(node, BinaryExpression)
-                and node.operator in (operators.in_op, operators.not_in_op)
-                and isinstance(node.left, ColumnClause)
-            ):
-                right: Any = node.right
-                while isinstance(right, Grouping | ScalarSelect):
-                    right = right.element
-                in_links[id(right)] = node.left
+            _note_in_link(node, in_links)
             if not isinstance(node, SelectBase):
                 continue
             sub = _compat.ungrouped_select(node)
@@ -485,12 +489,7 @@ def unrelated_subquery(sel: Select[Any], placement: Any) -> str | None:
                            ctx)
             if not own:
                 continue
-            sub_parts = _compat.select_parts(sub)
-            conditions: list[Any] = list(sub_parts.where)
-            in_left = in_links.get(id(node))
-            columns = [c for c in sub_parts.raw_columns if isinstance(c, ColumnClause)]
-            if in_left is not None and len(sub_parts.raw_columns) == 1 and columns:
-                conditions.append(in_left == columns[0])
+            conditions = _relating_conditions(sub, in_links.get(id(node)))
             if not outer or joined_apart(outer, own, own_froms, conditions):
                 names = ", ".join(sorted({str(getattr(t, "name", t)) for t in own}))
                 return (
