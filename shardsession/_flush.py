@@ -15,7 +15,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from ._compat import attribute_changed, identity_token_of, set_identity_token
+from ._compat import attribute_changed, flush_states, identity_token_of, set_identity_token
 from .exc import CrossShardError, RoutingError
 from .routing.placement import Placement, place_by_key
 from .routing.strategies import Broadcast, Follows
@@ -35,8 +35,13 @@ class _Plan:
     links: tuple[str, ...]  # relationship keys whose targets must share the shard
 
 
+def _plans(placement: Placement) -> dict[Mapper[Any], _Plan]:
+    plans: dict[Mapper[Any], _Plan] = placement.cache.setdefault("flush_plans", {})
+    return plans
+
+
 def _plan(placement: Placement, mapper: Mapper[Any]) -> _Plan:
-    cache: dict[Mapper[Any], _Plan] = placement.cache.setdefault("flush_plans", {})
+    cache = _plans(placement)
     plan = cache.get(mapper)
     if plan is None:
         r = placement.resolve(mapper)
@@ -93,17 +98,20 @@ def place_flush(
     modified except that new objects may have been assigned their shard.
     """
     known = shard_ids
-    new = [instance_state(o) for o in session.new]
-    dirty = [instance_state(o) for o in session.dirty]
+    new, dirty = flush_states(session)
     if not new and not dirty:
         return []
+    plans = _plans(placement)
+    written: dict[Any, None] = {}
 
     # 1. Objects placed by their own key, pin or broadcast rule.
     pending: list[InstanceState[Any]] = []
     for state in new:
-        if identity_token_of(state) is not None:
+        token = identity_token_of(state)
+        if token is not None:
+            written[token] = None
             continue
-        plan = _plan(placement, state.mapper)
+        plan = plans.get(state.mapper) or _plan(placement, state.mapper)
         if plan.follows:
             pending.append(state)  # placed through its parent first, below
             continue
@@ -111,18 +119,25 @@ def place_flush(
             # the hot path of a big flush: one key attribute, set
             value = state.dict.get(plan.attrs[0])
             if value is not None:
-                _assign(state, place_by_key(plan.strategy, value, state.mapper), known)
+                shard = place_by_key(plan.strategy, value, state.mapper)
+                _assign(state, shard, known)
+                written[shard] = None
                 continue
-        _assign(state, placement.shard_for_instance(state.mapper, state), known)
+        shard = placement.shard_for_instance(state.mapper, state)
+        _assign(state, shard, known)
+        written[shard] = None
 
     # 2. Followers take their parent's shard, through a many-to-one attribute or by being
     #    in a one-to-many collection of a placed object; repeat for grandchildren.
     if pending:
         _place_followers(placement, pending, new + dirty, known)
+        written = dict.fromkeys(identity_token_of(state) for state in new)
 
     # 3. A persistent object whose shard key changed would now belong elsewhere.
     for state in dirty:
-        plan = _plan(placement, state.mapper)
+        if state.key is not None:
+            written[state.key[2]] = None
+        plan = plans.get(state.mapper) or _plan(placement, state.mapper)
         if plan.strategy is None or state.key is None:
             continue
         obj = state.obj()
@@ -140,7 +155,7 @@ def place_flush(
 
     # 4. Every link between two sharded objects stays on one shard.
     for state in (*new, *dirty):
-        plan = _plan(placement, state.mapper)
+        plan = plans.get(state.mapper) or _plan(placement, state.mapper)
         if not plan.links:
             continue
         shard = identity_token_of(state)
@@ -157,9 +172,9 @@ def place_flush(
                         shard_ids=(shard, oshard),
                     )
 
-    written = dict.fromkeys(identity_token_of(state) for state in (*new, *dirty))
     written.pop(None, None)
     return list(written)
+
 
 def _assign(state: InstanceState[Any], shard: str, known: Collection[str]) -> None:
     if shard not in known:

@@ -42,27 +42,44 @@ def shard_of_identity(
             return None
         if any(isinstance(o, set_shard_id) for o in kw.get("options") or ()):
             return None
-    # entity -> (its mapper, primary key width), or None when it is not placed
-    routes: dict[Any, tuple[Mapper[Any], int] | None] = placement.cache.setdefault(
-        "identity_routes", {})
-    if entity in routes:
-        route = routes[entity]
-    else:
-        mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
-        route = routes[entity] = (
-            (mapper, len(mapper.primary_key))
-            if isinstance(mapper, Mapper) and placement.is_placed(mapper)
-            else None
-        )
+    # entity -> (its mapper, primary key width, single-column key strategy and the key's
+    # position in the primary key, or None), or None when the entity is not placed
+    routes: dict[Any, _IdentityRoute | None] = placement.cache.setdefault("identity_routes", {})
+    route = routes.get(entity, _UNSEEN)
+    if route is _UNSEEN:
+        route = routes[entity] = _identity_route(placement, entity)
     if route is None:
         return None
-    mapper, width = route
-    pk = ident if type(ident) is tuple else (
-        tuple(ident) if isinstance(ident, tuple | list) else (ident,))
+    mapper, width, strategy, at = route
+    if type(ident) is tuple:
+        pk = ident
+    elif isinstance(ident, tuple | list):
+        pk = tuple(ident)
+    else:
+        pk = (ident,)
     if len(pk) != width or None in pk:
         return None
+    if strategy is not None:  # the common case: one key column, part of the primary key
+        try:
+            return strategy.shard_for(pk[at])
+        except RoutingError:
+            return None  # no shard holds it: SQLAlchemy's path decides (finds nothing)
     shards = placement.shards_for_identity(mapper, pk)
     return shards[0] if len(shards) == 1 else None
+
+
+_IdentityRoute = tuple[Mapper[Any], int, Any, int]
+_UNSEEN: Any = object()
+
+
+def _identity_route(placement: Placement, entity: Any) -> _IdentityRoute | None:
+    mapper = getattr(inspect(entity, raiseerr=False), "mapper", None)
+    if not (isinstance(mapper, Mapper) and placement.is_placed(mapper)):
+        return None
+    r = placement.resolve(mapper)
+    if r.strategy is not None and r.pk_is_key and len(r.key_in_pk) == 1:
+        return mapper, len(mapper.primary_key), r.strategy, r.key_in_pk[0]
+    return mapper, len(mapper.primary_key), None, 0
 
 
 def shard_chooser(placement: Placement, mapper: Any, instance: Any, clause: Any = None) -> str:

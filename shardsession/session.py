@@ -15,7 +15,6 @@ commit that wrote to several shards goes through the coordinator
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -33,7 +32,7 @@ from . import _compat, _placed
 from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
-from .coordinator import early
+from .coordinator import TransactionCoordinator, early
 from .exc import (
     ConfigurationError,
     NoShardChosenError,
@@ -94,6 +93,10 @@ class ShardedSession(_SAShardedSession):
         #: (root transaction, {shard id: its Connection}) for connection_callable
         self._flush_connections: tuple[Any, dict[Any, Connection]] | None = None
         self._placement = placement
+        # A sessionmaker passes the same shards (and placement) to every session: what was
+        # checked once is not checked again.
+        seen = _checked_configs.get(id(shards))
+        checked = seen is not None and seen[1] is placement and seen[0] == shards
         if placement is not None:
             if shard_chooser or identity_chooser or execute_chooser:
                 raise ConfigurationError(
@@ -102,10 +105,12 @@ class ShardedSession(_SAShardedSession):
                 )
             if not shards:
                 raise ConfigurationError("a placement needs shards={name: engine, ...}")
-            bad = [k for k in shards if not isinstance(k, str) or not k]
-            if bad:
-                raise ConfigurationError(f"a placement needs string shard ids, not {bad!r}")
-            placement.bind(list(shards))
+            if not checked:
+                bad = [k for k in shards if not isinstance(k, str) or not k]
+                if bad:
+                    raise ConfigurationError(
+                        f"a placement needs string shard ids, not {bad!r}")
+                placement.bind(list(shards))
             shard_chooser = self._placement_shard_chooser
             identity_chooser = self._placement_identity_chooser
             execute_chooser = self._placement_execute_chooser
@@ -129,16 +134,27 @@ class ShardedSession(_SAShardedSession):
         # do_orm_execute listeners, it is registered on this instance instead, where
         # SQLAlchemy registers its own: those listeners then run first, once per
         # statement, and the choosers see what they did.
-        self._route_on_instance = _compat.class_orm_execute_listeners(self) > 1
+        self._route_on_instance = _compat.class_orm_execute_listeners(type(self)) > 1
         if self._route_on_instance:
             event.listen(self, "do_orm_execute", execute, retval=True)
         self.shard_chooser = shard_chooser  # type: ignore[assignment]
-        self.identity_chooser = identity_chooser_of(self, identity_chooser, id_chooser)
-        self.execute_chooser = execute_chooser_of(execute_chooser, query_chooser)
+        if placement is not None:  # the derived choosers (no legacy arguments to map)
+            self.identity_chooser = identity_chooser  # type: ignore[assignment]
+            self.execute_chooser = execute_chooser  # type: ignore[assignment]
+        else:
+            self.identity_chooser = identity_chooser_of(self, identity_chooser, id_chooser)
+            self.execute_chooser = execute_chooser_of(execute_chooser, query_chooser)
         if self.shard_chooser is None:
             raise ArgumentError("shard_chooser is required (or pass placement=)")
-        for name, bind in (shards or {}).items():
-            self.bind_shard(name, bind)
+        if checked:
+            self._shards.update(shards)  # type: ignore[arg-type]
+        else:
+            for name, bind in (shards or {}).items():
+                self.bind_shard(name, bind)
+            if shards:
+                if len(_checked_configs) >= 64:
+                    _checked_configs.clear()
+                _checked_configs[id(shards)] = (dict(shards), placement)
         self._coordinator = _coordinator_for(self, coordinator, decider)
 
     # -- shards ------------------------------------------------------------------------------
@@ -219,7 +235,11 @@ class ShardedSession(_SAShardedSession):
     ) -> Connection:
         """The connection the unit of work uses for ``instance`` (its shard's)."""
         if shard_id is None:
-            shard_id = self._shard_for(mapper, instance)
+            # the unit of work asks once per object: the placed shard is read directly
+            token = (None if instance is None
+                     else _compat.identity_token_of(instance_state(instance)))
+            shard_id = (token if token is not None and token in self._shards
+                        else self._shard_for(mapper, instance))
         elif shard_id not in self._shards:
             self._check_shard(shard_id)
         trans = self.get_transaction()
@@ -258,6 +278,10 @@ class ShardedSession(_SAShardedSession):
             identity_token = self._shard_of_identity(entity, ident, kw)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
+    def _shardsession_naming(self, engine: Any) -> str:
+        """The coordinator's name for a branch on ``engine``: its shard id."""
+        return _shard_name(self._shards, engine)
+
     def _shard_of_identity(self, entity: Any, ident: Any, kw: Mapping[str, Any]) -> Any:
         return _placed.shard_of_identity(self._placement, entity, ident, kw)
 
@@ -285,6 +309,11 @@ class ShardedSession(_SAShardedSession):
 
 
 
+#: id(shards mapping) -> (a copy of it, placement) of configurations already validated
+#: (see ``__init__``; the copy is compared, so a reused id or a changed mapping misses)
+_checked_configs: dict[int, tuple[dict[Any, Any], Placement | None]] = {}
+
+
 def _engine_of(bind: Any) -> Any:
     return getattr(bind, "engine", bind)
 
@@ -305,8 +334,6 @@ _default_lock = threading.Lock()
 def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | None) -> Any:
     """The session's coordinator: the one given, or one shared per (atomic, decider) so
     capability checks are cached once per engine, not once per session."""
-    from .coordinator import TransactionCoordinator
-
     if coordinator is None:
         key = (session.atomic, decider)
         coordinator = _default_coordinators.get(key)
@@ -318,9 +345,9 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
                     _default_coordinators[key] = coordinator
     elif decider is not None:
         raise ConfigurationError("pass decider= to the TransactionCoordinator, not both")
-    # The shards dict, not the session: the coordinator keeps this per session in a
-    # WeakKeyDictionary, whose values must not refer back to their key.
-    coordinator.attach(session, functools.partial(_shard_name, session._shards))
+    # No attach(): the class-level listeners below hand the session's transactions to the
+    # coordinator, and the coordinator names branches with _shardsession_naming (a
+    # method, so nothing is stored per session; a new session has no transaction yet).
     return coordinator
 
 

@@ -11,7 +11,6 @@ import enum
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
@@ -48,24 +47,46 @@ class BranchState(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(eq=False)
 class Branch:
-    """One shard connection taking part in a global transaction."""
+    """One shard connection taking part in a global transaction.
 
-    index: int
-    engine: Engine
-    shard_id: str
-    connection: Connection
-    adapter: BackendAdapter | None
-    xid: Xid | None = None
-    xa_started: bool = False
-    wrote: bool = False
-    state: BranchState = BranchState.ACTIVE
-    gt: GlobalTransaction | None = field(default=None, repr=False)
+    Slotted, with its shard name found on first use: every transaction that touches a
+    database makes at least one, and most never need the name.
+    """
+
+    __slots__ = ("_shard_id", "adapter", "connection", "engine", "gt", "index", "state",
+                 "wrote", "xa_started", "xid")
+
+    def __init__(self, index: int, engine: Engine, connection: Connection,
+                 adapter: BackendAdapter | None, gt: GlobalTransaction | None = None,
+                 shard_id: str | None = None) -> None:
+        self.index = index
+        self.engine = engine
+        self.connection = connection
+        self.adapter = adapter
+        self.gt = gt
+        self._shard_id = shard_id
+        self.xid: Xid | None = None
+        self.xa_started = False
+        self.wrote = False
+        self.state = BranchState.ACTIVE
+
+    @property
+    def shard_id(self) -> str:
+        """The shard's name (from the session's shards, found on first use)."""
+        sid = self._shard_id
+        if sid is None:
+            assert self.gt is not None
+            sid = self._shard_id = str(self.gt.shard_of_engine(self.engine))
+        return sid
 
     @property
     def dbapi(self) -> Any:
         return self.connection.connection.dbapi_connection
+
+    def __repr__(self) -> str:
+        return (f"Branch(index={self.index}, shard_id={self.shard_id!r}, xid={self.xid!r}, "
+                f"state={self.state.name}, wrote={self.wrote})")
 
     def describe(self) -> str:
         return f"{self.shard_id} ({self.xid.bqual if self.xid else self.index})"

@@ -3,12 +3,12 @@
 How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
 :mod:`shardsession._compat`):
 
-* ``after_transaction_create`` of a root ``SessionTransaction``: a new
-  :class:`~.transaction.GlobalTransaction`, and the protocol hook wrapped into the root's
-  prepare step, right after the final flush (so ``session.commit()`` and
-  ``with session.begin():`` both run it);
-* ``after_begin``: the connection the session just began becomes a branch (MySQL branches
-  send ``XA START`` now: it must be the first statement);
+* ``after_transaction_create`` of a root ``SessionTransaction``: the protocol hook goes
+  into the root's prepare step, right after the final flush (so ``session.commit()`` and
+  ``with session.begin():`` both run it; see ``_compat.coordinate``);
+* ``after_begin``: the connection the session just began becomes a branch of the
+  root's :class:`~.transaction.GlobalTransaction` (made with the first branch; MySQL
+  branches send ``XA START`` now: it must be the first statement);
 * engine ``before_cursor_execute``: marks the branch as written unless the statement is a
   compiled SELECT (or a savepoint); after the protocol ran, a write raises;
 * engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
@@ -37,7 +37,7 @@ from sqlalchemy.sql.expression import (
 
 from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
-from ..exc import CommitIncomplete, ConfigurationError, TransactionError
+from ..exc import ConfigurationError, TransactionError
 from . import early
 from .branch import Branch, BranchState
 from .transaction import GlobalTransaction
@@ -46,7 +46,12 @@ __all__ = ["TransactionCoordinator"]
 
 log = logging.getLogger(__name__)
 
-_BRANCH_KEY = "shardsession.branch"
+#: attributes of ours on a SQLAlchemy ``Connection``: its Branch, and "wrote" before it had one
+_BRANCH_KEY = "_shardsession_branch"
+_WROTE_KEY = "_shardsession_wrote"
+#: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
+#: or a method of the session's class (``ShardedSession``)
+_NAMING_KEY = "_shardsession_naming"
 _SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
 
 # Engines whose connection-level listeners are installed (once per engine, whatever the
@@ -56,13 +61,11 @@ _instrument_lock = threading.Lock()
 
 
 def _branch_of(conn: Connection) -> Branch | None:
-    try:
-        info = conn.info
-    except Exception:  # invalidated / closed connection
-        return None
-    branch = info.get(_BRANCH_KEY)
-    if isinstance(branch, Branch) and branch.state is not BranchState.CLOSED:
-        return branch
+    # The mark lives on the SQLAlchemy Connection, which a session transaction uses for
+    # one shard and discards at its end (the pool's DBAPI connection carries nothing).
+    branch = conn.__dict__.get(_BRANCH_KEY)
+    if branch is not None and branch.state is not BranchState.CLOSED:
+        return branch  # type: ignore[no-any-return]
     return None
 
 
@@ -86,6 +89,9 @@ def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parame
         return
     branch = _branch_of(conn)
     if branch is None:
+        # Not (yet) a branch: a transaction's first shard is one only once a second
+        # shard joins; the mark tells it then whether this connection wrote.
+        conn.__dict__[_WROTE_KEY] = True
         return
     if branch.gt is not None and branch.gt.protocol_ran:
         raise TransactionError(
@@ -118,6 +124,19 @@ def _is_autocommit(conn: Connection) -> bool:
     if level is None:
         level = getattr(conn.engine.dialect, "isolation_level", None)
     return level == "AUTOCOMMIT"
+
+
+class _FirstBranch:
+    """The one connection a root transaction has begun so far (not yet a Branch)."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def protocol(self, transaction: Any) -> None:
+        """One shard: SQLAlchemy's own commit is the whole protocol."""
+        return None
 
 
 class TransactionCoordinator:
@@ -155,9 +174,6 @@ class TransactionCoordinator:
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
         self._executor: ThreadPoolExecutor | None = None
-        self._naming: weakref.WeakKeyDictionary[Session, Callable[[Engine], str]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     # --- shared resources ------------------------------------------------------------
 
@@ -215,12 +231,9 @@ class TransactionCoordinator:
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
-        try:
-            info = branch.connection.info
-        except Exception:
-            return
-        if info.get(_BRANCH_KEY) is branch:
-            del info[_BRANCH_KEY]
+        marks = branch.connection.__dict__
+        if marks.get(_BRANCH_KEY) is branch:
+            del marks[_BRANCH_KEY]
 
     # --- session integration ---------------------------------------------------------
 
@@ -228,11 +241,14 @@ class TransactionCoordinator:
         """Make this session's commits atomic, for a session class whose class-level
         listeners call :meth:`on_transaction_create`, :meth:`on_begin` and
         :meth:`on_transaction_end` (as :class:`~shardsession.ShardedSession` does: that
-        costs a session nothing at creation, unlike per-instance listeners)."""
-        self._naming[session] = shard_of_engine
+        costs a session nothing at creation, unlike per-instance listeners).
+
+        ``shard_of_engine`` names a branch by its engine; it is kept on the session.
+        """
+        vars(session)[_NAMING_KEY] = shard_of_engine
         # A session may already have autobegun (e.g. attached late): cover it too.
         current = session.get_transaction()
-        if current is not None and _compat.transaction_slot(current) is None:
+        if current is not None:
             self.on_transaction_create(session, current)
 
     def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
@@ -243,45 +259,80 @@ class TransactionCoordinator:
         self.attach(session, shard_of_engine)
 
     def on_transaction_create(self, sess: Session, transaction: SessionTransaction) -> None:
-        """``after_transaction_create``: a root transaction gets its GlobalTransaction."""
-        if transaction.parent is not None:
-            return
-        naming = self._naming.get(sess)
-        if naming is None:
-            return
-        gt = GlobalTransaction(self, naming)
-        _compat.set_transaction_slot(transaction, gt)
+        """``after_transaction_create``: a root transaction will run the protocol at commit.
 
-        def protocol() -> BaseException | None:
-            try:
-                gt.commit()
-            except CommitIncomplete as e:
-                # Committed: SQLAlchemy must finish its commit (objects persistent and
-                # expired, as after any commit) without touching the branches left to
-                # recovery; the exception is raised from commit() afterwards.
-                for b in gt.left_branches():
-                    _compat.skip_connection_commit(transaction, b.connection)
-                return e
+        Nothing else happens yet: the :class:`GlobalTransaction` is made when the first
+        connection begins, and a transaction that stays on one shard never runs more than
+        SQLAlchemy's own commit.
+        """
+        if transaction.parent is None:
+            _compat.coordinate(transaction)
+
+    def _global(self, sess: Session, root: SessionTransaction) -> GlobalTransaction | None:
+        """The root transaction's GlobalTransaction, made on first need (``None`` for a
+        transaction of a session this coordinator is not attached to).
+
+        A first branch kept as a :class:`_FirstBranch` becomes the new global
+        transaction's first branch, with what its connection wrote so far.
+        """
+        owner = _compat.transaction_slot(root)
+        if type(owner) is GlobalTransaction:
+            return owner
+        if not _compat.is_coordinated(root):
             return None
+        naming = getattr(sess, _NAMING_KEY, None)
+        if naming is None:
+            return None
+        gt = GlobalTransaction(self, naming)
+        _compat.set_transaction_slot(root, gt)
+        if owner is not None:
+            first: Connection = owner.connection
+            branch = self._add(gt, first)
+            branch.wrote = bool(first.__dict__.pop(_WROTE_KEY, False))
+        return gt
 
-        _compat.wrap_root_prepare(transaction, protocol)
+    def _add(self, gt: GlobalTransaction, connection: Connection) -> Branch:
+        engine = connection.engine
+        if engine not in _instrumented:
+            _instrument(engine)
+        branch = gt.add_branch(connection)
+        connection.__dict__[_BRANCH_KEY] = branch
+        return branch
 
     def on_begin(
         self, sess: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
-        """``after_begin``: the connection just begun becomes a branch."""
+        """``after_begin``: the connection just begun becomes a branch.
+
+        The first connection of a transaction on a backend that needs nothing at BEGIN
+        (PostgreSQL, SQLite: not MySQL's XA START) is only noted, as a
+        :class:`_FirstBranch`: most transactions touch one shard, and their commit is
+        SQLAlchemy's own. A second shard makes it a branch of a GlobalTransaction.
+        """
         root = transaction
         while root.parent is not None:
             root = root.parent
-        gt: GlobalTransaction | None = _compat.transaction_slot(root)
-        if gt is None or _is_autocommit(connection):
+        owner = _compat.transaction_slot(root)
+        if owner is None:
+            if not _compat.is_coordinated(root) or _is_autocommit(connection):
+                return
+            engine = connection.engine
+            adapter = self.adapter(engine)
+            if adapter is None or not adapter.xid_at_begin:
+                if engine not in _instrumented:
+                    _instrument(engine)
+                # (a Connection given as a session's bind serves several transactions)
+                connection.__dict__.pop(_WROTE_KEY, None)
+                _compat.set_transaction_slot(root, _FirstBranch(connection))
+                return
+        elif type(owner) is _FirstBranch:
+            if owner.connection.engine is connection.engine or _is_autocommit(connection):
+                return
+        elif connection.engine in owner.branches or _is_autocommit(connection):
             return
-        engine = connection.engine
-        if engine in gt.branches:
-            return
-        _instrument(engine)
-        branch = gt.add_branch(connection)
-        connection.info[_BRANCH_KEY] = branch
+        gt = self._global(sess, root)
+        if gt is not None:
+            self._add(gt, connection)
 
     def begin_early(self, sess: Session, shard_ids: Sequence[str]) -> list[Future[None]]:
         """Before a flush that writes ``shard_ids`` (in the order the flush will most
@@ -291,10 +342,11 @@ class TransactionCoordinator:
         Returns the running early BEGINs (a list :func:`.early.join` empties); the
         transaction joins them itself before it commits or rolls back.
         """
+        if len(shard_ids) < 2:
+            return []
         root = sess.get_transaction()
-        gt: GlobalTransaction | None = (
-            _compat.transaction_slot(root) if root is not None else None)
-        if len(shard_ids) < 2 or gt is None or gt.protocol_ran or gt.early:
+        gt = self._global(sess, root) if root is not None else None
+        if gt is None or gt.protocol_ran or gt.early:
             return []
         branches = []
         # Every connection is checked out in the flush's order (the branches register as
@@ -318,10 +370,9 @@ class TransactionCoordinator:
         """``after_transaction_end`` of the root: its branches are forgotten."""
         if transaction.parent is not None:
             return
-        gt: GlobalTransaction | None = _compat.pop_transaction_slot(transaction)
-        if gt is not None:
-            gt.close()
-            _compat.unwrap_root_prepare(transaction)
+        owner = _compat.pop_transaction_slot(transaction)
+        if type(owner) is GlobalTransaction:
+            owner.close()
 
     def close(self) -> None:
         """Shut the worker threads down (they are daemon-like; optional)."""

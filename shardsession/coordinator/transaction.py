@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection, Engine
 
+from .. import _compat
 from ..backends import DecisionRow, Outcome
 from ..exc import (
     AtomicityUnavailableError,
     CapabilityError,
+    CommitIncomplete,
     TransactionError,
     warn_non_atomic,
 )
@@ -62,6 +64,9 @@ class GlobalTransaction:
     threads each touch one branch's connection only).
     """
 
+    __slots__ = ("_xa_pending", "branches", "coordinator", "decider_index", "defer_xa_start",
+                 "early", "gtrid", "protocol_ran", "shard_of_engine")
+
     def __init__(self, coordinator: TransactionCoordinator,
                  shard_of_engine: Callable[[Engine], str]) -> None:
         self.coordinator = coordinator
@@ -82,27 +87,26 @@ class GlobalTransaction:
     def add_branch(self, connection: Connection) -> Branch:
         """Register the connection a root session transaction just began."""
         engine = connection.engine
-        existing = self.branches.get(engine)
+        branches = self.branches
+        existing = branches.get(engine)
         if existing is not None:
             return existing
-        dbapi = connection.connection.dbapi_connection
-        for other in self.branches.values():
-            if other.dbapi is dbapi:
-                # Two engines on one DBAPI connection (e.g. the local SQLite cluster, or
-                # option engines of one pool) share one transaction: one branch.
-                self.branches[engine] = other
-                return other
+        if branches:
+            dbapi = connection.connection.dbapi_connection
+            for other in branches.values():
+                if other.dbapi is dbapi:
+                    # Two engines on one DBAPI connection (e.g. the local SQLite cluster, or
+                    # option engines of one pool) share one transaction: one branch.
+                    branches[engine] = other
+                    return other
         if self.protocol_ran:
             raise TransactionError(
                 "the commit protocol already ran for this transaction; no new shard "
                 "may join it", gtrid=self.gtrid,
             )
         adapter = self.coordinator.adapter(engine)
-        branch = Branch(
-            index=len({id(b) for b in self.branches.values()}), engine=engine,
-            shard_id=str(self.shard_of_engine(engine)), connection=connection,
-            adapter=adapter, gt=self,
-        )
+        index = len({id(b) for b in branches.values()}) if branches else 0
+        branch = Branch(index, engine, connection, adapter, self)
         self.branches[engine] = branch
         if adapter is not None and adapter.xid_at_begin:
             # XA START must be this transaction's first statement, so the xid (and with it
@@ -171,6 +175,24 @@ class GlobalTransaction:
         self.gtrid = new_gtrid(ordered[decider_index].shard_id)
 
     # --- the protocol ----------------------------------------------------------------
+
+    def protocol(self, transaction: Any) -> BaseException | None:
+        """Run :meth:`commit` for the root ``SessionTransaction`` that owns this global
+        transaction (called by it after its final flush, see ``_compat.coordinate``).
+
+        Returns a :class:`~shardsession.exc.CommitIncomplete` instead of raising it: the
+        data is committed, so SQLAlchemy must finish its commit (objects persistent and
+        expired, as after any commit) without touching the branches left to recovery;
+        the session raises the returned exception from ``commit()`` afterwards. Every
+        other error is raised (see :meth:`commit`).
+        """
+        try:
+            self.commit()
+        except CommitIncomplete as e:
+            for b in self.left_branches():
+                _compat.skip_connection_commit(transaction, b.connection)
+            return e
+        return None
 
     def commit(self) -> None:
         """Run the commit protocol (called once, after the session's final flush).

@@ -25,7 +25,7 @@ def _one(value: Any) -> bytes:
     if isinstance(value, int):
         return b"i:" + str(value).encode("ascii")
     if isinstance(value, str):
-        return b"s:" + value.encode("utf-8")
+        return b"s:" + str.encode(value, "utf-8")
     if isinstance(value, bytes | bytearray | memoryview):
         return b"y:" + bytes(value)
     if isinstance(value, uuid.UUID):
@@ -49,6 +49,11 @@ def canonical_key(value: Any) -> bytes:
 
     :raises RoutingError: for ``None`` or a type with no stable encoding.
     """
+    t = type(value)
+    if t is int:  # the common keys first (the same bytes as _one gives them)
+        return b"i:%d" % value
+    if t is str:
+        return b"s:" + str.encode(value, "utf-8")
     if value is None:
         raise RoutingError("a shard key value is None", shard_id=None)
     if isinstance(value, tuple):

@@ -170,12 +170,14 @@ class HashSharding(KeyStrategy):
         if not self._slots:
             raise ConfigurationError("HashSharding is not bound to any shards yet")
         key = canonical_key(value)
-        best_score = -1
+        # The score is the digest read as a big-endian 64-bit integer; digests of one
+        # length compare as bytes exactly as those integers compare, so no conversion.
+        best_score = b""
         best = ""
         for pre, name in self._slots:
             h = pre.copy()
             h.update(key)
-            score = int.from_bytes(h.digest(), "big")
+            score = h.digest()
             # ties are astronomically unlikely; break them by name so the answer is total
             if score > best_score or (score == best_score and name < best):
                 best_score, best = score, name
