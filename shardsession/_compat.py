@@ -7,7 +7,7 @@ each function documents the private name it relies on, so an upgrade has one pla
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
@@ -61,12 +61,13 @@ def flush_states(session: Session) -> tuple[list[InstanceState[Any]], list[Insta
     return new, [s for s in modified if s not in deleted and s.obj() is not None]
 
 
-def attribute_changed(state: InstanceState[Any], key: str) -> bool:
-    """Whether attribute ``key`` of a persistent object may have changed since it was
-    loaded: it has an entry in ``InstanceState.committed_state`` (where SQLAlchemy keeps
-    the old value of every attribute set since the last flush). ``False`` means
+def any_attribute_changed(state: InstanceState[Any], keys: Iterable[str]) -> bool:
+    """Whether any attribute of ``keys`` of a persistent object may have changed since it
+    was loaded: it has an entry in ``InstanceState.committed_state`` (where SQLAlchemy
+    keeps the old value of every attribute set since the last flush). ``False`` means
     ``get_history()`` would report no change, so a caller may skip that (costlier) call."""
-    return key in state.committed_state
+    changed = state.committed_state
+    return bool(changed) and any(key in changed for key in keys)
 
 
 def session_identity_lookup(
@@ -232,7 +233,7 @@ def skip_connection_commit(transaction: Any, connection: Any) -> None:
 # Cross-shard query engine (shardsession.query)
 # ---------------------------------------------------------------------------
 # Imports of this section live here so the section can be read (and merged) on its own.
-from collections.abc import Iterable, Mapping, Sequence  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from sqlalchemy.engine import CursorResult, IteratorResult, Result  # noqa: E402

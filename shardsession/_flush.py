@@ -15,7 +15,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from ._compat import attribute_changed, flush_states, identity_token_of, set_identity_token
+from ._compat import any_attribute_changed, flush_states, identity_token_of, set_identity_token
 from .exc import CrossShardError, RoutingError
 from .routing.placement import Placement, place_by_key
 from .routing.strategies import Broadcast, Follows
@@ -140,10 +140,10 @@ def place_flush(
         plan = plans.get(state.mapper) or _plan(placement, state.mapper)
         if plan.strategy is None or state.key is None:
             continue
+        if not any_attribute_changed(state, plan.attrs):
+            continue
         obj = state.obj()
-        if obj is not None and any(
-            attribute_changed(state, a) and get_history(obj, a).deleted for a in plan.attrs
-        ):
+        if obj is not None and any(get_history(obj, a).deleted for a in plan.attrs):
             own = _own_shard(plan, state)
             if own is not None and own != state.key[2]:
                 raise RoutingError(

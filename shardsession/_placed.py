@@ -7,7 +7,7 @@ placement explicitly, and none keeps state of its own beyond the placement's cac
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import inspect
@@ -24,7 +24,13 @@ from .query._checks import unrelated_subquery
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
-__all__ = ["execute_chooser", "identity_chooser", "shard_chooser", "shard_of_identity"]
+__all__ = [
+    "choosers",
+    "execute_chooser",
+    "identity_chooser",
+    "shard_chooser",
+    "shard_of_identity",
+]
 
 
 def shard_of_identity(
@@ -80,6 +86,30 @@ def _identity_route(placement: Placement, entity: Any) -> _IdentityRoute | None:
     if r.strategy is not None and r.pk_is_key and len(r.key_in_pk) == 1:
         return mapper, len(mapper.primary_key), r.strategy, r.key_in_pk[0]
     return mapper, len(mapper.primary_key), None, 0
+
+
+def choosers(
+    placement: Placement,
+) -> tuple[Callable[..., str], Callable[..., list[str]], Callable[[ORMExecuteState], list[str]]]:
+    """The shard, identity and execute choosers a session with ``placement`` uses (made
+    once per placement; they refer to the placement only, never to a session)."""
+    found: Any = placement.cache.get("choosers")
+    if found is None:
+
+        def placed_shard_chooser(mapper: Any, instance: Any, clause: Any = None,
+                                 **kw: Any) -> str:
+            return shard_chooser(placement, mapper, instance, clause)
+
+        def placed_identity_chooser(mapper: Mapper[Any], primary_key: Any, *,
+                                    lazy_loaded_from: Any = None, **kw: Any) -> list[str]:
+            return identity_chooser(placement, mapper, primary_key, lazy_loaded_from)
+
+        def placed_execute_chooser(orm_context: ORMExecuteState) -> list[str]:
+            return execute_chooser(placement, orm_context)
+
+        found = placement.cache["choosers"] = (
+            placed_shard_chooser, placed_identity_chooser, placed_execute_chooser)
+    return found  # type: ignore[no-any-return]
 
 
 def shard_chooser(placement: Placement, mapper: Any, instance: Any, clause: Any = None) -> str:

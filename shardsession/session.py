@@ -111,9 +111,10 @@ class ShardedSession(_SAShardedSession):
                     raise ConfigurationError(
                         f"a placement needs string shard ids, not {bad!r}")
                 placement.bind(list(shards))
-            shard_chooser = self._placement_shard_chooser
-            identity_chooser = self._placement_identity_chooser
-            execute_chooser = self._placement_execute_chooser
+            # One set of choosers per placement: bound methods of this session kept in its
+            # own attributes would make every session a reference cycle for the garbage
+            # collector to find.
+            shard_chooser, identity_chooser, execute_chooser = _placed.choosers(placement)
         if atomic not in (None, "require", "best_effort"):
             raise ConfigurationError(f"atomic must be 'require' or 'best_effort', not {atomic!r}")
         if fanout_max_workers is not None and fanout_max_workers < 1:
@@ -224,7 +225,8 @@ class ShardedSession(_SAShardedSession):
         """
         if shard_id is None:
             shard_id = self._shard_for(mapper, instance, clause=clause)
-        return self._shards[self._check_shard(shard_id)]
+        bind = self._shards.get(shard_id)
+        return bind if bind is not None else self._shards[self._check_shard(shard_id)]
 
     def connection_callable(  # type: ignore[override, unused-ignore]
         self,
@@ -285,28 +287,9 @@ class ShardedSession(_SAShardedSession):
     def _shard_of_identity(self, entity: Any, ident: Any, kw: Mapping[str, Any]) -> Any:
         return _placed.shard_of_identity(self._placement, entity, ident, kw)
 
-    # -- placement-derived choosers (shardsession._placed) ----------------------------------
-
     @property
     def placement(self) -> Placement | None:
         return self._placement
-
-    def _placement_shard_chooser(
-        self, mapper: Any, instance: Any, clause: Any = None, **kw: Any
-    ) -> str:
-        assert self._placement is not None
-        return _placed.shard_chooser(self._placement, mapper, instance, clause)
-
-    def _placement_identity_chooser(
-        self, mapper: Mapper[Any], primary_key: Any, *, lazy_loaded_from: Any = None, **kw: Any
-    ) -> list[str]:
-        assert self._placement is not None
-        return _placed.identity_chooser(self._placement, mapper, primary_key, lazy_loaded_from)
-
-    def _placement_execute_chooser(self, orm_context: ORMExecuteState) -> list[str]:
-        assert self._placement is not None
-        return _placed.execute_chooser(self._placement, orm_context)
-
 
 
 #: id(shards mapping) -> (a copy of it, placement) of configurations already validated
@@ -352,18 +335,20 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
 
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    if isinstance(session, ShardedSession) and session.placement is not None:
-        written = place_flush(session, session.placement, session._shards)
+    placement = getattr(session, "_placement", None)
+    if placement is not None:
+        assert isinstance(session, ShardedSession)
+        written = place_flush(session, placement, session._shards)
         if len(written) > 1 and session._coordinator is not None:
             session._early = session._coordinator.begin_early(session, written)
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
-    if isinstance(session, ShardedSession):
-        if session._early:
-            early.join(session._early)
-        if session.placement is not None:
-            replicate_broadcast(session, session.placement)
+    if getattr(session, "_early", None):
+        early.join(session._early)  # type: ignore[attr-defined]
+    placement = getattr(session, "_placement", None)
+    if placement is not None and placement.has_broadcast:
+        replicate_broadcast(session, placement)
 
 
 def _execute_from_class(orm_context: ORMExecuteState) -> Result[Any] | None:
@@ -380,9 +365,10 @@ event.listen(ShardedSession, "after_flush", _after_flush)
 
 
 def _on_transaction_create(session: Session, transaction: Any) -> None:
-    coordinator = getattr(session, "_coordinator", None)
-    if coordinator is not None:
-        coordinator.on_transaction_create(session, transaction)
+    if transaction.parent is None:  # (a flush's subtransaction needs nothing)
+        coordinator = getattr(session, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.on_transaction_create(session, transaction)
 
 
 def _on_begin(session: Session, transaction: Any, connection: Connection) -> None:
@@ -392,11 +378,12 @@ def _on_begin(session: Session, transaction: Any, connection: Connection) -> Non
 
 
 def _on_transaction_end(session: Session, transaction: Any) -> None:
-    if transaction.parent is None and getattr(session, "_flush_connections", None):
-        session._flush_connections = None  # type: ignore[attr-defined]
-    coordinator = getattr(session, "_coordinator", None)
-    if coordinator is not None:
-        coordinator.on_transaction_end(session, transaction)
+    if transaction.parent is None:  # (a flush's subtransaction needs nothing)
+        if getattr(session, "_flush_connections", None):
+            session._flush_connections = None  # type: ignore[attr-defined]
+        coordinator = getattr(session, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.on_transaction_end(session, transaction)
 
 
 event.listen(ShardedSession, "after_transaction_create", _on_transaction_create)
