@@ -67,7 +67,11 @@ def any_attribute_changed(state: InstanceState[Any], keys: Iterable[str]) -> boo
     keeps the old value of every attribute set since the last flush). ``False`` means
     ``get_history()`` would report no change, so a caller may skip that (costlier) call."""
     changed = state.committed_state
-    return bool(changed) and any(key in changed for key in keys)
+    if changed:
+        for key in keys:  # a plain loop: no generator per flushed object
+            if key in changed:
+                return True
+    return False
 
 
 def session_identity_lookup(
@@ -87,17 +91,21 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     """Return the shard a statement is pinned to, or ``None`` to let the choosers decide.
 
     Mirrors ``sqlalchemy.ext.horizontal_shard.execute_and_instances`` exactly, in its order:
-    a ``set_shard_id`` option (``ORMExecuteState._non_compile_orm_options``), the identity
-    token of the load/update options (``_identity_token``: lazy loads and refreshes of an
-    object stay on its shard), the ``_sa_shard_id`` execution option of
-    ``ShardedQuery.set_shard``, then ``bind_arguments["shard_id"]``.
+    a ``set_shard_id`` option (``ORMExecuteState._non_compile_orm_options``, looked at only
+    when the statement's ``_with_options`` is not empty), the identity token of the
+    load/update options (``_identity_token``: lazy loads and refreshes of an object stay on
+    its shard; a SELECT's load options are the ``_sa_orm_load_options`` execution option,
+    which is what ``ORMExecuteState.load_options`` returns), the ``_sa_shard_id``
+    execution option of ``ShardedQuery.set_shard``, then ``bind_arguments["shard_id"]``.
     """
-    for opt in orm_context._non_compile_orm_options:
-        if isinstance(opt, set_shard_id):
-            return opt.shard_id
+    statement = orm_context.statement
+    if statement._with_options:  # (most statements have none: skip building the list)
+        for opt in orm_context._non_compile_orm_options:
+            if isinstance(opt, set_shard_id):
+                return opt.shard_id
     active: Any
-    if orm_context.is_select:
-        active = orm_context.load_options
+    if statement.is_select:  # what ORMExecuteState.is_select / .load_options read
+        active = orm_context.execution_options.get("_sa_orm_load_options")
     elif orm_context.is_update or orm_context.is_delete:
         active = orm_context.update_delete_options
     else:

@@ -36,7 +36,9 @@ class _Plan:
 
 
 def _plans(placement: Placement) -> dict[Mapper[Any], _Plan]:
-    plans: dict[Mapper[Any], _Plan] = placement.cache.setdefault("flush_plans", {})
+    plans: dict[Mapper[Any], _Plan] | None = placement.cache.get("flush_plans")
+    if plans is None:
+        plans = placement.cache.setdefault("flush_plans", {})
     return plans
 
 

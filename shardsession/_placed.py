@@ -38,7 +38,7 @@ def shard_of_identity(
 ) -> Any:
     """The one shard a placed primary key maps to, or ``None`` (SQLAlchemy's path then
     decides, with its own errors for malformed keys)."""
-    if placement is None or isinstance(ident, Mapping):
+    if placement is None:
         return None
     if kw:
         bind_arguments = kw.get("bind_arguments")
@@ -50,16 +50,23 @@ def shard_of_identity(
             return None
     # entity -> (its mapper, primary key width, single-column key strategy and the key's
     # position in the primary key, or None), or None when the entity is not placed
-    routes: dict[Any, _IdentityRoute | None] = placement.cache.setdefault("identity_routes", {})
+    routes: dict[Any, _IdentityRoute | None] | None = placement.cache.get("identity_routes")
+    if routes is None:
+        routes = placement.cache.setdefault("identity_routes", {})
     route = routes.get(entity, _UNSEEN)
     if route is _UNSEEN:
         route = routes[entity] = _identity_route(placement, entity)
     if route is None:
         return None
     mapper, width, strategy, at = route
-    if type(ident) is tuple:
+    kind = type(ident)
+    if kind is tuple:
         pk = ident
-    elif isinstance(ident, tuple | list):
+    elif kind is int or kind is str:  # the common scalar keys, without ABC checks
+        pk = (ident,)
+    elif isinstance(ident, Mapping):
+        return None  # {attribute: value}: SQLAlchemy's path decides
+    elif isinstance(ident, (tuple, list)):
         pk = tuple(ident)
     else:
         pk = (ident,)

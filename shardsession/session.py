@@ -269,7 +269,7 @@ class ShardedSession(_SAShardedSession):
         Everything else (arguments, errors, results) is SQLAlchemy's.
         """
         if identity_token is None:
-            identity_token = self._shard_of_identity(entity, ident, kw)
+            identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
         return super().get(entity, ident, identity_token=identity_token, **kw)
 
     def get_one(  # type: ignore[override, unused-ignore]

@@ -119,6 +119,7 @@ class HashSharding(KeyStrategy):
                 raise ConfigurationError(f"HashSharding weight of {name!r} must be an int >= 1")
         self._slots: list[tuple[Any, str]] = []
         self._memo: dict[Any, str] = {}
+        self._int_memo: dict[int, str] = {}  # plain int keys, the most common, by value
         if self._explicit is not None:
             self._build(self._explicit)
 
@@ -142,6 +143,7 @@ class HashSharding(KeyStrategy):
         self._slots = slots
         self._shards = list(shards)
         self._memo.clear()
+        self._int_memo.clear()
 
     def bind(self, all_shards: Sequence[str]) -> None:
         if self._explicit is None:
@@ -151,7 +153,16 @@ class HashSharding(KeyStrategy):
 
     def shard_for(self, value: Any) -> str:
         # A small memo: the same keys are placed again and again (identity lookups, the
-        # statement that follows, the flush); (type, value) keeps 1, True and 1.0 apart.
+        # statement that follows, the flush). Plain ints are remembered by value; other
+        # values by (type, value), which keeps 1, True and 1.0 apart.
+        if type(value) is int:
+            hit = self._int_memo.get(value)
+            if hit is None:
+                hit = self._score(value)
+                if len(self._int_memo) >= _MEMO_SIZE:
+                    self._int_memo.clear()
+                self._int_memo[value] = hit
+            return hit
         try:
             memo_key = (type(value), value)
             hit = self._memo.get(memo_key)
