@@ -7,7 +7,7 @@ each function documents the private name it relies on, so an upgrade has one pla
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
@@ -379,28 +379,26 @@ def is_cursor_result(result: Result[Any]) -> bool:
     return isinstance(result, CursorResult)
 
 
-def class_orm_execute_listeners(session_class: type[Session]) -> int:
-    """How many ``do_orm_execute`` listeners a session class (with those of its bases, and
-    a sessionmaker's class) carries.
+def class_orm_execute_listener_list(session_class: type[Session]) -> Sized:
+    """The ``do_orm_execute`` listeners a session class (with those of its bases, and a
+    sessionmaker's class) carries, as a live collection: its ``len()`` is always current.
 
-    Reads the class-level registry ``_ClsLevelDispatch._clslevel[cls]`` (private; checked
+    It is the class-level registry ``_ClsLevelDispatch._clslevel[cls]`` (private; checked
     on 2.0.30 and 2.1.9), where SQLAlchemy keeps each class's listeners including those
-    propagated from its bases; a class not registered yet is registered the way
-    SQLAlchemy does it on its first instance (``update_subclass``). Asking an instance's
-    ``dispatch.do_orm_execute`` instead would build that instance's listener collection
-    at session creation.
+    propagated from its bases, and adds and removes them in place; a class not registered
+    yet is registered the way SQLAlchemy does it on its first instance
+    (``update_subclass``). Asking an instance's ``dispatch.do_orm_execute`` instead would
+    build that instance's listener collection at session creation.
     """
     fns = _class_listeners.get(session_class)
     if fns is None:
-        # SQLAlchemy adds and removes a class's listeners in this same collection object,
-        # so it is looked up once per class.
         dispatch: Any = getattr(session_class.dispatch, "do_orm_execute")  # noqa: B009
         fns = dispatch._clslevel.get(session_class)
         if fns is None:
             dispatch.update_subclass(session_class)
             fns = dispatch._clslevel[session_class]
         _class_listeners[session_class] = fns
-    return len(fns)
+    return fns  # type: ignore[no-any-return]
 
 
 _class_listeners: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any, Literal
 
 from sqlalchemy import Engine, event
@@ -69,6 +69,14 @@ class ShardedSession(_SAShardedSession):
         one so capability checks are cached once per engine).
     """
 
+    #: early BEGINs of the current flush (see shardsession.coordinator.early): a list
+    #: while a flush that writes several shards runs
+    _early: list[Any] | tuple[()] = ()
+    #: (root transaction, {shard id: its Connection}) for connection_callable
+    _flush_connections: tuple[Any, dict[Any, Connection]] | None = None
+    #: whether the routing handler is registered on the instance (see __init__)
+    _route_on_instance = False
+
     def __init__(
         self,
         shard_chooser: Callable[..., Any] | None = None,
@@ -87,16 +95,25 @@ class ShardedSession(_SAShardedSession):
         query_chooser: Callable[..., Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._shards: dict[str, Any] = {}
-        #: early BEGINs of the current flush (see shardsession.coordinator.early)
-        self._early: list[Any] = []
-        #: (root transaction, {shard id: its Connection}) for connection_callable
-        self._flush_connections: tuple[Any, dict[Any, Connection]] | None = None
+        # A sessionmaker passes the same arguments to every session: a configuration that
+        # was validated once is applied from what that first session computed.
+        key: Any = (type(self), id(shards), placement, shard_chooser, identity_chooser,
+                    execute_chooser, atomic, decider, fanout_max_workers, fanout_timeout,
+                    coordinator, id_chooser, query_chooser)
+        try:
+            known = _known_configs.get(key)
+        except TypeError:  # an unhashable argument: no shortcut
+            key, known = None, None
+        if known is not None and known[0] == shards:
+            Session.__init__(self, query_cls=query_cls, **kwargs)
+            self.__dict__.update(known[1])
+            self._shards = dict(known[0])
+            if len(known[2]) > 1:  # the class's do_orm_execute listeners, as they are now
+                self._route_on_instance = True
+                event.listen(self, "do_orm_execute", execute, retval=True)
+            return
+        self._shards = {}
         self._placement = placement
-        # A sessionmaker passes the same shards (and placement) to every session: what was
-        # checked once is not checked again.
-        seen = _checked_configs.get(id(shards))
-        checked = seen is not None and seen[1] is placement and seen[0] == shards
         if placement is not None:
             if shard_chooser or identity_chooser or execute_chooser:
                 raise ConfigurationError(
@@ -105,12 +122,10 @@ class ShardedSession(_SAShardedSession):
                 )
             if not shards:
                 raise ConfigurationError("a placement needs shards={name: engine, ...}")
-            if not checked:
-                bad = [k for k in shards if not isinstance(k, str) or not k]
-                if bad:
-                    raise ConfigurationError(
-                        f"a placement needs string shard ids, not {bad!r}")
-                placement.bind(list(shards))
+            bad = [k for k in shards if not isinstance(k, str) or not k]
+            if bad:
+                raise ConfigurationError(f"a placement needs string shard ids, not {bad!r}")
+            placement.bind(list(shards))
             # One set of choosers per placement: bound methods of this session kept in its
             # own attributes would make every session a reference cycle for the garbage
             # collector to find.
@@ -130,14 +145,7 @@ class ShardedSession(_SAShardedSession):
         # sessionmaker then run before the routing (once per statement, and the choosers
         # see what they did), not once per shard inside it.
         Session.__init__(self, query_cls=query_cls, **kwargs)
-        # Our executor is a class-level listener (no per-session registration cost) as
-        # long as it is the only one. When the class or a sessionmaker carries other
-        # do_orm_execute listeners, it is registered on this instance instead, where
-        # SQLAlchemy registers its own: those listeners then run first, once per
-        # statement, and the choosers see what they did.
-        self._route_on_instance = _compat.class_orm_execute_listeners(type(self)) > 1
-        if self._route_on_instance:
-            event.listen(self, "do_orm_execute", execute, retval=True)
+        self._route_if_other_listeners()
         self.shard_chooser = shard_chooser  # type: ignore[assignment]
         if placement is not None:  # the derived choosers (no legacy arguments to map)
             self.identity_chooser = identity_chooser  # type: ignore[assignment]
@@ -147,16 +155,28 @@ class ShardedSession(_SAShardedSession):
             self.execute_chooser = execute_chooser_of(execute_chooser, query_chooser)
         if self.shard_chooser is None:
             raise ArgumentError("shard_chooser is required (or pass placement=)")
-        if checked:
-            self._shards.update(shards)  # type: ignore[arg-type]
-        else:
-            for name, bind in (shards or {}).items():
-                self.bind_shard(name, bind)
-            if shards:
-                if len(_checked_configs) >= 64:
-                    _checked_configs.clear()
-                _checked_configs[id(shards)] = (dict(shards), placement)
+        for name, bind in (shards or {}).items():
+            self.bind_shard(name, bind)
         self._coordinator = _coordinator_for(self, coordinator, decider)
+        if key is not None and shards and id_chooser is None:  # (the legacy wrapper
+            # of id_chooser refers to this session: it cannot be shared)
+            if len(_known_configs) >= 64:
+                _known_configs.clear()
+            _known_configs[key] = (
+                dict(shards),
+                {name: self.__dict__[name] for name in _SHARED_ATTRIBUTES},
+                _compat.class_orm_execute_listener_list(type(self)),
+            )
+
+    def _route_if_other_listeners(self) -> None:
+        # Our executor is a class-level listener (no per-session registration cost) as
+        # long as it is the only one. When the class or a sessionmaker carries other
+        # do_orm_execute listeners, it is registered on this instance instead, where
+        # SQLAlchemy registers its own: those listeners then run first, once per
+        # statement, and the choosers see what they did.
+        if len(_compat.class_orm_execute_listener_list(type(self))) > 1:
+            self._route_on_instance = True
+            event.listen(self, "do_orm_execute", execute, retval=True)
 
     # -- shards ------------------------------------------------------------------------------
 
@@ -292,9 +312,12 @@ class ShardedSession(_SAShardedSession):
         return self._placement
 
 
-#: id(shards mapping) -> (a copy of it, placement) of configurations already validated
-#: (see ``__init__``; the copy is compared, so a reused id or a changed mapping misses)
-_checked_configs: dict[int, tuple[dict[Any, Any], Placement | None]] = {}
+#: ShardedSession arguments (the shards mapping by id) -> (a copy of that mapping, the
+#: attributes a session built from them got). The copy is compared, so a reused id or a
+#: changed mapping misses; only validated configurations are recorded.
+_known_configs: dict[Any, tuple[dict[Any, Any], dict[str, Any], Sized]] = {}
+_SHARED_ATTRIBUTES = ("_placement", "atomic", "fanout_max_workers", "fanout_timeout",
+                      "shard_chooser", "identity_chooser", "execute_chooser", "_coordinator")
 
 
 def _engine_of(bind: Any) -> Any:
