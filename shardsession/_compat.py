@@ -151,7 +151,8 @@ class _CoordinatedTransaction(SessionTransaction):
     the final flush; the protocol runs right after it, so ``Session.commit()``,
     ``with session.begin():`` and ``prepare()`` all run it after the last write and before
     SQLAlchemy commits each connection. The object in the transaction's slot (see
-    :func:`set_transaction_slot`) decides: its ``protocol(transaction)`` runs the commit.
+    :func:`set_transaction_slot`) decides: its ``protocol(transaction)`` runs the commit,
+    and its ``close()`` runs when the transaction has ended (``close`` is overridden too).
 
     If the protocol raises, the session transaction is rolled back and the error
     re-raised, exactly as SQLAlchemy's twophase failure path does inside
@@ -190,6 +191,15 @@ class _CoordinatedTransaction(SessionTransaction):
         if late is not None:
             raise late
 
+    def close(self, invalidate: bool = False) -> None:
+        # SQLAlchemy ends every root transaction here (commit, rollback, Session.close),
+        # after its connections went back and ``after_transaction_end`` ran: the slot's
+        # owner forgets its branches now (the hook costs no event per transaction).
+        super().close(invalidate)
+        owner = self.__dict__.pop(_SLOT, None)
+        if owner is not None:
+            owner.close()
+
 
 def coordinate(transaction: Any) -> None:
     """Make a root ``SessionTransaction`` run the protocol of the object later put in its
@@ -219,6 +229,18 @@ def set_transaction_slot(transaction: Any, value: Any) -> None:
 
 def pop_transaction_slot(transaction: Any) -> Any:
     return transaction.__dict__.pop(_SLOT, None)
+
+
+_CONNECTIONS = "_shardsession_connections"
+
+
+def transaction_connections(transaction: Any) -> dict[Any, Any]:
+    """A dict kept on a ``SessionTransaction`` for the session's own use (it goes away
+    with the transaction object; SQLAlchemy's own names are untouched)."""
+    found: dict[Any, Any] | None = transaction.__dict__.get(_CONNECTIONS)
+    if found is None:
+        found = transaction.__dict__[_CONNECTIONS] = {}
+    return found
 
 
 def skip_connection_commit(transaction: Any, connection: Any) -> None:

@@ -72,8 +72,6 @@ class ShardedSession(_SAShardedSession):
     #: early BEGINs of the current flush (see shardsession.coordinator.early): a list
     #: while a flush that writes several shards runs
     _early: list[Any] | tuple[()] = ()
-    #: (root transaction, {shard id: its Connection}) for connection_callable
-    _flush_connections: tuple[Any, dict[Any, Connection]] | None = None
     #: whether the routing handler is registered on the instance (see __init__)
     _route_on_instance = False
 
@@ -268,13 +266,11 @@ class ShardedSession(_SAShardedSession):
         if trans is not None:
             # A flush asks once per object: remember the answers for this transaction
             # (SQLAlchemy's own answer never changes while the transaction lasts).
-            cache = self._flush_connections
-            if cache is None or cache[0] is not trans:
-                cache = self._flush_connections = (trans, {})
-            conn = cache[1].get(shard_id)
+            cache = _compat.transaction_connections(trans)
+            conn = cache.get(shard_id)
             if conn is None:
-                conn = cache[1][shard_id] = trans.connection(mapper, shard_id=shard_id)
-            return conn
+                conn = cache[shard_id] = trans.connection(mapper, shard_id=shard_id)
+            return conn  # type: ignore[no-any-return]
         bind = self._shards[shard_id]
         return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return, unused-ignore]
 
@@ -400,15 +396,7 @@ def _on_begin(session: Session, transaction: Any, connection: Connection) -> Non
         coordinator.on_begin(session, transaction, connection)
 
 
-def _on_transaction_end(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # (a flush's subtransaction needs nothing)
-        if getattr(session, "_flush_connections", None):
-            session._flush_connections = None  # type: ignore[attr-defined]
-        coordinator = getattr(session, "_coordinator", None)
-        if coordinator is not None:
-            coordinator.on_transaction_end(session, transaction)
-
-
 event.listen(ShardedSession, "after_transaction_create", _on_transaction_create)
 event.listen(ShardedSession, "after_begin", _on_begin)
-event.listen(ShardedSession, "after_transaction_end", _on_transaction_end)
+# (No after_transaction_end listener: a coordinated root transaction ends its global
+# transaction in its own close(), see _compat.coordinate.)

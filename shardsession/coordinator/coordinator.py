@@ -13,7 +13,9 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
   compiled SELECT (or a savepoint); after the protocol ran, a write raises;
 * engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
   plain ROLLBACK fails in XA ACTIVE state;
-* ``after_transaction_end`` of the root: branches are forgotten.
+* the root's ``close()`` (every root transaction ends there; ``after_transaction_end``
+  too for sessions set up with :meth:`TransactionCoordinator.install`): branches are
+  forgotten.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class _FirstBranch:
         """One shard: SQLAlchemy's own commit is the whole protocol."""
         return None
 
+    def close(self) -> None:
+        """Nothing to forget: the connection carries no branch mark."""
+
 
 class TransactionCoordinator:
     """Shared, thread-safe per session factory: settings + per-engine capability cache.
@@ -239,9 +244,10 @@ class TransactionCoordinator:
 
     def attach(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
         """Make this session's commits atomic, for a session class whose class-level
-        listeners call :meth:`on_transaction_create`, :meth:`on_begin` and
-        :meth:`on_transaction_end` (as :class:`~shardsession.ShardedSession` does: that
-        costs a session nothing at creation, unlike per-instance listeners).
+        listeners call :meth:`on_transaction_create` and :meth:`on_begin` (as
+        :class:`~shardsession.ShardedSession` does: that costs a session nothing at
+        creation, unlike per-instance listeners). A coordinated root transaction forgets
+        its branches in its own ``close()``.
 
         ``shard_of_engine`` names a branch by its engine; it is kept on the session.
         """
