@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 from . import test_query_property as qp
+from .conftest import _Databases
 
 SETTINGS = settings(
     derandomize=True,
@@ -28,39 +28,6 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-class _Databases:
-    def __init__(self) -> None:
-        self.made: list[tuple[Any, str]] = []
-
-    def new(self, server: Any) -> str:
-        url = str(server.create_database())
-        self.made.append((server, url))
-        return url
-
-    def drop(self) -> None:
-        for server, url in self.made:
-            server.drop_database(make_url(url).database)
-
-
-@pytest.fixture
-def databases() -> Iterator[_Databases]:
-    d = _Databases()
-    yield d
-    d.drop()
-
-
-@pytest.fixture
-def pg_cluster(pg_server_a: Any, pg_server_b: Any, databases: _Databases) -> Iterator[qp.Cluster]:
-    urls = {
-        "p0": databases.new(pg_server_a),
-        "p1": databases.new(pg_server_b),
-        "p2": databases.new(pg_server_a),
-    }
-    cluster = qp.make_cluster(urls, databases.new(pg_server_b))
-    yield cluster
-    qp.dispose(cluster)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from sqlalchemy.sql import Select
 from shardsession.exc import UnsupportedQueryError
 
 from . import test_query_property as qp
-from .test_query_backends import _Databases
+from .conftest import _Databases
 
 Item = qp.Item
 Tag = qp.Tag
@@ -41,20 +41,6 @@ def sqlite_cluster(tmp_path: Any) -> Iterator[qp.Cluster]:
     cluster = qp.make_cluster(urls, f"sqlite:///{tmp_path}/oracle.db")
     yield cluster
     qp.dispose(cluster)
-
-
-@pytest.fixture
-def pg_cluster(pg_server_a: Any, pg_server_b: Any) -> Iterator[qp.Cluster]:
-    databases = _Databases()
-    urls = {
-        "p0": databases.new(pg_server_a),
-        "p1": databases.new(pg_server_b),
-        "p2": databases.new(pg_server_a),
-    }
-    cluster = qp.make_cluster(urls, databases.new(pg_server_b))
-    yield cluster
-    qp.dispose(cluster)
-    databases.drop()
 
 
 @st.composite
@@ -106,13 +92,12 @@ def test_sqlite_entities_match_one_database(
 
 
 @pytest.fixture
-def mixed_cluster(pg_server_a: Any, tmp_path: Any) -> Iterator[qp.Cluster]:
-    databases = _Databases()
+def mixed_cluster(pg_server_a: Any, tmp_path: Any,
+                  databases: _Databases) -> Iterator[qp.Cluster]:
     urls = {"a_pg": databases.new(pg_server_a), "b_sqlite": f"sqlite:///{tmp_path}/m.db"}
     cluster = qp.make_cluster(urls, f"sqlite:///{tmp_path}/oracle.db")
     yield cluster
     qp.dispose(cluster)
-    databases.drop()
 
 
 @SETTINGS
