@@ -54,8 +54,8 @@ class Branch:
     database makes at least one, and most never need the name.
     """
 
-    __slots__ = ("_shard_id", "adapter", "connection", "engine", "gt", "index", "state",
-                 "wrote", "xa_started", "xid")
+    __slots__ = ("_shard_id", "adapter", "connection", "engine", "gt", "index", "plain",
+                 "state", "wrote", "xa_started", "xid")
 
     def __init__(self, index: int, engine: Engine, connection: Connection,
                  adapter: BackendAdapter | None, gt: GlobalTransaction | None = None,
@@ -68,6 +68,9 @@ class Branch:
         self._shard_id = shard_id
         self.xid: Xid | None = None
         self.xa_started = False
+        #: a MySQL branch that began without XA (the transaction's first shard): it
+        #: cannot prepare, it can hold the decision
+        self.plain = False
         self.wrote = False
         self.state = BranchState.ACTIVE
 

@@ -6,9 +6,11 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
 * ``after_transaction_create`` of a root ``SessionTransaction``: the protocol hook goes
   into the root's prepare step, right after the final flush (so ``session.commit()`` and
   ``with session.begin():`` both run it; see ``_compat.coordinate``);
-* ``after_begin``: the connection the session just began becomes a branch of the
-  root's :class:`~.transaction.GlobalTransaction` (made with the first branch; MySQL
-  branches send ``XA START`` now: it must be the first statement);
+* ``after_begin``: the first connection of a root transaction is only noted; from the
+  second on, each becomes a branch of the root's :class:`~.transaction.GlobalTransaction`
+  (made then, the first connection its first branch). MySQL branches after the first
+  send ``XA START`` now (it must be the first statement); the first has no XA and holds
+  the decision;
 * engine ``before_cursor_execute``: marks the branch as written unless the statement is a
   compiled SELECT (or a savepoint); after the protocol ran, a write raises;
 * engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
@@ -293,15 +295,16 @@ class TransactionCoordinator:
         _compat.set_transaction_slot(root, gt)
         if owner is not None:
             first: Connection = owner.connection
-            branch = self._add(gt, first)
+            branch = self._add(gt, first, begun=True)
             branch.wrote = bool(first.__dict__.pop(_WROTE_KEY, False))
         return gt
 
-    def _add(self, gt: GlobalTransaction, connection: Connection) -> Branch:
+    def _add(self, gt: GlobalTransaction, connection: Connection, *,
+             begun: bool = False) -> Branch:
         engine = connection.engine
         if engine not in _instrumented:
             _instrument(engine)
-        branch = gt.add_branch(connection)
+        branch = gt.add_branch(connection, begun=begun)
         connection.__dict__[_BRANCH_KEY] = branch
         return branch
 
@@ -310,10 +313,11 @@ class TransactionCoordinator:
     ) -> None:
         """``after_begin``: the connection just begun becomes a branch.
 
-        The first connection of a transaction on a backend that needs nothing at BEGIN
-        (PostgreSQL, SQLite: not MySQL's XA START) is only noted, as a
-        :class:`_FirstBranch`: most transactions touch one shard, and their commit is
-        SQLAlchemy's own. A second shard makes it a branch of a GlobalTransaction.
+        The first connection of a transaction is only noted, as a :class:`_FirstBranch`:
+        most transactions touch one shard, and their commit is SQLAlchemy's own (on MySQL
+        too: no XA START). A second shard makes it a branch of a GlobalTransaction; a
+        MySQL first branch then has no XA and holds the decision, as MySQL's first
+        branch always did (its XA START fixed the decider from the shards begun so far).
         """
         root = transaction
         while root.parent is not None:
@@ -323,14 +327,12 @@ class TransactionCoordinator:
             if not _compat.is_coordinated(root) or _is_autocommit(connection):
                 return
             engine = connection.engine
-            adapter = self.adapter(engine)
-            if adapter is None or not adapter.xid_at_begin:
-                if engine not in _instrumented:
-                    _instrument(engine)
-                # (a Connection given as a session's bind serves several transactions)
-                connection.__dict__.pop(_WROTE_KEY, None)
-                _compat.set_transaction_slot(root, _FirstBranch(connection))
-                return
+            if engine not in _instrumented:
+                _instrument(engine)
+            # (a Connection given as a session's bind serves several transactions)
+            connection.__dict__.pop(_WROTE_KEY, None)
+            _compat.set_transaction_slot(root, _FirstBranch(connection))
+            return
         elif type(owner) is _FirstBranch:
             if owner.connection.engine is connection.engine or _is_autocommit(connection):
                 return

@@ -84,8 +84,13 @@ class GlobalTransaction:
 
     # --- branches --------------------------------------------------------------------
 
-    def add_branch(self, connection: Connection) -> Branch:
-        """Register the connection a root session transaction just began."""
+    def add_branch(self, connection: Connection, *, begun: bool = False) -> Branch:
+        """Register the connection a root session transaction just began.
+
+        ``begun``: the connection's transaction began earlier, as the transaction's only
+        shard, and may have run statements: a MySQL branch then has no XA START (it must
+        be the first statement) and cannot prepare; it can hold the decision.
+        """
         engine = connection.engine
         branches = self.branches
         existing = branches.get(engine)
@@ -108,7 +113,9 @@ class GlobalTransaction:
         index = len({id(b) for b in branches.values()}) if branches else 0
         branch = Branch(index, engine, connection, adapter, self)
         self.branches[engine] = branch
-        if adapter is not None and adapter.xid_at_begin:
+        if begun and adapter is not None and adapter.xid_at_begin:
+            branch.plain = True
+        elif adapter is not None and adapter.xid_at_begin:
             # XA START must be this transaction's first statement, so the xid (and with it
             # the decider) is fixed now, from the branches known so far.
             self._fix_gtrid(None)
@@ -160,6 +167,10 @@ class GlobalTransaction:
         if branch.adapter is None:
             return BranchFacts(branch.index, branch.shard_id, branch.wrote, False,
                                f"no shardsession adapter for dialect {branch.engine.dialect.name}")
+        if branch.plain:
+            return BranchFacts(branch.index, branch.shard_id, branch.wrote, False,
+                               "began without XA as the transaction's first shard: it can "
+                               "hold the decision, not prepare")
         caps = self.coordinator.capabilities(branch, detect=detect)
         return BranchFacts(branch.index, branch.shard_id, branch.wrote, caps.can_prepare,
                            caps.reason)

@@ -255,3 +255,55 @@ def test_mariadb_read_committed_cannot_prepare(request: pytest.FixtureRequest) -
     assert_pool_clean(engines)
     for e in engines.values():
         e.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+def test_mariadb_first_shard_runs_without_xa_and_holds_the_decision(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transaction's first MariaDB shard begins like a plain Session's (no XA START):
+    alone it commits one phase; when a PostgreSQL shard joins, it is the decider (the
+    decision row is written in its own transaction and its COMMIT is the commit point)."""
+    from shardsession.backends.mysql import MySQLAdapter
+
+    urls = mix_urls(request, "pg+mariadb")
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    for n, e in engines.items():
+        T[n].drop(e, checkfirst=True)
+        T[n].create(e)
+    started: list[str] = []
+    real_begin = MySQLAdapter.begin_branch
+
+    def spy(self: MySQLAdapter, dbapi_conn: Any, xid: Any) -> None:
+        started.append(xid.bqual)
+        real_begin(self, dbapi_conn, xid)
+
+    monkeypatch.setattr(MySQLAdapter, "begin_branch", spy)
+    before = decisions(engines["beta"])
+
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, "beta", 30)  # MariaDB alone
+    s.commit()
+    assert started == [] and count(engines, "beta", 30) == 1
+    assert decisions(engines["beta"]) == before
+
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, "beta", 31)  # MariaDB first, then PostgreSQL
+    insert(s, engines, "alpha", 31)
+    s.commit()
+    assert started == []  # the MariaDB branch never entered XA
+    assert count(engines, "beta", 31) == 1 and count(engines, "alpha", 31) == 1
+    assert decisions(engines["beta"]) == before + 1  # it held the decision
+    assert decisions(engines["alpha"]) == 0
+
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, "alpha", 32)  # PostgreSQL first: a later MariaDB branch is XA
+    insert(s, engines, "beta", 32)
+    s.commit()
+    assert len(started) == 1
+    assert count(engines, "beta", 32) == 1 and count(engines, "alpha", 32) == 1
+    assert in_doubt(engines) == []
+    assert_pool_clean(engines)
+    for e in engines.values():
+        e.dispose()
