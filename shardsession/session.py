@@ -106,9 +106,7 @@ class ShardedSession(_SAShardedSession):
             Session.__init__(self, query_cls=query_cls, **kwargs)
             self.__dict__.update(known[1])
             self._shards = dict(known[0])
-            if len(known[2]) > 1:  # the class's do_orm_execute listeners, as they are now
-                self._route_on_instance = True
-                event.listen(self, "do_orm_execute", execute, retval=True)
+            self._route_if_other_listeners(known[2])
             return
         self._shards = {}
         self._placement = placement
@@ -143,7 +141,8 @@ class ShardedSession(_SAShardedSession):
         # sessionmaker then run before the routing (once per statement, and the choosers
         # see what they did), not once per shard inside it.
         Session.__init__(self, query_cls=query_cls, **kwargs)
-        self._route_if_other_listeners()
+        listeners = _compat.class_orm_execute_listener_list(type(self))
+        self._route_if_other_listeners(listeners)
         self.shard_chooser = shard_chooser  # type: ignore[assignment]
         if placement is not None:  # the derived choosers (no legacy arguments to map)
             self.identity_chooser = identity_chooser  # type: ignore[assignment]
@@ -163,16 +162,17 @@ class ShardedSession(_SAShardedSession):
             _known_configs[key] = (
                 dict(shards),
                 {name: self.__dict__[name] for name in _SHARED_ATTRIBUTES},
-                _compat.class_orm_execute_listener_list(type(self)),
+                listeners,
             )
 
-    def _route_if_other_listeners(self) -> None:
+    def _route_if_other_listeners(self, class_listeners: Sized) -> None:
         # Our executor is a class-level listener (no per-session registration cost) as
         # long as it is the only one. When the class or a sessionmaker carries other
-        # do_orm_execute listeners, it is registered on this instance instead, where
-        # SQLAlchemy registers its own: those listeners then run first, once per
-        # statement, and the choosers see what they did.
-        if len(_compat.class_orm_execute_listener_list(type(self))) > 1:
+        # do_orm_execute listeners (``class_listeners``, a live collection: its length is
+        # current), it is registered on this instance instead, where SQLAlchemy registers
+        # its own: those listeners then run first, once per statement, and the choosers
+        # see what they did.
+        if len(class_listeners) > 1:
             self._route_on_instance = True
             event.listen(self, "do_orm_execute", execute, retval=True)
 
@@ -255,11 +255,7 @@ class ShardedSession(_SAShardedSession):
     ) -> Connection:
         """The connection the unit of work uses for ``instance`` (its shard's)."""
         if shard_id is None:
-            # the unit of work asks once per object: the placed shard is read directly
-            token = (None if instance is None
-                     else _compat.identity_token_of(instance_state(instance)))
-            shard_id = (token if token is not None and token in self._shards
-                        else self._shard_for(mapper, instance))
+            shard_id = self._shard_for(mapper, instance)
         elif shard_id not in self._shards:
             self._check_shard(shard_id)
         trans = self.get_transaction()
@@ -293,15 +289,12 @@ class ShardedSession(_SAShardedSession):
     ) -> Any:
         """:meth:`Session.get_one`, routed like :meth:`get`."""
         if identity_token is None:
-            identity_token = self._shard_of_identity(entity, ident, kw)
+            identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
     def _shardsession_naming(self, engine: Any) -> str:
         """The coordinator's name for a branch on ``engine``: its shard id."""
         return _shard_name(self._shards, engine)
-
-    def _shard_of_identity(self, entity: Any, ident: Any, kw: Mapping[str, Any]) -> Any:
-        return _placed.shard_of_identity(self._placement, entity, ident, kw)
 
     @property
     def placement(self) -> Placement | None:

@@ -15,9 +15,7 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
   compiled SELECT (or a savepoint); after the protocol ran, a write raises;
 * engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
   plain ROLLBACK fails in XA ACTIVE state;
-* the root's ``close()`` (every root transaction ends there; ``after_transaction_end``
-  too for sessions set up with :meth:`TransactionCoordinator.install`): branches are
-  forgotten.
+* the root's ``close()`` (every root transaction ends there): branches are forgotten.
 """
 
 from __future__ import annotations
@@ -263,7 +261,6 @@ class TransactionCoordinator:
         """Make this session's commits atomic, by listening to its events (any Session)."""
         event.listen(session, "after_transaction_create", self.on_transaction_create)
         event.listen(session, "after_begin", self.on_begin)
-        event.listen(session, "after_transaction_end", self.on_transaction_end)
         self.attach(session, shard_of_engine)
 
     def on_transaction_create(self, sess: Session, transaction: SessionTransaction) -> None:
@@ -301,9 +298,7 @@ class TransactionCoordinator:
 
     def _add(self, gt: GlobalTransaction, connection: Connection, *,
              begun: bool = False) -> Branch:
-        engine = connection.engine
-        if engine not in _instrumented:
-            _instrument(engine)
+        _instrument(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
         connection.__dict__[_BRANCH_KEY] = branch
         return branch
@@ -319,24 +314,23 @@ class TransactionCoordinator:
         MySQL first branch then has no XA and holds the decision, as MySQL's first
         branch always did (its XA START fixed the decider from the shards begun so far).
         """
+        if _is_autocommit(connection):
+            return  # not transactional: never a branch
         root = transaction
         while root.parent is not None:
             root = root.parent
         owner = _compat.transaction_slot(root)
         if owner is None:
-            if not _compat.is_coordinated(root) or _is_autocommit(connection):
-                return
-            engine = connection.engine
-            if engine not in _instrumented:
-                _instrument(engine)
-            # (a Connection given as a session's bind serves several transactions)
-            connection.__dict__.pop(_WROTE_KEY, None)
-            _compat.set_transaction_slot(root, _FirstBranch(connection))
+            if _compat.is_coordinated(root):
+                _instrument(connection.engine)
+                # (a Connection given as a session's bind serves several transactions)
+                connection.__dict__.pop(_WROTE_KEY, None)
+                _compat.set_transaction_slot(root, _FirstBranch(connection))
             return
-        elif type(owner) is _FirstBranch:
-            if owner.connection.engine is connection.engine or _is_autocommit(connection):
+        if type(owner) is _FirstBranch:
+            if owner.connection.engine is connection.engine:
                 return
-        elif connection.engine in owner.branches or _is_autocommit(connection):
+        elif connection.engine in owner.branches:
             return
         gt = self._global(sess, root)
         if gt is not None:
@@ -373,14 +367,6 @@ class TransactionCoordinator:
             gt.start_pending_xa()
         gt.early = early.start(self.executor(), branches)
         return gt.early
-
-    def on_transaction_end(self, sess: Session, transaction: SessionTransaction) -> None:
-        """``after_transaction_end`` of the root: its branches are forgotten."""
-        if transaction.parent is not None:
-            return
-        owner = _compat.pop_transaction_slot(transaction)
-        if type(owner) is GlobalTransaction:
-            owner.close()
 
     def close(self) -> None:
         """Shut the worker threads down (they are daemon-like; optional)."""

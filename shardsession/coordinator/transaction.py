@@ -113,19 +113,21 @@ class GlobalTransaction:
         index = len({id(b) for b in branches.values()}) if branches else 0
         branch = Branch(index, engine, connection, adapter, self)
         self.branches[engine] = branch
-        if begun and adapter is not None and adapter.xid_at_begin:
-            branch.plain = True
-        elif adapter is not None and adapter.xid_at_begin:
-            # XA START must be this transaction's first statement, so the xid (and with it
-            # the decider) is fixed now, from the branches known so far.
-            self._fix_gtrid(None)
-            assert self.gtrid is not None
-            branch.xid = Xid.branch(self.gtrid, branch.index)
-            if self.defer_xa_start:
-                self._xa_pending.append(branch)
-            else:
-                adapter.begin_branch(branch.dbapi, branch.xid)
-                branch.xa_started = True
+        if adapter is None or not adapter.xid_at_begin:
+            return branch
+        if begun:
+            branch.plain = True  # too late for XA START: no XA, holds the decision
+            return branch
+        # XA START must be this transaction's first statement, so the xid (and with it
+        # the decider) is fixed now, from the branches known so far.
+        self._fix_gtrid(None)
+        assert self.gtrid is not None
+        branch.xid = Xid.branch(self.gtrid, branch.index)
+        if self.defer_xa_start:
+            self._xa_pending.append(branch)
+        else:
+            adapter.begin_branch(branch.dbapi, branch.xid)
+            branch.xa_started = True
         return branch
 
     def start_pending_xa(self) -> None:

@@ -20,6 +20,11 @@ __all__ = ["canonical_key", "key_hash"]
 
 def _one(value: Any) -> bytes:
     # A type tag keeps 1, "1" and b"1" apart; bool is tested before int (bool is an int).
+    kind = type(value)
+    if kind is int:  # the common keys first, without isinstance checks
+        return b"i:%d" % value
+    if kind is str:
+        return b"s:" + str.encode(value, "utf-8")
     if isinstance(value, bool):
         return b"b:1" if value else b"b:0"
     if isinstance(value, int):
@@ -49,11 +54,6 @@ def canonical_key(value: Any) -> bytes:
 
     :raises RoutingError: for ``None`` or a type with no stable encoding.
     """
-    t = type(value)
-    if t is int:  # the common keys first (the same bytes as _one gives them)
-        return b"i:%d" % value
-    if t is str:
-        return b"s:" + str.encode(value, "utf-8")
     if value is None:
         raise RoutingError("a shard key value is None", shard_id=None)
     if isinstance(value, tuple):

@@ -153,29 +153,25 @@ class HashSharding(KeyStrategy):
 
     def shard_for(self, value: Any) -> str:
         # A small memo: the same keys are placed again and again (identity lookups, the
-        # statement that follows, the flush). Plain ints are remembered by value; other
-        # values by (type, value), which keeps 1, True and 1.0 apart.
+        # statement that follows, the flush). Plain ints are remembered by value (no key
+        # tuple to build); other values by (type, value), which keeps 1, True and 1.0
+        # apart.
+        memo: dict[Any, str]
+        memo_key: Any
         if type(value) is int:
-            hit = self._int_memo.get(value)
-            if hit is None:
-                hit = self._score(value)
-                if len(self._int_memo) >= _MEMO_SIZE:
-                    self._int_memo.clear()
-                self._int_memo[value] = hit
-            return hit
+            memo, memo_key = self._int_memo, value
+        else:
+            memo, memo_key = self._memo, (type(value), value)
         try:
-            memo_key = (type(value), value)
-            hit = self._memo.get(memo_key)
+            hit = memo.get(memo_key)
         except TypeError:  # unhashable: compute every time
-            memo_key, hit = None, None
-        if hit is not None:
-            return hit
-        shard = self._score(value)
-        if memo_key is not None:
-            if len(self._memo) >= _MEMO_SIZE:
-                self._memo.clear()
-            self._memo[memo_key] = shard
-        return shard
+            return self._score(value)
+        if hit is None:
+            hit = self._score(value)
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[memo_key] = hit
+        return hit
 
     def _score(self, value: Any) -> str:
         if not self._slots:
