@@ -1,4 +1,4 @@
-"""Fixtures shared by the integration tests of cross-shard queries."""
+"""Fixtures and helpers shared by the integration tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
 from . import test_query_property as qp
 
@@ -45,3 +45,16 @@ def pg_cluster(pg_server_a: Any, pg_server_b: Any, databases: _Databases) -> Ite
     cluster = qp.make_cluster(urls, databases.new(pg_server_b))
     yield cluster
     qp.dispose(cluster)
+
+
+def prepared_gids(engine: Engine) -> set[str]:
+    """GIDs of the transactions left prepared in ``engine``'s PostgreSQL database."""
+    with engine.connect() as c:
+        return set(c.exec_driver_sql(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()").scalars())
+
+
+def row_ids(engine: Engine) -> set[int]:
+    """The ids in table ``t`` (the table the 2PC driver and recovery tests write)."""
+    with engine.connect() as c:
+        return set(c.exec_driver_sql("SELECT id FROM t").scalars())

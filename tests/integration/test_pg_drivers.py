@@ -19,6 +19,8 @@ from shardsession.backends import DecisionRow, Outcome, adapter_for
 from shardsession.coordinator.decisions import admin_connection
 from shardsession.coordinator.xid import Xid, new_gtrid
 
+from .conftest import prepared_gids, row_ids
+
 #: libpq's PQTRANS_IDLE / PQTRANS_INTRANS, as both drivers' ``info.transaction_status``
 IDLE, INTRANS = 0, 2
 
@@ -39,17 +41,6 @@ def _xid(index: int = 1) -> Xid:
     return Xid.branch(new_gtrid("alpha"), index)
 
 
-def _prepared(engine: Engine) -> set[str]:
-    with engine.connect() as c:
-        return set(c.exec_driver_sql(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()").scalars())
-
-
-def _ids(engine: Engine) -> set[int]:
-    with engine.connect() as c:
-        return set(c.exec_driver_sql("SELECT id FROM t").scalars())
-
-
 def _prepare_row(c: Any, row: int, xid: Xid) -> Any:
     c.execute(text("INSERT INTO t VALUES (:i)"), {"i": row})
     dbapi = c.connection.dbapi_connection
@@ -64,7 +55,7 @@ def test_prepare_and_finish_on_the_same_connection(engine: Engine, settle: bool,
     xid = _xid()
     with engine.connect() as c:
         dbapi = _prepare_row(c, 1, xid)
-        assert _prepared(engine) == {xid.gid}
+        assert prepared_gids(engine) == {xid.gid}
         if settle:
             pg.settle_prepared(dbapi)
         if commit:
@@ -75,8 +66,8 @@ def test_prepare_and_finish_on_the_same_connection(engine: Engine, settle: bool,
         assert dbapi.info.transaction_status == IDLE
         assert dbapi.autocommit is False
         c.commit()
-    assert _prepared(engine) == set()
-    assert _ids(engine) == ({1} if commit else set())
+    assert prepared_gids(engine) == set()
+    assert row_ids(engine) == ({1} if commit else set())
 
 
 def test_finish_prepared_from_another_connection(engine: Engine) -> None:
@@ -93,7 +84,7 @@ def test_finish_prepared_from_another_connection(engine: Engine) -> None:
         # already finished: SQLSTATE 42704, classified as an unknown xid
         assert pg.finish_prepared(admin, xid, commit=True) is False
         assert pg.finish_prepared(admin, xid, commit=False) is False
-    assert _ids(engine) == {2}
+    assert row_ids(engine) == {2}
 
 
 def test_decision_table_round_trip(engine: Engine) -> None:
@@ -167,6 +158,6 @@ def test_early_begin_only_on_an_idle_transactional_connection(engine: Engine) ->
         c.execute(text("INSERT INTO t VALUES (3)"))  # runs in the same transaction
         c.rollback()
         assert dbapi.info.transaction_status == IDLE
-    assert _ids(engine) == set()
+    assert row_ids(engine) == set()
     with admin_connection(engine) as admin:
         assert pg.early_begin(admin) is None  # autocommit: the driver sends no BEGIN

@@ -15,6 +15,8 @@ from sqlalchemy.engine import Engine
 from shardsession.coordinator import in_doubt, recover
 from shardsession.coordinator.xid import Xid, new_gtrid
 
+from .conftest import prepared_gids, row_ids
+
 
 @pytest.fixture
 def pg(pg_url_a: str, pg_url_b: str) -> Iterator[dict[str, Engine]]:
@@ -53,17 +55,6 @@ def rollback_pg(engine: Engine, to_finish: list[str]) -> None:
         raw.close()
 
 
-def gids(engine: Engine) -> set[str]:
-    with engine.connect() as c:
-        return set(c.exec_driver_sql(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()").scalars())
-
-
-def ids(engine: Engine) -> set[int]:
-    with engine.connect() as c:
-        return set(c.exec_driver_sql("SELECT id FROM t").scalars())
-
-
 def decide(engine: Engine, gtrid: str, outcome: str) -> None:
     with engine.begin() as c:
         c.exec_driver_sql(
@@ -94,8 +85,8 @@ def test_follow_claim_orphan_and_grace(pg: dict[str, Engine]) -> None:
     assert {r.gtrid for r in report.rolled_back} == {g_abort, g_undecided}
     assert [r.gtrid for r, _ in report.left_alone] == [g_young]
     assert not report.resolved  # something of ours is still in doubt
-    assert ids(b) == {1}
-    assert gids(b) == {Xid.branch(g_young, 1).gid}
+    assert row_ids(b) == {1}
+    assert prepared_gids(b) == {Xid.branch(g_young, 1).gid}
     with a.connect() as c:
         rows = dict(c.exec_driver_sql("SELECT gtrid, outcome FROM shardsession_decisions").all())
     # the orphan went; the claim for g_undecided is kept (abort retention)
@@ -134,9 +125,9 @@ def test_foreign_and_hostile_pg_untouched(pg: dict[str, Engine], pg_server_a: An
     try:
         report = recover(pg, grace_period=0)
         assert report.resolved and report.foreign == len(HOSTILE_PG)
-        assert gids(b) == set(HOSTILE_PG)
-        assert gids(other) == {foreign_db_gid}
-        assert ids(b) == set()
+        assert prepared_gids(b) == set(HOSTILE_PG)
+        assert prepared_gids(other) == {foreign_db_gid}
+        assert row_ids(b) == set()
         assert in_doubt(pg) == []
     finally:
         rollback_pg(other, [foreign_db_gid])
@@ -199,7 +190,7 @@ def test_claim_does_not_hang_on_a_live_coordinator(pg: dict[str, Engine]) -> Non
         live.commit()
     report = recover(pg, grace_period=0)
     assert report.resolved and len(report.committed) == 1
-    assert ids(pg["beta"]) == {7}
+    assert row_ids(pg["beta"]) == {7}
 
 
 def test_in_doubt_raises_recovery_error_when_a_shard_is_down(pg: dict[str, Engine]) -> None:
