@@ -12,7 +12,11 @@ from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
-from sqlalchemy.orm.session import SessionTransaction, SessionTransactionState
+from sqlalchemy.orm.session import (
+    SessionTransaction,
+    SessionTransactionOrigin,
+    SessionTransactionState,
+)
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.orm.state_changes import _StateChangeStates
 from sqlalchemy.util import safe_reraise
@@ -59,19 +63,6 @@ def flush_states(session: Session) -> tuple[list[InstanceState[Any]], list[Insta
         return new, []
     deleted = session._deleted
     return new, [s for s in modified if s not in deleted and s.obj() is not None]
-
-
-def any_attribute_changed(state: InstanceState[Any], keys: Iterable[str]) -> bool:
-    """Whether any attribute of ``keys`` of a persistent object may have changed since it
-    was loaded: it has an entry in ``InstanceState.committed_state`` (where SQLAlchemy
-    keeps the old value of every attribute set since the last flush). ``False`` means
-    ``get_history()`` would report no change, so a caller may skip that (costlier) call."""
-    changed = state.committed_state
-    if changed:
-        for key in keys:  # a plain loop: no generator per flushed object
-            if key in changed:
-                return True
-    return False
 
 
 def session_identity_lookup(
@@ -128,24 +119,32 @@ def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
     shard_id})`` with the ``identity_token`` option, without a nested execution.
     """
     orm_context.bind_arguments["shard_id"] = shard_id
-    if not (orm_context.is_select and orm_context.load_options._identity_token == shard_id):
-        orm_context.update_execution_options(identity_token=shard_id)
+    if orm_context.statement.is_select:  # (what the is_select and load_options
+        # properties read, without their two calls)
+        load_options = orm_context.execution_options.get("_sa_orm_load_options")
+        if load_options is not None and load_options._identity_token == shard_id:
+            return  # a load of this shard's identity already: nothing to add
+    orm_context.update_execution_options(identity_token=shard_id)
 
 
 # --- commit protocol hook (used by shardsession.coordinator) -------------------------------
 
+# Attributes of ours on SQLAlchemy objects are set and read as attributes, never through
+# ``obj.__dict__`` and never by assigning ``__class__``: on CPython 3.11+ either turns the
+# object's inline attribute values into a dict for good, and every later attribute read
+# of SQLAlchemy's on that Session, transaction or Connection is then several times slower.
 _SLOT = "_shardsession_gt"
-_LATE = "_shardsession_late"
 
 
 class _CoordinatedTransaction(SessionTransaction):
     """A root ``SessionTransaction`` whose prepare step also runs the commit protocol.
 
-    :func:`coordinate` turns a root transaction into one of these by assigning its
+    A :class:`CoordinatedRoots` session creates its root transactions as this class;
+    :func:`coordinate` turns another session's root into one by assigning its
     ``__class__`` (a subclass without slots of its own has the same layout, checked on
-    2.0.30 and 2.1.9). Overriding at class level costs a transaction one attribute
-    assignment; wrapping the instance's methods cost two closures and a reference cycle
-    per transaction, and most transactions touch one shard and need no protocol at all.
+    2.0.30 and 2.1.9). Overriding at class level costs a transaction nothing; wrapping the
+    instance's methods cost two closures and a reference cycle per transaction, and most
+    transactions touch one shard and need no protocol at all.
 
     ``_prepare_impl`` (private) runs ``before_commit``, the release of subtransactions and
     the final flush; the protocol runs right after it, so ``Session.commit()``,
@@ -166,9 +165,13 @@ class _CoordinatedTransaction(SessionTransaction):
     through the root's ``commit``).
     """
 
+    #: the slot's owner (see set_transaction_slot) and an exception to raise after commit
+    _shardsession_gt: Any = None
+    _shardsession_late: BaseException | None = None
+
     def _prepare_impl(self) -> None:
         super()._prepare_impl()
-        owner = self.__dict__.get(_SLOT)
+        owner = self._shardsession_gt
         if owner is None:
             return
         try:
@@ -183,12 +186,13 @@ class _CoordinatedTransaction(SessionTransaction):
                 finally:
                     self._next_state = saved
         if late is not None:
-            self.__dict__[_LATE] = late
+            self._shardsession_late = late
 
     def commit(self, _to_root: bool = False) -> None:
         super().commit(_to_root=_to_root)
-        late = self.__dict__.pop(_LATE, None)
+        late = self._shardsession_late
         if late is not None:
+            self._shardsession_late = None
             raise late
 
     def close(self, invalidate: bool = False) -> None:
@@ -196,17 +200,48 @@ class _CoordinatedTransaction(SessionTransaction):
         # after its connections went back and ``after_transaction_end`` ran: the slot's
         # owner forgets its branches now (the hook costs no event per transaction).
         super().close(invalidate)
-        owner = self.__dict__.pop(_SLOT, None)
+        owner = self._shardsession_gt
         if owner is not None:
+            self._shardsession_gt = None
             owner.close()
+
+
+class CoordinatedRoots(Session):
+    """A Session class whose root transactions are born coordinated (see
+    :class:`_CoordinatedTransaction`), without an ``after_transaction_create`` listener
+    and without the ``__class__`` assignment of :func:`coordinate`.
+
+    Overrides ``Session._autobegin_t`` (private), where SQLAlchemy creates every root
+    ``SessionTransaction`` (``begin()`` and autobegin both go through it); the body is
+    SQLAlchemy's own with the class replaced, identical on 2.0.30 and 2.1.9.
+    """
+
+    def _autobegin_t(self, begin: bool = False) -> SessionTransaction:
+        if self._transaction is None and (begin or self.autobegin):
+            trans = _CoordinatedTransaction(
+                self,
+                SessionTransactionOrigin.BEGIN if begin else SessionTransactionOrigin.AUTOBEGIN,
+            )
+            assert self._transaction is trans
+            return trans
+        return super()._autobegin_t(begin)  # the current one, or SQLAlchemy's error
 
 
 def coordinate(transaction: Any) -> None:
     """Make a root ``SessionTransaction`` run the protocol of the object later put in its
-    slot (see :class:`_CoordinatedTransaction`); a no-op for one already coordinated or
-    of a subclass of SQLAlchemy's own."""
-    if type(transaction) is SessionTransaction:
+    slot (see :class:`_CoordinatedTransaction`); a no-op for a subtransaction (private
+    ``SessionTransaction._parent``), for one already coordinated and for a subclass of
+    SQLAlchemy's own."""
+    if type(transaction) is SessionTransaction and transaction._parent is None:
         transaction.__class__ = _CoordinatedTransaction
+
+
+def root_transaction(transaction: Any) -> Any:
+    """The root of a ``SessionTransaction`` (what ``parent`` leads to, read from the
+    private ``_parent`` without a property call per level)."""
+    while transaction._parent is not None:
+        transaction = transaction._parent
+    return transaction
 
 
 def is_coordinated(transaction: Any) -> bool:
@@ -216,31 +251,14 @@ def is_coordinated(transaction: Any) -> bool:
 def transaction_slot(transaction: Any) -> Any:
     """What :func:`set_transaction_slot` put on a ``SessionTransaction`` (or ``None``).
 
-    Kept in the instance's ``__dict__`` (an attribute of ours; SQLAlchemy's own names are
-    untouched): cheaper than a ``WeakKeyDictionary`` lookup, and it goes away with the
-    transaction object.
+    An attribute of ours on the instance (SQLAlchemy's own names are untouched): cheaper
+    than a ``WeakKeyDictionary`` lookup, and it goes away with the transaction object.
     """
-    return transaction.__dict__.get(_SLOT)
+    return getattr(transaction, _SLOT, None)
 
 
 def set_transaction_slot(transaction: Any, value: Any) -> None:
-    transaction.__dict__[_SLOT] = value
-
-
-def pop_transaction_slot(transaction: Any) -> Any:
-    return transaction.__dict__.pop(_SLOT, None)
-
-
-_CONNECTIONS = "_shardsession_connections"
-
-
-def transaction_connections(transaction: Any) -> dict[Any, Any]:
-    """A dict kept on a ``SessionTransaction`` for the session's own use (it goes away
-    with the transaction object; SQLAlchemy's own names are untouched)."""
-    found: dict[Any, Any] | None = transaction.__dict__.get(_CONNECTIONS)
-    if found is None:
-        found = transaction.__dict__[_CONNECTIONS] = {}
-    return found
+    setattr(transaction, _SLOT, value)
 
 
 def skip_connection_commit(transaction: Any, connection: Any) -> None:

@@ -54,7 +54,9 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     session: Any = orm_context.session  # a shardsession.ShardedSession
     explicit = _compat.explicit_shard_of(orm_context)
     if explicit is not None:
-        return _single(session, orm_context, session._check_shard(explicit))
+        if explicit not in session._shards:
+            session._check_shard(explicit)  # raises
+        return _single(session, orm_context, explicit)
 
     if session.placement is not None and orm_context.is_insert:
         return routed_insert(session, orm_context)

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.state import InstanceState
 
-from ._compat import any_attribute_changed, flush_states, identity_token_of, set_identity_token
+from ._compat import flush_states, identity_token_of, set_identity_token
 from .exc import CrossShardError, RoutingError
-from .routing.placement import Placement, place_by_key
+from .routing.placement import Placement, naming_mapper
 from .routing.strategies import Broadcast, Follows
 
 __all__ = ["place_flush", "replicate_broadcast"]
@@ -31,6 +31,7 @@ class _Plan:
     follows: bool
     strategy: Any
     attrs: tuple[str, ...]
+    key_attr: str | None  # the one key attribute of a strategy placing by one attribute
     o2m: tuple[str, ...]  # one-to-many relationship keys (children to place)
     links: tuple[str, ...]  # relationship keys whose targets must share the shard
 
@@ -54,6 +55,7 @@ def _plan(placement: Placement, mapper: Mapper[Any]) -> _Plan:
             follows=isinstance(r.rule, Follows),
             strategy=r.strategy,
             attrs=r.attrs,
+            key_attr=r.attrs[0] if r.strategy is not None and len(r.attrs) == 1 else None,
             o2m=tuple(p.key for p in rels if p.direction.name == "ONETOMANY"),
             links=tuple(
                 p.key
@@ -103,29 +105,39 @@ def place_flush(
     new, dirty = flush_states(session)
     if not new and not dirty:
         return []
-    plans = _plans(placement)
+    plans = placement.cache.get("flush_plans") or _plans(placement)
     written: dict[Any, None] = {}
+    # (The loops below are the hot path of a big flush: they look plans up in place and
+    # read public InstanceState attributes directly, without a helper call per object.)
+    linked: list[InstanceState[Any]] = []  # objects with links to check in step 4
 
     # 1. Objects placed by their own key, pin or broadcast rule.
     pending: list[InstanceState[Any]] = []
     for state in new:
-        token = identity_token_of(state)
+        mapper = state.mapper
+        plan = plans.get(mapper) or _plan(placement, mapper)
+        if plan.links:
+            linked.append(state)
+        token = state.identity_token  # (a pending object has no identity key yet)
         if token is not None:
             written[token] = None
             continue
-        plan = plans.get(state.mapper) or _plan(placement, state.mapper)
         if plan.follows:
             pending.append(state)  # placed through its parent first, below
             continue
-        if plan.strategy is not None and len(plan.attrs) == 1:
-            # the hot path of a big flush: one key attribute, set
-            value = state.dict.get(plan.attrs[0])
+        if plan.key_attr is not None:
+            value = state.dict.get(plan.key_attr)
             if value is not None:
-                shard = place_by_key(plan.strategy, value, state.mapper)
-                _assign(state, shard, known)
+                try:
+                    shard = plan.strategy.shard_for(value)
+                except RoutingError as e:
+                    raise naming_mapper(e, mapper) from e
+                if shard not in known:
+                    raise _unknown(shard)
+                state.identity_token = shard
                 written[shard] = None
                 continue
-        shard = placement.shard_for_instance(state.mapper, state)
+        shard = placement.shard_for_instance(mapper, state)
         _assign(state, shard, known)
         written[shard] = None
 
@@ -137,13 +149,20 @@ def place_flush(
 
     # 3. A persistent object whose shard key changed would now belong elsewhere.
     for state in dirty:
-        if state.key is not None:
-            written[state.key[2]] = None
         plan = plans.get(state.mapper) or _plan(placement, state.mapper)
-        if plan.strategy is None or state.key is None:
+        if plan.links:
+            linked.append(state)
+        if state.key is None:
             continue
-        if not any_attribute_changed(state, plan.attrs):
+        written[state.key[2]] = None
+        if plan.strategy is None:
             continue
+        changed = state.committed_state  # old values of the attributes set since loaded
+        for attr in plan.attrs:
+            if attr in changed:
+                break
+        else:
+            continue  # no key attribute was set: get_history() would report no change
         obj = state.obj()
         if obj is not None and any(get_history(obj, a).deleted for a in plan.attrs):
             own = _own_shard(plan, state)
@@ -156,10 +175,8 @@ def place_flush(
                 )
 
     # 4. Every link between two sharded objects stays on one shard.
-    for state in (*new, *dirty):
-        plan = plans.get(state.mapper) or _plan(placement, state.mapper)
-        if not plan.links:
-            continue
+    for state in linked:
+        plan = plans[state.mapper]
         shard = identity_token_of(state)
         for key in plan.links:
             for other in _related(state, key):
@@ -180,8 +197,12 @@ def place_flush(
 
 def _assign(state: InstanceState[Any], shard: str, known: Collection[str]) -> None:
     if shard not in known:
-        raise RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
+        raise _unknown(shard)
     set_identity_token(state, shard)
+
+
+def _unknown(shard: str) -> RoutingError:
+    return RoutingError(f"placement chose unknown shard {shard!r}", shard_id=shard)
 
 
 def _place_followers(

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 AtomicMode = Literal["require", "best_effort"]
 
 
-class ShardedSession(_SAShardedSession):
+class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
     """A Session whose data is spread over several databases.
 
     Accepts every argument of :class:`sqlalchemy.orm.Session` and of SQLAlchemy's
@@ -74,6 +74,9 @@ class ShardedSession(_SAShardedSession):
     _early: list[Any] | tuple[()] = ()
     #: whether the routing handler is registered on the instance (see __init__)
     _route_on_instance = False
+    _shards: dict[Any, Any]
+    _placement: Placement | None
+    atomic: AtomicMode
 
     def __init__(
         self,
@@ -104,9 +107,14 @@ class ShardedSession(_SAShardedSession):
             key, known = None, None
         if known is not None and known[0] == shards:
             Session.__init__(self, query_cls=query_cls, **kwargs)
-            self.__dict__.update(known[1])
-            self._shards = dict(known[0])
-            self._route_if_other_listeners(known[2])
+            # (plain attribute assignments: setting them through self.__dict__ would cost
+            # every later attribute read of SQLAlchemy's on this session, see _compat)
+            (self._placement, self.atomic, self.fanout_max_workers, self.fanout_timeout,
+             self.shard_chooser, self.identity_chooser, self.execute_chooser,
+             self._coordinator) = known[1]
+            self._shards = known[0].copy()
+            if len(known[2]) > 1:
+                self._route_if_other_listeners(known[2])
             return
         self._shards = {}
         self._placement = placement
@@ -132,7 +140,7 @@ class ShardedSession(_SAShardedSession):
             raise ConfigurationError("fanout_max_workers must be >= 1")
         if fanout_timeout is not None and fanout_timeout <= 0:
             raise ConfigurationError("fanout_timeout must be > 0")
-        self.atomic: AtomicMode = atomic or ("require" if placement is not None else "best_effort")
+        self.atomic = atomic or ("require" if placement is not None else "best_effort")
         self.fanout_max_workers = fanout_max_workers
         self.fanout_timeout = fanout_timeout
         # SQLAlchemy's ShardedSession.__init__ is not called: it registers its sequential,
@@ -161,7 +169,7 @@ class ShardedSession(_SAShardedSession):
                 _known_configs.clear()
             _known_configs[key] = (
                 dict(shards),
-                {name: self.__dict__[name] for name in _SHARED_ATTRIBUTES},
+                tuple(getattr(self, name) for name in _SHARED_ATTRIBUTES),
                 listeners,
             )
 
@@ -213,7 +221,8 @@ class ShardedSession(_SAShardedSession):
     def _shard_for(self, mapper: Any, instance: Any, **kw: Any) -> str:
         if instance is not None:
             state = instance_state(instance)
-            token = _compat.identity_token_of(state)
+            key = state.key  # (what _compat.identity_token_of reads, without its call)
+            token: Any = key[2] if key is not None else state.identity_token
             if token is not None:
                 return token if token in self._shards else self._check_shard(token)
         if not isinstance(mapper, Mapper):
@@ -255,14 +264,23 @@ class ShardedSession(_SAShardedSession):
     ) -> Connection:
         """The connection the unit of work uses for ``instance`` (its shard's)."""
         if shard_id is None:
-            shard_id = self._shard_for(mapper, instance)
+            if instance is not None:  # (_shard_for's first step, without its call)
+                state = instance_state(instance)
+                key = state.key
+                shard_id = key[2] if key is not None else state.identity_token
+            if shard_id is None or shard_id not in self._shards:
+                shard_id = self._shard_for(mapper, instance)
         elif shard_id not in self._shards:
             self._check_shard(shard_id)
         trans = self.get_transaction()
         if trans is not None:
             # A flush asks once per object: remember the answers for this transaction
-            # (SQLAlchemy's own answer never changes while the transaction lasts).
-            cache = _compat.transaction_connections(trans)
+            # (SQLAlchemy's own answer never changes while the transaction lasts), in a
+            # dict of ours on the transaction object, which goes away with it.
+            cache = getattr(trans, _CONNECTIONS_KEY, None)
+            if cache is None:
+                cache = {}
+                setattr(trans, _CONNECTIONS_KEY, cache)
             conn = cache.get(shard_id)
             if conn is None:
                 conn = cache[shard_id] = trans.connection(mapper, shard_id=shard_id)
@@ -304,7 +322,9 @@ class ShardedSession(_SAShardedSession):
 #: ShardedSession arguments (the shards mapping by id) -> (a copy of that mapping, the
 #: attributes a session built from them got). The copy is compared, so a reused id or a
 #: changed mapping misses; only validated configurations are recorded.
-_known_configs: dict[Any, tuple[dict[Any, Any], dict[str, Any], Sized]] = {}
+_known_configs: dict[Any, tuple[dict[Any, Any], tuple[Any, ...], Sized]] = {}
+#: a flush's connection per shard, kept on the session transaction (see connection_callable)
+_CONNECTIONS_KEY = "_shardsession_connections"
 _SHARED_ATTRIBUTES = ("_placement", "atomic", "fanout_max_workers", "fanout_timeout",
                       "shard_chooser", "identity_chooser", "execute_chooser", "_coordinator")
 
@@ -376,20 +396,13 @@ event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
 
 
-def _on_transaction_create(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # (a flush's subtransaction needs nothing)
-        coordinator = getattr(session, "_coordinator", None)
-        if coordinator is not None:
-            coordinator.on_transaction_create(session, transaction)
-
-
 def _on_begin(session: Session, transaction: Any, connection: Connection) -> None:
     coordinator = getattr(session, "_coordinator", None)
     if coordinator is not None:
         coordinator.on_begin(session, transaction, connection)
 
 
-event.listen(ShardedSession, "after_transaction_create", _on_transaction_create)
 event.listen(ShardedSession, "after_begin", _on_begin)
-# (No after_transaction_end listener: a coordinated root transaction ends its global
-# transaction in its own close(), see _compat.coordinate.)
+# (No after_transaction_create listener: ShardedSession's root transactions are born
+# coordinated, see _compat.CoordinatedRoots. No after_transaction_end listener: a
+# coordinated root transaction ends its global transaction in its own close().)

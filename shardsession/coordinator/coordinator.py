@@ -51,21 +51,26 @@ log = logging.getLogger(__name__)
 #: attributes of ours on a SQLAlchemy ``Connection``: its Branch, and "wrote" before it had one
 _BRANCH_KEY = "_shardsession_branch"
 _WROTE_KEY = "_shardsession_wrote"
+#: attribute of ours on a root ``SessionTransaction``: its first connection, until a second
+#: shard joins (then that connection is the first branch of the GlobalTransaction)
+_FIRST_KEY = "_shardsession_first"
+#: attribute of ours on an Engine whose connection-level listeners are installed
+_INSTRUMENTED_KEY = "_shardsession_instrumented"
 #: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
 #: or a method of the session's class (``ShardedSession``)
 _NAMING_KEY = "_shardsession_naming"
 _SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
 
-# Engines whose connection-level listeners are installed (once per engine, whatever the
-# number of coordinators: the listeners find their branch through the connection).
-_instrumented: weakref.WeakSet[Engine] = weakref.WeakSet()
+# Connection-level listeners are installed once per engine (marked with _INSTRUMENTED_KEY),
+# whatever the number of coordinators: the listeners find their branch through the
+# connection.
 _instrument_lock = threading.Lock()
 
 
 def _branch_of(conn: Connection) -> Branch | None:
     # The mark lives on the SQLAlchemy Connection, which a session transaction uses for
     # one shard and discards at its end (the pool's DBAPI connection carries nothing).
-    branch = conn.__dict__.get(_BRANCH_KEY)
+    branch = getattr(conn, _BRANCH_KEY, None)
     if branch is not None and branch.state is not BranchState.CLOSED:
         return branch  # type: ignore[no-any-return]
     return None
@@ -93,7 +98,7 @@ def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parame
     if branch is None:
         # Not (yet) a branch: a transaction's first shard is one only once a second
         # shard joins; the mark tells it then whether this connection wrote.
-        conn.__dict__[_WROTE_KEY] = True
+        setattr(conn, _WROTE_KEY, True)
         return
     if branch.gt is not None and branch.gt.protocol_ran:
         raise TransactionError(
@@ -111,14 +116,12 @@ def _on_rollback(conn: Connection) -> None:
 
 
 def _instrument(engine: Engine) -> None:
-    if engine in _instrumented:
-        return
     with _instrument_lock:
-        if engine in _instrumented:
+        if getattr(engine, _INSTRUMENTED_KEY, False):
             return
         event.listen(engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(engine, "rollback", _on_rollback)
-        _instrumented.add(engine)
+        setattr(engine, _INSTRUMENTED_KEY, True)
 
 
 def _is_autocommit(conn: Connection) -> bool:
@@ -126,22 +129,6 @@ def _is_autocommit(conn: Connection) -> bool:
     if level is None:
         level = getattr(conn.engine.dialect, "isolation_level", None)
     return level == "AUTOCOMMIT"
-
-
-class _FirstBranch:
-    """The one connection a root transaction has begun so far (not yet a Branch)."""
-
-    __slots__ = ("connection",)
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    def protocol(self, transaction: Any) -> None:
-        """One shard: SQLAlchemy's own commit is the whole protocol."""
-        return None
-
-    def close(self) -> None:
-        """Nothing to forget: the connection carries no branch mark."""
 
 
 class TransactionCoordinator:
@@ -236,9 +223,8 @@ class TransactionCoordinator:
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
-        marks = branch.connection.__dict__
-        if marks.get(_BRANCH_KEY) is branch:
-            del marks[_BRANCH_KEY]
+        if getattr(branch.connection, _BRANCH_KEY, None) is branch:
+            setattr(branch.connection, _BRANCH_KEY, None)
 
     # --- session integration ---------------------------------------------------------
 
@@ -251,7 +237,7 @@ class TransactionCoordinator:
 
         ``shard_of_engine`` names a branch by its engine; it is kept on the session.
         """
-        vars(session)[_NAMING_KEY] = shard_of_engine
+        setattr(session, _NAMING_KEY, shard_of_engine)
         # A session may already have autobegun (e.g. attached late): cover it too.
         current = session.get_transaction()
         if current is not None:
@@ -266,23 +252,22 @@ class TransactionCoordinator:
     def on_transaction_create(self, sess: Session, transaction: SessionTransaction) -> None:
         """``after_transaction_create``: a root transaction will run the protocol at commit.
 
-        Nothing else happens yet: the :class:`GlobalTransaction` is made when the first
-        connection begins, and a transaction that stays on one shard never runs more than
+        Nothing else happens yet: the :class:`GlobalTransaction` is made when a second
+        shard joins, and a transaction that stays on one shard never runs more than
         SQLAlchemy's own commit.
         """
-        if transaction.parent is None:
-            _compat.coordinate(transaction)
+        _compat.coordinate(transaction)
 
     def _global(self, sess: Session, root: SessionTransaction) -> GlobalTransaction | None:
         """The root transaction's GlobalTransaction, made on first need (``None`` for a
         transaction of a session this coordinator is not attached to).
 
-        A first branch kept as a :class:`_FirstBranch` becomes the new global
-        transaction's first branch, with what its connection wrote so far.
+        The transaction's first connection, noted by :meth:`on_begin`, becomes the new
+        global transaction's first branch, with what it wrote so far.
         """
         owner = _compat.transaction_slot(root)
-        if type(owner) is GlobalTransaction:
-            return owner
+        if owner is not None:
+            return owner  # type: ignore[no-any-return]
         if not _compat.is_coordinated(root):
             return None
         naming = getattr(sess, _NAMING_KEY, None)
@@ -290,17 +275,17 @@ class TransactionCoordinator:
             return None
         gt = GlobalTransaction(self, naming)
         _compat.set_transaction_slot(root, gt)
-        if owner is not None:
-            first: Connection = owner.connection
+        first: Connection | None = getattr(root, _FIRST_KEY, None)
+        if first is not None and not _is_autocommit(first):
             branch = self._add(gt, first, begun=True)
-            branch.wrote = bool(first.__dict__.pop(_WROTE_KEY, False))
+            branch.wrote = bool(getattr(first, _WROTE_KEY, False))
         return gt
 
     def _add(self, gt: GlobalTransaction, connection: Connection, *,
              begun: bool = False) -> Branch:
         _instrument(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
-        connection.__dict__[_BRANCH_KEY] = branch
+        setattr(connection, _BRANCH_KEY, branch)
         return branch
 
     def on_begin(
@@ -308,29 +293,38 @@ class TransactionCoordinator:
     ) -> None:
         """``after_begin``: the connection just begun becomes a branch.
 
-        The first connection of a transaction is only noted, as a :class:`_FirstBranch`:
-        most transactions touch one shard, and their commit is SQLAlchemy's own (on MySQL
-        too: no XA START). A second shard makes it a branch of a GlobalTransaction; a
-        MySQL first branch then has no XA and holds the decision, as MySQL's first
-        branch always did (its XA START fixed the decider from the shards begun so far).
+        The first connection of a transaction is only noted: most transactions touch one
+        shard, and their commit is SQLAlchemy's own (on MySQL too: no XA START). A second
+        shard makes it a branch of a GlobalTransaction; a MySQL first branch then has no
+        XA and holds the decision, as MySQL's first branch always did (its XA START fixed
+        the decider from the shards begun so far). An AUTOCOMMIT connection is never a
+        branch.
         """
+        # after_begin reports the transaction that owns the connection: the root, or a
+        # SAVEPOINT's (nested) transaction
+        root = _compat.root_transaction(transaction) if transaction.nested else transaction
+        gt = _compat.transaction_slot(root)
+        first: Connection | None = getattr(root, _FIRST_KEY, None)
+        if first is None and gt is None:
+            # The common case, kept short: the transaction's first connection.
+            engine = connection.engine
+            if not getattr(engine, _INSTRUMENTED_KEY, False):
+                _instrument(engine)
+            # (a Connection given as a session's bind serves several transactions)
+            setattr(connection, _WROTE_KEY, False)
+            setattr(root, _FIRST_KEY, connection)
+            return
         if _is_autocommit(connection):
             return  # not transactional: never a branch
-        root = transaction
-        while root.parent is not None:
-            root = root.parent
-        owner = _compat.transaction_slot(root)
-        if owner is None:
-            if _compat.is_coordinated(root):
-                _instrument(connection.engine)
-                # (a Connection given as a session's bind serves several transactions)
-                connection.__dict__.pop(_WROTE_KEY, None)
-                _compat.set_transaction_slot(root, _FirstBranch(connection))
-            return
-        if type(owner) is _FirstBranch:
-            if owner.connection.engine is connection.engine:
+        if gt is None:
+            assert first is not None
+            if first.engine is connection.engine:
                 return
-        elif connection.engine in owner.branches:
+            if _is_autocommit(first):  # it never was a branch: this one is the first
+                setattr(connection, _WROTE_KEY, False)
+                setattr(root, _FIRST_KEY, connection)
+                return
+        elif connection.engine in gt.branches:
             return
         gt = self._global(sess, root)
         if gt is not None:

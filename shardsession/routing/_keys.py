@@ -15,14 +15,18 @@ from typing import Any
 
 from ..exc import RoutingError
 
-__all__ = ["canonical_key", "key_hash"]
+__all__ = ["INT_KEY", "canonical_key", "key_hash"]
+
+#: the encoding of a plain ``int`` key: ``INT_KEY % value``
+INT_KEY: bytes = b"i:%d"
 
 
 def _one(value: Any) -> bytes:
     # A type tag keeps 1, "1" and b"1" apart; bool is tested before int (bool is an int).
     kind = type(value)
     if kind is int:  # the common keys first, without isinstance checks
-        return b"i:%d" % value
+        encoded: bytes = INT_KEY % value
+        return encoded
     if kind is str:
         return b"s:" + str.encode(value, "utf-8")
     if isinstance(value, bool):

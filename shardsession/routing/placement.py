@@ -25,7 +25,7 @@ from .colocation import CoLocation
 from .pruning import key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
 
-__all__ = ["Placement", "ResolvedRule", "place_by_key"]
+__all__ = ["Placement", "ResolvedRule", "naming_mapper", "place_by_key"]
 
 
 def place_by_key(strategy: KeyStrategy, value: Any, mapper: Mapper[Any]) -> str:
@@ -36,7 +36,12 @@ def place_by_key(strategy: KeyStrategy, value: Any, mapper: Mapper[Any]) -> str:
     try:
         return strategy.shard_for(value)
     except RoutingError as e:
-        raise type(e)(f"{mapper.class_.__name__}: {e.message}", shard_id=e.shard_id) from e
+        raise naming_mapper(e, mapper) from e
+
+
+def naming_mapper(error: RoutingError, mapper: Mapper[Any]) -> RoutingError:
+    """A strategy's :class:`RoutingError`, again, with the mapper's class name in front."""
+    return type(error)(f"{mapper.class_.__name__}: {error.message}", shard_id=error.shard_id)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class Placement(CoLocation):
     ) -> None:
         self._rules: dict[Any, Rule] = {}
         self._default = default
+        #: whether any rule (or the default) is :class:`Broadcast` (read after every
+        #: flush: a plain attribute, kept by :meth:`add`)
+        self.has_broadcast = isinstance(default, Broadcast)
         self._shards: tuple[str, ...] | None = None
         self._resolved: dict[Any, ResolvedRule] = {}
         self._lock = threading.Lock()
@@ -103,21 +111,13 @@ class Placement(CoLocation):
         if key in self._rules:
             raise ConfigurationError(f"{target!r} already has a placement rule")
         self._rules[key] = rule
+        if isinstance(rule, Broadcast):
+            self.has_broadcast = True
         if self._shards is not None:
             rule.bind(self._shards)
         self._resolved.clear()
         self.cache.clear()
         return self
-
-    @property
-    def has_broadcast(self) -> bool:
-        """Whether any rule (or the default) is :class:`Broadcast`."""
-        found = self.cache.get("has_broadcast")
-        if found is None:
-            found = self.cache["has_broadcast"] = any(
-                isinstance(r, Broadcast) for r in (*self._rules.values(), self._default)
-            )
-        return bool(found)
 
     @staticmethod
     def _class_of(target: Any) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..exc import ConfigurationError, RoutingError
-from ._keys import canonical_key
+from ._keys import INT_KEY, canonical_key
 
 __all__ = [
     "Broadcast",
@@ -160,23 +160,28 @@ class HashSharding(KeyStrategy):
         memo_key: Any
         if type(value) is int:
             memo, memo_key = self._int_memo, value
+            hit = memo.get(value)
+            if hit is not None:
+                return hit
+            hit = self._score(INT_KEY % value)  # (canonical_key's encoding of an int)
         else:
             memo, memo_key = self._memo, (type(value), value)
-        try:
-            hit = memo.get(memo_key)
-        except TypeError:  # unhashable: compute every time
-            return self._score(value)
-        if hit is None:
-            hit = self._score(value)
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[memo_key] = hit
+            try:
+                hit = memo.get(memo_key)
+            except TypeError:  # unhashable: compute every time
+                return self._score(canonical_key(value))
+            if hit is not None:
+                return hit
+            hit = self._score(canonical_key(value))
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[memo_key] = hit
         return hit
 
-    def _score(self, value: Any) -> str:
+    def _score(self, key: bytes) -> str:
+        """The shard of an encoded key (see :func:`canonical_key`)."""
         if not self._slots:
             raise ConfigurationError("HashSharding is not bound to any shards yet")
-        key = canonical_key(value)
         # The score is the digest read as a big-endian 64-bit integer; digests of one
         # length compare as bytes exactly as those integers compare, so no conversion.
         best_score = b""
