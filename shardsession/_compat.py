@@ -108,6 +108,26 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     return orm_context.bind_arguments.get("shard_id")
 
 
+def route_identity_load(orm_context: ORMExecuteState, shards: Any, slow_option: str) -> bool:
+    """The common case of :func:`explicit_shard_of` and :func:`route_in_place` in one
+    step: a SELECT without options whose load options carry the identity token of a
+    shard in ``shards`` (``Session.get``, lazy loads, refreshes) is pinned to that shard
+    and ``True`` returned. ``False`` (nothing changed) when the statement is anything
+    else, or carries the execution option ``slow_option``. Reads what those two do."""
+    statement = orm_context.statement
+    if statement._with_options or not statement.is_select:
+        return False
+    execution_options = orm_context.execution_options
+    load_options = execution_options.get("_sa_orm_load_options")
+    if load_options is None:
+        return False
+    token = load_options._identity_token
+    if token is None or token not in shards or slow_option in execution_options:
+        return False
+    orm_context.bind_arguments["shard_id"] = token
+    return True
+
+
 def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
     """Pin the statement a ``do_orm_execute`` handler is looking at to ``shard_id`` and
     let SQLAlchemy execute it when the handler returns ``None``.
@@ -217,14 +237,16 @@ class CoordinatedRoots(Session):
     """
 
     def _autobegin_t(self, begin: bool = False) -> SessionTransaction:
-        if self._transaction is None and (begin or self.autobegin):
-            trans = _CoordinatedTransaction(
-                self,
-                SessionTransactionOrigin.BEGIN if begin else SessionTransactionOrigin.AUTOBEGIN,
-            )
-            assert self._transaction is trans
+        trans = self._transaction
+        if trans is not None:
             return trans
-        return super()._autobegin_t(begin)  # the current one, or SQLAlchemy's error
+        if not begin and not self.autobegin:
+            return super()._autobegin_t(begin)  # SQLAlchemy's error
+        trans = _CoordinatedTransaction(
+            self, SessionTransactionOrigin.BEGIN if begin else SessionTransactionOrigin.AUTOBEGIN
+        )
+        assert self._transaction is trans
+        return trans
 
 
 def coordinate(transaction: Any) -> None:

@@ -52,6 +52,8 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     fan-out are described in :func:`shardsession.query.execute_on_shards`.
     """
     session: Any = orm_context.session  # a shardsession.ShardedSession
+    if _compat.route_identity_load(orm_context, session._shards, TIMEOUT_OPTION):
+        return None  # (the common case of the next lines, in one step)
     explicit = _compat.explicit_shard_of(orm_context)
     if explicit is not None:
         if explicit not in session._shards:

@@ -60,6 +60,11 @@ def shard_of_identity(
         return None
     mapper, width, strategy, at = route
     kind = type(ident)
+    if (kind is int or kind is str) and width == 1 and strategy is not None:
+        try:  # the most common case of all, in short: one int or str key column
+            return strategy.shard_for(ident)
+        except RoutingError:
+            return None  # no shard holds it: SQLAlchemy's path decides (finds nothing)
     if kind is tuple:
         pk = ident
     elif kind is int or kind is str:  # the common scalar keys, without ABC checks

@@ -33,6 +33,7 @@ from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
 from .coordinator import TransactionCoordinator, early
+from .coordinator.coordinator import begin_listener
 from .exc import (
     ConfigurationError,
     NoShardChosenError,
@@ -396,13 +397,7 @@ event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
 
 
-def _on_begin(session: Session, transaction: Any, connection: Connection) -> None:
-    coordinator = getattr(session, "_coordinator", None)
-    if coordinator is not None:
-        coordinator.on_begin(session, transaction, connection)
-
-
-event.listen(ShardedSession, "after_begin", _on_begin)
+event.listen(ShardedSession, "after_begin", begin_listener)
 # (No after_transaction_create listener: ShardedSession's root transactions are born
 # coordinated, see _compat.CoordinatedRoots. No after_transaction_end listener: a
 # coordinated root transaction ends its global transaction in its own close().)

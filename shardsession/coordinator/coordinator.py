@@ -291,29 +291,13 @@ class TransactionCoordinator:
     def on_begin(
         self, sess: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
-        """``after_begin``: the connection just begun becomes a branch.
+        """``after_begin``: the connection just begun becomes a branch (see
+        :func:`begin_listener`, which this runs with this coordinator)."""
+        begin_listener(sess, transaction, connection, self)
 
-        The first connection of a transaction is only noted: most transactions touch one
-        shard, and their commit is SQLAlchemy's own (on MySQL too: no XA START). A second
-        shard makes it a branch of a GlobalTransaction; a MySQL first branch then has no
-        XA and holds the decision, as MySQL's first branch always did (its XA START fixed
-        the decider from the shards begun so far). An AUTOCOMMIT connection is never a
-        branch.
-        """
-        # after_begin reports the transaction that owns the connection: the root, or a
-        # SAVEPOINT's (nested) transaction
-        root = _compat.root_transaction(transaction) if transaction.nested else transaction
-        gt = _compat.transaction_slot(root)
-        first: Connection | None = getattr(root, _FIRST_KEY, None)
-        if first is None and gt is None:
-            # The common case, kept short: the transaction's first connection.
-            engine = connection.engine
-            if not getattr(engine, _INSTRUMENTED_KEY, False):
-                _instrument(engine)
-            # (a Connection given as a session's bind serves several transactions)
-            setattr(connection, _WROTE_KEY, False)
-            setattr(root, _FIRST_KEY, connection)
-            return
+    def _join(self, sess: Session, root: SessionTransaction, connection: Connection,
+              gt: GlobalTransaction | None, first: Connection | None) -> None:
+        # begin_listener's part for a second connection (or later) of a transaction
         if _is_autocommit(connection):
             return  # not transactional: never a branch
         if gt is None:
@@ -368,3 +352,40 @@ class TransactionCoordinator:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+
+def begin_listener(
+    sess: Session,
+    transaction: SessionTransaction,
+    connection: Connection,
+    coordinator: TransactionCoordinator | None = None,
+) -> None:
+    """``after_begin``: the connection just begun becomes a branch of the transaction
+    (for a session class whose instances name their ``_coordinator``, when
+    ``coordinator`` is not given).
+
+    The first connection of a transaction is only noted: most transactions touch one
+    shard, and their commit is SQLAlchemy's own (on MySQL too: no XA START). A second
+    shard makes it a branch of a GlobalTransaction; a MySQL first branch then has no XA
+    and holds the decision, as MySQL's first branch always did (its XA START fixed the
+    decider from the shards begun so far). An AUTOCOMMIT connection is never a branch.
+    """
+    # after_begin reports the transaction that owns the connection: the root, or a
+    # SAVEPOINT's (nested) transaction
+    root = _compat.root_transaction(transaction) if transaction.nested else transaction
+    gt = _compat.transaction_slot(root)
+    first: Connection | None = getattr(root, _FIRST_KEY, None)
+    if first is None and gt is None:
+        # The common case, kept short: the transaction's first connection.
+        engine = connection.engine
+        if not getattr(engine, _INSTRUMENTED_KEY, False):
+            _instrument(engine)
+        # (a Connection given as a session's bind serves several transactions)
+        setattr(connection, _WROTE_KEY, False)
+        setattr(root, _FIRST_KEY, connection)
+        return
+    if coordinator is None:
+        coordinator = getattr(sess, "_coordinator", None)
+        if coordinator is None:
+            return
+    coordinator._join(sess, root, connection, gt, first)
