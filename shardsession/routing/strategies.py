@@ -25,8 +25,11 @@ __all__ = [
     "Rule",
 ]
 
-#: keys remembered per HashSharding (a plain dict, cleared when full)
-_MEMO_SIZE = 65_536
+#: keys remembered per HashSharding (a plain dict, cleared when full). Kept small: the
+#: memo serves a key placed again soon (an identity lookup, then its statement, then the
+#: flush); a bigger dict only spreads every insert over more memory (measured: a 65,536
+#: entry memo, about 2.5 MB, made a one-shard transaction ~0.5 us slower in place).
+_MEMO_SIZE = 8_192
 
 KeySpec = Any  # an attribute name, an ORM attribute (User.id), or a tuple of those
 
