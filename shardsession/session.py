@@ -40,6 +40,7 @@ from .exc import (
     RoutingError,
     UnknownShardError,
 )
+from .query import TIMEOUT_OPTION
 from .routing.placement import Placement
 
 __all__ = ["ShardedQuery", "ShardedSession"]
@@ -76,7 +77,8 @@ class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
     #: whether the routing handler is registered on the instance (see __init__)
     _route_on_instance = False
     _shards: dict[Any, Any]
-    _placement: Placement | None
+    _placement: Placement | None = None
+    _coordinator: Any = None
     atomic: AtomicMode
 
     def __init__(
@@ -367,26 +369,32 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
     return coordinator
 
 
-def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    placement = getattr(session, "_placement", None)
+# (The listeners below are registered on ShardedSession: ``session`` is one, and its
+# class defaults cover the attributes __init__ sets.)
+
+
+def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    placement = session._placement
     if placement is not None:
-        assert isinstance(session, ShardedSession)
         written = place_flush(session, placement, session._shards)
         if len(written) > 1 and session._coordinator is not None:
             session._early = session._coordinator.begin_early(session, written)
 
 
-def _after_flush(session: Session, flush_context: Any) -> None:
-    if getattr(session, "_early", None):
-        early.join(session._early)  # type: ignore[attr-defined]
-    placement = getattr(session, "_placement", None)
+def _after_flush(session: Any, flush_context: Any) -> None:
+    if session._early:
+        early.join(session._early)
+    placement = session._placement
     if placement is not None and placement.has_broadcast:
         replicate_broadcast(session, placement)
 
 
 def _execute_from_class(orm_context: ORMExecuteState) -> Result[Any] | None:
-    if getattr(orm_context.session, "_route_on_instance", True):
+    session: Any = orm_context.session
+    if session._route_on_instance:
         return None  # the instance-level registration routes (after other listeners)
+    if _compat.route_identity_load(orm_context, session._shards, TIMEOUT_OPTION):
+        return None  # (execute()'s first step, without its frame: get() and lazy loads)
     return execute(orm_context)
 
 
