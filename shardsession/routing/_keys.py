@@ -32,7 +32,9 @@ def _one(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"b:1" if value else b"b:0"
     if isinstance(value, int):
-        return b"i:" + str(value).encode("ascii")
+        # By its integer value, as the database stores it: str() of an int subclass is
+        # its own (an IntEnum member's is "Color.RED" on Python 3.10 and "1" on 3.11+).
+        return INT_KEY % int(value)  # type: ignore[no-any-return]
     if isinstance(value, str):
         return b"s:" + str.encode(value, "utf-8")
     if isinstance(value, bytes | bytearray | memoryview):
