@@ -155,8 +155,10 @@ def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
 
 # Attributes of ours on SQLAlchemy objects are set and read as attributes, never through
 # ``obj.__dict__`` and never by assigning ``__class__``: on CPython 3.11+ either turns the
-# object's inline attribute values into a dict for good, and every later attribute read
-# of SQLAlchemy's on that Session, transaction or Connection is then several times slower.
+# object's inline attribute values into a dict for good, and every later attribute read of
+# SQLAlchemy's on that object is then several times slower. It matters most for a
+# session's root transaction (SQLAlchemy's event dispatcher gives the Session, Connection
+# and Engine a dict of their own anyway).
 _SLOT = "_shardsession_gt"
 
 

@@ -1,9 +1,11 @@
-"""What a session costs to make and to drop: no reference cycles, and the shortcut for
-arguments a sessionmaker repeats still refuses a configuration that changed."""
+"""What a session costs to make and to drop: no reference cycles, root transactions keep
+their fast attribute layout, and the shortcut for arguments a sessionmaker repeats still
+refuses a configuration that changed."""
 
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,37 @@ def engines(sqlite_dir: Path) -> Iterator[dict[str, Engine]]:
 
 def _placement() -> Placement:
     return Placement({User: HashSharding(User.id), Order: HashSharding(Order.user_id)})
+
+
+def _dict_materialized(obj: object, attribute: str) -> bool:
+    # CPython 3.11/3.12 keep an instance's attributes as inline values until its __dict__
+    # is read (or its __class__ assigned); then the garbage collector's referents include
+    # the dict object, and every later attribute read of the object is slower.
+    return any(type(r) is dict and attribute in r for r in gc.get_referents(obj))
+
+
+def test_root_transactions_keep_their_inline_attribute_layout(
+    engines: dict[str, Engine],
+) -> None:
+    # A root transaction is created as the coordinated class (no __class__ assignment) and
+    # our marks on it are attributes (never set through __dict__): either would turn the
+    # transaction's inline attribute values into a dict for good, and SQLAlchemy's many
+    # attribute reads of it would become several times slower. (SQLAlchemy itself gives
+    # the Session, Connection and Engine a dict: its event dispatcher is stored there.)
+    layout_known = sys.implementation.name == "cpython" and (3, 11) <= sys.version_info < (3, 13)
+    maker = sessionmaker(class_=ShardedSession, shards=engines, placement=_placement())
+    for i in range(1, 3):  # the first session takes the long path, the second not
+        with maker.begin() as s:
+            user = s.get(User, 1) or User(id=1, name="u")
+            s.add(user)
+            s.add(User(id=10 + i, name="new"))
+            s.flush()  # first connection noted, flush connections cached
+            root = s.get_transaction()
+            assert root is not None
+            if layout_known:
+                assert not _dict_materialized(root, "_connections"), f"session {i}"
+        if layout_known:
+            assert not _dict_materialized(root, "_connections"), f"session {i}, closed"
 
 
 def test_a_used_session_is_freed_without_the_garbage_collector(
