@@ -110,8 +110,8 @@ class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
             key, known = None, None
         if known is not None and known[0] == shards:
             Session.__init__(self, query_cls=query_cls, **kwargs)
-            # (plain attribute assignments: setting them through self.__dict__ would cost
-            # every later attribute read of SQLAlchemy's on this session, see _compat)
+            # (plain attribute assignments, like the long path's: see _compat on why we
+            # never go through an SQLAlchemy object's __dict__)
             (self._placement, self.atomic, self.fanout_max_workers, self.fanout_timeout,
              self.shard_chooser, self.identity_chooser, self.execute_chooser,
              self._coordinator) = known[1]
