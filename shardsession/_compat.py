@@ -658,6 +658,19 @@ def reload_unloaded_rows(rows: UnloadedRows, raw: Sequence[Any]) -> None:
 from sqlalchemy.sql.selectable import SelectBase, SelectStatementGrouping  # noqa: E402
 
 
+def correlates_enclosing(sub: Select[Any], froms: Sequence[Any]) -> bool:
+    """Whether SQLAlchemy may correlate ``sub`` (a subquery with FROM list ``froms``) to
+    the statement around it: it was told to (``Select._correlate`` /
+    ``_correlate_except``, private), or it auto-correlates (``_auto_correlate``) and has
+    more than one FROM, which is SQLAlchemy's own condition
+    (``SelectState._correlate_froms``, the same on 2.0.30 and 2.1.9). A one-FROM subquery
+    that was not told is never correlated: ``(SELECT avg(users.score) FROM users)``
+    inside a query of ``users`` reads the whole table."""
+    if sub._correlate or sub._correlate_except is not None:
+        return True
+    return bool(sub._auto_correlate) and len(froms) > 1
+
+
 def ungrouped_select(sel: SelectBase) -> SelectBase:
     """The statement inside any parentheses around a subquery
     (``SelectStatementGrouping.element``, repeatedly).

@@ -169,13 +169,17 @@ def execute_chooser(placement: Placement, orm_context: ORMExecuteState) -> list[
     if isinstance(stmt, Select | Update | Delete) or for_write:
         candidates: list[str] | None = None
         keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
+        one_shard_refusal = None
         if isinstance(stmt, Select) or len(keyed) > 1:
             # Sharded tables joined in without being selected route the statement too.
-            keyed = _checked_keyed(placement, keyed, stmt)
+            keyed, one_shard_refusal = _checked_keyed(placement, keyed, stmt)
         for m in keyed or mappers:
             found = placement.shards_for_clause(m, where, params, for_write=for_write)
             candidates = found if candidates is None else [s for s in candidates if s in found]
         assert candidates is not None
+        if one_shard_refusal is not None and len(candidates) == 1:
+            message, construct = one_shard_refusal
+            raise UnsupportedQueryError(message, shard_id=None, construct=construct)
         if not candidates:
             # The WHERE clause can match no row: ask one shard, for an empty result of
             # the right shape.
@@ -188,9 +192,16 @@ _JOIN_VERDICTS = "join_verdicts"
 _JOIN_VERDICTS_MAX = 2048
 
 
-def _checked_keyed(placement: Placement, keyed: list[Mapper[Any]], stmt: Any) -> list[Mapper[Any]]:
+def _checked_keyed(
+    placement: Placement, keyed: list[Mapper[Any]], stmt: Any
+) -> tuple[list[Mapper[Any]], tuple[str, str] | None]:
     """The sharded mappers that route ``stmt``: ``keyed`` (its placed entities) plus the
-    sharded tables of its FROM list (joined in without being selected).
+    sharded tables of its FROM list (joined in without being selected); and a refusal
+    (message, construct) for the case the statement runs on one shard only: a subquery
+    over the statement's own sharded tables that is not related to its rows along the
+    placement (``(SELECT avg(score) FROM users)`` in a query of one user would average
+    that user's shard only). A fan-out leaves that case to the fan-out checks of
+    :mod:`shardsession.query`, which name it more precisely.
 
     Refuses, before any shard is asked, a statement whose answer would need rows of
     several shards paired: each shard would pair only its own rows, silently dropping the
@@ -205,20 +216,23 @@ def _checked_keyed(placement: Placement, keyed: list[Mapper[Any]], stmt: Any) ->
         by (a statement over replicated or pinned tables would see one shard's rows).
     """
     key = _compat.statement_cache_key(stmt) if isinstance(stmt, Select) else None
-    verdicts: dict[Any, tuple[tuple[Mapper[Any], ...], tuple[str, str] | None]] = (
+    verdicts: dict[Any, tuple[tuple[Mapper[Any], ...], _Refusal, _Refusal]] = (
         placement.cache.setdefault(_JOIN_VERDICTS, {}))
     if key is not None and key in verdicts:
-        routed, refusal = verdicts[key]
+        routed, refusal, one_shard_refusal = verdicts[key]
     else:
-        routed, refusal = _routing_facts(placement, keyed, stmt)
+        routed, refusal, one_shard_refusal = _routing_facts(placement, keyed, stmt)
         if key is not None:
             if len(verdicts) >= _JOIN_VERDICTS_MAX:
                 verdicts.clear()
-            verdicts[key] = (routed, refusal)
+            verdicts[key] = (routed, refusal, one_shard_refusal)
     if refusal is not None:
         message, construct = refusal
         raise UnsupportedQueryError(message, shard_id=None, construct=construct)
-    return list(routed)
+    return list(routed), one_shard_refusal
+
+
+_Refusal = tuple[str, str] | None
 
 
 def _sharded_mappers(placement: Placement, tables: Iterable[Any]) -> list[Mapper[Any]]:
@@ -228,8 +242,9 @@ def _sharded_mappers(placement: Placement, tables: Iterable[Any]) -> list[Mapper
 
 def _routing_facts(
     placement: Placement, keyed: list[Mapper[Any]], stmt: Any
-) -> tuple[tuple[Mapper[Any], ...], tuple[str, str] | None]:
+) -> tuple[tuple[Mapper[Any], ...], _Refusal, _Refusal]:
     froms: Sequence[Any] = ()
+    one_shard_refusal: _Refusal = None
     if isinstance(stmt, Select):
         froms = _compat.final_froms_without_eager_joins(stmt)
         keyed = [*keyed, *(m for m in _sharded_mappers(placement, _tables_of(froms))
@@ -245,19 +260,27 @@ def _routing_facts(
                     "only replicated tables and would run on one shard, seeing that "
                     "shard's rows only",
                     "subquery over sharded tables in a statement over replicated tables",
-                )
+                ), None
             if not placement.colocated([m.local_table for m in [*keyed, *in_subqueries]]):
                 return (), (
                     f"a subquery reads {names}, which is not placed with "
                     + ", ".join(sorted({m.class_.__name__ for m in keyed}))
                     + ": it would see only the rows of the shard it runs on",
                     "subquery over tables that are not co-located",
-                )
+                ), None
             unrelated = unrelated_subquery(stmt, placement)
             if unrelated is not None:
-                return (), (unrelated, "subquery not related along the placement relationship")
+                return (), (
+                    unrelated, "subquery not related along the placement relationship"), None
+        elif keyed:
+            # Subqueries over the statement's own tables only (e.g. a global aggregate of
+            # the same table): wrong on one shard; a fan-out's checks see them.
+            unrelated = unrelated_subquery(stmt, placement)
+            if unrelated is not None:
+                one_shard_refusal = (
+                    unrelated, "subquery not related along the placement relationship")
     refusal = _cross_shard_pairs(placement, keyed, stmt, froms) if len(keyed) > 1 else None
-    return tuple(keyed), refusal
+    return tuple(keyed), refusal, one_shard_refusal
 
 
 def _cross_shard_pairs(

@@ -452,6 +452,26 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
     return sharded
 
 
+def _same_column(column: Any, key: Any, table: Any) -> bool:
+    # (ORM expressions carry annotated copies of a table's columns)
+    column = unwrap_label(column)
+    return getattr(column, "table", None) is table and getattr(column, "key", None) == key.key
+
+
+def _in_by_key(sub: Select[Any], in_left: Any, tables: list[Any], placement: Any) -> bool:
+    """Whether ``in_left IN (sub)`` compares one table's placement key with the same key
+    selected by ``sub`` from that table: membership of a row is then decided by rows of
+    its own shard."""
+    key_columns_of = getattr(placement, "key_columns_of", None)
+    if in_left is None or key_columns_of is None or len(tables) != 1:
+        return False
+    keys = key_columns_of(tables[0])
+    columns = _compat.select_parts(sub).raw_columns
+    return (len(keys) == 1 and len(columns) == 1
+            and _same_column(in_left, keys[0], tables[0])
+            and _same_column(columns[0], keys[0], tables[0]))
+
+
 def unrelated_subquery(sel: Select[Any], placement: Any) -> str | None:
     """Describe the first subquery of ``sel`` over sharded tables that does not relate its
     rows to ``sel``'s along the placement (correlated, or ``col IN (subquery)``, by a
@@ -485,8 +505,19 @@ def unrelated_subquery(sel: Select[Any], placement: Any) -> str | None:
             if not isinstance(sub, Select):
                 continue
             own_froms = _compat.final_froms_without_eager_joins(sub)
-            own = _sharded([t for f in own_froms for t in _tables_in(f) if id(t) not in outer_ids],
-                           ctx)
+            own = _sharded([t for f in own_froms for t in _tables_in(f)], ctx)
+            if not _compat.correlates_enclosing(sub, own_froms):
+                # SQLAlchemy leaves the statement's own tables in this subquery: it reads
+                # them whole (e.g. a global aggregate of the statement's table).
+                same = [t for t in own if id(t) in outer_ids]
+                if same and not _in_by_key(sub, in_links.get(id(node)), same, placement):
+                    names = ", ".join(sorted({str(getattr(t, "name", t)) for t in same}))
+                    return (
+                        f"a subquery reads {names} again, uncorrelated, and not as an IN "
+                        "on its placement key: it would see only the rows of the shard it "
+                        "runs on"
+                    )
+            own = [t for t in own if id(t) not in outer_ids]
             if not own:
                 continue
             conditions = _relating_conditions(sub, in_links.get(id(node)))

@@ -196,6 +196,15 @@ class Placement(CoLocation):
         mappers = self.mappers_for_tables([table])
         return bool(mappers) and all(isinstance(self.resolve(m).rule, Broadcast) for m in mappers)
 
+    def key_columns_of(self, table: Any) -> tuple[Any, ...]:
+        """The columns of ``table`` whose values place its rows (its shard key, or the
+        foreign key to the parent it follows); empty when no key places them."""
+        mappers = self.mappers_for_tables([table])
+        if not mappers:
+            return ()
+        r = self.resolve(mappers[0])
+        return r.columns if r.strategy is not None else ()
+
     def is_placed(self, mapper: Mapper[Any]) -> bool:
         placed: dict[Any, bool] = self.cache.setdefault("is_placed", {})
         found = placed.get(mapper)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    aliased,
     joinedload,
     mapped_column,
     relationship,
@@ -234,6 +235,14 @@ PRUNED_APART = {
     .where(User.id == 7, exists(select(Order.id).where(Order.user_id == 3))),
     "global aggregate": lambda: select(User.id)
     .where(User.id == 5, User.id < select(func.max(Order.amount)).scalar_subquery()),
+    # A one-FROM subquery over the statement's own table is not correlated by SQLAlchemy:
+    # it reads the whole table, which one shard does not hold.
+    "global aggregate of the same table": lambda: select(User.id)
+    .where(User.id == 5, User.id < select(func.max(User.id)).scalar_subquery()),
+    "IN on another column of the same table": lambda: select(User.id)
+    .where(User.id == 5, User.region.in_(select(User.region).where(User.id == 9))),
+    "same table, placed by its parent": lambda: select(Order.id)
+    .where(Order.user_id == 5, Order.amount <= select(func.max(Order.amount)).scalar_subquery()),
 }
 
 
@@ -248,8 +257,24 @@ def test_subquery_of_a_one_shard_statement_is_checked_too(sessions: Any, name: s
         s.execute(stmt).all()
 
 
-def test_subquery_of_a_one_shard_statement_along_placement(sessions: Any) -> None:
+PRUNED_ALONG = {
+    "correlated child": lambda: select(User.id)
+    .where(User.id == 5, User.orders.any(Order.amount > 1)),
+    "IN on the placement key of the same table": lambda: select(User.id)
+    .where(User.id == 5, User.id.in_(select(User.id).where(User.region == 1))),
+    "same table correlated through an alias": lambda: _correlated_alias(),
+}
+
+
+def _correlated_alias() -> Any:
+    other = aliased(User)
+    return select(User.id).where(
+        User.id == 5, exists(select(other.id).where(other.id == User.id, other.region == 1)))
+
+
+@pytest.mark.parametrize("name", list(PRUNED_ALONG))
+def test_subquery_of_a_one_shard_statement_along_placement(sessions: Any, name: str) -> None:
     s, oracle = sessions
-    stmt = select(User.id).where(User.id == 5, User.orders.any(Order.amount > 1))
+    stmt = PRUNED_ALONG[name]()
     want = oracle.execute(stmt).all()
     assert want and s.execute(stmt).all() == want
