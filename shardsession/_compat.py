@@ -362,6 +362,29 @@ def select_parts(stmt: Select[Any]) -> SelectParts:
     )
 
 
+def dml_table(stmt: Any) -> Any:
+    """The table an UPDATE or DELETE writes, as a plain ``Table``: an ORM-enabled one
+    (``update(User)``) carries an annotated copy (``_deannotate()``, private, gives the
+    original), and the checks compare tables by identity."""
+    table = stmt.table
+    deannotate = getattr(table, "_deannotate", None)
+    return deannotate() if deannotate is not None else table
+
+
+def dml_expressions(stmt: Any) -> list[Any]:
+    """The expressions of an UPDATE or DELETE that may hold subqueries: its WHERE terms
+    (``_where_criteria``) and the values it sets (``_values``, a dict; on 2.0.x also
+    ``_ordered_values``, pairs), SQL expressions only."""
+    found: list[Any] = list(getattr(stmt, "_where_criteria", ()))
+    values = getattr(stmt, "_values", None)
+    if values:
+        found.extend(values.values())
+    ordered = getattr(stmt, "_ordered_values", None)
+    if ordered:
+        found.extend(value for _, value in ordered)
+    return [e for e in found if isinstance(e, ClauseElement)]
+
+
 def with_having(stmt: Select[Any], criteria: Sequence[ColumnElement[Any]]) -> Select[Any]:
     """Return a copy of ``stmt`` whose HAVING is ``criteria`` (``Select._having_criteria``).
 

@@ -170,6 +170,8 @@ def execute_chooser(placement: Placement, orm_context: ORMExecuteState) -> list[
         candidates: list[str] | None = None
         keyed = [m for m in mappers if not isinstance(placement.resolve(m).rule, Broadcast)]
         one_shard_refusal = None
+        if isinstance(stmt, Update | Delete):
+            _check_write_subqueries(placement, stmt)
         if isinstance(stmt, Select) or len(keyed) > 1:
             # Sharded tables joined in without being selected route the statement too.
             keyed, one_shard_refusal = _checked_keyed(placement, keyed, stmt)
@@ -190,6 +192,45 @@ def execute_chooser(placement: Placement, orm_context: ORMExecuteState) -> list[
 
 _JOIN_VERDICTS = "join_verdicts"
 _JOIN_VERDICTS_MAX = 2048
+_WRITE_VERDICTS = "write_subquery_verdicts"
+
+
+def _check_write_subqueries(placement: Placement, stmt: Any) -> None:
+    """Refuse an UPDATE or DELETE whose subquery is not related to its rows along the
+    placement, on one shard or many alike: ``UPDATE users SET score = (SELECT max(score)
+    FROM users)`` would set each shard's own maximum. The verdict is cached by the
+    statement's structure, like the SELECT checks'.
+
+    :raises UnsupportedQueryError: such a subquery; nothing was sent to any shard.
+    """
+    key = _compat.statement_cache_key(stmt)
+    verdicts: dict[Any, str | None] = placement.cache.setdefault(_WRITE_VERDICTS, {})
+    if key is not None and key in verdicts:
+        refusal = verdicts[key]
+    else:
+        written = _sharded_mappers(placement, [_compat.dml_table(stmt)])
+        in_subqueries = [m for m in _sharded_mappers(
+            placement, find_tables(stmt, check_columns=True, include_aliases=True))
+            if m not in written]
+        refusal = None
+        if in_subqueries and not placement.colocated(
+                [m.local_table for m in [*written, *in_subqueries]]):
+            refusal = (
+                "a subquery reads "
+                + ", ".join(sorted({m.class_.__name__ for m in in_subqueries}))
+                + ", which is not placed with "
+                + (", ".join(m.class_.__name__ for m in written) or "the written table")
+                + ": it would see only the rows of the shard it runs on")
+        if refusal is None:
+            refusal = unrelated_subquery(stmt, placement)
+        if key is not None:
+            if len(verdicts) >= _JOIN_VERDICTS_MAX:
+                verdicts.clear()
+            verdicts[key] = refusal
+    if refusal is not None:
+        raise UnsupportedQueryError(
+            refusal, shard_id=None,
+            construct="subquery not related along the placement relationship")
 
 
 def _checked_keyed(

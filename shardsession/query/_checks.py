@@ -472,27 +472,32 @@ def _in_by_key(sub: Select[Any], in_left: Any, tables: list[Any], placement: Any
             and _same_column(columns[0], keys[0], tables[0]))
 
 
-def unrelated_subquery(sel: Select[Any], placement: Any) -> str | None:
-    """Describe the first subquery of ``sel`` over sharded tables that does not relate its
-    rows to ``sel``'s along the placement (correlated, or ``col IN (subquery)``, by a
-    placement equality); ``None`` when there is none.
+def unrelated_subquery(sel: Any, placement: Any) -> str | None:
+    """Describe the first subquery of ``sel`` (a SELECT, UPDATE or DELETE) over sharded
+    tables that does not relate its rows to ``sel``'s along the placement (correlated, or
+    ``col IN (subquery)``, by a placement equality); ``None`` when there is none.
 
     Wherever ``sel`` runs (one shard or each shard), such a subquery sees only the rows of
     the shard it runs on: an uncorrelated ``EXISTS``, a global scalar aggregate, an ``IN``
     on a column other than the placement key. Used by the session's router, which also
-    sees statements pruned to one shard (the fan-out checks above see fan-outs only).
-    Subqueries nested inside subqueries are left to the fan-out checks.
+    sees statements pruned to one shard (the fan-out checks above see fan-out SELECTs
+    only). Subqueries nested inside subqueries are left to the fan-out checks.
     """
     joined_apart = getattr(placement, "tables_joined_apart", None)
     if joined_apart is None:
         return None
     ctx = CheckContext(placement)
-    froms = _compat.final_froms_without_eager_joins(sel)
+    exprs: list[Any]
+    if isinstance(sel, Select):
+        froms: Sequence[Any] = _compat.final_froms_without_eager_joins(sel)
+        parts = _compat.select_parts(sel)
+        exprs = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
+        exprs += [*parts.where, *parts.having, *parts.order_by, *parts.group_by]
+    else:  # UPDATE / DELETE: its table, its WHERE and the values it sets
+        froms = [_compat.dml_table(sel)]
+        exprs = _compat.dml_expressions(sel)
     outer = _sharded([t for f in froms for t in _tables_in(f)], ctx)
     outer_ids = {id(t) for t in outer}
-    parts = _compat.select_parts(sel)
-    exprs: list[Any] = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
-    exprs += [*parts.where, *parts.having, *parts.order_by, *parts.group_by]
     for expr in exprs:
         if isinstance(expr, FromClause):
             continue

@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import ForeignKey, Integer, String, create_engine, exists, func, or_, select
+from sqlalchemy import (
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -278,3 +289,59 @@ def test_subquery_of_a_one_shard_statement_along_placement(sessions: Any, name: 
     stmt = PRUNED_ALONG[name]()
     want = oracle.execute(stmt).all()
     assert want and s.execute(stmt).all() == want
+
+
+WRITES_APART = {
+    "UPDATE to a global aggregate of the same table": lambda: update(User)
+    .values(region=select(func.max(User.region)).scalar_subquery()),
+    "UPDATE of one user to a global aggregate": lambda: update(User).where(User.id == 5)
+    .values(region=select(func.max(User.region)).scalar_subquery()),
+    "DELETE by IN on another column of the same table": lambda: delete(Order)
+    .where(Order.amount.in_(select(Order.amount).where(Order.id == 31))),
+    "DELETE by an uncorrelated EXISTS over children": lambda: delete(User)
+    .where(User.id == 5, exists(select(Order.id).where(Order.amount > 20))),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITES_APART))
+def test_write_with_a_subquery_apart_from_the_placement_is_refused(
+    sessions: Any, name: str
+) -> None:
+    """On one shard or on each, such a subquery sees only that shard's rows: each shard
+    would write its own answer (before: silently different data than one database)."""
+    s, oracle = sessions
+    before = _rows(s)
+    with pytest.raises(UnsupportedQueryError, match="subquery"):
+        s.execute(WRITES_APART[name]())
+    assert _rows(s) == before  # nothing was sent
+    oracle.execute(WRITES_APART[name]())  # (one database runs it)
+
+
+WRITES_ALONG = {
+    "UPDATE to a correlated aggregate of the children": lambda: update(User)
+    .values(region=select(func.count(Order.id)).where(Order.user_id == User.id)
+            .scalar_subquery()),
+    "DELETE children by IN on their parent's key": lambda: delete(Order)
+    .where(Order.user_id.in_(select(User.id).where(User.region == 1))),
+    "UPDATE by IN on the placement key of the same table": lambda: update(User)
+    .where(User.id.in_(select(User.id).where(User.region == 2))).values(name="r2"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITES_ALONG))
+def test_write_with_a_subquery_along_the_placement_equals_one_database(
+    sessions: Any, name: str
+) -> None:
+    s, oracle = sessions
+    before = _rows(oracle)
+    s.execute(WRITES_ALONG[name](), execution_options={"synchronize_session": False})
+    oracle.execute(WRITES_ALONG[name](), execution_options={"synchronize_session": False})
+    assert _rows(s) == _rows(oracle) != before
+    s.rollback()
+
+
+def _rows(session: Session) -> list[Any]:
+    return [
+        *session.execute(select(User.id, User.name, User.region).order_by(User.id)).all(),
+        *session.execute(select(Order.id, Order.user_id, Order.amount).order_by(Order.id)).all(),
+    ]
