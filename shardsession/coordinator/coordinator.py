@@ -92,13 +92,16 @@ def _is_write(context: Any) -> bool:
 
 def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
                            context: Any, executemany: bool) -> None:
-    if not _is_write(context):
-        return
     branch = _branch_of(conn)
     if branch is None:
-        # Not (yet) a branch: a transaction's first shard is one only once a second
-        # shard joins; the mark tells it then whether this connection wrote.
-        setattr(conn, _WROTE_KEY, True)
+        # Not (yet) a branch. A transaction's first connection carries the "wrote" mark,
+        # False until it writes: it becomes a branch only when a second shard joins, and
+        # the mark tells it then whether it wrote. Other connections of the engine (a
+        # plain Session's, say) carry no mark and cost no more than this.
+        if getattr(conn, _WROTE_KEY, None) is False and _is_write(context):
+            setattr(conn, _WROTE_KEY, True)
+        return
+    if not _is_write(context):
         return
     if branch.gt is not None and branch.gt.protocol_ran:
         raise TransactionError(
