@@ -7,7 +7,7 @@ each function documents the private name it relies on, so an upgrade has one pla
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Collection, Iterable, Sized
 from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
@@ -48,16 +48,19 @@ def set_identity_token(state: InstanceState[Any], shard_id: Any) -> None:
     state.identity_token = shard_id
 
 
-def flush_states(session: Session) -> tuple[list[InstanceState[Any]], list[InstanceState[Any]]]:
-    """The states of ``session.new`` (in the order they were added) and of
-    ``session.dirty``, without building the two ``IdentitySet`` collections of objects.
+def flush_states(
+    session: Session,
+) -> tuple[Collection[InstanceState[Any]], list[InstanceState[Any]]]:
+    """The states of ``session.new`` (in the order they were added; SQLAlchemy's own
+    insertion-ordered dict, not a copy: do not add or remove objects while using it) and
+    of ``session.dirty``, without building the two ``IdentitySet`` collections of objects.
 
     Reads ``Session._new`` (private: ``{state: obj}``, insertion-ordered),
     ``IdentityMap._modified`` (the set behind ``Session._dirty_states``) and
     ``Session._deleted``, exactly what the public properties read (checked on 2.0.30 and
     2.1.9).
     """
-    new = list(session._new)
+    new = session._new
     modified = session.identity_map._modified
     if not modified:
         return new, []

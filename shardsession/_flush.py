@@ -144,7 +144,7 @@ def place_flush(
     # 2. Followers take their parent's shard, through a many-to-one attribute or by being
     #    in a one-to-many collection of a placed object; repeat for grandchildren.
     if pending:
-        _place_followers(placement, pending, new + dirty, known)
+        _place_followers(placement, pending, [*new, *dirty], known)
         written = dict.fromkeys(identity_token_of(state) for state in new)
 
     # 3. A persistent object whose shard key changed would now belong elsewhere.
@@ -152,9 +152,10 @@ def place_flush(
         plan = plans.get(state.mapper) or _plan(placement, state.mapper)
         if plan.links:
             linked.append(state)
-        if state.key is None:
+        identity_key = state.key
+        if identity_key is None:
             continue
-        written[state.key[2]] = None
+        written[identity_key[2]] = None
         if plan.strategy is None:
             continue
         changed = state.committed_state  # old values of the attributes set since loaded
@@ -166,12 +167,12 @@ def place_flush(
         obj = state.obj()
         if obj is not None and any(get_history(obj, a).deleted for a in plan.attrs):
             own = _own_shard(plan, state)
-            if own is not None and own != state.key[2]:
+            if own is not None and own != identity_key[2]:
                 raise RoutingError(
                     f"changing the shard key of {state.mapper.class_.__name__} would move it from "
-                    f"shard {state.key[2]!r} to {own!r}; moving rows between shards is not "
+                    f"shard {identity_key[2]!r} to {own!r}; moving rows between shards is not "
                     "supported by a flush: delete the object and add a new one",
-                    shard_id=state.key[2],
+                    shard_id=identity_key[2],
                 )
 
     # 4. Every link between two sharded objects stays on one shard.
