@@ -308,8 +308,7 @@ class TransactionCoordinator:
             if first.engine is connection.engine:
                 return
             if _is_autocommit(first):  # it never was a branch: this one is the first
-                setattr(connection, _WROTE_KEY, False)
-                setattr(root, _FIRST_KEY, connection)
+                _note_first(root, connection)
                 return
         elif connection.engine in gt.branches:
             return
@@ -379,16 +378,21 @@ def begin_listener(
     gt = _compat.transaction_slot(root)
     first: Connection | None = getattr(root, _FIRST_KEY, None)
     if first is None and gt is None:
-        # The common case, kept short: the transaction's first connection.
-        engine = connection.engine
-        if not getattr(engine, _INSTRUMENTED_KEY, False):
-            _instrument(engine)
-        # (a Connection given as a session's bind serves several transactions)
-        setattr(connection, _WROTE_KEY, False)
-        setattr(root, _FIRST_KEY, connection)
+        _note_first(root, connection)  # the common case: the transaction's first connection
         return
     if coordinator is None:
         coordinator = getattr(sess, "_coordinator", None)
         if coordinator is None:
             return
     coordinator._join(sess, root, connection, gt, first)
+
+
+def _note_first(root: SessionTransaction, connection: Connection) -> None:
+    """Note ``connection`` as the root transaction's first (not yet a branch), its
+    engine's listeners installed so that its "wrote" mark follows its statements."""
+    engine = connection.engine
+    if not getattr(engine, _INSTRUMENTED_KEY, False):
+        _instrument(engine)
+    # (a Connection given as a session's bind serves several transactions)
+    setattr(connection, _WROTE_KEY, False)
+    setattr(root, _FIRST_KEY, connection)

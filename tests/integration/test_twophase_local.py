@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -50,3 +51,37 @@ def test_local_cluster_is_atomic_and_supports_savepoints(sqlite_dir: Path) -> No
     s.rollback()
     assert count("alpha") == count("beta") == 1
     engines["alpha"].dispose()
+
+
+def test_an_autocommit_first_connection_leaves_the_writes_after_it_counted(
+    sqlite_dir: Path,
+) -> None:
+    """An AUTOCOMMIT connection is never a branch: the next shard's connection becomes the
+    transaction's first, and its writes must count when a third shard joins. Two SQLite
+    writers cannot commit atomically, so ``require`` refuses and nothing is committed
+    (before: the second engine's listener was not installed, its write went unseen, and
+    the commit went through as if only the third shard wrote)."""
+    from sqlalchemy import create_engine, text
+
+    from shardsession import ShardedSession
+    from shardsession.exc import AtomicityUnavailableError
+
+    names = ("a", "b", "c")
+    engines = {n: create_engine(f"sqlite:///{sqlite_dir / f'ac_{n}.db'}") for n in names}
+    _md, t = tables(list(names))
+    for n, e in engines.items():
+        t[n].create(e)
+    with ShardedSession(shard_chooser=lambda *a, **k: "a", identity_chooser=lambda *a, **k: ["a"],
+                        execute_chooser=lambda ctx: ["a"], shards=engines,
+                        atomic="require") as s:
+        s.connection(bind_arguments={"shard_id": "a"},
+                     execution_options={"isolation_level": "AUTOCOMMIT"}).execute(text("SELECT 1"))
+        for n in ("b", "c"):
+            s.connection(bind_arguments={"shard_id": n}).execute(t[n].insert().values(id=1, v=n))
+        with pytest.raises(AtomicityUnavailableError):
+            s.commit()
+    for n in ("b", "c"):
+        with engines[n].connect() as c:
+            assert c.scalar(select(func.count()).select_from(t[n])) == 0
+    for e in engines.values():
+        e.dispose()
