@@ -224,8 +224,7 @@ class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
     def _shard_for(self, mapper: Any, instance: Any, **kw: Any) -> str:
         if instance is not None:
             state = instance_state(instance)
-            key = state.key  # (what _compat.identity_token_of reads, without its call)
-            token: Any = key[2] if key is not None else state.identity_token
+            token = _compat.identity_token_of(state)
             if token is not None:
                 return token if token in self._shards else self._check_shard(token)
         if not isinstance(mapper, Mapper):
