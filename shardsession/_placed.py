@@ -203,34 +203,48 @@ def _check_write_subqueries(placement: Placement, stmt: Any) -> None:
 
     :raises UnsupportedQueryError: such a subquery; nothing was sent to any shard.
     """
-    key = _compat.statement_cache_key(stmt)
-    verdicts: dict[Any, str | None] = placement.cache.setdefault(_WRITE_VERDICTS, {})
-    if key is not None and key in verdicts:
-        refusal = verdicts[key]
-    else:
-        written = _sharded_mappers(placement, [_compat.dml_table(stmt)])
-        in_subqueries = [m for m in _sharded_mappers(
-            placement, find_tables(stmt, check_columns=True, include_aliases=True))
-            if m not in written]
-        refusal = None
-        if in_subqueries and not placement.colocated(
-                [m.local_table for m in [*written, *in_subqueries]]):
-            refusal = (
-                "a subquery reads "
-                + ", ".join(sorted({m.class_.__name__ for m in in_subqueries}))
-                + ", which is not placed with "
-                + (", ".join(m.class_.__name__ for m in written) or "the written table")
-                + ": it would see only the rows of the shard it runs on")
-        if refusal is None:
-            refusal = unrelated_subquery(stmt, placement)
-        if key is not None:
-            if len(verdicts) >= _JOIN_VERDICTS_MAX:
-                verdicts.clear()
-            verdicts[key] = refusal
+    refusal: str | None = _cached_verdict(
+        placement, _WRITE_VERDICTS, stmt, lambda: _write_refusal(placement, stmt))
     if refusal is not None:
         raise UnsupportedQueryError(
             refusal, shard_id=None,
             construct="subquery not related along the placement relationship")
+
+
+def _write_refusal(placement: Placement, stmt: Any) -> str | None:
+    written = _sharded_mappers(placement, [_compat.dml_table(stmt)])
+    in_subqueries = [m for m in _sharded_mappers(
+        placement, find_tables(stmt, check_columns=True, include_aliases=True))
+        if m not in written]
+    if in_subqueries and not placement.colocated(
+            [m.local_table for m in [*written, *in_subqueries]]):
+        return _not_placed_with(in_subqueries, written)
+    return unrelated_subquery(stmt, placement)
+
+
+def _not_placed_with(in_subqueries: list[Mapper[Any]], routed: list[Mapper[Any]]) -> str:
+    return (
+        "a subquery reads " + ", ".join(sorted({m.class_.__name__ for m in in_subqueries}))
+        + ", which is not placed with "
+        + (", ".join(sorted({m.class_.__name__ for m in routed})) or "the written table")
+        + ": it would see only the rows of the shard it runs on"
+    )
+
+
+def _cached_verdict(placement: Placement, cache_name: str, stmt: Any,
+                    compute: Callable[[], Any]) -> Any:
+    """``compute()`` for ``stmt``, cached in the placement by SQLAlchemy's cache key of
+    the statement (its structure; not cached when it has none)."""
+    key = _compat.statement_cache_key(stmt)
+    verdicts: dict[Any, Any] = placement.cache.setdefault(cache_name, {})
+    if key is not None and key in verdicts:
+        return verdicts[key]
+    verdict = compute()
+    if key is not None:
+        if len(verdicts) >= _JOIN_VERDICTS_MAX:
+            verdicts.clear()
+        verdicts[key] = verdict
+    return verdict
 
 
 def _checked_keyed(
@@ -256,17 +270,14 @@ def _checked_keyed(
         subquery reads sharded tables that the statement's own FROM list does not route
         by (a statement over replicated or pinned tables would see one shard's rows).
     """
-    key = _compat.statement_cache_key(stmt) if isinstance(stmt, Select) else None
-    verdicts: dict[Any, tuple[tuple[Mapper[Any], ...], _Refusal, _Refusal]] = (
-        placement.cache.setdefault(_JOIN_VERDICTS, {}))
-    if key is not None and key in verdicts:
-        routed, refusal, one_shard_refusal = verdicts[key]
-    else:
-        routed, refusal, one_shard_refusal = _routing_facts(placement, keyed, stmt)
-        if key is not None:
-            if len(verdicts) >= _JOIN_VERDICTS_MAX:
-                verdicts.clear()
-            verdicts[key] = (routed, refusal, one_shard_refusal)
+    def compute() -> tuple[tuple[Mapper[Any], ...], _Refusal, _Refusal]:
+        return _routing_facts(placement, keyed, stmt)
+
+    if isinstance(stmt, Select):
+        routed, refusal, one_shard_refusal = _cached_verdict(
+            placement, _JOIN_VERDICTS, stmt, compute)
+    else:  # (a multi-table write: its keyed mappers come from the caller, not cached)
+        routed, refusal, one_shard_refusal = compute()
     if refusal is not None:
         message, construct = refusal
         raise UnsupportedQueryError(message, shard_id=None, construct=construct)
@@ -304,9 +315,7 @@ def _routing_facts(
                 ), None
             if not placement.colocated([m.local_table for m in [*keyed, *in_subqueries]]):
                 return (), (
-                    f"a subquery reads {names}, which is not placed with "
-                    + ", ".join(sorted({m.class_.__name__ for m in keyed}))
-                    + ": it would see only the rows of the shard it runs on",
+                    _not_placed_with(in_subqueries, keyed),
                     "subquery over tables that are not co-located",
                 ), None
             unrelated = unrelated_subquery(stmt, placement)
