@@ -273,6 +273,11 @@ def test_insert_returning_objects_carry_their_shard(cluster: Cluster) -> None:
         columns = s.execute(insert(User).returning(User.id, User.name),
                             [{"id": i, "name": f"c{i}"} for i in range(20, 26)]).all()
         assert sorted(columns) == [(i, f"c{i}") for i in range(20, 26)]
+        # a replicated row is returned once, not once per copy
+        countries = s.scalars(insert(Country).returning(Country),
+                              [{"code": "SE", "name": "Sweden"},
+                               {"code": "NO", "name": "Norway"}]).all()
+        assert sorted(c.code for c in countries) == ["NO", "SE"]
         s.commit()
     assert stored(cluster, "SELECT id FROM users") == by_shard(
         {i: user_shard(i) for i in [*range(1, 13), *range(20, 26)]})
