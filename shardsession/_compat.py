@@ -869,8 +869,12 @@ def orm_insert_result(
     keyed with the shard as identity token (``_BulkORMInsert._return_orm_returning``,
     private, with ``QueryContext.default_load_options._identity_token``, the load option
     a SELECT routed by horizontal_shard gets from the ``identity_token`` execution
-    option)."""
+    option; ``populate_existing`` as ``orm_execute_statement`` adds it)."""
     options = _with_load_token(orm_context.execution_options, shard_id)
+    insert_options = options.get("_sa_orm_insert_options")
+    if insert_options is not None and insert_options._populate_existing:
+        load = options["_sa_orm_load_options"] + {"_populate_existing": True}
+        options = options.union({"_sa_orm_load_options": load})
     return _bulk_persistence._BulkORMInsert._return_orm_returning(  # type: ignore[no-untyped-call]
         orm_context.session, orm_context.statement, params, options,
         orm_context.bind_arguments, result,

@@ -484,3 +484,21 @@ def test_dropin_unroutable_row_sends_nothing(cluster: Cluster) -> None:
             with pytest.raises(error):
                 s.execute(insert(User), [{"id": i, "name": "d"} for i in range(1, 8)])
             assert cluster.touched("INSERT") == set()
+
+
+def test_upsert_returning_populate_existing(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    ids = pg_ids(cluster, range(1, 30))[:6]
+    dialect_ids = [i for i in ids if cluster.engines[user_shard(i)].dialect.name
+                   == cluster.engines[user_shard(ids[0])].dialect.name]
+    with Session() as s:
+        s.execute(insert(User), [{"id": i, "name": "old"} for i in dialect_ids[:2]])
+        s.commit()
+        loaded = s.get(User, dialect_ids[0])
+        assert loaded is not None and loaded.name == "old"
+        rows = [{"id": i, "name": "new"} for i in dialect_ids]
+        stmt = _upsert(cluster.engines[user_shard(dialect_ids[0])], rows).returning(User)
+        objs = s.scalars(stmt, rows, execution_options={"populate_existing": True}).all()
+        assert sorted(o.id for o in objs) == sorted(dialect_ids)
+        assert loaded in objs and loaded.name == "new"  # refreshed in place
+        s.commit()
