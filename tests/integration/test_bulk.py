@@ -502,3 +502,19 @@ def test_upsert_returning_populate_existing(cluster: Cluster) -> None:
         assert sorted(o.id for o in objs) == sorted(dialect_ids)
         assert loaded in objs and loaded.name == "new"  # refreshed in place
         s.commit()
+
+
+def test_replicated_and_pinned_rows_updated_by_key(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(Country), [{"code": "SE", "name": "Sweden"},
+                                    {"code": "NO", "name": "Norway"}])
+        s.execute(insert(AuditLog), [{"id": 1, "message": "a"}, {"id": 2, "message": "b"}])
+    with Session.begin() as s:
+        s.execute(update(Country), [{"code": "SE", "name": "Sverige"},
+                                    {"code": "NO", "name": "Norge"}])
+        s.bulk_update_mappings(AuditLog, [{"id": 1, "message": "z"}, {"id": 2, "message": "z"}])
+    assert stored(cluster, "SELECT name FROM countries") == {
+        s: {"Sverige", "Norge"} for s in SHARDS}
+    assert stored(cluster, "SELECT message FROM audit_log") == {"s0": set(), "s1": set(),
+                                                                "s2": {"z"}}
