@@ -366,8 +366,9 @@ def save_mappings(
 
     run_per_shard(session, list(groups), work)
     if isstates and return_defaults and not isupdate:
-        own = session.placement.all_candidates(mapper)[0] if _replicated(session, mapper) \
-            else None
+        # a replicated object is keyed by the shard it is read from, as a flush keys it
+        own = (session.placement.all_candidates(mapper)[0]
+               if _replicated(session, mapper) else None)
         for shard, states in groups.items():
             if own is not None and shard != own:
                 continue

@@ -416,15 +416,13 @@ event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
 
 
-
-
 def _forget_shard(session: Any, instance: Any) -> None:
     # An object added as new is placed anew: a shard it carries from an earlier life
     # (make_transient() keeps InstanceState.identity_token, and so does a rollback of
     # its INSERT) belonged to the key it had then, which may have changed since.
     state = instance_state(instance)
     if state.identity_token is not None:
-        state.identity_token = None
+        _compat.set_identity_token(state, None)
 
 
 event.listen(ShardedSession, "transient_to_pending", _forget_shard)
