@@ -39,6 +39,7 @@ def _scenarios() -> dict[str, Scenario]:
     for module_name, names in (
         ("benchmarks.scenarios_query", ("fanout_4shards_rtt5ms", "topk_merge")),
         ("benchmarks.scenarios_commit", ("commit_3shards_rtt2ms", "recovery_1000")),
+        ("benchmarks.scenarios_bulk", ("bulk_insert_100k",)),
     ):
         try:
             module = __import__(module_name, fromlist=["x"])

@@ -152,6 +152,10 @@ def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
         if load_options is not None and load_options._identity_token == shard_id:
             return  # a load of this shard's identity already: nothing to add
     orm_context.update_execution_options(identity_token=shard_id)
+    if orm_context.statement.is_dml:  # objects of RETURNING(Entity) keyed by shard too
+        extra = returning_identity_options(orm_context, shard_id)
+        if extra:
+            orm_context.update_execution_options(**extra)
 
 
 # --- commit protocol hook (used by shardsession.coordinator) -------------------------------
@@ -710,3 +714,260 @@ def ungrouped_select(sel: SelectBase) -> SelectBase:
     while isinstance(sel, SelectStatementGrouping):
         sel = sel.element
     return sel
+
+
+# --- bulk writes (shardsession._bulk) -----------------------------------------------------
+from sqlalchemy.orm import bulk_persistence as _bulk_persistence  # noqa: E402
+from sqlalchemy.orm.context import QueryContext  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BulkStatement:
+    """What SQLAlchemy decided about an ORM-enabled bulk INSERT or UPDATE (a statement
+    run with parameter sets), read from its ``_sa_orm_insert_options`` /
+    ``_sa_orm_update_options`` execution option (private ``Options`` of
+    ``sqlalchemy.orm.bulk_persistence``, filled by ``orm_pre_session_exec`` before the
+    ``do_orm_execute`` handlers run; checked on 2.0.30 and 2.1.9)."""
+
+    kind: str  # "insert" or "update"
+    mapper: Mapper[Any]
+    options: Any  # the private insert/update options object
+    autoflush: bool
+    returning: bool
+
+
+def orm_bulk_statement(orm_context: ORMExecuteState) -> BulkStatement | None:
+    """The bulk INSERT or UPDATE ``orm_context`` holds, or ``None`` when SQLAlchemy would
+    not run it with its ORM ``"bulk"`` strategy (one statement with VALUES, ``"raw"``,
+    a Core statement, an UPDATE with one parameter dict...)."""
+    if orm_context.is_insert:
+        options = orm_context.execution_options.get("_sa_orm_insert_options")
+        kind = "insert"
+    elif orm_context.is_update:
+        options = orm_context.execution_options.get("_sa_orm_update_options")
+        kind = "update"
+    else:
+        return None
+    if options is None or options._dml_strategy != "bulk" or options._subject_mapper is None:
+        return None
+    statement: Any = orm_context.statement
+    return BulkStatement(kind, options._subject_mapper, options, bool(options._autoflush),
+                         bool(statement._returning))
+
+
+class _NoConnectionCallable:
+    connection_callable = None
+
+
+class _OneConnection:
+    """What ``bulk_persistence._bulk_insert`` / ``_bulk_update`` (private) read of the
+    ``SessionTransaction`` they are given: ``session.connection_callable`` (they refuse
+    to run when the session routes objects itself, which a sharded session does) and
+    ``connection(mapper)``. This stands in for one shard's transaction: the shard's rows
+    are grouped beforehand, so its one connection is the answer for every row."""
+
+    session = _NoConnectionCallable()
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def connection(self, mapper: Any, **kw: Any) -> Any:
+        return self._connection
+
+
+def bulk_insert_on(
+    connection: Any,
+    mapper: Mapper[Any],
+    mappings: Sequence[Any],
+    *,
+    isstates: bool,
+    return_defaults: bool,
+    render_nulls: bool,
+    statement: Any = None,
+    execution_options: Any = None,
+) -> Any:
+    """SQLAlchemy's own ORM bulk INSERT (``bulk_persistence._bulk_insert``, what
+    ``Session.bulk_insert_mappings()`` / ``bulk_save_objects()`` and
+    ``session.execute(insert(M), rows)`` run) of ``mappings`` on one ``connection``:
+    its batching (insertmanyvalues), its key handling and, with ``statement``, its
+    RETURNING result (a ``CursorResult``; see :func:`orm_returning`)."""
+    transaction: Any = _OneConnection(connection)
+    return _bulk_persistence._bulk_insert(
+        mapper, mappings, transaction,
+        isstates=isstates, return_defaults=return_defaults, render_nulls=render_nulls,
+        use_orm_insert_stmt=statement, execution_options=execution_options,
+    )
+
+
+def bulk_update_on(
+    connection: Any,
+    mapper: Mapper[Any],
+    mappings: Sequence[Any],
+    *,
+    isstates: bool,
+    update_changed_only: bool,
+    statement: Any = None,
+) -> Any:
+    """SQLAlchemy's own ORM bulk UPDATE by primary key (``bulk_persistence._bulk_update``)
+    of ``mappings`` on one ``connection``; raises ``StaleDataError`` as SQLAlchemy does
+    when a row was not matched (and the driver counts executemany rows)."""
+    check = statement is None or not statement._where_criteria
+    transaction: Any = _OneConnection(connection)
+    return _bulk_persistence._bulk_update(
+        mapper, mappings, transaction,
+        isstates=isstates, update_changed_only=update_changed_only,
+        use_orm_update_stmt=statement, enable_check_rowcount=check,
+    )
+
+
+def run_bulk_insert(
+    orm_context: ORMExecuteState, bulk: BulkStatement, connection: Any, rows: Sequence[Any]
+) -> Any:
+    """The bulk INSERT of ``orm_context`` with ``rows`` on one ``connection``, as
+    ``_BulkORMInsert.orm_execute_statement`` (private) runs it for its ``"bulk"``
+    strategy, RETURNING included (a ``CursorResult``; see :func:`orm_insert_result`)."""
+    options = bulk.options
+    return bulk_insert_on(
+        connection, bulk.mapper, rows, isstates=False,
+        return_defaults=bool(options._return_defaults),
+        render_nulls=bool(options._render_nulls),
+        statement=orm_context.statement, execution_options=orm_context.execution_options,
+    )
+
+
+def run_bulk_update(
+    orm_context: ORMExecuteState, bulk: BulkStatement, connection: Any, rows: Sequence[Any]
+) -> Any:
+    """The bulk UPDATE by primary key of ``orm_context`` with ``rows`` on one
+    ``connection``, as ``_BulkORMUpdate.orm_execute_statement`` (private) runs it (the
+    identity map is synchronized afterwards: :func:`synchronize_bulk_update`)."""
+    return bulk_update_on(connection, bulk.mapper, rows, isstates=False,
+                          update_changed_only=False, statement=orm_context.statement)
+
+
+def check_bulk_update(orm_context: ORMExecuteState, bulk: BulkStatement) -> None:
+    """SQLAlchemy's refusal of a bulk UPDATE with WHERE criteria that would synchronize
+    the identity map (``_BulkORMUpdate.orm_execute_statement``), raised before any shard
+    is asked (``Update._where_criteria``, private)."""
+    from sqlalchemy.exc import InvalidRequestError
+
+    statement: Any = orm_context.statement
+    if not (statement._where_criteria
+            and bulk.options._synchronize_session in ("auto", "evaluate")):
+        return
+    raise InvalidRequestError(
+        "bulk synchronize of persistent objects not supported when using bulk update "
+        "with additional WHERE criteria right now.  add synchronize_session=None "
+        "execution option to bypass synchronize of persistent objects."
+    )
+
+
+def orm_insert_result(
+    orm_context: ORMExecuteState, params: Sequence[Any], result: Any, shard_id: Any
+) -> Any:
+    """The ORM result of a bulk INSERT with RETURNING that ran on ``shard_id``: objects
+    keyed with the shard as identity token (``_BulkORMInsert._return_orm_returning``,
+    private, with ``QueryContext.default_load_options._identity_token``, the load option
+    a SELECT routed by horizontal_shard gets from the ``identity_token`` execution
+    option; ``populate_existing`` as ``orm_execute_statement`` adds it)."""
+    options = _with_load_token(orm_context.execution_options, shard_id)
+    insert_options = options.get("_sa_orm_insert_options")
+    if insert_options is not None and insert_options._populate_existing:
+        load = options["_sa_orm_load_options"] + {"_populate_existing": True}
+        options = options.union({"_sa_orm_load_options": load})
+    return _bulk_persistence._BulkORMInsert._return_orm_returning(  # type: ignore[no-untyped-call]
+        orm_context.session, orm_context.statement, params, options,
+        orm_context.bind_arguments, result,
+    )
+
+
+def synchronize_bulk_update(
+    orm_context: ORMExecuteState, bulk: BulkStatement, params: Sequence[Any], result: Any,
+    shard_id: Any,
+) -> None:
+    """Bring the objects of ``shard_id`` in the identity map up to date after a bulk
+    UPDATE of ``params`` there, as SQLAlchemy does after its own (the ``"evaluate"``
+    synchronization that ``"auto"`` means for bulk: ``orm_setup_cursor_result`` of
+    ``_BulkORMUpdate``, private, with the update options' ``_identity_token``)."""
+    options = bulk.options
+    sync = options._synchronize_session
+    if sync in (None, False):
+        return
+    options = options + {"_identity_token": shard_id, "_synchronize_session": "evaluate"}
+    execution_options = orm_context.execution_options.union(
+        {"_sa_orm_update_options": options})
+    _bulk_persistence._BulkORMUpdate.orm_setup_cursor_result(  # type: ignore[no-untyped-call]
+        orm_context.session, orm_context.statement, params, execution_options,
+        orm_context.bind_arguments, result,
+    )
+
+
+def _with_load_token(execution_options: Any, shard_id: Any) -> Any:
+    load = execution_options.get("_sa_orm_load_options", QueryContext.default_load_options)
+    return execution_options.union({"_sa_orm_load_options": load + {"_identity_token": shard_id}})
+
+
+def returning_identity_options(orm_context: ORMExecuteState, shard_id: Any) -> dict[str, Any]:
+    """Execution options that make the objects an ORM ``insert/update/delete(...)
+    .returning(Entity)`` builds on ``shard_id`` carry the shard in their identity key
+    (``_sa_orm_load_options`` with ``_identity_token``: the ``identity_token`` execution
+    option reaches the load options of SELECTs only). Empty for anything else."""
+    statement: Any = orm_context.statement
+    if statement.is_select or not getattr(statement, "_returning", ()):
+        return {}
+    if not orm_context.is_orm_statement:
+        return {}
+    load = orm_context.execution_options.get(
+        "_sa_orm_load_options", QueryContext.default_load_options)
+    return {"_sa_orm_load_options": load + {"_identity_token": shard_id}}
+
+
+def key_with_token(state: InstanceState[Any], shard_id: Any) -> None:
+    """Give an object SQLAlchemy's bulk INSERT keyed with no identity token
+    (``return_defaults=True`` sets ``state.key = (class, pk, None)``) its shard."""
+    key = state.key
+    if key is not None and key[2] is None:
+        state.key = (key[0], key[1], shard_id)
+    state.identity_token = shard_id
+
+
+class RoutedBulkSaves(Session):
+    """A Session whose ``bulk_save_objects`` / ``bulk_insert_mappings`` /
+    ``bulk_update_mappings`` go through ``_shardsession_save_mappings`` (a method the
+    subclass provides) instead of SQLAlchemy's ``_bulk_insert`` / ``_bulk_update`` on
+    one connection, which refuse a session that routes objects itself.
+
+    Overrides ``Session._bulk_save_mappings`` (private; the three public methods end
+    there on 2.0.30 and 2.1.9) and keeps its frame: the work runs in a subtransaction,
+    with ``Session._flushing`` set, and an error rolls the subtransaction back the way
+    a failed flush does (the session then needs ``rollback()``).
+    """
+
+    def _shardsession_save_mappings(
+        self, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool, isstates: bool,
+        return_defaults: bool, update_changed_only: bool, render_nulls: bool,
+    ) -> None:
+        raise NotImplementedError
+
+    def _bulk_save_mappings(  # type: ignore[override]
+        self, mapper: Any, mappings: Iterable[Any], *, isupdate: bool, isstates: bool,
+        return_defaults: bool, update_changed_only: bool, render_nulls: bool,
+    ) -> None:
+        from sqlalchemy import inspect
+
+        mapper = inspect(mapper).mapper
+        try:
+            self._flushing = True
+            transaction = self._autobegin_t()._begin()
+            try:
+                self._shardsession_save_mappings(
+                    mapper, list(mappings), isupdate=isupdate, isstates=isstates,
+                    return_defaults=return_defaults,
+                    update_changed_only=update_changed_only, render_nulls=render_nulls,
+                )
+                transaction.commit()
+            except BaseException:
+                with safe_reraise():
+                    transaction.rollback(_capture_exception=True)
+        finally:
+            self._flushing = False

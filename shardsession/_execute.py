@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import insert
 
 from . import _compat
+from ._bulk import execute_bulk, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
 from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
 from .routing.placement import Placement
@@ -54,11 +55,17 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     session: Any = orm_context.session  # a shardsession.ShardedSession
     if _compat.route_identity_load(orm_context, session._shards, TIMEOUT_OPTION):
         return None  # (the common case of the next lines, in one step)
+    # (an ORM bulk INSERT/UPDATE: SQLAlchemy's own bulk code refuses sharded sessions)
+    bulk = _compat.orm_bulk_statement(orm_context) if orm_context.statement.is_dml else None
     explicit = _compat.explicit_shard_of(orm_context)
     if explicit is not None:
         if explicit not in session._shards:
             session._check_shard(explicit)  # raises
+        if bulk is not None:
+            return execute_bulk(orm_context, bulk, explicit)
         return _single(session, orm_context, explicit)
+    if bulk is not None:
+        return execute_bulk(orm_context, bulk)
 
     if session.placement is not None and orm_context.is_insert:
         return routed_insert(session, orm_context)
@@ -95,14 +102,15 @@ def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result
 
 
 def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
-    """Route an INSERT with parameter sets: each row goes to the shard of its key.
+    """Route a Core INSERT (or an ORM one run with ``dml_strategy="raw"``) with
+    parameter sets: each row goes to the shard of its key, the shards in parallel; a
+    broadcast table gets every row on every shard. (ORM bulk INSERTs go to
+    :func:`shardsession._bulk.execute_bulk`.)
 
-    An ORM-enabled bulk INSERT (``session.execute(insert(User), rows)``) is sent as a Core
-    INSERT into the mapper's table, because SQLAlchemy's ORM bulk insert refuses sharded
-    sessions; a broadcast table gets every row on every shard.
-
-    Failure semantics: rows go to their shards inside the session's transaction; an error
-    on one shard propagates and the session must be rolled back (nothing is committed).
+    Failure semantics: a row that cannot be routed raises before any shard is asked;
+    rows go to their shards inside the session's transaction; an error on one shard
+    propagates after the others finished and the session must be rolled back (nothing is
+    committed).
     """
     placement = session.placement
     assert placement is not None
@@ -127,22 +135,13 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
     else:
         rows = []
     orm_entity = orm_context.is_orm_statement
-    # parameter keys are attribute names for an ORM insert, column keys for a Core one
-    key_names = r.attrs if orm_entity else tuple(str(c.key) for c in r.columns)
-    if isinstance(r.rule, Broadcast):
+    replicated = isinstance(r.rule, Broadcast)
+    groups: dict[Any, list[Any]]
+    if rows:
+        # parameter keys are attribute names for an ORM insert, column keys for a Core one
+        groups = route_rows(session, mapper, rows, by_attribute=orm_entity)
+    elif replicated:
         groups = {s: rows for s in placement.shards}
-    elif r.strategy is not None and rows:
-        groups = {}
-        for row in rows:
-            try:
-                values = tuple(row[k] for k in key_names)
-            except KeyError as e:
-                raise RoutingError(
-                    f"an INSERT row for {mapper.class_.__name__} lacks shard key {e.args[0]!r}",
-                    shard_id=None,
-                ) from e
-            shard = r.strategy.shard_for(values[0] if len(values) == 1 else values)
-            groups.setdefault(session._check_shard(shard), []).append(row)
     else:
         only = placement.all_candidates(mapper)
         if len(only) != 1:
@@ -153,14 +152,14 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
                 shard_id=None,
             )
         groups = {only[0]: rows}
-    if not orm_entity and len(groups) == 1 and not isinstance(r.rule, Broadcast):
+    if not orm_entity and len(groups) == 1 and not replicated:
         return invoke_one(orm_context, next(iter(groups)))
-    if orm_entity:
+    if orm_entity:  # (dml_strategy="raw": bulk ones went to execute_bulk)
         if getattr(stmt, "returning_column_descriptions", None) or len(mapper.tables) != 1:
             raise UnsupportedQueryError(
-                "a bulk INSERT with RETURNING, or into a multi-table (joined inheritance) "
-                f"mapper {mapper.class_.__name__}, cannot be routed across shards; add the "
-                "objects with session.add_all() instead",
+                "a raw INSERT with RETURNING, or into a multi-table (joined inheritance) "
+                f"mapper {mapper.class_.__name__}, cannot be routed across shards; run it "
+                "without dml_strategy='raw'",
                 shard_id=None,
                 construct="bulk INSERT",
             )
@@ -170,11 +169,13 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
             s: [{to_column.get(k, k): v for k, v in row.items()} for row in g]
             for s, g in groups.items()
         }
-    results = []
-    for shard_id, group in groups.items():
-        conn = session.connection(bind_arguments={"shard_id": shard_id})
-        results.append(conn.execute(stmt, group if len(group) != 1 else group[0]))
-    return combine(results, replicated=isinstance(r.rule, Broadcast))
+
+    def send(shard_id: Any, conn: Any) -> Result[Any]:
+        group = groups[shard_id]
+        return conn.execute(stmt, group if len(group) != 1 else group[0])  # type: ignore[no-any-return]
+
+    results = run_per_shard(session, list(groups), send)
+    return combine(list(results.values()), replicated=replicated)
 
 
 def combine(results: Sequence[Result[Any]], *, replicated: bool = False) -> Result[Any]:

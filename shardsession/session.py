@@ -28,7 +28,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
 
-from . import _compat, _placed
+from . import _bulk, _compat, _placed
 from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 AtomicMode = Literal["require", "best_effort"]
 
 
-class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
+class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShardedSession):
     """A Session whose data is spread over several databases.
 
     Accepts every argument of :class:`sqlalchemy.orm.Session` and of SQLAlchemy's
@@ -312,6 +312,18 @@ class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
+    def _shardsession_save_mappings(
+        self, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool, isstates: bool,
+        return_defaults: bool, update_changed_only: bool, render_nulls: bool,
+    ) -> None:
+        """``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings``:
+        each object or row to its shard (see :func:`shardsession._bulk.save_mappings`)."""
+        _bulk.save_mappings(
+            self, mapper, mappings, isupdate=isupdate, isstates=isstates,
+            return_defaults=return_defaults, update_changed_only=update_changed_only,
+            render_nulls=render_nulls,
+        )
+
     def _shardsession_naming(self, engine: Any) -> str:
         """The coordinator's name for a branch on ``engine``: its shard id."""
         return _shard_name(self._shards, engine)
@@ -404,6 +416,16 @@ event.listen(ShardedSession, "before_flush", _before_flush)
 event.listen(ShardedSession, "after_flush", _after_flush)
 
 
+def _forget_shard(session: Any, instance: Any) -> None:
+    # An object added as new is placed anew: a shard it carries from an earlier life
+    # (make_transient() keeps InstanceState.identity_token, and so does a rollback of
+    # its INSERT) belonged to the key it had then, which may have changed since.
+    state = instance_state(instance)
+    if state.identity_token is not None:
+        _compat.set_identity_token(state, None)
+
+
+event.listen(ShardedSession, "transient_to_pending", _forget_shard)
 event.listen(ShardedSession, "after_begin", begin_listener)
 # (No after_transaction_create listener: ShardedSession's root transactions are born
 # coordinated, see _compat.CoordinatedRoots. No after_transaction_end listener: a

@@ -90,13 +90,16 @@ class ShardCall:
 
 def _invoke(orm_context: ORMExecuteState, call: ShardCall, shard_id: Any) -> Result[Any]:
     params = (call.shard_params or {}).get(shard_id)
+    options = {"identity_token": shard_id, "autoflush": False}
+    if orm_context.statement.is_dml:  # objects of RETURNING(Entity) keyed by shard too
+        options.update(_compat.returning_identity_options(orm_context, shard_id))
     return orm_context.invoke_statement(
         statement=call.statement,
         params=params,
         bind_arguments={"shard_id": shard_id},
         # identity_token keys loaded objects by shard, as horizontal_shard does; the
         # autoflush already ran once in the calling thread.
-        execution_options={"identity_token": shard_id, "autoflush": False},
+        execution_options=options,
     )
 
 

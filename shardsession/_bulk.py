@@ -1,0 +1,376 @@
+"""Bulk writes of a sharded session: every row to its shard, each shard's rows in batches.
+
+``session.execute(insert(M), rows)`` (with ``.returning()`` and the dialects' upserts),
+``session.execute(update(M), rows)`` (by primary key), ``bulk_save_objects``,
+``bulk_insert_mappings`` and ``bulk_update_mappings`` come here. Every row is given its
+shard first: by the placement (the shard key; a follower by the foreign key that carries
+its parent's key; a broadcast table on every shard; a pinned table on its shard) or, under
+the drop-in constructor, by the shard chooser looking at a transient object built from the
+row. A row that cannot be routed raises before anything is sent to any shard. Then each
+shard's rows go through SQLAlchemy's own ORM bulk code on that shard's connection (its
+insertmanyvalues batching, its handling of keys, defaults and RETURNING), the shards in
+parallel, inside the session's transaction: the commit protocol makes them durable
+together.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Connection, Result
+from sqlalchemy.engine.result import null_result
+from sqlalchemy.orm import Mapper, ORMExecuteState
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.state import InstanceState
+
+from . import _compat
+from .exc import RoutingError, ShardKeyMissingError, ShardSessionError
+from .query._fanout import _may_cross_threads, _shared_pool
+from .routing.placement import naming_mapper
+from .routing.strategies import Broadcast, Follows
+
+__all__ = ["execute_bulk", "route_rows", "run_per_shard", "save_mappings"]
+
+_T = TypeVar("_T")
+_Row = Mapping[str, Any]
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def route_rows(
+    session: Any,
+    mapper: Mapper[Any],
+    rows: Sequence[_Row],
+    *,
+    by_attribute: bool = True,
+    for_update: bool = False,
+) -> dict[Any, list[_Row]]:
+    """Group ``rows`` (parameter dictionaries keyed by attribute names, or by column keys
+    when ``by_attribute`` is false) by the shard each belongs on, keeping their order.
+    The dictionaries themselves are kept (SQLAlchemy writes generated defaults back into
+    those of ``bulk_insert_mappings(return_defaults=True)``).
+
+    :raises ShardKeyMissingError: a row lacks its shard key (or a broadcast row its
+        primary key, which each shard would otherwise generate on its own).
+    :raises RoutingError: a key no shard holds, a row the placement can only place through
+        a parent object, or a shard chooser that failed on a row.
+    :raises UnknownShardError: a chooser named a shard the session does not have.
+    """
+    placement = session.placement
+    if placement is None:
+        return _route_by_chooser(session, mapper, rows, by_attribute, for_update)
+    r = placement.resolve(mapper)
+    if isinstance(r.rule, Broadcast):
+        _require_primary_key(mapper, rows, by_attribute)
+        return {s: list(rows) for s in placement.shards}
+    if r.strategy is None:
+        only = placement.all_candidates(mapper)
+        if isinstance(r.rule, Follows) or len(only) != 1:
+            raise RoutingError(
+                f"cannot route bulk rows of {mapper.class_.__name__}: its placement follows a "
+                "parent object, not a key column of the row; add the objects with "
+                "session.add_all() instead, or pass bind_arguments={'shard_id': ...}",
+                shard_id=None,
+            )
+        return {session._check_shard(only[0]): list(rows)}
+    names = r.attrs if by_attribute else tuple(str(c.key) for c in r.columns)
+    strategy = r.strategy
+    groups: dict[Any, list[_Row]] = {}
+    known = session._shards
+    one = names[0] if len(names) == 1 else None
+    for index, row in enumerate(rows):
+        try:
+            value = row[one] if one is not None else tuple(row[n] for n in names)
+        except KeyError:
+            value = None
+        if value is None or (one is None and None in value):
+            missing = [n for n in names if row.get(n) is None]
+            raise ShardKeyMissingError(
+                f"bulk row {index} of {mapper.class_.__name__} has no value for shard key "
+                f"{', '.join(missing)}; nothing was sent",
+                shard_id=None,
+                mapper=mapper.class_.__name__,
+                key=tuple(missing),
+            )
+        try:
+            shard = strategy.shard_for(value)
+        except RoutingError as e:
+            raise naming_mapper(e, mapper) from e
+        group = groups.get(shard)
+        if group is None:
+            if shard not in known:
+                session._check_shard(shard)  # raises
+            group = groups[shard] = []
+        group.append(row)
+    return groups
+
+
+def _require_primary_key(mapper: Mapper[Any], rows: Sequence[_Row], by_attribute: bool) -> None:
+    names = [
+        mapper.get_property_by_column(c).key if by_attribute else str(c.key)
+        for c in mapper.primary_key
+    ]
+    for index, row in enumerate(rows):
+        missing = [n for n in names if row.get(n) is None]
+        if missing:
+            raise ShardKeyMissingError(
+                f"bulk row {index} of the replicated {mapper.class_.__name__} has no "
+                f"{', '.join(missing)}: each shard would generate a key of its own; "
+                "nothing was sent",
+                shard_id=None,
+                mapper=mapper.class_.__name__,
+                key=tuple(missing),
+            )
+
+
+def _route_by_chooser(
+    session: Any,
+    mapper: Mapper[Any],
+    rows: Sequence[_Row],
+    by_attribute: bool,
+    for_update: bool,
+) -> dict[Any, list[_Row]]:
+    """The drop-in constructor's routing: an UPDATE row goes where its object is in the
+    identity map; otherwise the shard chooser is asked with a transient object carrying
+    the row's column values (set without attribute events: no validator or backref runs
+    on a partial object)."""
+    attr_of = {
+        str(col.key): prop.key for prop in mapper.column_attrs for col in prop.columns
+    }
+    if by_attribute:
+        attr_of.update((prop.key, prop.key) for prop in mapper.column_attrs)
+    pk_attrs = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+    groups: dict[Any, list[_Row]] = {}
+    for index, row in enumerate(rows):
+        shard = _shard_in_identity_map(session, mapper, row, pk_attrs) if for_update else None
+        if shard is None:
+            obj = mapper.class_manager.new_instance()
+            for key, value in row.items():
+                attr = attr_of.get(key)
+                if attr is not None:
+                    set_committed_value(obj, attr, value)
+            try:
+                shard = session.shard_chooser(mapper, obj)
+            except ShardSessionError:
+                raise
+            except Exception as e:
+                raise RoutingError(
+                    f"the shard chooser failed on bulk row {index} of "
+                    f"{mapper.class_.__name__} ({type(e).__name__}: {e}); nothing was sent",
+                    shard_id=None,
+                ) from e
+        groups.setdefault(session._check_shard(shard), []).append(row)
+    return groups
+
+
+def _shard_in_identity_map(
+    session: Any, mapper: Mapper[Any], row: _Row, pk_attrs: list[str]
+) -> Any:
+    try:
+        pk = tuple(row[a] for a in pk_attrs)
+    except KeyError:
+        return None
+    for shard in session._shards:
+        key = mapper.identity_key_from_primary_key(pk, identity_token=shard)
+        if key in session.identity_map:
+            return shard
+    return None
+
+
+def route_states(
+    session: Any, mapper: Mapper[Any], states: Sequence[InstanceState[Any]], isupdate: bool
+) -> dict[Any, list[InstanceState[Any]]]:
+    """Group the states of ``bulk_save_objects`` by shard: a persistent object's is in its
+    identity key; a new one is placed as a flush would place it (the placement, or the
+    shard chooser, which SQLAlchemy's sharded session also asks with the object).
+
+    :raises RoutingError: (and subclasses) an object cannot be placed; nothing was sent.
+    """
+    placement = session.placement
+    if placement is not None and isinstance(placement.resolve(mapper).rule, Broadcast):
+        rows = [s.dict for s in states]
+        _require_primary_key(mapper, rows, True)
+        return {s: list(states) for s in placement.shards}
+    groups: dict[Any, list[InstanceState[Any]]] = {}
+    for state in states:
+        shard = _compat.identity_token_of(state)
+        if shard is None and isupdate:
+            raise RoutingError(
+                f"bulk update of a {mapper.class_.__name__} that is not persistent: it has "
+                "no shard",
+                shard_id=None,
+            )
+        if shard is None:
+            if placement is not None:
+                shard = placement.shard_for_instance(mapper, state)
+            else:
+                shard = session._shard_for(mapper, state.obj())
+        groups.setdefault(session._check_shard(shard), []).append(state)
+    return groups
+
+
+# -- running on the shards ---------------------------------------------------------------------
+
+
+def run_per_shard(
+    session: Any, shard_ids: Sequence[Any], work: Callable[[Any, Connection], _T]
+) -> dict[Any, _T]:
+    """``work(shard_id, connection)`` for each shard, in parallel; return the results by
+    shard, in the order of ``shard_ids``.
+
+    Each shard's connection is checked out (and its transaction begun) in the calling
+    thread first, as the fan-out does (:mod:`shardsession.query._fanout`); workers only
+    execute on their connection. Shards sharing one connection run one after another.
+
+    Failure semantics: every started shard finishes before anything is raised (no worker
+    outlives the call); then the first error in shard order is re-raised unchanged. The
+    other shards' writes stay in the session's transaction, which the caller rolls back
+    (nothing is committed).
+    """
+    conns = {s: session.connection(bind_arguments={"shard_id": s}) for s in shard_ids}
+    lanes: dict[int, list[Any]] = {}
+    for s in shard_ids:
+        lanes.setdefault(id(conns[s]), []).append(s)
+
+    def lane(members: list[Any]) -> list[tuple[Any, _T]]:
+        return [(s, work(s, conns[s])) for s in members]
+
+    keys = list(lanes)
+    if len(keys) == 1 or not all(_may_cross_threads(c) for c in conns.values()):
+        return dict(lane(list(shard_ids)))
+    pool = _shared_pool()
+    futures = {pool.submit(lane, lanes[k]): k for k in keys[:-1]}
+    outcomes: dict[int, list[tuple[Any, _T]] | BaseException] = {}
+    try:
+        try:  # the calling thread runs the last lane itself instead of waiting idle
+            outcomes[keys[-1]] = lane(lanes[keys[-1]])
+        except Exception as e:  # reported in shard order below
+            outcomes[keys[-1]] = e
+    finally:
+        concurrent.futures.wait(futures)
+    for future, key in futures.items():
+        failure = future.exception()
+        outcomes[key] = failure if failure is not None else future.result()
+    errors = {lanes[k][0]: o for k, o in outcomes.items() if isinstance(o, BaseException)}
+    if errors:
+        raise errors[next(s for s in shard_ids if s in errors)]
+    done: dict[Any, _T] = {}
+    for outcome in outcomes.values():
+        assert not isinstance(outcome, BaseException)
+        done.update(outcome)
+    return {s: done[s] for s in shard_ids}
+
+
+# -- the statements and methods ------------------------------------------------------------------
+
+
+def execute_bulk(
+    orm_context: ORMExecuteState, bulk: _compat.BulkStatement, shard_id: Any = None
+) -> Result[Any]:
+    """Run an ORM bulk INSERT or UPDATE (``session.execute(insert(M), rows)``,
+    ``session.execute(update(M), rows)``) with each row on its shard, or every row on
+    ``shard_id`` when the statement names one.
+
+    Objects returned by ``.returning(M)`` carry their shard as identity token (``get()``
+    finds them); a bulk UPDATE brings the objects of the identity map up to date as
+    SQLAlchemy does (``synchronize_session``).
+
+    Failure semantics: routing errors are raised before any shard is asked. An error on
+    a shard (a duplicate key, a row no shard matched: ``StaleDataError``) is raised after
+    every shard finished; the rows written elsewhere stay in the session's transaction,
+    uncommitted: roll the session back.
+    """
+    session: Any = orm_context.session
+    params = orm_context.parameters
+    rows: list[_Row] = [params] if isinstance(params, Mapping) else list(params or ())
+    mapper = bulk.mapper
+    if bulk.kind == "update":
+        _compat.check_bulk_update(orm_context, bulk)
+    if shard_id is not None:
+        groups: dict[Any, list[_Row]] = {shard_id: rows}
+    else:
+        groups = route_rows(session, mapper, rows, for_update=bulk.kind == "update")
+    if bulk.autoflush:
+        _compat.session_autoflush(session)
+    replicated = _replicated(session, mapper) and shard_id is None
+
+    if bulk.kind == "insert":
+        def insert(shard: Any, conn: Connection) -> Any:
+            return _compat.run_bulk_insert(orm_context, bulk, conn, groups[shard])
+
+        results = run_per_shard(session, list(groups), insert)
+        if not bulk.returning:
+            return null_result()
+        shards = list(results)[:1] if replicated else list(results)
+        returned = [
+            _compat.orm_insert_result(orm_context, groups[s], results[s], s) for s in shards
+        ]
+        merged: Result[Any] = (
+            returned[0].merge(*returned[1:]) if len(returned) > 1 else returned[0])
+        return merged
+
+    def update(shard: Any, conn: Connection) -> Any:
+        return _compat.run_bulk_update(orm_context, bulk, conn, groups[shard])
+
+    results = run_per_shard(session, list(groups), update)
+    for shard, result in results.items():
+        _compat.synchronize_bulk_update(orm_context, bulk, groups[shard], result, shard)
+    return null_result()
+
+
+def _replicated(session: Any, mapper: Mapper[Any]) -> bool:
+    placement = session.placement
+    return placement is not None and isinstance(placement.resolve(mapper).rule, Broadcast)
+
+
+def save_mappings(
+    session: Any,
+    mapper: Mapper[Any],
+    mappings: list[Any],
+    *,
+    isupdate: bool,
+    isstates: bool,
+    return_defaults: bool,
+    update_changed_only: bool,
+    render_nulls: bool,
+) -> None:
+    """``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings`` of one
+    mapper: each object or dictionary to its shard, the shards in parallel.
+
+    Objects inserted with ``return_defaults=True`` become persistent-keyed with their
+    shard as identity token.
+
+    Failure semantics: routing errors are raised before any shard is asked; a shard's
+    error is raised after every shard finished, and the caller
+    (:class:`~shardsession._compat.RoutedBulkSaves`) rolls the session's transaction back
+    as a failed flush does: nothing is committed on any shard.
+    """
+    if not mappings:
+        return
+    groups: dict[Any, list[Any]]
+    if isstates:
+        groups = dict(route_states(session, mapper, mappings, isupdate))
+    else:
+        groups = dict(route_rows(session, mapper, mappings, for_update=isupdate))
+
+    def work(shard: Any, conn: Connection) -> None:
+        if isupdate:
+            _compat.bulk_update_on(conn, mapper, groups[shard], isstates=isstates,
+                                   update_changed_only=update_changed_only)
+        else:
+            _compat.bulk_insert_on(conn, mapper, groups[shard], isstates=isstates,
+                                   return_defaults=return_defaults, render_nulls=render_nulls)
+
+    run_per_shard(session, list(groups), work)
+    if isstates and return_defaults and not isupdate:
+        # a replicated object is keyed by the shard it is read from, as a flush keys it
+        own = (session.placement.all_candidates(mapper)[0]
+               if _replicated(session, mapper) else None)
+        for shard, states in groups.items():
+            if own is not None and shard != own:
+                continue
+            for state in states:
+                _compat.key_with_token(state, shard)

@@ -1,0 +1,520 @@
+"""Bulk operations over shards: each row stored on its shard, the shards in parallel, in the
+session's atomic commit; unroutable rows send nothing; RETURNING objects carry their shard.
+
+Runs on three SQLite files and on PostgreSQL + MariaDB + PostgreSQL shards. What was stored
+is read back through engines of its own (not the session's), shard by shard.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Engine,
+    create_engine,
+    delete,
+    event,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext import horizontal_shard
+from sqlalchemy.orm import make_transient, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.pool import NullPool
+
+from shardsession import HashSharding, ShardedSession
+from shardsession.exc import (
+    RoutingError,
+    ShardKeyMissingError,
+    UnknownShardError,
+)
+
+from ._models import (
+    SHARDS,
+    TENANTS,
+    AuditLog,
+    Cluster,
+    Country,
+    Event,
+    Order,
+    Tenant,
+    User,
+    build_cluster,
+)
+
+
+@pytest.fixture(params=["sqlite", "pg+mariadb"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Cluster]:
+    if request.param == "sqlite":
+        urls = [f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]
+    else:
+        pg_a = request.getfixturevalue("pg_server_a")
+        pg_b = request.getfixturevalue("pg_server_b")
+        maria = request.getfixturevalue("mariadb_server")
+        # s0 and s2 PostgreSQL (two servers), s1 MariaDB
+        urls = [pg_a.create_database(), maria.create_database(), pg_b.create_database()]
+    yield from build_cluster(urls)
+
+
+def user_shard(user_id: int) -> str:
+    return HashSharding("id", list(SHARDS)).shard_for(user_id)
+
+
+def event_shard(day: int) -> str:
+    return "s0" if day < 100 else "s1" if day < 200 else "s2"
+
+
+def stored(cluster: Cluster, sql: str) -> dict[str, set[Any]]:
+    """``sql`` run on every shard through a fresh engine of its own: the rows each holds
+    (one value per row when one column is selected)."""
+    out: dict[str, set[Any]] = {}
+    for shard, engine in cluster.engines.items():
+        fresh = create_engine(engine.url.render_as_string(hide_password=False),
+                              poolclass=NullPool)
+        try:
+            with fresh.connect() as conn:
+                rows = conn.execute(text(sql)).all()
+        finally:
+            fresh.dispose()
+        out[shard] = {r[0] if len(r) == 1 else tuple(r) for r in rows}
+    return out
+
+
+def by_shard(values: dict[Any, str]) -> dict[str, set[Any]]:
+    out: dict[str, set[Any]] = {s: set() for s in SHARDS}
+    for value, shard in values.items():
+        out[shard].add(value)
+    return out
+
+
+def pg_ids(cluster: Cluster, ids: range) -> list[int]:
+    """The ids of ``ids`` whose users live on a shard whose dialect has UPDATE/DELETE ..
+    RETURNING (every shard but MariaDB)."""
+    return [i for i in ids
+            if cluster.engines[user_shard(i)].dialect.name in ("sqlite", "postgresql")]
+
+
+class _Threads:
+    """The threads each shard's engine ran INSERT statements on."""
+
+    def __init__(self, cluster: Cluster, table: str) -> None:
+        self.seen: dict[str, set[int]] = defaultdict(set)
+        self.statements: dict[str, int] = defaultdict(int)
+        for shard, engine in cluster.engines.items():
+            event.listen(engine, "before_cursor_execute", self._recorder(shard, table))
+
+    def _recorder(self, shard: str, table: str) -> Any:
+        def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()}"):
+                self.seen[shard].add(threading.get_ident())
+                self.statements[shard] += 1
+        return record
+
+
+# --------------------------------------------------------------------------------------------
+# rows on their shards
+
+
+def test_bulk_insert_puts_each_row_on_its_shard_in_parallel(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    users = [{"id": i, "name": f"u{i}"} for i in range(1, 61)]
+    orders = [{"id": 1000 + i, "user_id": i, "amount": i} for i in range(1, 61)]
+    days = [5, 150, 250, 99, 100, 300]
+    events = [{"id": i, "day": d, "what": "e"} for i, d in enumerate(days)]
+    tenants = [{"code": c, "title": c.upper()} for c in TENANTS]
+    countries = [{"code": "SE", "name": "Sweden"}, {"code": "NO", "name": "Norway"}]
+    logs = [{"id": i, "message": "m"} for i in range(3)]
+    threads = _Threads(cluster, "users")
+    with Session.begin() as s:
+        for model, rows in ((User, users), (Order, orders), (Event, events),
+                            (Tenant, tenants), (Country, countries), (AuditLog, logs)):
+            s.execute(insert(model), rows)
+
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: user_shard(i) for i in range(1, 61)})
+    assert stored(cluster, "SELECT id FROM orders") == by_shard(
+        {1000 + i: user_shard(i) for i in range(1, 61)})
+    assert stored(cluster, "SELECT day FROM events") == by_shard(
+        {d: event_shard(d) for d in days})
+    assert stored(cluster, "SELECT code FROM tenants") == by_shard(TENANTS)
+    assert stored(cluster, "SELECT code FROM countries") == {s: {"SE", "NO"} for s in SHARDS}
+    assert stored(cluster, "SELECT id FROM audit_log") == {"s0": set(), "s1": set(),
+                                                           "s2": {0, 1, 2}}
+    # one batch per shard (insertmanyvalues / executemany), the shards on several threads
+    assert dict(threads.statements) == {s: 1 for s in SHARDS}
+    assert len(set().union(*threads.seen.values())) > 1
+
+
+def test_explicit_shard_takes_every_row(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(AuditLog), [{"id": i, "message": "x"} for i in range(5)],
+                  bind_arguments={"shard_id": "s0"})
+    assert stored(cluster, "SELECT id FROM audit_log")["s0"] == set(range(5))
+
+
+def test_core_insert_rows_still_routed(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(User.__table__), [{"id": i, "name": f"c{i}"} for i in range(1, 21)])
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: user_shard(i) for i in range(1, 21)})
+
+
+# --------------------------------------------------------------------------------------------
+# nothing sent when a row cannot be routed
+
+
+@pytest.mark.parametrize(
+    ("model", "rows", "error"),
+    [
+        (User, [{"id": 1, "name": "a"}, {"name": "no key"}], ShardKeyMissingError),
+        (User, [{"id": 2, "name": "a"}, {"id": None, "name": "null"}], ShardKeyMissingError),
+        (Order, [{"id": 1, "user_id": 1, "amount": 1}, {"id": 2, "amount": 1}],
+         ShardKeyMissingError),
+        (Tenant, [{"code": "acme", "title": "x"}, {"code": "nobody", "title": "x"}],
+         RoutingError),
+        (Country, [{"code": "SE", "name": "x"}, {"name": "no key"}], ShardKeyMissingError),
+    ],
+    ids=["missing", "null", "follower", "directory", "broadcast"],
+)
+def test_unroutable_row_sends_nothing(
+    cluster: Cluster, model: Any, rows: list[dict[str, Any]], error: type[Exception]
+) -> None:
+    Session = cluster.session_factory()
+    with Session() as s:
+        for attempt in (
+            lambda: s.execute(insert(model), rows),
+            lambda: s.scalars(insert(model).returning(model), rows).all(),
+            lambda: s.bulk_insert_mappings(model, rows),
+        ):
+            cluster.reset_log()
+            with pytest.raises(error):
+                attempt()
+            assert cluster.touched("INSERT") == set()
+            s.rollback()
+    for table in ("users", "orders", "tenants", "countries"):
+        assert all(not v for v in stored(cluster, f"SELECT * FROM {table}").values())
+
+
+def test_bulk_update_row_without_shard_key_sends_nothing(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": 1, "name": "a"}])
+        s.execute(insert(Order), [{"id": 7, "user_id": 1, "amount": 1}])
+    with Session() as s:
+        cluster.reset_log()
+        with pytest.raises(ShardKeyMissingError):  # an order's shard key is its user_id
+            s.execute(update(Order), [{"id": 7, "amount": 2}])
+        with pytest.raises(ShardKeyMissingError):
+            s.execute(update(User), [{"id": 1, "name": "b"}, {"name": "no key"}])
+        assert cluster.touched("UPDATE") == set()
+
+
+# --------------------------------------------------------------------------------------------
+# atomicity
+
+
+def test_failure_on_one_shard_rolls_back_every_shard(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": 7, "name": "first"}])
+    rows = [{"id": i, "name": f"r{i}"} for i in range(100, 130)] + [{"id": 7, "name": "dup"}]
+    assert len({user_shard(r["id"]) for r in rows}) == 3
+    with pytest.raises(IntegrityError), Session.begin() as s:
+        s.execute(insert(User), rows)
+    with pytest.raises(IntegrityError), Session.begin() as s:
+        s.bulk_save_objects([User(id=r["id"], name=str(r["name"])) for r in rows])
+    with pytest.raises(StaleDataError), Session.begin() as s:
+        # rows of every shard updated, one matches nothing: SQLAlchemy's error, and the
+        # rest is rolled back with it
+        s.execute(update(User), [{"id": 7, "name": "changed"}, {"id": 999, "name": "none"}])
+    expected = by_shard({7: user_shard(7)})
+    assert stored(cluster, "SELECT id FROM users") == expected
+    assert stored(cluster, "SELECT name FROM users") == by_shard({"first": user_shard(7)})
+
+
+def test_bulk_rows_of_several_shards_commit_together(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session() as s:
+        s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 31)])
+        s.execute(insert(Order), [{"id": i, "user_id": i, "amount": 1} for i in range(1, 31)])
+        # nothing visible from outside before the commit
+        assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
+        s.commit()
+    assert set().union(*stored(cluster, "SELECT id FROM orders").values()) == set(range(1, 31))
+
+
+# --------------------------------------------------------------------------------------------
+# identity
+
+
+def test_insert_returning_objects_carry_their_shard(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session() as s:
+        rows = [{"id": i, "name": f"n{i}"} for i in range(1, 13)]
+        objs = s.scalars(insert(User).returning(User), rows).all()
+        assert sorted(o.id for o in objs) == list(range(1, 13))
+        assert {inspect(o).key[2] for o in objs if True} == {user_shard(i) for i in range(1, 13)}
+        for o in objs:
+            assert inspect(o).key[2] == user_shard(o.id)
+        cluster.reset_log()
+        for o in objs:
+            assert s.get(User, o.id) is o  # the same object, found without a query
+        assert cluster.touched("SELECT") == set()
+        columns = s.execute(insert(User).returning(User.id, User.name),
+                            [{"id": i, "name": f"c{i}"} for i in range(20, 26)]).all()
+        assert sorted(columns) == [(i, f"c{i}") for i in range(20, 26)]
+        # a replicated row is returned once, not once per copy
+        countries = s.scalars(insert(Country).returning(Country),
+                              [{"code": "SE", "name": "Sweden"},
+                               {"code": "NO", "name": "Norway"}]).all()
+        assert sorted(c.code for c in countries) == ["NO", "SE"]
+        s.commit()
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: user_shard(i) for i in [*range(1, 13), *range(20, 26)]})
+
+
+def test_update_and_delete_returning_objects_carry_their_shard(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    ids = pg_ids(cluster, range(1, 40))[:6]
+    assert len({user_shard(i) for i in ids}) >= 2
+    with Session() as s:
+        s.execute(insert(User), [{"id": i, "name": "n"} for i in ids])
+        s.commit()
+        loaded = {i: s.get(User, i) for i in ids}
+        # several shards
+        changed = s.scalars(update(User).where(User.id.in_(ids[:4])).values(name="u")
+                            .returning(User)).all()
+        assert sorted(o.id for o in changed) == sorted(ids[:4])
+        assert all(o is loaded[o.id] for o in changed)
+        # one shard
+        one = s.scalars(update(User).where(User.id == ids[4]).values(name="v")
+                        .returning(User)).all()
+        assert [o.id for o in one] == [ids[4]] and one[0] is loaded[ids[4]]
+        assert inspect(one[0]).key[2] == user_shard(ids[4])
+        gone = s.scalars(delete(User).where(User.id.in_(ids[4:])).returning(User)).all()
+        assert sorted(o.id for o in gone) == sorted(ids[4:])
+        # (a plain Session returns new objects for deleted rows too: the deleted ones
+        # left the identity map first; they are keyed by shard here all the same)
+        assert all(inspect(o).key[2] == user_shard(o.id) for o in gone)
+        s.commit()
+    names = stored(cluster, "SELECT id, name FROM users")
+    assert set().union(*names.values()) == {(i, "u") for i in ids[:4]}
+
+
+def test_make_transient_forgets_the_shard(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    old, new_detached, new_attached = 1, 2, 3
+    while user_shard(new_detached) == user_shard(old):
+        new_detached += 3
+    while user_shard(new_attached) in (user_shard(old), user_shard(new_detached)):
+        new_attached += 1
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": old, "name": "original"}])
+    with Session.begin() as s:
+        u = s.get(User, old)
+        assert u is not None
+        s.expunge(u)
+        make_transient(u)  # detached first: no session event sees this
+        u.id = new_detached
+        s.add(u)
+    with Session.begin() as s:
+        u = s.get(User, old)
+        assert u is not None
+        make_transient(u)  # still in the session
+        u.id = new_attached
+        s.add(u)
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {old: user_shard(old), new_detached: user_shard(new_detached),
+         new_attached: user_shard(new_attached)})
+
+
+# --------------------------------------------------------------------------------------------
+# UPDATE by primary key, the Session's bulk methods, upserts
+
+
+def test_bulk_update_by_primary_key(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session() as s:
+        s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 31)])
+        s.commit()
+        loaded = s.get(User, 5)
+        assert loaded is not None and loaded.name == "n"
+        cluster.reset_log()
+        s.execute(update(User), [{"id": i, "name": f"x{i}"} for i in range(1, 31)])
+        assert cluster.touched("UPDATE") == set(SHARDS)
+        assert loaded.name == "x5"  # synchronized in the identity map, as SQLAlchemy does
+        s.commit()
+    assert set().union(*stored(cluster, "SELECT id, name FROM users").values()) == {
+        (i, f"x{i}") for i in range(1, 31)}
+
+
+def test_session_bulk_methods(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.bulk_save_objects([User(id=i, name="b") for i in range(1, 21)])
+        s.bulk_insert_mappings(Order, [{"id": 500 + i, "user_id": i, "amount": 1}
+                                       for i in range(1, 21)])
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: user_shard(i) for i in range(1, 21)})
+    assert stored(cluster, "SELECT id FROM orders") == by_shard(
+        {500 + i: user_shard(i) for i in range(1, 21)})
+    with Session.begin() as s:
+        objs = s.scalars(select(User).where(User.id.in_(range(1, 11)))).all()
+        for o in objs:
+            o.name = "saved"
+        s.bulk_save_objects(objs)  # persistent: UPDATE on each object's shard
+        s.bulk_update_mappings(User, [{"id": i, "name": "mapped"} for i in range(11, 21)])
+        s.bulk_update_mappings(Order, [{"id": 500 + i, "user_id": i, "amount": 9}
+                                       for i in range(1, 21)])
+    names = set().union(*stored(cluster, "SELECT id, name FROM users").values())
+    assert names == {(i, "saved" if i < 11 else "mapped") for i in range(1, 21)}
+    assert set().union(*stored(cluster, "SELECT amount FROM orders").values()) == {9}
+    with Session() as s:
+        new = [User(id=i, name="rd") for i in range(40, 46)]
+        s.bulk_save_objects(new, return_defaults=True)
+        for o in new:
+            assert inspect(o).key[2] == user_shard(o.id)
+            assert s.get(User, o.id) is not None
+        s.commit()
+    assert stored(cluster, "SELECT id FROM users WHERE id >= 40") == by_shard(
+        {i: user_shard(i) for i in range(40, 46)})
+
+
+def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> Any:
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(User)
+        return stmt.on_conflict_do_update(index_elements=[User.id],
+                                          set_={"name": stmt.excluded.name})
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        lite = sqlite_insert(User)
+        return lite.on_conflict_do_update(index_elements=[User.id],
+                                          set_={"name": lite.excluded.name})
+    from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+    my = mysql_insert(User)
+    return my.on_duplicate_key_update(name=my.inserted.name)
+
+
+def test_upserts_routed_by_key(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": i, "name": "old"} for i in range(1, 11)])
+    # each dialect's upsert with rows whose shards have that dialect (one new, one old
+    # key at least per shard)
+    by_dialect: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for i in range(5, 31):
+        by_dialect[cluster.engines[user_shard(i)].dialect.name].append(
+            {"id": i, "name": "new"})
+    with Session.begin() as s:
+        for dialect, rows in by_dialect.items():
+            engine = next(e for e in cluster.engines.values() if e.dialect.name == dialect)
+            s.execute(_upsert(engine, rows), rows)
+    names = set().union(*stored(cluster, "SELECT id, name FROM users").values())
+    assert names == {(i, "old" if i < 5 else "new") for i in range(1, 31)}
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: user_shard(i) for i in range(1, 31)})
+
+
+# --------------------------------------------------------------------------------------------
+# the drop-in constructor: rows routed by the shard chooser
+
+
+def _dropin(cluster: Cluster, chooser: Any, cls: type[Any] = ShardedSession) -> Any:
+    def identity_chooser(mapper: Any, primary_key: Any, **kw: Any) -> list[str]:
+        return list(SHARDS)
+
+    def execute_chooser(context: Any) -> list[str]:
+        return list(SHARDS)
+
+    kw = {"atomic": "best_effort"} if cls is ShardedSession else {}
+    return sessionmaker(class_=cls, shards=cluster.engines, shard_chooser=chooser,
+                        identity_chooser=identity_chooser, execute_chooser=execute_chooser,
+                        **kw)
+
+
+def _by_id(mapper: Any, instance: Any, clause: Any = None) -> str:
+    return SHARDS[instance.id % 3]
+
+
+def test_dropin_routes_rows_by_the_shard_chooser(cluster: Cluster) -> None:
+    Session = _dropin(cluster, _by_id)
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": i, "name": "d"} for i in range(1, 16)])
+        s.bulk_insert_mappings(User, [{"id": i, "name": "m"} for i in range(16, 22)])
+        objs = s.scalars(insert(User).returning(User),
+                         [{"id": i, "name": "r"} for i in range(22, 28)]).all()
+        for o in objs:
+            assert inspect(o).key[2] == SHARDS[o.id % 3]
+        s.execute(update(User), [{"id": i, "name": "u"} for i in range(1, 4)])
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: SHARDS[i % 3] for i in range(1, 28)})
+    names = set().union(*stored(cluster, "SELECT id, name FROM users WHERE id < 4").values())
+    assert names == {(1, "u"), (2, "u"), (3, "u")}
+    # SQLAlchemy's own sharded session refuses these statements outright
+    theirs = _dropin(cluster, _by_id, horizontal_shard.ShardedSession)
+    with theirs() as s, pytest.raises(NotImplementedError):
+        s.execute(insert(User), [{"id": 100, "name": "x"}])
+
+
+def test_dropin_unroutable_row_sends_nothing(cluster: Cluster) -> None:
+    def unknown(mapper: Any, instance: Any, clause: Any = None) -> str:
+        return "nowhere" if instance.id == 5 else SHARDS[instance.id % 3]
+
+    def failing(mapper: Any, instance: Any, clause: Any = None) -> str:
+        return SHARDS[instance.region]  # no such attribute
+
+    for chooser, error in ((unknown, UnknownShardError), (failing, RoutingError)):
+        with _dropin(cluster, chooser)() as s:
+            cluster.reset_log()
+            with pytest.raises(error):
+                s.execute(insert(User), [{"id": i, "name": "d"} for i in range(1, 8)])
+            assert cluster.touched("INSERT") == set()
+
+
+def test_upsert_returning_populate_existing(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    ids = pg_ids(cluster, range(1, 30))[:6]
+    dialect_ids = [i for i in ids if cluster.engines[user_shard(i)].dialect.name
+                   == cluster.engines[user_shard(ids[0])].dialect.name]
+    with Session() as s:
+        s.execute(insert(User), [{"id": i, "name": "old"} for i in dialect_ids[:2]])
+        s.commit()
+        loaded = s.get(User, dialect_ids[0])
+        assert loaded is not None and loaded.name == "old"
+        rows = [{"id": i, "name": "new"} for i in dialect_ids]
+        stmt = _upsert(cluster.engines[user_shard(dialect_ids[0])], rows).returning(User)
+        objs = s.scalars(stmt, rows, execution_options={"populate_existing": True}).all()
+        assert sorted(o.id for o in objs) == sorted(dialect_ids)
+        assert loaded in objs and loaded.name == "new"  # refreshed in place
+        s.commit()
+
+
+def test_replicated_and_pinned_rows_updated_by_key(cluster: Cluster) -> None:
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(Country), [{"code": "SE", "name": "Sweden"},
+                                    {"code": "NO", "name": "Norway"}])
+        s.execute(insert(AuditLog), [{"id": 1, "message": "a"}, {"id": 2, "message": "b"}])
+    with Session.begin() as s:
+        s.execute(update(Country), [{"code": "SE", "name": "Sverige"},
+                                    {"code": "NO", "name": "Norge"}])
+        s.bulk_update_mappings(AuditLog, [{"id": 1, "message": "z"}, {"id": 2, "message": "z"}])
+    assert stored(cluster, "SELECT name FROM countries") == {
+        s: {"Sverige", "Norge"} for s in SHARDS}
+    assert stored(cluster, "SELECT message FROM audit_log") == {"s0": set(), "s1": set(),
+                                                                "s2": {"z"}}
