@@ -275,6 +275,39 @@ def root_transaction(transaction: Any) -> Any:
     return transaction
 
 
+def connection_owner(session: Session) -> SessionTransaction | None:
+    """The transaction a session's connections are asked of: the innermost SAVEPOINT
+    (``begin_nested()``) transaction, else the root; ``None`` outside a transaction.
+
+    What ``Session.get_nested_transaction() or Session.get_transaction()`` answer, in one
+    walk up the private ``Session._transaction`` / ``SessionTransaction._parent`` chain
+    (a flush asks once per object). Subtransactions (a flush's own) are skipped: they
+    hand out their parent's connections.
+    """
+    trans = session._transaction
+    while trans is not None:
+        parent = trans._parent
+        if parent is None or trans.nested:
+            return trans
+        trans = parent
+    return None
+
+
+def savepoint_name(connection: Any, name: str | None) -> str:
+    """The name of the SAVEPOINT a ``savepoint`` connection event announces.
+
+    SQLAlchemy dispatches the event before it makes up the name of a savepoint begun
+    without one (every ``begin_nested()``): ``name`` is then ``None`` and the name will
+    be ``"sa_savepoint_%d"`` of the Connection's next sequence number (the private,
+    name-mangled ``Connection.__savepoint_seq``; ``Connection._savepoint_impl``, the
+    same on 2.0.30 and 2.1.9). The later ``rollback_savepoint`` / ``release_savepoint``
+    events carry that name.
+    """
+    if name is not None:
+        return name
+    return f"sa_savepoint_{connection._Connection__savepoint_seq + 1}"
+
+
 def is_coordinated(transaction: Any) -> bool:
     return type(transaction) is _CoordinatedTransaction
 

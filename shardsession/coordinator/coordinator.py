@@ -59,6 +59,9 @@ _INSTRUMENTED_KEY = "_shardsession_instrumented"
 #: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
 #: or a method of the session's class (``ShardedSession``)
 _NAMING_KEY = "_shardsession_naming"
+#: attribute of ours on a SQLAlchemy ``Connection``: its open savepoints, each with
+#: whether the connection had written when it began
+_SAVEPOINTS_KEY = "_shardsession_savepoints"
 _SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
 
 # Connection-level listeners are installed once per engine (marked with _INSTRUMENTED_KEY),
@@ -112,7 +115,58 @@ def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parame
     branch.wrote = True
 
 
+def _wrote(conn: Connection) -> bool | None:
+    branch = _branch_of(conn)
+    return branch.wrote if branch is not None else getattr(conn, _WROTE_KEY, None)
+
+
+def _on_savepoint(conn: Connection, name: str | None) -> None:
+    # Whether the connection had written when the SAVEPOINT began, so that a rollback to
+    # it can say so again: the server undid every write since, and a shard whose only
+    # writes were rolled back must commit as the reader it is (no PREPARE, and no
+    # second unpreparable writer for atomic='require' to refuse).
+    wrote = _wrote(conn)
+    if wrote is None:
+        return  # not a connection of a coordinated transaction
+    stack: list[tuple[str, bool]] | None = getattr(conn, _SAVEPOINTS_KEY, None)
+    if stack is None:
+        stack = []
+        setattr(conn, _SAVEPOINTS_KEY, stack)
+    stack.append((_compat.savepoint_name(conn, name), wrote))
+
+
+def _unwind(conn: Connection, name: str) -> bool | None:
+    """Forget savepoint ``name`` and those begun after it; what the connection had
+    written when it began (``None``: not tracked)."""
+    stack: list[tuple[str, bool]] | None = getattr(conn, _SAVEPOINTS_KEY, None)
+    if not stack:
+        return None
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0] == name:
+            wrote = stack[i][1]
+            del stack[i:]
+            return wrote
+    return None
+
+
+def _on_rollback_savepoint(conn: Connection, name: str, context: Any) -> None:
+    wrote = _unwind(conn, name)
+    if wrote is None:
+        return
+    branch = _branch_of(conn)
+    if branch is not None:
+        branch.wrote = wrote
+    elif getattr(conn, _WROTE_KEY, None) is not None:
+        setattr(conn, _WROTE_KEY, wrote)
+
+
+def _on_release_savepoint(conn: Connection, name: str, context: Any) -> None:
+    _unwind(conn, name)
+
+
 def _on_rollback(conn: Connection) -> None:
+    if getattr(conn, _SAVEPOINTS_KEY, None):
+        setattr(conn, _SAVEPOINTS_KEY, None)  # the transaction ended with them open
     branch = _branch_of(conn)
     if branch is not None and branch.gt is not None:
         branch.gt.on_connection_rollback(branch)
@@ -124,6 +178,9 @@ def _instrument(engine: Engine) -> None:
             return
         event.listen(engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(engine, "rollback", _on_rollback)
+        event.listen(engine, "savepoint", _on_savepoint)
+        event.listen(engine, "rollback_savepoint", _on_rollback_savepoint)
+        event.listen(engine, "release_savepoint", _on_release_savepoint)
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
