@@ -356,7 +356,8 @@ class TransactionCoordinator:
         begin_listener(sess, transaction, connection, self)
 
     def _join(self, sess: Session, root: SessionTransaction, connection: Connection,
-              gt: GlobalTransaction | None, first: Connection | None) -> None:
+              gt: GlobalTransaction | None, first: Connection | None, *,
+              adopted: bool = False) -> None:
         # begin_listener's part for a second connection (or later) of a transaction
         if _is_autocommit(connection):
             return  # not transactional: never a branch
@@ -365,13 +366,15 @@ class TransactionCoordinator:
             if first.engine is connection.engine:
                 return
             if _is_autocommit(first):  # it never was a branch: this one is the first
-                _note_first(root, connection)
+                _note_first(root, connection, adopted=adopted)
                 return
         elif connection.engine in gt.branches:
             return
         gt = self._global(sess, root)
         if gt is not None:
-            self._add(gt, connection)
+            branch = self._add(gt, connection, begun=adopted)
+            if adopted:
+                branch.wrote = True
 
     def begin_early(self, sess: Session, shard_ids: Sequence[str]) -> list[Future[None]]:
         """Before a flush that writes ``shard_ids`` (in the order the flush will most
@@ -428,28 +431,44 @@ def begin_listener(
     shard makes it a branch of a GlobalTransaction; a MySQL first branch then has no XA
     and holds the decision, as MySQL's first branch always did (its XA START fixed the
     decider from the shards begun so far). An AUTOCOMMIT connection is never a branch.
+
+    An external transaction the session only joined (a Connection bind that was already
+    in a transaction, with any ``join_transaction_mode`` but ``"control_fully"``) is
+    never a branch either: its commit is not the session's to make, so the protocol
+    never prepares, decides or commits it, and the session commits (or not) what a plain
+    Session would. One it adopted (``"control_fully"``) is a branch that may have
+    written before and never has an XA START.
     """
-    # after_begin reports the transaction that owns the connection: the root, or a
-    # SAVEPOINT's (nested) transaction
-    root = _compat.root_transaction(transaction) if transaction.nested else transaction
-    gt = _compat.transaction_slot(root)
-    first: Connection | None = getattr(root, _FIRST_KEY, None)
+    if transaction.nested:
+        # A SAVEPOINT's transaction: the root's after_begin for this connection came
+        # first (SQLAlchemy begins the root's before the savepoint's).
+        return
+    kind = _compat.join_kind(transaction, connection)
+    if kind is _compat.OUTSIDE:
+        return
+    gt = _compat.transaction_slot(transaction)
+    first: Connection | None = getattr(transaction, _FIRST_KEY, None)
     if first is None and gt is None:
-        _note_first(root, connection)  # the common case: the transaction's first connection
+        # the common case: the transaction's first connection
+        _note_first(transaction, connection, adopted=kind is _compat.ADOPTED)
         return
     if coordinator is None:
         coordinator = getattr(sess, "_coordinator", None)
         if coordinator is None:
             return
-    coordinator._join(sess, root, connection, gt, first)
+    coordinator._join(sess, transaction, connection, gt, first,
+                      adopted=kind is _compat.ADOPTED)
 
 
-def _note_first(root: SessionTransaction, connection: Connection) -> None:
+def _note_first(root: SessionTransaction, connection: Connection, *,
+                adopted: bool = False) -> None:
     """Note ``connection`` as the root transaction's first (not yet a branch), its
-    engine's listeners installed so that its "wrote" mark follows its statements."""
+    engine's listeners installed so that its "wrote" mark follows its statements (an
+    adopted transaction counts as written: what ran before the session joined it was not
+    seen)."""
     engine = connection.engine
     if not getattr(engine, _INSTRUMENTED_KEY, False):
         _instrument(engine)
     # (a Connection given as a session's bind serves several transactions)
-    setattr(connection, _WROTE_KEY, False)
+    setattr(connection, _WROTE_KEY, adopted)
     setattr(root, _FIRST_KEY, connection)
