@@ -387,7 +387,9 @@ class TransactionCoordinator:
         if len(shard_ids) < 2:
             return []
         root = sess.get_transaction()
-        gt = self._global(sess, root) if root is not None else None
+        if root is None:
+            return []
+        gt = self._global(sess, root)
         if gt is None or gt.protocol_ran or gt.early:
             return []
         branches = []
@@ -398,7 +400,11 @@ class TransactionCoordinator:
         gt.defer_xa_start = True
         try:
             for i, shard_id in enumerate(shard_ids):
-                conn = sess.connection(bind_arguments={"shard_id": shard_id})
+                # From the root, not from a begin_nested() savepoint the flush may run in:
+                # a savepoint's connection would get its SAVEPOINT right away, before the
+                # deferred XA START that must be its transaction's first statement. The
+                # flush's own first use of it there sends the SAVEPOINT afterwards.
+                conn = root.connection(None, shard_id=shard_id)
                 branch = gt.branches.get(conn.engine)
                 if branch is not None and i > 0:
                     branches.append(branch)

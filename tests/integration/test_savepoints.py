@@ -19,7 +19,7 @@ from sqlalchemy import Engine, String, create_engine, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shardsession import ShardedSession
+from shardsession import Placement, RangeSharding, ShardedSession
 from shardsession.coordinator import in_doubt
 from shardsession.coordinator.local import local_sqlite_engines
 from shardsession.exc import NonAtomicCommitWarning
@@ -63,14 +63,21 @@ class Cluster:
     readers: dict[str, Callable[[], Engine]]
     #: whether two written shards commit atomically
     atomic: bool
+    #: "choosers" (the drop-in constructor) or "placement" (whose flushes that write
+    #: several shards begin their transactions early, see coordinator.early)
+    routing: str = "choosers"
 
     def session(self, **kw: Any) -> ShardedSession:
+        atomic = "require" if self.atomic else "best_effort"
+        if self.routing == "placement":
+            placement = Placement({Owner: RangeSharding(Owner.id, [(100, "a"), (None, "b")])})
+            return ShardedSession(placement=placement, shards=self.shards, atomic=atomic, **kw)
         return ShardedSession(
             shard_chooser=lambda mapper, instance, **k: shard_of(instance.id),
             identity_chooser=lambda mapper, pk, **k: [shard_of(pk[0])],
             execute_chooser=lambda ctx: list(self.shards),
             shards=self.shards,
-            atomic="require" if self.atomic else "best_effort",
+            atomic=atomic,
             **kw,
         )
 
@@ -99,12 +106,13 @@ class Cluster:
             assert in_doubt(servers) == []
 
 
-MIXES = ["sqlite_local", "sqlite_files", "pg+mariadb"]
+MIXES = ["sqlite_local", "sqlite_files", "pg+mariadb", "mariadb+pg"]
 
 
-@pytest.fixture(params=MIXES)
+@pytest.fixture(params=[(m, r) for m in MIXES for r in ("choosers", "placement")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def cluster(request: pytest.FixtureRequest, sqlite_dir: Path) -> Iterator[Cluster]:
-    mix = request.param
+    mix, routing = request.param
     if mix == "sqlite_local":
         shards = local_sqlite_engines(sqlite_dir / "local", ["a", "b"])
         readers = {n: (lambda n=n: create_engine(f"sqlite:///{sqlite_dir / 'local' / n}.db"))
@@ -116,15 +124,17 @@ def cluster(request: pytest.FixtureRequest, sqlite_dir: Path) -> Iterator[Cluste
         readers = {n: (lambda u=u: create_engine(u)) for n, u in urls.items()}
         atomic = False
     else:
-        urls = {"a": request.getfixturevalue("pg_url_a"),
-                "b": request.getfixturevalue("mariadb_url")}
+        # (shard a is the one the tests write first: "mariadb+pg" makes the MariaDB
+        # shard the first, begun without XA, and PostgreSQL the one that joins)
+        pg, maria = request.getfixturevalue("pg_url_a"), request.getfixturevalue("mariadb_url")
+        urls = {"a": pg, "b": maria} if mix == "pg+mariadb" else {"a": maria, "b": pg}
         shards = {n: create_engine(u) for n, u in urls.items()}
         readers = {n: (lambda u=u: create_engine(u)) for n, u in urls.items()}
         atomic = True
     for e in shards.values():
         Base.metadata.drop_all(e)
         Base.metadata.create_all(e)
-    yield Cluster(mix, shards, readers, atomic)
+    yield Cluster(mix, shards, readers, atomic, routing)
     for e in shards.values():
         e.dispose()
 
