@@ -334,12 +334,12 @@ def join_kind(transaction: Any, connection: Any) -> int:
     Connection; the same on 2.0.30 and 2.1.9).
     """
     entry = transaction._connections.get(connection)
-    if entry is None:
-        return OWN
-    _conn, trans, should_commit, autoclose = entry
+    if entry is None or entry[3]:
+        return OWN  # an Engine's connection: the root began its transaction
+    _conn, trans, should_commit, _autoclose = entry
     if not should_commit or isinstance(trans, NestedTransaction):
         return OUTSIDE
-    if not autoclose and transaction.session.join_transaction_mode == "control_fully":
+    if transaction.session.join_transaction_mode == "control_fully":
         return ADOPTED
     return OWN
 
