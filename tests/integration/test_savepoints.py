@@ -285,3 +285,17 @@ def test_session_rollback_after_savepoints_leaves_nothing(cluster: Cluster) -> N
     s.close()
     assert cluster.stored() == {"a": set(), "b": set()}
     cluster.no_branch_in_doubt()
+
+
+def test_commit_with_a_savepoint_still_open(cluster: Cluster) -> None:
+    """``Session.commit()`` inside ``begin_nested()`` releases the savepoint and commits
+    the whole transaction, on every shard, as a plain Session does."""
+    s = cluster.session()
+    s.add(Owner(id=1, name="a1"))
+    sp = s.begin_nested()
+    s.add(Owner(id=101, name="b1"))
+    cluster.commit(s, writers=2)
+    assert not sp.is_active and s.get_transaction() is None
+    s.close()
+    assert cluster.stored() == {"a": {1}, "b": {101}}
+    cluster.no_branch_in_doubt()
