@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable, Sized
 from typing import Any
 
+from sqlalchemy.engine import NestedTransaction
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.session import (
@@ -277,6 +278,74 @@ def root_transaction(transaction: Any) -> Any:
     while transaction._parent is not None:
         transaction = transaction._parent
     return transaction
+
+
+def connection_owner(session: Session) -> SessionTransaction | None:
+    """The transaction a session's connections are asked of: the innermost SAVEPOINT
+    (``begin_nested()``) transaction, else the root; ``None`` outside a transaction.
+
+    What ``Session.get_nested_transaction() or Session.get_transaction()`` answer, in one
+    walk up the private ``Session._transaction`` / ``SessionTransaction._parent`` chain
+    (a flush asks once per object). Subtransactions (a flush's own) are skipped: they
+    hand out their parent's connections.
+    """
+    trans = session._transaction
+    while trans is not None:
+        parent = trans._parent
+        if parent is None or trans.nested:
+            return trans
+        trans = parent
+    return None
+
+
+def savepoint_name(connection: Any, name: str | None) -> str:
+    """The name of the SAVEPOINT a ``savepoint`` connection event announces.
+
+    SQLAlchemy dispatches the event before it makes up the name of a savepoint begun
+    without one (every ``begin_nested()``): ``name`` is then ``None`` and the name will
+    be ``"sa_savepoint_%d"`` of the Connection's next sequence number (the private,
+    name-mangled ``Connection.__savepoint_seq``; ``Connection._savepoint_impl``, the
+    same on 2.0.30 and 2.1.9). The later ``rollback_savepoint`` / ``release_savepoint``
+    events carry that name.
+    """
+    if name is not None:
+        return name
+    return f"sa_savepoint_{connection._Connection__savepoint_seq + 1}"
+
+
+#: how a root ``SessionTransaction`` holds a connection's transaction (see join_kind)
+OWN, ADOPTED, OUTSIDE = 0, 1, 2
+
+
+def join_kind(transaction: Any, connection: Any) -> int:
+    """How the root ``transaction`` holds the transaction of ``connection``, which it
+    just began or joined (read in ``after_begin``):
+
+    * ``OWN``: it began it (an Engine's connection, or a Connection with no transaction
+      of its own); its commit is the session's;
+    * ``ADOPTED``: a Connection given as a bind whose transaction the session may have
+      found already begun and commits anyway (``join_transaction_mode="control_fully"``);
+      its earlier statements were not seen, and it may not be the first of its
+      transaction (too late for an XA START);
+    * ``OUTSIDE``: an external transaction the session only joined, through a SAVEPOINT
+      (``"create_savepoint"``, or ``"conditional_savepoint"`` on a Connection inside a
+      savepoint) or without committing it (``"rollback_only"``, ``"conditional_savepoint"``):
+      its commit is not the session's.
+
+    Reads the entry ``SessionTransaction._connections[connection]`` (private:
+    ``(connection, transaction, should_commit, autoclose)``, written just before
+    ``after_begin`` is dispatched; ``autoclose`` is false exactly when the bind was a
+    Connection; the same on 2.0.30 and 2.1.9).
+    """
+    entry = transaction._connections.get(connection)
+    if entry is None or entry[3]:
+        return OWN  # an Engine's connection: the root began its transaction
+    _conn, trans, should_commit, _autoclose = entry
+    if not should_commit or isinstance(trans, NestedTransaction):
+        return OUTSIDE
+    if transaction.session.join_transaction_mode == "control_fully":
+        return ADOPTED
+    return OWN
 
 
 def is_coordinated(transaction: Any) -> bool:

@@ -274,7 +274,10 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
                 shard_id = self._shard_for(mapper, instance)
         elif shard_id not in self._shards:
             self._check_shard(shard_id)
-        trans = self.get_transaction()
+        # The innermost SAVEPOINT's transaction, or the root: asking the root inside
+        # begin_nested() would bypass the savepoint (no SAVEPOINT on a shard first
+        # touched there, and a rollback to it would keep that shard's rows).
+        trans = _compat.connection_owner(self)
         if trans is not None:
             # A flush asks once per object: remember the answers for this transaction
             # (SQLAlchemy's own answer never changes while the transaction lasts), in a

@@ -59,6 +59,9 @@ _INSTRUMENTED_KEY = "_shardsession_instrumented"
 #: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
 #: or a method of the session's class (``ShardedSession``)
 _NAMING_KEY = "_shardsession_naming"
+#: attribute of ours on a SQLAlchemy ``Connection``: its open savepoints, each with
+#: whether the connection had written when it began
+_SAVEPOINTS_KEY = "_shardsession_savepoints"
 _SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
 
 # Connection-level listeners are installed once per engine (marked with _INSTRUMENTED_KEY),
@@ -112,7 +115,58 @@ def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parame
     branch.wrote = True
 
 
+def _wrote(conn: Connection) -> bool | None:
+    branch = _branch_of(conn)
+    return branch.wrote if branch is not None else getattr(conn, _WROTE_KEY, None)
+
+
+def _on_savepoint(conn: Connection, name: str | None) -> None:
+    # Whether the connection had written when the SAVEPOINT began, so that a rollback to
+    # it can say so again: the server undid every write since, and a shard whose only
+    # writes were rolled back must commit as the reader it is (no PREPARE, and no
+    # second unpreparable writer for atomic='require' to refuse).
+    wrote = _wrote(conn)
+    if wrote is None:
+        return  # not a connection of a coordinated transaction
+    stack: list[tuple[str, bool]] | None = getattr(conn, _SAVEPOINTS_KEY, None)
+    if stack is None:
+        stack = []
+        setattr(conn, _SAVEPOINTS_KEY, stack)
+    stack.append((_compat.savepoint_name(conn, name), wrote))
+
+
+def _unwind(conn: Connection, name: str) -> bool | None:
+    """Forget savepoint ``name`` and those begun after it; what the connection had
+    written when it began (``None``: not tracked)."""
+    stack: list[tuple[str, bool]] | None = getattr(conn, _SAVEPOINTS_KEY, None)
+    if not stack:
+        return None
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0] == name:
+            wrote = stack[i][1]
+            del stack[i:]
+            return wrote
+    return None
+
+
+def _on_rollback_savepoint(conn: Connection, name: str, context: Any) -> None:
+    wrote = _unwind(conn, name)
+    if wrote is None:
+        return
+    branch = _branch_of(conn)
+    if branch is not None:
+        branch.wrote = wrote
+    elif getattr(conn, _WROTE_KEY, None) is not None:
+        setattr(conn, _WROTE_KEY, wrote)
+
+
+def _on_release_savepoint(conn: Connection, name: str, context: Any) -> None:
+    _unwind(conn, name)
+
+
 def _on_rollback(conn: Connection) -> None:
+    if getattr(conn, _SAVEPOINTS_KEY, None):
+        setattr(conn, _SAVEPOINTS_KEY, None)  # the transaction ended with them open
     branch = _branch_of(conn)
     if branch is not None and branch.gt is not None:
         branch.gt.on_connection_rollback(branch)
@@ -124,6 +178,9 @@ def _instrument(engine: Engine) -> None:
             return
         event.listen(engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(engine, "rollback", _on_rollback)
+        event.listen(engine, "savepoint", _on_savepoint)
+        event.listen(engine, "rollback_savepoint", _on_rollback_savepoint)
+        event.listen(engine, "release_savepoint", _on_release_savepoint)
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
@@ -299,7 +356,8 @@ class TransactionCoordinator:
         begin_listener(sess, transaction, connection, self)
 
     def _join(self, sess: Session, root: SessionTransaction, connection: Connection,
-              gt: GlobalTransaction | None, first: Connection | None) -> None:
+              gt: GlobalTransaction | None, first: Connection | None, *,
+              adopted: bool = False) -> None:
         # begin_listener's part for a second connection (or later) of a transaction
         if _is_autocommit(connection):
             return  # not transactional: never a branch
@@ -308,13 +366,15 @@ class TransactionCoordinator:
             if first.engine is connection.engine:
                 return
             if _is_autocommit(first):  # it never was a branch: this one is the first
-                _note_first(root, connection)
+                _note_first(root, connection, adopted=adopted)
                 return
         elif connection.engine in gt.branches:
             return
         gt = self._global(sess, root)
         if gt is not None:
-            self._add(gt, connection)
+            branch = self._add(gt, connection, begun=adopted)
+            if adopted:
+                branch.wrote = True
 
     def begin_early(self, sess: Session, shard_ids: Sequence[str]) -> list[Future[None]]:
         """Before a flush that writes ``shard_ids`` (in the order the flush will most
@@ -327,7 +387,9 @@ class TransactionCoordinator:
         if len(shard_ids) < 2:
             return []
         root = sess.get_transaction()
-        gt = self._global(sess, root) if root is not None else None
+        if root is None:
+            return []
+        gt = self._global(sess, root)
         if gt is None or gt.protocol_ran or gt.early:
             return []
         branches = []
@@ -338,7 +400,11 @@ class TransactionCoordinator:
         gt.defer_xa_start = True
         try:
             for i, shard_id in enumerate(shard_ids):
-                conn = sess.connection(bind_arguments={"shard_id": shard_id})
+                # From the root, not from a begin_nested() savepoint the flush may run in:
+                # a savepoint's connection would get its SAVEPOINT right away, before the
+                # deferred XA START that must be its transaction's first statement. The
+                # flush's own first use of it there sends the SAVEPOINT afterwards.
+                conn = root.connection(None, shard_id=shard_id)
                 branch = gt.branches.get(conn.engine)
                 if branch is not None and i > 0:
                     branches.append(branch)
@@ -371,28 +437,44 @@ def begin_listener(
     shard makes it a branch of a GlobalTransaction; a MySQL first branch then has no XA
     and holds the decision, as MySQL's first branch always did (its XA START fixed the
     decider from the shards begun so far). An AUTOCOMMIT connection is never a branch.
+
+    An external transaction the session only joined (a Connection bind that was already
+    in a transaction, with any ``join_transaction_mode`` but ``"control_fully"``) is
+    never a branch either: its commit is not the session's to make, so the protocol
+    never prepares, decides or commits it, and the session commits (or not) what a plain
+    Session would. One it adopted (``"control_fully"``) is a branch that may have
+    written before and never has an XA START.
     """
-    # after_begin reports the transaction that owns the connection: the root, or a
-    # SAVEPOINT's (nested) transaction
-    root = _compat.root_transaction(transaction) if transaction.nested else transaction
-    gt = _compat.transaction_slot(root)
-    first: Connection | None = getattr(root, _FIRST_KEY, None)
+    if transaction.nested:
+        # A SAVEPOINT's transaction: the root's after_begin for this connection came
+        # first (SQLAlchemy begins the root's before the savepoint's).
+        return
+    kind = _compat.join_kind(transaction, connection)
+    if kind is _compat.OUTSIDE:
+        return
+    gt = _compat.transaction_slot(transaction)
+    first: Connection | None = getattr(transaction, _FIRST_KEY, None)
     if first is None and gt is None:
-        _note_first(root, connection)  # the common case: the transaction's first connection
+        # the common case: the transaction's first connection
+        _note_first(transaction, connection, adopted=kind is _compat.ADOPTED)
         return
     if coordinator is None:
         coordinator = getattr(sess, "_coordinator", None)
         if coordinator is None:
             return
-    coordinator._join(sess, root, connection, gt, first)
+    coordinator._join(sess, transaction, connection, gt, first,
+                      adopted=kind is _compat.ADOPTED)
 
 
-def _note_first(root: SessionTransaction, connection: Connection) -> None:
+def _note_first(root: SessionTransaction, connection: Connection, *,
+                adopted: bool = False) -> None:
     """Note ``connection`` as the root transaction's first (not yet a branch), its
-    engine's listeners installed so that its "wrote" mark follows its statements."""
+    engine's listeners installed so that its "wrote" mark follows its statements (an
+    adopted transaction counts as written: what ran before the session joined it was not
+    seen)."""
     engine = connection.engine
     if not getattr(engine, _INSTRUMENTED_KEY, False):
         _instrument(engine)
     # (a Connection given as a session's bind serves several transactions)
-    setattr(connection, _WROTE_KEY, False)
+    setattr(connection, _WROTE_KEY, adopted)
     setattr(root, _FIRST_KEY, connection)

@@ -30,9 +30,17 @@ from typing import Any
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import SingletonThreadPool
+from sqlalchemy.sql.expression import (
+    ReleaseSavepointClause,
+    RollbackToSavepointClause,
+    SavepointClause,
+)
 
 __all__ = ["local_sqlite_cluster", "local_sqlite_engines"]
 
+_SAVEPOINT_CLAUSES = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
+#: key in a pooled connection's ``info``: the savepoint names of its open transaction
+_STACK_KEY = "shardsession_savepoints"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -80,9 +88,46 @@ def local_sqlite_engines(
         dbapi = conn.connection.dbapi_connection
         # Shards share this connection: only the first of them begins the transaction.
         if not dbapi.in_transaction:
+            conn.connection.info.pop(_STACK_KEY, None)  # a new transaction: no savepoints
             conn.exec_driver_sql("BEGIN")
 
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _savepoints(conn: Any, cursor: Any, statement: str, parameters: Any,
+                    context: Any, executemany: bool) -> tuple[str, Any]:
+        compiled = getattr(context, "compiled", None)
+        if compiled is None or not isinstance(compiled.statement, _SAVEPOINT_CLAUSES):
+            return statement, parameters
+        return _shared_savepoint(conn, compiled.statement, statement), parameters
+
     return {n: engine.execution_options(schema_translate_map={None: n}) for n in shard_names}
+
+
+def _shared_savepoint(conn: Any, clause: Any, statement: str) -> str:
+    """The SQL for a savepoint statement of one shard's Connection on the shared SQLite
+    connection.
+
+    The shards of a session are separate SQLAlchemy Connections on this one SQLite
+    connection, each numbering its savepoints from 1, so their SAVEPOINTs go into one
+    stack: with SQLAlchemy's names, a ROLLBACK TO from one shard would go back to the
+    other's "sa_savepoint_1" (the latest of that name) and keep the rows written in
+    between. Each Connection's names get a suffix of their own; then the first
+    savepoint of a ``begin_nested()`` level in the stack covers every write of that
+    level on every shard (the level's other savepoints were all begun after it), so
+    rolling back or releasing it does the whole level, and the other shards' savepoints
+    of the level, already gone from the stack with it, have nothing left to do: their
+    statements become a no-op instead of SQLite's "no such savepoint".
+    """
+    name = f"{clause.ident}_{id(conn):x}"
+    stack: list[str] = conn.connection.info.setdefault(_STACK_KEY, [])
+    if isinstance(clause, SavepointClause):
+        stack.append(name)
+    elif name not in stack:
+        return "SELECT 1"  # undone or released with an earlier savepoint of its level
+    elif isinstance(clause, ReleaseSavepointClause):
+        del stack[stack.index(name):]
+    else:  # ROLLBACK TO keeps the savepoint itself, drops those begun after it
+        del stack[stack.index(name) + 1:]
+    return statement.replace(clause.ident, name)
 
 
 def local_sqlite_cluster(directory: str | Path, names: Iterable[str], **kw: Any) -> Any:

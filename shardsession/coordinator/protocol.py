@@ -145,6 +145,9 @@ class BranchFacts:
     can_prepare: bool
     #: why it cannot prepare, for error messages
     reason: str | None = None
+    #: it cannot prepare only because of a setting the user can change (the server's
+    #: ``max_prepared_transactions``, the connection's isolation level)
+    configurable: bool = False
 
 
 class PlanKind(enum.Enum):
@@ -197,7 +200,8 @@ def plan_commit(
     :param fixed_decider: the decider already written into the gtrid, if any.
     :raises CapabilityError: ``atomic="require"`` and a writer that cannot prepare only
         because of its server's configuration (e.g. PostgreSQL with
-        ``max_prepared_transactions = 0``) would have to.
+        ``max_prepared_transactions = 0``) or its isolation level (MariaDB XA below
+        REPEATABLE READ) would have to.
     :raises AtomicityUnavailableError: ``atomic="require"`` and two or more writers
         cannot prepare.
     """
@@ -219,7 +223,8 @@ def plan_commit(
         decider = preferred[0] if preferred else writers[0]
     stuck = [w for w in unpreparable if w.index != decider.index]
     if stuck and atomic == "require":
-        config_limited = [w for w in stuck if w.reason and "max_prepared" in w.reason]
+        config_limited = [w for w in stuck
+                          if w.configurable or (w.reason and "max_prepared" in w.reason)]
         if config_limited:
             w = config_limited[0]
             raise CapabilityError(

@@ -115,8 +115,11 @@ class GlobalTransaction:
         self.branches[engine] = branch
         if adapter is None or not adapter.xid_at_begin:
             return branch
-        if begun:
-            branch.plain = True  # too late for XA START: no XA, holds the decision
+        if begun or adapter.isolation_problem(isolation_of(connection)) is not None:
+            # Too late for XA START, or XA cannot run at the connection's isolation level
+            # (MariaDB below REPEATABLE READ): no XA, it commits as a plain Session's
+            # connection would and can hold the decision (a writer that cannot prepare).
+            branch.plain = True
             return branch
         # XA START must be this transaction's first statement, so the xid (and with it
         # the decider) is fixed now, from the branches known so far.
@@ -170,9 +173,11 @@ class GlobalTransaction:
             return BranchFacts(branch.index, branch.shard_id, branch.wrote, False,
                                f"no shardsession adapter for dialect {branch.engine.dialect.name}")
         if branch.plain:
+            problem = branch.adapter.isolation_problem(isolation_of(branch.connection))
             return BranchFacts(branch.index, branch.shard_id, branch.wrote, False,
-                               "began without XA as the transaction's first shard: it can "
-                               "hold the decision, not prepare")
+                               problem or "began without XA as the transaction's first "
+                               "shard: it can hold the decision, not prepare",
+                               configurable=problem is not None)
         caps = self.coordinator.capabilities(branch, detect=detect)
         return BranchFacts(branch.index, branch.shard_id, branch.wrote, caps.can_prepare,
                            caps.reason)

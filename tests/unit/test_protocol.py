@@ -105,6 +105,22 @@ def test_pg_without_prepared_transactions_is_a_capability_error() -> None:
     assert ei.value.shard_id == "s1"
 
 
+def test_isolation_limited_writer_is_a_capability_error_or_committed_last() -> None:
+    # MariaDB below REPEATABLE READ: no XA, so it cannot prepare; it can still decide
+    weak = BranchFacts(1, "s1", True, False, "MariaDB XA needs REPEATABLE READ",
+                       configurable=True)
+    p = plan_commit([B(0), weak], fixed_decider=None, configured_decider=None,
+                    atomic="require")
+    assert p.kind is PlanKind.TWO_PHASE and p.decider == 1 and p.prepare == (0,)
+    # a second writer that cannot prepare: require refuses, naming the weak shard
+    facts = [B(0, prep=False), weak]
+    with pytest.raises(CapabilityError) as ei:
+        plan_commit(facts, fixed_decider=None, configured_decider=None, atomic="require")
+    assert ei.value.shard_id == "s1"
+    p = plan_commit(facts, fixed_decider=None, configured_decider=None, atomic="best_effort")
+    assert p.decider == 0 and p.last == (1,)
+
+
 def test_choose_decider() -> None:
     assert choose_decider([B(0), B(1, prep=False)], None) == 1
     assert choose_decider([B(0), B(1, name="d")], "d") == 1
