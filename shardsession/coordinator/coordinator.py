@@ -42,7 +42,9 @@ from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..exc import ConfigurationError, TransactionError
 from . import early
 from .branch import Branch, BranchState
+from .identity import ensure_identity, ensure_identity_here
 from .transaction import GlobalTransaction
+from .xid import new_cluster_id
 
 __all__ = ["TransactionCoordinator"]
 
@@ -127,6 +129,13 @@ def _instrument(engine: Engine) -> None:
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
+def _sqlite_in_memory(engine: Engine) -> bool:
+    # A second connection to an in-memory database is another database (or, pooled per
+    # thread, the transaction's own connection).
+    url = engine.url
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
 def _is_autocommit(conn: Connection) -> bool:
     level = conn.get_execution_options().get("isolation_level")
     if level is None:
@@ -168,6 +177,7 @@ class TransactionCoordinator:
         self._lock = threading.Lock()
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+        self._identities: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._executor: ThreadPoolExecutor | None = None
 
     # --- shared resources ------------------------------------------------------------
@@ -223,6 +233,42 @@ class TransactionCoordinator:
                 branch.adapter.ensure_decision_table(c.connection.dbapi_connection)
         with self._lock:
             self._tables[branch.engine] = True
+
+    def identity(self, branch: Branch) -> str:
+        """The cluster identity of a decider's database, for its gtrid (see
+        :mod:`.identity`): read once per engine, stored first if there is none.
+
+        Committed on a connection of its own, before any branch is prepared under it;
+        on a SQLite database the branch's own transaction holds (in memory, or locked by
+        its writes) it is stored in that transaction and so commits with the decision.
+        """
+        cached = self._identities.get(branch.engine)
+        if cached is not None:
+            return cached
+        adapter = branch.adapter
+        if adapter is None:
+            # No decision can be stored there: the commit is refused before any PREPARE.
+            return new_cluster_id()
+        if adapter.name == "sqlite" and (branch.wrote or _sqlite_in_memory(branch.engine)):
+            ident, stored_before = ensure_identity_here(adapter, branch.dbapi)
+            if not stored_before:
+                return ident  # commits with this transaction, or not at all: not cached
+        else:
+            ident, _ = ensure_identity(adapter, branch.engine)
+        with self._lock:
+            self._identities[branch.engine] = ident
+        return ident
+
+    def identity_early(self, branch: Branch) -> None:
+        """Store a SQLite shard's identity as it joins a transaction, before it writes (it
+        may become the decider later, when its own writes lock the file)."""
+        if (branch.adapter is None or branch.adapter.name != "sqlite" or branch.wrote
+                or branch.engine in self._identities or _sqlite_in_memory(branch.engine)):
+            return
+        try:
+            self.identity(branch)
+        except Exception as e:  # e.g. locked by another process: retried at commit
+            log.info("shard %s: cluster identity not stored yet: %s", branch.shard_id, e)
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
@@ -289,6 +335,8 @@ class TransactionCoordinator:
         _instrument(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
         setattr(connection, _BRANCH_KEY, branch)
+        if not getattr(connection, _WROTE_KEY, False):
+            self.identity_early(branch)
         return branch
 
     def on_begin(

@@ -1,7 +1,9 @@
 """Decision records on a decider shard: reading, claiming and deleting them.
 
 The table (``shardsession_decisions``: gtrid primary key, outcome ``C``/``A``,
-``decided_at``, participants) is created on first use where it is missing. Its primary key
+``decided_at``, participants) is created on first use where it is missing. An ABORT claim's
+``decided_at`` is the claiming server's clock; ``participants`` of a COMMIT row names the
+shard (by token) of every prepared branch. Its primary key
 is what makes presumed abort safe: a coordinator's COMMIT row and a recoverer's ABORT
 claim for the same gtrid cannot both commit; whichever commits first wins and the loser
 reads and follows the winner.
@@ -14,7 +16,6 @@ worker.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,7 +89,9 @@ def claim_abort(adapter: BackendAdapter, engine: Engine, gtrid: str,
     with engine.connect() as conn:
         dbapi: Any = conn.connection.dbapi_connection
         try:
-            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, time.time(), ""),
+            # decided_at None: the server's clock stamps the claim, which is what ABORT
+            # rows are aged by (a coordinator's clock may be days off).
+            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, None, ""),
                                     lock_timeout=lock_timeout)
             dbapi.commit()
             return True, Outcome.ABORT
