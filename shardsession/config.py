@@ -26,6 +26,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import sessionmaker
 
+from .coordinator.xid import check_shard_ids
 from .exc import ConfigurationError
 from .routing.placement import Placement
 from .session import ShardedSession
@@ -58,7 +59,13 @@ class Cluster:
     :param recovery_grace: seconds a prepared branch may wait before recovery claims an
         abort for it (the claim itself is what decides, never the clock alone).
     :param engine_options: ``{shard_id: {create_engine keyword: value}}``.
-    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider.
+    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider, two
+        shard ids that would name the same decider inside an xid.
+
+    The cluster's identity, written into every xid, is not configured here: it is
+    generated once and stored next to each decider's decision table (see
+    :mod:`shardsession.coordinator.identity`; :meth:`identities` reads it), so two
+    deployments sharing one config file still have different identities.
     """
 
     def __init__(
@@ -78,6 +85,10 @@ class Cluster:
             raise ConfigurationError(f"decider {decider!r} is not one of the shards")
         if recovery_grace < 0:
             raise ConfigurationError("recovery_grace must be >= 0")
+        try:  # an xid names its decider by shard id: two ids must never name one
+            check_shard_ids(shards)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
         options = dict(engine_options or {})
         unknown = set(options) - set(shards)
         if unknown:
@@ -193,6 +204,17 @@ class Cluster:
             coordinator=self.coordinator(),
             **session_kw,
         )
+
+    def identities(self) -> dict[str, str | None]:
+        """The cluster identity stored on each shard (``None``: none stored yet).
+
+        :raises ShardSessionError: never; a shard that cannot be read is left out and
+            logged (``shardsession status`` reports it).
+        """
+        from .coordinator.identity import read_identities
+
+        found, _errors = read_identities(self._engines)
+        return found
 
     def create_all(self, metadata: Any) -> None:
         """Create ``metadata``'s tables on every shard (idempotent)."""

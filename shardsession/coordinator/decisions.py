@@ -16,12 +16,15 @@ worker.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from ..backends import BackendAdapter, DecisionRow, Outcome
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CLAIM_LOCK_TIMEOUT",
@@ -84,8 +87,13 @@ def claim_abort(adapter: BackendAdapter, engine: Engine, gtrid: str,
 
     :raises ClaimBlocked: the wait timed out; nothing was recorded.
     """
-    with admin_connection(engine) as admin:
-        adapter.ensure_decision_table(admin)
+    try:
+        with admin_connection(engine) as admin:
+            adapter.ensure_decision_table(admin)
+    except Exception as e:
+        # A recovery role may lack the right to create tables (PostgreSQL checks it even
+        # for an existing table): the insert below says whether the table is there.
+        log.debug("decision table not ensured: %s", e)
     with engine.connect() as conn:
         dbapi: Any = conn.connection.dbapi_connection
         try:

@@ -14,7 +14,7 @@ One pass (:func:`recover`):
    carries one of our identities but names a decider we cannot check is ours, left in
    doubt and reported as an error (never guessed);
 3. per gtrid of ours: follow its decision row; without one, leave it for ``grace_period``
-   seconds (by the server's clock where it keeps the prepare time) to a live coordinator,
+   seconds (see :func:`recover`) to a live coordinator,
    then claim ABORT by inserting the row (the primary key decides the race with a slow
    coordinator; timing never decides the outcome);
 4. COMMIT or ROLLBACK PREPARED each branch, then list again: a branch is reported
@@ -275,9 +275,9 @@ def recover(
 ) -> RecoveryReport:
     """Run one recovery pass over ``shards`` (shard id -> Engine, as configured).
 
-    :param grace_period: seconds after a branch was prepared (the server's clock on
-        PostgreSQL; the gtrid's creation time elsewhere) during which an undecided
-        branch is left to its coordinator (it is counted in ``left_alone``).
+    :param grace_period: seconds after the gtrid's creation (or after the branch was
+        prepared, by the server's clock where it keeps it, whichever is older) during
+        which an undecided branch is left to its coordinator (counted in ``left_alone``).
     :param abort_retention: seconds an ABORT claim is kept after it was claimed (the
         claiming server's clock).
     :param claim_timeout: seconds an abort claim waits on a live coordinator's
@@ -344,9 +344,10 @@ def recover(
             report.left_alone.extend((r, "decisions unreadable") for r in refs)
             continue
         outcome = decided.get((decider, gtrid))
+        # The older of the two clocks' answers: a coordinator clock running ahead must not
+        # keep a branch (and its locks) waiting; claiming early is safe, the claim decides.
         ages = [s.age for _k, _x, s, _r in group.branches if s.age is not None]
-        age = max(ages) if ages else now - gtrid_created(gtrid)
-        young = age < grace_period
+        young = max([now - gtrid_created(gtrid), *ages]) < grace_period
         action = recovery_action(outcome, young)
         if action is RecoveryAction.CLAIM_ABORT and group.kind == "legacy" and not claim_legacy:
             report.left_alone.extend(
