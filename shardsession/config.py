@@ -17,12 +17,13 @@ The TOML format, kept simple at its core::
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import sessionmaker
 
@@ -38,6 +39,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = ["Cluster", "masked_url"]
 
+log = logging.getLogger(__name__)
+
 _CLUSTER_KEYS = {"atomic", "decider", "recovery_grace"}
 
 
@@ -47,6 +50,22 @@ def masked_url(url: str | URL) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL at all: never echo it, it may hold a secret
         return "<invalid URL>"
+
+
+def _sqlite_identity(dbapi_conn: Any, _record: Any) -> None:
+    """Store a SQLite shard's cluster identity on its first connection, before any
+    transaction: a transaction that writes SQLite first holds its file's lock, so the
+    identity could otherwise only commit with its first decision (see
+    :mod:`shardsession.coordinator.identity`)."""
+    from .backends import adapter_for
+    from .coordinator.identity import ensure_identity_here
+
+    try:
+        ensure_identity_here(adapter_for("sqlite"), dbapi_conn)
+        dbapi_conn.commit()
+    except Exception as e:  # read-only file, say: the coordinator tries again on use
+        log.info("SQLite cluster identity not stored on first connect: %s", e)
+        dbapi_conn.rollback()
 
 
 class Cluster:
@@ -125,6 +144,8 @@ class Cluster:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
                 ) from e
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+                event.listen(self._engines[name], "first_connect", _sqlite_identity)
         self._coordinator: Any = None
 
     @classmethod
@@ -206,11 +227,8 @@ class Cluster:
         )
 
     def identities(self) -> dict[str, str | None]:
-        """The cluster identity stored on each shard (``None``: none stored yet).
-
-        :raises ShardSessionError: never; a shard that cannot be read is left out and
-            logged (``shardsession status`` reports it).
-        """
+        """The cluster identity stored on each shard (``None``: none stored yet); a shard
+        that cannot be read is left out (``shardsession status`` reports why)."""
         from .coordinator.identity import read_identities
 
         found, _errors = read_identities(self._engines)

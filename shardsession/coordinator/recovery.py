@@ -203,6 +203,7 @@ class _Owners:
         except ValueError as e:
             raise ConfigurationError(str(e)) from e
         self.tokens = {shard_token(n): n for n in shards}
+        self.sqlite = {n for n, e in shards.items() if e.dialect.name == "sqlite"}
         self.legacy_tokens = {legacy_decider_token(n): n for n in shards}
         self.identities = identities
         self.ours = {i for i in identities.values() if i is not None}
@@ -210,13 +211,19 @@ class _Owners:
 
     def classify(self, xid: Xid) -> tuple[str, str | None]:
         """``(kind, decider shard)``; kind: ``ours``, ``legacy``, ``unchecked`` (ours,
-        decider not configured or its identity unreadable: never guessed) or ``foreign``."""
+        decider not configured or its identity unreadable: never guessed),
+        ``unattributed`` (its SQLite decider stores no identity yet) or ``foreign``."""
         if xid.legacy:
             decider = self.legacy_tokens.get(xid.decider)
             return ("legacy", decider) if decider is not None else ("foreign", None)
         decider = self.tokens.get(xid.decider)
         if decider is not None and self.identities.get(decider) == xid.cluster:
             return "ours", decider
+        if decider in self.sqlite and self.identities.get(decider) is None:
+            # A SQLite decider locked by its transaction's own writes stores its identity
+            # with its first decision (see .identity): a crash before that leaves branches
+            # naming an identity stored nowhere. Never claimed, never called foreign.
+            return "unattributed", decider
         if decider is not None and decider in self.unreadable:
             return "unchecked", decider
         if xid.cluster in self.ours:
@@ -334,6 +341,13 @@ def recover(
     for gtrid, group in sorted(groups.items()):
         refs = [ref for _k, _x, _s, ref in group.branches]
         decider = group.decider
+        if group.kind == "unattributed":
+            report.left_alone.extend(
+                (r, f"its decider {decider} (SQLite) stores no cluster identity: if this "
+                    "cluster's first cross-shard commit crashed before deciding, roll it "
+                    "back by hand (no decision exists); run create-all to prevent this")
+                for r in refs)
+            continue
         if group.kind == "unchecked" or decider is None or decider not in adapters:
             why = ("its decider's cluster identity could not be read" if decider is not None
                    else "its decider shard is not configured")

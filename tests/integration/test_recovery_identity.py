@@ -322,3 +322,44 @@ def test_identity_is_stored_once_and_shown(pg_url_a: str, mariadb_url: str) -> N
         assert set(cluster.identities().values()) == ids
     finally:
         dispose(engines)
+
+
+# --- a SQLite decider whose identity could only commit with its first decision ----------
+
+
+def test_branches_of_an_unset_sqlite_decider_are_reported_not_foreign(
+    request: pytest.FixtureRequest,
+) -> None:
+    """SQLite writes first (its file locked), has no identity yet, and the coordinator dies
+    after a PREPARE: the identity never committed. Recovery cannot prove the branches its
+    own, so it never finishes them, but it reports them in doubt (exit status 1) with what
+    to do, instead of calling them foreign."""
+    from ._2pc_mixes import THREE_WAY, mix_urls
+
+    urls = _create(mix_urls(request, THREE_WAY))
+    assert run_child({"urls": urls, "crash": "after_prepare",
+                      "key": 4}).returncode == -signal.SIGKILL
+    engines = engines_of(urls)
+    try:
+        report = recover(engines, grace_period=0)
+        assert not report.resolved and not report.committed and not report.rolled_back
+        assert report.left_alone and all("stores no cluster identity" in why
+                                         for _r, why in report.left_alone)
+        assert {b.decider for b in in_doubt(engines)} == {"gamma"}
+    finally:
+        dispose(engines)
+
+
+def test_a_cluster_stores_a_sqlite_shards_identity_on_first_connect(
+    tmp_path: Any, pg_url_a: str,
+) -> None:
+    cluster = Cluster({"s": f"sqlite:///{tmp_path / 's.db'}", "p": pg_url_a})
+    try:
+        engine = cluster.engines["s"]
+        with engine.connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        stored = read_identity(adapter_for("sqlite"), engine)
+        assert stored is not None
+        assert cluster.identities()["s"] == stored
+    finally:
+        cluster.dispose()
