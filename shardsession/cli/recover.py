@@ -39,6 +39,9 @@ __all__ = ["add_arguments", "cmd_recover", "cmd_status", "load_cluster"]
 
 log = logging.getLogger(__name__)
 
+#: foreign prepared transactions listed by name in a report (a shared server may hold many)
+_FOREIGN_SHOWN = 20
+
 
 def load_cluster(path: str) -> Cluster:
     """Read the cluster's TOML file (the format of :class:`shardsession.config.Cluster`).
@@ -59,8 +62,10 @@ def _print_report(report: RecoveryReport) -> None:
         print(f"  left in doubt: {ref.shard} {ref.gtrid}.{ref.bqual} ({reason})")
     for shard, gtrid, reason in report.decisions_kept:
         print(f"  decision kept: {shard} {gtrid} ({reason})")
-    for shard, ident in report.foreign_ids:
+    for shard, ident in report.foreign_ids[:_FOREIGN_SHOWN]:
         print(f"  foreign (not touched): {shard} {ident}")
+    if len(report.foreign_ids) > _FOREIGN_SHOWN:
+        print(f"  ... and {len(report.foreign_ids) - _FOREIGN_SHOWN} more foreign")
     if report.legacy_rows_kept:
         print(f"  legacy decision rows kept: {report.legacy_rows_kept}")
     for err in report.errors:

@@ -178,6 +178,7 @@ class TransactionCoordinator:
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
         self._identities: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+        self._identity_tried: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._executor: ThreadPoolExecutor | None = None
 
     # --- shared resources ------------------------------------------------------------
@@ -263,8 +264,13 @@ class TransactionCoordinator:
         """Store a SQLite shard's identity as it joins a transaction, before it writes (it
         may become the decider later, when its own writes lock the file)."""
         if (branch.adapter is None or branch.adapter.name != "sqlite" or branch.wrote
-                or branch.engine in self._identities or _sqlite_in_memory(branch.engine)):
+                or branch.engine in self._identities or branch.engine in self._identity_tried
+                or _sqlite_in_memory(branch.engine)):
             return
+        # Once per engine: a file locked by another process makes this wait SQLite's busy
+        # timeout, which later transactions must not pay again.
+        with self._lock:
+            self._identity_tried.add(branch.engine)
         try:
             self.identity(branch)
         except Exception as e:  # e.g. locked by another process: retried at commit

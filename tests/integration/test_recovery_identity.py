@@ -65,7 +65,7 @@ def xa_listed(engine: Engine) -> set[bytes]:
 
 def test_recovery_leaves_another_clusters_branches_and_decisions_alone(
     pg_url_a: str, mariadb_url: str, pg_server_a: Any, mariadb_server: Any,
-    extra_db: Callable[[Any], str],
+    extra_db: Callable[[Any], str], tmp_path: Any,
 ) -> None:
     """X (a = MariaDB, b = PostgreSQL) and Y (a = PostgreSQL, b = MariaDB) share one
     MariaDB and one PostgreSQL server. Y crashed after deciding COMMIT (its MariaDB branch
@@ -82,11 +82,16 @@ def test_recovery_leaves_another_clusters_branches_and_decisions_alone(
     try:
         y_branches = {b for b in xa_listed(y["b"]) if b.startswith(b"ss")}
         assert len(y_branches) == 1  # Y's MariaDB branch (X's first branch has no XA)
-        report = recover(x, grace_period=0)
+        from .test_cli import cli, write_config
+
+        done = cli("recover", "--config", str(write_config(tmp_path / "x.toml", x_urls)),
+                   "--grace", "0")
+        assert done.returncode == 0, done.stdout + done.stderr  # foreign is not in doubt
+        assert "foreign (not touched)" in done.stdout and "rolled_back=1" in done.stdout
+        assert "committed=0" in done.stdout and "already_finished=0" in done.stdout
+        report = recover(x, grace_period=0)  # a second pass: nothing of X's left
         assert not report.errors, report.errors
-        assert report.resolved
-        assert len(report.rolled_back) == 1 and report.rolled_back[0].shard == "b"
-        assert not report.committed and not report.already_finished
+        assert report.resolved and not report.rolled_back and not report.committed
         assert report.foreign >= 1
         assert y_branches <= xa_listed(x["a"])  # same server: still prepared, untouched
         # X's tables hold X's claim only; Y's decision is Y's
@@ -109,7 +114,7 @@ def test_recovery_leaves_another_clusters_branches_and_decisions_alone(
 
 
 def test_a_config_lacking_a_participant_keeps_the_decision_row(
-    pg_url_a: str, pg_url_b: str, mariadb_url: str,
+    pg_url_a: str, pg_url_b: str, mariadb_url: str, tmp_path: Any,
 ) -> None:
     """COMMIT decided on alpha, branches prepared on beta and gamma. A recovery whose
     config lacks gamma commits beta but must not delete the COMMIT row (it reports it);
@@ -127,6 +132,13 @@ def test_a_config_lacking_a_participant_keeps_the_decision_row(
             assert "not configured" in report.decisions_kept[0][2]
             assert report.decisions_deleted == 0
         assert list(decision_gtrids(full["alpha"]).values()) == ["C"]
+        # the command says so too, with exit status 1
+        from .test_cli import cli, write_config
+
+        config = write_config(tmp_path / "lagging.toml",
+                              {n: urls[n] for n in ("alpha", "beta")})
+        done = cli("recover", "--config", str(config))
+        assert done.returncode == 1 and "decision kept: alpha" in done.stdout, done.stdout
         report = recover(full, grace_period=0)
         assert not report.errors and [r.shard for r in report.committed] == ["gamma"]
         assert rows(full, 3) == {"alpha": 1, "beta": 1, "gamma": 1}
