@@ -260,6 +260,21 @@ class TransactionCoordinator:
             self._identities[branch.engine] = ident
         return ident
 
+    def engine_identity(self, engine: Engine) -> str:
+        """The cluster identity of a decider's database that is not a branch of the
+        transaction (no transaction of ours holds it): read once per engine, stored first,
+        committed on a connection of its own, if there is none."""
+        cached = self._identities.get(engine)
+        if cached is not None:
+            return cached
+        adapter = self.adapter(engine)
+        if adapter is None:
+            return new_cluster_id()  # refused before any PREPARE, as in identity()
+        ident, _ = ensure_identity(adapter, engine)
+        with self._lock:
+            self._identities[engine] = ident
+        return ident
+
     def identity_early(self, branch: Branch) -> None:
         """Store a SQLite shard's identity as it joins a transaction, before it writes (it
         may become the decider later, when its own writes lock the file)."""

@@ -332,6 +332,11 @@ def test_identity_is_stored_once_and_shown(pg_url_a: str, mariadb_url: str) -> N
         assert {s.identity for s in again} == ids  # generated once
         cluster = Cluster({"p": engines["p"], "m": engines["m"]})
         assert set(cluster.identities().values()) == ids
+        # what the coordinator writes into a gtrid decided on a shard
+        from shardsession.coordinator import TransactionCoordinator
+
+        coordinator = TransactionCoordinator()
+        assert {coordinator.engine_identity(e) for e in engines.values()} == ids
     finally:
         dispose(engines)
 
