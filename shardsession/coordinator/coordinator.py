@@ -42,9 +42,8 @@ from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..exc import ConfigurationError, TransactionError
 from . import early
 from .branch import Branch, BranchState
-from .identity import ensure_identity, ensure_identity_here
+from .identity import IdentityCache
 from .transaction import GlobalTransaction
-from .xid import new_cluster_id
 
 __all__ = ["TransactionCoordinator"]
 
@@ -129,13 +128,6 @@ def _instrument(engine: Engine) -> None:
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
-def _sqlite_in_memory(engine: Engine) -> bool:
-    # A second connection to an in-memory database is another database (or, pooled per
-    # thread, the transaction's own connection).
-    url = engine.url
-    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-
-
 def _is_autocommit(conn: Connection) -> bool:
     level = conn.get_execution_options().get("isolation_level")
     if level is None:
@@ -177,8 +169,7 @@ class TransactionCoordinator:
         self._lock = threading.Lock()
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
-        self._identities: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
-        self._identity_tried: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._identity = IdentityCache()
         self._executor: ThreadPoolExecutor | None = None
 
     # --- shared resources ------------------------------------------------------------
@@ -236,60 +227,13 @@ class TransactionCoordinator:
             self._tables[branch.engine] = True
 
     def identity(self, branch: Branch) -> str:
-        """The cluster identity of a decider's database, for its gtrid (see
-        :mod:`.identity`): read once per engine, stored first if there is none.
-
-        Committed on a connection of its own, before any branch is prepared under it;
-        on a SQLite database the branch's own transaction holds (in memory, or locked by
-        its writes) it is stored in that transaction and so commits with the decision.
-        """
-        cached = self._identities.get(branch.engine)
-        if cached is not None:
-            return cached
-        adapter = branch.adapter
-        if adapter is None:
-            # No decision can be stored there: the commit is refused before any PREPARE.
-            return new_cluster_id()
-        if adapter.name == "sqlite" and (branch.wrote or _sqlite_in_memory(branch.engine)):
-            ident, stored_before = ensure_identity_here(adapter, branch.dbapi)
-            if not stored_before:
-                return ident  # commits with this transaction, or not at all: not cached
-        else:
-            ident, _ = ensure_identity(adapter, branch.engine)
-        with self._lock:
-            self._identities[branch.engine] = ident
-        return ident
+        """The cluster identity to write into a gtrid decided on ``branch`` (see
+        :class:`.identity.IdentityCache`)."""
+        return self._identity.for_branch(branch)
 
     def engine_identity(self, engine: Engine) -> str:
-        """The cluster identity of a decider's database that is not a branch of the
-        transaction (no transaction of ours holds it): read once per engine, stored first,
-        committed on a connection of its own, if there is none."""
-        cached = self._identities.get(engine)
-        if cached is not None:
-            return cached
-        adapter = self.adapter(engine)
-        if adapter is None:
-            return new_cluster_id()  # refused before any PREPARE, as in identity()
-        ident, _ = ensure_identity(adapter, engine)
-        with self._lock:
-            self._identities[engine] = ident
-        return ident
-
-    def identity_early(self, branch: Branch) -> None:
-        """Store a SQLite shard's identity as it joins a transaction, before it writes (it
-        may become the decider later, when its own writes lock the file)."""
-        if (branch.adapter is None or branch.adapter.name != "sqlite" or branch.wrote
-                or branch.engine in self._identities or branch.engine in self._identity_tried
-                or _sqlite_in_memory(branch.engine)):
-            return
-        # Once per engine: a file locked by another process makes this wait SQLite's busy
-        # timeout, which later transactions must not pay again.
-        with self._lock:
-            self._identity_tried.add(branch.engine)
-        try:
-            self.identity(branch)
-        except Exception as e:  # e.g. locked by another process: retried at commit
-            log.info("shard %s: cluster identity not stored yet: %s", branch.shard_id, e)
+        """The cluster identity of a decider that is not a branch of the transaction."""
+        return self._identity.for_engine(engine, self.adapter(engine))
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
@@ -357,7 +301,7 @@ class TransactionCoordinator:
         branch = gt.add_branch(connection, begun=begun)
         setattr(connection, _BRANCH_KEY, branch)
         if not getattr(connection, _WROTE_KEY, False):
-            self.identity_early(branch)
+            self._identity.early(branch)
         return branch
 
     def on_begin(

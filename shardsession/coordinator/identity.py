@@ -22,8 +22,10 @@ identities up on first connect, to close that window).
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
@@ -31,7 +33,16 @@ from ..backends import BackendAdapter, adapter_for
 from .decisions import admin_connection, is_missing_table
 from .xid import is_cluster_id, new_cluster_id
 
-__all__ = ["ensure_identity", "ensure_identity_here", "read_identities", "read_identity"]
+if TYPE_CHECKING:
+    from .branch import Branch
+
+__all__ = [
+    "IdentityCache",
+    "ensure_identity",
+    "ensure_identity_here",
+    "read_identities",
+    "read_identity",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +124,71 @@ def read_identities(engines: Mapping[str, Engine]) -> tuple[dict[str, str | None
         except Exception as e:
             errors[name] = f"cannot read the cluster identity: {type(e).__name__}: {e}"
     return found, errors
+
+
+def _sqlite_in_memory(engine: Engine) -> bool:
+    # A second connection to an in-memory database is another database (or, pooled per
+    # thread, the transaction's own connection).
+    url = engine.url
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+class IdentityCache:
+    """A coordinator's identities of decider databases, read or stored once per engine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+        self._tried: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+    def _keep(self, engine: Engine, identity: str) -> str:
+        with self._lock:
+            self._known[engine] = identity
+        return identity
+
+    def for_engine(self, engine: Engine, adapter: BackendAdapter | None) -> str:
+        """The identity of a decider no transaction of ours holds: stored first, committed
+        on a connection of its own, if there is none."""
+        known = self._known.get(engine)
+        if known is not None:
+            return known
+        if adapter is None:
+            # No decision can be stored there: the commit is refused before any PREPARE.
+            return new_cluster_id()
+        return self._keep(engine, ensure_identity(adapter, engine)[0])
+
+    def for_branch(self, branch: Branch) -> str:
+        """The identity of a decider branch's database.
+
+        Committed on a connection of its own, before any branch is prepared under it;
+        on a SQLite database the branch's own transaction holds (in memory, or locked by
+        its writes) it is stored in that transaction and so commits with the decision.
+        """
+        known = self._known.get(branch.engine)
+        if known is not None:
+            return known
+        adapter = branch.adapter
+        if adapter is not None and adapter.name == "sqlite" and (
+                branch.wrote or _sqlite_in_memory(branch.engine)):
+            identity, stored_before = ensure_identity_here(adapter, branch.dbapi)
+            if not stored_before:
+                return identity  # commits with this transaction, or not at all: not kept
+            return self._keep(branch.engine, identity)
+        return self.for_engine(branch.engine, adapter)
+
+    def early(self, branch: Branch) -> None:
+        """Store a SQLite shard's identity as it joins a transaction, before it writes (it
+        may become the decider later, when its own writes lock the file)."""
+        engine = branch.engine
+        if (branch.adapter is None or branch.adapter.name != "sqlite" or branch.wrote
+                or engine in self._known or engine in self._tried
+                or _sqlite_in_memory(engine)):
+            return
+        # Once per engine: a file locked by another process makes this wait SQLite's busy
+        # timeout, which later transactions must not pay again.
+        with self._lock:
+            self._tried.add(engine)
+        try:
+            self.for_engine(engine, branch.adapter)
+        except Exception as e:  # retried at commit, in the transaction if need be
+            log.info("shard %s: cluster identity not stored yet: %s", branch.shard_id, e)

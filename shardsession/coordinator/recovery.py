@@ -41,13 +41,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from ..backends import BackendAdapter, DecisionRow, Outcome, adapter_for
-from ..backends.base import printable
-from ..exc import ConfigurationError, RecoveryError
+from ..backends import BackendAdapter, DecisionRow, Outcome
+from ..exc import RecoveryError
+from ._listing import Listing, Owners, Seen, adapters_of, list_branches
 from .decisions import (
     CLAIM_LOCK_TIMEOUT,
     ClaimBlocked,
@@ -59,16 +58,11 @@ from .identity import read_identities
 from .protocol import RecoveryAction, after_claim, may_delete_decision, recovery_action
 from .xid import (
     Xid,
-    check_shard_ids,
     gtrid_cluster,
     gtrid_created,
     is_legacy_gtrid,
     is_our_gtrid,
-    legacy_decider_token,
-    parse_gid,
     parse_participants,
-    parse_xa,
-    shard_token,
 )
 
 __all__ = ["BranchRef", "InDoubtBranch", "RecoveryReport", "in_doubt", "recover"]
@@ -127,110 +121,6 @@ class InDoubtBranch:
     blocked: str | None = None
 
 
-def _parse(raw: Any) -> Xid | None:
-    if isinstance(raw, str):
-        return parse_gid(raw)
-    if isinstance(raw, tuple) and len(raw) == 4:
-        return parse_xa(*raw)
-    return None
-
-
-@dataclass(frozen=True)
-class _Seen:
-    shard: str
-    age: float | None
-    blocked: str | None
-
-
-@dataclass
-class _Listing:
-    #: (server key, xid) -> where it was seen
-    branches: dict[tuple[str, Xid], _Seen] = field(default_factory=dict)
-    #: (server key, printable id) -> shard that listed it
-    foreign: dict[tuple[str, str], str] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    #: shards listed successfully / that could not be listed
-    listed: set[str] = field(default_factory=set)
-    failed: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed
-
-
-def _adapters(shards: Mapping[str, Engine]) -> dict[str, BackendAdapter]:
-    out: dict[str, BackendAdapter] = {}
-    for name, engine in shards.items():
-        try:
-            out[name] = adapter_for(engine.dialect.name)
-        except KeyError:
-            continue
-    return out
-
-
-def _list(shards: Mapping[str, Engine], adapters: Mapping[str, BackendAdapter],
-          only: set[str] | None = None) -> _Listing:
-    listing = _Listing()
-    for name, adapter in adapters.items():
-        if adapter.name == "sqlite" or (only is not None and name not in only):
-            continue
-        engine = shards[name]
-        try:
-            with admin_connection(engine) as dbapi:
-                key = adapter.server_key(dbapi, engine.url.render_as_string(hide_password=True))
-                rows = adapter.list_in_doubt(dbapi)
-        except Exception as e:
-            listing.failed.append(name)
-            listing.errors.append(f"{name}: cannot list prepared transactions: {e}")
-            continue
-        listing.listed.add(name)
-        for row in rows:
-            xid = _parse(row.raw)
-            if xid is None:
-                listing.foreign.setdefault((key, printable(row.raw)), name)
-                continue
-            listing.branches.setdefault((key, xid), _Seen(name, row.age, row.blocked))
-    return listing
-
-
-class _Owners:
-    """Whose is an xid: the decider shard it names must store the identity it carries."""
-
-    def __init__(self, shards: Mapping[str, Engine], identities: Mapping[str, str | None],
-                 unreadable: set[str]) -> None:
-        try:
-            check_shard_ids(shards)
-        except ValueError as e:
-            raise ConfigurationError(str(e)) from e
-        self.tokens = {shard_token(n): n for n in shards}
-        self.sqlite = {n for n, e in shards.items() if e.dialect.name == "sqlite"}
-        self.legacy_tokens = {legacy_decider_token(n): n for n in shards}
-        self.identities = identities
-        self.ours = {i for i in identities.values() if i is not None}
-        self.unreadable = unreadable
-
-    def classify(self, xid: Xid) -> tuple[str, str | None]:
-        """``(kind, decider shard)``; kind: ``ours``, ``legacy``, ``unchecked`` (ours,
-        decider not configured or its identity unreadable: never guessed),
-        ``unattributed`` (its SQLite decider stores no identity yet) or ``foreign``."""
-        if xid.legacy:
-            decider = self.legacy_tokens.get(xid.decider)
-            return ("legacy", decider) if decider is not None else ("foreign", None)
-        decider = self.tokens.get(xid.decider)
-        if decider is not None and self.identities.get(decider) == xid.cluster:
-            return "ours", decider
-        if decider in self.sqlite and self.identities.get(decider) is None:
-            # A SQLite decider locked by its transaction's own writes stores its identity
-            # with its first decision (see .identity): a crash before that leaves branches
-            # naming an identity stored nowhere. Never claimed, never called foreign.
-            return "unattributed", decider
-        if decider is not None and decider in self.unreadable:
-            return "unchecked", decider
-        if xid.cluster in self.ours:
-            return "unchecked", None
-        return "foreign", None
-
-
 def in_doubt(shards: Mapping[str, Engine]) -> list[InDoubtBranch]:
     """Every prepared branch of ours on ``shards``, with its age in seconds (the server's
     clock where it keeps the prepare time) and whether this role can finish it.
@@ -239,10 +129,10 @@ def in_doubt(shards: Mapping[str, Engine]) -> list[InDoubtBranch]:
         (``shard_id`` names the first); the answer would be incomplete.
     :raises ConfigurationError: two shard ids name the same decider.
     """
-    adapters = _adapters(shards)
+    adapters = adapters_of(shards)
     identities, id_errors = read_identities({n: shards[n] for n in adapters})
-    owners = _Owners(shards, identities, set(id_errors))
-    listing = _list(shards, adapters)
+    owners = Owners(shards, identities, set(id_errors))
+    listing = list_branches(shards, adapters)
     now = time.time()
     out = []
     for (_key, xid), seen in sorted(listing.branches.items(), key=lambda kv: kv[1].shard):
@@ -268,7 +158,7 @@ class _Group:
     kind: str
     decider: str | None
     #: (server key, xid, where seen, ref)
-    branches: list[tuple[str, Xid, _Seen, BranchRef]] = field(default_factory=list)
+    branches: list[tuple[str, Xid, Seen, BranchRef]] = field(default_factory=list)
 
 
 def recover(
@@ -302,11 +192,11 @@ def recover(
     never touched.
     """
     report = RecoveryReport()
-    adapters = _adapters(shards)
+    adapters = adapters_of(shards)
     identities, id_errors = read_identities({n: shards[n] for n in adapters})
     report.identities = dict(identities)
     report.errors.extend(f"{n}: {msg}" for n, msg in id_errors.items())
-    owners = _Owners(shards, identities, set(id_errors))
+    owners = Owners(shards, identities, set(id_errors))
 
     def crash(point: str) -> None:
         if crash_point is not None:
@@ -322,7 +212,7 @@ def recover(
     decided = {(name, r.gtrid): r.outcome for name, rows in snapshot.items() for r in rows}
 
     # 2. listing, and whose each branch is
-    listing = _list(shards, adapters)
+    listing = list_branches(shards, adapters)
     report.errors.extend(listing.errors)
     groups: dict[str, _Group] = {}
     for (key, xid), seen in listing.branches.items():
@@ -426,7 +316,7 @@ def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],
     """
     if not acted:
         return
-    again = _list(shards, adapters, only={ref.shard for _k, _x, ref in acted})
+    again = list_branches(shards, adapters, only={ref.shard for _k, _x, ref in acted})
     done = {"committed": report.committed, "rolled_back": report.rolled_back,
             "already_finished": report.already_finished}
     for key, xid, ref in acted:
@@ -447,7 +337,7 @@ def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],
 
 def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
              adapters: Mapping[str, BackendAdapter], snapshot: Mapping[str, list[DecisionRow]],
-             owners: _Owners, listing: _Listing, in_doubt_gtrids: set[str],
+             owners: Owners, listing: Listing, in_doubt_gtrids: set[str],
              abort_retention: float) -> None:
     """Delete the decision rows read in step 1 that no branch can need any more."""
     now = time.time()
