@@ -53,7 +53,12 @@ def test_the_real_mariadb_is_accepted_for_two_phase_commit(mariadb_url: str) -> 
         e.dispose()
 
 
-def test_mariadb_durability_settings_are_warned_about(mariadb_url: str) -> None:
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardsession", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_mariadb_durability_settings_are_warned_about(mariadb_url: str, tmp_path: Path) -> None:
     e = create_engine(mariadb_url)
     try:
         assert shard_health({"m": e})[0].warnings == ()
@@ -65,6 +70,13 @@ def test_mariadb_durability_settings_are_warned_about(mariadb_url: str) -> None:
             assert any("innodb_flush_log_at_trx_commit = 2" in w for w in health.warnings)
             [setup] = prepare_shards({"m": e})  # create-all warns as well
             assert any("innodb_flush_log_at_trx_commit" in w for w in setup.warnings)
+            config = tmp_path / "m.toml"
+            plain_url = make_url(mariadb_url).render_as_string(False)
+            config.write_text(f'[shards.m]\nurl = "{plain_url}"\n')
+            for command in ("create-all", "status"):
+                done = _cli(command, "--config", str(config))
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert "warning: m: innodb_flush_log_at_trx_commit = 2" in done.stdout
         finally:
             with e.connect() as c:
                 c = c.execution_options(isolation_level="AUTOCOMMIT")
@@ -145,10 +157,7 @@ def test_a_recovery_role_that_cannot_finish_a_branch_is_shown(
         assert [why for _r, why in report.left_alone] == ["recovery role cannot finish it"]
         config = tmp_path / "c.toml"
         config.write_text(f'[shards.p]\nurl = "{url.set(username=role).render_as_string(False)}"\n')
-        status = subprocess.run(
-            [sys.executable, "-m", "shardsession", "status", "--config", str(config)],
-            capture_output=True, text=True, timeout=60, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT})
+        status = _cli("status", "--config", str(config))
         assert status.returncode == 1 and "CANNOT FINISH" in status.stdout, status.stdout
         assert f"cluster identity: {cluster}" in status.stdout
         # the superuser can: the ABORT claim the plain role wrote is followed
