@@ -29,8 +29,9 @@ Legacy xids (the ``ss1`` format, before cluster identities) carry no identity: r
 follows a decision row it finds for one in the table of the decider its 32-bit token
 names, but never claims an abort for one (it could be another application's with the same
 shard names) unless told to with ``claim_legacy=True``; such a branch is left in doubt
-with that reason. Legacy decision rows name no participant's shard and are never deleted
-by recovery (delete them by hand once no legacy branch is listed anywhere).
+with that reason. Legacy COMMIT rows name no participant's shard and are never deleted by
+recovery (delete them by hand once no legacy branch is listed anywhere); legacy ABORT
+claims age out as new ones do.
 
 It is idempotent and safe to run from many processes at once.
 """
@@ -347,11 +348,16 @@ def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
             if not is_our_gtrid(row.gtrid):
                 continue  # not ours: never touched
             if is_legacy_gtrid(row.gtrid):
-                report.legacy_rows_kept += 1
-                continue
-            if gtrid_cluster(row.gtrid) != owners.identities.get(name):
+                if row.outcome != Outcome.ABORT:
+                    # a legacy COMMIT row names no participant's shard: never provably
+                    # unneeded (an old claim may go by the ABORT rule below)
+                    report.legacy_rows_kept += 1
+                    continue
+                parts: list[tuple[str, str]] | None = []
+            elif gtrid_cluster(row.gtrid) != owners.identities.get(name):
                 continue  # not decided under this database's identity: not ours to delete
-            parts = parse_participants(row.participants)
+            else:
+                parts = parse_participants(row.participants)
             if parts is None:
                 report.decisions_kept.append((name, row.gtrid, "participants unreadable"))
                 continue

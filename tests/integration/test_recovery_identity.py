@@ -293,6 +293,9 @@ def test_legacy_branches_follow_their_decision_and_are_never_claimed_by_default(
     assert [r.gtrid for r in report.rolled_back] == [undecided] and report.resolved
     with b.connect() as c:
         assert c.exec_driver_sql("SELECT id FROM t").scalars().all() == [1]
+    # the legacy claim ages out like any claim; the legacy COMMIT row stays
+    report = recover(pg2, grace_period=0, abort_retention=0)
+    assert report.decisions_deleted == 1 and decision_gtrids(a) == {decided: "C"}
 
 
 # --- names that collide ------------------------------------------------------------------
