@@ -34,6 +34,7 @@ from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
 from .coordinator import TransactionCoordinator, early
 from .coordinator.coordinator import begin_listener
+from .coordinator.xid import check_shard_ids
 from .exc import (
     ConfigurationError,
     NoShardChosenError,
@@ -165,6 +166,10 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             raise ArgumentError("shard_chooser is required (or pass placement=)")
         for name, bind in (shards or {}).items():
             self.bind_shard(name, bind)
+        try:  # an xid names its decider by shard id: two ids must never name one
+            check_shard_ids(shards or ())
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
         self._coordinator = _coordinator_for(self, coordinator, decider)
         if key is not None and shards and id_chooser is None:  # (the legacy wrapper
             # of id_chooser refers to this session: it cannot be shared)

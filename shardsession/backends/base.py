@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
+    "CLUSTER_TABLE",
     "DECISION_TABLE",
     "BackendAdapter",
     "Capabilities",
@@ -27,6 +28,8 @@ __all__ = [
 
 #: name of the decision table created on deciders (and by ``create-all``)
 DECISION_TABLE = "shardsession_decisions"
+#: one-row table next to it holding the identity written into every xid decided there
+CLUSTER_TABLE = "shardsession_cluster"
 
 
 class Outcome:
@@ -42,21 +45,31 @@ class InDoubt:
 
     ``raw`` is a GID ``str`` (PostgreSQL) or the ``XA RECOVER`` row
     ``(formatID, gtrid_length, bqual_length, data)``; it is untrusted, parsed strictly by
-    the coordinator and never executed. ``age`` is in seconds where the server knows it.
+    the coordinator and never executed. ``age`` is in seconds where the server knows it
+    (by its own clock). ``blocked`` says why this connection's role cannot finish it
+    (PostgreSQL: prepared by another role, and the role listing is not a superuser).
     """
 
     raw: Any
     age: float | None = None
+    owner: str | None = None
+    blocked: str | None = None
 
 
 @dataclass(frozen=True)
 class DecisionRow:
-    """One row of the decision table."""
+    """One row of the decision table.
+
+    ``decided_at`` ``None`` on insert means "the server's clock now" (abort claims: they
+    are aged by the server that holds them, never by a coordinator's clock). ``age`` is
+    filled on reading: seconds since ``decided_at`` by the server's clock.
+    """
 
     gtrid: str
     outcome: str
-    decided_at: float
+    decided_at: float | None
     participants: str = ""
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -163,6 +176,22 @@ class BackendAdapter(Protocol):
 
     def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
         """Delete decision rows (autocommit connection); return how many."""
+        ...
+
+    def ensure_cluster_table(self, dbapi_conn: Any) -> None:
+        """Create the cluster identity table if missing."""
+        ...
+
+    def read_cluster_id(self, dbapi_conn: Any) -> str | None:
+        """The stored cluster identity (``None``: none stored; the table may be missing)."""
+        ...
+
+    def insert_cluster_id(self, dbapi_conn: Any, cluster_id: str) -> None:
+        """Store the cluster identity (a duplicate key if one is stored already)."""
+        ...
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        """Server settings under which a committed decision could be lost on a crash."""
         ...
 
     def is_unknown_xid(self, error: BaseException) -> bool:

@@ -15,18 +15,27 @@ Server rules followed here (checked on MariaDB 10.11):
   branch must be ended with ``XA END`` + ``XA ROLLBACK`` first, and a connection whose
   branch is left prepared for recovery cannot be reused: it must be discarded;
 * an unknown xid is 1397 XAER_NOTA (already finished, or never prepared);
-* ``XA RECOVER`` lists the prepared branches of the whole server, not of one database.
+* ``XA RECOVER`` lists the prepared branches of the whole server, not of one database,
+  and any user may finish any of them (``XA_RECOVER_ADMIN`` on MySQL 8 only restricts
+  the listing): everyone with an account on the server is inside the trust boundary;
+* a branch prepared on a connection that is still open (a live or hung coordinator)
+  is listed by ``XA RECOVER`` but answers ``XA COMMIT`` from another connection with
+  1397 as if it were unknown: 1397 alone never proves a branch finished;
+* before MariaDB 10.5 and MySQL 5.7.7 a prepared branch is rolled back when its
+  connection ends: those servers are refused as prepared participants
+  (:func:`xa_version_problem`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
-__all__ = ["MySQLAdapter"]
+__all__ = ["MySQLAdapter", "xa_version_problem"]
 
 XAER_NOTA = 1397
 XAER_RMFAIL = 1399
@@ -41,6 +50,33 @@ _DDL = (
     "decided_at DOUBLE NOT NULL, "
     "participants VARCHAR(4000) CHARACTER SET ascii NOT NULL DEFAULT '') ENGINE=InnoDB"
 )
+
+
+_VERSION_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+def xa_version_problem(version: str) -> str | None:
+    """Why a server reporting ``version`` (``SELECT VERSION()``) cannot keep a prepared XA
+    branch across a disconnect, or ``None`` when it can (MariaDB >= 10.5, MySQL >= 5.7.7).
+
+    MariaDB's replication prefix (``5.5.5-10.4.3-MariaDB``) is skipped; an unreadable
+    version is refused (nothing is assumed).
+    """
+    text = str(version)
+    mariadb = "mariadb" in text.lower()
+    if mariadb and text.startswith("5.5.5-"):
+        text = text[len("5.5.5-"):]
+    m = _VERSION_RE.match(text)
+    if m is None:
+        return f"cannot read the server version {version!r}: prepared XA durability unknown"
+    v = tuple(int(g) for g in m.groups())
+    if mariadb and v < (10, 5, 0):
+        return (f"MariaDB {m.group(0)} rolls a prepared XA branch back when its connection "
+                "ends (fixed in 10.5): it cannot take part in two-phase commit")
+    if not mariadb and v < (5, 7, 7):
+        return (f"MySQL {m.group(0)} rolls a prepared XA branch back when its connection "
+                "ends (fixed in 5.7.7): it cannot take part in two-phase commit")
+    return None
 
 
 def _errno(error: BaseException) -> int | None:
@@ -60,6 +96,7 @@ class MySQLAdapter(DecisionTableSQL):
     """Two-phase commit on MySQL/MariaDB through XA."""
 
     name = "mysql"
+    now_sql = "UNIX_TIMESTAMP(NOW(6))"
     xid_at_begin = True
     prepared_blocks_connection = True
 
@@ -72,7 +109,25 @@ class MySQLAdapter(DecisionTableSQL):
             cur.close()
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
-        return Capabilities(True)
+        rows = self._exec(dbapi_conn, "SELECT VERSION()")
+        version = str(rows[0][0]) if rows else ""
+        problem = xa_version_problem(version)
+        if problem is not None:
+            return Capabilities(False, problem, {"version": version})
+        return Capabilities(True, None, {"version": version})
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        rows = self._exec(dbapi_conn,
+                          "SELECT @@innodb_flush_log_at_trx_commit, @@log_bin, @@sync_binlog")
+        flush, log_bin, sync_binlog = rows[0] if rows else (1, 0, 1)
+        out = []
+        if int(flush) != 1:
+            out.append(f"innodb_flush_log_at_trx_commit = {flush} (not 1): a committed "
+                       "decision or prepared branch can be lost if the server crashes")
+        if int(log_bin) and int(sync_binlog) != 1:
+            out.append(f"binary log on with sync_binlog = {sync_binlog} (not 1): a prepared "
+                       "or committed XA branch can be lost if the server crashes")
+        return out
 
     def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
         self._exec(dbapi_conn, f"XA START {xid.xa_literal}")

@@ -124,6 +124,7 @@ class PostgreSQLAdapter(DecisionTableSQL):
     """Two-phase commit on PostgreSQL (``max_prepared_transactions`` > 0)."""
 
     name = "postgresql"
+    now_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
     xid_at_begin = False
     prepared_blocks_connection = False
 
@@ -227,16 +228,40 @@ class PostgreSQLAdapter(DecisionTableSQL):
         return True
 
     def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        # COMMIT/ROLLBACK PREPARED is allowed to the preparing role and to superusers
+        # only: a branch this role cannot finish is marked, not attempted blindly.
         cur = _cursor(dbapi_conn)
         try:
             cur.execute(
-                "SELECT gid, EXTRACT(EPOCH FROM (now() - prepared)) "
-                "FROM pg_prepared_xacts WHERE database = current_database()"
+                "SELECT p.gid, EXTRACT(EPOCH FROM (now() - p.prepared)), p.owner::text, "
+                "current_user::text, COALESCE((SELECT rolsuper FROM pg_roles "
+                "WHERE rolname = current_user), false) "
+                "FROM pg_prepared_xacts p WHERE p.database = current_database()"
             )
             rows = cur.fetchall()
         finally:
             cur.close()
-        return [InDoubt(gid, float(age) if age is not None else None) for gid, age in rows]
+        out = []
+        for gid, age, owner, me, superuser in rows:
+            blocked = None
+            if owner != me and not superuser:
+                blocked = (f"prepared by role {owner!r}; role {me!r} is neither that role nor "
+                           "a superuser and cannot finish it")
+            out.append(InDoubt(gid, float(age) if age is not None else None, owner, blocked))
+        return out
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        cur = _cursor(dbapi_conn)
+        try:
+            cur.execute("SHOW synchronous_commit")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        if row and str(row[0]) == "off":
+            return ["synchronous_commit = off for this role: ordinary commits can be lost "
+                    "on a crash (decision commits force it on with SET LOCAL, prepared "
+                    "branches flush anyway)"]
+        return []
 
     def server_key(self, dbapi_conn: Any, url_key: str) -> str:
         # Listing is per database, so each database is its own namespace for recovery.

@@ -33,6 +33,7 @@ class SQLiteAdapter(DecisionTableSQL):
 
     name = "sqlite"
     placeholder = "?"
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
     xid_at_begin = False
     prepared_blocks_connection = False
 
@@ -86,6 +87,10 @@ class SQLiteAdapter(DecisionTableSQL):
         return False
 
     def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        return []
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        # The decider's commit forces synchronous = FULL itself (commit_one_phase).
         return []
 
     def server_key(self, dbapi_conn: Any, url_key: str) -> str:

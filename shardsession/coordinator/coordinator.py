@@ -42,6 +42,7 @@ from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..exc import ConfigurationError, TransactionError
 from . import early
 from .branch import Branch, BranchState
+from .identity import IdentityCache
 from .transaction import GlobalTransaction
 
 __all__ = ["TransactionCoordinator"]
@@ -225,6 +226,7 @@ class TransactionCoordinator:
         self._lock = threading.Lock()
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+        self._identity = IdentityCache()
         self._executor: ThreadPoolExecutor | None = None
 
     # --- shared resources ------------------------------------------------------------
@@ -280,6 +282,15 @@ class TransactionCoordinator:
                 branch.adapter.ensure_decision_table(c.connection.dbapi_connection)
         with self._lock:
             self._tables[branch.engine] = True
+
+    def identity(self, branch: Branch) -> str:
+        """The cluster identity to write into a gtrid decided on ``branch`` (see
+        :class:`.identity.IdentityCache`)."""
+        return self._identity.for_branch(branch)
+
+    def engine_identity(self, engine: Engine) -> str:
+        """The cluster identity of a decider that is not a branch of the transaction."""
+        return self._identity.for_engine(engine, self.adapter(engine))
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
@@ -346,6 +357,8 @@ class TransactionCoordinator:
         _instrument(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
         setattr(connection, _BRANCH_KEY, branch)
+        if not getattr(connection, _WROTE_KEY, False):
+            self._identity.early(branch)
         return branch
 
     def on_begin(

@@ -294,7 +294,9 @@ def may_delete_decision(
     is in doubt in a listing taken after the row was read, none ever will be again. An
     ABORT row may have been claimed while its coordinator was still preparing; it must
     outlive that coordinator (which refuses to commit a transaction older than half the
-    retention), so it is kept for ``abort_retention`` seconds after its gtrid was created.
+    retention), so it is kept for ``abort_retention`` seconds after it was claimed: ``age``
+    is the claim's age by the claiming server's clock, never the coordinator's (a
+    coordinator clock days behind would make a fresh claim look old).
     """
     if in_doubt or not listing_complete:
         return False

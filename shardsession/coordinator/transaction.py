@@ -47,7 +47,7 @@ from .protocol import (
     next_step,
     plan_commit,
 )
-from .xid import Xid, gtrid_created, new_gtrid
+from .xid import Xid, gtrid_created, new_gtrid, participants_text
 
 if TYPE_CHECKING:
     from .coordinator import TransactionCoordinator
@@ -190,7 +190,8 @@ class GlobalTransaction:
             facts = [self._facts(b, detect=False) for b in ordered]
             decider_index = choose_decider(facts, self.coordinator.decider)
         self.decider_index = decider_index
-        self.gtrid = new_gtrid(ordered[decider_index].shard_id)
+        decider = ordered[decider_index]
+        self.gtrid = new_gtrid(decider.shard_id, cluster=self.coordinator.identity(decider))
 
     # --- the protocol ----------------------------------------------------------------
 
@@ -311,7 +312,8 @@ class GlobalTransaction:
                     f"shard {b.shard_id!r} must prepare for this commit to be atomic, but: "
                     f"{problem}; nothing was committed", gtrid=gtrid, shard_id=b.shard_id,
                 )
-        participants = ",".join(b.xid.bqual for b in prepare if b.xid)
+        # which shards recovery must have asked before it may delete the decision row
+        participants = participants_text((b.xid, b.shard_id) for b in prepare if b.xid)
         # With nothing to prepare (best effort over unpreparable shards only) there is no
         # in-doubt branch for a decision row to settle.
         need_decision = bool(prepare)
