@@ -242,6 +242,8 @@ class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
         if mapper is not None and not isinstance(mapper, Mapper):
             mapper = _mapper_of(mapper)
         if mapper is None:
+            if len(self._shards) == 1:  # nothing to choose from: the one shard, as a
+                return next(iter(self._shards))  # plain Session's one bind
             raise RoutingError(
                 "cannot choose a shard without a mapper or instance; pass "
                 "bind_arguments={'shard_id': ...}",
