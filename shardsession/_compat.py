@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.session import (
     SessionTransaction,
     SessionTransactionOrigin,
@@ -19,7 +20,7 @@ from sqlalchemy.orm.session import (
 )
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.orm.state_changes import _StateChangeStates
-from sqlalchemy.util import safe_reraise
+from sqlalchemy.util import EMPTY_DICT, safe_reraise
 
 __all__ = [
     "coordinate",
@@ -274,6 +275,49 @@ class CoordinatedRoots(Session):
 
     def _shardsession_root_begins(self) -> None:
         """Called before each root transaction is created (a subclass's hook)."""
+
+
+class ForwardedIdentityLookup(Session):
+    """A sharded Session class whose identity-map lookups keep their ``passive`` flags.
+
+    Overrides ``Session._identity_lookup`` (private; the lookup of ``get()``, of a
+    many-to-one lazy load and of the unit of work's history checks) as
+    ``sqlalchemy.ext.horizontal_shard.ShardedSession`` does, asking the identity chooser
+    for the shards and looking in each one's part of the identity map, but passes every
+    argument on: SQLAlchemy's override (2.1.9) drops ``passive``, so a lookup that must
+    not emit SQL (``PASSIVE_NO_FETCH``: a flush checking the old parent of an expired
+    object) loads the expired object with a SELECT a plain Session does not send.
+    """
+
+    identity_chooser: Callable[..., Any]
+
+    def _identity_lookup(  # type: ignore[override]
+        self,
+        mapper: Mapper[Any],
+        primary_key_identity: Any,
+        identity_token: Any = None,
+        passive: Any = PassiveFlag.PASSIVE_OFF,
+        lazy_loaded_from: Any = None,
+        execution_options: Any = EMPTY_DICT,
+        bind_arguments: Any = None,
+        **kw: Any,
+    ) -> Any:
+        lookup = Session._identity_lookup
+        if identity_token is not None:
+            return lookup(self, mapper, primary_key_identity, identity_token, passive,
+                          lazy_loaded_from, execution_options, bind_arguments)
+        for shard_id in self.identity_chooser(
+            mapper,
+            primary_key_identity,
+            lazy_loaded_from=lazy_loaded_from,
+            execution_options=execution_options,
+            bind_arguments=dict(bind_arguments) if bind_arguments else {},
+        ):
+            found = lookup(self, mapper, primary_key_identity, shard_id, passive,
+                           lazy_loaded_from, execution_options, bind_arguments)
+            if found is not None:  # (the object, or "present but not loadable now")
+                return found
+        return None
 
 
 def coordinate(transaction: Any) -> None:

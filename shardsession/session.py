@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 AtomicMode = Literal["require", "best_effort"]
 
 
-class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
+class ShardedSession(_compat.CoordinatedRoots, _compat.ForwardedIdentityLookup, _SAShardedSession):
     """A Session whose data is spread over several databases.
 
     Accepts every argument of :class:`sqlalchemy.orm.Session` and of SQLAlchemy's
@@ -243,7 +243,8 @@ class ShardedSession(_compat.CoordinatedRoots, _SAShardedSession):
             mapper = _mapper_of(mapper)
         if mapper is None:
             if len(self._shards) == 1:  # nothing to choose from: the one shard, as a
-                return next(iter(self._shards))  # plain Session's one bind
+                only: str = next(iter(self._shards))  # plain Session's one bind
+                return only
             raise RoutingError(
                 "cannot choose a shard without a mapper or instance; pass "
                 "bind_arguments={'shard_id': ...}",

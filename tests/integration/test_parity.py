@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import (
     Column,
     Engine,
+    ForeignKey,
     Integer,
     String,
     create_engine,
@@ -25,7 +26,14 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session, declarative_base, events, scoped_session, sessionmaker
+from sqlalchemy.orm import (
+    Session,
+    declarative_base,
+    events,
+    relationship,
+    scoped_session,
+    sessionmaker,
+)
 from sqlalchemy.orm.exc import UnmappedClassError, UnmappedInstanceError
 
 from shardsession import (
@@ -299,3 +307,71 @@ def test_scoped_session_proxies_the_sharded_session(engine: Engine) -> None:
     assert registry.shards == {"only": engine}  # a new session from the factory
     registry.remove()
     other.dispose()
+
+
+# --- one shard, no choice to make ---------------------------------------------------------
+
+
+def test_connection_without_mapper_is_the_one_shards(engine: Engine) -> None:
+    # Session.connection() / get_bind() with nothing to go by answer the session's bind;
+    # with one shard there is nothing to choose either
+    session = one_shard(engine)
+    assert session.get_bind() is engine
+    assert session.connection().engine is engine
+    session.close()
+
+
+def test_get_bind_without_mapper_still_refused_with_two_shards(
+    two_sqlite: dict[str, Engine],
+) -> None:
+    session = _placed_session(two_sqlite)
+    with pytest.raises(RoutingError, match="without a mapper or instance"):
+        session.get_bind()
+
+
+# --- identity-map lookups keep their passive flags -----------------------------------------
+
+
+class Parent(Base):  # type: ignore[misc]
+    __tablename__ = "parity_parent"
+    id = Column(Integer, primary_key=True)
+    name = Column(String(30))
+
+
+class Child(Base):  # type: ignore[misc]
+    __tablename__ = "parity_child"
+    id = Column(Integer, primary_key=True)
+    parent_id = Column(Integer, ForeignKey("parity_parent.id"))
+    parent = relationship(Parent)
+
+
+def _delete_expired_children(session: Session, engine: Engine) -> list[str]:
+    # SQLAlchemy's test_unitofworkv2::test_many_to_one_delete_childonly_unloaded_expired
+    parent = Parent(name="p1")
+    c1, c2 = Child(parent=parent), Child(parent=parent)
+    session.add_all([c1, c2, parent])
+    session.flush()
+    session.expire(parent)
+    session.expire(c1)
+    session.expire(c2)
+    session.delete(c1)
+    session.delete(c2)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement.split(" WHERE")[0])
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        session.flush()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    session.rollback()
+    return statements
+
+
+def test_flush_does_not_load_an_expired_parent(engine: Engine) -> None:
+    plain = _delete_expired_children(Session(engine), engine)
+    sharded = _delete_expired_children(one_shard(engine), engine)
+    assert not any("parity_parent" in s for s in plain)  # (what a plain Session sends)
+    assert sharded == plain

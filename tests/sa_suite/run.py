@@ -118,7 +118,8 @@ def run_suite(
 def read_expected(path: Path, backend: str) -> dict[str, str]:
     """``{test id: reason}`` of the expected differences that apply to ``backend``.
 
-    One test id per line, then ``#`` and the reason; an optional first word
+    One test id per line, then ``#`` and the reason (an id without ``[parameters]``
+    covers all parameter sets of that test); an optional first word
     ``@sqlite`` / ``@postgresql`` (comma-separated) limits a line to those backends.
     Lines starting with ``#`` are comments.
     """
@@ -153,10 +154,20 @@ def compare(
         for k, v in plain_n.items()
         if v == "passed" and sharded_n.get(k) != "passed"
     }
-    new = {k: v for k, v in differ.items() if k not in expected}
-    explained = {k: v for k, v in differ.items() if k in expected}
-    stale = sorted(k for k in expected if k not in differ)
+    new = {k: v for k, v in differ.items() if _listed(k, expected) is None}
+    explained = {k: v for k, v in differ.items() if _listed(k, expected) is not None}
+    used = {_listed(k, expected) for k in explained}
+    stale = sorted(k for k in expected if k not in used)
     return new, explained, stale
+
+
+def _listed(test_id: str, expected: dict[str, str]) -> str | None:
+    """The entry of ``expected`` that covers ``test_id``: the id itself, or the id
+    without its parameters (``test_x`` covers every ``test_x[...]``)."""
+    if test_id in expected:
+        return test_id
+    function_id = test_id.split("[", 1)[0]
+    return function_id if function_id in expected else None
 
 
 def _counts(outcomes: Iterable[str]) -> str:
