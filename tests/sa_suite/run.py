@@ -118,7 +118,7 @@ def run_suite(
 def read_expected(path: Path, backend: str) -> dict[str, str]:
     """``{test id: reason}`` of the expected differences that apply to ``backend``.
 
-    One test id per line, then ``#`` and the reason (an id without ``[parameters]``
+    One test id per line, then two spaces, ``#`` and the reason (an id without ``[parameters]``
     covers all parameter sets of that test); an optional first word
     ``@sqlite`` / ``@postgresql`` (comma-separated) limits a line to those backends.
     Lines starting with ``#`` are comments.
@@ -128,17 +128,19 @@ def read_expected(path: Path, backend: str) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        entry, sep, reason = line.partition(" #")
+        entry, sep, reason = line.partition("  # ")
         if not sep or not reason.strip():
-            raise SystemExit(f"{path}:{number}: a test id needs '# reason' after it")
-        words = entry.split()
+            raise SystemExit(f"{path}:{number}: a test id needs '  # reason' after it")
+        entry = entry.strip()
         backends = None
-        if words and words[0].startswith("@"):
-            backends = set(words.pop(0)[1:].split(","))
-        if len(words) != 1:
-            raise SystemExit(f"{path}:{number}: one test id per line")
+        if entry.startswith("@"):
+            first, _, entry = entry.partition(" ")
+            backends = set(first[1:].split(","))
+            entry = entry.strip()
+        if "::" not in entry or (" " in entry.split("[", 1)[0]):
+            raise SystemExit(f"{path}:{number}: one test id per line, not {entry!r}")
         if backends is None or backend in backends:
-            found[words[0]] = reason.strip()
+            found[entry] = reason.strip()
     return found
 
 
@@ -177,13 +179,23 @@ def _counts(outcomes: Iterable[str]) -> str:
     return ", ".join(f"{n} {o}" for o, n in sorted(tally.items()))
 
 
-def _postgresql_uri() -> tuple[str, Any]:
+def _postgresql_database() -> tuple[str, Any]:
+    """A fresh database on the project's first PostgreSQL test server, and a function
+    that drops it (and stops the server when this process started it)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from harness import servers
+    from sqlalchemy.engine import make_url
 
     server = servers.get_server("pg1")
     url = server.create_database()
-    return url, server
+
+    def done() -> None:
+        try:
+            server.drop_database(make_url(url).database)
+        finally:
+            servers.forget_server("pg1")
+
+    return url, done
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="per run, in seconds")
     parser.add_argument("--out", type=Path, default=CACHE / "results",
                         help="folder for the logs and reports")
+    parser.add_argument("--reuse", action="store_true",
+                        help="compare the reports of the last runs again, without running")
     args = parser.parse_args(argv)
 
     import sqlalchemy
@@ -201,15 +215,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     version = sqlalchemy.__version__
     source = sdist(version, sys.executable)
     args.out.mkdir(parents=True, exist_ok=True)
-    server = None
+    done: Any = None
+    if args.reuse:
+        runs = {mode: json.loads((args.out / f"{args.backend}-{mode}.json").read_text())
+                for mode in ("plain", "sharded")}
+        for run in runs.values():
+            run.setdefault("seconds", "?")
+        return report(args, version, runs)
     if args.dburi:
         db_args = [f"--dburi={args.dburi}"]
     elif args.backend == "postgresql":
-        url, server = _postgresql_uri()
+        url, done = _postgresql_database()
         db_args = [f"--dburi={url}"]
     else:
         db_args = []  # the suite's default: SQLite in memory
-    expected = read_expected(EXPECTED, args.backend)
+    read_expected(EXPECTED, args.backend)  # (a malformed list fails before the runs)
     try:
         runs = {
             mode: run_suite(source, mode, args.files, db_args,
@@ -218,9 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode in ("plain", "sharded")
         }
     finally:
-        if server is not None and getattr(server, "controllable", False):
-            server.teardown()
+        if done is not None:
+            done()
 
+    return report(args, version, runs)
+
+
+def report(args: argparse.Namespace, version: str, runs: dict[str, dict[str, Any]]) -> int:
+    """Print the comparison of the two runs and write its summary; the exit status."""
+    expected = read_expected(EXPECTED, args.backend)
     failed = False
     plain, sharded = runs["plain"], runs["sharded"]
     print(f"SQLAlchemy {version} suite, backend {args.backend}, {len(args.files)} files")
