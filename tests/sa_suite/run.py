@@ -183,11 +183,18 @@ def _postgresql_database() -> tuple[str, Any]:
     """A fresh database on the project's first PostgreSQL test server, and a function
     that drops it (and stops the server when this process started it)."""
     sys.path.insert(0, str(ROOT / "tests"))
+    import sqlalchemy
     from harness import servers
     from sqlalchemy.engine import make_url
 
     server = servers.get_server("pg1")
     url = server.create_database()
+    # (the schemas SQLAlchemy's README.unittests asks for: some ORM tests use them)
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        for schema in ("test_schema", "test_schema_2"):
+            conn.execute(sqlalchemy.schema.CreateSchema(schema))
+    engine.dispose()
 
     def done() -> None:
         try:
