@@ -465,6 +465,7 @@ _HOOKS: tuple[tuple[str, Callable[..., Any], dict[str, Any]], ...] = (
 )
 #: (the live class-level listener collection of ShardedSession, our listener) per hook
 _HOOK_CHECKS: tuple[tuple[Collection[Any], Callable[..., Any]], ...] = ()
+_hooks_lock = threading.Lock()
 
 
 def _install_hooks() -> None:
@@ -479,12 +480,13 @@ def _install_hooks() -> None:
     (sessionmakers' classes) too.
     """
     global _HOOK_CHECKS
-    for name, fn, kw in _HOOKS:
-        if fn not in _compat.class_listener_list(ShardedSession, name):
-            event.listen(ShardedSession, name, fn, **kw)
-    _HOOK_CHECKS = tuple(
-        (_compat.class_listener_list(ShardedSession, name), fn) for name, fn, _kw in _HOOKS
-    )
+    with _hooks_lock:  # (two sessions healing at once must not register a hook twice)
+        for name, fn, kw in _HOOKS:
+            if fn not in _compat.class_listener_list(ShardedSession, name):
+                event.listen(ShardedSession, name, fn, **kw)
+        _HOOK_CHECKS = tuple(
+            (_compat.class_listener_list(ShardedSession, name), fn) for name, fn, _kw in _HOOKS
+        )
 
 
 def _ensure_hooks() -> None:
