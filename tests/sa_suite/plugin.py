@@ -122,11 +122,18 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    counts: Counter[str] = _state["counts"]
+    files = sorted({nodeid.split("::", 1)[0] for nodeid in _state["outcomes"]})
+    unreached = [f for f in files if not counts.get(f)]
+    if session.config.getoption("sa_suite_mode") == "sharded" and unreached:
+        # the substitution did not reach these files: their results say nothing about us
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"sa_suite: no sharded session was created by {unreached}")
     path = session.config.getoption("sa_suite_report")
     if not path:
         return
-    counts: Counter[str] = _state["counts"]
-    files = sorted({nodeid.split("::", 1)[0] for nodeid in _state["outcomes"]})
     report = {
         "mode": session.config.getoption("sa_suite_mode"),
         "sqlalchemy": sqlalchemy.__version__,

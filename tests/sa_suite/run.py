@@ -253,7 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, version: str, runs: dict[str, dict[str, Any]]) -> int:
     """Print the comparison of the two runs and write its summary; the exit status."""
-    expected = read_expected(EXPECTED, args.backend)
+    expected = {  # (the entries of the files that ran)
+        k: v for k, v in read_expected(EXPECTED, args.backend).items()
+        if k.split("::", 1)[0] in args.files
+    }
     failed = False
     plain, sharded = runs["plain"], runs["sharded"]
     print(f"SQLAlchemy {version} suite, backend {args.backend}, {len(args.files)} files")
