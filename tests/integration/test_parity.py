@@ -188,10 +188,19 @@ def test_update_returning_from_statement(engine: Engine) -> None:
 # --- class-level events -----------------------------------------------------------------
 
 
+def remove_orm_events_globally() -> None:
+    """What SQLAlchemy's test fixture ``RemoveORMEventsGlobally`` does after each test."""
+    events.MapperEvents._clear()
+    events.InstanceEvents._clear()
+    events.SessionEvents._clear()
+    events.InstrumentationEvents._clear()
+    events.QueryEvents._clear()
+
+
 @pytest.fixture
 def clean_session_events() -> Iterator[None]:
     yield
-    events.SessionEvents._clear()  # what SQLAlchemy's RemoveORMEventsGlobally does
+    remove_orm_events_globally()
 
 
 @pytest.mark.usefixtures("clean_session_events")
@@ -269,7 +278,7 @@ def test_hooks_survive_sqlalchemys_listener_cleanup(two_sqlite: dict[str, Engine
     # SQLAlchemy's ORM fixtures (RemoveORMEventsGlobally) clear every class-level Session
     # listener after each test; a user's suite built on them does the same. A session
     # made afterwards must still route, place and coordinate.
-    events.SessionEvents._clear()
+    remove_orm_events_globally()
     session = _placed_session(two_sqlite)
     _check_routing_and_commit(two_sqlite, session)
     session.close()
@@ -279,7 +288,7 @@ def test_hooks_survive_cleanup_for_a_session_made_before(two_sqlite: dict[str, E
     session = _placed_session(two_sqlite)
     assert session.scalars(select(Item)).all() == []
     session.close()
-    events.SessionEvents._clear()
+    remove_orm_events_globally()
     # its next transaction begins with the hooks back (a flush is its first statement)
     _check_routing_and_commit(two_sqlite, session)
     session.close()
