@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ..backends import BackendAdapter, adapter_for
 from .decisions import admin_connection, is_missing_table
@@ -127,10 +128,17 @@ def read_identities(engines: Mapping[str, Engine]) -> tuple[dict[str, str | None
 
 
 def _sqlite_in_memory(engine: Engine) -> bool:
-    # A second connection to an in-memory database is another database (or, pooled per
-    # thread, the transaction's own connection).
+    """Whether another connection of ``engine`` is not a separate connection to its file.
+
+    A second connection to an in-memory database is another database; a pool that hands
+    one connection per thread (``SingletonThreadPool``, as the local SQLite cluster uses)
+    or one for all (``StaticPool``) gives back the transaction's own connection, and
+    switching that to autocommit would commit the transaction's pending writes.
+    """
     url = engine.url
-    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+        return True
+    return isinstance(engine.pool, (SingletonThreadPool, StaticPool))
 
 
 class IdentityCache:
