@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 #: attributes of ours on a SQLAlchemy ``Connection``: its Branch, and "wrote" before it had one
 _BRANCH_KEY = "_shardsession_branch"
 _WROTE_KEY = "_shardsession_wrote"
+#: attributes of ours on a transaction's first Connection before it is a branch: the
+#: driver errors raised on it, and its adapter's write mark (SQLite only)
+_ERRORS_KEY = "_shardsession_errors"
+_MARK_KEY = "_shardsession_mark"
 #: attribute of ours on a root ``SessionTransaction``: its first connection, until a second
 #: shard joins (then that connection is the first branch of the GlobalTransaction)
 _FIRST_KEY = "_shardsession_first"
@@ -112,6 +116,25 @@ def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parame
     branch.wrote = True
 
 
+def _on_error(context: Any) -> None:
+    # The server may have rolled the whole transaction back (a deadlock): if the
+    # application catches the error and commits, the commit must know.
+    conn = context.connection
+    if conn is None or context.original_exception is None:
+        return
+    branch = _branch_of(conn)
+    if branch is not None:
+        if branch.errors is None:
+            branch.errors = []
+        branch.errors.append(context.original_exception)
+    elif getattr(conn, _WROTE_KEY, None) is not None:  # a transaction's first connection
+        errors = getattr(conn, _ERRORS_KEY, None)
+        if errors is None:
+            errors = []
+            setattr(conn, _ERRORS_KEY, errors)
+        errors.append(context.original_exception)
+
+
 def _on_rollback(conn: Connection) -> None:
     branch = _branch_of(conn)
     if branch is not None and branch.gt is not None:
@@ -124,6 +147,7 @@ def _instrument(engine: Engine) -> None:
             return
         event.listen(engine, "before_cursor_execute", _before_cursor_execute)
         event.listen(engine, "rollback", _on_rollback)
+        event.listen(engine, "handle_error", _on_error)
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
@@ -282,6 +306,8 @@ class TransactionCoordinator:
         if first is not None and not _is_autocommit(first):
             branch = self._add(gt, first, begun=True)
             branch.wrote = bool(getattr(first, _WROTE_KEY, False))
+            branch.mark = getattr(first, _MARK_KEY, None)
+            branch.errors = getattr(first, _ERRORS_KEY, None)
         return gt
 
     def _add(self, gt: GlobalTransaction, connection: Connection, *,
@@ -395,4 +421,9 @@ def _note_first(root: SessionTransaction, connection: Connection) -> None:
         _instrument(engine)
     # (a Connection given as a session's bind serves several transactions)
     setattr(connection, _WROTE_KEY, False)
+    setattr(connection, _ERRORS_KEY, None)
+    if engine.dialect.name == "sqlite":
+        # SQLite's count of changed rows is per connection: note where this one starts
+        dbapi: Any = connection.connection.dbapi_connection
+        setattr(connection, _MARK_KEY, dbapi.total_changes)
     setattr(root, _FIRST_KEY, connection)

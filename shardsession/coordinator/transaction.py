@@ -7,6 +7,7 @@ the protocol allows (phase one, and the COMMIT PREPAREDs of phase two).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from ..exc import (
     AtomicityUnavailableError,
     CapabilityError,
     CommitIncomplete,
+    PrepareFailed,
     TransactionError,
     warn_non_atomic,
 )
@@ -29,7 +31,6 @@ from .branch import (
     Branch,
     BranchState,
     discard_dead,
-    is_disconnect,
     isolation_of,
     leave,
     rollback_all,
@@ -113,7 +114,11 @@ class GlobalTransaction:
         index = len({id(b) for b in branches.values()}) if branches else 0
         branch = Branch(index, engine, connection, adapter, self)
         self.branches[engine] = branch
-        if adapter is None or not adapter.xid_at_begin:
+        if adapter is None:
+            return branch
+        if not begun:
+            branch.mark = adapter.write_mark(branch.dbapi)
+        if not adapter.xid_at_begin:
             return branch
         if begun:
             branch.plain = True  # too late for XA START: no XA, holds the decision
@@ -234,6 +239,7 @@ class GlobalTransaction:
         ordered = self._ordered()
         if not ordered:
             return
+        self._inspect(ordered)
         writers = sum(1 for b in ordered if b.wrote)
         facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
         plan = plan_commit(
@@ -244,6 +250,64 @@ class GlobalTransaction:
             self._two_phase(ordered, plan)
         else:
             self._simple(ordered, plan)
+
+    def _inspect(self, ordered: Sequence[Branch]) -> None:
+        """Before planning, learn from the servers what statement kinds cannot tell:
+        whether a branch the statements call read-only wrote (a function called in a
+        SELECT, say), and whether the server already rolled a branch's transaction back.
+
+        Costs one round trip, in parallel, per PostgreSQL or MariaDB branch that ran no
+        write statement (none for the writers, none for SQLite); a single-shard
+        transaction never gets here.
+
+        :raises PrepareFailed: a branch's transaction was aborted by its server (an
+            application caught the error and committed): its work is lost, so nothing is
+            committed and every branch is rolled back, before any decision.
+        """
+        asked: dict[int, bool | None] = {}
+
+        def ask(b: Branch) -> Callable[[], None]:
+            def run() -> None:
+                assert b.adapter is not None
+                asked[b.index] = b.adapter.wrote_on_server(b.dbapi, b.mark)
+            return run
+
+        failed: dict[int, str] = {}
+        tasks = []
+        for b in ordered:
+            if b.adapter is None or b.state is not BranchState.ACTIVE:
+                continue
+            problem = b.adapter.transaction_problem(b.dbapi)
+            if problem is not None:
+                failed[b.index] = problem
+            elif not b.wrote:
+                tasks.append((b, ask(b)))
+        errors = self._parallel(tasks)
+        discard_dead(ordered, errors)
+        for i, e in errors.items():
+            failed[i] = f"asking whether it wrote failed: {e}"
+        for i, wrote in asked.items():
+            # "cannot tell" counts as a write: preparing a reader costs a round trip,
+            # releasing a writer would lose its write
+            if wrote is None or wrote:
+                ordered[i].wrote = True
+        for b in ordered:
+            if b.errors and b.wrote and b.index not in failed and b.adapter is not None:
+                for e in b.errors:
+                    lost = b.adapter.lost_transaction(b.dbapi, e)
+                    if lost is not None:
+                        failed[b.index] = lost
+                        break
+        if failed:
+            self._rollback_all(ordered)
+            names = [ordered[i].shard_id for i in sorted(failed)]
+            causes = "; ".join(f"{ordered[i].shard_id}: {failed[i]}" for i in sorted(failed))
+            first = next((errors[i] for i in sorted(failed) if i in errors), None)
+            raise PrepareFailed(
+                f"cannot commit: the transaction of shard(s) {names} was rolled back by "
+                f"the server ({causes}); nothing was committed",
+                gtrid=self.gtrid, failed_shards=names,
+            ) from first
 
     def _simple(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
         # Readers and a single writer: only XA branches need anything from us; PostgreSQL
@@ -273,7 +337,8 @@ class GlobalTransaction:
         if hook is not None:
             hook(point)
 
-    def _parallel(self, tasks: Sequence[tuple[Branch, Callable[[], None]]]) -> dict[int, Exception]:
+    def _parallel(self, tasks: Sequence[tuple[Branch, Callable[[], None]]]
+                  ) -> dict[int, BaseException]:
         return run_parallel(self.coordinator.executor(), tasks)
 
     def _two_phase(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
@@ -366,22 +431,34 @@ class GlobalTransaction:
         def settle_one(b: Branch) -> Callable[[], None]:
             return lambda: b.adapter.settle_prepared(b.dbapi) if b.adapter else None
 
+        # Known to the driver without a round trip; needed only if the outcome is unknown.
+        decider_session = decider.adapter.session_id(decider.dbapi)
         # While the decider commits, the prepared branches' drivers are brought to idle
         # (no effect on the server) so that phase two is one round trip per branch.
-        errors = self._parallel([(decider, commit_decider),
-                                 *((b, settle_one(b)) for b in prepare)])
+        try:
+            errors = self._parallel([(decider, commit_decider),
+                                     *((b, settle_one(b)) for b in prepare)])
+        except BaseException as interrupted:
+            # Raised in this thread while it waited for the workers (a signal handler's
+            # exception): the decider's COMMIT may have been sent.
+            errors = {decider.index: interrupted}
         discard_dead(ordered, errors)
         unsettled = {i: e for i, e in errors.items() if i != decider.index}
         if decider.index in errors:
             e = errors[decider.index]
-            if is_disconnect(decider, e):
+            if not decider.adapter.commit_refused(e):
+                # Once the COMMIT may have been sent, only the server's own refusal means
+                # "not committed": anything else (a lost reply, an exception a signal
+                # handler raised while the driver waited, a driver bug) leaves it unknown.
                 step = next_step(state, Event.DECISION_UNKNOWN)
                 leave(prepare)
                 decider.state = BranchState.LEFT
+                self._abandon_decider(decider, decider_session)
                 raise self._raise(
                     step.raises, gtrid,
                     f"the decision commit on {decider.shard_id!r} was sent but its outcome is "
-                    f"unknown ({e}); recovery will commit or roll back every branch",
+                    f"unknown ({type(e).__name__}: {e}); recovery will commit or roll back "
+                    "every branch",
                     pending_shards=[b.shard_id for b in prepare],
                 ) from e
             step = next_step(state, Event.DECISION_FAILED)
@@ -392,8 +469,48 @@ class GlobalTransaction:
         decider.state = BranchState.FINISHED
         step = next_step(state, Event.DECISION_DURABLE)
         state = step.next_state
-        self._crash("after_decision_commit")
+        try:
+            self._crash("after_decision_commit")
+            self._commit_prepared(ordered, plan, prepare, unsettled, gtrid, state)
+        except (TransactionError, Warning):  # the protocol's own outcome, or warnings as errors
+            raise
+        except BaseException as e:
+            # The transaction is committed: whatever interrupts phase two (a signal
+            # handler's exception, KeyboardInterrupt) only delays the prepared branches.
+            pending = [b for b in prepare if b.state is not BranchState.FINISHED]
+            leave(pending)
+            raise self._raise(
+                CommitIncomplete, gtrid,
+                f"transaction {gtrid} is committed; completing it was interrupted "
+                f"({type(e).__name__}: {e}): branches {[b.shard_id for b in pending]} are "
+                "still prepared and will be completed by recovery",
+                pending_shards=[b.shard_id for b in pending],
+            ) from e
 
+    def _abandon_decider(self, decider: Branch, session_id: Any) -> None:
+        """After an unknown decision commit: end the decider's server session, so that an
+        uncommitted decision row stops blocking recovery's abort claim now, not when the
+        server notices a half-open connection. Best effort: the connection is closed
+        first; if the server cannot be reached, PostgreSQL ends the session itself after
+        ``DECIDER_IDLE_TIMEOUT`` idle seconds (see the adapter)."""
+        with contextlib.suppress(Exception):
+            if not decider.connection.invalidated:
+                decider.connection.invalidate()
+        if session_id is None or decider.adapter is None:
+            return
+        try:
+            with decider.engine.connect() as c:
+                c = c.execution_options(isolation_level="AUTOCOMMIT")
+                decider.adapter.end_session(c.connection.dbapi_connection, session_id)
+        except Exception as e:
+            log.warning("2PC %s: could not end the decider's session %s on %s (%s)",
+                        self.gtrid, session_id, decider.shard_id, e)
+
+    def _commit_prepared(self, ordered: Sequence[Branch], plan: CommitPlan,
+                         prepare: Sequence[Branch], unsettled: dict[int, BaseException],
+                         gtrid: str, state: State) -> None:
+        """Phase two after the commit point: COMMIT PREPARED every prepared branch (in
+        parallel), then the best-effort shards."""
         def commit_one(b: Branch) -> Callable[[], None]:
             def run() -> None:
                 assert b.adapter is not None

@@ -1,0 +1,181 @@
+"""The commit path at its edges (issue 11): interrupted decider commits, branches the server
+already aborted, writes hidden in SELECTs, the decider's order, a half-open decider.
+
+Every test runs on real servers (PostgreSQL with 2PC, MariaDB, SQLite files)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from shardsession.backends import DECISION_TABLE, adapter_for
+from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
+from shardsession.exc import (
+    OutcomeUnknown,
+)
+
+from ._2pc_child import tables
+from ._2pc_mixes import mix_urls
+
+MD, T = tables(["alpha", "beta", "gamma"])
+
+
+class SoftTimeLimit(Exception):
+    """What a signal-based task time limit raises (Celery's ``SoftTimeLimitExceeded``)."""
+
+
+@pytest.fixture
+def engines_for(request: pytest.FixtureRequest) -> Iterator[Callable[[str], dict[str, Engine]]]:
+    made: list[Engine] = []
+
+    def make(mix: str) -> dict[str, Engine]:
+        urls = mix_urls(request, mix)
+        engines = {n: create_engine(u) for n, u in urls.items()}
+        for n, e in engines.items():
+            T[n].drop(e, checkfirst=True)
+            T[n].create(e)
+        made.extend(engines.values())
+        return engines
+
+    yield make
+    for e in made:
+        e.dispose()
+
+
+def session(engines: dict[str, Engine], coord: TransactionCoordinator) -> Session:
+    s = Session()
+    names = {e: n for n, e in engines.items()}
+    coord.install(s, names.__getitem__)
+    return s
+
+
+def insert(s: Session, engines: dict[str, Engine], name: str, key: int) -> None:
+    s.connection(bind_arguments={"bind": engines[name]}).execute(
+        T[name].insert().values(id=key, v=name))
+
+
+def count(engine: Engine, name: str) -> int:
+    with engine.connect() as c:
+        return int(c.scalar(select(func.count()).select_from(T[name])) or 0)
+
+
+def decision_of(engine: Engine, gtrid: str) -> str | None:
+    with engine.connect() as c:
+        try:
+            return c.execute(text(f"SELECT outcome FROM {DECISION_TABLE} WHERE gtrid = :g"),
+                             {"g": gtrid}).scalar()
+        except DBAPIError:
+            return None
+
+
+def ensure_decisions(engine: Engine) -> None:
+    with engine.connect() as c:
+        c = c.execution_options(isolation_level="AUTOCOMMIT")
+        adapter_for(engine.dialect.name).ensure_decision_table(c.connection.dbapi_connection)
+
+
+# --- item 2: an exception after the decider's COMMIT was sent is "outcome unknown" ---------
+
+
+def _slow_commit_on(engine: Engine, seconds: float) -> None:
+    """A deferred trigger on the decision table: the decider's COMMIT takes ``seconds``."""
+    ensure_decisions(engine)
+    with engine.begin() as c:
+        c.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION ss_slow() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$")
+        c.exec_driver_sql(
+            f"CREATE CONSTRAINT TRIGGER ss_slow AFTER INSERT ON {DECISION_TABLE} "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ss_slow()")
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals need the main thread")
+def test_signal_during_decider_commit_is_outcome_unknown(
+    engines_for: Callable[[str], dict[str, Engine]],
+) -> None:
+    """A signal-based time limit fires while the server commits the decision (a deferred
+    trigger makes that COMMIT take 0.6 s): the decision is committed, so the prepared
+    branch must not be rolled back and the client must be told the outcome is unknown.
+    (Before: PrepareFailed, and beta was rolled back while alpha committed.)"""
+    engines = engines_for("pg+pg")
+    _slow_commit_on(engines["alpha"], 0.6)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise SoftTimeLimit("soft time limit exceeded")
+
+    def arm(point: str) -> None:
+        if point == "before_decision_commit":
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        s = session(engines, TransactionCoordinator(decider="alpha", crash_point=arm))
+        insert(s, engines, "alpha", 1)
+        insert(s, engines, "beta", 1)
+        with pytest.raises(OutcomeUnknown) as ei:
+            s.commit()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    gtrid = ei.value.gtrid
+    assert gtrid and isinstance(ei.value.__cause__, SoftTimeLimit)
+    assert ei.value.pending_shards == ["beta"]
+    s.close()
+    assert decision_of(engines["alpha"], gtrid) == "C"
+    assert count(engines["alpha"], "alpha") == 1
+    assert [b.xid.gtrid for b in in_doubt(engines)] == [gtrid]  # beta still prepared
+    report = recover(engines, grace_period=0)
+    assert not report.errors, report.errors
+    assert count(engines["beta"], "beta") == 1 and in_doubt(engines) == []
+
+
+@pytest.mark.parametrize("mix,interrupt", [
+    ("pg+pg", KeyboardInterrupt),
+    ("pg+mariadb", SoftTimeLimit),
+])
+def test_exception_right_after_decider_commit_is_outcome_unknown(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+    mix: str, interrupt: type[BaseException],
+) -> None:
+    """The decider's driver returns from COMMIT and an exception (KeyboardInterrupt, a time
+    limit) is raised before the coordinator sees the result: unknown, never rollback.
+    With pg+mariadb the MariaDB shard begins first (no XA) and holds the decision."""
+    engines = engines_for(mix)
+    decider = "alpha" if mix == "pg+pg" else "beta"
+    other = "beta" if decider == "alpha" else "alpha"
+    adapter = type(adapter_for(engines[decider].dialect.name))
+    real = adapter.commit_one_phase
+    armed = [True]
+
+    def commit_then_raise(self: Any, dbapi_conn: Any, xid: Any) -> None:
+        real(self, dbapi_conn, xid)
+        if armed[0]:
+            armed[0] = False
+            raise interrupt("interrupted right after COMMIT")
+
+    monkeypatch.setattr(adapter, "commit_one_phase", commit_then_raise)
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, decider, 1)
+    insert(s, engines, other, 1)
+    with pytest.raises(OutcomeUnknown) as ei:
+        s.commit()
+    assert isinstance(ei.value.__cause__, interrupt)
+    gtrid = ei.value.gtrid
+    assert gtrid is not None
+    s.close()
+    monkeypatch.undo()
+    assert decision_of(engines[decider], gtrid) == "C"
+    assert [b.shard for b in in_doubt(engines)] == [other]
+    report = recover(engines, grace_period=0)
+    assert not report.errors, report.errors
+    assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 1
+    assert in_doubt(engines) == []
