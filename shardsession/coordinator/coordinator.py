@@ -20,6 +20,7 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -31,11 +32,13 @@ from typing import Any, Literal
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.expression import (
     ReleaseSavepointClause,
     RollbackToSavepointClause,
     SavepointClause,
 )
+from sqlalchemy.sql.functions import FunctionElement, GenericFunction
 
 from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
@@ -91,7 +94,32 @@ def _is_write(context: Any) -> bool:
     stmt = getattr(compiled, "statement", None)
     if isinstance(stmt, _SAVEPOINTS):
         return False
-    return not bool(getattr(stmt, "is_select", False))
+    if not getattr(stmt, "is_select", False):
+        return True
+    if context.dialect.name in _UNASKABLE:
+        return _calls_routines(compiled, stmt)
+    # A SELECT may still write (a function it calls may insert): PostgreSQL and SQLite
+    # branches are asked at commit time (GlobalTransaction._inspect).
+    return False
+
+
+#: dialects whose server cannot say whether a transaction wrote (see the MySQL adapter)
+_UNASKABLE = frozenset({"mysql", "mariadb"})
+#: attribute of ours on a SQLAlchemy Compiled: whether its statement calls a function that
+#: is not one of SQLAlchemy's known SQL functions (found once per compiled statement,
+#: which SQLAlchemy caches)
+_CALLS_KEY = "_shardsession_calls_routines"
+
+
+def _calls_routines(compiled: Any, stmt: Any) -> bool:
+    """Whether a SELECT calls a function that may be a stored routine (and so write)."""
+    verdict = getattr(compiled, _CALLS_KEY, None)
+    if verdict is None:
+        verdict = any(isinstance(el, FunctionElement) and not isinstance(el, GenericFunction)
+                      for el in visitors.iterate(stmt))
+        with contextlib.suppress(AttributeError):
+            setattr(compiled, _CALLS_KEY, verdict)
+    return bool(verdict)
 
 
 def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,

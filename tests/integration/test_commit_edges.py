@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from shardsession.backends import DECISION_TABLE, adapter_for
 from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
-from shardsession.exc import (
-    OutcomeUnknown,
-)
+from shardsession.exc import OutcomeUnknown, PrepareFailed
 
 from ._2pc_child import tables
 from ._2pc_mixes import mix_urls
@@ -179,3 +178,136 @@ def test_exception_right_after_decider_commit_is_outcome_unknown(
     assert not report.errors, report.errors
     assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 1
     assert in_doubt(engines) == []
+
+
+# --- item 3: a branch the server already aborted is never prepared or the decider ---------
+
+
+@pytest.mark.parametrize("failing", ["beta", "alpha"])
+def test_postgresql_caught_error_fails_the_commit_before_any_decision(
+    engines_for: Callable[[str], dict[str, Engine]], failing: str,
+) -> None:
+    """The application catches an IntegrityError on a PostgreSQL shard and commits: that
+    transaction is aborted server-side (PREPARE would be answered ROLLBACK, no error).
+    The commit fails before any decision, names the shard, and nothing is committed.
+    (Before, for the prepared branch beta: CommitIncomplete saying beta was still
+    prepared, alpha committed, beta's row lost, recovery found nothing.)"""
+    engines = engines_for("pg+pg")
+    coord = TransactionCoordinator(decider="alpha")
+    s = session(engines, coord)  # a first commit: capabilities known, decision table made
+    insert(s, engines, "alpha", 100)
+    insert(s, engines, "beta", 100)
+    s.commit()
+    s = session(engines, coord)
+    insert(s, engines, "alpha", 1)
+    insert(s, engines, "beta", 1)
+    with pytest.raises(IntegrityError):
+        insert(s, engines, failing, 1)  # duplicate key: the server aborts the transaction
+    with pytest.raises(PrepareFailed) as ei:
+        s.commit()
+    assert ei.value.failed_shards == [failing]
+    assert "aborted" in str(ei.value)
+    s.close()
+    assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 1  # id 100
+    assert in_doubt(engines) == []
+    assert decision_count(engines["alpha"]) == 1  # the first commit's only
+
+
+def test_mariadb_decider_that_lost_its_transaction_to_a_deadlock(
+    engines_for: Callable[[str], dict[str, Engine]],
+) -> None:
+    """MariaDB begins first (no XA: it holds the decision). A deadlock (1213) rolls its
+    whole transaction back; the application catches it and commits. The decision must
+    not be committed in a fresh implicit transaction: the commit fails, nothing is
+    committed. (Before: commit() returned normally, alpha committed, beta's first row lost.)"""
+    engines = engines_for("pg+mariadb")
+    beta = engines["beta"]
+    with beta.begin() as c:
+        c.execute(T["beta"].insert(), [{"id": 1, "v": "one"}, {"id": 2, "v": "two"}])
+        c.exec_driver_sql("CREATE TABLE ss_heavy (id INT PRIMARY KEY) ENGINE=InnoDB")
+    s = session(engines, TransactionCoordinator())
+    insert(s, engines, "beta", 10)  # lost with the transaction
+    conn = s.connection(bind_arguments={"bind": beta})
+    conn.execute(T["beta"].update().where(T["beta"].c.id == 1).values(v="s"))
+    other = beta.connect()
+    # the other transaction is heavier: InnoDB picks the session's as the victim
+    other.execute(text("INSERT INTO ss_heavy (id) VALUES " +
+                       ",".join(f"({i})" for i in range(50))))
+    other.execute(T["beta"].update().where(T["beta"].c.id == 2).values(v="o"))
+    caught: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            conn.execute(T["beta"].update().where(T["beta"].c.id == 2).values(v="s"))
+        except DBAPIError as e:
+            caught.append(e)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.5)
+    other.execute(T["beta"].update().where(T["beta"].c.id == 1).values(v="o"))
+    t.join(30)
+    other.commit()
+    other.close()
+    assert caught and "1213" in str(caught[0]), caught
+    insert(s, engines, "alpha", 1)
+    with pytest.raises(PrepareFailed) as ei:
+        s.commit()
+    assert ei.value.failed_shards == ["beta"] and "1213" in str(ei.value)
+    s.close()
+    assert count(engines["alpha"], "alpha") == 0
+    with beta.connect() as c:
+        assert c.scalar(select(func.count()).select_from(T["beta"])
+                        .where(T["beta"].c.id == 10)) == 0
+    assert in_doubt(engines) == []
+
+
+# --- item 7: whether a branch wrote is asked of the server ----------------------------------
+
+
+def _function_that_inserts(engine: Engine) -> None:
+    with engine.begin() as c:
+        if engine.dialect.name == "postgresql":
+            c.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION ss_ins(k int) RETURNS int LANGUAGE sql AS "
+                "$$ INSERT INTO ss_rows_beta (id, v) VALUES (k, 'f') RETURNING id $$")
+        else:
+            c.exec_driver_sql("DROP FUNCTION IF EXISTS ss_ins")
+            c.exec_driver_sql(
+                "CREATE FUNCTION ss_ins(k INT) RETURNS INT MODIFIES SQL DATA "
+                "BEGIN INSERT INTO ss_rows_beta (id, v) VALUES (k, 'f'); RETURN k; END")
+
+
+@pytest.mark.parametrize("mix", ["pg+pg", "pg+mariadb"])
+def test_write_inside_select_is_committed_atomically(
+    engines_for: Callable[[str], dict[str, Engine]], mix: str,
+) -> None:
+    """``select(func.ss_ins(k))`` inserts on beta, which ran no write statement: the server
+    says it wrote, so it is prepared and committed with the decision. (Before: MariaDB's
+    XA branch was released with XA ROLLBACK, the row lost and commit() returned normally;
+    PostgreSQL committed it outside the protocol, with no decision row.)"""
+    engines = engines_for(mix)
+    _function_that_inserts(engines["beta"])
+    s = session(engines, TransactionCoordinator(decider="alpha"))
+    insert(s, engines, "alpha", 1)
+    got = s.connection(bind_arguments={"bind": engines["beta"]}).execute(
+        select(func.ss_ins(7))).scalar()
+    assert got == 7
+    s.commit()
+    assert count(engines["beta"], "beta") == 1 and count(engines["alpha"], "alpha") == 1
+    assert decision_count(engines["alpha"]) == 1  # the two-phase protocol ran
+    assert in_doubt(engines) == []
+    # a plain reader is still released without PREPARE (no decision row)
+    s = session(engines, TransactionCoordinator(decider="alpha"))
+    insert(s, engines, "alpha", 2)
+    s.connection(bind_arguments={"bind": engines["beta"]}).execute(select(T["beta"].c.id))
+    s.commit()
+    assert decision_count(engines["alpha"]) == 1
+
+
+def decision_count(engine: Engine) -> int:
+    with engine.connect() as c:
+        try:
+            return int(c.exec_driver_sql(f"SELECT count(*) FROM {DECISION_TABLE}").scalar() or 0)
+        except DBAPIError:
+            return 0
