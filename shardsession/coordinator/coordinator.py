@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -66,6 +66,8 @@ _INSTRUMENTED_KEY = "_shardsession_instrumented"
 #: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
 #: or a method of the session's class (``ShardedSession``)
 _NAMING_KEY = "_shardsession_naming"
+#: a session's shards given to TransactionCoordinator.attach (see _shards_of)
+_SHARDS_KEY = "_shardsession_shards"
 _SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
 
 # Connection-level listeners are installed once per engine (marked with _INSTRUMENTED_KEY),
@@ -259,6 +261,12 @@ class TransactionCoordinator:
             self._caps[branch.engine] = caps
         return caps
 
+    def known_can_prepare(self, engine: Engine) -> bool:
+        """Whether ``engine``'s server can prepare, as far as already detected (an
+        undetected one is assumed able to)."""
+        caps = self._caps.get(engine)
+        return caps is None or caps.can_prepare
+
     def ensure_decision_table(self, branch: Branch) -> None:
         """Create the decision table on a decider's database on first use."""
         if self._tables.get(branch.engine):
@@ -283,7 +291,8 @@ class TransactionCoordinator:
 
     # --- session integration ---------------------------------------------------------
 
-    def attach(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
+    def attach(self, session: Session, shard_of_engine: Callable[[Engine], str], *,
+               shards: Mapping[str, Any] | None = None) -> None:
         """Make this session's commits atomic, for a session class whose class-level
         listeners call :meth:`on_transaction_create` and :meth:`on_begin` (as
         :class:`~shardsession.ShardedSession` does: that costs a session nothing at
@@ -291,18 +300,27 @@ class TransactionCoordinator:
         its branches in its own ``close()``.
 
         ``shard_of_engine`` names a branch by its engine; it is kept on the session.
+        ``shards`` (shard id -> Engine) lets a shard that cannot prepare (SQLite) hold
+        the decision whatever the order in which the shards are written: without it, a
+        MariaDB branch's XA START fixes the decider among the shards begun so far, and a
+        SQLite shard written after that cannot be atomic. A
+        :class:`~shardsession.ShardedSession` gives its own shards.
         """
         setattr(session, _NAMING_KEY, shard_of_engine)
+        if shards is not None:
+            setattr(session, _SHARDS_KEY, dict(shards))
         # A session may already have autobegun (e.g. attached late): cover it too.
         current = session.get_transaction()
         if current is not None:
             self.on_transaction_create(session, current)
 
-    def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
-        """Make this session's commits atomic, by listening to its events (any Session)."""
+    def install(self, session: Session, shard_of_engine: Callable[[Engine], str], *,
+                shards: Mapping[str, Any] | None = None) -> None:
+        """Make this session's commits atomic, by listening to its events (any Session);
+        ``shards`` as for :meth:`attach`."""
         event.listen(session, "after_transaction_create", self.on_transaction_create)
         event.listen(session, "after_begin", self.on_begin)
-        self.attach(session, shard_of_engine)
+        self.attach(session, shard_of_engine, shards=shards)
 
     def on_transaction_create(self, sess: Session, transaction: SessionTransaction) -> None:
         """``after_transaction_create``: a root transaction will run the protocol at commit.
@@ -328,7 +346,7 @@ class TransactionCoordinator:
         naming = getattr(sess, _NAMING_KEY, None)
         if naming is None:
             return None
-        gt = GlobalTransaction(self, naming)
+        gt = GlobalTransaction(self, naming, _shards_of(sess))
         _compat.set_transaction_slot(root, gt)
         first: Connection | None = getattr(root, _FIRST_KEY, None)
         if first is not None and not _is_autocommit(first):
@@ -439,6 +457,19 @@ def begin_listener(
         if coordinator is None:
             return
     coordinator._join(sess, root, connection, gt, first)
+
+
+def _shards_of(sess: Session) -> Mapping[str, Any] | None:
+    """The session's shards: given to :meth:`TransactionCoordinator.attach`, or a
+    ShardedSession's own (its ``shards`` property)."""
+    given = getattr(sess, _SHARDS_KEY, None)
+    if given is not None:
+        return given  # type: ignore[no-any-return]
+    if isinstance(getattr(type(sess), "shards", None), property):
+        shards = sess.shards  # type: ignore[attr-defined]
+        if isinstance(shards, Mapping):
+            return shards
+    return None
 
 
 def _note_first(root: SessionTransaction, connection: Connection) -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "State",
     "Step",
     "after_claim",
+    "choose_absent_decider",
     "choose_decider",
     "may_delete_decision",
     "next_step",
@@ -182,6 +183,26 @@ def choose_decider(branches: Sequence[BranchFacts], configured: str | None) -> i
         if configured is not None and b.shard_id == configured:
             return b.index
     return branches[0].index
+
+
+def choose_absent_decider(branches: Sequence[BranchFacts], absent: Sequence[str],
+                          configured: str | None) -> str | None:
+    """When the decider must be fixed before commit time, pick a shard that has not joined
+    the transaction (yet) as the decider, or ``None`` to pick among ``branches``
+    (:func:`choose_decider`).
+
+    ``absent``: the session's shards that cannot prepare and are not branches, in the
+    session's order. Such a shard may still be written after the gtrid is fixed, and then
+    it must hold the decision; so, unless a branch already cannot prepare (it decides),
+    the decision goes to one of them whatever the order of the writes (it is written in
+    a transaction of its own when the shard takes no part). The configured decider is
+    preferred among them; with several, a write to another one later cannot be atomic.
+    """
+    if not absent or any(not b.can_prepare for b in branches):
+        return None
+    if configured is not None and configured in absent:
+        return configured
+    return absent[0]
 
 
 def plan_commit(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from .protocol import (
     Event,
     PlanKind,
     State,
+    choose_absent_decider,
     choose_decider,
     next_step,
     plan_commit,
@@ -65,16 +66,25 @@ class GlobalTransaction:
     threads each touch one branch's connection only).
     """
 
-    __slots__ = ("_xa_pending", "branches", "coordinator", "decider_index", "defer_xa_start",
-                 "early", "gtrid", "protocol_ran", "shard_of_engine")
+    __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "coordinator",
+                 "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
+                 "shard_of_engine", "shards")
 
     def __init__(self, coordinator: TransactionCoordinator,
-                 shard_of_engine: Callable[[Engine], str]) -> None:
+                 shard_of_engine: Callable[[Engine], str],
+                 shards: Mapping[str, Any] | None = None) -> None:
         self.coordinator = coordinator
         self.shard_of_engine = shard_of_engine
+        #: the session's shards (id -> Engine or Connection), when it says: a shard that
+        #: cannot prepare may then hold the decision before it joins (see _fix_gtrid)
+        self.shards = shards
         self.branches: dict[Engine, Branch] = {}
         self.gtrid: str | None = None
         self.decider_index: int | None = None
+        #: the decider fixed in the gtrid when it is not (yet) a branch: (shard id, engine)
+        self.absent_decider: tuple[str, Engine] | None = None
+        #: the connection of our own that holds the decision of an absent decider
+        self._own: Connection | None = None
         self.protocol_ran = False
         #: early BEGINs still running (see :mod:`.early`); shared with the session
         self.early: list[Future[None]] = []
@@ -187,10 +197,66 @@ class GlobalTransaction:
             return
         ordered = self._ordered()
         if decider_index is None:
+            # Fixed early (at an XA START): later writers are unknown, so a shard that
+            # cannot prepare decides even before it joins (it would have to if it wrote).
             facts = [self._facts(b, detect=False) for b in ordered]
+            absent = self._absent_unpreparable()
+            name = choose_absent_decider(facts, list(absent), self.coordinator.decider)
+            if name is not None:
+                self.absent_decider = (name, absent[name])
+                self.gtrid = new_gtrid(name)
+                return
             decider_index = choose_decider(facts, self.coordinator.decider)
         self.decider_index = decider_index
         self.gtrid = new_gtrid(ordered[decider_index].shard_id)
+
+    def _absent_unpreparable(self) -> dict[str, Engine]:
+        """The session's shards that cannot prepare, can hold a decision and are not
+        branches, in the session's order (by what is known without connecting: SQLite,
+        or a server already found unable to prepare)."""
+        out: dict[str, Engine] = {}
+        if not self.shards:
+            return out
+        seen = set(self.branches)
+        for name, bind in self.shards.items():
+            engine = getattr(bind, "engine", bind)
+            if not isinstance(engine, Engine) or engine in seen:
+                continue
+            seen.add(engine)
+            adapter = self.coordinator.adapter(engine)
+            if adapter is None:
+                continue
+            if adapter.name == "sqlite" or not self.coordinator.known_can_prepare(engine):
+                out[str(name)] = engine
+        return out
+
+    def _decider_for_plan(self, ordered: list[Branch], writers: int) -> int | None:
+        """The fixed decider's index for planning; an absent decider that did not join
+        becomes a branch of our own connection when the commit needs a decision."""
+        if self.absent_decider is None:
+            return self.decider_index
+        name, engine = self.absent_decider
+        joined = self.branches.get(engine)
+        if joined is not None:
+            return joined.index
+        if writers < 2:
+            return None  # no decision needed
+        adapter = self.coordinator.adapter(engine)
+        self._own = engine.connect()
+        # a transaction for the decision row (with driver-level autocommit, as in the
+        # local SQLite recipe, the INSERT would otherwise commit before the PREPAREs)
+        self._own.begin()
+        branch = Branch(len(ordered), engine, self._own, adapter, self, shard_id=name)
+        if adapter is not None:
+            branch.mark = adapter.write_mark(branch.dbapi)
+        ordered.append(branch)
+        return branch.index
+
+    def _close_own(self) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            with contextlib.suppress(Exception):  # a lost connection: nothing to end
+                own.close()
 
     # --- the protocol ----------------------------------------------------------------
 
@@ -241,24 +307,28 @@ class GlobalTransaction:
             return
         self._inspect(ordered)
         writers = sum(1 for b in ordered if b.wrote)
-        facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
-        plan = plan_commit(
-            facts, fixed_decider=self.decider_index, configured_decider=self.coordinator.decider,
-            atomic=self.coordinator.atomic, gtrid=self.gtrid,
-        )
-        if plan.kind is PlanKind.TWO_PHASE:
-            self._two_phase(ordered, plan)
-        else:
-            self._simple(ordered, plan)
+        try:
+            fixed = self._decider_for_plan(ordered, writers)
+            facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
+            plan = plan_commit(
+                facts, fixed_decider=fixed, configured_decider=self.coordinator.decider,
+                atomic=self.coordinator.atomic, gtrid=self.gtrid,
+            )
+            if plan.kind is PlanKind.TWO_PHASE:
+                self._two_phase(ordered, plan)
+            else:
+                self._simple(ordered, plan)
+        finally:
+            self._close_own()
 
     def _inspect(self, ordered: Sequence[Branch]) -> None:
         """Before planning, learn from the servers what statement kinds cannot tell:
         whether a branch the statements call read-only wrote (a function called in a
         SELECT, say), and whether the server already rolled a branch's transaction back.
 
-        Costs one round trip, in parallel, per PostgreSQL or MariaDB branch that ran no
-        write statement (none for the writers, none for SQLite); a single-shard
-        transaction never gets here.
+        Costs one round trip, in parallel, per PostgreSQL branch that ran no write
+        statement (none for the writers, SQLite or MariaDB); a single-shard transaction
+        never gets here.
 
         :raises PrepareFailed: a branch's transaction was aborted by its server (an
             application caught the error and committed): its work is lost, so nothing is

@@ -311,3 +311,75 @@ def decision_count(engine: Engine) -> int:
             return int(c.exec_driver_sql(f"SELECT count(*) FROM {DECISION_TABLE}").scalar() or 0)
         except DBAPIError:
             return 0
+
+
+# --- item 9: the decider does not depend on the order of the writes ------------------------
+
+
+@pytest.mark.parametrize("order", [("alpha", "beta", "gamma"), ("alpha", "gamma", "beta"),
+                                   ("gamma", "alpha", "beta"), ("gamma", "beta", "alpha")])
+def test_sqlite_decides_whatever_the_order(
+    engines_for: Callable[[str], dict[str, Engine]], order: tuple[str, ...],
+) -> None:
+    """PostgreSQL alpha, MariaDB beta, SQLite gamma written in any order commit atomically,
+    SQLite holding the decision (it cannot prepare). (Before: alpha, beta, gamma raised
+    AtomicityUnavailableError: beta's XA START had fixed alpha as the decider.)
+
+    Not covered: MariaDB written first begins without XA (a single-shard transaction
+    costs what plain SQLAlchemy's does), so it cannot prepare, and a SQLite write after
+    it makes two shards that cannot prepare."""
+    from shardsession import ShardedSession
+
+    engines = engines_for("sqlite+pg+mariadb")
+    s = ShardedSession(shards=engines, shard_chooser=lambda *a, **k: "alpha",
+                       identity_chooser=lambda *a, **k: ["alpha"],
+                       execute_chooser=lambda ctx: ["alpha"], atomic="require")
+    for n in order:
+        s.connection(bind_arguments={"shard_id": n}).execute(T[n].insert().values(id=1, v=n))
+    s.commit()
+    s.close()
+    assert {n: count(e, n) for n, e in engines.items()} == dict.fromkeys(engines, 1)
+    assert decision_count(engines["gamma"]) == 1
+    assert decision_count(engines["alpha"]) == decision_count(engines["beta"]) == 0
+    assert in_doubt(engines) == []
+
+
+def test_absent_sqlite_decider_holds_the_decision_in_its_own_transaction(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL then MariaDB written, SQLite not touched: the gtrid fixed at MariaDB's XA
+    START names SQLite (a later SQLite write would have to decide), so the decision is
+    written on a connection of the coordinator's own; with the PREPAREs failing it is
+    never committed, and a crash after it is recovered from the SQLite table."""
+    engines = engines_for("sqlite+pg+mariadb")
+    coord = TransactionCoordinator()
+    s = Session()
+    names = {e: n for n, e in engines.items()}
+    coord.install(s, names.__getitem__, shards=engines)
+    insert(s, engines, "alpha", 1)
+    insert(s, engines, "beta", 1)
+    s.commit()
+    assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 1
+    assert decision_count(engines["gamma"]) == 1
+    assert count(engines["gamma"], "gamma") == 0
+    # a failed PREPARE: nothing committed, no decision row, SQLite not locked afterwards
+    from shardsession.backends.mysql import MySQLAdapter
+
+    def refuse(self: Any, dbapi_conn: Any, xid: Any) -> None:
+        raise RuntimeError("refused to prepare")
+
+    monkeypatch.setattr(MySQLAdapter, "prepare", refuse)
+    s = Session()
+    coord.install(s, names.__getitem__, shards=engines)
+    insert(s, engines, "alpha", 2)
+    insert(s, engines, "beta", 2)
+    with pytest.raises(PrepareFailed):
+        s.commit()
+    s.close()
+    monkeypatch.undo()
+    assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 1
+    assert decision_count(engines["gamma"]) == 1
+    assert in_doubt(engines) == []
+    assert recover(engines, grace_period=0).decisions_deleted == 1
+    with engines["gamma"].begin() as c:  # the file is not left locked
+        c.execute(T["gamma"].insert().values(id=5, v="g"))

@@ -13,6 +13,7 @@ from shardsession.coordinator.protocol import (
     RecoveryAction,
     State,
     after_claim,
+    choose_absent_decider,
     choose_decider,
     may_delete_decision,
     next_step,
@@ -139,3 +140,14 @@ def test_gc_table() -> None:
     assert not may_delete_decision("A", in_doubt=False, **kw)
     assert may_delete_decision("A", in_doubt=False, listing_complete=True, age=200.0,
                                abort_retention=100.0)
+
+
+def test_absent_decider_when_fixed_early() -> None:
+    """A shard that cannot prepare and has not joined decides when no branch must."""
+    preparable = [B(0), B(1)]
+    assert choose_absent_decider(preparable, [], None) is None
+    assert choose_absent_decider(preparable, ["lite"], None) == "lite"
+    assert choose_absent_decider(preparable, ["l1", "l2"], "l2") == "l2"
+    assert choose_absent_decider(preparable, ["l1", "l2"], "s0") == "l1"
+    # a branch that cannot prepare already decides
+    assert choose_absent_decider([B(0), B(1, prep=False)], ["lite"], None) is None
