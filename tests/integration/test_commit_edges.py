@@ -383,3 +383,131 @@ def test_absent_sqlite_decider_holds_the_decision_in_its_own_transaction(
     assert recover(engines, grace_period=0).decisions_deleted == 1
     with engines["gamma"].begin() as c:  # the file is not left locked
         c.execute(T["gamma"].insert().values(id=5, v="g"))
+
+
+# --- item 10: a half-open decider connection does not block abort claims for long ----------
+
+
+class _FreezingProxy:
+    """A TCP proxy that, on a client chunk containing ``pattern``, drops it and closes
+    only the client's side: the server keeps a live session that never hears from its
+    client again (a half-open connection, as after a network partition)."""
+
+    def __init__(self, host: str, port: int, pattern: bytes) -> None:
+        import socket
+
+        self.target = (host, port)
+        self.pattern = pattern
+        self.armed = False
+        self.frozen: list[Any] = []  # server sockets kept open
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._up, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._down, args=(client, server), daemon=True).start()
+
+    def _up(self, client: Any, server: Any) -> None:
+        while True:
+            try:
+                data = client.recv(65536)
+            except OSError:
+                return
+            if not data:
+                server.close()
+                return
+            if self.armed and self.pattern in data:
+                self.armed = False
+                self.frozen.append(server)  # never closed until the test ends
+                client.close()
+                return
+            server.sendall(data)
+
+    def _down(self, client: Any, server: Any) -> None:
+        while True:
+            try:
+                data = server.recv(65536)
+                if not data:
+                    break
+                client.sendall(data)
+            except OSError:
+                break
+        if server not in self.frozen:
+            client.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        for s in self.frozen:
+            s.close()
+
+
+@pytest.mark.parametrize("mix,bound", [
+    ("pg+pg", "end_session"),
+    ("pg+pg", "server_timeout"),
+    ("pg+mariadb", "end_session"),
+])
+def test_half_open_decider_does_not_block_the_abort_claim(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+    mix: str, bound: str,
+) -> None:
+    """The decider's COMMIT never reaches the server and the client loses the connection,
+    while the server keeps the session (idle in its transaction, holding the uncommitted
+    decision row). The client gets OutcomeUnknown; recovery's ABORT claim must get
+    through within seconds: the coordinator ends that server session from a new
+    connection, or (PostgreSQL, when it cannot) the server ends it after
+    DECIDER_IDLE_TIMEOUT. (Before: the claim waited on the row lock on every pass, the
+    transaction stayed in doubt for as long as the server kept the session.)"""
+    from shardsession.backends import postgresql as pg_backend
+
+    engines = engines_for(mix)
+    decider = "alpha" if mix == "pg+pg" else "beta"
+    other = "beta" if decider == "alpha" else "alpha"
+    url = engines[decider].url
+    # the COMMIT statement itself (pymysql's COM_QUERY byte before it, not the SET
+    # AUTOCOMMIT of a new connection; PostgreSQL's Query message ends with a NUL)
+    pattern = b"\x03COMMIT" if mix == "pg+mariadb" else b"COMMIT\x00"
+    proxy = _FreezingProxy(url.host or "127.0.0.1", int(url.port or 0), pattern)
+    try:
+        via = dict(engines)
+        via[decider] = create_engine(url.set(host="127.0.0.1", port=proxy.port))
+        ensure_decisions(engines[decider])
+        if bound == "server_timeout":
+            monkeypatch.setattr(pg_backend, "DECIDER_IDLE_TIMEOUT", 1.0)
+            monkeypatch.setattr(pg_backend.PostgreSQLAdapter, "end_session",
+                                lambda self, c, sid: None)
+        coord = TransactionCoordinator(decider=decider)
+        s = session(via, coord)  # a first commit creates the decision table
+        insert(s, via, decider, 100)
+        insert(s, via, other, 100)
+        s.commit()
+        s = session(via, coord)
+        insert(s, via, decider, 1)
+        insert(s, via, other, 1)
+        proxy.armed = True
+        with pytest.raises(OutcomeUnknown) as ei:
+            s.commit()
+        s.close()
+        assert ei.value.pending_shards == [other]
+        deadline = time.monotonic() + 10
+        while True:
+            report = recover(engines, grace_period=0, claim_timeout=0.5)
+            if not in_doubt(engines) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert in_doubt(engines) == [], report
+        assert decision_of(engines[decider], ei.value.gtrid or "") == "A"
+        assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 1  # 100
+        via[decider].dispose()
+    finally:
+        proxy.close()
