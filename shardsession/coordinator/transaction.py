@@ -287,9 +287,15 @@ class GlobalTransaction:
         shard. :class:`~shardsession.exc.CommitIncomplete` means the transaction is
         committed (the decision is durable) and the named branches are left prepared for
         recovery (the coordinator lets the session finish its commit, then raises it).
-        :class:`~shardsession.exc.OutcomeUnknown` means the decider's commit
-        was sent and its reply lost: recovery settles it (all committed or all rolled
-        back). A driver error of a single-writer commit passes through unchanged. In every
+        A branch the server already aborted fails the commit with ``PrepareFailed``
+        before any decision. :class:`~shardsession.exc.OutcomeUnknown` means the
+        decider's COMMIT may have been sent and no definite answer from the server came
+        back (a lost reply, or any exception while the driver waited: a signal handler's
+        time limit, ``KeyboardInterrupt``): the prepared branches are left, recovery
+        settles it (all committed or all rolled back), and the decider's server session
+        is ended so that it does not hold up recovery's claim (see
+        :meth:`_abandon_decider`). Anything that interrupts the commit after the decision
+        is durable is :class:`~shardsession.exc.CommitIncomplete`. A driver error of a single-writer commit passes through unchanged. In every
         other failure case the caller rolls the session back; no branch is left in an XA or
         session state that could leak into the pool.
         """
