@@ -295,9 +295,10 @@ class GlobalTransaction:
         settles it (all committed or all rolled back), and the decider's server session
         is ended so that it does not hold up recovery's claim (see
         :meth:`_abandon_decider`). Anything that interrupts the commit after the decision
-        is durable is :class:`~shardsession.exc.CommitIncomplete`. A driver error of a single-writer commit passes through unchanged. In every
-        other failure case the caller rolls the session back; no branch is left in an XA or
-        session state that could leak into the pool.
+        is durable is :class:`~shardsession.exc.CommitIncomplete`. A driver error of a
+        single-writer commit passes through unchanged. In every other failure case the
+        caller rolls the session back; no branch is left in an XA or session state that
+        could leak into the pool.
         """
         if self.protocol_ran:
             return
@@ -566,21 +567,32 @@ class GlobalTransaction:
     def _abandon_decider(self, decider: Branch, session_id: Any) -> None:
         """After an unknown decision commit: end the decider's server session, so that an
         uncommitted decision row stops blocking recovery's abort claim now, not when the
-        server notices a half-open connection. Best effort: the connection is closed
-        first; if the server cannot be reached, PostgreSQL ends the session itself after
-        ``DECIDER_IDLE_TIMEOUT`` idle seconds (see the adapter)."""
+        server notices a half-open connection.
+
+        The connection is closed here; the session is ended from a new connection in a
+        worker thread (a server that cannot be reached must not delay the caller's
+        ``OutcomeUnknown`` by a connect timeout). Best effort: if that fails, PostgreSQL
+        ends the session itself after ``DECIDER_IDLE_TIMEOUT`` idle seconds (see the
+        adapter); MariaDB only after its ``wait_timeout``.
+        """
         with contextlib.suppress(Exception):
             if not decider.connection.invalidated:
                 decider.connection.invalidate()
-        if session_id is None or decider.adapter is None:
+        adapter = decider.adapter
+        if session_id is None or adapter is None:
             return
-        try:
-            with decider.engine.connect() as c:
-                c = c.execution_options(isolation_level="AUTOCOMMIT")
-                decider.adapter.end_session(c.connection.dbapi_connection, session_id)
-        except Exception as e:
-            log.warning("2PC %s: could not end the decider's session %s on %s (%s)",
-                        self.gtrid, session_id, decider.shard_id, e)
+        engine, gtrid, shard_id = decider.engine, self.gtrid, decider.shard_id
+
+        def end() -> None:
+            try:
+                with engine.connect() as c:
+                    c = c.execution_options(isolation_level="AUTOCOMMIT")
+                    adapter.end_session(c.connection.dbapi_connection, session_id)
+            except Exception as e:
+                log.warning("2PC %s: could not end the decider's session %s on %s (%s)",
+                            gtrid, session_id, shard_id, e)
+
+        self.coordinator.executor().submit(end)
 
     def _commit_prepared(self, ordered: Sequence[Branch], plan: CommitPlan,
                          prepare: Sequence[Branch], unsettled: dict[int, BaseException],
