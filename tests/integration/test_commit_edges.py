@@ -129,12 +129,19 @@ def test_signal_during_decider_commit_is_outcome_unknown(
     assert gtrid and isinstance(ei.value.__cause__, SoftTimeLimit)
     assert ei.value.pending_shards == ["beta"]
     s.close()
-    assert decision_of(engines["alpha"], gtrid) == "C"
-    assert count(engines["alpha"], "alpha") == 1
+    # psycopg2 waits for the server inside libpq, so the handler runs once COMMIT has
+    # returned: committed. psycopg 3 waits in Python and cancels the query on an
+    # exception: the deferred trigger is cancelled, nothing committed. Either way the
+    # client could not know, and recovery must make both shards agree with the row.
+    outcome = decision_of(engines["alpha"], gtrid)
+    if engines["alpha"].dialect.driver == "psycopg2":
+        assert outcome == "C"
+    expected = 1 if outcome == "C" else 0
+    assert count(engines["alpha"], "alpha") == expected
     assert [b.xid.gtrid for b in in_doubt(engines)] == [gtrid]  # beta still prepared
     report = recover(engines, grace_period=0)
     assert not report.errors, report.errors
-    assert count(engines["beta"], "beta") == 1 and in_doubt(engines) == []
+    assert count(engines["beta"], "beta") == expected and in_doubt(engines) == []
 
 
 @pytest.mark.parametrize("mix,interrupt", [
