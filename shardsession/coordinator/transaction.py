@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -17,39 +16,30 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection, Engine
 
 from .. import _compat
-from ..backends import DecisionRow, Outcome
 from ..exc import (
-    AtomicityUnavailableError,
-    CapabilityError,
     CommitIncomplete,
     PrepareFailed,
     TransactionError,
-    warn_non_atomic,
 )
 from . import early
 from .branch import (
     Branch,
     BranchState,
     discard_dead,
-    isolation_of,
-    leave,
     rollback_all,
     run_parallel,
     wrap_error,
 )
+from .phases import run_two_phase
 from .protocol import (
-    Action,
     BranchFacts,
     CommitPlan,
-    Event,
     PlanKind,
-    State,
     choose_absent_decider,
     choose_decider,
-    next_step,
     plan_commit,
 )
-from .xid import Xid, gtrid_created, new_gtrid
+from .xid import Xid, new_gtrid
 
 if TYPE_CHECKING:
     from .coordinator import TransactionCoordinator
@@ -419,150 +409,8 @@ class GlobalTransaction:
         return run_parallel(self.coordinator.executor(), tasks)
 
     def _two_phase(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
-        assert plan.decider is not None
-        self._fix_gtrid(plan.decider)
-        assert self.gtrid is not None
-        gtrid = self.gtrid
-        decider = ordered[plan.decider]
-        if decider.adapter is None:
-            raise AtomicityUnavailableError(
-                f"shard {decider.shard_id!r} has no adapter and cannot hold the decision",
-                gtrid=gtrid, shard_ids=[decider.shard_id],
-            )
-        if gtrid_created(gtrid) < time.time() - self.coordinator.max_commit_age:
-            # Recovery may delete ABORT claims after abort_retention (> 2 x this age):
-            # committing an older transaction could follow a claim that was forgotten.
-            raise TransactionError(
-                "transaction too old to commit atomically (max_commit_age exceeded); "
-                "nothing was committed", gtrid=gtrid,
-            )
-        for b in ordered:
-            if b.xid is None:
-                b.xid = Xid.branch(gtrid, b.index)
-        prepare = [ordered[i] for i in plan.prepare]
-        for b in prepare:
-            problem = b.adapter.isolation_problem(isolation_of(b.connection)) if b.adapter else None
-            if problem is not None:
-                self._rollback_all(ordered)
-                raise CapabilityError(
-                    f"shard {b.shard_id!r} must prepare for this commit to be atomic, but: "
-                    f"{problem}; nothing was committed", gtrid=gtrid, shard_id=b.shard_id,
-                )
-        participants = ",".join(b.xid.bqual for b in prepare if b.xid)
-        # With nothing to prepare (best effort over unpreparable shards only) there is no
-        # in-doubt branch for a decision row to settle.
-        need_decision = bool(prepare)
-        if need_decision:
-            self.coordinator.ensure_decision_table(decider)
-        self._crash("after_writes")
-        log.debug("2PC %s: prepare %d branch(es), decider %s", gtrid, len(prepare),
-                  decider.describe())
-
-        state = State.PREPARING
-        tasks: list[tuple[Branch, Callable[[], None]]] = []
-
-        def prepare_one(b: Branch) -> Callable[[], None]:
-            def run() -> None:
-                assert b.adapter is not None
-                b.adapter.prepare(b.dbapi, b.xid)
-                b.state = BranchState.PREPARED
-                self._crash(f"after_prepare:{b.xid.bqual if b.xid else b.index}")
-            return run
-
-        def decide() -> None:
-            assert decider.adapter is not None
-            decider.adapter.insert_decision(
-                decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(), participants)
-            )
-
-        def release_one(b: Branch) -> Callable[[], None]:
-            return lambda: self._release(b)
-
-        if need_decision:
-            tasks.append((decider, decide))
-        tasks.extend((b, prepare_one(b)) for b in prepare)
-        tasks.extend((ordered[i], release_one(ordered[i])) for i in plan.release)
-        errors = self._parallel(tasks)
-        discard_dead(ordered, errors)
-        failed = [ordered[i] for i in errors if i not in plan.release]
-        if failed:
-            step = next_step(state, Event.PREPARE_FAILED)
-            self._rollback_all(ordered)
-            first = errors[failed[0].index]
-            raise self._raise(step.raises, gtrid,
-                              f"prepare failed on {[b.shard_id for b in failed]}: {first}",
-                              failed_shards=[b.shard_id for b in failed]) from first
-        step = next_step(state, Event.PREPARED_ALL)
-        state = step.next_state
-        self._crash("after_all_prepared")
-
-        # Phase two: the decider's local commit is the commit point.
-        assert step.action is Action.COMMIT_DECIDER
-        self._crash("before_decision_commit")
-
-        def commit_decider() -> None:
-            assert decider.adapter is not None
-            decider.adapter.commit_one_phase(decider.dbapi,
-                                             decider.xid if decider.xa_started else None)
-
-        def settle_one(b: Branch) -> Callable[[], None]:
-            return lambda: b.adapter.settle_prepared(b.dbapi) if b.adapter else None
-
-        # Known to the driver without a round trip; needed only if the outcome is unknown.
-        decider_session = decider.adapter.session_id(decider.dbapi)
-        # While the decider commits, the prepared branches' drivers are brought to idle
-        # (no effect on the server) so that phase two is one round trip per branch.
-        try:
-            errors = self._parallel([(decider, commit_decider),
-                                     *((b, settle_one(b)) for b in prepare)])
-        except BaseException as interrupted:
-            # Raised in this thread while it waited for the workers (a signal handler's
-            # exception): the decider's COMMIT may have been sent.
-            errors = {decider.index: interrupted}
-        discard_dead(ordered, errors)
-        unsettled = {i: e for i, e in errors.items() if i != decider.index}
-        if decider.index in errors:
-            e = errors[decider.index]
-            if not decider.adapter.commit_refused(e):
-                # Once the COMMIT may have been sent, only the server's own refusal means
-                # "not committed": anything else (a lost reply, an exception a signal
-                # handler raised while the driver waited, a driver bug) leaves it unknown.
-                step = next_step(state, Event.DECISION_UNKNOWN)
-                leave(prepare)
-                decider.state = BranchState.LEFT
-                self._abandon_decider(decider, decider_session)
-                raise self._raise(
-                    step.raises, gtrid,
-                    f"the decision commit on {decider.shard_id!r} was sent but its outcome is "
-                    f"unknown ({type(e).__name__}: {e}); recovery will commit or roll back "
-                    "every branch",
-                    pending_shards=[b.shard_id for b in prepare],
-                ) from e
-            step = next_step(state, Event.DECISION_FAILED)
-            self._rollback_all(ordered)
-            raise self._raise(step.raises, gtrid,
-                              f"the decision commit on {decider.shard_id!r} failed: {e}",
-                              failed_shards=[decider.shard_id]) from e
-        decider.state = BranchState.FINISHED
-        step = next_step(state, Event.DECISION_DURABLE)
-        state = step.next_state
-        try:
-            self._crash("after_decision_commit")
-            self._commit_prepared(ordered, plan, prepare, unsettled, gtrid, state)
-        except (TransactionError, Warning):  # the protocol's own outcome, or warnings as errors
-            raise
-        except BaseException as e:
-            # The transaction is committed: whatever interrupts phase two (a signal
-            # handler's exception, KeyboardInterrupt) only delays the prepared branches.
-            pending = [b for b in prepare if b.state is not BranchState.FINISHED]
-            leave(pending)
-            raise self._raise(
-                CommitIncomplete, gtrid,
-                f"transaction {gtrid} is committed; completing it was interrupted "
-                f"({type(e).__name__}: {e}): branches {[b.shard_id for b in pending]} are "
-                "still prepared and will be completed by recovery",
-                pending_shards=[b.shard_id for b in pending],
-            ) from e
+        # the phases, driven by the commit table of .protocol (see .phases)
+        run_two_phase(self, ordered, plan)
 
     def _abandon_decider(self, decider: Branch, session_id: Any) -> None:
         """After an unknown decision commit: end the decider's server session, so that an
@@ -593,67 +441,6 @@ class GlobalTransaction:
                             gtrid, session_id, shard_id, e)
 
         self.coordinator.executor().submit(end)
-
-    def _commit_prepared(self, ordered: Sequence[Branch], plan: CommitPlan,
-                         prepare: Sequence[Branch], unsettled: dict[int, BaseException],
-                         gtrid: str, state: State) -> None:
-        """Phase two after the commit point: COMMIT PREPARED every prepared branch (in
-        parallel), then the best-effort shards."""
-        def commit_one(b: Branch) -> Callable[[], None]:
-            def run() -> None:
-                assert b.adapter is not None
-                b.adapter.commit_prepared_here(b.dbapi, b.xid)
-                b.state = BranchState.FINISHED
-                self._crash(f"after_commit_prepared:{b.xid.bqual if b.xid else b.index}")
-            return run
-
-        errors = self._parallel([(b, commit_one(b)) for b in prepare
-                                 if b.index not in unsettled])
-        discard_dead(ordered, errors)
-        errors.update(unsettled)
-        pending = [ordered[i] for i in errors]
-        for b in pending:
-            log.warning("2PC %s: COMMIT PREPARED of %s failed (%s); recovery will finish it",
-                        gtrid, b.describe(), errors[b.index])
-        leave(pending)
-
-        last_errors: list[str] = []
-        if plan.last:
-            names = [ordered[i].shard_id for i in plan.last]
-            for i in plan.last:
-                b = ordered[i]
-                try:
-                    assert b.adapter is not None
-                    b.adapter.commit_one_phase(b.dbapi, b.xid if b.xa_started else None)
-                    b.state = BranchState.FINISHED
-                except Exception as e:
-                    last_errors.append(f"{b.shard_id}: {e}")
-            warn_non_atomic(
-                f"shards {names} cannot prepare and were committed one after another after "
-                f"the atomic part of transaction {gtrid}: a crash in between leaves them "
-                "inconsistent"
-            )
-        if pending:
-            step = next_step(state, Event.COMMIT_FAILED)
-            raise self._raise(
-                step.raises, gtrid,
-                f"transaction {gtrid} is committed; branches {[b.shard_id for b in pending]} "
-                "are still prepared and will be completed by recovery",
-                pending_shards=[b.shard_id for b in pending],
-            )
-        step = next_step(state, Event.COMMITTED_ALL)
-        self._crash("after_all_committed")
-        if last_errors:
-            raise TransactionError(
-                f"transaction {gtrid}: the atomic part committed but best-effort shards "
-                f"failed to commit: {last_errors}", gtrid=gtrid,
-            )
-
-    @staticmethod
-    def _raise(cls: type[TransactionError] | None, gtrid: str, message: str,
-               **fields: Any) -> TransactionError:
-        assert cls is not None
-        return cls(message, gtrid=gtrid, **fields)
 
     def _rollback_all(self, ordered: Sequence[Branch]) -> None:
         """Roll back every branch before the commit point (nothing is committed)."""
