@@ -12,7 +12,13 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
   send ``XA START`` now (it must be the first statement); the first has no XA and holds
   the decision;
 * engine ``before_cursor_execute``: marks the branch as written unless the statement is a
-  compiled SELECT (or a savepoint); after the protocol ran, a write raises;
+  compiled SELECT (or a savepoint); on MySQL/MariaDB, a SELECT that calls a function
+  other than SQLAlchemy's known SQL functions counts as a write (it may call a stored
+  function that writes, and the server cannot be asked); PostgreSQL and SQLite branches
+  that look read-only are asked at commit; after the protocol ran, a write raises;
+* engine ``handle_error``: keeps the driver errors raised in a branch's transaction (an
+  application may catch a deadlock and commit: the commit asks whether the server rolled
+  the transaction back);
 * engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
   plain ROLLBACK fails in XA ACTIVE state;
 * the root's ``close()`` (every root transaction ends there): branches are forgotten.
