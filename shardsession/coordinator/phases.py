@@ -286,8 +286,12 @@ class TwoPhaseRun:
     # --- endings ------------------------------------------------------------------------------
 
     def rollback_all(self, step: Step) -> NoReturn:
-        """Before the commit point: roll every branch back and raise the step's error."""
+        """Before the commit point: roll every branch back and raise the step's error (an
+        interrupt such as ``KeyboardInterrupt`` stays itself: nothing was committed)."""
         self.gt._rollback_all(self.ordered)
+        cause = self.failure[2]
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause
         self._raise(step)
 
     def leave_to_recovery(self, step: Step) -> NoReturn:

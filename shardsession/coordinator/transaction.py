@@ -367,6 +367,9 @@ class GlobalTransaction:
                         break
         if failed:
             self._rollback_all(ordered)
+            for e in errors.values():
+                if not isinstance(e, Exception):
+                    raise e  # an interrupt (KeyboardInterrupt) stays itself: nothing committed
             names = [ordered[i].shard_id for i in sorted(failed)]
             causes = "; ".join(f"{ordered[i].shard_id}: {failed[i]}" for i in sorted(failed))
             first = next((errors[i] for i in sorted(failed) if i in errors), None)

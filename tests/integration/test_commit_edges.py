@@ -518,3 +518,31 @@ def test_half_open_decider_does_not_block_the_abort_claim(
         via[decider].dispose()
     finally:
         proxy.close()
+
+
+def test_interrupt_before_the_decision_rolls_everything_back(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KeyboardInterrupt while the decision row is inserted (phase one, in the calling
+    thread), after a worker prepared beta: the prepared branch is rolled back before the
+    interrupt goes on, and nothing is left in doubt. (Before: the interrupt left at once
+    and the session's rollback skipped the prepared branch: beta stayed prepared, holding
+    its locks, until a recovery pass claimed the abort.)"""
+    from shardsession.backends.postgresql import PostgreSQLAdapter
+
+    engines = engines_for("pg+pg")
+
+    def interrupted(self: Any, dbapi_conn: Any, row: Any, **kw: Any) -> None:
+        time.sleep(0.5)  # beta's PREPARE (in a worker) is done by then
+        raise KeyboardInterrupt("interrupted while inserting the decision")
+
+    monkeypatch.setattr(PostgreSQLAdapter, "insert_decision", interrupted)
+    s = session(engines, TransactionCoordinator(decider="alpha"))
+    insert(s, engines, "alpha", 1)
+    insert(s, engines, "beta", 1)
+    with pytest.raises(KeyboardInterrupt):
+        s.commit()
+    s.close()
+    monkeypatch.undo()
+    assert in_doubt(engines) == []
+    assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 0
