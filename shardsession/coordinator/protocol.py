@@ -1,7 +1,8 @@
 """The decisions of the commit protocol and of recovery, as pure functions and tables.
 
 Nothing here does I/O: :mod:`.transaction` and :mod:`.recovery` feed facts in and carry
-out the actions that come back, and the unit tests walk every row.
+out the actions that come back (the commit table drives :mod:`.phases`, one handler per
+action), and the unit tests walk every row.
 
 Commit (DESIGN.md, "The commit protocol")::
 
@@ -13,6 +14,10 @@ Commit (DESIGN.md, "The commit protocol")::
     DECIDING    DECISION_UNKNOWN    -> IN_DOUBT     LEAVE_TO_RECOVERY   OutcomeUnknown
     COMMITTING  COMMITTED_ALL       -> COMMITTED    DONE                (success)
     COMMITTING  COMMIT_FAILED       -> INCOMPLETE   LEAVE_TO_RECOVERY   CommitIncomplete
+
+DECISION_FAILED is only the server's own refusal of the decider's COMMIT; any other
+failure once the COMMIT may have been sent (a lost reply, an exception raised while the
+driver waited) is DECISION_UNKNOWN.
 
 The decider's local commit is the commit point: before it nothing is committed anywhere
 (every failure rolls everything back); after it the transaction is committed whatever
