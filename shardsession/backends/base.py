@@ -77,6 +77,9 @@ class BackendAdapter(Protocol):
     xid_at_begin: bool
     #: a branch left prepared keeps the session busy: the connection must be discarded
     prepared_blocks_connection: bool
+    #: :meth:`wrote_on_server` costs a round trip (run in parallel, in worker threads);
+    #: otherwise it is asked of the driver, in the thread that owns the connection
+    wrote_asks_server: bool
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
         """Detect whether this server can prepare (may run a query)."""

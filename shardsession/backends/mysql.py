@@ -73,6 +73,7 @@ class MySQLAdapter(DecisionTableSQL):
     name = "mysql"
     xid_at_begin = True
     prepared_blocks_connection = True
+    wrote_asks_server = False
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> Any:
         cur = dbapi_conn.cursor()

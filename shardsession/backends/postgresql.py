@@ -150,6 +150,7 @@ class PostgreSQLAdapter(DecisionTableSQL):
     name = "postgresql"
     xid_at_begin = False
     prepared_blocks_connection = False
+    wrote_asks_server = True
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
         cur = _cursor(dbapi_conn)

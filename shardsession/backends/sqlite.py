@@ -35,6 +35,7 @@ class SQLiteAdapter(DecisionTableSQL):
     placeholder = "?"
     xid_at_begin = False
     prepared_blocks_connection = False
+    wrote_asks_server = False
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         cur = dbapi_conn.cursor()

@@ -348,7 +348,10 @@ class GlobalTransaction:
             if problem is not None:
                 failed[b.index] = problem
             elif not b.wrote:
-                tasks.append((b, ask(b)))
+                if b.adapter.wrote_asks_server:
+                    tasks.append((b, ask(b)))
+                else:
+                    ask(b)()  # the driver knows: no round trip, no other thread
         errors = self._parallel(tasks)
         discard_dead(ordered, errors)
         for i, e in errors.items():

@@ -546,3 +546,20 @@ def test_interrupt_before_the_decision_rolls_everything_back(
     monkeypatch.undo()
     assert in_doubt(engines) == []
     assert count(engines["alpha"], "alpha") == count(engines["beta"], "beta") == 0
+
+
+def test_sqlite_reader_is_released_without_a_decision(
+    engines_for: Callable[[str], dict[str, Engine]],
+) -> None:
+    """A SQLite branch that only read is asked through its driver (total_changes since the
+    branch began, in the session's thread): it is no writer, so a PostgreSQL writer
+    commits one phase, with no decision row."""
+    engines = engines_for("pg+sqlite")
+    with engines["beta"].begin() as c:
+        c.execute(T["beta"].insert().values(id=9, v="old"))  # changes before the branch
+    s = session(engines, TransactionCoordinator())
+    s.connection(bind_arguments={"bind": engines["beta"]}).execute(select(T["beta"].c.id))
+    insert(s, engines, "alpha", 1)
+    s.commit()
+    assert count(engines["alpha"], "alpha") == 1
+    assert decision_count(engines["alpha"]) == decision_count(engines["beta"]) == 0
