@@ -41,6 +41,12 @@ XAER_NOTA = 1397
 XAER_RMFAIL = 1399
 DUP_ENTRY = 1062
 LOCK_WAIT_TIMEOUT = 1205
+DEADLOCK = 1213
+#: server errors that may answer a COMMIT which happened or may still happen: shutdown,
+#: interrupted query, aborted or killed connection, network errors
+_UNKNOWN_ERRNOS = frozenset({1053, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
+                             1161, 1317, 1927})
+_DRIVERS = frozenset({"pymysql", "MySQLdb", "mysql", "mariadb"})
 _TOO_WEAK = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 _DDL = (
@@ -87,6 +93,11 @@ def _errno(error: BaseException) -> int | None:
     return None
 
 
+def _is_driver_error(error: BaseException) -> bool:
+    err = getattr(error, "orig", None) or error
+    return any(c.__module__.split(".", 1)[0] in _DRIVERS for c in type(err).__mro__)
+
+
 def _server_info(dbapi_conn: Any) -> Any:
     get = getattr(dbapi_conn, "get_server_info", None)
     return get() if get is not None else ""
@@ -99,6 +110,7 @@ class MySQLAdapter(DecisionTableSQL):
     now_sql = "UNIX_TIMESTAMP(NOW(6))"
     xid_at_begin = True
     prepared_blocks_connection = True
+    wrote_asks_server = False
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> Any:
         cur = dbapi_conn.cursor()
@@ -156,6 +168,55 @@ class MySQLAdapter(DecisionTableSQL):
             return
         self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
         self._exec(dbapi_conn, f"XA COMMIT {xid.xa_literal} ONE PHASE")
+
+    def commit_refused(self, error: BaseException) -> bool:
+        # A server error code (client-side errors are 2000-2999: the reply was lost)
+        # that cannot have followed a commit.
+        if not _is_driver_error(error):
+            return False
+        code = _errno(error)
+        return (code is not None and (1000 <= code < 2000 or code >= 3000)
+                and code not in _UNKNOWN_ERRNOS)
+
+    def transaction_problem(self, dbapi_conn: Any) -> str | None:
+        return None  # the server's verdict comes with the error: see lost_transaction
+
+    def lost_transaction(self, dbapi_conn: Any, error: BaseException) -> str | None:
+        code = _errno(error)
+        if code == DEADLOCK:
+            return "a deadlock (1213) made the server roll the whole transaction back"
+        if code == LOCK_WAIT_TIMEOUT:
+            rows = self._exec(dbapi_conn, "SELECT @@innodb_rollback_on_timeout")
+            if rows and int(rows[0][0]):
+                return ("a lock wait timeout (1205) with innodb_rollback_on_timeout made "
+                        "the server roll the whole transaction back")
+        return None
+
+    def write_mark(self, dbapi_conn: Any) -> Any:
+        return None
+
+    def wrote_on_server(self, dbapi_conn: Any, mark: Any) -> bool | None:
+        # MariaDB has no exact per-transaction answer: information_schema.innodb_trx
+        # (trx_rows_modified) is a snapshot refreshed at most every 0.1 s, so it reports
+        # a connection's previous transaction, and it needs the PROCESS privilege. So
+        # the statements are judged conservatively instead (a SELECT calling anything but
+        # a known SQL function counts as a write: see the coordinator's _is_write), and
+        # the server adds nothing here.
+        return False
+
+    def session_id(self, dbapi_conn: Any) -> Any | None:
+        get = getattr(dbapi_conn, "thread_id", None)
+        try:
+            return int(get()) if get is not None else None
+        except Exception:
+            return None
+
+    def end_session(self, dbapi_conn: Any, session_id: Any) -> None:
+        try:
+            self._exec(dbapi_conn, f"KILL CONNECTION {int(session_id):d}")
+        except Exception as e:
+            if _errno(e) != 1094:  # unknown thread id: it has ended already
+                raise
 
     def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
         if xid is None:
