@@ -206,6 +206,9 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             raise ConfigurationError(f"shard ids must be hashable, not {shard_id!r}") from None
         if shard_id is None or shard_id == "":
             raise ConfigurationError(f"a shard id cannot be {shard_id!r}")
+        # An AsyncEngine (AsyncSession(sync_session_class=ShardedSession, shards=...)):
+        # the sync session works on the Engine behind it.
+        bind = _compat.sync_bind(bind)
         if not isinstance(bind, Engine | Connection) and not hasattr(bind, "connect"):
             raise ConfigurationError(f"shard {shard_id!r}: bind must be an Engine, not {bind!r}")
         self._shards[shard_id] = bind
