@@ -1043,3 +1043,13 @@ def sync_bind(bind: Any) -> Any:
         if inner is not None and type(bind).__module__.startswith("sqlalchemy.ext.asyncio"):
             return inner
     return bind
+
+
+async def run_in_greenlet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Await the sync ``fn(*args, **kwargs)`` run in SQLAlchemy's asyncio greenlet (as
+    ``AsyncConnection.run_sync`` does), so async drivers can do its IO.
+
+    ``sqlalchemy.util.concurrency.greenlet_spawn`` (not in the documented API; checked on
+    2.1.9).
+    """
+    return await _concurrency.greenlet_spawn(fn, *args, **kwargs)

@@ -115,7 +115,7 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             (self._placement, self.atomic, self.fanout_max_workers, self.fanout_timeout,
              self.shard_chooser, self.identity_chooser, self.execute_chooser,
              self._coordinator) = known[1]
-            self._shards = known[0].copy()
+            self._shards = known[3].copy()
             if len(known[2]) > 1:
                 self._route_if_other_listeners(known[2])
             return
@@ -174,6 +174,7 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
                 dict(shards),
                 tuple(getattr(self, name) for name in _SHARED_ATTRIBUTES),
                 listeners,
+                dict(self._shards),  # (as bound: an AsyncEngine's sync Engine)
             )
 
     def _route_if_other_listeners(self, class_listeners: Sized) -> None:
@@ -339,7 +340,7 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
 #: ShardedSession arguments (the shards mapping by id) -> (a copy of that mapping, the
 #: attributes a session built from them got). The copy is compared, so a reused id or a
 #: changed mapping misses; only validated configurations are recorded.
-_known_configs: dict[Any, tuple[dict[Any, Any], tuple[Any, ...], Sized]] = {}
+_known_configs: dict[Any, tuple[dict[Any, Any], tuple[Any, ...], Sized, dict[Any, Any]]] = {}
 #: a flush's connection per shard, kept on the session transaction (see connection_callable)
 _CONNECTIONS_KEY = "_shardsession_connections"
 _SHARED_ATTRIBUTES = ("_placement", "atomic", "fanout_max_workers", "fanout_timeout",

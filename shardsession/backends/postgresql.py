@@ -43,6 +43,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sqlalchemy.engine import AdaptedConnection
+
 from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
@@ -103,7 +105,7 @@ def _async_adapted(dbapi_conn: Any) -> bool:
     (asyncpg, psycopg's async mode): its cursor binds parameters on the server, so a
     statement with parameters is one statement, and ``PREPARE TRANSACTION`` / ``COMMIT
     PREPARED`` (which take no parameters) get their GID as a literal instead."""
-    return callable(getattr(dbapi_conn, "await_", None))
+    return isinstance(dbapi_conn, AdaptedConnection)
 
 
 def _numbered(dbapi_conn: Any, sql: str) -> str:

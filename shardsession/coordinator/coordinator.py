@@ -214,8 +214,11 @@ class TransactionCoordinator:
         assert branch.adapter is not None
         if branch.adapter.name == "sqlite":
             # Transactional DDL on the branch's own connection: a second connection
-            # could not see (or would lock) an in-memory or busy database file.
+            # could not see (or would lock) an in-memory or busy database file. Never
+            # marked as done: a commit that fails rolls the CREATE back with it (no
+            # round trip to save on SQLite, IF NOT EXISTS is cheap).
             branch.adapter.ensure_decision_table(branch.dbapi)
+            return
         else:
             # MySQL DDL commits implicitly: never on the branch's connection.
             with branch.engine.connect() as c:
