@@ -280,6 +280,7 @@ class TransactionCoordinator:
         if naming is None:
             return None
         gt = GlobalTransaction(self, naming)
+        gt.session = sess
         _compat.set_transaction_slot(root, gt)
         first: Connection | None = getattr(root, _FIRST_KEY, None)
         if first is not None and not _is_autocommit(first):

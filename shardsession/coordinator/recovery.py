@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 
 from ..backends import BackendAdapter, DecisionRow, adapter_for
 from ..backends.base import printable
+from ..events import emit_global
 from ..exc import RecoveryError
 from .decisions import (
     CLAIM_LOCK_TIMEOUT,
@@ -257,6 +258,8 @@ def recover(
                 report.committed.append(ref)
             else:
                 report.rolled_back.append(ref)
+            emit_global("shardsession_in_doubt_resolved", ref.gtrid, ref.shard, ref.bqual,
+                        "already_finished" if not done else "commit" if commit else "rollback")
             log.info("recovery %s: %s %s on %s", gtrid, "committed" if commit else "rolled back",
                      xid.bqual, shard)
             crash("recovery_after_finish")

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import _compat
 from ..backends import DecisionRow, Outcome
+from ..events import emit
 from ..exc import (
     AtomicityUnavailableError,
     CapabilityError,
@@ -65,7 +66,7 @@ class GlobalTransaction:
     """
 
     __slots__ = ("_xa_pending", "branches", "coordinator", "decider_index", "defer_xa_start",
-                 "early", "gtrid", "protocol_ran", "shard_of_engine")
+                 "early", "gtrid", "protocol_ran", "session", "shard_of_engine")
 
     def __init__(self, coordinator: TransactionCoordinator,
                  shard_of_engine: Callable[[Engine], str]) -> None:
@@ -81,6 +82,8 @@ class GlobalTransaction:
         #: :meth:`start_pending_xa`) instead of running one after another
         self.defer_xa_start = False
         self._xa_pending: list[Branch] = []
+        #: the session whose listeners get the protocol's events (see shardsession.events)
+        self.session: Any = None
 
     # --- branches --------------------------------------------------------------------
 
@@ -340,12 +343,18 @@ class GlobalTransaction:
             tasks.append((decider, decide))
         tasks.extend((b, prepare_one(b)) for b in prepare)
         tasks.extend((ordered[i], release_one(ordered[i])) for i in plan.release)
+        prepared_ids = [b.shard_id for b in prepare]
+        emit(self.session, "shardsession_before_prepare", gtrid, prepared_ids,
+             decider.shard_id)
         errors = self._parallel(tasks)
         discard_dead(ordered, errors)
         failed = [ordered[i] for i in errors if i not in plan.release]
+        emit(self.session, "shardsession_after_prepare", gtrid, prepared_ids,
+             [b.shard_id for b in failed])
         if failed:
             step = next_step(state, Event.PREPARE_FAILED)
             self._rollback_all(ordered)
+            emit(self.session, "shardsession_after_decision", gtrid, "abort", decider.shard_id)
             first = errors[failed[0].index]
             raise self._raise(step.raises, gtrid,
                               f"prepare failed on {[b.shard_id for b in failed]}: {first}",
@@ -378,6 +387,8 @@ class GlobalTransaction:
                 step = next_step(state, Event.DECISION_UNKNOWN)
                 leave(prepare)
                 decider.state = BranchState.LEFT
+                emit(self.session, "shardsession_after_decision", gtrid, "unknown",
+                     decider.shard_id)
                 raise self._raise(
                     step.raises, gtrid,
                     f"the decision commit on {decider.shard_id!r} was sent but its outcome is "
@@ -386,6 +397,7 @@ class GlobalTransaction:
                 ) from e
             step = next_step(state, Event.DECISION_FAILED)
             self._rollback_all(ordered)
+            emit(self.session, "shardsession_after_decision", gtrid, "abort", decider.shard_id)
             raise self._raise(step.raises, gtrid,
                               f"the decision commit on {decider.shard_id!r} failed: {e}",
                               failed_shards=[decider.shard_id]) from e
@@ -393,6 +405,7 @@ class GlobalTransaction:
         step = next_step(state, Event.DECISION_DURABLE)
         state = step.next_state
         self._crash("after_decision_commit")
+        emit(self.session, "shardsession_after_decision", gtrid, "commit", decider.shard_id)
 
         def commit_one(b: Branch) -> Callable[[], None]:
             def run() -> None:

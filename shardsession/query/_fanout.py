@@ -61,6 +61,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql import Executable
 
 from .. import _compat
+from ..events import emit
 from ..exc import FanoutTimeoutError
 
 __all__ = ["ShardCall", "run_on_shards"]
@@ -182,6 +183,23 @@ def run_on_shards(
         orm_context.parameters = {}
     if _compat.orm_autoflush_requested(orm_context):
         _compat.session_autoflush(session)
+    # (shard_ids as given: the events' listeners get a sequence they must not change)
+    emit(session, "shardsession_fanout_started", call.statement, shard_ids)
+    started = time.monotonic()
+    try:
+        results = _run_on_shards(orm_context, shard_ids, call)
+    except BaseException as e:
+        emit(session, "shardsession_fanout_finished", call.statement, shard_ids,
+             time.monotonic() - started, e)
+        raise
+    emit(session, "shardsession_fanout_finished", call.statement, shard_ids,
+         time.monotonic() - started, None)
+    return results
+
+
+def _run_on_shards(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], call: ShardCall
+) -> list[tuple[Any, Result[Any]]]:
     conns = _checkout(orm_context, shard_ids)
     groups: dict[int, list[Any]] = {}
     conn_of_group: dict[int, Connection] = {}

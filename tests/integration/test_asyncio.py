@@ -9,13 +9,14 @@ in-doubt transactions with :func:`shardsession.coordinator.arecover`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Integer, String, create_engine, func, insert, select, text
+from sqlalchemy import Integer, String, create_engine, event, func, insert, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -210,22 +211,32 @@ def test_fanout_overlaps_shards(request: pytest.FixtureRequest, tmp_path: Any, n
     assert fanned < 0.65, (serial, fanned)
 
 
+def _record(seen: list[Any], name: str, *args: Any) -> None:
+    seen.append((name, *args))
+
+
 def test_atomic_commit_both_branches(atomic_cluster: Cluster) -> None:
     ids = _spread(1, len(atomic_cluster.sync))
 
     async def main() -> None:
         try:
             async with atomic_cluster.maker(atomic="require")() as s:
+                # the protocol's events, listened for on the AsyncSession itself
+                for name in ("shardsession_after_prepare", "shardsession_after_decision"):
+                    event.listen(s, name, functools.partial(_record, seen, name))
                 s.add_all([Account(id=i, name="x", balance=1) for i in ids])
                 await s.commit()
             assert await ain_doubt(atomic_cluster.aio) == []
         finally:
             await atomic_cluster.dispose()
 
+    seen: list[Any] = []
     asyncio.run(main())
     assert atomic_cluster.all_ids() == set(ids)
     for shard in atomic_cluster.sync:
         assert len(atomic_cluster.ids(shard)) == 1
+    assert [x[0] for x in seen] == ["shardsession_after_prepare", "shardsession_after_decision"]
+    assert seen[1][3] == "commit"
 
 
 def _failing_trigger(engine: Engine) -> None:
