@@ -1006,8 +1006,8 @@ def run_overlapped(
     (``asyncio.CancelledError`` raised inside them) and reported as
     :class:`asyncio.TimeoutError`; every greenlet has returned when this returns.
 
-    Uses ``greenlet_spawn`` / ``await_`` of ``sqlalchemy.util.concurrency`` (not in the
-    documented API; checked on 2.1.9).
+    Uses ``greenlet_spawn`` / ``await_only`` of ``sqlalchemy.util.concurrency`` (not in
+    the documented API; 2.0.30 and 2.1.9 have both).
     """
     tasks: list[asyncio.Task[Any]] = []
 
@@ -1030,7 +1030,8 @@ def run_overlapped(
                 out.append(failure if failure is not None else t.result())
         return out
 
-    result: list[Any] = _concurrency.await_(gather())
+    # await_only: the name in 2.0 and 2.1 (2.1 also calls it await_)
+    result: list[Any] = _concurrency.await_only(gather())
     return result
 
 
