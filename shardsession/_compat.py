@@ -1014,7 +1014,15 @@ def run_overlapped(
     async def gather() -> list[Any]:
         for fn in fns:
             tasks.append(asyncio.ensure_future(_concurrency.greenlet_spawn(fn)))
-        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        try:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        except BaseException:
+            # The caller's task was cancelled: no greenlet may go on using a
+            # connection after this returns, so stop them all and wait for them.
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+            raise
         for t in pending:
             t.cancel()
         if pending:

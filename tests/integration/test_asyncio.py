@@ -25,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from shardsession import HashSharding, Placement, ShardedSession
 from shardsession.coordinator import ain_doubt, arecover
 from shardsession.coordinator.xid import Xid, new_gtrid
-from shardsession.exc import NonAtomicCommitWarning, PrepareFailed
+from shardsession.exc import FanoutTimeoutError, NonAtomicCommitWarning, PrepareFailed
 
 pytest.importorskip("greenlet")
 
@@ -375,3 +375,30 @@ def test_arecover_planted(planted: dict[str, str]) -> None:
     assert after == []
     assert _rows(planted["beta"]) == {1}
     assert _rows(planted["gamma"]) == {2}
+
+
+def test_fanout_deadline(request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    """Past ``fanout_timeout`` the shards' statements are cancelled on the event loop,
+    ``FanoutTimeoutError`` names them, and the session rolls back and goes on."""
+    cluster = next(_build(request, "asyncpg", tmp_path))
+    for e in cluster.sync.values():
+        with e.begin() as c:
+            c.exec_driver_sql("CREATE FUNCTION aio_slow() RETURNS int LANGUAGE sql "
+                              "AS 'SELECT 1 FROM pg_sleep(2)'")
+
+    async def main() -> None:
+        try:
+            async with cluster.maker(fanout_timeout=0.3)() as s:
+                s.add_all([Account(id=i, name="x", balance=1) for i in _spread(1, 2)])
+                await s.commit()
+                started = time.monotonic()
+                with pytest.raises(FanoutTimeoutError) as info:
+                    await s.execute(select(Account.id).where(func.aio_slow() == 1))
+                assert time.monotonic() - started < 1.5
+                assert sorted(info.value.pending_shards) == ["s0", "s1"]
+                await s.rollback()
+                assert (await s.execute(select(func.count(Account.id)))).scalar() == 2
+        finally:
+            await cluster.dispose()
+
+    asyncio.run(main())
