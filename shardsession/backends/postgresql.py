@@ -20,8 +20,12 @@ kept in the small helpers at the top of this module and nowhere else:
 Both drivers send ``BEGIN`` as a round trip of its own, under the connection's lock,
 right before a transaction's first statement, and both document their connections as
 safe to share between threads; :meth:`PostgreSQLAdapter.early_begin` relies on that.
-An unknown driver (psycopg 3's asyncio connection wrapped by SQLAlchemy, say) gets no
-early BEGIN and the conservative path everywhere else; it is not tested.
+SQLAlchemy's sync facades over asyncio drivers (asyncpg, psycopg's async mode: see
+:func:`_async_adapted`) get no early BEGIN; their cursors bind on the server, so
+statements with parameters are sent one at a time, in asyncpg's ``$n`` style where it
+applies (:func:`_numbered`), and GIDs as literals (:func:`_gid_statement`); they are
+tested in ``tests/integration/test_asyncio.py``. Any other driver gets the conservative
+path and is not tested.
 
 Notes on the server's rules this adapter follows:
 
