@@ -27,6 +27,8 @@ from shardsession.coordinator import ain_doubt, arecover
 from shardsession.coordinator.xid import Xid, new_gtrid
 from shardsession.exc import FanoutTimeoutError, NonAtomicCommitWarning, PrepareFailed
 
+from ._2pc_mixes import _drop
+
 pytest.importorskip("greenlet")
 
 
@@ -56,6 +58,9 @@ CLUSTERS = {
                                    "s2": ("mariadb_url", "mysql")},
 }
 ATOMIC = [c for c in CLUSTERS if c != "sqlite"]
+#: three PostgreSQL shards for the phase timing (two of them prepare)
+THREE_PG = {"s0": ("pg_url_a", "postgresql"), "s1": ("pg_url_b", "postgresql"),
+            "s2": ("pg_extra", "postgresql")}
 
 
 class Cluster:
@@ -86,9 +91,13 @@ class Cluster:
 
 def _urls(request: pytest.FixtureRequest, name: str, tmp_path: Any) -> dict[str, tuple[str, str]]:
     out = {}
-    for shard, (source, driver) in CLUSTERS[name].items():
+    for shard, (source, driver) in (THREE_PG if name == "three_pg" else CLUSTERS[name]).items():
         if source == "sqlite":
             url = f"sqlite:///{tmp_path / (shard + '.db')}"
+        elif source == "pg_extra":  # a second database on pg_server_a
+            server: Any = request.getfixturevalue("pg_server_a")
+            url = server.create_database()
+            request.addfinalizer(functools.partial(_drop, server, url))
         else:
             url = request.getfixturevalue(source)
         base = make_url(url)
@@ -402,3 +411,44 @@ def test_fanout_deadline(request: pytest.FixtureRequest, tmp_path: Any) -> None:
             await cluster.dispose()
 
     asyncio.run(main())
+
+
+def test_prepare_phase_overlaps(request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    """Phase one under asyncio: the two branches that prepare each take 0.4 s at PREPARE
+    (a deferred trigger sleeps), and the phase, timed by the protocol's own events, takes
+    about 0.4 s: the PREPAREs overlap on the event loop (one after another: 0.8 s)."""
+    cluster = next(_build(request, "three_pg", tmp_path))
+    for e in cluster.sync.values():
+        with e.begin() as c:
+            c.exec_driver_sql(
+                "CREATE FUNCTION aio_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN PERFORM pg_sleep(0.4); RETURN NEW; END $$")
+            c.exec_driver_sql(
+                "CREATE CONSTRAINT TRIGGER aio_slow_commit AFTER INSERT ON aio_accounts "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION aio_slow_commit()")
+    ids = _spread(1, 3)
+    marks: dict[str, float] = {}
+    prepared: list[Any] = []
+
+    def before(session: Any, gtrid: str, shard_ids: Any, decider: Any) -> None:
+        marks["before"] = time.monotonic()
+        prepared.extend(shard_ids)
+
+    def after(session: Any, gtrid: str, shard_ids: Any, failed: Any) -> None:
+        marks["after"] = time.monotonic()
+
+    async def main() -> None:
+        try:
+            async with cluster.maker(atomic="require")() as s:
+                event.listen(s, "shardsession_before_prepare", before)
+                event.listen(s, "shardsession_after_prepare", after)
+                s.add_all([Account(id=i, name="x", balance=1) for i in ids])
+                await s.commit()
+        finally:
+            await cluster.dispose()
+
+    asyncio.run(main())
+    assert cluster.all_ids() == set(ids)
+    assert len(prepared) == 2
+    phase_one = marks["after"] - marks["before"]
+    assert 0.38 <= phase_one < 0.7, phase_one
