@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
 
+from .events import ShardSessionEvents
 from .exc import (
     AtomicityUnavailableError,
     CapabilityError,
@@ -68,6 +69,7 @@ __all__ = [
     "RoutingError",
     "ShardKeyMissingError",
     "ShardSessionError",
+    "ShardSessionEvents",
     "ShardedQuery",
     "ShardedScopedSession",
     "ShardedSession",

@@ -16,6 +16,7 @@ together.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from sqlalchemy.orm.state import InstanceState
 
 from . import _compat
 from .exc import RoutingError, ShardKeyMissingError, ShardSessionError
-from .query._fanout import _may_cross_threads, _shared_pool
+from .query._fanout import _may_cross_threads, _overlappable, _shared_pool
 from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
 
@@ -239,6 +240,17 @@ def run_per_shard(
         return [(s, work(s, conns[s])) for s in members]
 
     keys = list(lanes)
+    if len(keys) > 1 and _overlappable(conns.values()):
+        # asyncio drivers: the lanes overlap on the event loop, never in threads
+        outcomes_ = _compat.run_overlapped([functools.partial(lane, lanes[k]) for k in keys])
+        failures = {lanes[k][0]: o for k, o in zip(keys, outcomes_, strict=True)
+                    if isinstance(o, BaseException)}
+        if failures:
+            raise failures[next(s for s in shard_ids if s in failures)]
+        done_: dict[Any, _T] = {}
+        for outcome in outcomes_:
+            done_.update(outcome)
+        return {s: done_[s] for s in shard_ids}
     if len(keys) == 1 or not all(_may_cross_threads(c) for c in conns.values()):
         return dict(lane(list(shard_ids)))
     pool = _shared_pool()

@@ -1116,3 +1116,94 @@ class RoutedBulkSaves(Session):
                     transaction.rollback(_capture_exception=True)
         finally:
             self._flushing = False
+
+
+# -- asyncio ---------------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+
+from sqlalchemy.util import concurrency as _concurrency  # noqa: E402
+
+
+def in_async_greenlet() -> bool:
+    """Whether the caller runs inside SQLAlchemy's asyncio greenlet (an ``AsyncSession``
+    call, ``AsyncConnection.run_sync``...), where async drivers may do IO.
+
+    ``sqlalchemy.util.concurrency.in_greenlet`` is not in SQLAlchemy's documented API
+    (run on 2.1.9; 2.0's source has it too).
+    """
+    return bool(_concurrency.in_greenlet())
+
+
+def run_overlapped(
+    fns: Sequence[Callable[[], Any]], timeout: float | None = None
+) -> list[Any]:
+    """Run each callable in a greenlet of its own on the running event loop, all at once,
+    from inside SQLAlchemy's asyncio greenlet; return the outcomes in order (a result,
+    or the exception it raised).
+
+    This is what SQLAlchemy's ``AsyncSession`` does for one sync function
+    (``greenlet_spawn``), done for several under one ``asyncio.gather``: each async
+    driver call (``await_``) of one callable lets the others' run, so their waiting
+    overlaps while every connection is still used only from the event loop's thread.
+
+    With ``timeout``, callables still running after that many seconds are cancelled
+    (``asyncio.CancelledError`` raised inside them) and reported as
+    :class:`asyncio.TimeoutError`; every greenlet has returned when this returns.
+
+    Uses ``greenlet_spawn`` / ``await_only`` of ``sqlalchemy.util.concurrency`` (not in
+    the documented API; run on 2.1.9, and 2.0's source has both names).
+    """
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def gather() -> list[Any]:
+        for fn in fns:
+            tasks.append(asyncio.ensure_future(_concurrency.greenlet_spawn(fn)))
+        try:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        except BaseException:
+            # The caller's task was cancelled: no greenlet may go on using a
+            # connection after this returns, so stop them all and wait for them.
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+            raise
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        out: list[Any] = []
+        for t in tasks:
+            if t in pending:
+                out.append(asyncio.TimeoutError())
+            elif t.cancelled():
+                out.append(asyncio.CancelledError())
+            else:
+                failure = t.exception()
+                out.append(failure if failure is not None else t.result())
+        return out
+
+    # await_only: the name in 2.0 and 2.1 (2.1 also calls it await_)
+    result: list[Any] = _concurrency.await_only(gather())
+    return result
+
+
+def sync_bind(bind: Any) -> Any:
+    """The sync ``Engine`` / ``Connection`` behind an ``AsyncEngine`` /
+    ``AsyncConnection`` (their public ``sync_engine`` / ``sync_connection``); any other
+    bind unchanged."""
+    for attr in ("sync_engine", "sync_connection"):
+        inner = getattr(bind, attr, None)
+        if inner is not None and type(bind).__module__.startswith("sqlalchemy.ext.asyncio"):
+            return inner
+    return bind
+
+
+async def run_in_greenlet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Await the sync ``fn(*args, **kwargs)`` run in SQLAlchemy's asyncio greenlet (as
+    ``AsyncConnection.run_sync`` does), so async drivers can do its IO.
+
+    ``sqlalchemy.util.concurrency.greenlet_spawn`` (not in the documented API; checked on
+    2.1.9).
+    """
+    return await _concurrency.greenlet_spawn(fn, *args, **kwargs)

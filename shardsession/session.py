@@ -123,7 +123,7 @@ class ShardedSession(
             (self._placement, self.atomic, self.fanout_max_workers, self.fanout_timeout,
              self.shard_chooser, self.identity_chooser, self.execute_chooser,
              self._coordinator) = known[1]
-            self._shards = known[0].copy()
+            self._shards = known[3].copy()
             if len(known[2]) > 1:
                 self._route_if_other_listeners(known[2])
             return
@@ -186,6 +186,7 @@ class ShardedSession(
                 dict(shards),
                 tuple(getattr(self, name) for name in _SHARED_ATTRIBUTES),
                 listeners,
+                dict(self._shards),  # (as bound: an AsyncEngine's sync Engine)
             )
 
     def _shardsession_root_begins(self) -> None:
@@ -223,6 +224,9 @@ class ShardedSession(
             raise ConfigurationError(f"shard ids must be hashable, not {shard_id!r}") from None
         if shard_id is None or shard_id == "":
             raise ConfigurationError(f"a shard id cannot be {shard_id!r}")
+        # An AsyncEngine (AsyncSession(sync_session_class=ShardedSession, shards=...)):
+        # the sync session works on the Engine behind it.
+        bind = _compat.sync_bind(bind)
         if not isinstance(bind, Engine | Connection) and not hasattr(bind, "connect"):
             raise ConfigurationError(f"shard {shard_id!r}: bind must be an Engine, not {bind!r}")
         self._shards[shard_id] = bind
@@ -366,7 +370,7 @@ class ShardedSession(
 #: ShardedSession arguments (the shards mapping by id) -> (a copy of that mapping, the
 #: attributes a session built from them got). The copy is compared, so a reused id or a
 #: changed mapping misses; only validated configurations are recorded.
-_known_configs: dict[Any, tuple[dict[Any, Any], tuple[Any, ...], Sized]] = {}
+_known_configs: dict[Any, tuple[dict[Any, Any], tuple[Any, ...], Sized, dict[Any, Any]]] = {}
 #: a flush's connection per shard, kept on the session transaction (see connection_callable)
 _CONNECTIONS_KEY = "_shardsession_connections"
 _SHARED_ATTRIBUTES = ("_placement", "atomic", "fanout_max_workers", "fanout_timeout",

@@ -35,10 +35,15 @@ class DecisionTableSQL:
         "created_at DOUBLE PRECISION NOT NULL)"
     )
 
+    def _native(self, dbapi_conn: Any, sql: str) -> str:
+        """``sql`` in the parameter style of ``dbapi_conn``'s driver (as written here by
+        default; the PostgreSQL adapter renumbers for asyncpg)."""
+        return sql
+
     def _rows(self, dbapi_conn: Any, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         cur = dbapi_conn.cursor()
         try:
-            cur.execute(sql, params)
+            cur.execute(self._native(dbapi_conn, sql), params)
             return list(cur.fetchall()) if cur.description else []
         finally:
             cur.close()
@@ -70,9 +75,11 @@ class DecisionTableSQL:
     def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
         n = 0
         cur = dbapi_conn.cursor()
+        sql = self._native(
+            dbapi_conn, f"DELETE FROM {DECISION_TABLE} WHERE gtrid = {self.placeholder}")
         try:
             for g in gtrids:
-                cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = {self.placeholder}", (g,))
+                cur.execute(sql, (g,))
                 n += max(cur.rowcount, 0)
         finally:
             cur.close()

@@ -20,8 +20,12 @@ kept in the small helpers at the top of this module and nowhere else:
 Both drivers send ``BEGIN`` as a round trip of its own, under the connection's lock,
 right before a transaction's first statement, and both document their connections as
 safe to share between threads; :meth:`PostgreSQLAdapter.early_begin` relies on that.
-An unknown driver (psycopg 3's asyncio connection wrapped by SQLAlchemy, say) gets no
-early BEGIN and the conservative path everywhere else; it is not tested.
+SQLAlchemy's sync facades over asyncio drivers (asyncpg, psycopg's async mode: see
+:func:`_async_adapted`) get no early BEGIN; their cursors bind on the server, so
+statements with parameters are sent one at a time, in asyncpg's ``$n`` style where it
+applies (:func:`_numbered`), and GIDs as literals (:func:`_gid_statement`); they are
+tested in ``tests/integration/test_asyncio.py``. Any other driver gets the conservative
+path and is not tested.
 
 Notes on the server's rules this adapter follows:
 
@@ -39,8 +43,11 @@ Notes on the server's rules this adapter follows:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from sqlalchemy.engine import AdaptedConnection
 
 from ..exc import TransactionError
 from ._decisions import DecisionTableSQL
@@ -109,6 +116,40 @@ def _cursor(dbapi_conn: Any) -> Any:
 
         return psycopg.ClientCursor(dbapi_conn)
     return dbapi_conn.cursor()
+
+
+def _async_adapted(dbapi_conn: Any) -> bool:
+    """Whether ``dbapi_conn`` is SQLAlchemy's sync facade over an asyncio driver
+    (asyncpg, psycopg's async mode): its cursor binds parameters on the server, so a
+    statement with parameters is one statement, and ``PREPARE TRANSACTION`` / ``COMMIT
+    PREPARED`` (which take no parameters) get their GID as a literal instead."""
+    return isinstance(dbapi_conn, AdaptedConnection)
+
+
+def _numbered(dbapi_conn: Any, sql: str) -> str:
+    """``sql`` (written with ``%s`` markers) in the driver's parameter style: asyncpg
+    (SQLAlchemy's ``numeric_dollar``) wants ``$1, $2, ...``. Our statements contain no
+    other ``%``."""
+    if getattr(getattr(dbapi_conn, "dbapi", None), "paramstyle", None) != "numeric_dollar":
+        return sql
+    parts = sql.split("%s")
+    return "".join(p + (f"${i}" if i < len(parts) else "") for i, p in enumerate(parts, 1))
+
+
+_GID_CHARS = re.compile(r"[0-9a-z.]{1,200}")
+
+
+def _gid_statement(dbapi_conn: Any, verb: str, xid: Any) -> tuple[str, tuple[Any, ...] | None]:
+    """``verb`` + the GID of ``xid``: bound on the client (psycopg2, psycopg 3), or for
+    drivers that bind on the server a quoted literal, rendered only from a validated
+    :class:`~shardsession.coordinator.xid.Xid` whose GID is checked again here to be
+    made of ``[0-9a-z.]`` alone (nothing to escape, nothing read from a server)."""
+    if not _async_adapted(dbapi_conn):
+        return f"{verb} %s", (xid.gid,)
+    gid = str(xid.gid)
+    if _GID_CHARS.fullmatch(gid) is None:
+        raise ValueError(f"refusing to render a GID that is not ours: {gid!r}")
+    return f"{verb} '{gid}'", None
 
 
 def _sqlstate(error: BaseException) -> str | None:
@@ -194,10 +235,13 @@ class PostgreSQLAdapter(DecisionTableSQL):
 
         return run
 
+    def _native(self, dbapi_conn: Any, sql: str) -> str:
+        return _numbered(dbapi_conn, sql)
+
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> None:
         cur = _cursor(dbapi_conn)
         try:
-            cur.execute(sql, params)
+            cur.execute(_numbered(dbapi_conn, sql), params)
         finally:
             cur.close()
 
@@ -205,10 +249,12 @@ class PostgreSQLAdapter(DecisionTableSQL):
         problem = self.transaction_problem(dbapi_conn)
         if problem is not None:
             raise TransactionError(f"cannot prepare: {problem}")
+        sql, params = _gid_statement(dbapi_conn, "PREPARE TRANSACTION", xid)
         cur = _cursor(dbapi_conn)
         try:
-            cur.execute("PREPARE TRANSACTION %s", (xid.gid,))
-            status = cur.statusmessage
+            cur.execute(sql, params)
+            # (psycopg2 and psycopg 3 report the command tag; the asyncio facades do not)
+            status = getattr(cur, "statusmessage", None)
         finally:
             cur.close()
         # PREPARE TRANSACTION in an aborted transaction is answered ROLLBACK, no error:
@@ -278,7 +324,21 @@ class PostgreSQLAdapter(DecisionTableSQL):
         # knows the session is idle: its commit() returns without sending anything.
         dbapi_conn.commit()
 
-    def _finish_here(self, dbapi_conn: Any, sql: str, xid: Any) -> None:
+    def _finish_here(self, dbapi_conn: Any, verb: str, xid: Any) -> None:
+        if _async_adapted(dbapi_conn):
+            # SQLAlchemy's asyncpg facade still holds the transaction it began (and
+            # would send BEGIN first): end it (a COMMIT the server answers with a
+            # warning; nothing for psycopg's async mode, which follows the server), then
+            # run the statement in autocommit, which neither facade sends anything for.
+            dbapi_conn.commit()
+            dbapi_conn.autocommit = True
+            try:
+                self._exec(dbapi_conn, *_gid_statement(dbapi_conn, verb, xid))
+            finally:
+                with contextlib.suppress(Exception):
+                    dbapi_conn.autocommit = False
+            return
+        sql = f"{verb} %s"
         if not _begins_next(dbapi_conn):
             # Not settled (psycopg2), autocommit, or an unknown driver: the driver sends
             # no BEGIN before this statement; end its transaction belief afterwards.
@@ -296,10 +356,10 @@ class PostgreSQLAdapter(DecisionTableSQL):
                 dbapi_conn.autocommit = False
 
     def commit_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
-        self._finish_here(dbapi_conn, "COMMIT PREPARED %s", xid)
+        self._finish_here(dbapi_conn, "COMMIT PREPARED", xid)
 
     def rollback_prepared_here(self, dbapi_conn: Any, xid: Any) -> None:
-        self._finish_here(dbapi_conn, "ROLLBACK PREPARED %s", xid)
+        self._finish_here(dbapi_conn, "ROLLBACK PREPARED", xid)
 
     def commit_one_phase(self, dbapi_conn: Any, xid: Any | None) -> None:
         dbapi_conn.commit()
@@ -309,9 +369,9 @@ class PostgreSQLAdapter(DecisionTableSQL):
         return None
 
     def finish_prepared(self, dbapi_conn: Any, xid: Any, commit: bool) -> bool:
-        verb = "COMMIT PREPARED %s" if commit else "ROLLBACK PREPARED %s"
+        verb = "COMMIT PREPARED" if commit else "ROLLBACK PREPARED"
         try:
-            self._exec(dbapi_conn, verb, (xid.gid,))
+            self._exec(dbapi_conn, *_gid_statement(dbapi_conn, verb, xid))
         except Exception as e:
             if self.is_unknown_xid(e):
                 return False
@@ -377,11 +437,13 @@ class PostgreSQLAdapter(DecisionTableSQL):
                    f"{int(DECIDER_IDLE_TIMEOUT * 1000):d}; ")
         if lock_timeout is not None:
             timeout += f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000)):d}; "
-        self._exec(
-            dbapi_conn,
-            self._insert_decision_sql(f"SET LOCAL synchronous_commit TO on; {timeout}"),
-            self._decision_params(row),
-        )
+        settings = f"SET LOCAL synchronous_commit TO on; {timeout}"
+        if _async_adapted(dbapi_conn):
+            # Server-side binding takes one statement at a time: the SET LOCALs first.
+            for statement in filter(None, (part.strip() for part in settings.split(";"))):
+                self._exec(dbapi_conn, statement)
+            settings = ""
+        self._exec(dbapi_conn, self._insert_decision_sql(settings), self._decision_params(row))
 
     def read_decisions(self, dbapi_conn: Any) -> list[DecisionRow]:
         """Every decision row; none where the table does not exist yet.
@@ -403,7 +465,8 @@ class PostgreSQLAdapter(DecisionTableSQL):
             return 0
         cur = _cursor(dbapi_conn)
         try:
-            cur.execute(f"DELETE FROM {DECISION_TABLE} WHERE gtrid = ANY(%s)", (list(gtrids),))
+            sql = f"DELETE FROM {DECISION_TABLE} WHERE gtrid = ANY(%s)"
+            cur.execute(_numbered(dbapi_conn, sql), (list(gtrids),))
             return int(cur.rowcount)
         finally:
             cur.close()

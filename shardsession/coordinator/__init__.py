@@ -7,6 +7,7 @@ ORM's mapping or of queries; the session installs it with
 
 from __future__ import annotations
 
+from .aio import ain_doubt, arecover
 from .coordinator import TransactionCoordinator
 from .recovery import BranchRef, InDoubtBranch, RecoveryReport, in_doubt, recover
 from .setup import ShardSetup, prepare_shards
@@ -17,6 +18,8 @@ __all__ = [
     "RecoveryReport",
     "ShardSetup",
     "TransactionCoordinator",
+    "ain_doubt",
+    "arecover",
     "in_doubt",
     "prepare_shards",
     "recover",

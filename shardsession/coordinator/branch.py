@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
+from .. import _compat
 from ..backends import BackendAdapter
 from .xid import Xid
 
@@ -123,6 +124,8 @@ def run_parallel(pool: Executor, tasks: Sequence[tuple[Branch, Callable[[], None
     errors: dict[int, BaseException] = {}
     if not tasks:
         return errors
+    if any(b.engine.dialect.is_async for b, _ in tasks):
+        return _run_async(tasks)
     futures: list[tuple[Branch, Future[None]]] = [(b, pool.submit(fn)) for b, fn in tasks[1:]]
     first_b, first_fn = tasks[0]
     try:
@@ -134,6 +137,30 @@ def run_parallel(pool: Executor, tasks: Sequence[tuple[Branch, Callable[[], None
             fut.result()
         except Exception as e:
             errors[b.index] = e
+    return errors
+
+
+def _run_async(tasks: Sequence[tuple[Branch, Callable[[], None]]]) -> dict[int, BaseException]:
+    """:func:`run_parallel` for asyncio drivers, whose connections do IO only from the
+    event loop's greenlets, never from a worker thread: overlapped on the event loop
+    when called from SQLAlchemy's asyncio greenlet, else one after another (where the
+    driver raises its own "greenlet_spawn has not been called")."""
+    errors: dict[int, BaseException] = {}
+    if not _compat.in_async_greenlet():
+        for b, fn in tasks:
+            try:
+                fn()
+            except Exception as e:
+                errors[b.index] = e
+        return errors
+    outcomes = _compat.run_overlapped([fn for _, fn in tasks])
+    for (b, _), outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            errors[b.index] = outcome
+        elif isinstance(outcome, BaseException):
+            # A cancelled task or KeyboardInterrupt: as the threaded path, after every
+            # branch returned.
+            raise outcome
     return errors
 
 

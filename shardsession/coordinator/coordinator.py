@@ -339,8 +339,11 @@ class TransactionCoordinator:
         assert branch.adapter is not None
         if branch.adapter.name == "sqlite":
             # Transactional DDL on the branch's own connection: a second connection
-            # could not see (or would lock) an in-memory or busy database file.
+            # could not see (or would lock) an in-memory or busy database file. Never
+            # marked as done: a commit that fails rolls the CREATE back with it (no
+            # round trip to save on SQLite, IF NOT EXISTS is cheap).
             branch.adapter.ensure_decision_table(branch.dbapi)
+            return
         else:
             # MySQL DDL commits implicitly: never on the branch's connection.
             with branch.engine.connect() as c:
@@ -421,6 +424,7 @@ class TransactionCoordinator:
         if naming is None:
             return None
         gt = GlobalTransaction(self, naming, _shards_of(sess))
+        gt.session = sess
         _compat.set_transaction_slot(root, gt)
         first: Connection | None = getattr(root, _FIRST_KEY, None)
         if first is not None and not _is_autocommit(first):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..backends import DecisionRow, Outcome
+from ..events import emit
 from ..exc import (
     AtomicityUnavailableError,
     CapabilityError,
@@ -154,9 +155,13 @@ class TwoPhaseRun:
             tasks.append((decider, decide))
         tasks.extend((b, prepare_one(b)) for b in prepare)
         tasks.extend((self.ordered[i], release_one(self.ordered[i])) for i in self.plan.release)
+        prepared_ids = [b.shard_id for b in prepare]
+        emit(gt.session, "shardsession_before_prepare", gtrid, prepared_ids, decider.shard_id)
         errors = gt._parallel(tasks)
         discard_dead(self.ordered, errors)
         failed = [self.ordered[i] for i in errors if i not in self.plan.release]
+        emit(gt.session, "shardsession_after_prepare", gtrid, prepared_ids,
+             [b.shard_id for b in failed])
         if failed:
             first = errors[failed[0].index]
             self.failure = (f"prepare failed on {[b.shard_id for b in failed]}: {first}",
@@ -195,6 +200,8 @@ class TwoPhaseRun:
         self.unsettled = {i: e for i, e in errors.items() if i != decider.index}
         if decider.index not in errors:
             decider.state = BranchState.FINISHED
+            emit(gt.session, "shardsession_after_decision", self.gtrid, "commit",
+                 decider.shard_id)
             return Event.DECISION_DURABLE
         e = errors[decider.index]
         if decider.adapter.commit_refused(e):
@@ -290,6 +297,8 @@ class TwoPhaseRun:
         """Before the commit point: roll every branch back and raise the step's error (an
         interrupt such as ``KeyboardInterrupt`` stays itself: nothing was committed)."""
         self.gt._rollback_all(self.ordered)
+        emit(self.gt.session, "shardsession_after_decision", self.gtrid, "abort",
+             self.decider.shard_id)
         cause = self.failure[2]
         if cause is not None and not isinstance(cause, Exception):
             raise cause
@@ -302,6 +311,8 @@ class TwoPhaseRun:
         if self.left_decider:
             self.decider.state = BranchState.LEFT
             self.gt._abandon_decider(self.decider, self.decider_session)
+            emit(self.gt.session, "shardsession_after_decision", self.gtrid, "unknown",
+                 self.decider.shard_id)
         self._raise(step)
 
     def done(self, step: Step) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Engine
 
 from ..backends import BackendAdapter, DecisionRow, Outcome
+from ..events import emit_global
 from ..exc import RecoveryError
 from ._listing import Listing, Owners, Seen, adapters_of, list_branches
 from .decisions import (
@@ -302,6 +303,12 @@ def recover(
             crash("recovery_after_finish")
 
     _confirm(report, shards, adapters, acted)
+    # (announced once confirmed: a branch still listed after it was "finished" is not)
+    for outcome, refs in (("commit", report.committed), ("rollback", report.rolled_back),
+                          ("already_finished", report.already_finished)):
+        for ref in refs:
+            emit_global("shardsession_in_doubt_resolved", ref.gtrid, ref.shard, ref.bqual,
+                        outcome)
     _collect(report, shards, adapters, snapshot, owners, listing, set(groups), abort_retention)
     return report
 

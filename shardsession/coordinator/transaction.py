@@ -59,7 +59,7 @@ class GlobalTransaction:
 
     __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "coordinator",
                  "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
-                 "shard_of_engine", "shards")
+                 "session", "shard_of_engine", "shards")
 
     def __init__(self, coordinator: TransactionCoordinator,
                  shard_of_engine: Callable[[Engine], str],
@@ -83,6 +83,8 @@ class GlobalTransaction:
         #: :meth:`start_pending_xa`) instead of running one after another
         self.defer_xa_start = False
         self._xa_pending: list[Branch] = []
+        #: the session whose listeners get the protocol's events (see shardsession.events)
+        self.session: Any = None
 
     # --- branches --------------------------------------------------------------------
 

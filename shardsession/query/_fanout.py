@@ -43,13 +43,15 @@ returned to the pool) and the fan-out waits for the worker to return.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql import Executable
 
 from .. import _compat
+from ..events import emit
 from ..exc import FanoutTimeoutError
 
 __all__ = ["ShardCall", "run_on_shards"]
@@ -180,6 +183,23 @@ def run_on_shards(
         orm_context.parameters = {}
     if _compat.orm_autoflush_requested(orm_context):
         _compat.session_autoflush(session)
+    # (shard_ids as given: the events' listeners get a sequence they must not change)
+    emit(session, "shardsession_fanout_started", call.statement, shard_ids)
+    started = time.monotonic()
+    try:
+        results = _run_on_shards(orm_context, shard_ids, call)
+    except BaseException as e:
+        emit(session, "shardsession_fanout_finished", call.statement, shard_ids,
+             time.monotonic() - started, e)
+        raise
+    emit(session, "shardsession_fanout_finished", call.statement, shard_ids,
+         time.monotonic() - started, None)
+    return results
+
+
+def _run_on_shards(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], call: ShardCall
+) -> list[tuple[Any, Result[Any]]]:
     conns = _checkout(orm_context, shard_ids)
     groups: dict[int, list[Any]] = {}
     conn_of_group: dict[int, Connection] = {}
@@ -196,9 +216,80 @@ def run_on_shards(
         # greenlet: neither may be handed to a worker thread.
         and all(_may_cross_threads(c) for c in conn_of_group.values())
     )
+    if (call.parallel and len(groups) > 1
+            and _compat.remaining_orm_execute_handlers(orm_context) == 0
+            and _overlappable(conn_of_group.values())):
+        return _run_overlapped(orm_context, call, groups, conn_of_group, shard_ids)
     if not parallel or (len(groups) == 1 and call.timeout is None):
         return _run_group(orm_context, call, shard_ids)
     return _Fanout(orm_context, call, groups, conn_of_group).run(shard_ids)
+
+
+def _overlappable(conns: Iterable[Connection]) -> bool:
+    """Whether the shards' statements can overlap on the event loop: every connection
+    is an asyncio driver's and the caller runs in SQLAlchemy's asyncio greenlet."""
+    return all(c.dialect.is_async for c in conns) and _compat.in_async_greenlet()
+
+
+def _run_overlapped(
+    orm_context: ORMExecuteState,
+    call: ShardCall,
+    groups: dict[int, list[Any]],
+    conn_of_group: dict[int, Connection],
+    shard_ids: Sequence[Any],
+) -> list[tuple[Any, Result[Any]]]:
+    """The fan-out for asyncio drivers: each group in a greenlet of its own on the event
+    loop (:func:`shardsession._compat.run_overlapped`), at most ``call.max_workers``
+    groups at a time, within ``call.timeout`` overall.
+
+    Same failure semantics as the threaded fan-out; at the deadline the statements still
+    running are cancelled by the driver (asyncio cancellation) and their connections
+    invalidated, since the driver's state after a cancelled call is not known.
+    """
+    started = time.monotonic()
+    keys = list(groups)
+    width = call.max_workers or len(keys)
+    outcomes: dict[int, Any] = {}
+    late: list[int] = []
+    for i in range(0, len(keys), width):
+        wave = keys[i:i + width]
+        if call.timeout is not None and time.monotonic() - started >= call.timeout:
+            late.extend(wave)
+            continue
+        left = None if call.timeout is None else call.timeout - (time.monotonic() - started)
+        results = _compat.run_overlapped(
+            [functools.partial(_run_group, orm_context, call, groups[k]) for k in wave],
+            timeout=left,
+        )
+        for k, outcome in zip(wave, results, strict=True):
+            if isinstance(outcome, asyncio.TimeoutError):
+                late.append(k)
+            outcomes[k] = outcome
+    done = {k: o for k, o in outcomes.items() if not isinstance(o, BaseException)}
+    if late:
+        for k in late:
+            conn = conn_of_group[k]
+            if k in outcomes and not conn.invalidated:
+                conn.invalidate()
+        _close_all([r for o in done.values() for _, r in o])
+        pending_shards = sorted((s for k in late for s in groups[k]), key=str)
+        raise FanoutTimeoutError(
+            f"fan-out deadline of {call.timeout}s passed after "
+            f"{time.monotonic() - started:.3f}s; shards not answered: "
+            f"{[str(s) for s in pending_shards]}",
+            pending_shards=pending_shards,
+            timeout=call.timeout,
+            shard_id=None,
+        )
+    errors = {groups[k][0]: o for k, o in outcomes.items() if isinstance(o, BaseException)}
+    if errors:
+        _close_all([r for o in done.values() for _, r in o])
+        first = next(s for s in shard_ids if s in errors)
+        raise errors[first]
+    by_shard: dict[Any, Result[Any]] = {}
+    for outcome in done.values():
+        by_shard.update(outcome)
+    return [(s, by_shard[s]) for s in shard_ids]
 
 
 class _Fanout:
