@@ -39,6 +39,7 @@ from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
+from ._semantics import apply_semantics, check_having, explicit_nulls_in_subqueries
 
 __all__ = [
     "CHECK_CACHE",
@@ -243,7 +244,24 @@ def execute_on_shards(
         # memoized on the statement by _reads_sharded_tables()
         cache_key=_compat.statement_cache_key(statement),
     )
-    results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
+    def connection_for(shard_id: Any) -> Any:
+        bind_arguments = dict(orm_context.bind_arguments)
+        bind_arguments["shard_id"] = shard_id
+        return orm_context.session.connection(bind_arguments=bind_arguments)
+
+    # How values compare (collations, NaN) and where NULLs go in subqueries depend on
+    # the shards' backends: the plan gets those semantics before any shard is asked.
+    plan, semantics = apply_semantics(plan, shard_ids, dialects, connection_for)
     if isinstance(plan, AggregatePlan):
-        return merge_aggregate(plan, results, avg_dialect=dialects[0])
-    return merge_rows(plan, results)
+        check_having(statement, shard_ids, dialects, connection_for)
+    per_shard = explicit_nulls_in_subqueries(plan.statement, dialects)
+    results = run_on_shards(orm_context, shard_ids, replace(call, statement=per_shard))
+    if isinstance(plan, AggregatePlan):
+        return merge_aggregate(
+            plan,
+            results,
+            avg_dialect=dialects[0],
+            group_keys=semantics.group_keys if semantics else (),
+            distinct_keys=semantics.distinct_keys if semantics else (),
+        )
+    return merge_rows(plan, results, semantics.distinct_keys if semantics else ())

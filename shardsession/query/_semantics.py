@@ -1,0 +1,329 @@
+"""Give a merge plan the value semantics of the shards it runs on.
+
+The planner decides *what* is compared (sort keys, group keys, MIN/MAX partials,
+DISTINCT columns); this module decides *how*, per :mod:`._dialect` and
+:mod:`._collation`: every string value compared or grouped after the merge gets the
+Python key of its collation on the shards (or the statement is refused when the shards
+collate it differently, or in a way no Python key reproduces exactly); every NaN
+compares as one value above all numbers (PostgreSQL's rule, the only backend that
+stores NaN).  It also makes NULL ordering explicit in subqueries when shards of both
+NULL conventions take part, so that an ``ORDER BY ... LIMIT`` inside a correlated
+subquery picks the same row on every shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, literal_column
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, ColumnElement, FunctionFilter
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Select
+
+from .. import _compat
+from ..exc import UnsupportedQueryError
+from ._aggregates import Slot
+from ._collation import BINARY, Collation, expression_collation, is_string, unwrap
+from ._columns import as_clause, parse_order_by
+from ._dialect import ValueKey, nan_safe, rules_for
+from ._plan import AggregatePlan, RowsPlan
+
+__all__ = ["ValueSemantics", "apply_semantics", "explicit_nulls_in_subqueries"]
+
+#: a function giving the connection of a shard (checked out in the calling thread)
+ConnectionFor = Callable[[Any], Connection]
+
+
+@dataclass(frozen=True)
+class ValueSemantics:
+    """Keys the merge applies where the plan does not carry them itself.
+
+    :ivar distinct_keys: one key per visible column, for DISTINCT after the merge.
+    :ivar group_keys: one key per group position, for grouping partial rows.
+    """
+
+    distinct_keys: tuple[ValueKey, ...] = ()
+    group_keys: tuple[ValueKey, ...] = ()
+
+
+class _Resolver:
+    """Collations of expressions over the shards of one statement."""
+
+    def __init__(
+        self, shard_ids: Sequence[Any], dialects: Sequence[str], connection_for: ConnectionFor
+    ) -> None:
+        self.shard_ids = list(shard_ids)
+        self.dialects = list(dialects)
+        self.connection_for = connection_for
+        self._conns: dict[Any, Connection] = {}
+
+    def _conn(self, shard_id: Any) -> Connection:
+        conn = self._conns.get(shard_id)
+        if conn is None:
+            conn = self._conns[shard_id] = self.connection_for(shard_id)
+        return conn
+
+    def key_for(self, expr: Any, what: str) -> ValueKey:
+        """The key a string ``expr`` compares under on every shard; raise when the
+        shards disagree or a collation is not reproduced exactly."""
+        found: dict[str, Collation] = {}
+        for shard_id, dialect in zip(self.shard_ids, self.dialects, strict=True):
+            collation = expression_collation(expr, dialect, self._lazy(shard_id))
+            found.setdefault(collation.ident, collation)
+            if not collation.exact:
+                raise UnsupportedQueryError(
+                    f"{what} compares strings under collation {collation.name!r} on shard "
+                    f"{shard_id!r}, which the merge cannot reproduce exactly; use a binary "
+                    "collation (or an explicit COLLATE the merge knows) for this column",
+                    construct=f"collation in {what}",
+                    shard_id=shard_id,
+                )
+        if len(found) > 1:
+            names = sorted(c.name for c in found.values())
+            raise UnsupportedQueryError(
+                f"{what} compares strings differently on different shards (collations "
+                f"{names}): one database would use one of them",
+                construct=f"collation in {what}",
+            )
+        collation = next(iter(found.values()), BINARY)
+        return collation.key or nan_safe
+
+    def _lazy(self, shard_id: Any) -> Any:
+        return _LazyConnection(lambda: self._conn(shard_id))
+
+
+class _LazyConnection:
+    """A connection opened only when a catalog must be read."""
+
+    def __init__(self, open_: Callable[[], Connection]) -> None:
+        self._open = open_
+        self._conn: Connection | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._conn is None:
+            self._conn = self._open()
+        return getattr(self._conn, name)
+
+
+def _expr_at(descs: Sequence[dict[str, Any]], position: int) -> Any:
+    return as_clause(descs[position].get("expr"))
+
+
+def _is_string_expr(expr: Any) -> bool:
+    return isinstance(expr, ColumnElement) and is_string(expr.type)
+
+
+def _aggregate_argument(expr: Any) -> Any:
+    plain = unwrap(expr)
+    if isinstance(plain, FunctionFilter):
+        plain = plain.func
+    if isinstance(plain, FunctionElement):
+        args = list(plain.clauses.clauses)
+        if len(args) == 1:
+            return args[0]
+    return plain
+
+
+def apply_semantics(
+    plan: RowsPlan | AggregatePlan,
+    shard_ids: Sequence[Any],
+    dialects: Sequence[str],
+    connection_for: ConnectionFor,
+) -> tuple[RowsPlan | AggregatePlan, ValueSemantics | None]:
+    """``plan`` with collation keys on its sort keys and MIN/MAX slots, and the keys the
+    merge applies to DISTINCT and GROUP BY values.
+
+    A string column's collation may be read from a shard's catalog (once per engine and
+    table), on the session's connection of that shard.
+
+    :raises UnsupportedQueryError: a compared string column collates differently on two
+        shards, or under a collation no Python key reproduces exactly.
+    """
+    if isinstance(plan, RowsPlan) and not plan.sort_keys and not plan.distinct:
+        return plan, None
+    resolver = _Resolver(shard_ids, dialects, connection_for)
+    descs = plan.statement.column_descriptions
+    if isinstance(plan, RowsPlan):
+        return _rows(plan, descs, resolver)
+    return _aggregate(plan, descs, resolver)
+
+
+def _rows(
+    plan: RowsPlan, descs: Sequence[dict[str, Any]], resolver: _Resolver
+) -> tuple[RowsPlan, ValueSemantics | None]:
+    sort_keys = []
+    for key in plan.sort_keys:
+        expr = _expr_at(descs, key.index)
+        if _is_string_expr(expr):
+            value_key = resolver.key_for(expr, "ORDER BY")
+            if value_key is not nan_safe:
+                key = dataclasses.replace(key, key=value_key)
+        sort_keys.append(key)
+    distinct_keys: tuple[ValueKey, ...] = ()
+    if plan.distinct:
+        distinct_keys = tuple(
+            resolver.key_for(e, "DISTINCT") if _is_string_expr(e) else nan_safe
+            for e in (_expr_at(descs, i) for i in range(plan.visible))
+        )
+    return dataclasses.replace(plan, sort_keys=sort_keys), ValueSemantics(distinct_keys)
+
+
+def _aggregate(
+    plan: AggregatePlan, descs: Sequence[dict[str, Any]], resolver: _Resolver
+) -> tuple[AggregatePlan, ValueSemantics]:
+    slots: list[Slot] = []
+    for slot in plan.slots:
+        if slot.kind in ("min", "max"):
+            arg = _aggregate_argument(_expr_at(descs, slot.positions[0]))
+            if _is_string_expr(arg):
+                value_key = resolver.key_for(arg, slot.kind.upper())
+                if value_key is not nan_safe:
+                    slot = dataclasses.replace(slot, key=value_key)
+        slots.append(slot)
+    group_keys = tuple(
+        resolver.key_for(e, "GROUP BY") if _is_string_expr(e) else nan_safe
+        for e in (_expr_at(descs, p) for p in plan.group_positions)
+    )
+    sort_keys = []
+    for key in plan.sort_keys:
+        slot = plan.slots[key.index]
+        expr = _expr_at(descs, slot.positions[0])
+        if slot.kind in ("key", "min", "max") and _is_string_expr(expr):
+            value_key = resolver.key_for(expr, "ORDER BY")
+            if value_key is not nan_safe:
+                key = dataclasses.replace(key, key=value_key)
+        sort_keys.append(key)
+    distinct_keys: tuple[ValueKey, ...] = ()
+    if plan.distinct:
+        distinct_keys = tuple(
+            resolver.key_for(e, "DISTINCT") if _is_string_expr(e) else nan_safe
+            for e in (_expr_at(descs, s.positions[0]) for s in plan.slots[: plan.visible])
+        )
+    refined = dataclasses.replace(plan, slots=slots, sort_keys=sort_keys)
+    return refined, ValueSemantics(distinct_keys, group_keys)
+
+
+_COMPARISONS = {
+    operators.eq,
+    operators.ne,
+    operators.lt,
+    operators.le,
+    operators.gt,
+    operators.ge,
+}
+
+
+def check_having(
+    statement: Select[Any],
+    shard_ids: Sequence[Any],
+    dialects: Sequence[str],
+    connection_for: ConnectionFor,
+) -> None:
+    """Refuse a HAVING that compares strings under a collation other than binary (it
+    is evaluated in Python, by code point).
+
+    :raises UnsupportedQueryError: such a comparison.
+    """
+    having = _compat.select_parts(statement).having
+    if not having:
+        return
+    resolver = _Resolver(shard_ids, dialects, connection_for)
+    for criterion in having:
+        for node in visitors.iterate(criterion):
+            if isinstance(node, BinaryExpression) and node.operator in _COMPARISONS:
+                for side in (node.left, node.right):
+                    if (
+                        _is_string_expr(side)
+                        and not _is_bound(side)
+                        and resolver.key_for(side, "HAVING") is not nan_safe
+                    ):
+                        raise UnsupportedQueryError(
+                            "HAVING compares strings under a collation other than "
+                            "binary; it is evaluated after the merge by code point",
+                            construct="collation in HAVING",
+                        )
+
+
+def _is_bound(expr: Any) -> bool:
+    from sqlalchemy.sql.elements import BindParameter
+
+    return isinstance(unwrap(expr), BindParameter)
+
+
+# -- NULL order in subqueries ------------------------------------------------------------
+
+
+def mixed_null_order(dialects: Sequence[str]) -> bool:
+    """Whether shards of both NULL conventions take part."""
+    return len({rules_for(d).nulls_high for d in dialects}) > 1
+
+
+def explicit_nulls_in_subqueries(statement: Select[Any], dialects: Sequence[str]) -> Select[Any]:
+    """``statement`` with every subquery's ORDER BY item that leaves NULL placement to
+    the backend given an explicit ``CASE WHEN x IS NULL`` key first, placing NULL as the
+    smallest value (the documented mixed rule), when shards of both NULL conventions
+    take part.  The statement's own ORDER BY is the planner's.
+
+    :raises UnsupportedQueryError: such a subquery is DISTINCT (PostgreSQL wants its
+        ORDER BY terms in the select list).
+    """
+    if not mixed_null_order(dialects):
+        return statement
+    return _subqueries_explicit(statement)
+
+
+def _nested_order_by(statement: Select[Any]) -> bool:
+    return any(
+        isinstance(node, Select)
+        and node is not statement
+        and bool(_compat.select_parts(node).order_by)
+        for node in visitors.iterate(statement)
+    )
+
+
+def _rewrite(select: Select[Any]) -> Select[Any]:
+    inner = _subqueries_explicit(select)
+    parts = _compat.select_parts(inner)
+    if not parts.order_by:
+        return inner
+    new_order: list[Any] = []
+    changed = False
+    for element in parts.order_by:
+        item = parse_order_by(element)
+        target = unwrap(item.target) if not isinstance(item.target, str) else None
+        if item.nulls_first is None and isinstance(target, ColumnElement):
+            if parts.distinct:
+                raise UnsupportedQueryError(
+                    "a DISTINCT subquery ordered without NULLS FIRST/LAST on shards that "
+                    "place NULLs differently",
+                    construct="subquery ORDER BY",
+                )
+            # NULL is the smallest value: first for ASC, last for DESC.
+            first, rest = ("1", "0") if item.descending else ("0", "1")
+            flag = case((target.is_(None), literal_column(first)), else_=literal_column(rest))
+            new_order.append(flag.asc())
+            changed = True
+        new_order.append(element)
+    if not changed:
+        return inner
+    return inner.order_by(None).order_by(*new_order)
+
+
+def _subqueries_explicit(select: Select[Any]) -> Select[Any]:
+    """``select`` with the ORDER BY of every subquery (not its own) made explicit."""
+    if not _nested_order_by(select):
+        return select
+
+    def replace(element: Any, **_: Any) -> Any:
+        if isinstance(element, Select) and element is not select:
+            return _rewrite(element)
+        return None
+
+    result = visitors.replacement_traverse(select, {}, replace)
+    assert isinstance(result, Select)
+    return result
