@@ -11,14 +11,13 @@ Nothing here touches a database (server introspection is :mod:`._collation`).
 from __future__ import annotations
 
 import decimal
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Double, cast
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.types import Float, TypeEngine
+from sqlalchemy.types import REAL, Float, TypeEngine
 
 __all__ = [
     "DIALECTS",
@@ -196,10 +195,13 @@ def avg_sum_argument(arg: Any, dialects: Sequence[str]) -> Any:
     where the dialect's AVG accumulates in double (so the partials keep the precision
     the one database's AVG has)."""
     type_: TypeEngine[Any] | None = getattr(arg, "type", None)
+    single = isinstance(type_, REAL) or (
+        isinstance(type_, Float) and type_.precision is not None and type_.precision <= 24
+    )
     if (
-        isinstance(type_, Float)
+        single
+        and isinstance(type_, Float)
         and not type_.asdecimal
-        and (type_.precision is None or type_.precision <= 24)
         and any(rules_for(d).real_avg_widens for d in dialects)
         and isinstance(arg, ColumnElement)
     ):
@@ -264,8 +266,3 @@ def weight_table_pad_key(table: Sequence[int], beyond: int, space: int) -> Value
         return pad_space_key(units, space)
 
     return key
-
-
-def float_key_needed(value: Any) -> bool:
-    """Whether ``value`` could be a NaN (a float or a Decimal)."""
-    return isinstance(value, float | decimal.Decimal) and not math.isfinite(value)

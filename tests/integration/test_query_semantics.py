@@ -1,0 +1,471 @@
+"""Value semantics of the merge on real servers (issue 10, classes 6, 7 and 8).
+
+Each test spreads rows over shards of one kind (SQLite, PostgreSQL, MariaDB) or over a
+mixed SQLite + PostgreSQL cluster, runs a statement through the sharded session and on
+one database holding every row (the oracle), and compares the answers with the rules of
+:mod:`shardsession.query._dialect` (NaN as one value, collation keys), or expects
+:class:`~shardsession.exc.UnsupportedQueryError` where no exact merge exists.
+
+* 6: REAL precision of AVG, NaN in ORDER BY / DISTINCT / GROUP BY / MIN / MAX / HAVING /
+  paginate (PostgreSQL);
+* 7: collations: SQLite NOCASE, MariaDB's default ``utf8mb4_general_ci`` (with PAD SPACE),
+  a PostgreSQL ICU nondeterministic collation (refused), shards that collate differently
+  (refused);
+* 8: a correlated ``ORDER BY ... DESC LIMIT 1`` on a mixed cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    REAL,
+    Double,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from shardsession import ShardedSession
+from shardsession.exc import UnsupportedQueryError
+from shardsession.query import paginate
+from shardsession.query._dialect import ascii_nocase_key, nan_safe
+
+from .conftest import _Databases
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Rec(Base):
+    __tablename__ = "sem_recs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    score: Mapped[float | None] = mapped_column(Double, nullable=True)
+    realv: Mapped[float | None] = mapped_column(REAL, nullable=True)
+    amount: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Kid(Base):
+    __tablename__ = "sem_kids"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    rec_id: Mapped[int] = mapped_column(ForeignKey("sem_recs.id"))
+    amount: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+# DDL per backend: the name column's collation is the server's (or a declared one), not
+# the model's, so the library must find it out from the catalog.
+_DDL = {
+    "sqlite": (
+        "CREATE TABLE sem_recs (id INTEGER PRIMARY KEY, name VARCHAR(20){coll}, "
+        "score FLOAT, realv REAL, amount INTEGER)"
+    ),
+    "postgresql": (
+        "CREATE TABLE sem_recs (id INTEGER PRIMARY KEY, name VARCHAR(20){coll}, "
+        "score DOUBLE PRECISION, realv REAL, amount INTEGER)"
+    ),
+    "mysql": (
+        "CREATE TABLE sem_recs (id INTEGER PRIMARY KEY, name VARCHAR(20){coll}, "
+        "score DOUBLE, realv FLOAT, amount INTEGER)"
+    ),
+}
+_KIDS_DDL = (
+    "CREATE TABLE sem_kids (id INTEGER PRIMARY KEY, rec_id INTEGER REFERENCES sem_recs(id), "
+    "amount INTEGER)"
+)
+
+
+@dataclass
+class Cluster:
+    engines: dict[str, Engine]
+    oracle: Engine
+    where: dict[int, str]
+
+    def session(self) -> ShardedSession:
+        shards = sorted(self.engines)
+
+        def chooser(mapper: Any, instance: Any, **_: Any) -> str:
+            key = instance.id if isinstance(instance, Rec) else instance.rec_id
+            return self.where.get(key, shards[0])
+
+        return ShardedSession(
+            shard_chooser=chooser,
+            identity_chooser=lambda *a, **k: shards,
+            execute_chooser=lambda ctx: shards,
+            shards=self.engines,
+        )
+
+    def load(self, rows: Sequence[dict[str, Any]], kids: Sequence[dict[str, Any]] = ()) -> None:
+        shards = sorted(self.engines)
+        self.where = {r["id"]: shards[i % len(shards)] for i, r in enumerate(rows)}
+        for name, engine in [*self.engines.items(), ("oracle", self.oracle)]:
+            mine = [r for r in rows if name == "oracle" or self.where[r["id"]] == name]
+            ids = {r["id"] for r in mine}
+            my_kids = [k for k in kids if k["rec_id"] in ids]
+            with engine.begin() as conn:
+                if mine:
+                    conn.execute(insert(Rec.__table__), [_full(r) for r in mine])
+                if my_kids:
+                    conn.execute(insert(Kid.__table__), my_kids)
+
+    def dispose(self) -> None:
+        for e in [*self.engines.values(), self.oracle]:
+            e.dispose()
+
+
+def _full(row: dict[str, Any]) -> dict[str, Any]:
+    return {"name": None, "score": None, "realv": None, "amount": None, **row}
+
+
+def _make(urls: dict[str, str], oracle_url: str, collations: dict[str, str]) -> Cluster:
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    oracle = create_engine(oracle_url)
+    for e in [*engines.values(), oracle]:
+        kind = "mysql" if e.dialect.name in ("mysql", "mariadb") else e.dialect.name
+        coll = collations.get(kind, "")
+        with e.begin() as conn:
+            if kind == "postgresql" and "ci_icu" in coll:
+                conn.exec_driver_sql(
+                    "CREATE COLLATION IF NOT EXISTS ci_icu (provider = icu, "
+                    "locale = 'und-u-ks-level2', deterministic = false)"
+                )
+            conn.exec_driver_sql(_DDL[kind].format(coll=coll))
+            conn.exec_driver_sql(_KIDS_DDL)
+    return Cluster(engines, oracle, {})
+
+
+@pytest.fixture
+def sqlite_nocase(tmp_path: Any) -> Iterator[Cluster]:
+    urls = {f"s{i}": f"sqlite:///{tmp_path}/s{i}.db" for i in range(3)}
+    c = _make(urls, f"sqlite:///{tmp_path}/o.db", {"sqlite": " COLLATE NOCASE"})
+    yield c
+    c.dispose()
+
+
+@pytest.fixture
+def sqlite_plain(tmp_path: Any) -> Iterator[Cluster]:
+    urls = {f"s{i}": f"sqlite:///{tmp_path}/s{i}.db" for i in range(3)}
+    c = _make(urls, f"sqlite:///{tmp_path}/o.db", {})
+    yield c
+    c.dispose()
+
+
+@pytest.fixture
+def pg_plain(pg_server_a: Any, pg_server_b: Any, databases: _Databases) -> Iterator[Cluster]:
+    urls = {"p0": databases.new(pg_server_a), "p1": databases.new(pg_server_b),
+            "p2": databases.new(pg_server_a)}
+    c = _make(urls, databases.new(pg_server_b), {})
+    yield c
+    c.dispose()
+
+
+@pytest.fixture
+def pg_icu(pg_server_a: Any, databases: _Databases) -> Iterator[Cluster]:
+    urls = {"p0": databases.new(pg_server_a), "p1": databases.new(pg_server_a)}
+    c = _make(urls, databases.new(pg_server_a), {"postgresql": ' COLLATE "ci_icu"'})
+    yield c
+    c.dispose()
+
+
+@pytest.fixture
+def maria(mariadb_server: Any, databases: _Databases) -> Iterator[Cluster]:
+    urls = {"m0": databases.new(mariadb_server), "m1": databases.new(mariadb_server),
+            "m2": databases.new(mariadb_server)}
+    c = _make(urls, databases.new(mariadb_server), {})
+    yield c
+    c.dispose()
+
+
+@pytest.fixture
+def mixed(pg_server_a: Any, databases: _Databases, tmp_path: Any) -> Iterator[Cluster]:
+    urls = {"a_pg": databases.new(pg_server_a), "b_sqlite": f"sqlite:///{tmp_path}/m.db"}
+    c = _make(urls, f"sqlite:///{tmp_path}/o.db", {})
+    yield c
+    c.dispose()
+
+
+@pytest.fixture
+def mixed_nocase(pg_server_a: Any, databases: _Databases, tmp_path: Any) -> Iterator[Cluster]:
+    urls = {"a_pg": databases.new(pg_server_a), "b_sqlite": f"sqlite:///{tmp_path}/m.db"}
+    c = _make(urls, f"sqlite:///{tmp_path}/o.db", {"sqlite": " COLLATE NOCASE"})
+    yield c
+    c.dispose()
+
+
+# -- comparing with the oracle -------------------------------------------------------------
+
+
+def _same(value: Any, key: Callable[[Any], Any]) -> Any:
+    return None if value is None else key(value)
+
+
+def both(cluster: Cluster, stmt: Any) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    with cluster.session() as s:
+        ours = [tuple(r) for r in s.execute(stmt).all()]
+    with Session(cluster.oracle) as o:
+        want = [tuple(r) for r in o.execute(stmt).all()]
+    return ours, want
+
+
+def assert_same(
+    cluster: Cluster,
+    stmt: Any,
+    keys: Sequence[Callable[[Any], Any]] | None = None,
+    *,
+    bag: bool = False,
+) -> list[tuple[Any, ...]]:
+    """Our rows equal the oracle's, each value compared as ``keys`` say (what the
+    backend compares it as: NaN as one value, a string by its collation key)."""
+    ours, want = both(cluster, stmt)
+
+    def norm(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        ks = keys or [nan_safe] * (len(rows[0]) if rows else 0)
+        out = [tuple(_same(v, k) for v, k in zip(r, ks, strict=True)) for r in rows]
+        return sorted(out, key=repr) if bag else out
+
+    assert norm(ours) == norm(want), f"\n{stmt}\nours={ours}\nwant={want}"
+    return ours
+
+
+# -- class 6: REAL precision and NaN (PostgreSQL) ------------------------------------------
+
+
+def test_pg_avg_over_real_keeps_double_precision(pg_plain: Cluster) -> None:
+    # float4 partial sums lose the small values next to 2**24; PostgreSQL's avg(real)
+    # accumulates in float8.
+    values = [16777216.0, 1.0, 1.0, 1.0, 16777216.0, 1.0]
+    pg_plain.load([{"id": i, "realv": v, "name": "g"} for i, v in enumerate(values, 1)])
+    ours, want = both(pg_plain, select(func.avg(Rec.realv)))
+    assert ours == want
+    ours, want = both(
+        pg_plain, select(Rec.name, func.avg(Rec.realv)).group_by(Rec.name)
+    )
+    assert ours == want
+
+
+NAN = float("nan")
+NAN_ROWS = [
+    {"id": 1, "score": NAN, "name": "a", "amount": 1},
+    {"id": 2, "score": 1.5, "name": "a", "amount": 2},
+    {"id": 3, "score": NAN, "name": "b", "amount": 3},
+    {"id": 4, "score": None, "name": "b", "amount": 4},
+    {"id": 5, "score": -2.0, "name": "c", "amount": 5},
+    {"id": 6, "score": NAN, "name": "c", "amount": 6},
+    {"id": 7, "score": 7.0, "name": "d", "amount": 7},
+    {"id": 8, "score": float("inf"), "name": "d", "amount": 8},
+    {"id": 9, "score": NAN, "name": "e", "amount": 9},
+]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: select(Rec.id, Rec.score).order_by(Rec.score, Rec.id),
+        lambda: select(Rec.id, Rec.score).order_by(Rec.score.desc(), Rec.id.desc()),
+        lambda: select(Rec.id, Rec.score).order_by(Rec.score.desc(), Rec.id).limit(3),
+        lambda: select(Rec.score).order_by(Rec.score.nulls_first()),
+        lambda: select(Rec.score).distinct().order_by(Rec.score),
+        lambda: select(Rec.score, func.count()).group_by(Rec.score).order_by(Rec.score),
+        lambda: select(func.min(Rec.score), func.max(Rec.score)),
+        lambda: select(Rec.name, func.max(Rec.score)).group_by(Rec.name).order_by(Rec.name),
+        lambda: select(Rec.name, func.min(Rec.score)).group_by(Rec.name).order_by(Rec.name),
+        lambda: select(Rec.name)
+        .group_by(Rec.name)
+        .having(func.max(Rec.score) > 100)
+        .order_by(Rec.name),
+        lambda: select(Rec.name, func.max(Rec.score).label("m"))
+        .group_by(Rec.name)
+        .order_by(func.max(Rec.score).desc(), Rec.name),
+    ],
+    ids=[
+        "order-asc", "order-desc", "order-desc-limit", "nulls-first", "distinct",
+        "group-by", "min-max", "max-per-group", "min-per-group", "having", "order-by-max",
+    ],
+)
+def test_pg_nan_follows_postgresql(pg_plain: Cluster, build: Callable[[], Any]) -> None:
+    pg_plain.load(NAN_ROWS)
+    rows = assert_same(pg_plain, build())
+    assert rows  # the statement returned something to compare
+
+
+def test_pg_paginate_over_nan_loses_no_row(pg_plain: Cluster) -> None:
+    pg_plain.load(NAN_ROWS)
+    stmt = select(Rec.id, Rec.score).order_by(Rec.score)
+    seen: list[int] = []
+    token = None
+    with pg_plain.session() as s:
+        for _ in range(20):
+            page = paginate(s, stmt, page_size=2, token=token)
+            seen.extend(r[0] for r in page.rows)
+            token = page.next_token
+            if token is None:
+                break
+    with Session(pg_plain.oracle) as o:
+        want = [r[0] for r in o.execute(stmt.order_by(Rec.id)).all()]
+    assert sorted(seen) == sorted(want)
+    assert len(seen) == len(set(seen))
+
+
+# -- class 7: collations --------------------------------------------------------------------
+
+CASE_ROWS = [
+    {"id": 1, "name": "bob", "amount": 1},
+    {"id": 2, "name": "Bob", "amount": 2},
+    {"id": 3, "name": "alice", "amount": 3},
+    {"id": 4, "name": "BOB", "amount": 4},
+    {"id": 5, "name": "Alice", "amount": 5},
+    {"id": 6, "name": "carol", "amount": 6},
+    {"id": 7, "name": "Zed", "amount": 7},
+    {"id": 8, "name": None, "amount": 8},
+    {"id": 9, "name": "ålice", "amount": 9},
+    {"id": 10, "name": "a", "amount": 10},
+    {"id": 11, "name": "B", "amount": 11},
+]
+
+
+def _collated_statements() -> list[tuple[str, Callable[[], Any], str]]:
+    # (id, statement, which columns are strings compared under the collation)
+    return [
+        ("order", lambda: select(Rec.name, Rec.id).order_by(Rec.name, Rec.id), "kp"),
+        ("order-desc-limit",
+         lambda: select(Rec.name, Rec.id).order_by(Rec.name.desc(), Rec.id).limit(4), "kp"),
+        ("distinct", lambda: select(Rec.name).distinct(), "k"),
+        ("group", lambda: select(Rec.name, func.count(), func.sum(Rec.amount))
+         .group_by(Rec.name), "kpp"),
+        ("group-order", lambda: select(Rec.name, func.count()).group_by(Rec.name)
+         .order_by(Rec.name), "kp"),
+        ("min-max", lambda: select(func.min(Rec.name), func.max(Rec.name)), "kk"),
+    ]
+
+
+STATEMENTS = _collated_statements()
+
+
+def _keys(spec: str, key: Callable[[Any], Any]) -> list[Callable[[Any], Any]]:
+    return [key if c == "k" else nan_safe for c in spec]
+
+
+@pytest.mark.parametrize("case", STATEMENTS, ids=[c[0] for c in STATEMENTS])
+def test_sqlite_nocase_column_merges_as_nocase(
+    sqlite_nocase: Cluster, case: tuple[str, Callable[[], Any], str]
+) -> None:
+    sqlite_nocase.load(CASE_ROWS)
+    _, build, spec = case
+    assert_same(sqlite_nocase, build(), _keys(spec, ascii_nocase_key), bag=case[0] in (
+        "distinct", "group"))
+
+
+def _mariadb_key(cluster: Cluster) -> Callable[[Any], Any]:
+    # The oracle's own comparison: the server's weight of the value, PAD SPACE.
+    engine = cluster.oracle
+
+    def key(value: str) -> Any:
+        with engine.connect() as c:
+            weight = c.execute(
+                text("SELECT WEIGHT_STRING(CAST(:v AS CHAR(20)) COLLATE utf8mb4_general_ci)"),
+                {"v": value},
+            ).scalar()
+        return weight
+
+    return key
+
+
+MARIA_ROWS = [*CASE_ROWS, {"id": 12, "name": "bob  ", "amount": 12},
+              {"id": 13, "name": "a\t", "amount": 13}, {"id": 14, "name": "éclair", "amount": 14},
+              {"id": 15, "name": "Eclair", "amount": 15}]
+
+
+@pytest.mark.parametrize("case", STATEMENTS, ids=[c[0] for c in STATEMENTS])
+def test_mariadb_default_collation_merges_as_general_ci(
+    maria: Cluster, case: tuple[str, Callable[[], Any], str]
+) -> None:
+    maria.load(MARIA_ROWS)
+    _, build, spec = case
+    assert_same(maria, build(), _keys(spec, _mariadb_key(maria)), bag=case[0] in (
+        "distinct", "group"))
+
+
+@pytest.mark.parametrize("case", STATEMENTS, ids=[c[0] for c in STATEMENTS])
+def test_pg_nondeterministic_collation_is_refused(
+    pg_icu: Cluster, case: tuple[str, Callable[[], Any], str]
+) -> None:
+    pg_icu.load(CASE_ROWS)
+    with pg_icu.session() as s, pytest.raises(UnsupportedQueryError) as info:
+        s.execute(case[1]()).all()
+    assert "collation" in str(info.value)
+
+
+def test_shards_that_collate_differently_are_refused(mixed_nocase: Cluster) -> None:
+    mixed_nocase.load(CASE_ROWS)
+    with mixed_nocase.session() as s, pytest.raises(UnsupportedQueryError):
+        s.execute(select(Rec.name, Rec.id).order_by(Rec.name, Rec.id)).all()
+    with mixed_nocase.session() as s:
+        # a column both collate alike (integers) still merges
+        ids = s.scalars(select(Rec.id).order_by(Rec.amount.desc())).all()
+    assert ids == sorted((r["id"] for r in CASE_ROWS), reverse=True)
+
+
+def test_binary_collations_still_merge_on_mixed_and_pg(mixed: Cluster, pg_plain: Cluster) -> None:
+    for cluster in (mixed, pg_plain):
+        cluster.load(CASE_ROWS)
+        assert_same(cluster, select(Rec.name, Rec.id).order_by(Rec.name.nulls_first(), Rec.id))
+        assert_same(cluster, select(func.min(Rec.name), func.max(Rec.name)))
+
+
+def test_having_on_a_case_insensitive_string_is_refused(sqlite_nocase: Cluster) -> None:
+    sqlite_nocase.load(CASE_ROWS)
+    stmt = select(Rec.name).group_by(Rec.name).having(func.max(Rec.name) > "b")
+    with sqlite_nocase.session() as s:
+        # SQLite compares an aggregate's result by BINARY: exact, merged
+        ours = sorted(s.scalars(stmt).all(), key=ascii_nocase_key)
+    with Session(sqlite_nocase.oracle) as o:
+        want = sorted(o.scalars(stmt).all(), key=ascii_nocase_key)
+    assert [ascii_nocase_key(v) for v in ours] == [ascii_nocase_key(v) for v in want]
+    with sqlite_nocase.session() as s, pytest.raises(UnsupportedQueryError):
+        s.execute(
+            select(Rec.name).group_by(Rec.name).having(Rec.name > "b")
+        ).all()
+
+
+# -- class 8: NULL order inside subqueries on a mixed cluster ------------------------------
+
+
+def test_mixed_cluster_correlated_order_by_desc_limit(mixed: Cluster) -> None:
+    rows = [{"id": i, "name": f"r{i}"} for i in range(1, 9)]
+    kids = [
+        {"id": 100 + i * 10 + j, "rec_id": i, "amount": amount}
+        for i in range(1, 9)
+        for j, amount in enumerate([None, i, i * 2])
+    ]
+    mixed.load(rows, kids)
+    top = (
+        select(Kid.amount)
+        .where(Kid.rec_id == Rec.id)
+        .order_by(Kid.amount.desc())
+        .limit(1)
+        .correlate(Rec)
+        .scalar_subquery()
+    )
+    stmt = select(Rec.id, top.label("top")).order_by(Rec.id)
+    ours, want = both(mixed, stmt)
+    assert ours == want
+    assert all(r[1] is not None for r in ours)  # NULL is the smallest, never the top
+
+
+def test_nan_key_is_one_value_above_numbers() -> None:
+    assert nan_safe(NAN) == nan_safe(float("nan"))
+    assert nan_safe(1e308) < nan_safe(NAN)
+    assert not nan_safe(NAN) < nan_safe(math.inf)
+    assert len({nan_safe(NAN), nan_safe(float("nan"))}) == 1
