@@ -469,3 +469,77 @@ def test_nan_key_is_one_value_above_numbers() -> None:
     assert nan_safe(1e308) < nan_safe(NAN)
     assert not nan_safe(NAN) < nan_safe(math.inf)
     assert len({nan_safe(NAN), nan_safe(float("nan"))}) == 1
+
+
+# -- class 7: a shard key on a case-insensitive column -------------------------------------
+
+
+class KeyBase(DeclarativeBase):
+    pass
+
+
+class Acct(KeyBase):
+    __tablename__ = "sem_accts"
+    email: Mapped[str] = mapped_column(String(40, collation="NOCASE"), primary_key=True)
+    balance: Mapped[int] = mapped_column(Integer)
+
+
+def _acct_shards(tmp_path: Any) -> dict[str, Engine]:
+    engines = {f"k{i}": create_engine(f"sqlite:///{tmp_path}/k{i}.db") for i in range(4)}
+    for e in engines.values():
+        KeyBase.metadata.create_all(e)
+    return engines
+
+
+def test_case_insensitive_key_without_normaliser_is_refused(tmp_path: Any) -> None:
+    from shardsession.exc import ConfigurationError
+    from shardsession.routing import HashSharding, Placement
+
+    engines = _acct_shards(tmp_path)
+    placement = Placement({Acct: HashSharding(Acct.email)})
+    with ShardedSession(shards=engines, placement=placement) as s, pytest.raises(
+        ConfigurationError, match="normalize"
+    ):
+        s.add(Acct(email="Bob@X.com", balance=1))
+        s.flush()
+    for e in engines.values():
+        e.dispose()
+
+
+def test_case_insensitive_key_is_found_the_way_the_database_compares(tmp_path: Any) -> None:
+    from shardsession.routing import HashSharding, Placement, nocase
+
+    engines = _acct_shards(tmp_path)
+    oracle = create_engine(f"sqlite:///{tmp_path}/oracle.db")
+    KeyBase.metadata.create_all(oracle)
+    emails = ["Bob@X.com", "alice@Y.org", "CAROL@z.net", "dave@w.io", "Eve@V.com", "fred@u.de"]
+    placement = Placement({Acct: HashSharding(Acct.email, normalize=nocase)})
+    with ShardedSession(shards=engines, placement=placement, atomic="best_effort") as s:
+        s.add_all([Acct(email=e, balance=i) for i, e in enumerate(emails)])
+        s.commit()
+    with Session(oracle) as o:
+        o.add_all([Acct(email=e, balance=i) for i, e in enumerate(emails)])
+        o.commit()
+    for probe in ["bob@x.com", "ALICE@y.ORG", "carol@Z.NET", "DAVE@W.IO"]:
+        with Session(oracle) as o:
+            want = o.get(Acct, probe)
+            assert want is not None
+            want_row = (want.email, want.balance)
+            by_where = o.execute(
+                select(Acct.email, Acct.balance).where(Acct.email == probe)
+            ).all()
+        with ShardedSession(shards=engines, placement=placement) as s:
+            got = s.get(Acct, probe)
+            assert got is not None and (got.email, got.balance) == want_row
+            rows = s.execute(
+                select(Acct.email, Acct.balance).where(Acct.email == probe)
+            ).all()
+            assert [tuple(r) for r in rows] == [tuple(r) for r in by_where]
+    # the normaliser does not move keys that are already normal: same shard as without
+    plain = HashSharding(Acct.email)
+    plain.bind(sorted(engines))
+    normal = HashSharding(Acct.email, normalize=nocase)
+    normal.bind(sorted(engines))
+    assert all(plain.shard_for(nocase(e)) == normal.shard_for(e) for e in emails)
+    for e in [*engines.values(), oracle]:
+        e.dispose()
