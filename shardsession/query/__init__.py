@@ -129,11 +129,6 @@ def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | No
     return verdict
 
 
-def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
-    bind = orm_context.session.get_bind(shard_id=shard_id)
-    return str(bind.dialect.name)
-
-
 def _concatenate(results: Sequence[tuple[Any, Result[Any]]]) -> Result[Any]:
     # Exactly horizontal_shard's answer: Result.merge (CursorResult.merge sums rowcount).
     first = results[0][1]
@@ -235,7 +230,8 @@ def execute_on_shards(
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
 
-    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    binds = [orm_context.session.get_bind(shard_id=s) for s in shard_ids]
+    dialects = [str(b.dialect.name) for b in binds]
     plan = plan_select(
         statement,
         dialects=dialects,
@@ -251,7 +247,14 @@ def execute_on_shards(
 
     # How values compare (collations, NaN) and where NULLs go in subqueries depend on
     # the shards' backends: the plan gets those semantics before any shard is asked.
-    plan, semantics = apply_semantics(plan, shard_ids, dialects, connection_for)
+    plan, semantics = apply_semantics(
+        plan,
+        shard_ids,
+        dialects,
+        connection_for,
+        cache_key=_compat.statement_cache_key(statement),
+        engines=binds,
+    )
     if isinstance(plan, AggregatePlan):
         check_having(statement, shard_ids, dialects, connection_for)
     per_shard = explicit_nulls_in_subqueries(plan.statement, dialects)

@@ -14,7 +14,7 @@ subquery picks the same row on every shard.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,19 @@ from sqlalchemy.sql.selectable import Select
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import Slot
+from ._cache import LRUCache
 from ._collation import BINARY, Collation, expression_collation, is_string, unwrap
 from ._columns import as_clause, parse_order_by
 from ._dialect import ValueKey, nan_safe, rules_for
 from ._plan import AggregatePlan, RowsPlan
 
-__all__ = ["ValueSemantics", "apply_semantics", "explicit_nulls_in_subqueries"]
+__all__ = [
+    "SEMANTICS_CACHE",
+    "ValueSemantics",
+    "apply_semantics",
+    "check_having",
+    "explicit_nulls_in_subqueries",
+]
 
 #: a function giving the connection of a shard (checked out in the calling thread)
 ConnectionFor = Callable[[Any], Connection]
@@ -129,28 +136,88 @@ def _aggregate_argument(expr: Any) -> Any:
     return plain
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """What :func:`apply_semantics` decided for one statement shape on some engines."""
+
+    engines: tuple[Any, ...]
+    sort_keys: tuple[ValueKey | None, ...]
+    slot_keys: tuple[ValueKey | None, ...]
+    semantics: ValueSemantics | None
+
+
+#: decisions by (statement cache key, dialects, shard ids); an entry keeps its engines
+#: alive and is used only for the same engine objects (their catalogs were read)
+SEMANTICS_CACHE: LRUCache[_Recipe] = LRUCache(1024)
+
+
 def apply_semantics(
     plan: RowsPlan | AggregatePlan,
     shard_ids: Sequence[Any],
     dialects: Sequence[str],
     connection_for: ConnectionFor,
+    *,
+    cache_key: Hashable | None = None,
+    engines: Sequence[Any] = (),
 ) -> tuple[RowsPlan | AggregatePlan, ValueSemantics | None]:
     """``plan`` with collation keys on its sort keys and MIN/MAX slots, and the keys the
     merge applies to DISTINCT and GROUP BY values.
 
     A string column's collation may be read from a shard's catalog (once per engine and
-    table), on the session's connection of that shard.
+    table), on the session's connection of that shard.  With ``cache_key`` (the
+    statement's structural cache key) and the shards' ``engines``, the decisions are
+    kept in :data:`SEMANTICS_CACHE`; refusals are not cached.
 
     :raises UnsupportedQueryError: a compared string column collates differently on two
         shards, or under a collation no Python key reproduces exactly.
     """
     if isinstance(plan, RowsPlan) and not plan.sort_keys and not plan.distinct:
         return plan, None
+    key = None
+    if cache_key is not None and engines:
+        key = (cache_key, tuple(dialects), tuple(shard_ids), isinstance(plan, RowsPlan))
+        hit = SEMANTICS_CACHE.get(key)
+        if (
+            hit is not None
+            and len(hit.engines) == len(engines)
+            and all(a is b for a, b in zip(hit.engines, engines, strict=True))
+        ):
+            return _replay(plan, hit), hit.semantics
     resolver = _Resolver(shard_ids, dialects, connection_for)
     descs = plan.statement.column_descriptions
+    refined: RowsPlan | AggregatePlan
     if isinstance(plan, RowsPlan):
-        return _rows(plan, descs, resolver)
-    return _aggregate(plan, descs, resolver)
+        refined, semantics = _rows(plan, descs, resolver)
+    else:
+        refined, semantics = _aggregate(plan, descs, resolver)
+    if key is not None:
+        slots = refined.slots if isinstance(refined, AggregatePlan) else []
+        SEMANTICS_CACHE.put(
+            key,
+            _Recipe(
+                tuple(engines),
+                tuple(k.key for k in refined.sort_keys),
+                tuple(s.key for s in slots),
+                semantics,
+            ),
+        )
+    return refined, semantics
+
+
+def _replay(plan: RowsPlan | AggregatePlan, recipe: _Recipe) -> RowsPlan | AggregatePlan:
+    if not any(recipe.sort_keys) and not any(recipe.slot_keys):
+        return plan  # no collation key anywhere: NaN is handled by default
+    sort_keys = [
+        k if v is None else dataclasses.replace(k, key=v)
+        for k, v in zip(plan.sort_keys, recipe.sort_keys, strict=True)
+    ]
+    if isinstance(plan, RowsPlan):
+        return dataclasses.replace(plan, sort_keys=sort_keys)
+    slots = [
+        s if v is None else dataclasses.replace(s, key=v)
+        for s, v in zip(plan.slots, recipe.slot_keys, strict=True)
+    ]
+    return dataclasses.replace(plan, sort_keys=sort_keys, slots=slots)
 
 
 def _rows(
