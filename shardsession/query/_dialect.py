@@ -26,6 +26,7 @@ __all__ = [
     "ValueKey",
     "ascii_nocase_key",
     "avg_sum_argument",
+    "enum_order_key",
     "is_nan",
     "nan_safe",
     "pad_space_key",
@@ -264,5 +265,24 @@ def weight_table_pad_key(table: Sequence[int], beyond: int, space: int) -> Value
     def key(value: str) -> tuple[Any, ...]:
         units = [table[o] if (o := ord(c)) < size else beyond for c in value]
         return pad_space_key(units, space)
+
+    return key
+
+
+def enum_order_key(type_: Any) -> ValueKey:
+    """A native ENUM's order (PostgreSQL, MySQL/MariaDB): the position of its label in
+    the declaration, for the label string or the Python enum member the type returns."""
+    order = {label: i for i, label in enumerate(type_.enums)}
+    enum_class = getattr(type_, "enum_class", None)
+    if enum_class is not None:
+        values_callable = getattr(type_, "values_callable", None)
+        members = list(enum_class)
+        labels = values_callable(enum_class) if values_callable else [m.name for m in members]
+        for member, label in zip(members, labels, strict=False):
+            if label in order:
+                order[member] = order[label]
+
+    def key(value: Any) -> int:
+        return order[value]
 
     return key

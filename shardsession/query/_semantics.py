@@ -24,6 +24,7 @@ from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import BinaryExpression, ColumnElement, FunctionFilter
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
+from sqlalchemy.types import Enum
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -31,7 +32,7 @@ from ._aggregates import Slot
 from ._cache import LRUCache
 from ._collation import BINARY, Collation, expression_collation, is_string, unwrap
 from ._columns import as_clause, parse_order_by
-from ._dialect import ValueKey, nan_safe, rules_for
+from ._dialect import ValueKey, enum_order_key, nan_safe, rules_for
 from ._plan import AggregatePlan, RowsPlan
 
 __all__ = [
@@ -123,6 +124,42 @@ def _expr_at(descs: Sequence[dict[str, Any]], position: int) -> Any:
 
 def _is_string_expr(expr: Any) -> bool:
     return isinstance(expr, ColumnElement) and is_string(expr.type)
+
+
+_NATIVE_ENUM_DIALECTS = ("postgresql", "mysql", "mariadb")
+
+
+def _enum_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
+    """What a value of an ENUM column compares as: its declaration position where the
+    shards store a native ENUM, its string (under the column's collation) where they
+    store a string; refused when they differ, and for MIN/MAX on MySQL/MariaDB (which
+    compare ENUMs by string there but order them by position)."""
+    type_ = expr.type
+    natives = {
+        bool(type_.native_enum) and d in _NATIVE_ENUM_DIALECTS for d in resolver.dialects
+    }
+    if natives == {False}:
+        return resolver.key_for(expr, what)
+    mysql = any(d in ("mysql", "mariadb") for d in resolver.dialects)
+    if len(natives) > 1 or (mysql and what in ("MIN", "MAX")):
+        raise UnsupportedQueryError(
+            f"{what} over an ENUM that some shards order by declaration and others by "
+            "its string cannot be merged exactly",
+            construct=f"ENUM in {what}",
+        )
+    return enum_order_key(type_)
+
+
+def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
+    """What values of ``expr`` compare and group as on the shards (``nan_safe``: as
+    themselves, NaN as one value)."""
+    if not isinstance(expr, ColumnElement):
+        return nan_safe
+    if isinstance(expr.type, Enum):
+        return _enum_key(expr, what, resolver)
+    if is_string(expr.type):
+        return resolver.key_for(expr, what)
+    return nan_safe
 
 
 def _aggregate_argument(expr: Any) -> Any:
@@ -225,19 +262,29 @@ def _rows(
 ) -> tuple[RowsPlan, ValueSemantics | None]:
     sort_keys = []
     for key in plan.sort_keys:
-        expr = _expr_at(descs, key.index)
-        if _is_string_expr(expr):
-            value_key = resolver.key_for(expr, "ORDER BY")
-            if value_key is not nan_safe:
-                key = dataclasses.replace(key, key=value_key)
+        value_key = _value_key(_expr_at(descs, key.index), "ORDER BY", resolver)
+        if value_key is not nan_safe:
+            key = dataclasses.replace(key, key=value_key)
         sort_keys.append(key)
     distinct_keys: tuple[ValueKey, ...] = ()
     if plan.distinct:
         distinct_keys = tuple(
-            resolver.key_for(e, "DISTINCT") if _is_string_expr(e) else nan_safe
-            for e in (_expr_at(descs, i) for i in range(plan.visible))
+            _equality_key(_expr_at(descs, i), "DISTINCT", resolver)
+            for i in range(plan.visible)
         )
     return dataclasses.replace(plan, sort_keys=sort_keys), ValueSemantics(distinct_keys)
+
+
+def _equality_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
+    # Equality of ENUM values is equality of labels on every backend.
+    if isinstance(expr, ColumnElement) and isinstance(expr.type, Enum):
+        natives = {
+            bool(expr.type.native_enum) and d in _NATIVE_ENUM_DIALECTS
+            for d in resolver.dialects
+        }
+        if True in natives:
+            return nan_safe
+    return _value_key(expr, what, resolver)
 
 
 def _aggregate(
@@ -247,29 +294,36 @@ def _aggregate(
     for slot in plan.slots:
         if slot.kind in ("min", "max"):
             arg = _aggregate_argument(_expr_at(descs, slot.positions[0]))
-            if _is_string_expr(arg):
-                value_key = resolver.key_for(arg, slot.kind.upper())
-                if value_key is not nan_safe:
-                    slot = dataclasses.replace(slot, key=value_key)
+            value_key = _value_key(arg, slot.kind.upper(), resolver)
+            if value_key is not nan_safe:
+                slot = dataclasses.replace(slot, key=value_key)
         slots.append(slot)
     group_keys = tuple(
-        resolver.key_for(e, "GROUP BY") if _is_string_expr(e) else nan_safe
-        for e in (_expr_at(descs, p) for p in plan.group_positions)
+        _equality_key(_expr_at(descs, p), "GROUP BY", resolver) for p in plan.group_positions
     )
     sort_keys = []
     for key in plan.sort_keys:
         slot = plan.slots[key.index]
         expr = _expr_at(descs, slot.positions[0])
-        if slot.kind in ("key", "min", "max") and _is_string_expr(expr):
-            value_key = resolver.key_for(expr, "ORDER BY")
-            if value_key is not nan_safe:
-                key = dataclasses.replace(key, key=value_key)
+        if slot.kind in ("min", "max"):
+            arg = _aggregate_argument(expr)
+            if isinstance(arg, ColumnElement) and isinstance(arg.type, Enum):
+                # ORDER BY MIN(enum): the merged value is compared as MIN compared it
+                value_key = _value_key(arg, slot.kind.upper(), resolver)
+            else:
+                value_key = _value_key(expr, "ORDER BY", resolver)
+        elif slot.kind == "key":
+            value_key = _value_key(expr, "ORDER BY", resolver)
+        else:
+            value_key = nan_safe
+        if value_key is not nan_safe:
+            key = dataclasses.replace(key, key=value_key)
         sort_keys.append(key)
     distinct_keys: tuple[ValueKey, ...] = ()
     if plan.distinct:
         distinct_keys = tuple(
-            resolver.key_for(e, "DISTINCT") if _is_string_expr(e) else nan_safe
-            for e in (_expr_at(descs, s.positions[0]) for s in plan.slots[: plan.visible])
+            _equality_key(_expr_at(descs, s.positions[0]), "DISTINCT", resolver)
+            for s in plan.slots[: plan.visible]
         )
     refined = dataclasses.replace(plan, slots=slots, sort_keys=sort_keys)
     return refined, ValueSemantics(distinct_keys, group_keys)

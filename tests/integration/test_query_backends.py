@@ -52,8 +52,9 @@ def mixed_cluster(
     # BINARY and PostgreSQL's C: such a mix is refused (test_query_semantics.py).  Here
     # every shard compares by code point, as one database would.
     with cluster.engines["b_maria"].begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE qitems MODIFY grp VARCHAR(8) COLLATE utf8mb4_nopad_bin")
-        conn.exec_driver_sql("ALTER TABLE qtags MODIFY label VARCHAR(8) COLLATE utf8mb4_nopad_bin NOT NULL")
+        binary = "COLLATE utf8mb4_nopad_bin"
+        conn.exec_driver_sql(f"ALTER TABLE qitems MODIFY grp VARCHAR(8) {binary}")
+        conn.exec_driver_sql(f"ALTER TABLE qtags MODIFY label VARCHAR(8) {binary} NOT NULL")
     yield cluster
     qp.dispose(cluster)
 

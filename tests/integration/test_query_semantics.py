@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from shardsession import ShardedSession
@@ -543,3 +544,70 @@ def test_case_insensitive_key_is_found_the_way_the_database_compares(tmp_path: A
     assert all(plain.shard_for(nocase(e)) == normal.shard_for(e) for e in emails)
     for e in [*engines.values(), oracle]:
         e.dispose()
+
+
+# -- native ENUMs order by declaration (PostgreSQL, MariaDB) -------------------------------
+
+
+class EnumBase(DeclarativeBase):
+    pass
+
+
+class Mood(EnumBase):
+    __tablename__ = "sem_moods"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    mood: Mapped[str | None] = mapped_column(
+        SAEnum("sad", "ok", "happy", name="sem_mood"), nullable=True
+    )
+
+
+MOODS = ["happy", "sad", "ok", None, "ok", "happy", "sad", "happy"]
+
+
+def _mood_cluster(urls: dict[str, str], oracle_url: str) -> Cluster:
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    oracle = create_engine(oracle_url)
+    shards = sorted(engines)
+    for i, e in enumerate([*engines.values(), oracle]):
+        EnumBase.metadata.create_all(e)
+        with e.begin() as conn:
+            rows = [
+                {"id": j, "mood": m}
+                for j, m in enumerate(MOODS, 1)
+                if e is oracle or shards[j % len(shards)] == list(engines)[i]
+            ]
+            if rows:
+                conn.execute(insert(Mood.__table__), rows)
+    return Cluster(engines, oracle, {})
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb", "sqlite"])
+def test_enum_orders_as_its_backend(
+    kind: str, request: pytest.FixtureRequest, databases: _Databases, tmp_path: Any
+) -> None:
+    if kind == "sqlite":
+        urls = {f"s{i}": f"sqlite:///{tmp_path}/e{i}.db" for i in range(3)}
+        oracle_url = f"sqlite:///{tmp_path}/eo.db"
+    else:
+        fixture = "pg_server_a" if kind == "postgresql" else "mariadb_server"
+        server = request.getfixturevalue(fixture)
+        urls = {f"e{i}": databases.new(server) for i in range(3)}
+        oracle_url = databases.new(server)
+    cluster = _mood_cluster(urls, oracle_url)
+    try:
+        assert_same(cluster, select(Mood.mood, Mood.id).order_by(Mood.mood, Mood.id))
+        assert_same(
+            cluster, select(Mood.mood, Mood.id).order_by(Mood.mood.desc(), Mood.id).limit(3)
+        )
+        assert_same(
+            cluster,
+            select(Mood.mood, func.count()).group_by(Mood.mood).order_by(Mood.mood),
+        )
+        minmax = select(func.min(Mood.mood), func.max(Mood.mood))
+        if kind == "mariadb":
+            with cluster.session() as s, pytest.raises(UnsupportedQueryError):
+                s.execute(minmax).all()
+        else:
+            assert_same(cluster, minmax)
+    finally:
+        cluster.dispose()
