@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Double, cast
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import ClauseElement, ColumnClause, ColumnElement
 from sqlalchemy.types import REAL, Float, TypeEngine
 
 __all__ = [
@@ -191,21 +191,41 @@ def nan_aware(key: ValueKey | None) -> ValueKey:
 # -- REAL precision --------------------------------------------------------------------
 
 
-def avg_sum_argument(arg: Any, dialects: Sequence[str]) -> Any:
-    """The argument of AVG's partial SUM: a single-precision column cast to double
-    where the dialect's AVG accumulates in double (so the partials keep the precision
-    the one database's AVG has)."""
-    type_: TypeEngine[Any] | None = getattr(arg, "type", None)
-    single = isinstance(type_, REAL) or (
+def _single_precision(type_: Any) -> bool:
+    return isinstance(type_, REAL) or (
         isinstance(type_, Float) and type_.precision is not None and type_.precision <= 24
     )
-    if (
-        single
+
+
+def _reads_single_precision(expr: Any) -> bool:
+    # A float-typed expression over a REAL column (abs(r), coalesce(r, 0.5), r * 2) is
+    # single precision on PostgreSQL too (its functions and operators keep float4).
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ColumnClause) and _single_precision(node.type):
+            return True
+        if isinstance(node, ClauseElement):
+            stack.extend(node.get_children())
+    return False
+
+
+def avg_sum_argument(arg: Any, dialects: Sequence[str]) -> Any:
+    """The argument of AVG's partial SUM: a single-precision expression cast to double
+    where the dialect's AVG accumulates in double (so the partials keep the precision
+    the one database's AVG has).  An expression counts as single precision when its
+    type is (``REAL``, ``Float(precision<=24)``), or when it is float-typed and reads a
+    single-precision column; integer and numeric expressions are never cast (their AVG
+    is exact numeric)."""
+    type_: TypeEngine[Any] | None = getattr(arg, "type", None)
+    if not (
+        isinstance(arg, ColumnElement)
         and isinstance(type_, Float)
         and not type_.asdecimal
         and any(rules_for(d).real_avg_widens for d in dialects)
-        and isinstance(arg, ColumnElement)
     ):
+        return arg
+    if _single_precision(type_) or _reads_single_precision(arg):
         return cast(arg, Double())
     return arg
 
