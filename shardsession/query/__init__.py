@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import Select
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import ClauseElement, TextClause
 
 from .. import _compat
 from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
@@ -182,7 +182,18 @@ def execute_on_shards(
         # synchronize_session updates objects in the identity map per shard: keep that
         # in the calling thread.
         parallel = (not orm_context.is_orm_statement) or sync is False
-        written = run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel))
+        dialects = [str(orm_context.session.get_bind(shard_id=s).dialect.name) for s in shard_ids]
+        # an ORDER BY ... LIMIT in a subquery must pick the same rows on every shard
+        written_statement = (
+            explicit_nulls_in_subqueries(statement, dialects)
+            if isinstance(statement, ClauseElement)
+            else statement
+        )
+        written = run_on_shards(
+            orm_context,
+            shard_ids,
+            replace(call, parallel=parallel, statement=written_statement),
+        )
         merged = _concatenate(written)
         table = getattr(statement, "table", None)
         if opts.placement is not None and table is not None and opts.placement.is_replicated(

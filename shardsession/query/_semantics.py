@@ -16,12 +16,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import case, literal_column
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import operators, visitors
-from sqlalchemy.sql.elements import BinaryExpression, ColumnElement, FunctionFilter
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    ClauseElement,
+    ColumnElement,
+    FunctionFilter,
+)
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import Enum
@@ -42,6 +47,8 @@ __all__ = [
     "check_having",
     "explicit_nulls_in_subqueries",
 ]
+
+E = TypeVar("E", bound=ClauseElement)
 
 #: a function giving the connection of a shard (checked out in the calling thread)
 ConnectionFor = Callable[[Any], Connection]
@@ -384,7 +391,7 @@ def mixed_null_order(dialects: Sequence[str]) -> bool:
     return len({rules_for(d).nulls_high for d in dialects}) > 1
 
 
-def explicit_nulls_in_subqueries(statement: Select[Any], dialects: Sequence[str]) -> Select[Any]:
+def explicit_nulls_in_subqueries(statement: E, dialects: Sequence[str]) -> E:
     """``statement`` with every subquery's ORDER BY item that leaves NULL placement to
     the backend given an explicit ``CASE WHEN x IS NULL`` key first, placing NULL as the
     smallest value (the documented mixed rule), when shards of both NULL conventions
@@ -398,7 +405,7 @@ def explicit_nulls_in_subqueries(statement: Select[Any], dialects: Sequence[str]
     return _subqueries_explicit(statement)
 
 
-def _nested_order_by(statement: Select[Any]) -> bool:
+def _nested_order_by(statement: ClauseElement) -> bool:
     return any(
         isinstance(node, Select)
         and node is not statement
@@ -435,7 +442,7 @@ def _rewrite(select: Select[Any]) -> Select[Any]:
     return inner.order_by(None).order_by(*new_order)
 
 
-def _subqueries_explicit(select: Select[Any]) -> Select[Any]:
+def _subqueries_explicit(select: E) -> E:
     """``select`` with the ORDER BY of every subquery (not its own) made explicit."""
     if not _nested_order_by(select):
         return select
@@ -446,5 +453,5 @@ def _subqueries_explicit(select: Select[Any]) -> Select[Any]:
         return None
 
     result = visitors.replacement_traverse(select, {}, replace)
-    assert isinstance(result, Select)
+    assert isinstance(result, type(select))
     return result

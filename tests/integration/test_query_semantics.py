@@ -614,3 +614,33 @@ def test_enum_orders_as_its_backend(
             assert_same(cluster, minmax)
     finally:
         cluster.dispose()
+
+
+def test_mixed_cluster_update_through_ordered_subquery(mixed: Cluster) -> None:
+    """UPDATE ... WHERE id = (SELECT ... ORDER BY amount DESC LIMIT 1), correlated: every
+    shard picks the row one database would (NULL is the smallest value)."""
+    rows = [{"id": i, "name": f"r{i}", "amount": 0} for i in range(1, 7)]
+    kids = [
+        {"id": 100 + i * 10 + j, "rec_id": i, "amount": amount}
+        for i in range(1, 7)
+        for j, amount in enumerate([None, i, i + 1])
+    ]
+    mixed.load(rows, kids)
+    from sqlalchemy import update
+
+    top = (
+        select(Kid.amount)
+        .where(Kid.rec_id == Rec.id)
+        .order_by(Kid.amount.desc())
+        .limit(1)
+        .correlate(Rec)
+        .scalar_subquery()
+    )
+    stmt = update(Rec).values(amount=top)
+    with mixed.session() as s:
+        s.execute(stmt, execution_options={"synchronize_session": False})
+        s.commit()
+    with Session(mixed.oracle) as o:
+        o.execute(stmt)
+        o.commit()
+    assert_same(mixed, select(Rec.id, Rec.amount).order_by(Rec.id))
