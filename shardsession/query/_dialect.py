@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Double, cast
+from sqlalchemy import Double, cast, literal
 from sqlalchemy.sql.elements import ClauseElement, ColumnClause, ColumnElement
 from sqlalchemy.types import REAL, Float, TypeEngine
 
@@ -28,10 +28,12 @@ __all__ = [
     "avg_sum_argument",
     "enum_order_key",
     "is_nan",
+    "is_single_precision",
     "nan_safe",
     "pad_space_key",
     "rtrim_key",
     "rules_for",
+    "single_precision_value",
 ]
 
 #: a function from a (non-NULL) value to what it compares and groups as
@@ -191,7 +193,8 @@ def nan_aware(key: ValueKey | None) -> ValueKey:
 # -- REAL precision --------------------------------------------------------------------
 
 
-def _single_precision(type_: Any) -> bool:
+def is_single_precision(type_: Any) -> bool:
+    """Whether ``type_`` is a single-precision float (``REAL``, ``Float(precision<=24)``)."""
     return isinstance(type_, REAL) or (
         isinstance(type_, Float) and type_.precision is not None and type_.precision <= 24
     )
@@ -203,7 +206,7 @@ def _reads_single_precision(expr: Any) -> bool:
     stack = [expr]
     while stack:
         node = stack.pop()
-        if isinstance(node, ColumnClause) and _single_precision(node.type):
+        if isinstance(node, ColumnClause) and is_single_precision(node.type):
             return True
         if isinstance(node, ClauseElement):
             stack.extend(node.get_children())
@@ -225,7 +228,7 @@ def avg_sum_argument(arg: Any, dialects: Sequence[str]) -> Any:
         and any(rules_for(d).real_avg_widens for d in dialects)
     ):
         return arg
-    if _single_precision(type_) or _reads_single_precision(arg):
+    if is_single_precision(type_) or _reads_single_precision(arg):
         return cast(arg, Double())
     return arg
 
@@ -306,3 +309,16 @@ def enum_order_key(type_: Any) -> ValueKey:
         return order[value]
 
     return key
+
+
+def single_precision_value(expr: Any, value: Any) -> Any:
+    """A bound ``value`` compared with ``expr``, cast to ``expr``'s single-precision type.
+
+    Drivers return a ``REAL`` value as the shortest decimal that reads back as the same
+    single-precision number (``-1.7``); bound as it is, the server compares it as double
+    precision, where it is not equal to the stored ``-1.7f`` (``-1.70000004...``).
+    Cast back to the column's type it is that exact value again.
+    """
+    if isinstance(value, float) and is_single_precision(getattr(expr, "type", None)):
+        return cast(literal(value, Double()), expr.type)
+    return value

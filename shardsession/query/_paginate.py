@@ -25,6 +25,7 @@ from sqlalchemy.types import Boolean, String
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._checks import unwrap_label
+from ._dialect import single_precision_value
 from ._ordering import default_nulls_first
 from ._plan import parse_order_by
 from ._token import PageTokenError, decode_token, encode_token
@@ -120,6 +121,7 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
             strictly = expr.is_not(None) if key.nulls_first else false()
             same = expr.is_(None)
         else:
+            value = single_precision_value(expr, value)
             beyond = expr < value if key.descending else expr > value
             strictly = or_(beyond, expr.is_(None)) if not key.nulls_first else beyond
             same = expr == value

@@ -644,3 +644,35 @@ def test_mixed_cluster_update_through_ordered_subquery(mixed: Cluster) -> None:
         o.execute(stmt)
         o.commit()
     assert_same(mixed, select(Rec.id, Rec.amount).order_by(Rec.id))
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_paginate_over_real_with_ties_loses_no_row(
+    kind: str, request: pytest.FixtureRequest, databases: _Databases
+) -> None:
+    """REAL values come back as the shortest decimal (-1.7), which the server compares
+    as double precision unless cast back: rows tied with a page's last row were lost."""
+    fixture = "pg_server_a" if kind == "postgresql" else "mariadb_server"
+    server = request.getfixturevalue(fixture)
+    cluster = _make(
+        {"x0": databases.new(server), "x1": databases.new(server)}, databases.new(server), {}
+    )
+    try:
+        reals = [-1.7, -1.7, -1.7, 0.1, 0.1, 0.1, 0.25, 3.3, 3.3, None, -1.7, 0.1]
+        cluster.load([{"id": i, "realv": v} for i, v in enumerate(reals, 1)])
+        for stmt in (
+            select(Rec.id, Rec.realv).order_by(Rec.realv),
+            select(Rec.id, Rec.realv).order_by(Rec.realv.desc()),
+        ):
+            seen: list[int] = []
+            token = None
+            with cluster.session() as s:
+                for _ in range(30):
+                    page = paginate(s, stmt, page_size=2, token=token)
+                    seen.extend(r[0] for r in page.rows)
+                    token = page.next_token
+                    if token is None:
+                        break
+            assert sorted(seen) == list(range(1, len(reals) + 1)), (stmt, seen)
+    finally:
+        cluster.dispose()
