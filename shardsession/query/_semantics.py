@@ -18,7 +18,6 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import case, literal_column
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import (
@@ -393,13 +392,11 @@ def mixed_null_order(dialects: Sequence[str]) -> bool:
 
 def explicit_nulls_in_subqueries(statement: E, dialects: Sequence[str]) -> E:
     """``statement`` with every subquery's ORDER BY item that leaves NULL placement to
-    the backend given an explicit ``CASE WHEN x IS NULL`` key first, placing NULL as the
-    smallest value (the documented mixed rule), when shards of both NULL conventions
-    take part.  The statement's own ORDER BY is the planner's.
-
-    :raises UnsupportedQueryError: such a subquery is DISTINCT (PostgreSQL wants its
-        ORDER BY terms in the select list).
-    """
+    the backend made to place NULL as the smallest value (the documented mixed rule),
+    when shards of both NULL conventions take part: ``NULLS FIRST/LAST`` on the
+    backends that order NULL as the largest value (:class:`shardsession._compat.
+    NullsLow`), unchanged on the others.  The statement's own ORDER BY is the
+    planner's."""
     if not mixed_null_order(dialects):
         return statement
     return _subqueries_explicit(statement)
@@ -423,20 +420,14 @@ def _rewrite(select: Select[Any]) -> Select[Any]:
     changed = False
     for element in parts.order_by:
         item = parse_order_by(element)
-        target = unwrap(item.target) if not isinstance(item.target, str) else None
-        if item.nulls_first is None and isinstance(target, ColumnElement):
-            if parts.distinct:
-                raise UnsupportedQueryError(
-                    "a DISTINCT subquery ordered without NULLS FIRST/LAST on shards that "
-                    "place NULLs differently",
-                    construct="subquery ORDER BY",
-                )
-            # NULL is the smallest value: first for ASC, last for DESC.
-            first, rest = ("1", "0") if item.descending else ("0", "1")
-            flag = case((target.is_(None), literal_column(first)), else_=literal_column(rest))
-            new_order.append(flag.asc())
+        if item.nulls_first is None and not isinstance(item.target, str):
+            # NULL is the smallest value: NULLS FIRST/LAST added where the backend
+            # would put it last for ASC (the expression itself is unchanged, so a
+            # DISTINCT subquery stays valid).
+            new_order.append(_compat.NullsLow(element, item.descending))
             changed = True
-        new_order.append(element)
+        else:
+            new_order.append(element)
     if not changed:
         return inner
     return inner.order_by(None).order_by(*new_order)

@@ -676,3 +676,28 @@ def test_paginate_over_real_with_ties_loses_no_row(
             assert sorted(seen) == list(range(1, len(reals) + 1)), (stmt, seen)
     finally:
         cluster.dispose()
+
+
+def test_mixed_cluster_distinct_subquery_ordered_without_nulls(mixed: Cluster) -> None:
+    """A DISTINCT subquery ordered on a nullable column: the NULL order is made explicit
+    without changing its select list (PostgreSQL wants ORDER BY terms selected)."""
+    rows = [{"id": i, "name": f"r{i}"} for i in range(1, 7)]
+    kids = [
+        {"id": 100 + i * 10 + j, "rec_id": i, "amount": amount}
+        for i in range(1, 7)
+        for j, amount in enumerate([None, i, i, None])
+    ]
+    mixed.load(rows, kids)
+    low = (
+        select(Kid.amount)
+        .distinct()
+        .where(Kid.rec_id == Rec.id)
+        .order_by(Kid.amount)
+        .limit(1)
+        .correlate(Rec)
+        .scalar_subquery()
+    )
+    stmt = select(Rec.id, low.label("low")).order_by(Rec.id)
+    ours, want = both(mixed, stmt)
+    assert ours == want
+    assert all(r[1] is None for r in ours)  # NULL is the smallest value
