@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exc import UnsupportedQueryError
-from ._dialect import ValueKey, nan_safe
+from ._dialect import ValueKey, nan_safe, rules_for
 
 __all__ = [
     "GroupMerger",
@@ -223,15 +223,16 @@ def finalize_avg(total: Any, count: int, dialect: str) -> Any:
         return None
     if isinstance(total, float):
         return total / count
-    if dialect == "postgresql":
+    rule = rules_for(dialect).avg_rule  # the per-dialect table (_dialect.DIALECTS)
+    if rule == "postgresql":
         return pg_numeric_div(decimal.Decimal(total), decimal.Decimal(count))
-    if dialect in ("mysql", "mariadb"):
+    if rule == "mysql":
         dec = decimal.Decimal(total)
         scale = _dscale(dec) + 4
         ctx = decimal.Context(prec=max(dec.adjusted(), 0) + scale + 30, rounding=decimal.ROUND_DOWN)
         quotient = ctx.divide(dec, decimal.Decimal(count))
         return quotient.quantize(decimal.Decimal(1).scaleb(-scale), rounding=decimal.ROUND_HALF_UP)
-    if dialect == "sqlite":
+    if rule == "sqlite":
         return float(total) / count if isinstance(total, decimal.Decimal) else total / count
     raise UnsupportedQueryError(
         f"AVG across shards is not modelled for the {dialect} dialect",

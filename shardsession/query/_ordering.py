@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exc import UnsupportedQueryError
-from ._dialect import ValueKey, nan_safe
+from ._dialect import DIALECTS, ValueKey, nan_safe, rules_for
 
 __all__ = [
     "NULLS_HIGH_DIALECTS",
@@ -27,15 +27,15 @@ __all__ = [
     "sort_rows",
 ]
 
-#: Dialects that treat NULL as larger than every value (NULLS LAST for ASC, FIRST for DESC).
-#: Every other dialect SQLAlchemy ships (SQLite, MySQL/MariaDB, SQL Server) sorts NULL
-#: as the smallest value.
-NULLS_HIGH_DIALECTS = frozenset({"postgresql", "oracle"})
+#: Dialects that treat NULL as larger than every value (NULLS LAST for ASC, FIRST for DESC),
+#: from the per-dialect table.  Every other dialect SQLAlchemy ships (SQLite,
+#: MySQL/MariaDB, SQL Server) sorts NULL as the smallest value.
+NULLS_HIGH_DIALECTS = frozenset(name for name, rules in DIALECTS.items() if rules.nulls_high)
 
 
 def nulls_high(dialect_name: str) -> bool:
     """Whether ``dialect_name`` sorts NULL above every value by default."""
-    return dialect_name in NULLS_HIGH_DIALECTS
+    return rules_for(dialect_name).nulls_high
 
 
 def default_nulls_first(descending: bool, dialect_names: Sequence[str]) -> tuple[bool, bool]:
