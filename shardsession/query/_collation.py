@@ -23,17 +23,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Table
+from sqlalchemy import Column
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     ClauseElement,
     CollationClause,
+    ColumnClause,
     ColumnElement,
     Grouping,
     Label,
 )
+from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.types import Enum, String
 
 from ._dialect import (
@@ -230,7 +232,7 @@ def _pg_default(conn: Connection) -> str:
     return str(_cached(conn, ("pg-default",), load))
 
 
-def _pg_columns(conn: Connection, table: Table) -> dict[str, str]:
+def _pg_columns(conn: Connection, table: TableClause) -> dict[str, str]:
     def load() -> dict[str, str]:
         rows = conn.exec_driver_sql(
             "SELECT a.attname, coll.collname, coll.collprovider, coll.collisdeterministic "
@@ -257,7 +259,7 @@ def _pg_columns(conn: Connection, table: Table) -> dict[str, str]:
     return result
 
 
-def _my_columns(conn: Connection, table: Table) -> dict[str, str]:
+def _my_columns(conn: Connection, table: TableClause) -> dict[str, str]:
     def load() -> dict[str, str]:
         rows = conn.exec_driver_sql(
             "SELECT column_name, collation_name FROM information_schema.columns "
@@ -313,7 +315,7 @@ def sqlite_declared_collations(sql: str) -> dict[str, str]:
     return out
 
 
-def _sqlite_columns(conn: Connection, table: Table) -> dict[str, str]:
+def _sqlite_columns(conn: Connection, table: TableClause) -> dict[str, str]:
     def load() -> dict[str, str]:
         master = "sqlite_master" if table.schema is None else f'"{table.schema}".sqlite_master'
         sql = conn.exec_driver_sql(
@@ -331,7 +333,7 @@ def column_collation(conn: Connection | None, dialect: str, column: Column[Any])
     if declared:
         return collation_named(dialect, str(declared), conn)
     table = column.table
-    if conn is None or not isinstance(table, Table):
+    if conn is None or not isinstance(table, TableClause):
         return _unknown(dialect, "unknown")
     if dialect == "sqlite":
         names = _sqlite_columns(conn, table)
@@ -379,6 +381,12 @@ def expression_collation(expr: Any, dialect: str, conn: Connection | None) -> Co
         if isinstance(right, CollationClause):
             return collation_named(dialect, right.collation.strip('"`'), conn)
         return _unknown(dialect, "COLLATE expression")
+    if isinstance(expr, ColumnClause) and not isinstance(expr.table, TableClause | None):
+        # a column of an alias or a subquery: its collation is that of what it selects
+        base = _base_of(expr)
+        if base is None:
+            return _unknown(dialect, "column of a derived table")
+        return expression_collation(base, dialect, conn)
     if isinstance(expr, Column) and expr.table is not None:
         return column_collation(conn, dialect, expr)
     if dialect == "sqlite":
@@ -394,6 +402,12 @@ def expression_collation(expr: Any, dialect: str, conn: Connection | None) -> Co
     return _unknown(dialect, "mixed collations")
 
 
+def _base_of(column: ColumnClause[Any]) -> Any:
+    """What a column of an alias or a subquery stands for (``None``: not one thing)."""
+    bases = [b for b in column.base_columns if b is not column]
+    return bases[0] if len(bases) == 1 else None
+
+
 def _string_columns(expr: Any) -> list[Column[Any]] | None:
     out: list[Column[Any]] = []
     stack = [expr]
@@ -401,8 +415,14 @@ def _string_columns(expr: Any) -> list[Column[Any]] | None:
         node = stack.pop()
         if isinstance(node, BinaryExpression) and node.operator is operators.collate:
             return None
-        if isinstance(node, Column) and node.table is not None and is_string(node.type):
-            out.append(node)
+        if isinstance(node, ColumnClause) and node.table is not None and is_string(node.type):
+            if isinstance(node, Column) and isinstance(node.table, TableClause):
+                out.append(node)
+                continue
+            base = _base_of(node)
+            if base is None or base is node:
+                return None
+            stack.append(base)
             continue
         if isinstance(node, ClauseElement):
             stack.extend(node.get_children())

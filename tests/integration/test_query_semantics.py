@@ -36,7 +36,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from shardsession import ShardedSession
 from shardsession.exc import UnsupportedQueryError
@@ -351,7 +351,19 @@ def _collated_statements() -> list[tuple[str, Callable[[], Any], str]]:
         ("group-order", lambda: select(Rec.name, func.count()).group_by(Rec.name)
          .order_by(Rec.name), "kp"),
         ("min-max", lambda: select(func.min(Rec.name), func.max(Rec.name)), "kk"),
+        ("alias-order", _alias_order, "kp"),
+        ("subquery-order", _subquery_order, "kp"),
     ]
+
+
+def _alias_order() -> Any:
+    other = aliased(Rec)
+    return select(other.name, other.id).order_by(other.name, other.id)
+
+
+def _subquery_order() -> Any:
+    sq = select(Rec.name.label("n"), Rec.id.label("i")).where(Rec.id > 0).subquery()
+    return select(sq.c.n, sq.c.i).order_by(sq.c.n, sq.c.i)
 
 
 STATEMENTS = _collated_statements()
