@@ -37,9 +37,10 @@ from ._cache import LRUCache
 from ._checks import CheckContext, QueryPlacement, check_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
+from ._null_order import explicit_nulls_in_subqueries
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
-from ._semantics import apply_semantics, check_having, explicit_nulls_in_subqueries
+from ._semantics import apply_semantics, check_having
 
 __all__ = [
     "CHECK_CACHE",

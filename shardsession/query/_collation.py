@@ -8,36 +8,41 @@ explicit ``COLLATE``, from the column type's ``collation``, or from the server's
 :class:`Collation` with a Python key; any other is returned with ``key=None,
 exact=False`` and the caller refuses the statement.
 
-Catalog answers are cached per engine (a column's collation is assumed not to change
-while the process runs: ``ALTER TABLE ... COLLATE`` needs a new engine or
-:func:`clear_cache`).  MariaDB's ``*_general_ci`` weight tables are read from the server
-once per server version (one query of 65,536 rows).
+Catalog answers are read by :mod:`._catalog` (cached per engine).  MariaDB's
+``*_general_ci`` weight tables are read from the server once per server version (one
+query of 65,536 rows).
 """
 
 from __future__ import annotations
 
 import re
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Column
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     ClauseElement,
     CollationClause,
     ColumnClause,
-    ColumnElement,
     Grouping,
     Label,
 )
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.types import Enum, String
 
+from ._catalog import (
+    clear_cache,
+    mysql_columns,
+    mysql_connection_collation,
+    pg_columns,
+    pg_default,
+    sqlite_columns,
+)
 from ._dialect import (
     ValueKey,
     ascii_nocase_key,
@@ -187,146 +192,6 @@ def collation_named(dialect: str, name: str, conn: Connection | None = None) -> 
     return _unknown(dialect, name)
 
 
-# -- the server's catalog ------------------------------------------------------------------
-
-_CATALOG: weakref.WeakKeyDictionary[Engine, dict[tuple[Any, ...], Any]] = (
-    weakref.WeakKeyDictionary()
-)
-_CATALOG_LOCK = threading.Lock()
-
-
-def clear_cache() -> None:
-    """Forget every collation read from a server (after an ``ALTER ... COLLATE``)."""
-    with _CATALOG_LOCK:
-        _CATALOG.clear()
-
-
-def _cached(conn: Connection, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
-    engine = conn.engine
-    with _CATALOG_LOCK:
-        per_engine = _CATALOG.setdefault(engine, {})
-        if key in per_engine:
-            return per_engine[key]
-    value = load()
-    with _CATALOG_LOCK:
-        _CATALOG.setdefault(engine, {})[key] = value
-    return value
-
-
-def _pg_default(conn: Connection) -> str:
-    def load() -> str:
-        version = conn.dialect.server_version_info or (0,)
-        if version >= (15,):
-            row = conn.exec_driver_sql(
-                "SELECT datcollate, datlocprovider FROM pg_database "
-                "WHERE datname = current_database()"
-            ).one()
-            # An ICU or builtin default is not "C" even when datcollate says so.
-            return str(row[0]) if row[1] == "c" else f"provider {row[1]}"
-        return str(
-            conn.exec_driver_sql(
-                "SELECT datcollate FROM pg_database WHERE datname = current_database()"
-            ).scalar()
-        )
-
-    return str(_cached(conn, ("pg-default",), load))
-
-
-def _pg_columns(conn: Connection, table: TableClause) -> dict[str, str]:
-    def load() -> dict[str, str]:
-        rows = conn.exec_driver_sql(
-            "SELECT a.attname, coll.collname, coll.collprovider, coll.collisdeterministic "
-            "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "LEFT JOIN pg_collation coll ON coll.oid = a.attcollation "
-            "WHERE c.relname = %(t)s AND n.nspname = COALESCE(%(s)s, current_schema()) "
-            "AND a.attnum > 0 AND NOT a.attisdropped",
-            {"t": table.name, "s": table.schema},
-        ).all()
-        out = {}
-        for name, collname, provider, deterministic in rows:
-            if collname is None:
-                continue
-            if collname == "default":
-                out[name] = _pg_default(conn)
-            elif not deterministic or provider != "c":
-                out[name] = f"{collname} (provider {provider})"
-            else:
-                out[name] = str(collname)
-        return out
-
-    result: dict[str, str] = _cached(conn, ("pg", table.schema, table.name), load)
-    return result
-
-
-def _my_columns(conn: Connection, table: TableClause) -> dict[str, str]:
-    def load() -> dict[str, str]:
-        rows = conn.exec_driver_sql(
-            "SELECT column_name, collation_name FROM information_schema.columns "
-            "WHERE table_schema = COALESCE(%(s)s, DATABASE()) AND table_name = %(t)s",
-            {"t": table.name, "s": table.schema},
-        ).all()
-        return {str(n): str(c) for n, c in rows if c is not None}
-
-    result: dict[str, str] = _cached(conn, ("mysql", table.schema, table.name), load)
-    return result
-
-
-_COLLATE = re.compile(
-    r"\bCOLLATE\s+(?:\"([^\"]+)\"|'([^']+)'|`([^`]+)`|\[([^\]]+)\]|(\w+))", re.IGNORECASE
-)
-_CONSTRAINT = re.compile(r"(CONSTRAINT|PRIMARY|UNIQUE|CHECK|FOREIGN)\b", re.IGNORECASE)
-_NAME = re.compile(r"\s*(?:\"((?:[^\"]|\"\")+)\"|`([^`]+)`|\[([^\]]+)\]|'([^']+)'|(\w+))")
-
-
-def _split_top_level(body: str) -> list[str]:
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(body):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'`[":
-            quote = "]" if ch == "[" else ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(body[start:i])
-            start = i + 1
-    parts.append(body[start:])
-    return parts
-
-
-def sqlite_declared_collations(sql: str) -> dict[str, str]:
-    """``{column: collation}`` from an SQLite ``CREATE TABLE`` statement (BINARY when
-    the column declares none)."""
-    body = sql[sql.index("(") + 1 : sql.rindex(")")]
-    out = {}
-    for part in _split_top_level(body):
-        if _CONSTRAINT.match(part.strip()):
-            continue
-        named = _NAME.match(part)
-        if named is None:
-            continue
-        name = next(g for g in named.groups() if g is not None).replace('""', '"')
-        found = _COLLATE.search(part, named.end())
-        out[name] = next(g for g in found.groups() if g is not None) if found else "BINARY"
-    return out
-
-
-def _sqlite_columns(conn: Connection, table: TableClause) -> dict[str, str]:
-    def load() -> dict[str, str]:
-        master = "sqlite_master" if table.schema is None else f'"{table.schema}".sqlite_master'
-        sql = conn.exec_driver_sql(
-            f"SELECT sql FROM {master} WHERE type = 'table' AND name = ?", (table.name,)
-        ).scalar()
-        return {} if sql is None else sqlite_declared_collations(str(sql))
-
-    result: dict[str, str] = _cached(conn, ("sqlite", table.schema, table.name), load)
-    return result
-
-
 def column_collation(conn: Connection | None, dialect: str, column: Column[Any]) -> Collation:
     """The collation of a table column on the shard behind ``conn``."""
     declared = getattr(column.type, "collation", None)
@@ -336,14 +201,14 @@ def column_collation(conn: Connection | None, dialect: str, column: Column[Any])
     if conn is None or not isinstance(table, TableClause):
         return _unknown(dialect, "unknown")
     if dialect == "sqlite":
-        names = _sqlite_columns(conn, table)
+        names = sqlite_columns(conn, table)
         return _sqlite(names.get(column.name, "BINARY"))
     if dialect == "postgresql":
-        pg = _pg_columns(conn, table)
+        pg = pg_columns(conn, table)
         found = pg.get(column.name)
         return _postgresql(found) if found else _unknown(dialect, "unknown")
     if dialect in ("mysql", "mariadb"):
-        my = _my_columns(conn, table)
+        my = mysql_columns(conn, table)
         found = my.get(column.name)
         return _mysql(found, conn) if found else _unknown(dialect, "unknown")
     return _unknown(dialect, "unknown")
@@ -353,14 +218,9 @@ def _connection_default(conn: Connection | None, dialect: str) -> Collation:
     if conn is None:
         return _unknown(dialect, "default")
     if dialect == "postgresql":
-        return _postgresql(_pg_default(conn))
+        return _postgresql(pg_default(conn))
     if dialect in ("mysql", "mariadb"):
-        name = _cached(
-            conn,
-            ("mysql-connection",),
-            lambda: str(conn.exec_driver_sql("SELECT @@collation_connection").scalar()),
-        )
-        return _mysql(str(name), conn)
+        return _mysql(mysql_connection_collation(conn), conn)
     return BINARY
 
 
@@ -434,8 +294,3 @@ def unwrap(expr: Any) -> Any:
     while isinstance(expr, Label | Grouping):
         expr = expr.element
     return expr
-
-
-def is_string_expression(expr: Any) -> bool:
-    """Whether ``expr`` is a string-typed SQL expression."""
-    return isinstance(expr, ColumnElement) and is_string(expr.type)

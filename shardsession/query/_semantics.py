@@ -16,13 +16,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import (
     BinaryExpression,
-    ClauseElement,
     ColumnElement,
     FunctionFilter,
 )
@@ -35,8 +34,8 @@ from ..exc import UnsupportedQueryError
 from ._aggregates import Slot
 from ._cache import LRUCache
 from ._collation import BINARY, Collation, expression_collation, is_string, unwrap
-from ._columns import as_clause, parse_order_by
-from ._dialect import ValueKey, enum_order_key, nan_safe, rules_for
+from ._columns import as_clause
+from ._dialect import ValueKey, enum_order_key, nan_safe
 from ._plan import AggregatePlan, RowsPlan
 
 __all__ = [
@@ -44,10 +43,7 @@ __all__ = [
     "ValueSemantics",
     "apply_semantics",
     "check_having",
-    "explicit_nulls_in_subqueries",
 ]
-
-E = TypeVar("E", bound=ClauseElement)
 
 #: a function giving the connection of a shard (checked out in the calling thread)
 ConnectionFor = Callable[[Any], Connection]
@@ -213,6 +209,10 @@ def apply_semantics(
 
     :raises UnsupportedQueryError: a compared string column collates differently on two
         shards, or under a collation no Python key reproduces exactly.
+
+    Failure semantics: raised before the statement is sent to any shard; a catalog
+    read may have begun the session's transaction on a shard (as the fan-out itself
+    would have), nothing was written.
     """
     if isinstance(plan, RowsPlan) and not plan.sort_keys and not plan.distinct:
         return plan, None
@@ -380,69 +380,3 @@ def _is_bound(expr: Any) -> bool:
     from sqlalchemy.sql.elements import BindParameter
 
     return isinstance(unwrap(expr), BindParameter)
-
-
-# -- NULL order in subqueries ------------------------------------------------------------
-
-
-def mixed_null_order(dialects: Sequence[str]) -> bool:
-    """Whether shards of both NULL conventions take part."""
-    return len({rules_for(d).nulls_high for d in dialects}) > 1
-
-
-def explicit_nulls_in_subqueries(statement: E, dialects: Sequence[str]) -> E:
-    """``statement`` with every subquery's ORDER BY item that leaves NULL placement to
-    the backend made to place NULL as the smallest value (the documented mixed rule),
-    when shards of both NULL conventions take part: ``NULLS FIRST/LAST`` on the
-    backends that order NULL as the largest value (:class:`shardsession._compat.
-    NullsLow`), unchanged on the others.  The statement's own ORDER BY is the
-    planner's."""
-    if not mixed_null_order(dialects):
-        return statement
-    return _subqueries_explicit(statement)
-
-
-def _nested_order_by(statement: ClauseElement) -> bool:
-    return any(
-        isinstance(node, Select)
-        and node is not statement
-        and bool(_compat.select_parts(node).order_by)
-        for node in visitors.iterate(statement)
-    )
-
-
-def _rewrite(select: Select[Any]) -> Select[Any]:
-    inner = _subqueries_explicit(select)
-    parts = _compat.select_parts(inner)
-    if not parts.order_by:
-        return inner
-    new_order: list[Any] = []
-    changed = False
-    for element in parts.order_by:
-        item = parse_order_by(element)
-        if item.nulls_first is None and not isinstance(item.target, str):
-            # NULL is the smallest value: NULLS FIRST/LAST added where the backend
-            # would put it last for ASC (the expression itself is unchanged, so a
-            # DISTINCT subquery stays valid).
-            new_order.append(_compat.NullsLow(element, item.descending))
-            changed = True
-        else:
-            new_order.append(element)
-    if not changed:
-        return inner
-    return inner.order_by(None).order_by(*new_order)
-
-
-def _subqueries_explicit(select: E) -> E:
-    """``select`` with the ORDER BY of every subquery (not its own) made explicit."""
-    if not _nested_order_by(select):
-        return select
-
-    def replace(element: Any, **_: Any) -> Any:
-        if isinstance(element, Select) and element is not select:
-            return _rewrite(element)
-        return None
-
-    result = visitors.replacement_traverse(select, {}, replace)
-    assert isinstance(result, type(select))
-    return result

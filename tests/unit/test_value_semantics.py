@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardsession.query._aggregates import GroupMerger, Slot
-from shardsession.query._collation import sqlite_declared_collations
+from shardsession.query._catalog import sqlite_declared_collations
 from shardsession.query._dialect import (
     ascii_nocase_key,
     code_point_pad_key,
