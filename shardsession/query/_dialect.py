@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Double, cast, literal
+from sqlalchemy import Double, cast
 from sqlalchemy.sql.elements import ClauseElement, ColumnClause, ColumnElement
 from sqlalchemy.types import REAL, Float, TypeEngine
 
@@ -27,13 +27,13 @@ __all__ = [
     "ascii_nocase_key",
     "avg_sum_argument",
     "enum_order_key",
+    "exact_float_key",
     "is_nan",
     "is_single_precision",
     "nan_safe",
     "pad_space_key",
     "rtrim_key",
     "rules_for",
-    "single_precision_value",
 ]
 
 #: a function from a (non-NULL) value to what it compares and groups as
@@ -311,14 +311,17 @@ def enum_order_key(type_: Any) -> ValueKey:
     return key
 
 
-def single_precision_value(expr: Any, value: Any) -> Any:
-    """A bound ``value`` compared with ``expr``, cast to ``expr``'s single-precision type.
+def exact_float_key(expr: Any) -> Any:
+    """``expr`` as a page token should read it: a float column cast to double precision.
 
-    Drivers return a ``REAL`` value as the shortest decimal that reads back as the same
-    single-precision number (``-1.7``); bound as it is, the server compares it as double
-    precision, where it is not equal to the stored ``-1.7f`` (``-1.70000004...``).
-    Cast back to the column's type it is that exact value again.
+    Drivers return a single-precision value as the shortest decimal that reads back as
+    the same single-precision number (``-1.7``); sent back in a page condition, the
+    server compares it as double precision, where it is not the stored value
+    (``-1.70000004...``), and rows tied with a page's last row are lost or repeated.
+    Read as double precision, the value is exact and compares equal on every backend
+    (a double column is unchanged).
     """
-    if isinstance(value, float) and is_single_precision(getattr(expr, "type", None)):
-        return cast(literal(value, Double()), expr.type)
-    return value
+    type_ = getattr(expr, "type", None)
+    if isinstance(type_, Float) and not type_.asdecimal:
+        return cast(expr, Double())
+    return expr

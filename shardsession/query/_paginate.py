@@ -25,7 +25,7 @@ from sqlalchemy.types import Boolean, String
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._checks import unwrap_label
-from ._dialect import single_precision_value
+from ._dialect import exact_float_key
 from ._ordering import default_nulls_first
 from ._plan import parse_order_by
 from ._token import PageTokenError, decode_token, encode_token
@@ -121,7 +121,6 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
             strictly = expr.is_not(None) if key.nulls_first else false()
             same = expr.is_(None)
         else:
-            value = single_precision_value(expr, value)
             beyond = expr < value if key.descending else expr > value
             strictly = or_(beyond, expr.is_(None)) if not key.nulls_first else beyond
             same = expr == value
@@ -172,7 +171,7 @@ def paginate(
         for s in shards:
             shard_params[s][_TIE] = last_shard is not None and s > last_shard
     page_stmt = page_stmt.add_columns(
-        *[k.expr.label(f"_shardsession_pk{i}") for i, k in enumerate(keys)],
+        *[exact_float_key(k.expr).label(f"_shardsession_pk{i}") for i, k in enumerate(keys)],
         bindparam(_SHARD, None, type_=String).label("_shardsession_shard"),
     ).limit(page_size + 1)
     from . import SHARD_PARAMS_OPTION
