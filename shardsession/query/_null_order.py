@@ -21,7 +21,7 @@ from .. import _compat
 from ._columns import parse_order_by
 from ._dialect import rules_for
 
-__all__ = ["explicit_nulls_in_subqueries", "mixed_null_order"]
+__all__ = ["explicit_nulls_in_subqueries", "mixed_null_order", "nulls_low_on_one_shard"]
 
 E = TypeVar("E", bound=ClauseElement)
 
@@ -87,3 +87,18 @@ def _subqueries_explicit(select: E) -> E:
     result = visitors.replacement_traverse(select, {}, replace)
     assert isinstance(result, type(select))
     return result
+
+
+def nulls_low_on_one_shard(statement: Any, dialect: str, cluster_dialects: Any) -> Any:
+    """``statement`` as it must run on one shard of ``dialect`` in a cluster whose
+    backends order NULLs differently: with NULL as the smallest value in its own ORDER BY
+    and its subqueries' (the cluster's one rule), unchanged on a backend that already
+    orders NULL that way, on a cluster of one convention, and for anything but a SELECT.
+
+    :param cluster_dialects: the dialect names of every shard of the session.
+    """
+    if not isinstance(statement, Select) or not rules_for(dialect).nulls_high:
+        return statement
+    if not mixed_null_order(list(cluster_dialects)):
+        return statement
+    return _rewrite(statement)

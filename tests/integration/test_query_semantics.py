@@ -728,3 +728,32 @@ def test_mixed_cluster_distinct_subquery_ordered_without_nulls(mixed: Cluster) -
     ours, want = both(mixed, stmt)
     assert ours == want
     assert all(r[1] is None for r in ours)  # NULL is the smallest value
+
+
+def test_mixed_cluster_one_shard_statement_orders_nulls_as_the_cluster(mixed: Cluster) -> None:
+    """A statement sent to one shard of a mixed cluster (a broadcast read's copy, a key
+    lookup) orders NULL as the smallest value too: the answer does not depend on which
+    backend holds the rows."""
+    rows = [{"id": i, "amount": a} for i, a in enumerate([None, 3, 1, None, 2, 5, None], 1)]
+    mixed.load(rows)
+    stmts = [
+        select(Rec.id, Rec.amount).order_by(Rec.amount, Rec.id),
+        select(Rec.id, Rec.amount).order_by(Rec.amount.desc(), Rec.id).limit(3),
+        select(Rec.amount).distinct().order_by(Rec.amount),
+        select(Rec.id, Rec.amount).order_by(Rec.amount.nulls_last(), Rec.id),
+    ]
+    for shard in sorted(mixed.engines):
+        for stmt in stmts:
+            with mixed.session() as s:
+                ours = [
+                    tuple(r)
+                    for r in s.execute(stmt, bind_arguments={"shard_id": shard}).all()
+                ]
+            with Session(mixed.engines[shard]) as raw, Session(mixed.oracle) as o:
+                mine = {r[0] for r in raw.execute(select(Rec.id)).all()}
+                want = [
+                    tuple(r)
+                    for r in o.execute(stmt.where(Rec.id.in_(mine)) if mine else stmt).all()
+                ]
+            if mine:
+                assert ours == want, (shard, str(stmt))
