@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exc import UnsupportedQueryError
-from ._dialect import ValueKey, nan_safe, rules_for
+from ._dialect import ValueKey, add_numbers, nan_safe, rules_for
 
 __all__ = [
     "GroupMerger",
@@ -51,7 +51,14 @@ def _add_sum(acc: Any, value: Any) -> Any:
         return acc
     if acc is None:
         return value
-    return acc + value
+    try:
+        return add_numbers(acc, value)
+    except TypeError as err:
+        raise UnsupportedQueryError(
+            f"cannot add {type(value).__name__} to {type(acc).__name__} returned by "
+            "different shards",
+            construct="SUM",
+        ) from err
 
 
 def _pick(

@@ -24,12 +24,14 @@ __all__ = [
     "NAN_KEY",
     "DialectRules",
     "ValueKey",
+    "add_numbers",
     "ascii_nocase_key",
     "avg_sum_argument",
     "enum_order_key",
     "exact_float_key",
     "is_nan",
     "is_single_precision",
+    "mixed_number_key",
     "nan_safe",
     "pad_space_key",
     "rtrim_key",
@@ -177,6 +179,32 @@ def nan_safe(value: Any) -> Any:
     if value != value and isinstance(value, float | decimal.Decimal):
         return NAN_KEY
     return value
+
+
+def mixed_number_key(value: Any) -> Any:
+    """What a number compares and groups as when shards of different backends return
+    the same column as different Python types (SQLite a float ``1.1``, PostgreSQL a
+    ``Decimal('1.10')``): a float as the Decimal of its shortest repr, so both are one
+    value; NaN as :data:`NAN_KEY`; anything else as :func:`nan_safe` gives it."""
+    if isinstance(value, float):
+        if value != value:
+            return NAN_KEY
+        return decimal.Decimal(repr(value))
+    return nan_safe(value)
+
+
+def add_numbers(a: Any, b: Any) -> Any:
+    """``a + b`` for partial sums, also when one shard's driver returned a ``Decimal``
+    and another's a float for the same column (the sum is then a ``Decimal``, the float
+    taken by its shortest repr)."""
+    try:
+        return a + b
+    except TypeError:
+        if isinstance(a, float) and isinstance(b, decimal.Decimal):
+            return decimal.Decimal(repr(a)) + b
+        if isinstance(a, decimal.Decimal) and isinstance(b, float):
+            return a + decimal.Decimal(repr(b))
+        raise
 
 
 def nan_aware(key: ValueKey | None) -> ValueKey:

@@ -27,7 +27,7 @@ from sqlalchemy.sql.elements import (
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
-from sqlalchemy.types import Enum
+from sqlalchemy.types import Boolean, Enum, Integer, String
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -35,7 +35,7 @@ from ._aggregates import Slot
 from ._cache import LRUCache
 from ._collation import BINARY, Collation, expression_collation, is_string, unwrap
 from ._columns import as_clause
-from ._dialect import ValueKey, enum_order_key, nan_safe
+from ._dialect import ValueKey, enum_order_key, mixed_number_key, nan_safe
 from ._plan import AggregatePlan, RowsPlan
 
 __all__ = [
@@ -71,6 +71,8 @@ class _Resolver:
         self.dialects = list(dialects)
         self.connection_for = connection_for
         self._conns: dict[Any, Connection] = {}
+        #: shards of several backends: the same value may come back as different types
+        self.mixed_types = len(set(self.dialects)) > 1
 
     def _conn(self, shard_id: Any) -> Connection:
         conn = self._conns.get(shard_id)
@@ -161,6 +163,9 @@ def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
         return _enum_key(expr, what, resolver)
     if is_string(expr.type):
         return resolver.key_for(expr, what)
+    if resolver.mixed_types and not isinstance(expr.type, Integer | Boolean | String):
+        # one shard's driver may return a float where another returns a Decimal
+        return mixed_number_key
     return nan_safe
 
 

@@ -128,3 +128,14 @@ def test_pad_key_total_order_is_consistent() -> None:
         kx, ky, kz = (code_point_pad_key(w) for w in (x, y, z))
         if kx <= ky <= kz:
             assert kx <= kz
+
+
+def test_numbers_typed_differently_by_two_drivers() -> None:
+    from shardsession.query._dialect import add_numbers, mixed_number_key
+
+    assert add_numbers(decimal.Decimal("1.10"), 1.1) == decimal.Decimal("2.20")
+    assert add_numbers(1.1, decimal.Decimal("1.10")) == decimal.Decimal("2.20")
+    assert mixed_number_key(1.1) == mixed_number_key(decimal.Decimal("1.10"))
+    assert hash(mixed_number_key(1.1)) == hash(mixed_number_key(decimal.Decimal("1.10")))
+    assert mixed_number_key(NAN) == mixed_number_key(decimal.Decimal("NaN"))
+    assert mixed_number_key(2) == mixed_number_key(2.0) == mixed_number_key(decimal.Decimal(2))
