@@ -37,7 +37,7 @@ from ._cache import LRUCache
 from ._checks import CheckContext, QueryPlacement, check_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
-from ._null_order import explicit_nulls_in_subqueries
+from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 from ._semantics import apply_semantics, check_having
@@ -130,6 +130,14 @@ def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | No
     return verdict
 
 
+def _is_shard(binds: Any, shard_id: Any) -> bool:
+    """Whether ``shard_id`` names one of ``binds`` (an unhashable id names none)."""
+    try:
+        return shard_id in binds
+    except TypeError:
+        return False
+
+
 def _concatenate(results: Sequence[tuple[Any, Result[Any]]]) -> Result[Any]:
     # Exactly horizontal_shard's answer: Result.merge (CursorResult.merge sums rowcount).
     first = results[0][1]
@@ -167,7 +175,17 @@ def execute_on_shards(
     )
 
     if len(shard_ids) == 1:
-        # One shard needs no merge: only the deadline (when one is set) applies.
+        # One shard needs no merge: only the deadline (when one is set) applies, and the
+        # cluster's NULL order (as for any one-shard SELECT, see _execute._single).
+        session: Any = orm_context.session
+        binds = getattr(session, "_shards", None)
+        if binds and _is_shard(binds, shard_ids[0]) and orm_context.is_select:
+            one = nulls_low_on_one_shard(
+                statement,
+                binds[shard_ids[0]].dialect.name,
+                (b.dialect.name for b in binds.values()),
+            )
+            call = replace(call, statement=one)
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
     if orm_context.is_insert:

@@ -749,6 +749,13 @@ def test_mixed_cluster_one_shard_statement_orders_nulls_as_the_cluster(mixed: Cl
                     tuple(r)
                     for r in s.execute(stmt, bind_arguments={"shard_id": shard}).all()
                 ]
+                # a statement deadline takes another path to the one shard
+                timed = s.execute(
+                    stmt,
+                    bind_arguments={"shard_id": shard},
+                    execution_options={"shardsession_timeout": 30},
+                ).all()
+                assert [tuple(r) for r in timed] == ours
             with Session(mixed.engines[shard]) as raw, Session(mixed.oracle) as o:
                 mine = {r[0] for r in raw.execute(select(Rec.id)).all()}
                 want = [
