@@ -22,12 +22,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import (
     BinaryExpression,
+    ColumnClause,
     ColumnElement,
     FunctionFilter,
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
-from sqlalchemy.types import Boolean, Enum, Integer, String
+from sqlalchemy.types import Boolean, Enum, Integer, NullType, String
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -103,7 +104,9 @@ class _Resolver:
                 construct=f"collation in {what}",
             )
         collation = next(iter(found.values()), BINARY)
-        return collation.key or nan_safe
+        if collation.key is None:
+            return nan_safe
+        return _strings_only(collation.key)
 
     def _lazy(self, shard_id: Any) -> Any:
         return _LazyConnection(lambda: self._conn(shard_id))
@@ -120,6 +123,35 @@ class _LazyConnection:
         if self._conn is None:
             self._conn = self._open()
         return getattr(self._conn, name)
+
+
+def _strings_only(key: ValueKey) -> ValueKey:
+    # An untyped function of a string column (lower(x), but also length(x)) may return
+    # numbers: only strings compare under the collation.
+    def on_strings(value: Any) -> Any:
+        return key(value) if isinstance(value, str) else nan_safe(value)
+
+    return on_strings
+
+
+def _refusing_strings(error: UnsupportedQueryError) -> ValueKey:
+    def refuse(value: Any) -> Any:
+        if isinstance(value, str):
+            raise error
+        return nan_safe(value)
+
+    return refuse
+
+
+def _maybe_string(expr: ColumnElement[Any]) -> bool:
+    """Whether an untyped expression (a function SQLAlchemy does not know) reads a
+    string column: its result may be a string under that column's collation."""
+    if not isinstance(expr.type, NullType):
+        return False
+    return any(
+        isinstance(node, ColumnClause) and is_string(node.type)
+        for node in visitors.iterate(expr)
+    )
 
 
 def _expr_at(descs: Sequence[dict[str, Any]], position: int) -> Any:
@@ -163,6 +195,12 @@ def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
         return _enum_key(expr, what, resolver)
     if is_string(expr.type):
         return resolver.key_for(expr, what)
+    if _maybe_string(expr):
+        try:
+            return resolver.key_for(expr, what)
+        except UnsupportedQueryError as err:
+            # length(x) of such a column is a number: refuse only if strings come back
+            return _refusing_strings(err)
     if resolver.mixed_types and not isinstance(expr.type, Integer | Boolean | String):
         # one shard's driver may return a float where another returns a Decimal
         return mixed_number_key
@@ -370,7 +408,7 @@ def check_having(
             if isinstance(node, BinaryExpression) and node.operator in _COMPARISONS:
                 for side in (node.left, node.right):
                     if (
-                        _is_string_expr(side)
+                        (_is_string_expr(side) or _maybe_string(side))
                         and not _is_bound(side)
                         and resolver.key_for(side, "HAVING") is not nan_safe
                     ):
