@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Sized
 from typing import Any
 
 from sqlalchemy.engine import NestedTransaction
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.base import PassiveFlag
@@ -21,6 +22,7 @@ from sqlalchemy.orm.session import (
 )
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.orm.state_changes import _StateChangeStates
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.util import EMPTY_DICT, safe_reraise
 
 __all__ = [
@@ -1207,3 +1209,40 @@ async def run_in_greenlet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     2.1.9).
     """
     return await _concurrency.greenlet_spawn(fn, *args, **kwargs)
+
+
+# -- an ORDER BY item with NULL as the smallest value, in each dialect's syntax ----------
+
+class NullsLow(ColumnElement[Any]):
+    """``element`` (an ORDER BY item with ASC/DESC and no NULLS FIRST/LAST) ordered
+    with NULL as the smallest value on every backend: ``NULLS FIRST`` (ASC) or ``NULLS
+    LAST`` (DESC) where NULL is otherwise the largest (PostgreSQL, Oracle), the item as
+    written elsewhere (SQLite, MySQL/MariaDB already order NULL first for ASC).
+
+    Private names: ``_traverse_internals`` (what the cache key, cloning and traversal
+    read, as for SQLAlchemy's own elements).
+    """
+
+    __visit_name__ = "shardsession_nulls_low"
+    inherit_cache = True
+    _traverse_internals = [
+        ("element", InternalTraversal.dp_clauseelement),
+        ("descending", InternalTraversal.dp_boolean),
+    ]
+
+    def __init__(self, element: Any, descending: bool) -> None:
+        self.element = element
+        self.descending = descending
+
+
+@compiles(NullsLow)
+def _nulls_low_default(element: NullsLow, compiler: Any, **kw: Any) -> str:
+    text: str = compiler.process(element.element, **kw)
+    return text
+
+
+@compiles(NullsLow, "postgresql")
+@compiles(NullsLow, "oracle")
+def _nulls_low_high_dialects(element: NullsLow, compiler: Any, **kw: Any) -> str:
+    text: str = compiler.process(element.element, **kw)
+    return text + (" NULLS LAST" if element.descending else " NULLS FIRST")

@@ -19,6 +19,8 @@ from . import _compat
 from ._bulk import execute_bulk, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
 from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
+from .query._null_order import nulls_low_on_one_shard
+from .query._ordering import NULLS_HIGH_DIALECTS
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
@@ -98,6 +100,15 @@ def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result
     # bound to that shard (no nested execution: the common case costs what it costs
     # without sharding).
     _compat.route_in_place(orm_context, shard_id)
+    dialect = session._shards[shard_id].dialect.name
+    if dialect in NULLS_HIGH_DIALECTS and orm_context.is_select:
+        # A cluster mixing NULL conventions orders NULL as the smallest value in every
+        # statement, on one shard too (a broadcast read must not depend on the copy).
+        statement = nulls_low_on_one_shard(
+            orm_context.statement, dialect, (b.dialect.name for b in session._shards.values())
+        )
+        if statement is not orm_context.statement:
+            orm_context.statement = statement
     return None
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import Select
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import ClauseElement, TextClause
 
 from .. import _compat
 from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
@@ -37,8 +37,10 @@ from ._cache import LRUCache
 from ._checks import CheckContext, QueryPlacement, check_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
+from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
+from ._semantics import apply_semantics, check_having
 
 __all__ = [
     "CHECK_CACHE",
@@ -128,9 +130,12 @@ def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | No
     return verdict
 
 
-def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
-    bind = orm_context.session.get_bind(shard_id=shard_id)
-    return str(bind.dialect.name)
+def _is_shard(binds: Any, shard_id: Any) -> bool:
+    """Whether ``shard_id`` names one of ``binds`` (an unhashable id names none)."""
+    try:
+        return shard_id in binds
+    except TypeError:
+        return False
 
 
 def _concatenate(results: Sequence[tuple[Any, Result[Any]]]) -> Result[Any]:
@@ -170,7 +175,17 @@ def execute_on_shards(
     )
 
     if len(shard_ids) == 1:
-        # One shard needs no merge: only the deadline (when one is set) applies.
+        # One shard needs no merge: only the deadline (when one is set) applies, and the
+        # cluster's NULL order (as for any one-shard SELECT, see _execute._single).
+        session: Any = orm_context.session
+        binds = getattr(session, "_shards", None)
+        if binds and _is_shard(binds, shard_ids[0]) and orm_context.is_select:
+            one = nulls_low_on_one_shard(
+                statement,
+                binds[shard_ids[0]].dialect.name,
+                (b.dialect.name for b in binds.values()),
+            )
+            call = replace(call, statement=one)
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
     if orm_context.is_insert:
@@ -186,7 +201,18 @@ def execute_on_shards(
         # synchronize_session updates objects in the identity map per shard: keep that
         # in the calling thread.
         parallel = (not orm_context.is_orm_statement) or sync is False
-        written = run_on_shards(orm_context, shard_ids, replace(call, parallel=parallel))
+        dialects = [str(orm_context.session.get_bind(shard_id=s).dialect.name) for s in shard_ids]
+        # an ORDER BY ... LIMIT in a subquery must pick the same rows on every shard
+        written_statement = (
+            explicit_nulls_in_subqueries(statement, dialects)
+            if isinstance(statement, ClauseElement)
+            else statement
+        )
+        written = run_on_shards(
+            orm_context,
+            shard_ids,
+            replace(call, parallel=parallel, statement=written_statement),
+        )
         merged = _concatenate(written)
         table = getattr(statement, "table", None)
         if opts.placement is not None and table is not None and opts.placement.is_replicated(
@@ -234,7 +260,8 @@ def execute_on_shards(
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
 
-    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    binds = [orm_context.session.get_bind(shard_id=s) for s in shard_ids]
+    dialects = [str(b.dialect.name) for b in binds]
     plan = plan_select(
         statement,
         dialects=dialects,
@@ -243,7 +270,31 @@ def execute_on_shards(
         # memoized on the statement by _reads_sharded_tables()
         cache_key=_compat.statement_cache_key(statement),
     )
-    results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
+    def connection_for(shard_id: Any) -> Any:
+        bind_arguments = dict(orm_context.bind_arguments)
+        bind_arguments["shard_id"] = shard_id
+        return orm_context.session.connection(bind_arguments=bind_arguments)
+
+    # How values compare (collations, NaN) and where NULLs go in subqueries depend on
+    # the shards' backends: the plan gets those semantics before any shard is asked.
+    plan, semantics = apply_semantics(
+        plan,
+        shard_ids,
+        dialects,
+        connection_for,
+        cache_key=_compat.statement_cache_key(statement),
+        engines=binds,
+    )
     if isinstance(plan, AggregatePlan):
-        return merge_aggregate(plan, results, avg_dialect=dialects[0])
-    return merge_rows(plan, results)
+        check_having(statement, shard_ids, dialects, connection_for)
+    per_shard = explicit_nulls_in_subqueries(plan.statement, dialects)
+    results = run_on_shards(orm_context, shard_ids, replace(call, statement=per_shard))
+    if isinstance(plan, AggregatePlan):
+        return merge_aggregate(
+            plan,
+            results,
+            avg_dialect=dialects[0],
+            group_keys=semantics.group_keys if semantics else (),
+            distinct_keys=semantics.distinct_keys if semantics else (),
+        )
+    return merge_rows(plan, results, semantics.distinct_keys if semantics else ())

@@ -7,11 +7,13 @@ Rows are plain tuples of processed values; the slots say where each partial is.
 from __future__ import annotations
 
 import decimal
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..exc import UnsupportedQueryError
+from ._dialect import ValueKey, add_numbers, nan_safe, rules_for
 
 __all__ = [
     "GroupMerger",
@@ -30,11 +32,14 @@ class Slot:
 
     ``kind`` is ``"key"`` (a GROUP BY value or a value functionally dependent on it: any
     shard's value will do), or one of :data:`KINDS`. ``positions`` holds one position,
-    or two (SUM, COUNT) for ``"avg"``.
+    or two (SUM, COUNT) for ``"avg"``.  ``key`` is what MIN/MAX compare values as (a
+    string collation); without one, values compare as themselves and NaN as the
+    largest number.
     """
 
     kind: str
     positions: tuple[int, ...]
+    key: ValueKey | None = None
 
 
 _MISSING = object()
@@ -46,16 +51,25 @@ def _add_sum(acc: Any, value: Any) -> Any:
         return acc
     if acc is None:
         return value
-    return acc + value
+    try:
+        return add_numbers(acc, value)
+    except TypeError as err:
+        raise UnsupportedQueryError(
+            f"cannot add {type(value).__name__} to {type(acc).__name__} returned by "
+            "different shards",
+            construct="SUM",
+        ) from err
 
 
-def _pick(acc: Any, value: Any, better: Callable[[Any, Any], bool]) -> Any:
+def _pick(
+    acc: Any, value: Any, better: Callable[[Any, Any], bool], key: ValueKey
+) -> Any:
     if value is None:
         return acc
     if acc is None:
         return value
     try:
-        return value if better(value, acc) else acc
+        return value if better(key(value), key(acc)) else acc
     except TypeError as err:
         raise UnsupportedQueryError(
             f"cannot compare {type(value).__name__} with {type(acc).__name__} "
@@ -75,10 +89,14 @@ class GroupMerger:
         slots: Sequence[Slot],
         group_positions: Sequence[int],
         avg_dialect: str,
+        group_keys: Sequence[ValueKey] = (),
     ) -> None:
         self.slots = tuple(slots)
         self.group_positions = tuple(group_positions)
         self.avg_dialect = avg_dialect
+        #: what each group value is grouped as: its collation key, or itself with every
+        #: NaN as one value (PostgreSQL puts all NaNs in one group)
+        self.group_keys = tuple(group_keys) or (nan_safe,) * len(self.group_positions)
         self._groups: dict[tuple[Any, ...], list[Any]] = {}
 
     def _initial(self) -> list[Any]:
@@ -96,7 +114,10 @@ class GroupMerger:
 
     def add(self, row: Sequence[Any]) -> None:
         """Fold one shard's partial row into its group."""
-        key = tuple(row[p] for p in self.group_positions)
+        key = tuple(
+            None if (v := row[p]) is None else k(v)
+            for p, k in zip(self.group_positions, self.group_keys, strict=True)
+        )
         try:
             state = self._groups.get(key)
         except TypeError as err:
@@ -118,9 +139,9 @@ class GroupMerger:
             elif kind == "sum":
                 state[i] = _add_sum(state[i], value)
             elif kind == "min":
-                state[i] = _pick(state[i], value, lambda a, b: a < b)
+                state[i] = _pick(state[i], value, operator.lt, slot.key or nan_safe)
             elif kind == "max":
-                state[i] = _pick(state[i], value, lambda a, b: a > b)
+                state[i] = _pick(state[i], value, operator.gt, slot.key or nan_safe)
             else:  # avg: (sum, count) partials
                 pair = state[i]
                 pair[0] = _add_sum(pair[0], value)
@@ -209,15 +230,16 @@ def finalize_avg(total: Any, count: int, dialect: str) -> Any:
         return None
     if isinstance(total, float):
         return total / count
-    if dialect == "postgresql":
+    rule = rules_for(dialect).avg_rule  # the per-dialect table (_dialect.DIALECTS)
+    if rule == "postgresql":
         return pg_numeric_div(decimal.Decimal(total), decimal.Decimal(count))
-    if dialect in ("mysql", "mariadb"):
+    if rule == "mysql":
         dec = decimal.Decimal(total)
         scale = _dscale(dec) + 4
         ctx = decimal.Context(prec=max(dec.adjusted(), 0) + scale + 30, rounding=decimal.ROUND_DOWN)
         quotient = ctx.divide(dec, decimal.Decimal(count))
         return quotient.quantize(decimal.Decimal(1).scaleb(-scale), rounding=decimal.ROUND_HALF_UP)
-    if dialect == "sqlite":
+    if rule == "sqlite":
         return float(total) / count if isinstance(total, decimal.Decimal) else total / count
     raise UnsupportedQueryError(
         f"AVG across shards is not modelled for the {dialect} dialect",

@@ -26,6 +26,7 @@ from sqlalchemy.sql.elements import (
 )
 
 from ..exc import UnsupportedQueryError
+from ._dialect import nan_safe
 
 __all__ = ["compile_having"]
 
@@ -70,7 +71,9 @@ def _compare(op: Callable[[Any, Any], bool], left: Predicate, right: Predicate) 
         b = right(row)
         if a is None or b is None:
             return None  # comparisons with NULL are unknown
-        return bool(op(a, b))
+        # NaN equals NaN and exceeds every number, as in PostgreSQL (the only backend
+        # that returns NaN).
+        return bool(op(nan_safe(a), nan_safe(b)))
 
     return run
 

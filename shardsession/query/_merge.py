@@ -9,6 +9,7 @@ database would have returned.  Other statements merge the ORM's rows as they com
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -18,7 +19,8 @@ from sqlalchemy.engine import Result
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import GroupMerger
-from ._ordering import SortKey, merge_sorted, merged_order, sort_rows
+from ._dialect import ValueKey, nan_safe
+from ._ordering import merge_sorted, merged_order, sort_rows
 from ._plan import AggregatePlan, RowsPlan
 
 __all__ = ["dedupe", "merge_aggregate", "merge_rows", "slice_rows"]
@@ -34,14 +36,21 @@ def _rows_of(result: Result[Any], unique: bool) -> Iterator[tuple[Any, ...]]:
         yield tuple(row)
 
 
-def dedupe(rows: Iterable[Sequence[Any]], visible: int) -> Iterator[Sequence[Any]]:
+def dedupe(
+    rows: Iterable[Sequence[Any]], visible: int, keys: Sequence[ValueKey] = ()
+) -> Iterator[Sequence[Any]]:
     """Drop rows whose visible columns were seen before (SELECT DISTINCT after a merge).
 
-    Memory grows with the number of distinct rows.
+    ``keys`` (one per visible column) say what a value is deduplicated as (a string
+    collation); by default every NaN is one value, as in PostgreSQL.  Memory grows with
+    the number of distinct rows.
     """
     seen: set[tuple[Any, ...]] = set()
+    convert = tuple(keys) or (nan_safe,) * visible
     for row in rows:
-        key = tuple(row[:visible])
+        key = tuple(
+            None if (v := row[i]) is None else k(v) for i, k in enumerate(convert)
+        )
         try:
             if key in seen:
                 continue
@@ -62,9 +71,14 @@ def slice_rows(
 
 
 def merge_rows(
-    plan: RowsPlan, results: Sequence[tuple[Any, Result[Any]]]
+    plan: RowsPlan,
+    results: Sequence[tuple[Any, Result[Any]]],
+    distinct_keys: Sequence[ValueKey] = (),
 ) -> Result[Any]:
-    """Merge row results: k-way merge when ordered, lazy concatenation otherwise."""
+    """Merge row results: k-way merge when ordered, lazy concatenation otherwise.
+
+    ``distinct_keys``: what DISTINCT compares each visible column as (see
+    :func:`dedupe`)."""
     template = results[0][1]
     unique = _compat.requires_unique(template)
     unloaded = None if unique else _unloaded(plan, results)
@@ -81,7 +95,7 @@ def merge_rows(
     else:
         merged = itertools.chain.from_iterable(rows for _, rows in streams)
     if plan.distinct:
-        merged = dedupe(merged, plan.visible)
+        merged = dedupe(merged, plan.visible, distinct_keys)
     if plan.limit is not None or plan.offset:
         merged = _close_when_done(slice_rows(merged, plan.limit, plan.offset), results)
     return _compat.build_result(
@@ -139,8 +153,7 @@ def _merge_unloaded(
     # The sort keys read the cursor's columns (positions of the hidden columns there).
     positions = unloaded[0].positions
     keys = [
-        SortKey(p, k.descending, k.nulls_first)
-        for p, k in zip(positions, plan.sort_keys, strict=True)
+        dataclasses.replace(k, index=p) for p, k in zip(positions, plan.sort_keys, strict=True)
     ]
     order = merged_order(streams, keys, stop)
     skipped = [0] * len(results)
@@ -171,9 +184,14 @@ def merge_aggregate(
     plan: AggregatePlan,
     results: Sequence[tuple[Any, Result[Any]]],
     avg_dialect: str,
+    group_keys: Sequence[ValueKey] = (),
+    distinct_keys: Sequence[ValueKey] = (),
 ) -> Result[Any]:
-    """Merge partial groups, then HAVING, DISTINCT, ORDER BY, OFFSET/LIMIT."""
-    merger = GroupMerger(plan.slots, plan.group_positions, avg_dialect)
+    """Merge partial groups, then HAVING, DISTINCT, ORDER BY, OFFSET/LIMIT.
+
+    ``group_keys`` (one per group position) and ``distinct_keys`` (one per visible
+    column) say what values are grouped and deduplicated as (string collations)."""
+    merger = GroupMerger(plan.slots, plan.group_positions, avg_dialect, group_keys)
     for _, result in results:
         merger.add_all(_rows_of(result, False))
     groups = merger.results(empty_group=not plan.has_group_by)
@@ -182,7 +200,7 @@ def merge_aggregate(
         groups = [g for g in groups if having(g) is True]
     rows: list[Sequence[Any]] = list(groups)
     if plan.distinct:
-        rows = list(dedupe(rows, plan.visible))
+        rows = list(dedupe(rows, plan.visible, distinct_keys))
     if plan.sort_keys:
         sort_rows(rows, plan.sort_keys)
     if plan.limit is not None or plan.offset:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exc import UnsupportedQueryError
+from ._dialect import DIALECTS, ValueKey, nan_safe, rules_for
 
 __all__ = [
     "NULLS_HIGH_DIALECTS",
@@ -26,15 +27,15 @@ __all__ = [
     "sort_rows",
 ]
 
-#: Dialects that treat NULL as larger than every value (NULLS LAST for ASC, FIRST for DESC).
-#: Every other dialect SQLAlchemy ships (SQLite, MySQL/MariaDB, SQL Server) sorts NULL
-#: as the smallest value.
-NULLS_HIGH_DIALECTS = frozenset({"postgresql", "oracle"})
+#: Dialects that treat NULL as larger than every value (NULLS LAST for ASC, FIRST for DESC),
+#: from the per-dialect table.  Every other dialect SQLAlchemy ships (SQLite,
+#: MySQL/MariaDB, SQL Server) sorts NULL as the smallest value.
+NULLS_HIGH_DIALECTS = frozenset(name for name, rules in DIALECTS.items() if rules.nulls_high)
 
 
 def nulls_high(dialect_name: str) -> bool:
     """Whether ``dialect_name`` sorts NULL above every value by default."""
-    return dialect_name in NULLS_HIGH_DIALECTS
+    return rules_for(dialect_name).nulls_high
 
 
 def default_nulls_first(descending: bool, dialect_names: Sequence[str]) -> tuple[bool, bool]:
@@ -58,19 +59,27 @@ class SortKey:
     """One ORDER BY key: which column of the row, its direction, where NULLs go.
 
     ``nulls_first`` is the absolute position of NULLs in the output, already resolved
-    from NULLS FIRST/LAST or the dialect default.
+    from NULLS FIRST/LAST or the dialect default.  ``key`` maps a non-NULL value to what
+    it compares as (a string collation, see :mod:`._collation`); without one values
+    compare as themselves, every NaN as one value above all numbers.
     """
 
     index: int
     descending: bool = False
     nulls_first: bool = False
+    key: ValueKey | None = None
+
+    def value_key(self) -> ValueKey:
+        """What a non-NULL value of this key compares as."""
+        return nan_safe if self.key is None else self.key
 
 
 def compare_rows(keys: Sequence[SortKey], a: Sequence[Any], b: Sequence[Any]) -> int:
     """Three-way comparison of two rows under ``keys`` (negative: ``a`` sorts first).
 
-    Values are compared with Python's operators: numbers numerically, strings by code
-    point (the "C"/binary collation), dates chronologically.
+    Values are compared with Python's operators after each key's ``key`` function:
+    numbers numerically (NaN above every number), strings by code point (the
+    "C"/binary collation) unless a collation key is set, dates chronologically.
     """
     for key in keys:
         x = a[key.index]
@@ -82,6 +91,9 @@ def compare_rows(keys: Sequence[SortKey], a: Sequence[Any], b: Sequence[Any]) ->
             if x is None:
                 return -1 if key.nulls_first else 1
             return 1 if key.nulls_first else -1
+        convert = key.value_key()
+        x = convert(x)
+        y = convert(y)
         if x == y:
             continue
         try:
@@ -192,18 +204,19 @@ def _key_function(
     if len(keys) == 1:
         index = keys[0].index
         null_flag, value_flag = flags[0]
+        convert = keys[0].value_key()
 
         def one(row: Sequence[Any]) -> tuple[int, Any]:
             value = row[index]
-            return (null_flag, None) if value is None else (value_flag, value)
+            return (null_flag, None) if value is None else (value_flag, convert(value))
 
         return one, reverse
-    spec = [(k.index, *f) for k, f in zip(keys, flags, strict=True)]
+    spec = [(k.index, *f, k.value_key()) for k, f in zip(keys, flags, strict=True)]
 
     def many(row: Sequence[Any]) -> tuple[tuple[int, Any], ...]:
         return tuple(
-            (null_flag, None) if row[i] is None else (value_flag, row[i])
-            for i, null_flag, value_flag in spec
+            (null_flag, None) if row[i] is None else (value_flag, convert(row[i]))
+            for i, null_flag, value_flag, convert in spec
         )
 
     return many, reverse

@@ -25,6 +25,7 @@ from sqlalchemy.types import Boolean, String
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._checks import unwrap_label
+from ._dialect import exact_float_key
 from ._ordering import default_nulls_first
 from ._plan import parse_order_by
 from ._token import PageTokenError, decode_token, encode_token
@@ -170,7 +171,7 @@ def paginate(
         for s in shards:
             shard_params[s][_TIE] = last_shard is not None and s > last_shard
     page_stmt = page_stmt.add_columns(
-        *[k.expr.label(f"_shardsession_pk{i}") for i, k in enumerate(keys)],
+        *[exact_float_key(k.expr).label(f"_shardsession_pk{i}") for i, k in enumerate(keys)],
         bindparam(_SHARD, None, type_=String).label("_shardsession_shard"),
     ).limit(page_size + 1)
     from . import SHARD_PARAMS_OPTION

@@ -21,6 +21,7 @@ from ..exc import UnsupportedQueryError
 from ._aggregates import Slot
 from ._checks import aggregate_kind, contains_aggregate, unwrap_label
 from ._columns import Columns, parse_order_by, references_columns, resolve_nulls
+from ._dialect import avg_sum_argument
 from ._having import compile_having
 from ._ordering import SortKey
 
@@ -42,8 +43,9 @@ class AggregatePlan:
 
 
 class _SlotBuilder:
-    def __init__(self, cols: Columns) -> None:
+    def __init__(self, cols: Columns, dialects: Sequence[str] = ()) -> None:
         self.cols = cols
+        self.dialects = dialects
         self.slots: list[Slot] = []
         self.slot_exprs: list[Any] = []
 
@@ -59,7 +61,7 @@ class _SlotBuilder:
             arg = args[0] if args else None
             if arg is None:
                 raise UnsupportedQueryError("AVG() needs an argument", construct="AVG")
-            s = self.cols.add_hidden(func.sum(arg))
+            s = self.cols.add_hidden(func.sum(avg_sum_argument(arg, self.dialects)))
             c = self.cols.add_hidden(func.count(arg))
             return Slot("avg", (s, c))
         if visible_pos is None:
@@ -117,7 +119,7 @@ def plan_aggregate(
     offset: int,
 ) -> AggregatePlan:
     parts = _compat.select_parts(stmt)
-    builder = _SlotBuilder(cols)
+    builder = _SlotBuilder(cols, dialects)
     group_exprs: list[Any] = []
     for g in parts.group_by:
         target = _compat.label_reference_target(g)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._keys import nocase
 from .placement import Placement
 from .pruning import key_values
 from .strategies import (
@@ -26,4 +27,5 @@ __all__ = [
     "RangeSharding",
     "Rule",
     "key_values",
+    "nocase",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..exc import RoutingError
 
-__all__ = ["INT_KEY", "canonical_key", "key_hash"]
+__all__ = ["INT_KEY", "canonical_key", "compares_bytewise", "key_hash", "nocase"]
 
 #: the encoding of a plain ``int`` key: ``INT_KEY % value``
 INT_KEY: bytes = b"i:%d"
@@ -71,3 +71,32 @@ def canonical_key(value: Any) -> bytes:
 def key_hash(salt: bytes, key: bytes) -> int:
     """A 64-bit hash of ``key`` under ``salt`` (BLAKE2b, stable everywhere)."""
     return int.from_bytes(hashlib.blake2b(key, digest_size=8, key=salt[:64]).digest(), "big")
+
+
+_ASCII_FOLD = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def nocase(value: Any) -> Any:
+    """Key normaliser for SQLite's ``NOCASE`` collation: A-Z folded to a-z (exactly what
+    SQLite folds), other characters kept; tuple members and non-strings unchanged but
+    for their strings."""
+    if isinstance(value, str):
+        return value.translate(_ASCII_FOLD)
+    if isinstance(value, tuple):
+        return tuple(nocase(v) for v in value)
+    return value
+
+
+#: declared collations whose equality is byte (code point) equality
+_BYTEWISE = {"binary", "c", "posix", "ucs_basic", "pg_c_utf8"}
+
+
+def compares_bytewise(collation: str | None) -> bool:
+    """Whether a column declared ``COLLATE collation`` (``None``: none declared) finds a
+    string key only by its exact value; ``False`` for a case- or accent-insensitive
+    collation, a PAD SPACE one (MariaDB ``*_bin``: ``'a' = 'a '``), SQLite ``NOCASE`` /
+    ``RTRIM`` and any collation not known to compare byte for byte."""
+    if collation is None:
+        return True
+    name = collation.strip('"`').lower()
+    return name in _BYTEWISE or name.endswith("_nopad_bin")

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, inspect
+from sqlalchemy import String, Table, inspect
 from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.orm.state import InstanceState
@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .._compat import identity_token_of
 from ..exc import ConfigurationError, RoutingError, ShardKeyMissingError
+from ._keys import compares_bytewise
 from .colocation import CoLocation
 from .pruning import key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
@@ -275,6 +276,7 @@ class Placement(CoLocation):
                         f"{rule!r}: {mapper.class_.__name__} has no column attribute {attr!r}"
                     )
                 cols.append(prop.columns[0])
+            self._check_key_collations(mapper, rule, cols)
             return self._key_rule(mapper, rule, rule, tuple(cols), rule.key)
         if isinstance(rule, Follows):
             props = self._placed_parents(mapper, rule.relationship)
@@ -307,6 +309,27 @@ class Placement(CoLocation):
                 )
             return ResolvedRule(rule=rule, parent_props=tuple(props))
         return ResolvedRule(rule=rule)
+
+    @staticmethod
+    def _check_key_collations(
+        mapper: Mapper[Any], rule: KeyStrategy, cols: Sequence[ColumnElement[Any]]
+    ) -> None:
+        """Refuse a string key column whose declared collation finds a key by more than
+        its exact value, unless the rule normalises keys: ``'bob@x.com'`` would be
+        placed apart from the ``'Bob@X.com'`` the database finds."""
+        if rule.normalize is not None:
+            return
+        for col in cols:
+            collation = getattr(col.type, "collation", None)
+            if isinstance(col.type, String) and not compares_bytewise(collation):
+                raise ConfigurationError(
+                    f"{rule!r}: {mapper.class_.__name__}.{col.key} is declared COLLATE "
+                    f"{collation!r}, under which the database finds a key by other values "
+                    "than itself (case, accents or trailing spaces), but the key is placed "
+                    "by its exact value; store normalised keys and use a binary collation, "
+                    "or pass normalize= to the strategy (shardsession.routing.nocase for "
+                    "SQLite NOCASE)"
+                )
 
     @staticmethod
     def _key_rule(

@@ -57,9 +57,18 @@ class KeyStrategy(Rule):
 
     :param key: the key attribute: a name (``"user_id"``), an ORM attribute
         (``Order.user_id``), or a tuple of them for a composite key.
+    :param normalize: applied to every key value (the tuple, for a composite key)
+        before it is placed, for a key column the database compares other than
+        byte for byte (a case-insensitive collation: ``'Bob@X.com'`` and
+        ``'bob@x.com'`` are one key there, so they must be one key here):
+        :func:`shardsession.routing.nocase` for SQLite ``NOCASE``, or your own function
+        that maps every value to one representative of its class under the column's
+        collation.  A directory's keys must be normalised values.  Without it, a string
+        key column declared with such a collation is refused when the placement is
+        resolved; the placement of keys without a normaliser never changes.
     """
 
-    def __init__(self, key: KeySpec) -> None:
+    def __init__(self, key: KeySpec, *, normalize: Callable[[Any], Any] | None = None) -> None:
         keys = key if isinstance(key, tuple) else (key,)
         if not keys:
             raise ConfigurationError(f"{type(self).__name__} needs a shard key")
@@ -73,6 +82,19 @@ class KeyStrategy(Rule):
                 )
             names.append(name)
         self.key: tuple[str, ...] = tuple(names)
+        if normalize is not None and not callable(normalize):
+            raise ConfigurationError(f"{type(self).__name__}: normalize must be callable")
+        self.normalize = normalize
+        if normalize is not None:
+            # Wrap once here, so that strategies without a normaliser keep their hot
+            # path untouched.
+            place = type(self).shard_for.__get__(self)
+
+            def normalized(value: Any) -> str:
+                shard: str = place(None if value is None else normalize(value))
+                return shard
+
+            self.shard_for = normalized  # type: ignore[method-assign]
 
     def shard_for(self, value: Any) -> str:
         """Return the shard for one key value (a tuple for a composite key).
@@ -113,8 +135,9 @@ class HashSharding(KeyStrategy):
         shards: Sequence[str] | None = None,
         *,
         weights: Mapping[str, int] | None = None,
+        normalize: Callable[[Any], Any] | None = None,
     ) -> None:
-        super().__init__(key)
+        super().__init__(key, normalize=normalize)
         self._explicit = list(shards) if shards is not None else None
         self._weights = dict(weights or {})
         for name, w in self._weights.items():
@@ -212,8 +235,14 @@ class RangeSharding(KeyStrategy):
         bound when it is not ``None`` raises :class:`RoutingError`.
     """
 
-    def __init__(self, key: KeySpec, ranges: Sequence[tuple[Any, str]]) -> None:
-        super().__init__(key)
+    def __init__(
+        self,
+        key: KeySpec,
+        ranges: Sequence[tuple[Any, str]],
+        *,
+        normalize: Callable[[Any], Any] | None = None,
+    ) -> None:
+        super().__init__(key, normalize=normalize)
         if not ranges:
             raise ConfigurationError("RangeSharding needs at least one range")
         bounds: list[Any] = []
@@ -290,8 +319,9 @@ class DirectorySharding(KeyStrategy):
         *,
         assign: Callable[[Any], str] | None = None,
         shards: Sequence[str] | None = None,
+        normalize: Callable[[Any], Any] | None = None,
     ) -> None:
-        super().__init__(key)
+        super().__init__(key, normalize=normalize)
         if not (isinstance(directory, Mapping) or callable(directory)):
             raise ConfigurationError("DirectorySharding directory must be a mapping or callable")
         self._directory = directory

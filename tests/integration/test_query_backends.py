@@ -48,6 +48,13 @@ def mixed_cluster(
         "c_sqlite": f"sqlite:///{tmp_path}/mixed.db",
     }
     cluster = qp.make_cluster(urls, f"sqlite:///{tmp_path}/oracle.db")
+    # MariaDB's default collation (utf8mb4_general_ci) compares strings unlike SQLite's
+    # BINARY and PostgreSQL's C: such a mix is refused (test_query_semantics.py).  Here
+    # every shard compares by code point, as one database would.
+    with cluster.engines["b_maria"].begin() as conn:
+        binary = "COLLATE utf8mb4_nopad_bin"
+        conn.exec_driver_sql(f"ALTER TABLE qitems MODIFY grp VARCHAR(8) {binary}")
+        conn.exec_driver_sql(f"ALTER TABLE qtags MODIFY label VARCHAR(8) {binary} NOT NULL")
     yield cluster
     qp.dispose(cluster)
 

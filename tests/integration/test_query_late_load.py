@@ -147,10 +147,28 @@ def test_eager_loaders_and_fallbacks(sqlite_cluster: qp.Cluster) -> None:
     assert streamed == [i for i, _ in want]
 
 
-def test_rows_out_of_python_order_are_refused(sqlite_cluster: qp.Cluster) -> None:
+def test_collated_order_is_merged_or_refused(sqlite_cluster: qp.Cluster) -> None:
+    """ORDER BY under SQLite's NOCASE is merged under NOCASE (it used to be refused when a
+    shard's rows came out of code point order); a collation the merge cannot reproduce
+    (user-defined) is refused before any row is read."""
     rows = [{"id": i, "grp": g, "a": 1, "b": 1} for i, g in enumerate("aBcD", start=1)]
     sqlite_cluster.load(rows, [0, 0, 1, 1])
     stmt = select(Item).order_by(Item.grp.collate("NOCASE"), Item.id).limit(3)
+    with sqlite_cluster.session() as s:
+        ours = [i.id for i in s.scalars(stmt)]
+    with Session(sqlite_cluster.oracle) as o:
+        want = [i.id for i in o.scalars(stmt)]
+    assert ours == want == [1, 2, 3]
+
+    def reverse(a: str, b: str) -> int:
+        return (a < b) - (a > b)
+
+    for engine in sqlite_cluster.engines.values():
+        engine.dispose()
+        event.listen(
+            engine, "connect", lambda dbapi, _: dbapi.create_collation("REVERSE", reverse)
+        )
+    odd = select(Item).order_by(Item.grp.collate("REVERSE"), Item.id).limit(3)
     with sqlite_cluster.session() as s, pytest.raises(UnsupportedQueryError) as info:
-        s.scalars(stmt).all()
-    assert info.value.construct == "ORDER BY"
+        s.scalars(odd).all()
+    assert info.value.construct == "collation in ORDER BY"
