@@ -15,7 +15,7 @@ from typing import Any
 from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
-__all__ = ["SQLiteAdapter"]
+__all__ = ["SQLiteAdapter", "total_changes"]
 
 _DDL = (
     f"CREATE TABLE IF NOT EXISTS {DECISION_TABLE} ("
@@ -26,6 +26,18 @@ _DDL = (
 )
 
 _FULL = 2
+
+
+def _driver_connection(dbapi_conn: Any) -> Any:
+    """The driver's own connection: ``sqlite3``'s, or aiosqlite's under SQLAlchemy's
+    asyncio facade (whose ``total_changes`` / ``in_transaction`` read the same)."""
+    return getattr(dbapi_conn, "driver_connection", dbapi_conn)
+
+
+def total_changes(dbapi_conn: Any) -> int:
+    """Rows changed on the connection since it opened (triggers and foreign key
+    actions included); no round trip."""
+    return int(_driver_connection(dbapi_conn).total_changes)
 
 
 class SQLiteAdapter(DecisionTableSQL):
@@ -94,19 +106,19 @@ class SQLiteAdapter(DecisionTableSQL):
     def lost_transaction(self, dbapi_conn: Any, error: BaseException) -> str | None:
         # SQLite rolls the whole transaction back on some errors (SQLITE_FULL, IOERR,
         # NOMEM, a RAISE(ROLLBACK) trigger): the connection then has none open.
-        if not dbapi_conn.in_transaction:
+        if not _driver_connection(dbapi_conn).in_transaction:
             return f"SQLite rolled the transaction back after an error ({error})"
         return None
 
     def write_mark(self, dbapi_conn: Any) -> Any:
-        return int(dbapi_conn.total_changes)
+        return total_changes(dbapi_conn)
 
     def wrote_on_server(self, dbapi_conn: Any, mark: Any) -> bool | None:
         # total_changes counts every row changed on the connection since it opened
         # (triggers and foreign key actions included): compare with the branch's start.
         if mark is None:
             return None
-        return int(dbapi_conn.total_changes) > int(mark)
+        return total_changes(dbapi_conn) > int(mark)
 
     def session_id(self, dbapi_conn: Any) -> Any | None:
         return None

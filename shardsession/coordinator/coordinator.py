@@ -48,6 +48,7 @@ from sqlalchemy.sql.functions import FunctionElement, GenericFunction
 
 from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
+from ..backends.sqlite import total_changes
 from ..exc import ConfigurationError, TransactionError
 from . import early
 from .branch import Branch, BranchState
@@ -589,5 +590,5 @@ def _note_first(root: SessionTransaction, connection: Connection, *,
     if engine.dialect.name == "sqlite":
         # SQLite's count of changed rows is per connection: note where this one starts
         dbapi: Any = connection.connection.dbapi_connection
-        setattr(connection, _MARK_KEY, dbapi.total_changes)
+        setattr(connection, _MARK_KEY, total_changes(dbapi))
     setattr(root, _FIRST_KEY, connection)

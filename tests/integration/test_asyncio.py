@@ -16,15 +16,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Integer, String, create_engine, event, func, insert, select, text
+from sqlalchemy import Integer, String, create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardsession import HashSharding, Placement, ShardedSession
+from shardsession.backends import DecisionRow, Outcome, adapter_for
 from shardsession.coordinator import ain_doubt, arecover
-from shardsession.coordinator.xid import Xid, new_gtrid
+from shardsession.coordinator.identity import ensure_identity
+from shardsession.coordinator.xid import Xid, new_gtrid, participants_text
 from shardsession.exc import FanoutTimeoutError, NonAtomicCommitWarning, PrepareFailed
 
 from ._2pc_mixes import _drop
@@ -344,20 +346,21 @@ def test_arecover_planted(planted: dict[str, str]) -> None:
     """A committed gtrid (decision row on alpha) with branches prepared on beta (asyncpg)
     and gamma (aiomysql) is committed; an undecided one is rolled back."""
     old = time.time() - 3600
-    g_commit = new_gtrid("alpha", now=old)
-    g_orphan = new_gtrid("alpha", now=old)
+    e = create_engine(planted["alpha"])
+    adapter = adapter_for("postgresql")
+    cluster = ensure_identity(adapter, e)[0]  # the decider's identity, as a commit stores it
+    g_commit = new_gtrid("alpha", cluster=cluster, now=old)
+    g_orphan = new_gtrid("alpha", cluster=cluster, now=old)
     _plant_pg(planted["beta"], Xid.branch(g_commit, 1).gid, 1)
     _plant_xa(planted["gamma"], Xid.branch(g_commit, 2), 2)
     _plant_pg(planted["beta"], Xid.branch(g_orphan, 1).gid, 3)
     _plant_xa(planted["gamma"], Xid.branch(g_orphan, 2), 4)
-    e = create_engine(planted["alpha"])
+    participants = participants_text([(Xid.branch(g_commit, 1), "beta"),
+                                      (Xid.branch(g_commit, 2), "gamma")])
     with e.begin() as c:
-        c.exec_driver_sql(
-            "CREATE TABLE shardsession_decisions (gtrid varchar(64) primary key,"
-            " outcome char(1) not null, decided_at double precision not null,"
-            " participants varchar(4000) not null default '')")
-        c.execute(text("INSERT INTO shardsession_decisions VALUES (:g, 'C', 0, '')"),
-                  {"g": g_commit})
+        dbapi = c.connection.dbapi_connection
+        adapter.ensure_decision_table(dbapi)
+        adapter.insert_decision(dbapi, DecisionRow(g_commit, Outcome.COMMIT, old, participants))
     e.dispose()
 
     async def main() -> Any:

@@ -14,7 +14,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from shardsession import HashSharding, Placement, PrepareFailed, ShardedSession
+from shardsession.backends import adapter_for
 from shardsession.coordinator import recover
+from shardsession.coordinator.identity import ensure_identity
 from shardsession.coordinator.xid import Xid, new_gtrid, parse_gid
 
 
@@ -180,7 +182,8 @@ def test_fanout_events(engines: dict[str, Engine]) -> None:
 
 def test_in_doubt_resolved_event(engines: dict[str, Engine]) -> None:
     old = time.time() - 3600
-    gtrid = new_gtrid("pg", now=old)  # no decision row: presumed abort
+    cluster = ensure_identity(adapter_for("postgresql"), engines["pg"])[0]
+    gtrid = new_gtrid("pg", cluster=cluster, now=old)  # no decision row: presumed abort
     xid = Xid.branch(gtrid, 1)
     raw: Any = engines["maria"].raw_connection()
     cur = raw.dbapi_connection.cursor()
