@@ -480,14 +480,13 @@ def _execute_from_class(orm_context: ORMExecuteState | None = None) -> Result[An
     return execute(orm_context)
 
 
-def _forget_shard(session: Any = None, instance: Any = None) -> None:
+def _forget_shard(session: Any = None, state: Any = None) -> None:
     # An object added as new is placed anew: a shard it carries from an earlier life
     # (make_transient() keeps InstanceState.identity_token, and so does a rollback of
     # its INSERT) belonged to the key it had then, which may have changed since.
-    if instance is None:  # (a dispatch call that is not about an object of ours)
-        return
-    state = instance_state(instance)
-    if state.identity_token is not None:
+    # (Registered raw: SQLAlchemy would otherwise wrap it, and the wrapper is not the
+    # function _ensure_hooks looks for in the listener collection.)
+    if getattr(state, "identity_token", None) is not None:
         _compat.set_identity_token(state, None)
 
 
@@ -502,7 +501,7 @@ _HOOKS: tuple[tuple[str, Callable[..., Any], dict[str, Any]], ...] = (
     ("before_flush", _before_flush, {}),
     ("after_flush", _after_flush, {}),
     ("after_begin", _after_begin, {}),
-    ("transient_to_pending", _forget_shard, {}),
+    ("transient_to_pending", _forget_shard, {"raw": True}),
 )
 #: (the live class-level listener collection of ShardedSession, our listener) per hook
 _HOOK_CHECKS: tuple[tuple[Collection[Any], Callable[..., Any]], ...] = ()
