@@ -198,8 +198,14 @@ def _on_rollback_savepoint(conn: Connection, name: str, context: Any) -> None:
     branch = _branch_of(conn)
     if branch is not None:
         branch.wrote = wrote
+        if not wrote and branch.adapter is not None and branch.mark is not None:
+            # The server's count of changes (SQLite's total_changes) still holds the
+            # rows the rollback undid: count from here, as if the branch began now.
+            branch.mark = branch.adapter.write_mark(branch.dbapi)
     elif getattr(conn, _WROTE_KEY, None) is not None:
         setattr(conn, _WROTE_KEY, wrote)
+        if not wrote and getattr(conn, _MARK_KEY, None) is not None:
+            setattr(conn, _MARK_KEY, total_changes(conn.connection.dbapi_connection))
 
 
 def _on_release_savepoint(conn: Connection, name: str, context: Any) -> None:
