@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, Result
@@ -43,11 +43,18 @@ from .exc import (
 from .query import TIMEOUT_OPTION
 from .routing.placement import Placement
 
+if TYPE_CHECKING:
+    from sqlalchemy.sql import ClauseElement, Executable
+    from typing_extensions import Unpack
+
+    from ._typing import EntityKey, ExecuteChooser, GetOptions, IdentityChooser, ShardChooser
+
 __all__ = ["ShardedQuery", "ShardedSession"]
 
 log = logging.getLogger(__name__)
 
 AtomicMode = Literal["require", "best_effort"]
+_O = TypeVar("_O", bound=object)
 
 
 class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShardedSession):
@@ -76,16 +83,16 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
     _early: list[Any] | tuple[()] = ()
     #: whether the routing handler is registered on the instance (see __init__)
     _route_on_instance = False
-    _shards: dict[Any, Any]
+    _shards: dict[Any, Engine | Connection]
     _placement: Placement | None = None
-    _coordinator: Any = None
+    _coordinator: TransactionCoordinator | None = None
     atomic: AtomicMode
 
     def __init__(
         self,
-        shard_chooser: Callable[..., Any] | None = None,
-        identity_chooser: Callable[..., Any] | None = None,
-        execute_chooser: Callable[[ORMExecuteState], Iterable[Any]] | None = None,
+        shard_chooser: ShardChooser | None = None,
+        identity_chooser: IdentityChooser | None = None,
+        execute_chooser: ExecuteChooser | None = None,
         shards: Mapping[str, Any] | None = None,
         query_cls: type[Query[Any]] = ShardedQuery,
         *,
@@ -94,9 +101,9 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
         decider: str | None = None,
         fanout_max_workers: int | None = None,
         fanout_timeout: float | None = None,
-        coordinator: Any = None,
-        id_chooser: Callable[..., Any] | None = None,
-        query_chooser: Callable[..., Any] | None = None,
+        coordinator: TransactionCoordinator | None = None,
+        id_chooser: Callable[[Query[Any], Iterable[Any]], Iterable[Any]] | None = None,
+        query_chooser: Callable[[Executable], Iterable[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         # A sessionmaker passes the same arguments to every session: a configuration that
@@ -190,7 +197,7 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
     # -- shards ------------------------------------------------------------------------------
 
     @property
-    def shards(self) -> Mapping[str, Any]:
+    def shards(self) -> Mapping[str, Engine | Connection]:
         """The shard ids and their binds (read-only view)."""
         return dict(self._shards)
 
@@ -238,15 +245,15 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             _compat.set_identity_token(state, shard_id)
         return shard_id
 
-    def get_bind(  # type: ignore[override, unused-ignore]
+    def get_bind(
         self,
-        mapper: Any = None,
+        mapper: EntityKey[_O] | None = None,
         *,
         shard_id: Any = None,
         instance: Any = None,
-        clause: Any = None,
+        clause: ClauseElement | None = None,
         **kw: Any,
-    ) -> Any:
+    ) -> Engine | Connection:
         """Return the Engine of ``shard_id`` (chosen by the shard chooser when not given).
 
         :raises UnknownShardError: the id is not configured.
@@ -257,9 +264,9 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
         bind = self._shards.get(shard_id)
         return bind if bind is not None else self._shards[self._check_shard(shard_id)]
 
-    def connection_callable(  # type: ignore[override, unused-ignore]
+    def connection_callable(
         self,
-        mapper: Any = None,
+        mapper: Mapper[Any] | None = None,
         instance: Any = None,
         shard_id: Any = None,
         **kw: Any,
@@ -295,9 +302,10 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
 
     # -- identity lookups --------------------------------------------------------------------
 
-    def get(  # type: ignore[override, unused-ignore]
-        self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any
-    ) -> Any:
+    def get(
+        self, entity: EntityKey[_O], ident: Any, *, identity_token: Any = None,
+        **kw: Unpack[GetOptions],
+    ) -> _O | None:
         """:meth:`Session.get`; with a ``placement`` the key's one shard is looked up
         directly (its identity map, then one SELECT), without asking the execute chooser.
 
@@ -307,9 +315,10 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
         return super().get(entity, ident, identity_token=identity_token, **kw)
 
-    def get_one(  # type: ignore[override, unused-ignore]
-        self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any
-    ) -> Any:
+    def get_one(
+        self, entity: EntityKey[_O], ident: Any, *, identity_token: Any = None,
+        **kw: Unpack[GetOptions],
+    ) -> _O:
         """:meth:`Session.get_one`, routed like :meth:`get`."""
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
