@@ -20,15 +20,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, MetaData, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import sessionmaker
 
 from .exc import ConfigurationError
 from .routing.placement import Placement
 from .session import ShardedSession
+
+if TYPE_CHECKING:
+    from .coordinator import TransactionCoordinator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,7 +117,7 @@ class Cluster:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
                 ) from e
-        self._coordinator: Any = None
+        self._coordinator: TransactionCoordinator | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Cluster:
@@ -170,7 +173,7 @@ class Cluster:
     def shard_ids(self) -> list[str]:
         return list(self._engines)
 
-    def coordinator(self) -> Any:
+    def coordinator(self) -> TransactionCoordinator:
         """The cluster's shared transaction coordinator (created on first use)."""
         if self._coordinator is None:
             from .coordinator import TransactionCoordinator
@@ -194,7 +197,7 @@ class Cluster:
             **session_kw,
         )
 
-    def create_all(self, metadata: Any) -> None:
+    def create_all(self, metadata: MetaData) -> None:
         """Create ``metadata``'s tables on every shard (idempotent)."""
         for engine in self._engines.values():
             metadata.create_all(engine)

@@ -96,7 +96,7 @@ class RoutingError(ShardSessionError):
     """A row or statement could not be routed to a shard."""
 
     _fields: tuple[str, ...] = ("shard_id",)
-    shard_id: Any
+    shard_id: str | None
 
 
 class UnknownShardError(RoutingError):
@@ -111,22 +111,22 @@ class ShardKeyMissingError(RoutingError):
     """A new object has no value for the shard key its placement needs."""
 
     _fields: tuple[str, ...] = ("shard_id", "mapper", "key")
-    mapper: Any
-    key: Any
+    mapper: str | None
+    key: tuple[str, ...] | None
 
 
 class CrossShardError(RoutingError):
     """Related objects would be written to different shards."""
 
     _fields: tuple[str, ...] = ("shard_id", "shard_ids")
-    shard_ids: Sequence[Any]
+    shard_ids: Sequence[str]
 
 
 class QueryError(ShardSessionError):
     """A cross-shard read or bulk write failed."""
 
     _fields: tuple[str, ...] = ("shard_id",)
-    shard_id: Any
+    shard_id: str | None
 
 
 class UnsupportedQueryError(QueryError):
@@ -140,7 +140,7 @@ class FanoutTimeoutError(QueryError):
     """A fan-out's deadline passed before every shard answered."""
 
     _fields: tuple[str, ...] = ("shard_id", "pending_shards", "timeout")
-    pending_shards: Sequence[Any]
+    pending_shards: Sequence[str]
     timeout: float | None
 
 
@@ -160,7 +160,7 @@ class AtomicityUnavailableError(TransactionError):
     ``atomic="require"``; raised before anything is committed."""
 
     _fields: tuple[str, ...] = ("gtrid", "shard_ids")
-    shard_ids: Sequence[Any]
+    shard_ids: Sequence[str]
 
 
 class CapabilityError(TransactionError):
@@ -168,7 +168,7 @@ class CapabilityError(TransactionError):
     ``max_prepared_transactions = 0`` asked to PREPARE."""
 
     _fields: tuple[str, ...] = ("gtrid", "shard_id")
-    shard_id: Any
+    shard_id: str | None
 
 
 class PrepareFailed(TransactionError):
@@ -176,7 +176,7 @@ class PrepareFailed(TransactionError):
     nothing was committed."""
 
     _fields: tuple[str, ...] = ("gtrid", "failed_shards")
-    failed_shards: Sequence[Any]
+    failed_shards: Sequence[str]
 
 
 class CommitIncomplete(TransactionError):
@@ -184,7 +184,7 @@ class CommitIncomplete(TransactionError):
     still being completed; recovery finishes them. The data will appear."""
 
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
-    pending_shards: Sequence[Any]
+    pending_shards: Sequence[str]
 
 
 class OutcomeUnknown(TransactionError):
@@ -192,7 +192,7 @@ class OutcomeUnknown(TransactionError):
     transaction (named by ``gtrid``) one way or the other."""
 
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
-    pending_shards: Sequence[Any]
+    pending_shards: Sequence[str]
 
 
 class RecoveryError(ShardSessionError):
@@ -200,7 +200,7 @@ class RecoveryError(ShardSessionError):
 
     _fields: tuple[str, ...] = ("gtrid", "shard_id")
     gtrid: str | None
-    shard_id: Any
+    shard_id: str | None
 
 
 class NonAtomicCommitWarning(UserWarning):

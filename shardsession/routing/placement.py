@@ -100,7 +100,7 @@ class Placement(CoLocation):
 
     # -- configuration ---------------------------------------------------------------
 
-    def add(self, target: Any, rule: Rule) -> Placement:
+    def add(self, target: type[Any] | Mapper[Any] | Table, rule: Rule) -> Placement:
         """Place ``target`` (a mapped class, mapper or Table) by ``rule``; returns self.
 
         :raises ConfigurationError: not a rule, or the target already has one.
