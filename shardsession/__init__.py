@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
 
+from ._typing import ExecuteChooser, IdentityChooser, ShardChooser
 from .exc import (
     AtomicityUnavailableError,
     CapabilityError,
@@ -51,9 +52,11 @@ __all__ = [
     "ConfigurationError",
     "CrossShardError",
     "DirectorySharding",
+    "ExecuteChooser",
     "FanoutTimeoutError",
     "Follows",
     "HashSharding",
+    "IdentityChooser",
     "NoShardChosenError",
     "NonAtomicCommitWarning",
     "OutcomeUnknown",
@@ -65,6 +68,7 @@ __all__ = [
     "RangeSharding",
     "RecoveryError",
     "RoutingError",
+    "ShardChooser",
     "ShardKeyMissingError",
     "ShardSessionError",
     "ShardedQuery",

@@ -1018,7 +1018,7 @@ class RoutedBulkSaves(Session):
     ) -> None:
         raise NotImplementedError
 
-    def _bulk_save_mappings(  # type: ignore[override]
+    def _bulk_save_mappings(  # type: ignore[override, unused-ignore]
         self, mapper: Any, mappings: Iterable[Any], *, isupdate: bool, isstates: bool,
         return_defaults: bool, update_changed_only: bool, render_nulls: bool,
     ) -> None:

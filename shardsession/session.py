@@ -296,7 +296,7 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             conn = cache.get(shard_id)
             if conn is None:
                 conn = cache[shard_id] = trans.connection(mapper, shard_id=shard_id)
-            return conn  # type: ignore[no-any-return]
+            return conn  # type: ignore[no-any-return, unused-ignore]
         bind = self._shards[shard_id]
         return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return, unused-ignore]
 
