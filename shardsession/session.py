@@ -87,6 +87,8 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
     _placement: Placement | None = None
     _coordinator: TransactionCoordinator | None = None
     atomic: AtomicMode
+    fanout_max_workers: int | None
+    fanout_timeout: float | None
 
     def __init__(
         self,

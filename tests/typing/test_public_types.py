@@ -135,6 +135,8 @@ def _check_session(session: ShardedSession) -> None:
     assert_type(session.shards, Mapping[str, Engine | Connection])
     assert_type(session.placement, Placement | None)
     assert_type(session.atomic, AtomicMode)
+    assert_type(session.fanout_max_workers, int | None)
+    assert_type(session.fanout_timeout, float | None)
     assert_type(session.shard_chooser, ShardChooser)
     assert_type(session.identity_chooser, IdentityChooser)
     assert_type(session.execute_chooser, ExecuteChooser)
