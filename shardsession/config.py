@@ -31,6 +31,8 @@ from .routing.placement import Placement
 from .session import ShardedSession
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from .coordinator import TransactionCoordinator
 
 if sys.version_info >= (3, 11):
@@ -120,7 +122,7 @@ class Cluster:
         self._coordinator: TransactionCoordinator | None = None
 
     @classmethod
-    def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Cluster:
+    def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Self:
         """Read a cluster from a TOML file (see the module docstring for the format).
 
         :param engine_defaults: ``create_engine`` keywords for every shard (a shard's own
@@ -139,7 +141,7 @@ class Cluster:
     @classmethod
     def from_dict(
         cls, data: Mapping[str, Any], *, source: str = "config", **engine_defaults: Any
-    ) -> Cluster:
+    ) -> Self:
         """Build a cluster from the parsed TOML structure."""
         unknown = set(data) - {"cluster", "shards"}
         if unknown:

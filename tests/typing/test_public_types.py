@@ -176,6 +176,11 @@ def _check_placement() -> Placement:
     placement = Placement({User: hashed}, default=Pinned("a"))
     assert_type(placement.add(Country, Broadcast(read_from="a")), Placement)
     assert_type(placement.add(Order, Follows("user")), Placement)
+
+    class MyPlacement(Placement):
+        pass
+
+    assert_type(MyPlacement().add(User.__mapper__, Pinned("a")), MyPlacement)
     return placement
 
 
@@ -185,6 +190,12 @@ def _check_cluster(cluster: Cluster, placement: Placement) -> None:
     assert_type(cluster.sessionmaker(placement), sessionmaker[ShardedSession])
     assert_type(cluster.sessionmaker(placement)(), ShardedSession)
     cluster.create_all(Base.metadata)
+    assert_type(Cluster.from_toml("cluster.toml"), Cluster)
+
+    class MyCluster(Cluster):
+        pass
+
+    assert_type(MyCluster.from_dict({"shards": {"a": {"url": "sqlite://"}}}), MyCluster)
 
 
 def _check_paginate(session: ShardedSession) -> None:
