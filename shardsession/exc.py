@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AtomicityUnavailableError",
@@ -98,6 +98,9 @@ class RoutingError(ShardSessionError):
     _fields: tuple[str, ...] = ("shard_id",)
     shard_id: str | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, shard_id: str | None = None) -> None: ...
+
 
 class UnknownShardError(RoutingError):
     """A shard id that is not one of the session's shards."""
@@ -114,12 +117,23 @@ class ShardKeyMissingError(RoutingError):
     mapper: str | None
     key: tuple[str, ...] | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, mapper: str | None = None,
+            key: tuple[str, ...] | None = None,
+        ) -> None: ...
+
 
 class CrossShardError(RoutingError):
     """Related objects would be written to different shards."""
 
     _fields: tuple[str, ...] = ("shard_id", "shard_ids")
     shard_ids: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, shard_ids: Sequence[str],
+        ) -> None: ...
 
 
 class QueryError(ShardSessionError):
@@ -128,12 +142,20 @@ class QueryError(ShardSessionError):
     _fields: tuple[str, ...] = ("shard_id",)
     shard_id: str | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, shard_id: str | None = None) -> None: ...
+
 
 class UnsupportedQueryError(QueryError):
     """The statement cannot be answered exactly across shards; names the construct."""
 
     _fields: tuple[str, ...] = ("shard_id", "construct")
     construct: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, construct: str | None = None,
+        ) -> None: ...
 
 
 class FanoutTimeoutError(QueryError):
@@ -142,6 +164,12 @@ class FanoutTimeoutError(QueryError):
     _fields: tuple[str, ...] = ("shard_id", "pending_shards", "timeout")
     pending_shards: Sequence[str]
     timeout: float | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, pending_shards: Sequence[str],
+            timeout: float | None = None,
+        ) -> None: ...
 
 
 class PageTokenError(QueryError, ValueError):
@@ -154,6 +182,9 @@ class TransactionError(ShardSessionError):
     _fields: tuple[str, ...] = ("gtrid",)
     gtrid: str | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, gtrid: str | None = None) -> None: ...
+
 
 class AtomicityUnavailableError(TransactionError):
     """The commit cannot be atomic (two or more writers cannot prepare) and
@@ -161,6 +192,11 @@ class AtomicityUnavailableError(TransactionError):
 
     _fields: tuple[str, ...] = ("gtrid", "shard_ids")
     shard_ids: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_ids: Sequence[str],
+        ) -> None: ...
 
 
 class CapabilityError(TransactionError):
@@ -170,6 +206,11 @@ class CapabilityError(TransactionError):
     _fields: tuple[str, ...] = ("gtrid", "shard_id")
     shard_id: str | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_id: str | None = None,
+        ) -> None: ...
+
 
 class PrepareFailed(TransactionError):
     """One or more branches could not be prepared; every branch was rolled back and
@@ -177,6 +218,11 @@ class PrepareFailed(TransactionError):
 
     _fields: tuple[str, ...] = ("gtrid", "failed_shards")
     failed_shards: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, failed_shards: Sequence[str],
+        ) -> None: ...
 
 
 class CommitIncomplete(TransactionError):
@@ -186,6 +232,11 @@ class CommitIncomplete(TransactionError):
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
     pending_shards: Sequence[str]
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, pending_shards: Sequence[str],
+        ) -> None: ...
+
 
 class OutcomeUnknown(TransactionError):
     """The decision commit was sent but its reply was lost; recovery settles the
@@ -194,6 +245,11 @@ class OutcomeUnknown(TransactionError):
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
     pending_shards: Sequence[str]
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, pending_shards: Sequence[str],
+        ) -> None: ...
+
 
 class RecoveryError(ShardSessionError):
     """Recovery could not settle a branch (it is left in doubt and reported)."""
@@ -201,6 +257,11 @@ class RecoveryError(ShardSessionError):
     _fields: tuple[str, ...] = ("gtrid", "shard_id")
     gtrid: str | None
     shard_id: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_id: str | None = None,
+        ) -> None: ...
 
 
 class NonAtomicCommitWarning(UserWarning):

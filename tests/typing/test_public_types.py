@@ -228,6 +228,8 @@ def _check_exceptions(err: Exception) -> None:
         assert_type(err.timeout, float | None)
     elif isinstance(err, UnsupportedQueryError):
         assert_type(err.construct, str | None)
+    # the fields are the constructors' keywords
+    raise CommitIncomplete("committed; b is being completed", gtrid="g", pending_shards=["b"])
 
 
 def _check_refused(session: ShardedSession, cluster: Cluster, engines: dict[str, Engine]) -> None:
@@ -248,6 +250,9 @@ def _check_refused(session: ShardedSession, cluster: Cluster, engines: dict[str,
     Placement().add("Order", Follows())  # type: ignore[arg-type]
     cluster.create_all("metadata")  # type: ignore[arg-type]
     paginate(session, select(User), page_size="10")  # type: ignore[call-overload]
+    CommitIncomplete("committed", gtrid="g")  # type: ignore[call-arg]
+    UnknownShardError("no such shard", shard="x")  # type: ignore[call-arg]
+    FanoutTimeoutError("late", pending_shards=["a"], timeout="5s")  # type: ignore[arg-type]
 
 
 # -- the tests ------------------------------------------------------------------------------
