@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Engine, MetaData, create_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import sessionmaker
 
@@ -31,6 +31,7 @@ from .routing.placement import Placement
 from .session import ShardedSession
 
 if TYPE_CHECKING:
+    from sqlalchemy import MetaData
     from typing_extensions import Self
 
     from .coordinator import TransactionCoordinator
