@@ -120,7 +120,7 @@ class Cluster:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
                 ) from e
-        self._coordinator: TransactionCoordinator | None = None
+        self._coordinator: Any = None
 
     @classmethod
     def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Self:
@@ -182,7 +182,8 @@ class Cluster:
             from .coordinator import TransactionCoordinator
 
             self._coordinator = TransactionCoordinator(atomic=self.atomic, decider=self.decider)
-        return self._coordinator
+        coordinator: TransactionCoordinator = self._coordinator
+        return coordinator
 
     def sessionmaker(
         self, placement: Placement | None = None, **session_kw: Any
