@@ -8,22 +8,34 @@ round (the drop-in promise, kept for the type checker too).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from sqlalchemy.ext.horizontal_shard import IdentityChooser, ShardChooser
 from sqlalchemy.orm import Mapper, ORMExecuteState
 
+# (re-exported for the session's signatures, so its own imports stay as they were)
+from sqlalchemy.sql import ClauseElement, Executable
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # (a dependency of SQLAlchemy's, always installed with it)
+    from typing_extensions import Unpack
+
 if TYPE_CHECKING:
     from sqlalchemy.orm.interfaces import ORMOption
     from sqlalchemy.sql.selectable import ForUpdateParameter
 
 __all__ = [
+    "ClauseElement",
     "EntityKey",
+    "Executable",
     "ExecuteChooser",
     "GetOptions",
     "IdentityChooser",
     "ShardChooser",
+    "Unpack",
 ]
 
 _O = TypeVar("_O", bound=object)

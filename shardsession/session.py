@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import Connection, Result
@@ -32,6 +32,17 @@ from . import _bulk, _compat, _placed
 from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
+from ._typing import (
+    _O,
+    ClauseElement,
+    EntityKey,
+    Executable,
+    ExecuteChooser,
+    GetOptions,
+    IdentityChooser,
+    ShardChooser,
+    Unpack,
+)
 from .coordinator import TransactionCoordinator, early
 from .coordinator.coordinator import begin_listener
 from .exc import (
@@ -43,18 +54,11 @@ from .exc import (
 from .query import TIMEOUT_OPTION
 from .routing.placement import Placement
 
-if TYPE_CHECKING:
-    from sqlalchemy.sql import ClauseElement, Executable
-    from typing_extensions import Unpack
-
-    from ._typing import EntityKey, ExecuteChooser, GetOptions, IdentityChooser, ShardChooser
-
 __all__ = ["ShardedQuery", "ShardedSession"]
 
 log = logging.getLogger(__name__)
 
 AtomicMode = Literal["require", "best_effort"]
-_O = TypeVar("_O", bound=object)
 
 
 class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShardedSession):
