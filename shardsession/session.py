@@ -319,7 +319,8 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
         """
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
-        return super().get(entity, ident, identity_token=identity_token, **kw)
+        # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
+        return super().get(entity, ident, identity_token=identity_token, **kw)  # type: ignore[arg-type, unused-ignore]
 
     def get_one(
         self, entity: EntityKey[_O], ident: Any, *, identity_token: Any = None,
@@ -328,7 +329,8 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
         """:meth:`Session.get_one`, routed like :meth:`get`."""
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
-        return super().get_one(entity, ident, identity_token=identity_token, **kw)
+        # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
+        return super().get_one(entity, ident, identity_token=identity_token, **kw)  # type: ignore[arg-type, unused-ignore]
 
     def _shardsession_save_mappings(
         self, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool, isstates: bool,
