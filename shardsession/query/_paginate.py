@@ -140,10 +140,14 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
     return or_(*disjuncts)
 
 
+# SQLAlchemy 2.1 types a statement by its columns (``Select[User]``, ``Select[int, str]``),
+# 2.0 by a tuple of them (``Select[tuple[User]]``): the first overload serves 2.0's one
+# column, the other two 2.1 (and 2.0's several columns); the ignores are for the version
+# each line is not written for.
 @overload
-def paginate(
+def paginate(  # type: ignore[overload-overlap, unused-ignore]
     session: Session,
-    stmt: Select[_T],
+    stmt: Select[tuple[_T]],
     *,
     page_size: int,
     token: str | None = None,
@@ -154,17 +158,28 @@ def paginate(
 @overload
 def paginate(
     session: Session,
-    stmt: Select[_T, _T2, Unpack[_Ts]],
+    stmt: Select[_T],  # type: ignore[type-var, unused-ignore]
     *,
     page_size: int,
     token: str | None = None,
     secret: bytes | None = None,
-) -> Page[Row[_T, _T2, Unpack[_Ts]]]: ...
+) -> Page[_T]: ...
+
+
+@overload
+def paginate(
+    session: Session,
+    stmt: Select[_T, _T2, Unpack[_Ts]],  # type: ignore[valid-type, type-arg, unused-ignore]
+    *,
+    page_size: int,
+    token: str | None = None,
+    secret: bytes | None = None,
+) -> Page[Row[_T, _T2, Unpack[_Ts]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
 
 
 def paginate(
     session: Session,
-    stmt: Select[Unpack[tuple[Any, ...]]],
+    stmt: Select[Unpack[tuple[Any, ...]]],  # type: ignore[valid-type, type-arg, unused-ignore]
     *,
     page_size: int,
     token: str | None = None,
