@@ -1,6 +1,6 @@
 """Types of the public API: the chooser callables and the keywords of identity lookups.
 
-Annotations only: nothing here runs on a hot path. The chooser Protocols are
+Types only: nothing here runs on a hot path. The chooser Protocols are
 SQLAlchemy's own (``sqlalchemy.ext.horizontal_shard``), re-exported, so a chooser typed
 for SQLAlchemy's sharded session type-checks unchanged against ours and the other way
 round (the drop-in promise, kept for the type checker too).

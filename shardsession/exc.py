@@ -24,7 +24,9 @@ Driver errors raised by work on a single shard pass through unchanged (they are 
     +-- RecoveryError                 (gtrid, shard_id) recovery could not settle a branch
 
 Every exception pickles with its structured fields (they cross process boundaries in
-worker pools and in the recovery worker).
+worker pools and in the recovery worker). The fields are typed, and are the constructors'
+keyword arguments; shard ids are typed ``str``, as SQLAlchemy types them
+(``ShardIdentifier``).
 """
 
 from __future__ import annotations
