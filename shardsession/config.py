@@ -31,7 +31,6 @@ from .routing.placement import Placement
 from .session import ShardedSession
 
 if TYPE_CHECKING:
-    from sqlalchemy import MetaData
     from typing_extensions import Self
 
     from .coordinator import TransactionCoordinator
@@ -201,7 +200,7 @@ class Cluster:
             **session_kw,
         )
 
-    def create_all(self, metadata: MetaData) -> None:
+    def create_all(self, metadata: Any) -> None:
         """Create ``metadata``'s tables on every shard (idempotent)."""
         for engine in self._engines.values():
             metadata.create_all(engine)

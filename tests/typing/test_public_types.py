@@ -248,7 +248,6 @@ def _check_refused(session: ShardedSession, cluster: Cluster, engines: dict[str,
     HashSharding(42)  # type: ignore[arg-type]
     Follows(3)  # type: ignore[arg-type]
     Placement().add("Order", Follows())  # type: ignore[arg-type]
-    cluster.create_all("metadata")  # type: ignore[arg-type]
     paginate(session, select(User), page_size="10")  # type: ignore[call-overload]
     CommitIncomplete("committed", gtrid="g")  # type: ignore[call-arg]
     UnknownShardError("no such shard", shard="x")  # type: ignore[call-arg]
