@@ -142,6 +142,7 @@ def _plant_direct(engines: dict[str, Engine], count: int) -> None:
     are exactly what a coordinator killed after its PREPAREs (or its decision) leaves.
     """
     from shardsession.backends import DecisionRow, Outcome, adapter_for
+    from shardsession.coordinator.identity import ensure_identity
     from shardsession.coordinator.xid import Xid, new_gtrid
 
     adapter = adapter_for("postgresql")
@@ -150,8 +151,9 @@ def _plant_direct(engines: dict[str, Engine], count: int) -> None:
         with engines["p0"].connect() as c:
             c = c.execution_options(isolation_level="AUTOCOMMIT")
             adapter.ensure_decision_table(c.connection.dbapi_connection)
+        cluster, _ = ensure_identity(adapter, engines["p0"])
         for i in range(count):
-            gtrid = new_gtrid("p0")
+            gtrid = new_gtrid("p0", cluster=cluster)
             for k, (n, conn) in enumerate(raw.items()):
                 cur = conn.cursor()
                 cur.execute(f"INSERT INTO bench_planted_{n} (id) VALUES (%s)", (i,))

@@ -40,6 +40,7 @@ from .routing import (
     Placement,
     RangeSharding,
 )
+from .scoping import ShardedScopedSession
 from .session import ShardedSession
 
 __version__ = "0.1.0"
@@ -72,6 +73,7 @@ __all__ = [
     "ShardKeyMissingError",
     "ShardSessionError",
     "ShardedQuery",
+    "ShardedScopedSession",
     "ShardedSession",
     "TransactionError",
     "UnknownShardError",

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.engine import NestedTransaction
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.session import (
     SessionTransaction,
     SessionTransactionOrigin,
@@ -20,7 +21,7 @@ from sqlalchemy.orm.session import (
 )
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.orm.state_changes import _StateChangeStates
-from sqlalchemy.util import safe_reraise
+from sqlalchemy.util import EMPTY_DICT, safe_reraise
 
 __all__ = [
     "coordinate",
@@ -106,7 +107,7 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     if statement.is_select:  # what ORMExecuteState.is_select / .load_options read
         active = orm_context.execution_options.get("_sa_orm_load_options")
     elif orm_context.is_update or orm_context.is_delete:
-        active = orm_context.update_delete_options
+        active = update_delete_options_of(orm_context)
     else:
         active = None
     if active is not None and active._identity_token is not None:
@@ -114,6 +115,20 @@ def explicit_shard_of(orm_context: ORMExecuteState) -> Any:
     if "_sa_shard_id" in orm_context.execution_options:
         return orm_context.execution_options["_sa_shard_id"]
     return orm_context.bind_arguments.get("shard_id")
+
+
+def update_delete_options_of(orm_context: ORMExecuteState) -> Any:
+    """The update/delete options of an UPDATE or DELETE execution, or ``None`` when
+    none were set (SQLAlchemy's defaults then apply: no identity token, autoflush).
+
+    ``ORMExecuteState.update_delete_options`` refuses an UPDATE or DELETE written as
+    ``lambda_stmt(lambda: update(...))`` or ``select(...).from_statement(update(...))``
+    (its check is ``isinstance(statement, (Update, Delete))``) although ``is_update`` /
+    ``is_delete`` are true for them and a plain Session runs them; this reads what that
+    property returns, the ``_sa_orm_update_options`` execution option (private; checked
+    on 2.1.9), for every form.
+    """
+    return orm_context.execution_options.get("_sa_orm_update_options")
 
 
 def route_identity_load(orm_context: ORMExecuteState, shards: Any, slow_option: str) -> bool:
@@ -256,11 +271,58 @@ class CoordinatedRoots(Session):
             return trans
         if not begin and not self.autobegin:
             return super()._autobegin_t(begin)  # SQLAlchemy's error
+        self._shardsession_root_begins()
         trans = _CoordinatedTransaction(
             self, SessionTransactionOrigin.BEGIN if begin else SessionTransactionOrigin.AUTOBEGIN
         )
         assert self._transaction is trans
         return trans
+
+    def _shardsession_root_begins(self) -> None:
+        """Called before each root transaction is created (a subclass's hook)."""
+
+
+class ForwardedIdentityLookup(Session):
+    """A sharded Session class whose identity-map lookups keep their ``passive`` flags.
+
+    Overrides ``Session._identity_lookup`` (private; the lookup of ``get()``, of a
+    many-to-one lazy load and of the unit of work's history checks) as
+    ``sqlalchemy.ext.horizontal_shard.ShardedSession`` does, asking the identity chooser
+    for the shards and looking in each one's part of the identity map, but passes every
+    argument on: SQLAlchemy's override (2.1.9) drops ``passive``, so a lookup that must
+    not emit SQL (``PASSIVE_NO_FETCH``: a flush checking the old parent of an expired
+    object) loads the expired object with a SELECT a plain Session does not send.
+    """
+
+    identity_chooser: Callable[..., Any]
+
+    def _identity_lookup(  # type: ignore[override]
+        self,
+        mapper: Mapper[Any],
+        primary_key_identity: Any,
+        identity_token: Any = None,
+        passive: Any = PassiveFlag.PASSIVE_OFF,
+        lazy_loaded_from: Any = None,
+        execution_options: Any = EMPTY_DICT,
+        bind_arguments: Any = None,
+        **kw: Any,
+    ) -> Any:
+        lookup = Session._identity_lookup
+        if identity_token is not None:
+            return lookup(self, mapper, primary_key_identity, identity_token, passive,
+                          lazy_loaded_from, execution_options, bind_arguments)
+        for shard_id in self.identity_chooser(
+            mapper,
+            primary_key_identity,
+            lazy_loaded_from=lazy_loaded_from,
+            execution_options=execution_options,
+            bind_arguments=dict(bind_arguments) if bind_arguments else {},
+        ):
+            found = lookup(self, mapper, primary_key_identity, shard_id, passive,
+                           lazy_loaded_from, execution_options, bind_arguments)
+            if found is not None:  # (the object, or "present but not loadable now")
+                return found
+        return None
 
 
 def coordinate(transaction: Any) -> None:
@@ -559,12 +621,25 @@ def class_orm_execute_listener_list(session_class: type[Session]) -> Sized:
     """
     fns = _class_listeners.get(session_class)
     if fns is None:
-        dispatch: Any = getattr(session_class.dispatch, "do_orm_execute")  # noqa: B009
-        fns = dispatch._clslevel.get(session_class)
-        if fns is None:
-            dispatch.update_subclass(session_class)
-            fns = dispatch._clslevel[session_class]
-        _class_listeners[session_class] = fns
+        fns = _class_listeners[session_class] = class_listener_list(
+            session_class, "do_orm_execute"
+        )
+    return fns
+
+
+def class_listener_list(session_class: type[Session], event_name: str) -> Collection[Any]:
+    """The class-level listeners of ``event_name`` a session class carries (with those
+    of its bases), as a live collection: see :func:`class_orm_execute_listener_list`.
+
+    SQLAlchemy clears these collections in place (``SessionEvents._clear()``, what its
+    test fixtures run after every test, empties every one of them) and never replaces
+    them, so a reference kept tells later whether a listener is still registered.
+    """
+    dispatch: Any = getattr(session_class.dispatch, event_name)
+    fns = dispatch._clslevel.get(session_class)
+    if fns is None:
+        dispatch.update_subclass(session_class)
+        fns = dispatch._clslevel[session_class]
     return fns  # type: ignore[no-any-return]
 
 
@@ -589,7 +664,8 @@ def orm_autoflush_requested(orm_context: ORMExecuteState) -> bool:
     if orm_context.is_select:
         return bool(orm_context.load_options._autoflush)
     if orm_context.is_update or orm_context.is_delete:
-        return bool(orm_context.update_delete_options._autoflush)
+        options = update_delete_options_of(orm_context)
+        return options is None or bool(options._autoflush)
     return True
 
 

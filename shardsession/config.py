@@ -17,15 +17,17 @@ The TOML format, kept simple at its core::
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import sessionmaker
 
+from .coordinator.xid import check_shard_ids
 from .exc import ConfigurationError
 from .routing.placement import Placement
 from .session import ShardedSession
@@ -42,6 +44,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = ["Cluster", "masked_url"]
 
+log = logging.getLogger(__name__)
+
 _CLUSTER_KEYS = {"atomic", "decider", "recovery_grace"}
 
 
@@ -51,6 +55,22 @@ def masked_url(url: str | URL) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL at all: never echo it, it may hold a secret
         return "<invalid URL>"
+
+
+def _sqlite_identity(dbapi_conn: Any, _record: Any) -> None:
+    """Store a SQLite shard's cluster identity on its first connection, before any
+    transaction: a transaction that writes SQLite first holds its file's lock, so the
+    identity could otherwise only commit with its first decision (see
+    :mod:`shardsession.coordinator.identity`)."""
+    from .backends import adapter_for
+    from .coordinator.identity import ensure_identity_here
+
+    try:
+        ensure_identity_here(adapter_for("sqlite"), dbapi_conn)
+        dbapi_conn.commit()
+    except Exception as e:  # read-only file, say: the coordinator tries again on use
+        log.info("SQLite cluster identity not stored on first connect: %s", e)
+        dbapi_conn.rollback()
 
 
 class Cluster:
@@ -63,7 +83,13 @@ class Cluster:
     :param recovery_grace: seconds a prepared branch may wait before recovery claims an
         abort for it (the claim itself is what decides, never the clock alone).
     :param engine_options: ``{shard_id: {create_engine keyword: value}}``.
-    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider.
+    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider, two
+        shard ids that would name the same decider inside an xid.
+
+    The cluster's identity, written into every xid, is not configured here: it is
+    generated once and stored next to each decider's decision table (see
+    :mod:`shardsession.coordinator.identity`; :meth:`identities` reads it), so two
+    deployments sharing one config file still have different identities.
     """
 
     def __init__(
@@ -83,6 +109,10 @@ class Cluster:
             raise ConfigurationError(f"decider {decider!r} is not one of the shards")
         if recovery_grace < 0:
             raise ConfigurationError("recovery_grace must be >= 0")
+        try:  # an xid names its decider by shard id: two ids must never name one
+            check_shard_ids(shards)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
         options = dict(engine_options or {})
         unknown = set(options) - set(shards)
         if unknown:
@@ -119,6 +149,8 @@ class Cluster:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
                 ) from e
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+                event.listen(self._engines[name], "first_connect", _sqlite_identity)
         self._coordinator: Any = None
 
     @classmethod
@@ -199,6 +231,14 @@ class Cluster:
             coordinator=self.coordinator(),
             **session_kw,
         )
+
+    def identities(self) -> dict[str, str | None]:
+        """The cluster identity stored on each shard (``None``: none stored yet); a shard
+        that cannot be read is left out (``shardsession status`` reports why)."""
+        from .coordinator.identity import read_identities
+
+        found, _errors = read_identities(self._engines)
+        return found
 
     def create_all(self, metadata: Any) -> None:
         """Create ``metadata``'s tables on every shard (idempotent)."""

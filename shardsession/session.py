@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Collection, Iterable, Mapping, Sized
 from typing import Any, Literal
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection, Result
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoInspectionAvailable
 from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.exc import NO_STATE, UnmappedClassError, UnmappedInstanceError
 
 from . import _bulk, _compat, _placed
 from ._execute import execute
@@ -45,6 +46,7 @@ from ._typing import (
 )
 from .coordinator import TransactionCoordinator, early
 from .coordinator.coordinator import begin_listener
+from .coordinator.xid import check_shard_ids
 from .exc import (
     ConfigurationError,
     NoShardChosenError,
@@ -61,7 +63,12 @@ log = logging.getLogger(__name__)
 AtomicMode = Literal["require", "best_effort"]
 
 
-class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShardedSession):
+class ShardedSession(
+    _compat.CoordinatedRoots,
+    _compat.RoutedBulkSaves,
+    _compat.ForwardedIdentityLookup,
+    _SAShardedSession,
+):
     """A Session whose data is spread over several databases.
 
     Accepts every argument of :class:`sqlalchemy.orm.Session` and of SQLAlchemy's
@@ -112,6 +119,7 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
         query_chooser: Callable[[Executable], Iterable[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
+        _ensure_hooks()
         # A sessionmaker passes the same arguments to every session: a configuration that
         # was validated once is applied from what that first session computed.
         key: Any = (type(self), id(shards), placement, shard_chooser, identity_chooser,
@@ -178,6 +186,10 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
             raise ArgumentError("shard_chooser is required (or pass placement=)")
         for name, bind in (shards or {}).items():
             self.bind_shard(name, bind)
+        try:  # an xid names its decider by shard id: two ids must never name one
+            check_shard_ids(shards or ())
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
         self._coordinator = _coordinator_for(self, coordinator, decider)
         if key is not None and shards and id_chooser is None:  # (the legacy wrapper
             # of id_chooser refers to this session: it cannot be shared)
@@ -188,6 +200,11 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
                 tuple(getattr(self, name) for name in _SHARED_ATTRIBUTES),
                 listeners,
             )
+
+    def _shardsession_root_begins(self) -> None:
+        # (a session created before its class's listeners were cleared gets them back
+        # before its next transaction: see _install_hooks)
+        _ensure_hooks()
 
     def _route_if_other_listeners(self, class_listeners: Sized) -> None:
         # Our executor is a class-level listener (no per-session registration cost) as
@@ -236,11 +253,21 @@ class ShardedSession(_compat.CoordinatedRoots, _compat.RoutedBulkSaves, _SAShard
 
     def _shard_for(self, mapper: Any, instance: Any, **kw: Any) -> str:
         if instance is not None:
-            state = instance_state(instance)
+            try:
+                state = instance_state(instance)
+            except NO_STATE as err:  # (what Session.add() raises for it)
+                raise UnmappedInstanceError(instance) from err
             token = _compat.identity_token_of(state)
             if token is not None:
                 return token if token in self._shards else self._check_shard(token)
-        if not isinstance(mapper, Mapper):
+            if mapper is None:
+                mapper = state.mapper
+        if mapper is not None and not isinstance(mapper, Mapper):
+            mapper = _mapper_of(mapper)
+        if mapper is None:
+            if len(self._shards) == 1:  # nothing to choose from: the one shard, as a
+                only: str = next(iter(self._shards))  # plain Session's one bind
+                return only
             raise RoutingError(
                 "cannot choose a shard without a mapper or instance; pass "
                 "bind_arguments={'shard_id': ...}",
@@ -363,6 +390,27 @@ _SHARED_ATTRIBUTES = ("_placement", "atomic", "fanout_max_workers", "fanout_time
                       "shard_chooser", "identity_chooser", "execute_chooser", "_coordinator")
 
 
+def _mapper_of(entity: Any) -> Mapper[Any]:
+    """The mapper of a mapped class, aliased class or mapper, read as
+    :meth:`Session.get_bind` reads its ``mapper`` argument (an unmapped class raises
+    :class:`~sqlalchemy.orm.exc.UnmappedClassError`, anything else that cannot be
+    inspected :class:`~sqlalchemy.exc.NoInspectionAvailable`)."""
+    try:
+        inspected = inspect(entity)
+    except NoInspectionAvailable as err:
+        if isinstance(entity, type):
+            raise UnmappedClassError(entity) from err
+        raise
+    mapper = getattr(inspected, "mapper", None)
+    if not isinstance(mapper, Mapper):
+        raise RoutingError(
+            f"cannot choose a shard for {entity!r}: not a mapped class or mapper; pass "
+            "bind_arguments={'shard_id': ...}",
+            shard_id=None,
+        )
+    return mapper
+
+
 def _engine_of(bind: Any) -> Any:
     return getattr(bind, "engine", bind)
 
@@ -401,10 +449,15 @@ def _coordinator_for(session: ShardedSession, coordinator: Any, decider: str | N
 
 
 # (The listeners below are registered on ShardedSession: ``session`` is one, and its
-# class defaults cover the attributes __init__ sets.)
+# class defaults cover the attributes __init__ sets. Each accepts being called with other
+# arguments, or none: ``session.dispatch.before_flush()`` calls every class-level listener
+# of the event with whatever it is given, and a plain Session's listeners are then not
+# reached with an error of ours.)
 
 
-def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+def _before_flush(session: Any = None, *args: Any) -> None:
+    if not isinstance(session, ShardedSession):
+        return
     placement = session._placement
     if placement is not None:
         written = place_flush(session, placement, session._shards)
@@ -412,7 +465,9 @@ def _before_flush(session: Any, flush_context: Any, instances: Any) -> None:
             session._early = session._coordinator.begin_early(session, written)
 
 
-def _after_flush(session: Any, flush_context: Any) -> None:
+def _after_flush(session: Any = None, *args: Any) -> None:
+    if not isinstance(session, ShardedSession):
+        return
     if session._early:
         early.join(session._early)
     placement = session._placement
@@ -420,7 +475,16 @@ def _after_flush(session: Any, flush_context: Any) -> None:
         replicate_broadcast(session, placement)
 
 
-def _execute_from_class(orm_context: ORMExecuteState) -> Result[Any] | None:
+def _after_begin(
+    session: Any = None, transaction: Any = None, connection: Any = None, *args: Any
+) -> None:
+    if connection is not None and isinstance(session, ShardedSession):
+        begin_listener(session, transaction, connection)
+
+
+def _execute_from_class(orm_context: ORMExecuteState | None = None) -> Result[Any] | None:
+    if orm_context is None:
+        return None
     session: Any = orm_context.session
     if session._route_on_instance:
         return None  # the instance-level registration routes (after other listeners)
@@ -429,24 +493,61 @@ def _execute_from_class(orm_context: ORMExecuteState) -> Result[Any] | None:
     return execute(orm_context)
 
 
-# Class-level listeners: registered once, they apply to every ShardedSession (and subclass)
-# instance without the per-instance registration cost.
-event.listen(ShardedSession, "do_orm_execute", _execute_from_class, retval=True)
-event.listen(ShardedSession, "before_flush", _before_flush)
-event.listen(ShardedSession, "after_flush", _after_flush)
-
-
-def _forget_shard(session: Any, instance: Any) -> None:
+def _forget_shard(session: Any = None, instance: Any = None) -> None:
     # An object added as new is placed anew: a shard it carries from an earlier life
     # (make_transient() keeps InstanceState.identity_token, and so does a rollback of
     # its INSERT) belonged to the key it had then, which may have changed since.
+    if instance is None:  # (a dispatch call that is not about an object of ours)
+        return
     state = instance_state(instance)
     if state.identity_token is not None:
         _compat.set_identity_token(state, None)
 
 
-event.listen(ShardedSession, "transient_to_pending", _forget_shard)
-event.listen(ShardedSession, "after_begin", begin_listener)
-# (No after_transaction_create listener: ShardedSession's root transactions are born
-# coordinated, see _compat.CoordinatedRoots. No after_transaction_end listener: a
-# coordinated root transaction ends its global transaction in its own close().)
+# Class-level listeners: registered once, they apply to every ShardedSession (and subclass)
+# instance without the per-instance registration cost (an instance-level listen() costs
+# some 8 us per event and session). (No after_transaction_create listener:
+# ShardedSession's root transactions are born coordinated, see _compat.CoordinatedRoots.
+# No after_transaction_end listener: a coordinated root transaction ends its global
+# transaction in its own close().)
+_HOOKS: tuple[tuple[str, Callable[..., Any], dict[str, Any]], ...] = (
+    ("do_orm_execute", _execute_from_class, {"retval": True}),
+    ("before_flush", _before_flush, {}),
+    ("after_flush", _after_flush, {}),
+    ("after_begin", _after_begin, {}),
+    ("transient_to_pending", _forget_shard, {}),
+)
+#: (the live class-level listener collection of ShardedSession, our listener) per hook
+_HOOK_CHECKS: tuple[tuple[Collection[Any], Callable[..., Any]], ...] = ()
+_hooks_lock = threading.Lock()
+
+
+def _install_hooks() -> None:
+    """Register the hooks that are missing from ShardedSession's class-level listeners.
+
+    A user's test suite may remove every class-level Session listener between tests
+    (SQLAlchemy's own fixtures run ``SessionEvents._clear()`` after each test, which
+    empties the collections of every Session class, ours included): without these hooks
+    a session would neither route statements nor run the commit protocol. Every new
+    session and every new root transaction checks (one membership test per hook) and
+    puts back what is missing. Re-registering on ShardedSession reaches its subclasses
+    (sessionmakers' classes) too.
+    """
+    global _HOOK_CHECKS
+    with _hooks_lock:  # (two sessions healing at once must not register a hook twice)
+        for name, fn, kw in _HOOKS:
+            if fn not in _compat.class_listener_list(ShardedSession, name):
+                event.listen(ShardedSession, name, fn, **kw)
+        _HOOK_CHECKS = tuple(
+            (_compat.class_listener_list(ShardedSession, name), fn) for name, fn, _kw in _HOOKS
+        )
+
+
+def _ensure_hooks() -> None:
+    for listeners, fn in _HOOK_CHECKS:
+        if fn not in listeners:
+            _install_hooks()
+            return
+
+
+_install_hooks()

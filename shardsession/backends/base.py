@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = [
+    "CLUSTER_TABLE",
     "DECISION_TABLE",
     "BackendAdapter",
     "Capabilities",
@@ -27,6 +28,8 @@ __all__ = [
 
 #: name of the decision table created on deciders (and by ``create-all``)
 DECISION_TABLE = "shardsession_decisions"
+#: one-row table next to it holding the identity written into every xid decided there
+CLUSTER_TABLE = "shardsession_cluster"
 
 
 class Outcome:
@@ -42,21 +45,31 @@ class InDoubt:
 
     ``raw`` is a GID ``str`` (PostgreSQL) or the ``XA RECOVER`` row
     ``(formatID, gtrid_length, bqual_length, data)``; it is untrusted, parsed strictly by
-    the coordinator and never executed. ``age`` is in seconds where the server knows it.
+    the coordinator and never executed. ``age`` is in seconds where the server knows it
+    (by its own clock). ``blocked`` says why this connection's role cannot finish it
+    (PostgreSQL: prepared by another role, and the role listing is not a superuser).
     """
 
     raw: Any
     age: float | None = None
+    owner: str | None = None
+    blocked: str | None = None
 
 
 @dataclass(frozen=True)
 class DecisionRow:
-    """One row of the decision table."""
+    """One row of the decision table.
+
+    ``decided_at`` ``None`` on insert means "the server's clock now" (abort claims: they
+    are aged by the server that holds them, never by a coordinator's clock). ``age`` is
+    filled on reading: seconds since ``decided_at`` by the server's clock.
+    """
 
     gtrid: str
     outcome: str
-    decided_at: float
+    decided_at: float | None
     participants: str = ""
+    age: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -77,6 +90,9 @@ class BackendAdapter(Protocol):
     xid_at_begin: bool
     #: a branch left prepared keeps the session busy: the connection must be discarded
     prepared_blocks_connection: bool
+    #: :meth:`wrote_on_server` costs a round trip (run in parallel, in worker threads);
+    #: otherwise it is asked of the driver, in the thread that owns the connection
+    wrote_asks_server: bool
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
         """Detect whether this server can prepare (may run a query)."""
@@ -112,6 +128,49 @@ class BackendAdapter(Protocol):
 
     def commit_one_phase(self, dbapi_conn: Any, xid: Any | None) -> None:
         """Commit the active branch without PREPARE."""
+        ...
+
+    def commit_refused(self, error: BaseException) -> bool:
+        """Whether ``error``, raised by :meth:`commit_one_phase`, is the server's definite
+        answer that the transaction did not commit.
+
+        ``False`` for everything else: a lost connection, an exception a signal handler
+        raised while the driver waited (a task time limit, ``KeyboardInterrupt``), a driver
+        bug. Once COMMIT may have been sent, only such an answer means "not committed".
+        """
+        ...
+
+    def transaction_problem(self, dbapi_conn: Any) -> str | None:
+        """Why the connection's current transaction can no longer commit what it did
+        (the server aborted it), from what the driver knows without a round trip;
+        ``None`` when nothing says so."""
+        ...
+
+    def lost_transaction(self, dbapi_conn: Any, error: BaseException) -> str | None:
+        """Why ``error``, raised earlier in the connection's current transaction (and
+        caught by the application), made the server roll the whole transaction back;
+        ``None`` when it did not. May ask the server (rare: only after such an error)."""
+        ...
+
+    def write_mark(self, dbapi_conn: Any) -> Any:
+        """A driver-side mark taken when a branch begins, for :meth:`wrote_on_server`
+        (``None`` where the server keeps the answer per transaction)."""
+        ...
+
+    def wrote_on_server(self, dbapi_conn: Any, mark: Any) -> bool | None:
+        """Ask the server whether the connection's current transaction wrote anything,
+        ``mark`` being :meth:`write_mark`'s at its start (``None``: it cannot tell; the
+        caller then takes it as a writer)."""
+        ...
+
+    def session_id(self, dbapi_conn: Any) -> Any | None:
+        """The server's id of the connection's session, known to the driver (no round
+        trip), for :meth:`end_session`; ``None`` if unknown."""
+        ...
+
+    def end_session(self, dbapi_conn: Any, session_id: Any) -> None:
+        """From another (autocommit) connection: end the server session ``session_id``,
+        so that its open transaction, if any, rolls back and releases its locks."""
         ...
 
     def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
@@ -163,6 +222,22 @@ class BackendAdapter(Protocol):
 
     def delete_decisions(self, dbapi_conn: Any, gtrids: Sequence[str]) -> int:
         """Delete decision rows (autocommit connection); return how many."""
+        ...
+
+    def ensure_cluster_table(self, dbapi_conn: Any) -> None:
+        """Create the cluster identity table if missing."""
+        ...
+
+    def read_cluster_id(self, dbapi_conn: Any) -> str | None:
+        """The stored cluster identity (``None``: none stored; the table may be missing)."""
+        ...
+
+    def insert_cluster_id(self, dbapi_conn: Any, cluster_id: str) -> None:
+        """Store the cluster identity (a duplicate key if one is stored already)."""
+        ...
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        """Server settings under which a committed decision could be lost on a crash."""
         ...
 
     def is_unknown_xid(self, error: BaseException) -> bool:

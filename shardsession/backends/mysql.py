@@ -15,23 +15,38 @@ Server rules followed here (checked on MariaDB 10.11):
   branch must be ended with ``XA END`` + ``XA ROLLBACK`` first, and a connection whose
   branch is left prepared for recovery cannot be reused: it must be discarded;
 * an unknown xid is 1397 XAER_NOTA (already finished, or never prepared);
-* ``XA RECOVER`` lists the prepared branches of the whole server, not of one database.
+* ``XA RECOVER`` lists the prepared branches of the whole server, not of one database,
+  and any user may finish any of them (``XA_RECOVER_ADMIN`` on MySQL 8 only restricts
+  the listing): everyone with an account on the server is inside the trust boundary;
+* a branch prepared on a connection that is still open (a live or hung coordinator)
+  is listed by ``XA RECOVER`` but answers ``XA COMMIT`` from another connection with
+  1397 as if it were unknown: 1397 alone never proves a branch finished;
+* before MariaDB 10.5 and MySQL 5.7.7 a prepared branch is rolled back when its
+  connection ends: those servers are refused as prepared participants
+  (:func:`xa_version_problem`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
-__all__ = ["MySQLAdapter"]
+__all__ = ["MySQLAdapter", "xa_version_problem"]
 
 XAER_NOTA = 1397
 XAER_RMFAIL = 1399
 DUP_ENTRY = 1062
 LOCK_WAIT_TIMEOUT = 1205
+DEADLOCK = 1213
+#: server errors that may answer a COMMIT which happened or may still happen: shutdown,
+#: interrupted query, aborted or killed connection, network errors
+_UNKNOWN_ERRNOS = frozenset({1053, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
+                             1161, 1317, 1927})
+_DRIVERS = frozenset({"pymysql", "MySQLdb", "mysql", "mariadb"})
 _TOO_WEAK = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 _DDL = (
@@ -43,12 +58,44 @@ _DDL = (
 )
 
 
+_VERSION_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+def xa_version_problem(version: str) -> str | None:
+    """Why a server reporting ``version`` (``SELECT VERSION()``) cannot keep a prepared XA
+    branch across a disconnect, or ``None`` when it can (MariaDB >= 10.5, MySQL >= 5.7.7).
+
+    MariaDB's replication prefix (``5.5.5-10.4.3-MariaDB``) is skipped; an unreadable
+    version is refused (nothing is assumed).
+    """
+    text = str(version)
+    mariadb = "mariadb" in text.lower()
+    if mariadb and text.startswith("5.5.5-"):
+        text = text[len("5.5.5-"):]
+    m = _VERSION_RE.match(text)
+    if m is None:
+        return f"cannot read the server version {version!r}: prepared XA durability unknown"
+    v = tuple(int(g) for g in m.groups())
+    if mariadb and v < (10, 5, 0):
+        return (f"MariaDB {m.group(0)} rolls a prepared XA branch back when its connection "
+                "ends (fixed in 10.5): it cannot take part in two-phase commit")
+    if not mariadb and v < (5, 7, 7):
+        return (f"MySQL {m.group(0)} rolls a prepared XA branch back when its connection "
+                "ends (fixed in 5.7.7): it cannot take part in two-phase commit")
+    return None
+
+
 def _errno(error: BaseException) -> int | None:
     err = getattr(error, "orig", None) or error
     args = getattr(err, "args", ())
     if args and isinstance(args[0], int):
         return args[0]
     return None
+
+
+def _is_driver_error(error: BaseException) -> bool:
+    err = getattr(error, "orig", None) or error
+    return any(c.__module__.split(".", 1)[0] in _DRIVERS for c in type(err).__mro__)
 
 
 def _server_info(dbapi_conn: Any) -> Any:
@@ -60,8 +107,10 @@ class MySQLAdapter(DecisionTableSQL):
     """Two-phase commit on MySQL/MariaDB through XA."""
 
     name = "mysql"
+    now_sql = "UNIX_TIMESTAMP(NOW(6))"
     xid_at_begin = True
     prepared_blocks_connection = True
+    wrote_asks_server = False
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] | None = None) -> Any:
         cur = dbapi_conn.cursor()
@@ -72,7 +121,25 @@ class MySQLAdapter(DecisionTableSQL):
             cur.close()
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
-        return Capabilities(True)
+        rows = self._exec(dbapi_conn, "SELECT VERSION()")
+        version = str(rows[0][0]) if rows else ""
+        problem = xa_version_problem(version)
+        if problem is not None:
+            return Capabilities(False, problem, {"version": version})
+        return Capabilities(True, None, {"version": version})
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        rows = self._exec(dbapi_conn,
+                          "SELECT @@innodb_flush_log_at_trx_commit, @@log_bin, @@sync_binlog")
+        flush, log_bin, sync_binlog = rows[0] if rows else (1, 0, 1)
+        out = []
+        if int(flush) != 1:
+            out.append(f"innodb_flush_log_at_trx_commit = {flush} (not 1): a committed "
+                       "decision or prepared branch can be lost if the server crashes")
+        if int(log_bin) and int(sync_binlog) != 1:
+            out.append(f"binary log on with sync_binlog = {sync_binlog} (not 1): a prepared "
+                       "or committed XA branch can be lost if the server crashes")
+        return out
 
     def begin_branch(self, dbapi_conn: Any, xid: Any) -> None:
         self._exec(dbapi_conn, f"XA START {xid.xa_literal}")
@@ -101,6 +168,55 @@ class MySQLAdapter(DecisionTableSQL):
             return
         self._exec(dbapi_conn, f"XA END {xid.xa_literal}")
         self._exec(dbapi_conn, f"XA COMMIT {xid.xa_literal} ONE PHASE")
+
+    def commit_refused(self, error: BaseException) -> bool:
+        # A server error code (client-side errors are 2000-2999: the reply was lost)
+        # that cannot have followed a commit.
+        if not _is_driver_error(error):
+            return False
+        code = _errno(error)
+        return (code is not None and (1000 <= code < 2000 or code >= 3000)
+                and code not in _UNKNOWN_ERRNOS)
+
+    def transaction_problem(self, dbapi_conn: Any) -> str | None:
+        return None  # the server's verdict comes with the error: see lost_transaction
+
+    def lost_transaction(self, dbapi_conn: Any, error: BaseException) -> str | None:
+        code = _errno(error)
+        if code == DEADLOCK:
+            return "a deadlock (1213) made the server roll the whole transaction back"
+        if code == LOCK_WAIT_TIMEOUT:
+            rows = self._exec(dbapi_conn, "SELECT @@innodb_rollback_on_timeout")
+            if rows and int(rows[0][0]):
+                return ("a lock wait timeout (1205) with innodb_rollback_on_timeout made "
+                        "the server roll the whole transaction back")
+        return None
+
+    def write_mark(self, dbapi_conn: Any) -> Any:
+        return None
+
+    def wrote_on_server(self, dbapi_conn: Any, mark: Any) -> bool | None:
+        # MariaDB has no exact per-transaction answer: information_schema.innodb_trx
+        # (trx_rows_modified) is a snapshot refreshed at most every 0.1 s, so it reports
+        # a connection's previous transaction, and it needs the PROCESS privilege. So
+        # the statements are judged conservatively instead (a SELECT calling anything but
+        # a known SQL function counts as a write: see the coordinator's _is_write), and
+        # the server adds nothing here.
+        return False
+
+    def session_id(self, dbapi_conn: Any) -> Any | None:
+        get = getattr(dbapi_conn, "thread_id", None)
+        try:
+            return int(get()) if get is not None else None
+        except Exception:
+            return None
+
+    def end_session(self, dbapi_conn: Any, session_id: Any) -> None:
+        try:
+            self._exec(dbapi_conn, f"KILL CONNECTION {int(session_id):d}")
+        except Exception as e:
+            if _errno(e) != 1094:  # unknown thread id: it has ended already
+                raise
 
     def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
         if xid is None:

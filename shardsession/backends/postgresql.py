@@ -42,6 +42,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..exc import TransactionError
 from ._decisions import DecisionTableSQL
 from .base import DECISION_TABLE, Capabilities, DecisionRow, InDoubt
 
@@ -52,6 +53,19 @@ _UNDEFINED_TABLE = "42P01"
 _UNIQUE_VIOLATION = "23505"
 _OBJECT_IN_USE = "55000"
 _LOCK_NOT_AVAILABLE = "55P03"
+#: SQLSTATE classes an answer to COMMIT may carry although the commit happened or may
+#: still happen (connection exception, operator intervention, system and internal errors)
+_UNKNOWN_CLASSES = frozenset({"08", "57", "58", "XX"})
+#: libpq's PQTRANS_INTRANS / _INERROR / _UNKNOWN (psycopg2 TRANSACTION_STATUS_* and psycopg 3
+#: ``pq.TransactionStatus`` share the values)
+_PQTRANS_INTRANS = 2
+_PQTRANS_INERROR = 3
+_PQTRANS_UNKNOWN = 4
+#: seconds a decider's session may sit idle inside the transaction holding an uncommitted
+#: decision row (between the row's INSERT and its COMMIT) before the server ends it: the
+#: bound on how long a coordinator that vanished mid-commit (a half-open connection)
+#: blocks recovery's abort claim on that row
+DECIDER_IDLE_TIMEOUT = 60.0
 #: psycopg2.extensions.STATUS_READY: no transaction open in the driver
 _PSYCOPG2_STATUS_READY = 1
 #: libpq's PQTRANS_IDLE (psycopg 3 ``pq.TransactionStatus.IDLE``)
@@ -108,6 +122,16 @@ def _sqlstate(error: BaseException) -> str | None:
     return None
 
 
+def _transaction_status(dbapi_conn: Any) -> int | None:
+    """libpq's transaction status as the driver knows it (no round trip), or ``None``."""
+    driver = _driver(dbapi_conn)
+    if driver == "psycopg2":
+        return int(dbapi_conn.get_transaction_status())
+    if driver == "psycopg":
+        return int(dbapi_conn.info.transaction_status)
+    return None
+
+
 def _begins_next(dbapi_conn: Any) -> bool:
     """Whether the driver will send ``BEGIN`` (a round trip of its own) before the next
     statement on ``dbapi_conn``: not in autocommit mode, and no transaction open as far
@@ -124,8 +148,10 @@ class PostgreSQLAdapter(DecisionTableSQL):
     """Two-phase commit on PostgreSQL (``max_prepared_transactions`` > 0)."""
 
     name = "postgresql"
+    now_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
     xid_at_begin = False
     prepared_blocks_connection = False
+    wrote_asks_server = True
 
     def detect(self, dbapi_conn: Any) -> Capabilities:
         cur = _cursor(dbapi_conn)
@@ -176,7 +202,73 @@ class PostgreSQLAdapter(DecisionTableSQL):
             cur.close()
 
     def prepare(self, dbapi_conn: Any, xid: Any) -> None:
-        self._exec(dbapi_conn, "PREPARE TRANSACTION %s", (xid.gid,))
+        problem = self.transaction_problem(dbapi_conn)
+        if problem is not None:
+            raise TransactionError(f"cannot prepare: {problem}")
+        cur = _cursor(dbapi_conn)
+        try:
+            cur.execute("PREPARE TRANSACTION %s", (xid.gid,))
+            status = cur.statusmessage
+        finally:
+            cur.close()
+        # PREPARE TRANSACTION in an aborted transaction is answered ROLLBACK, no error:
+        # nothing was prepared and the branch's work is gone.
+        if status is not None and str(status).upper().startswith("ROLLBACK"):
+            raise TransactionError(
+                "PREPARE TRANSACTION was answered ROLLBACK: the server had aborted this "
+                "transaction; its work is lost")
+
+    def commit_refused(self, error: BaseException) -> bool:
+        # Only an error the server sent (it has a SQLSTATE) says the COMMIT was refused:
+        # a deferred constraint, a serialization failure. A lost connection has none.
+        code = _sqlstate(error)
+        return code is not None and code[:2] not in _UNKNOWN_CLASSES
+
+    def transaction_problem(self, dbapi_conn: Any) -> str | None:
+        status = _transaction_status(dbapi_conn)
+        if status == _PQTRANS_INERROR:
+            return ("the server aborted this transaction (a statement failed in it and "
+                    "the transaction went on); PostgreSQL would answer its COMMIT or "
+                    "PREPARE with ROLLBACK, and its work is lost")
+        if status == _PQTRANS_UNKNOWN:
+            return "the connection is bad (libpq transaction status UNKNOWN)"
+        return None
+
+    def lost_transaction(self, dbapi_conn: Any, error: BaseException) -> str | None:
+        return None  # an aborted transaction stays INERROR: see transaction_problem
+
+    def write_mark(self, dbapi_conn: Any) -> Any:
+        return None
+
+    def wrote_on_server(self, dbapi_conn: Any, mark: Any) -> bool | None:
+        status = _transaction_status(dbapi_conn)
+        if status == _PQTRANS_IDLE:
+            return False  # no transaction open: nothing ran in it, nothing was written
+        if status != _PQTRANS_INTRANS:
+            return None  # aborted or unusable: transaction_problem says why
+        cur = _cursor(dbapi_conn)
+        try:
+            # A transaction id is assigned at the first write of any kind (a row written
+            # by a function called in a SELECT too; a row lock by FOR UPDATE as well).
+            cur.execute("SELECT txid_current_if_assigned() IS NOT NULL")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        return bool(row[0]) if row else None
+
+    def session_id(self, dbapi_conn: Any) -> Any | None:
+        driver = _driver(dbapi_conn)
+        try:
+            if driver == "psycopg2":
+                return int(dbapi_conn.get_backend_pid())
+            if driver == "psycopg":
+                return int(dbapi_conn.info.backend_pid)
+        except Exception:
+            return None
+        return None
+
+    def end_session(self, dbapi_conn: Any, session_id: Any) -> None:
+        self._exec(dbapi_conn, "SELECT pg_terminate_backend(%s)", (int(session_id),))
 
     def settle_prepared(self, dbapi_conn: Any) -> None:
         # After PREPARE TRANSACTION the server session is idle but psycopg2 still
@@ -227,16 +319,40 @@ class PostgreSQLAdapter(DecisionTableSQL):
         return True
 
     def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        # COMMIT/ROLLBACK PREPARED is allowed to the preparing role and to superusers
+        # only: a branch this role cannot finish is marked, not attempted blindly.
         cur = _cursor(dbapi_conn)
         try:
             cur.execute(
-                "SELECT gid, EXTRACT(EPOCH FROM (now() - prepared)) "
-                "FROM pg_prepared_xacts WHERE database = current_database()"
+                "SELECT p.gid, EXTRACT(EPOCH FROM (now() - p.prepared)), p.owner::text, "
+                "current_user::text, COALESCE((SELECT rolsuper FROM pg_roles "
+                "WHERE rolname = current_user), false) "
+                "FROM pg_prepared_xacts p WHERE p.database = current_database()"
             )
             rows = cur.fetchall()
         finally:
             cur.close()
-        return [InDoubt(gid, float(age) if age is not None else None) for gid, age in rows]
+        out = []
+        for gid, age, owner, me, superuser in rows:
+            blocked = None
+            if owner != me and not superuser:
+                blocked = (f"prepared by role {owner!r}; role {me!r} is neither that role nor "
+                           "a superuser and cannot finish it")
+            out.append(InDoubt(gid, float(age) if age is not None else None, owner, blocked))
+        return out
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        cur = _cursor(dbapi_conn)
+        try:
+            cur.execute("SHOW synchronous_commit")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        if row and str(row[0]) == "off":
+            return ["synchronous_commit = off for this role: ordinary commits can be lost "
+                    "on a crash (decision commits force it on with SET LOCAL, prepared "
+                    "branches flush anyway)"]
+        return []
 
     def server_key(self, dbapi_conn: Any, url_key: str) -> str:
         # Listing is per database, so each database is its own namespace for recovery.
@@ -257,9 +373,10 @@ class PostgreSQLAdapter(DecisionTableSQL):
         # durable even where the server or role runs with synchronous_commit = off; the
         # setting ends with the transaction, so nothing leaks into the pool. One string,
         # one round trip (client-side binding, see _cursor).
-        timeout = ""
+        timeout = ("SET LOCAL idle_in_transaction_session_timeout = "
+                   f"{int(DECIDER_IDLE_TIMEOUT * 1000):d}; ")
         if lock_timeout is not None:
-            timeout = f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000)):d}; "
+            timeout += f"SET LOCAL lock_timeout = {max(1, int(lock_timeout * 1000)):d}; "
         self._exec(
             dbapi_conn,
             self._insert_decision_sql(f"SET LOCAL synchronous_commit TO on; {timeout}"),

@@ -33,8 +33,10 @@ class SQLiteAdapter(DecisionTableSQL):
 
     name = "sqlite"
     placeholder = "?"
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
     xid_at_begin = False
     prepared_blocks_connection = False
+    wrote_asks_server = False
 
     def _exec(self, dbapi_conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         cur = dbapi_conn.cursor()
@@ -79,6 +81,39 @@ class SQLiteAdapter(DecisionTableSQL):
         finally:
             self._exec(dbapi_conn, f"PRAGMA synchronous = {level:d}")
 
+    def commit_refused(self, error: BaseException) -> bool:
+        # An in-process library: an error from COMMIT means it did not commit (SQLite
+        # rolls a failed commit back, or leaves the transaction open on SQLITE_BUSY).
+        import sqlite3
+
+        return isinstance(getattr(error, "orig", None) or error, sqlite3.Error)
+
+    def transaction_problem(self, dbapi_conn: Any) -> str | None:
+        return None
+
+    def lost_transaction(self, dbapi_conn: Any, error: BaseException) -> str | None:
+        # SQLite rolls the whole transaction back on some errors (SQLITE_FULL, IOERR,
+        # NOMEM, a RAISE(ROLLBACK) trigger): the connection then has none open.
+        if not dbapi_conn.in_transaction:
+            return f"SQLite rolled the transaction back after an error ({error})"
+        return None
+
+    def write_mark(self, dbapi_conn: Any) -> Any:
+        return int(dbapi_conn.total_changes)
+
+    def wrote_on_server(self, dbapi_conn: Any, mark: Any) -> bool | None:
+        # total_changes counts every row changed on the connection since it opened
+        # (triggers and foreign key actions included): compare with the branch's start.
+        if mark is None:
+            return None
+        return int(dbapi_conn.total_changes) > int(mark)
+
+    def session_id(self, dbapi_conn: Any) -> Any | None:
+        return None
+
+    def end_session(self, dbapi_conn: Any, session_id: Any) -> None:
+        return None
+
     def rollback_active(self, dbapi_conn: Any, xid: Any | None) -> None:
         return None
 
@@ -86,6 +121,10 @@ class SQLiteAdapter(DecisionTableSQL):
         return False
 
     def list_in_doubt(self, dbapi_conn: Any) -> list[InDoubt]:
+        return []
+
+    def durability_warnings(self, dbapi_conn: Any) -> list[str]:
+        # The decider's commit forces synchronous = FULL itself (commit_one_phase).
         return []
 
     def server_key(self, dbapi_conn: Any, url_key: str) -> str:

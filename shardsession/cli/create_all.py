@@ -1,5 +1,6 @@
-"""``shardsession create-all``: create the decision table (and, optionally, the
-application's tables) on every shard of a cluster, and say which shards can prepare.
+"""``shardsession create-all``: create the decision table and the cluster identity (and,
+optionally, the application's tables) on every shard of a cluster, say which shards can
+prepare, and warn about server settings that could lose a committed decision in a crash.
 
 Exit status: 0 when every shard is set up, 1 when a shard failed, 2 on a configuration
 error (unreadable file, unknown ``--metadata`` object).
@@ -53,6 +54,7 @@ def cmd_create_all(args: argparse.Namespace) -> int:
         return 2
     engines = cluster.engines
     code = 0
+    identities: dict[str, str | None] = {}
     try:
         for setup in prepare_shards(engines):
             if setup.failed:
@@ -70,9 +72,18 @@ def cmd_create_all(args: argparse.Namespace) -> int:
                     continue
             prepare = "can prepare" if setup.can_prepare else f"cannot prepare ({setup.reason})"
             print(f"{setup.shard}: decision table ready{tables}; {prepare}")
+            for w in setup.warnings:
+                print(f"warning: {setup.shard}: {w}")
+            identities[setup.shard] = setup.identity
     finally:
         for engine in set(engines.values()):
             engine.dispose()
+    distinct = set(identities.values())
+    if len(distinct) == 1:
+        print(f"cluster identity: {distinct.pop()}")
+    else:  # shards that already had different identities keep them (xids name them)
+        for shard, identity in identities.items():
+            print(f"{shard}: cluster identity {identity}")
     return code
 
 

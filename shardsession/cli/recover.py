@@ -9,8 +9,15 @@ The configuration file is TOML with one table per shard::
     url = "mysql+pymysql://app:secret@db-us/app"
 
 Shard names must be the shard ids the application uses (the decider of a transaction is
-found by its shard id). Exit status: 0 when every prepared transaction of ours is
-resolved, 1 when some are left in doubt or errors occurred, 2 on a configuration error.
+found by its shard id), and a transaction is ours only when that decider's database stores
+the cluster identity its xid carries: prepared transactions of other applications and
+other clusters on the same servers are reported as foreign and never touched.
+
+Exit status of ``recover``: 0 only when nothing of ours is left in doubt (a second listing
+after acting shows every branch it finished gone, and no decision row names a shard this
+configuration lacks), 1 when something is left in doubt or errors occurred, 2 on a
+configuration error. ``status``: 0 when nothing of ours is in doubt, 1 otherwise or when
+a shard cannot be listed, 2 on a configuration error.
 """
 
 from __future__ import annotations
@@ -25,11 +32,15 @@ from typing import Any
 
 from ..config import Cluster
 from ..coordinator.recovery import RecoveryReport, in_doubt, recover
+from ..coordinator.setup import shard_health
 from ..exc import ConfigurationError
 
 __all__ = ["add_arguments", "cmd_recover", "cmd_status", "load_cluster"]
 
 log = logging.getLogger(__name__)
+
+#: foreign prepared transactions listed by name in a report (a shared server may hold many)
+_FOREIGN_SHOWN = 20
 
 
 def load_cluster(path: str) -> Cluster:
@@ -49,6 +60,14 @@ def _print_report(report: RecoveryReport) -> None:
     )
     for ref, reason in report.left_alone:
         print(f"  left in doubt: {ref.shard} {ref.gtrid}.{ref.bqual} ({reason})")
+    for shard, gtrid, reason in report.decisions_kept:
+        print(f"  decision kept: {shard} {gtrid} ({reason})")
+    for shard, ident in report.foreign_ids[:_FOREIGN_SHOWN]:
+        print(f"  foreign (not touched): {shard} {ident}")
+    if len(report.foreign_ids) > _FOREIGN_SHOWN:
+        print(f"  ... and {len(report.foreign_ids) - _FOREIGN_SHOWN} more foreign")
+    if report.legacy_rows_kept:
+        print(f"  legacy decision rows kept: {report.legacy_rows_kept}")
     for err in report.errors:
         print(f"  error: {err}")
 
@@ -74,7 +93,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                report = recover(engines, grace_period=grace)
+                report = recover(engines, grace_period=grace, claim_legacy=args.claim_legacy)
             except Exception as e:  # keep the worker alive across transient failures
                 log.exception("recovery pass failed")
                 print(f"recovery pass failed: {type(e).__name__}: {e}")
@@ -99,6 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"shardsession status: {e}", file=sys.stderr)
         return 2
     try:
+        health = shard_health(engines)
         rows = in_doubt(engines)
     except Exception as e:
         print(f"status incomplete: {e}")
@@ -106,12 +126,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         for engine in set(engines.values()):
             engine.dispose()
+    identities = {h.identity for h in health if h.error is None}
+    if len(identities) == 1 and None not in identities:
+        print(f"cluster identity: {identities.pop()}")
+    for h in health:
+        if h.error is not None:
+            print(f"{h.shard}: cannot check: {h.error}")
+        elif len(identities) != 1 or h.identity is None:
+            print(f"{h.shard}: cluster identity {h.identity or '(none stored yet)'}")
+        for w in h.warnings:
+            print(f"warning: {h.shard}: {w}")
     if not rows:
         print("no in-doubt transactions")
         return 0
     for r in rows:
         age = f"{r.age:.0f}s" if r.age is not None else "?"
-        print(f"{r.shard}\t{r.xid.gid}\tage={age}\tdecider={r.decider or '(not configured)'}")
+        line = f"{r.shard}\t{r.xid.gid}\tage={age}\tdecider={r.decider or '(not configured)'}"
+        if r.xid.legacy:
+            line += "\tlegacy-format"
+        if r.blocked:
+            line += f"\tCANNOT FINISH: {r.blocked}"
+        print(line)
     return 1
 
 
@@ -125,6 +160,10 @@ def add_arguments(subparsers: Any) -> None:
     p.add_argument("--grace", type=float, default=None, metavar="SECONDS",
                    help="seconds before an undecided prepared branch is claimed aborted "
                    "(default: [cluster] recovery_grace of the config, else 60)")
+    p.add_argument("--claim-legacy", action="store_true",
+                   help="also claim an abort for undecided branches of the old xid format "
+                   "(ss1, no cluster identity) whose decider name matches; only when no other "
+                   "application shares these servers")
     p.set_defaults(func=cmd_recover)
     s = subparsers.add_parser("status", help="list in-doubt transactions per shard")
     s.add_argument("--config", required=True, metavar="FILE", help="TOML with [shards.NAME] url")

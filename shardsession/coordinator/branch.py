@@ -54,8 +54,8 @@ class Branch:
     database makes at least one, and most never need the name.
     """
 
-    __slots__ = ("_shard_id", "adapter", "connection", "engine", "gt", "index", "plain",
-                 "state", "wrote", "xa_started", "xid")
+    __slots__ = ("_shard_id", "adapter", "connection", "engine", "errors", "gt", "index",
+                 "mark", "plain", "state", "wrote", "xa_started", "xid")
 
     def __init__(self, index: int, engine: Engine, connection: Connection,
                  adapter: BackendAdapter | None, gt: GlobalTransaction | None = None,
@@ -71,7 +71,14 @@ class Branch:
         #: a MySQL branch that began without XA (the transaction's first shard): it
         #: cannot prepare, it can hold the decision
         self.plain = False
+        #: a write statement ran (from the statement's kind); the commit asks the server
+        #: about a branch where none did, see GlobalTransaction._inspect
         self.wrote = False
+        #: the adapter's write_mark at the branch's start
+        self.mark: Any = None
+        #: driver errors raised on the connection during the transaction (an application
+        #: may catch one and go on: the server may have rolled the transaction back)
+        self.errors: list[BaseException] | None = None
         self.state = BranchState.ACTIVE
 
     @property
@@ -94,7 +101,7 @@ class Branch:
     def describe(self) -> str:
         return f"{self.shard_id} ({self.xid.bqual if self.xid else self.index})"
 
-def wrap_error(b: Branch, e: Exception, statement: str) -> Exception:
+def wrap_error(b: Branch, e: BaseException, statement: str) -> BaseException:
     """A driver error of a protocol statement as SQLAlchemy would have raised it."""
     dbapi_mod = b.engine.dialect.loaded_dbapi
     if isinstance(e, dbapi_mod.Error):
@@ -104,17 +111,23 @@ def wrap_error(b: Branch, e: Exception, statement: str) -> Exception:
 
 
 def run_parallel(pool: Executor, tasks: Sequence[tuple[Branch, Callable[[], None]]]
-                 ) -> dict[int, Exception]:
+                 ) -> dict[int, BaseException]:
     """Run one callable per branch, all at once (the first in the calling thread);
-    return the failures by branch index."""
-    errors: dict[int, Exception] = {}
+    return the failures by branch index.
+
+    A ``BaseException`` of the first callable (``KeyboardInterrupt``, or whatever a
+    signal handler raises in the calling thread) is that branch's failure like any
+    other: the other callables are still waited for, so no worker is left running on a
+    connection the caller is about to roll back, close or leave to recovery.
+    """
+    errors: dict[int, BaseException] = {}
     if not tasks:
         return errors
     futures: list[tuple[Branch, Future[None]]] = [(b, pool.submit(fn)) for b, fn in tasks[1:]]
     first_b, first_fn = tasks[0]
     try:
         first_fn()
-    except Exception as e:
+    except BaseException as e:
         errors[first_b.index] = e
     for b, fut in futures:
         try:
@@ -124,7 +137,7 @@ def run_parallel(pool: Executor, tasks: Sequence[tuple[Branch, Callable[[], None
     return errors
 
 
-def is_disconnect(b: Branch, e: Exception) -> bool:
+def is_disconnect(b: Branch, e: BaseException) -> bool:
     """Whether ``e`` means the branch's connection is lost."""
     dialect = b.engine.dialect
     if not isinstance(e, dialect.loaded_dbapi.Error):
@@ -135,7 +148,7 @@ def is_disconnect(b: Branch, e: Exception) -> bool:
         return True
 
 
-def discard_dead(ordered: Sequence[Branch], errors: dict[int, Exception]) -> None:
+def discard_dead(ordered: Sequence[Branch], errors: dict[int, BaseException]) -> None:
     """Invalidate connections lost mid-protocol, so that SQLAlchemy's ROLLBACK skips
     them instead of raising over the protocol's own exception."""
     for i, e in errors.items():

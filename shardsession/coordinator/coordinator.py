@@ -12,7 +12,13 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
   send ``XA START`` now (it must be the first statement); the first has no XA and holds
   the decision;
 * engine ``before_cursor_execute``: marks the branch as written unless the statement is a
-  compiled SELECT (or a savepoint); after the protocol ran, a write raises;
+  compiled SELECT (or a savepoint); on MySQL/MariaDB, a SELECT that calls a function
+  other than SQLAlchemy's known SQL functions counts as a write (it may call a stored
+  function that writes, and the server cannot be asked); PostgreSQL and SQLite branches
+  that look read-only are asked at commit; after the protocol ran, a write raises;
+* engine ``handle_error``: keeps the driver errors raised in a branch's transaction (an
+  application may catch a deadlock and commit: the commit asks whether the server rolled
+  the transaction back);
 * engine ``rollback`` (fires before the DBAPI ROLLBACK): ends an XA branch first, since a
   plain ROLLBACK fails in XA ACTIVE state;
 * the root's ``close()`` (every root transaction ends there): branches are forgotten.
@@ -20,28 +26,32 @@ How it hooks into SQLAlchemy (all public events, plus one sanctioned wrapper in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.expression import (
     ReleaseSavepointClause,
     RollbackToSavepointClause,
     SavepointClause,
 )
+from sqlalchemy.sql.functions import FunctionElement, GenericFunction
 
 from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..exc import ConfigurationError, TransactionError
 from . import early
 from .branch import Branch, BranchState
+from .identity import IdentityCache
 from .transaction import GlobalTransaction
 
 __all__ = ["TransactionCoordinator"]
@@ -51,6 +61,10 @@ log = logging.getLogger(__name__)
 #: attributes of ours on a SQLAlchemy ``Connection``: its Branch, and "wrote" before it had one
 _BRANCH_KEY = "_shardsession_branch"
 _WROTE_KEY = "_shardsession_wrote"
+#: attributes of ours on a transaction's first Connection before it is a branch: the
+#: driver errors raised on it, and its adapter's write mark (SQLite only)
+_ERRORS_KEY = "_shardsession_errors"
+_MARK_KEY = "_shardsession_mark"
 #: attribute of ours on a root ``SessionTransaction``: its first connection, until a second
 #: shard joins (then that connection is the first branch of the GlobalTransaction)
 _FIRST_KEY = "_shardsession_first"
@@ -62,6 +76,8 @@ _NAMING_KEY = "_shardsession_naming"
 #: attribute of ours on a SQLAlchemy ``Connection``: its open savepoints, each with
 #: whether the connection had written when it began
 _SAVEPOINTS_KEY = "_shardsession_savepoints"
+#: a session's shards given to TransactionCoordinator.attach (see _shards_of)
+_SHARDS_KEY = "_shardsession_shards"
 _SAVEPOINTS = (SavepointClause, RollbackToSavepointClause, ReleaseSavepointClause)
 
 # Connection-level listeners are installed once per engine (marked with _INSTRUMENTED_KEY),
@@ -90,7 +106,32 @@ def _is_write(context: Any) -> bool:
     stmt = getattr(compiled, "statement", None)
     if isinstance(stmt, _SAVEPOINTS):
         return False
-    return not bool(getattr(stmt, "is_select", False))
+    if not getattr(stmt, "is_select", False):
+        return True
+    if context.dialect.name in _UNASKABLE:
+        return _calls_routines(compiled, stmt)
+    # A SELECT may still write (a function it calls may insert): PostgreSQL and SQLite
+    # branches are asked at commit time (GlobalTransaction._inspect).
+    return False
+
+
+#: dialects whose server cannot say whether a transaction wrote (see the MySQL adapter)
+_UNASKABLE = frozenset({"mysql", "mariadb"})
+#: attribute of ours on a SQLAlchemy Compiled: whether its statement calls a function that
+#: is not one of SQLAlchemy's known SQL functions (found once per compiled statement,
+#: which SQLAlchemy caches)
+_CALLS_KEY = "_shardsession_calls_routines"
+
+
+def _calls_routines(compiled: Any, stmt: Any) -> bool:
+    """Whether a SELECT calls a function that may be a stored routine (and so write)."""
+    verdict = getattr(compiled, _CALLS_KEY, None)
+    if verdict is None:
+        verdict = any(isinstance(el, FunctionElement) and not isinstance(el, GenericFunction)
+                      for el in visitors.iterate(stmt))
+        with contextlib.suppress(AttributeError):
+            setattr(compiled, _CALLS_KEY, verdict)
+    return bool(verdict)
 
 
 def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
@@ -164,6 +205,25 @@ def _on_release_savepoint(conn: Connection, name: str, context: Any) -> None:
     _unwind(conn, name)
 
 
+def _on_error(context: Any) -> None:
+    # The server may have rolled the whole transaction back (a deadlock): if the
+    # application catches the error and commits, the commit must know.
+    conn = context.connection
+    if conn is None or context.original_exception is None:
+        return
+    branch = _branch_of(conn)
+    if branch is not None:
+        if branch.errors is None:
+            branch.errors = []
+        branch.errors.append(context.original_exception)
+    elif getattr(conn, _WROTE_KEY, None) is not None:  # a transaction's first connection
+        errors = getattr(conn, _ERRORS_KEY, None)
+        if errors is None:
+            errors = []
+            setattr(conn, _ERRORS_KEY, errors)
+        errors.append(context.original_exception)
+
+
 def _on_rollback(conn: Connection) -> None:
     if getattr(conn, _SAVEPOINTS_KEY, None):
         setattr(conn, _SAVEPOINTS_KEY, None)  # the transaction ended with them open
@@ -181,6 +241,7 @@ def _instrument(engine: Engine) -> None:
         event.listen(engine, "savepoint", _on_savepoint)
         event.listen(engine, "rollback_savepoint", _on_rollback_savepoint)
         event.listen(engine, "release_savepoint", _on_release_savepoint)
+        event.listen(engine, "handle_error", _on_error)
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
@@ -225,6 +286,7 @@ class TransactionCoordinator:
         self._lock = threading.Lock()
         self._caps: weakref.WeakKeyDictionary[Engine, Capabilities] = weakref.WeakKeyDictionary()
         self._tables: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+        self._identity = IdentityCache()
         self._executor: ThreadPoolExecutor | None = None
 
     # --- shared resources ------------------------------------------------------------
@@ -264,6 +326,12 @@ class TransactionCoordinator:
             self._caps[branch.engine] = caps
         return caps
 
+    def known_can_prepare(self, engine: Engine) -> bool:
+        """Whether ``engine``'s server can prepare, as far as already detected (an
+        undetected one is assumed able to)."""
+        caps = self._caps.get(engine)
+        return caps is None or caps.can_prepare
+
     def ensure_decision_table(self, branch: Branch) -> None:
         """Create the decision table on a decider's database on first use."""
         if self._tables.get(branch.engine):
@@ -281,6 +349,15 @@ class TransactionCoordinator:
         with self._lock:
             self._tables[branch.engine] = True
 
+    def identity(self, branch: Branch) -> str:
+        """The cluster identity to write into a gtrid decided on ``branch`` (see
+        :class:`.identity.IdentityCache`)."""
+        return self._identity.for_branch(branch)
+
+    def engine_identity(self, engine: Engine) -> str:
+        """The cluster identity of a decider that is not a branch of the transaction."""
+        return self._identity.for_engine(engine, self.adapter(engine))
+
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
         if getattr(branch.connection, _BRANCH_KEY, None) is branch:
@@ -288,7 +365,8 @@ class TransactionCoordinator:
 
     # --- session integration ---------------------------------------------------------
 
-    def attach(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
+    def attach(self, session: Session, shard_of_engine: Callable[[Engine], str], *,
+               shards: Mapping[str, Any] | None = None) -> None:
         """Make this session's commits atomic, for a session class whose class-level
         listeners call :meth:`on_transaction_create` and :meth:`on_begin` (as
         :class:`~shardsession.ShardedSession` does: that costs a session nothing at
@@ -296,18 +374,27 @@ class TransactionCoordinator:
         its branches in its own ``close()``.
 
         ``shard_of_engine`` names a branch by its engine; it is kept on the session.
+        ``shards`` (shard id -> Engine) lets a shard that cannot prepare (SQLite) hold
+        the decision whatever the order in which the shards are written: without it, a
+        MariaDB branch's XA START fixes the decider among the shards begun so far, and a
+        SQLite shard written after that cannot be atomic. A
+        :class:`~shardsession.ShardedSession` gives its own shards.
         """
         setattr(session, _NAMING_KEY, shard_of_engine)
+        if shards is not None:
+            setattr(session, _SHARDS_KEY, dict(shards))
         # A session may already have autobegun (e.g. attached late): cover it too.
         current = session.get_transaction()
         if current is not None:
             self.on_transaction_create(session, current)
 
-    def install(self, session: Session, shard_of_engine: Callable[[Engine], str]) -> None:
-        """Make this session's commits atomic, by listening to its events (any Session)."""
+    def install(self, session: Session, shard_of_engine: Callable[[Engine], str], *,
+                shards: Mapping[str, Any] | None = None) -> None:
+        """Make this session's commits atomic, by listening to its events (any Session);
+        ``shards`` as for :meth:`attach`."""
         event.listen(session, "after_transaction_create", self.on_transaction_create)
         event.listen(session, "after_begin", self.on_begin)
-        self.attach(session, shard_of_engine)
+        self.attach(session, shard_of_engine, shards=shards)
 
     def on_transaction_create(self, sess: Session, transaction: SessionTransaction) -> None:
         """``after_transaction_create``: a root transaction will run the protocol at commit.
@@ -333,12 +420,14 @@ class TransactionCoordinator:
         naming = getattr(sess, _NAMING_KEY, None)
         if naming is None:
             return None
-        gt = GlobalTransaction(self, naming)
+        gt = GlobalTransaction(self, naming, _shards_of(sess))
         _compat.set_transaction_slot(root, gt)
         first: Connection | None = getattr(root, _FIRST_KEY, None)
         if first is not None and not _is_autocommit(first):
             branch = self._add(gt, first, begun=True)
             branch.wrote = bool(getattr(first, _WROTE_KEY, False))
+            branch.mark = getattr(first, _MARK_KEY, None)
+            branch.errors = getattr(first, _ERRORS_KEY, None)
         return gt
 
     def _add(self, gt: GlobalTransaction, connection: Connection, *,
@@ -346,6 +435,8 @@ class TransactionCoordinator:
         _instrument(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
         setattr(connection, _BRANCH_KEY, branch)
+        if not getattr(connection, _WROTE_KEY, False):
+            self._identity.early(branch)
         return branch
 
     def on_begin(
@@ -466,6 +557,19 @@ def begin_listener(
                       adopted=kind is _compat.ADOPTED)
 
 
+def _shards_of(sess: Session) -> Mapping[str, Any] | None:
+    """The session's shards: given to :meth:`TransactionCoordinator.attach`, or a
+    ShardedSession's own (its ``shards`` property)."""
+    given = getattr(sess, _SHARDS_KEY, None)
+    if given is not None:
+        return given  # type: ignore[no-any-return]
+    if isinstance(getattr(type(sess), "shards", None), property):
+        shards = sess.shards  # type: ignore[attr-defined]
+        if isinstance(shards, Mapping):
+            return shards
+    return None
+
+
 def _note_first(root: SessionTransaction, connection: Connection, *,
                 adopted: bool = False) -> None:
     """Note ``connection`` as the root transaction's first (not yet a branch), its
@@ -477,4 +581,9 @@ def _note_first(root: SessionTransaction, connection: Connection, *,
         _instrument(engine)
     # (a Connection given as a session's bind serves several transactions)
     setattr(connection, _WROTE_KEY, adopted)
+    setattr(connection, _ERRORS_KEY, None)
+    if engine.dialect.name == "sqlite":
+        # SQLite's count of changed rows is per connection: note where this one starts
+        dbapi: Any = connection.connection.dbapi_connection
+        setattr(connection, _MARK_KEY, dbapi.total_changes)
     setattr(root, _FIRST_KEY, connection)

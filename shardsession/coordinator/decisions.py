@@ -1,7 +1,9 @@
 """Decision records on a decider shard: reading, claiming and deleting them.
 
 The table (``shardsession_decisions``: gtrid primary key, outcome ``C``/``A``,
-``decided_at``, participants) is created on first use where it is missing. Its primary key
+``decided_at``, participants) is created on first use where it is missing. An ABORT claim's
+``decided_at`` is the claiming server's clock; ``participants`` of a COMMIT row names the
+shard (by token) of every prepared branch. Its primary key
 is what makes presumed abort safe: a coordinator's COMMIT row and a recoverer's ABORT
 claim for the same gtrid cannot both commit; whichever commits first wins and the loser
 reads and follows the winner.
@@ -14,13 +16,15 @@ worker.
 from __future__ import annotations
 
 import contextlib
-import time
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from ..backends import BackendAdapter, DecisionRow, Outcome
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CLAIM_LOCK_TIMEOUT",
@@ -83,12 +87,19 @@ def claim_abort(adapter: BackendAdapter, engine: Engine, gtrid: str,
 
     :raises ClaimBlocked: the wait timed out; nothing was recorded.
     """
-    with admin_connection(engine) as admin:
-        adapter.ensure_decision_table(admin)
+    try:
+        with admin_connection(engine) as admin:
+            adapter.ensure_decision_table(admin)
+    except Exception as e:
+        # A recovery role may lack the right to create tables (PostgreSQL checks it even
+        # for an existing table): the insert below says whether the table is there.
+        log.debug("decision table not ensured: %s", e)
     with engine.connect() as conn:
         dbapi: Any = conn.connection.dbapi_connection
         try:
-            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, time.time(), ""),
+            # decided_at None: the server's clock stamps the claim, which is what ABORT
+            # rows are aged by (a coordinator's clock may be days off).
+            adapter.insert_decision(dbapi, DecisionRow(gtrid, Outcome.ABORT, None, ""),
                                     lock_timeout=lock_timeout)
             dbapi.commit()
             return True, Outcome.ABORT

@@ -1,7 +1,8 @@
 """The decisions of the commit protocol and of recovery, as pure functions and tables.
 
 Nothing here does I/O: :mod:`.transaction` and :mod:`.recovery` feed facts in and carry
-out the actions that come back, and the unit tests walk every row.
+out the actions that come back (the commit table drives :mod:`.phases`, one handler per
+action), and the unit tests walk every row.
 
 Commit (DESIGN.md, "The commit protocol")::
 
@@ -13,6 +14,10 @@ Commit (DESIGN.md, "The commit protocol")::
     DECIDING    DECISION_UNKNOWN    -> IN_DOUBT     LEAVE_TO_RECOVERY   OutcomeUnknown
     COMMITTING  COMMITTED_ALL       -> COMMITTED    DONE                (success)
     COMMITTING  COMMIT_FAILED       -> INCOMPLETE   LEAVE_TO_RECOVERY   CommitIncomplete
+
+DECISION_FAILED is only the server's own refusal of the decider's COMMIT; any other
+failure once the COMMIT may have been sent (a lost reply, an exception raised while the
+driver waited) is DECISION_UNKNOWN.
 
 The decider's local commit is the commit point: before it nothing is committed anywhere
 (every failure rolls everything back); after it the transaction is committed whatever
@@ -57,6 +62,7 @@ __all__ = [
     "State",
     "Step",
     "after_claim",
+    "choose_absent_decider",
     "choose_decider",
     "may_delete_decision",
     "next_step",
@@ -187,6 +193,26 @@ def choose_decider(branches: Sequence[BranchFacts], configured: str | None) -> i
     return branches[0].index
 
 
+def choose_absent_decider(branches: Sequence[BranchFacts], absent: Sequence[str],
+                          configured: str | None) -> str | None:
+    """When the decider must be fixed before commit time, pick a shard that has not joined
+    the transaction (yet) as the decider, or ``None`` to pick among ``branches``
+    (:func:`choose_decider`).
+
+    ``absent``: the session's shards that cannot prepare and are not branches, in the
+    session's order. Such a shard may still be written after the gtrid is fixed, and then
+    it must hold the decision; so, unless a branch already cannot prepare (it decides),
+    the decision goes to one of them whatever the order of the writes (it is written in
+    a transaction of its own when the shard takes no part). The configured decider is
+    preferred among them; with several, a write to another one later cannot be atomic.
+    """
+    if not absent or any(not b.can_prepare for b in branches):
+        return None
+    if configured is not None and configured in absent:
+        return configured
+    return absent[0]
+
+
 def plan_commit(
     branches: Sequence[BranchFacts],
     *,
@@ -294,7 +320,9 @@ def may_delete_decision(
     is in doubt in a listing taken after the row was read, none ever will be again. An
     ABORT row may have been claimed while its coordinator was still preparing; it must
     outlive that coordinator (which refuses to commit a transaction older than half the
-    retention), so it is kept for ``abort_retention`` seconds after its gtrid was created.
+    retention), so it is kept for ``abort_retention`` seconds after it was claimed: ``age``
+    is the claim's age by the claiming server's clock, never the coordinator's (a
+    coordinator clock days behind would make a fresh claim look old).
     """
     if in_doubt or not listing_complete:
         return False

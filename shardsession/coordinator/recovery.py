@@ -2,19 +2,36 @@
 
 One pass (:func:`recover`):
 
-1. read a snapshot of every decider's decision rows (*before* listing branches: a row
-   read then had all its branches prepared already, so the listing that follows shows any
-   still in doubt; this ordering is what makes deleting rows safe, as in Citus);
+1. read the cluster identity of every shard (:mod:`.identity`) and a snapshot of every
+   decider's decision rows (*before* listing branches: a row read then had all its branches
+   prepared already, so the listing that follows shows any still in doubt; this ordering
+   is what makes deleting rows safe, as in Citus);
 2. list prepared transactions on every shard: on PostgreSQL in the current database only,
-   on MySQL/MariaDB server-wide (deduplicated per server); every id is parsed strictly
-   and anything not exactly ours is counted as foreign and left untouched;
-3. per gtrid: follow its decision row; without one, leave it for ``grace_period`` seconds
-   after its creation (a live coordinator may still be preparing), then claim ABORT by
-   inserting the row (the primary key decides the race with a slow coordinator; timing
-   never decides the outcome);
-4. COMMIT or ROLLBACK PREPARED each branch (an unknown xid means someone finished it);
-5. delete decision rows none of whose branches is in doubt (see
-   :func:`~.protocol.may_delete_decision`).
+   on MySQL/MariaDB server-wide (deduplicated per server); every id is parsed strictly.
+   A branch is *ours* only when the decider shard its xid names (by token) is configured
+   and stores exactly the cluster identity its xid carries. Anything else is *foreign*:
+   counted, reported, never touched, and no decision is ever written for it. An xid that
+   carries one of our identities but names a decider we cannot check is ours, left in
+   doubt and reported as an error (never guessed);
+3. per gtrid of ours: follow its decision row; without one, leave it for ``grace_period``
+   seconds (see :func:`recover`) to a live coordinator,
+   then claim ABORT by inserting the row (the primary key decides the race with a slow
+   coordinator; timing never decides the outcome);
+4. COMMIT or ROLLBACK PREPARED each branch, then list again: a branch is reported
+   finished only when that second listing no longer shows it (MariaDB answers
+   ``XA COMMIT`` for a branch still attached to a live, hung session with "unknown XID");
+5. delete a decision row only when every participant its ``participants`` column names
+   is a configured shard that was listed in this pass and no branch of its gtrid is in
+   doubt; an ABORT row only once ``abort_retention`` seconds have passed since it was
+   claimed, by the claiming server's clock (see :func:`~.protocol.may_delete_decision`).
+
+Legacy xids (the ``ss1`` format, before cluster identities) carry no identity: recovery
+follows a decision row it finds for one in the table of the decider its 32-bit token
+names, but never claims an abort for one (it could be another application's with the same
+shard names) unless told to with ``claim_legacy=True``; such a branch is left in doubt
+with that reason. Legacy COMMIT rows name no participant's shard and are never deleted by
+recovery (delete them by hand once no legacy branch is listed anywhere); legacy ABORT
+claims age out as new ones do.
 
 It is idempotent and safe to run from many processes at once.
 """
@@ -25,13 +42,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from ..backends import BackendAdapter, DecisionRow, adapter_for
-from ..backends.base import printable
+from ..backends import BackendAdapter, DecisionRow, Outcome
 from ..exc import RecoveryError
+from ._listing import Listing, Owners, Seen, adapters_of, list_branches
 from .decisions import (
     CLAIM_LOCK_TIMEOUT,
     ClaimBlocked,
@@ -39,8 +55,16 @@ from .decisions import (
     claim_abort,
     read_all,
 )
+from .identity import read_identities
 from .protocol import RecoveryAction, after_claim, may_delete_decision, recovery_action
-from .xid import Xid, decider_token, gtrid_created, gtrid_decider, parse_gid, parse_xa
+from .xid import (
+    Xid,
+    gtrid_cluster,
+    gtrid_created,
+    is_legacy_gtrid,
+    is_our_gtrid,
+    parse_participants,
+)
 
 __all__ = ["BranchRef", "InDoubtBranch", "RecoveryReport", "in_doubt", "recover"]
 
@@ -62,19 +86,28 @@ class RecoveryReport:
 
     committed: list[BranchRef] = field(default_factory=list)
     rolled_back: list[BranchRef] = field(default_factory=list)
-    #: branches found finished by someone else meanwhile (unknown xid)
+    #: branches the server answered "unknown xid" for and a second listing showed gone
     already_finished: list[BranchRef] = field(default_factory=list)
-    #: (branch, reason) in doubt and deliberately not touched this pass
+    #: (branch, reason) in doubt and deliberately not touched, or not seen finished
     left_alone: list[tuple[BranchRef, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    #: prepared transactions that are not ours (other prefix, other application, hostile)
+    #: prepared transactions that are not ours (other prefix, other cluster, hostile)
     foreign: int = 0
+    #: the foreign ones, as listed (printable, bounded), with the shard that listed them
+    foreign_ids: list[tuple[str, str]] = field(default_factory=list)
     decisions_deleted: int = 0
+    #: (decider shard, gtrid, reason) decision rows kept because a participant they name
+    #: was not asked in this pass (not configured here, or its listing failed)
+    decisions_kept: list[tuple[str, str, str]] = field(default_factory=list)
+    #: legacy (``ss1``) decision rows kept: they name no participant's shard
+    legacy_rows_kept: int = 0
+    #: the cluster identity stored on each shard (``None``: none stored yet)
+    identities: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def resolved(self) -> bool:
-        """Everything of ours is settled (the CLI's exit status 0)."""
-        return not self.left_alone and not self.errors
+        """Nothing of ours is known to be, or may be, in doubt (the CLI's exit status 0)."""
+        return not self.left_alone and not self.errors and not self.decisions_kept
 
 
 @dataclass(frozen=True)
@@ -85,82 +118,48 @@ class InDoubtBranch:
     xid: Xid
     age: float | None
     decider: str | None
-
-
-def _parse(raw: Any) -> Xid | None:
-    if isinstance(raw, str):
-        return parse_gid(raw)
-    if isinstance(raw, tuple) and len(raw) == 4:
-        return parse_xa(*raw)
-    return None
-
-
-@dataclass
-class _Listing:
-    #: (server key, xid) -> (shard name, age)
-    branches: dict[tuple[str, Xid], tuple[str, float | None]] = field(default_factory=dict)
-    foreign: set[tuple[str, str]] = field(default_factory=set)
-    complete: bool = True
-    errors: list[str] = field(default_factory=list)
-    #: shards that could not be listed
-    failed: list[str] = field(default_factory=list)
-
-
-def _adapters(shards: Mapping[str, Engine]) -> dict[str, BackendAdapter]:
-    out: dict[str, BackendAdapter] = {}
-    for name, engine in shards.items():
-        try:
-            out[name] = adapter_for(engine.dialect.name)
-        except KeyError:
-            continue
-    return out
-
-
-def _list(shards: Mapping[str, Engine], adapters: Mapping[str, BackendAdapter]) -> _Listing:
-    listing = _Listing()
-    for name, adapter in adapters.items():
-        if adapter.name == "sqlite":
-            continue
-        engine = shards[name]
-        try:
-            with admin_connection(engine) as dbapi:
-                key = adapter.server_key(dbapi, engine.url.render_as_string(hide_password=True))
-                rows = adapter.list_in_doubt(dbapi)
-        except Exception as e:
-            listing.complete = False
-            listing.failed.append(name)
-            listing.errors.append(f"{name}: cannot list prepared transactions: {e}")
-            continue
-        for row in rows:
-            xid = _parse(row.raw)
-            if xid is None:
-                listing.foreign.add((key, printable(row.raw)))
-                continue
-            listing.branches.setdefault((key, xid), (name, row.age))
-    return listing
+    #: why the listing role cannot finish it (PostgreSQL role rules), if it cannot
+    blocked: str | None = None
 
 
 def in_doubt(shards: Mapping[str, Engine]) -> list[InDoubtBranch]:
-    """Every prepared branch of ours on ``shards``, with its age in seconds.
+    """Every prepared branch of ours on ``shards``, with its age in seconds (the server's
+    clock where it keeps the prepare time) and whether this role can finish it.
 
-    :raises RecoveryError: a shard could not be listed (``shard_id`` names the first);
-        the answer would be incomplete.
+    :raises RecoveryError: a shard could not be listed or its identity read
+        (``shard_id`` names the first); the answer would be incomplete.
+    :raises ConfigurationError: two shard ids name the same decider.
     """
-    adapters = _adapters(shards)
-    tokens = {decider_token(n): n for n in shards}
-    listing = _list(shards, adapters)
+    adapters = adapters_of(shards)
+    identities, id_errors = read_identities({n: shards[n] for n in adapters})
+    owners = Owners(shards, identities, set(id_errors))
+    listing = list_branches(shards, adapters)
     now = time.time()
     out = []
-    for (_key, xid), (shard, age) in sorted(listing.branches.items(), key=lambda kv: kv[1][0]):
-        if age is None:
-            age = max(0.0, now - gtrid_created(xid.gtrid))
-        out.append(InDoubtBranch(shard, xid, age, tokens.get(gtrid_decider(xid.gtrid))))
-    if listing.errors:
+    for (_key, xid), seen in sorted(listing.branches.items(), key=lambda kv: kv[1].shard):
+        kind, decider = owners.classify(xid)
+        if kind == "foreign":
+            continue
+        age = seen.age if seen.age is not None else max(0.0, now - gtrid_created(xid.gtrid))
+        out.append(InDoubtBranch(seen.shard, xid, age, decider, seen.blocked))
+    errors = listing.errors + list(id_errors.values())
+    if errors:
+        failed = listing.failed + list(id_errors)
         raise RecoveryError(
-            "cannot list prepared transactions on every shard: " + "; ".join(listing.errors),
-            gtrid=None, shard_id=listing.failed[0] if listing.failed else None,
+            "cannot list prepared transactions on every shard: " + "; ".join(errors),
+            gtrid=None, shard_id=failed[0] if failed else None,
         )
     return out
+
+
+@dataclass
+class _Group:
+    """The branches of one gtrid of ours found in a listing."""
+
+    kind: str
+    decider: str | None
+    #: (server key, xid, where seen, ref)
+    branches: list[tuple[str, Xid, Seen, BranchRef]] = field(default_factory=list)
 
 
 def recover(
@@ -169,24 +168,36 @@ def recover(
     grace_period: float = 60.0,
     abort_retention: float = 7 * 86400.0,
     claim_timeout: float = CLAIM_LOCK_TIMEOUT,
+    claim_legacy: bool = False,
     crash_point: Callable[[str], None] | None = None,
 ) -> RecoveryReport:
     """Run one recovery pass over ``shards`` (shard id -> Engine, as configured).
 
-    :param grace_period: seconds after a gtrid's creation during which an undecided
-        branch is left to its coordinator (it is counted in ``left_alone``).
-    :param abort_retention: seconds an ABORT claim is kept after its gtrid's creation.
+    :param grace_period: seconds after the gtrid's creation (or after the branch was
+        prepared, by the server's clock where it keeps it, whichever is older) during
+        which an undecided branch is left to its coordinator (counted in ``left_alone``).
+    :param abort_retention: seconds an ABORT claim is kept after it was claimed (the
+        claiming server's clock).
     :param claim_timeout: seconds an abort claim waits on a live coordinator's
         uncommitted decision row before leaving the gtrid to the next pass.
+    :param claim_legacy: also claim an abort for an undecided legacy (``ss1``) branch
+        whose 32-bit decider token matches a configured shard. Only safe when no other
+        application using shardsession's legacy format shares these servers.
     :param crash_point: tests only.
+    :raises ConfigurationError: two shard ids of ``shards`` name the same decider.
 
     Failure semantics: each branch is finished on its own; a failure is recorded in
     ``errors`` and that branch stays prepared for the next pass; nothing is ever decided
-    for a gtrid whose decider shard is not in ``shards`` (reported, never guessed).
+    for a gtrid whose decider shard is not in ``shards`` or does not store the gtrid's
+    cluster identity (reported, never guessed); foreign branches and their decisions are
+    never touched.
     """
     report = RecoveryReport()
-    adapters = _adapters(shards)
-    tokens = {decider_token(n): n for n in shards}
+    adapters = adapters_of(shards)
+    identities, id_errors = read_identities({n: shards[n] for n in adapters})
+    report.identities = dict(identities)
+    report.errors.extend(f"{n}: {msg}" for n, msg in id_errors.items())
+    owners = Owners(shards, identities, set(id_errors))
 
     def crash(point: str) -> None:
         if crash_point is not None:
@@ -194,61 +205,89 @@ def recover(
 
     # 1. decision snapshot, before listing (see module docstring)
     snapshot: dict[str, list[DecisionRow]] = {}
-    snapshot_complete = True
     for name, adapter in adapters.items():
         try:
             snapshot[name] = read_all(adapter, shards[name])
         except Exception as e:
-            snapshot_complete = False
             report.errors.append(f"{name}: cannot read decisions: {e}")
     decided = {(name, r.gtrid): r.outcome for name, rows in snapshot.items() for r in rows}
 
-    # 2. listing
-    listing = _list(shards, adapters)
+    # 2. listing, and whose each branch is
+    listing = list_branches(shards, adapters)
     report.errors.extend(listing.errors)
+    groups: dict[str, _Group] = {}
+    for (key, xid), seen in listing.branches.items():
+        kind, decider = owners.classify(xid)
+        if kind == "foreign":
+            listing.foreign.setdefault((key, xid.gid), seen.shard)
+            continue
+        group = groups.setdefault(xid.gtrid, _Group(kind, decider))
+        group.branches.append((key, xid, seen, BranchRef(seen.shard, xid.gtrid, xid.bqual)))
     report.foreign = len(listing.foreign)
-    groups: dict[str, list[tuple[Xid, str]]] = {}
-    for (_key, xid), (shard, _age) in listing.branches.items():
-        groups.setdefault(xid.gtrid, []).append((xid, shard))
+    report.foreign_ids = sorted((shard, ident) for (_k, ident), shard in listing.foreign.items())
 
     # 3-4. settle each gtrid
     now = time.time()
-    for gtrid, branches in sorted(groups.items()):
-        refs = [(xid, shard, BranchRef(shard, gtrid, xid.bqual)) for xid, shard in branches]
-        decider = tokens.get(gtrid_decider(gtrid))
-        if decider is None or decider not in adapters:
-            msg = f"{gtrid}: decider shard is not configured; left in doubt (never guessed)"
-            report.errors.append(msg)
-            report.left_alone.extend((r, "decider not configured") for _x, _s, r in refs)
+    acted: list[tuple[str, Xid, BranchRef]] = []
+    for gtrid, group in sorted(groups.items()):
+        refs = [ref for _k, _x, _s, ref in group.branches]
+        decider = group.decider
+        if group.kind == "unattributed":
+            report.left_alone.extend(
+                (r, f"its decider {decider} (SQLite) stores no cluster identity: if this "
+                    "cluster's first cross-shard commit crashed before deciding, roll it "
+                    "back by hand (no decision exists); run create-all to prevent this")
+                for r in refs)
+            continue
+        if group.kind == "unchecked" or decider is None or decider not in adapters:
+            why = ("its decider's cluster identity could not be read" if decider is not None
+                   else "its decider shard is not configured")
+            report.errors.append(f"{gtrid}: {why}; left in doubt (never guessed)")
+            report.left_alone.extend((r, "decider not configured") for r in refs)
+            continue
+        if decider not in snapshot:
+            report.left_alone.extend((r, "decisions unreadable") for r in refs)
             continue
         outcome = decided.get((decider, gtrid))
-        young = now - gtrid_created(gtrid) < grace_period
+        # The older of the two clocks' answers: a coordinator clock running ahead must not
+        # keep a branch (and its locks) waiting; claiming early is safe, the claim decides.
+        ages = [s.age for _k, _x, s, _r in group.branches if s.age is not None]
+        young = max([now - gtrid_created(gtrid), *ages]) < grace_period
         action = recovery_action(outcome, young)
+        if action is RecoveryAction.CLAIM_ABORT and group.kind == "legacy" and not claim_legacy:
+            report.left_alone.extend(
+                (r, "legacy xid without a decision row: it may be another application's "
+                    "(no cluster identity); see recover --claim-legacy") for r in refs)
+            continue
         if action is RecoveryAction.CLAIM_ABORT:
             try:
                 won, existing = claim_abort(adapters[decider], shards[decider], gtrid,
                                             lock_timeout=claim_timeout)
             except ClaimBlocked:
-                report.left_alone.extend((r, "decision in progress") for _x, _s, r in refs)
+                report.left_alone.extend((r, "decision in progress") for r in refs)
                 continue
             except Exception as e:
                 report.errors.append(f"{gtrid}: cannot claim abort on {decider}: {e}")
-                report.left_alone.extend((r, "claim failed") for _x, _s, r in refs)
+                report.left_alone.extend((r, "claim failed") for r in refs)
                 continue
             action = after_claim(won, existing)
             log.info("recovery %s: abort claim %s (%s)", gtrid, "won" if won else "lost", existing)
             crash("recovery_after_claim")
         if action is RecoveryAction.LEAVE:
             reason = "within grace period" if young and outcome is None else "undecidable"
-            report.left_alone.extend((r, reason) for _x, _s, r in refs)
+            report.left_alone.extend((r, reason) for r in refs)
             continue
         commit = action is RecoveryAction.COMMIT_BRANCH
-        for xid, shard, ref in refs:
+        for key, xid, seen, ref in group.branches:
+            if seen.blocked is not None:
+                report.errors.append(f"{gtrid}: {ref.shard} {xid.bqual}: {seen.blocked}")
+                report.left_alone.append((ref, "recovery role cannot finish it"))
+                continue
             try:
-                with admin_connection(shards[shard]) as dbapi:
-                    done = adapters[shard].finish_prepared(dbapi, xid, commit)
+                with admin_connection(shards[ref.shard]) as dbapi:
+                    done = adapters[ref.shard].finish_prepared(dbapi, xid, commit)
             except Exception as e:
-                report.errors.append(f"{gtrid}: {shard} {xid.bqual}: {e}")
+                report.errors.append(f"{gtrid}: {ref.shard} {xid.bqual}: {e}")
                 report.left_alone.append((ref, "finish failed"))
                 continue
             if not done:
@@ -257,23 +296,88 @@ def recover(
                 report.committed.append(ref)
             else:
                 report.rolled_back.append(ref)
+            acted.append((key, xid, ref))
             log.info("recovery %s: %s %s on %s", gtrid, "committed" if commit else "rolled back",
-                     xid.bqual, shard)
+                     xid.bqual, ref.shard)
             crash("recovery_after_finish")
 
-    # 5. garbage-collect decision rows read in step 1
-    complete = listing.complete and snapshot_complete
+    _confirm(report, shards, adapters, acted)
+    _collect(report, shards, adapters, snapshot, owners, listing, set(groups), abort_retention)
+    return report
+
+
+def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],
+             adapters: Mapping[str, BackendAdapter],
+             acted: list[tuple[str, Xid, BranchRef]]) -> None:
+    """List again the shards recovery acted on: whatever is still listed is in doubt.
+
+    A branch still attached to a live session on MariaDB answers ``XA COMMIT`` from
+    another connection with "unknown XID" (1397) although it is prepared and listed: that
+    answer alone must not count as finished.
+    """
+    if not acted:
+        return
+    again = list_branches(shards, adapters, only={ref.shard for _k, _x, ref in acted})
+    done = {"committed": report.committed, "rolled_back": report.rolled_back,
+            "already_finished": report.already_finished}
+    for key, xid, ref in acted:
+        if ref.shard not in again.listed:
+            if ref in report.already_finished:
+                report.already_finished.remove(ref)
+                report.left_alone.append((ref, "not confirmed finished (listing failed)"))
+                report.errors.append(f"{ref.gtrid}: {ref.shard}: cannot list again to "
+                                     f"confirm {xid.bqual} finished")
+            continue
+        if (key, xid) in again.branches:
+            for lst in done.values():
+                if ref in lst:
+                    lst.remove(ref)
+            report.left_alone.append(
+                (ref, "still prepared after it was finished (attached to a live session?)"))
+
+
+def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
+             adapters: Mapping[str, BackendAdapter], snapshot: Mapping[str, list[DecisionRow]],
+             owners: Owners, listing: Listing, in_doubt_gtrids: set[str],
+             abort_retention: float) -> None:
+    """Delete the decision rows read in step 1 that no branch can need any more."""
+    now = time.time()
     for name, rows in snapshot.items():
         doomed = []
         for row in rows:
-            try:
-                age = now - gtrid_created(row.gtrid)
-            except ValueError:
+            if not is_our_gtrid(row.gtrid):
                 continue  # not ours: never touched
+            if is_legacy_gtrid(row.gtrid):
+                if row.outcome != Outcome.ABORT:
+                    # a legacy COMMIT row names no participant's shard: never provably
+                    # unneeded (an old claim may go by the ABORT rule below)
+                    report.legacy_rows_kept += 1
+                    continue
+                parts: list[tuple[str, str]] | None = []
+            elif gtrid_cluster(row.gtrid) != owners.identities.get(name):
+                continue  # not decided under this database's identity: not ours to delete
+            else:
+                parts = parse_participants(row.participants)
+            if parts is None:
+                report.decisions_kept.append((name, row.gtrid, "participants unreadable"))
+                continue
+            asked = True
+            for _bqual, token in parts:
+                shard = owners.tokens.get(token)
+                if shard is None:
+                    report.decisions_kept.append(
+                        (name, row.gtrid, f"participant shard {token} is not configured here"))
+                    asked = False
+                elif shard not in listing.listed:
+                    asked = False  # its listing failed: already an error of this pass
+            if row.outcome == Outcome.ABORT:
+                # a claim names no participant: any branch may be anywhere
+                asked = asked and listing.complete
             # Branches settled in this pass were still in doubt at listing time: their
             # rows go on the next pass, once a listing shows them gone.
-            if may_delete_decision(row.outcome, in_doubt=row.gtrid in groups,
-                                   listing_complete=complete, age=age,
+            age = row.age if row.age is not None else now - (row.decided_at or now)
+            if may_delete_decision(row.outcome, in_doubt=row.gtrid in in_doubt_gtrids,
+                                   listing_complete=asked, age=age,
                                    abort_retention=abort_retention):
                 doomed.append(row.gtrid)
         if doomed:
@@ -282,4 +386,3 @@ def recover(
                     report.decisions_deleted += adapters[name].delete_decisions(dbapi, doomed)
             except Exception as e:
                 report.errors.append(f"{name}: cannot delete decisions: {e}")
-    return report

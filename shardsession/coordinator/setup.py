@@ -1,9 +1,11 @@
 """Preparing the shards of a cluster for atomic commits ahead of time.
 
-The coordinator creates the decision table on first use where it is missing, so nothing
-here is required; :func:`prepare_shards` does it up front (``shardsession create-all``)
-and reports what each shard can do, so a deployment learns of a server that cannot
-prepare (PostgreSQL with ``max_prepared_transactions = 0``, say) before the first
+The coordinator creates the decision table and the cluster identity on first use where
+they are missing, so nothing here is required; :func:`prepare_shards` does it up front
+(``shardsession create-all``), gives every shard of the cluster one identity where none is
+stored yet, and reports what each shard can do, so a deployment learns of a server that
+cannot prepare (PostgreSQL with ``max_prepared_transactions = 0``, MariaDB before 10.5) or
+that could lose a committed decision in a crash (:func:`shard_health`) before the first
 cross-shard commit, not at it.
 """
 
@@ -16,8 +18,9 @@ from sqlalchemy.engine import Engine
 
 from ..backends import adapter_for
 from .decisions import admin_connection
+from .identity import ensure_identity_here, read_identities
 
-__all__ = ["ShardSetup", "prepare_shards"]
+__all__ = ["ShardHealth", "ShardSetup", "prepare_shards", "shard_health"]
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,42 @@ class ShardSetup:
     reason: str | None = None
     #: the shard could not be reached or set up (``reason`` says why)
     failed: bool = False
+    #: the cluster identity stored on the shard
+    identity: str | None = None
+    #: server settings under which a committed decision or prepared branch may be lost
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardHealth:
+    """What :func:`shard_health` found on one shard (nothing is changed)."""
+
+    shard: str
+    identity: str | None
+    warnings: tuple[str, ...] = ()
+    #: the shard could not be checked
+    error: str | None = None
 
 
 def prepare_shards(engines: Mapping[str, Engine]) -> list[ShardSetup]:
-    """Create the decision table on every shard where it is missing and detect whether
-    each shard can prepare. Idempotent; safe to run while applications run.
+    """Create the decision and cluster tables on every shard where they are missing,
+    store one cluster identity on every shard that has none, and detect whether each
+    shard can prepare and keep its commits through a crash. Idempotent; safe to run
+    while applications run.
 
-    Failure semantics: nothing but ``CREATE TABLE IF NOT EXISTS`` of the decision table is
-    executed (in autocommit mode). A shard that cannot be reached, or whose dialect
-    shardsession has no adapter for, is reported with ``failed=True`` and the others are
-    still set up; no exception is raised for a shard's failure.
+    The identity stored is the one the shards already have (the first in configuration
+    order, if they disagree: an identity in use is never changed, since in-doubt xids
+    name it), or a new one.
+
+    Failure semantics: nothing but ``CREATE TABLE IF NOT EXISTS`` of the two tables and
+    the insert of a missing identity row is executed (in autocommit mode). A shard that
+    cannot be reached, or whose dialect shardsession has no adapter for, is reported with
+    ``failed=True`` and the others are still set up; no exception is raised for a shard's
+    failure.
     """
+    found, _errors = read_identities(engines)
+    existing = [i for i in found.values() if i is not None]
+    preferred = existing[0] if existing else None
     out: list[ShardSetup] = []
     for name, engine in engines.items():
         try:
@@ -56,9 +84,38 @@ def prepare_shards(engines: Mapping[str, Engine]) -> list[ShardSetup]:
         try:
             with admin_connection(engine) as dbapi:
                 adapter.ensure_decision_table(dbapi)
+                identity, _ = ensure_identity_here(adapter, dbapi, preferred)
+                preferred = preferred or identity
                 caps = adapter.detect(dbapi)
+                warnings = tuple(adapter.durability_warnings(dbapi))
         except Exception as e:
             out.append(ShardSetup(name, False, False, f"{type(e).__name__}: {e}", failed=True))
             continue
-        out.append(ShardSetup(name, True, caps.can_prepare, caps.reason))
+        out.append(ShardSetup(name, True, caps.can_prepare, caps.reason,
+                              identity=identity, warnings=warnings))
+    return out
+
+
+def shard_health(engines: Mapping[str, Engine]) -> list[ShardHealth]:
+    """The identity stored on each shard and the server settings that put a committed
+    decision at risk (read only; for ``shardsession status``)."""
+    out: list[ShardHealth] = []
+    for name, engine in engines.items():
+        try:
+            adapter = adapter_for(engine.dialect.name)
+        except KeyError:
+            continue
+        try:
+            found, errors = read_identities({name: engine})
+            if name in errors:
+                raise RuntimeError(errors[name])
+            with admin_connection(engine) as dbapi:
+                warnings = tuple(adapter.durability_warnings(dbapi))
+                caps = adapter.detect(dbapi)
+            if not caps.can_prepare and caps.reason and adapter.name != "sqlite":
+                warnings += (f"cannot prepare: {caps.reason}",)
+        except Exception as e:
+            out.append(ShardHealth(name, None, (), f"{type(e).__name__}: {e}"))
+            continue
+        out.append(ShardHealth(name, found.get(name), warnings))
     return out

@@ -7,47 +7,40 @@ the protocol allows (phase one, and the COMMIT PREPAREDs of phase two).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection, Engine
 
 from .. import _compat
-from ..backends import DecisionRow, Outcome
 from ..exc import (
-    AtomicityUnavailableError,
-    CapabilityError,
     CommitIncomplete,
+    PrepareFailed,
     TransactionError,
-    warn_non_atomic,
 )
 from . import early
 from .branch import (
     Branch,
     BranchState,
     discard_dead,
-    is_disconnect,
     isolation_of,
-    leave,
     rollback_all,
     run_parallel,
     wrap_error,
 )
+from .phases import run_two_phase
 from .protocol import (
-    Action,
     BranchFacts,
     CommitPlan,
-    Event,
     PlanKind,
-    State,
+    choose_absent_decider,
     choose_decider,
-    next_step,
     plan_commit,
 )
-from .xid import Xid, gtrid_created, new_gtrid
+from .xid import Xid, new_gtrid
 
 if TYPE_CHECKING:
     from .coordinator import TransactionCoordinator
@@ -64,16 +57,25 @@ class GlobalTransaction:
     threads each touch one branch's connection only).
     """
 
-    __slots__ = ("_xa_pending", "branches", "coordinator", "decider_index", "defer_xa_start",
-                 "early", "gtrid", "protocol_ran", "shard_of_engine")
+    __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "coordinator",
+                 "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
+                 "shard_of_engine", "shards")
 
     def __init__(self, coordinator: TransactionCoordinator,
-                 shard_of_engine: Callable[[Engine], str]) -> None:
+                 shard_of_engine: Callable[[Engine], str],
+                 shards: Mapping[str, Any] | None = None) -> None:
         self.coordinator = coordinator
         self.shard_of_engine = shard_of_engine
+        #: the session's shards (id -> Engine or Connection), when it says: a shard that
+        #: cannot prepare may then hold the decision before it joins (see _fix_gtrid)
+        self.shards = shards
         self.branches: dict[Engine, Branch] = {}
         self.gtrid: str | None = None
         self.decider_index: int | None = None
+        #: the decider fixed in the gtrid when it is not (yet) a branch: (shard id, engine)
+        self.absent_decider: tuple[str, Engine] | None = None
+        #: the connection of our own that holds the decision of an absent decider
+        self._own: Connection | None = None
         self.protocol_ran = False
         #: early BEGINs still running (see :mod:`.early`); shared with the session
         self.early: list[Future[None]] = []
@@ -113,7 +115,11 @@ class GlobalTransaction:
         index = len({id(b) for b in branches.values()}) if branches else 0
         branch = Branch(index, engine, connection, adapter, self)
         self.branches[engine] = branch
-        if adapter is None or not adapter.xid_at_begin:
+        if adapter is None:
+            return branch
+        if not begun:
+            branch.mark = adapter.write_mark(branch.dbapi)
+        if not adapter.xid_at_begin:
             return branch
         if begun or adapter.isolation_problem(isolation_of(connection)) is not None:
             # Too late for XA START, or XA cannot run at the connection's isolation level
@@ -187,10 +193,68 @@ class GlobalTransaction:
             return
         ordered = self._ordered()
         if decider_index is None:
+            # Fixed early (at an XA START): later writers are unknown, so a shard that
+            # cannot prepare decides even before it joins (it would have to if it wrote).
             facts = [self._facts(b, detect=False) for b in ordered]
+            absent = self._absent_unpreparable()
+            name = choose_absent_decider(facts, list(absent), self.coordinator.decider)
+            if name is not None:
+                self.absent_decider = (name, absent[name])
+                self.gtrid = new_gtrid(
+                    name, cluster=self.coordinator.engine_identity(absent[name]))
+                return
             decider_index = choose_decider(facts, self.coordinator.decider)
         self.decider_index = decider_index
-        self.gtrid = new_gtrid(ordered[decider_index].shard_id)
+        decider = ordered[decider_index]
+        self.gtrid = new_gtrid(decider.shard_id, cluster=self.coordinator.identity(decider))
+
+    def _absent_unpreparable(self) -> dict[str, Engine]:
+        """The session's shards that cannot prepare, can hold a decision and are not
+        branches, in the session's order (by what is known without connecting: SQLite,
+        or a server already found unable to prepare)."""
+        out: dict[str, Engine] = {}
+        if not self.shards:
+            return out
+        seen = set(self.branches)
+        for name, bind in self.shards.items():
+            engine = getattr(bind, "engine", bind)
+            if not isinstance(engine, Engine) or engine in seen:
+                continue
+            seen.add(engine)
+            adapter = self.coordinator.adapter(engine)
+            if adapter is None:
+                continue
+            if adapter.name == "sqlite" or not self.coordinator.known_can_prepare(engine):
+                out[str(name)] = engine
+        return out
+
+    def _decider_for_plan(self, ordered: list[Branch], writers: int) -> int | None:
+        """The fixed decider's index for planning; an absent decider that did not join
+        becomes a branch of our own connection when the commit needs a decision."""
+        if self.absent_decider is None:
+            return self.decider_index
+        name, engine = self.absent_decider
+        joined = self.branches.get(engine)
+        if joined is not None:
+            return joined.index
+        if writers < 2:
+            return None  # no decision needed
+        adapter = self.coordinator.adapter(engine)
+        self._own = engine.connect()
+        # a transaction for the decision row (with driver-level autocommit, as in the
+        # local SQLite recipe, the INSERT would otherwise commit before the PREPAREs)
+        self._own.begin()
+        branch = Branch(len(ordered), engine, self._own, adapter, self, shard_id=name)
+        if adapter is not None:
+            branch.mark = adapter.write_mark(branch.dbapi)
+        ordered.append(branch)
+        return branch.index
+
+    def _close_own(self) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            with contextlib.suppress(Exception):  # a lost connection: nothing to end
+                own.close()
 
     # --- the protocol ----------------------------------------------------------------
 
@@ -221,11 +285,18 @@ class GlobalTransaction:
         shard. :class:`~shardsession.exc.CommitIncomplete` means the transaction is
         committed (the decision is durable) and the named branches are left prepared for
         recovery (the coordinator lets the session finish its commit, then raises it).
-        :class:`~shardsession.exc.OutcomeUnknown` means the decider's commit
-        was sent and its reply lost: recovery settles it (all committed or all rolled
-        back). A driver error of a single-writer commit passes through unchanged. In every
-        other failure case the caller rolls the session back; no branch is left in an XA or
-        session state that could leak into the pool.
+        A branch the server already aborted fails the commit with ``PrepareFailed``
+        before any decision. :class:`~shardsession.exc.OutcomeUnknown` means the
+        decider's COMMIT may have been sent and no definite answer from the server came
+        back (a lost reply, or any exception while the driver waited: a signal handler's
+        time limit, ``KeyboardInterrupt``): the prepared branches are left, recovery
+        settles it (all committed or all rolled back), and the decider's server session
+        is ended so that it does not hold up recovery's claim (see
+        :meth:`_abandon_decider`). Anything that interrupts the commit after the decision
+        is durable is :class:`~shardsession.exc.CommitIncomplete`. A driver error of a
+        single-writer commit passes through unchanged. In every other failure case the
+        caller rolls the session back; no branch is left in an XA or session state that
+        could leak into the pool.
         """
         if self.protocol_ran:
             return
@@ -239,16 +310,85 @@ class GlobalTransaction:
         ordered = self._ordered()
         if not ordered:
             return
+        self._inspect(ordered)
         writers = sum(1 for b in ordered if b.wrote)
-        facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
-        plan = plan_commit(
-            facts, fixed_decider=self.decider_index, configured_decider=self.coordinator.decider,
-            atomic=self.coordinator.atomic, gtrid=self.gtrid,
-        )
-        if plan.kind is PlanKind.TWO_PHASE:
-            self._two_phase(ordered, plan)
-        else:
-            self._simple(ordered, plan)
+        try:
+            fixed = self._decider_for_plan(ordered, writers)
+            facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
+            plan = plan_commit(
+                facts, fixed_decider=fixed, configured_decider=self.coordinator.decider,
+                atomic=self.coordinator.atomic, gtrid=self.gtrid,
+            )
+            if plan.kind is PlanKind.TWO_PHASE:
+                self._two_phase(ordered, plan)
+            else:
+                self._simple(ordered, plan)
+        finally:
+            self._close_own()
+
+    def _inspect(self, ordered: Sequence[Branch]) -> None:
+        """Before planning, learn from the servers what statement kinds cannot tell:
+        whether a branch the statements call read-only wrote (a function called in a
+        SELECT, say), and whether the server already rolled a branch's transaction back.
+
+        Costs one round trip, in parallel, per PostgreSQL branch that ran no write
+        statement (none for the writers, SQLite or MariaDB); a single-shard transaction
+        never gets here.
+
+        :raises PrepareFailed: a branch's transaction was aborted by its server (an
+            application caught the error and committed): its work is lost, so nothing is
+            committed and every branch is rolled back, before any decision.
+        """
+        asked: dict[int, bool | None] = {}
+
+        def ask(b: Branch) -> Callable[[], None]:
+            def run() -> None:
+                assert b.adapter is not None
+                asked[b.index] = b.adapter.wrote_on_server(b.dbapi, b.mark)
+            return run
+
+        failed: dict[int, str] = {}
+        tasks = []
+        for b in ordered:
+            if b.adapter is None or b.state is not BranchState.ACTIVE:
+                continue
+            problem = b.adapter.transaction_problem(b.dbapi)
+            if problem is not None:
+                failed[b.index] = problem
+            elif not b.wrote:
+                if b.adapter.wrote_asks_server:
+                    tasks.append((b, ask(b)))
+                else:
+                    ask(b)()  # the driver knows: no round trip, no other thread
+        errors = self._parallel(tasks)
+        discard_dead(ordered, errors)
+        for i, e in errors.items():
+            failed[i] = f"asking whether it wrote failed: {e}"
+        for i, wrote in asked.items():
+            # "cannot tell" counts as a write: preparing a reader costs a round trip,
+            # releasing a writer would lose its write
+            if wrote is None or wrote:
+                ordered[i].wrote = True
+        for b in ordered:
+            if b.errors and b.wrote and b.index not in failed and b.adapter is not None:
+                for e in b.errors:
+                    lost = b.adapter.lost_transaction(b.dbapi, e)
+                    if lost is not None:
+                        failed[b.index] = lost
+                        break
+        if failed:
+            self._rollback_all(ordered)
+            for e in errors.values():
+                if not isinstance(e, Exception):
+                    raise e  # an interrupt (KeyboardInterrupt) stays itself: nothing committed
+            names = [ordered[i].shard_id for i in sorted(failed)]
+            causes = "; ".join(f"{ordered[i].shard_id}: {failed[i]}" for i in sorted(failed))
+            first = next((errors[i] for i in sorted(failed) if i in errors), None)
+            raise PrepareFailed(
+                f"cannot commit: the transaction of shard(s) {names} was rolled back by "
+                f"the server ({causes}); nothing was committed",
+                gtrid=self.gtrid, failed_shards=names,
+            ) from first
 
     def _simple(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
         # Readers and a single writer: only XA branches need anything from us; PostgreSQL
@@ -278,182 +418,43 @@ class GlobalTransaction:
         if hook is not None:
             hook(point)
 
-    def _parallel(self, tasks: Sequence[tuple[Branch, Callable[[], None]]]) -> dict[int, Exception]:
+    def _parallel(self, tasks: Sequence[tuple[Branch, Callable[[], None]]]
+                  ) -> dict[int, BaseException]:
         return run_parallel(self.coordinator.executor(), tasks)
 
     def _two_phase(self, ordered: Sequence[Branch], plan: CommitPlan) -> None:
-        assert plan.decider is not None
-        self._fix_gtrid(plan.decider)
-        assert self.gtrid is not None
-        gtrid = self.gtrid
-        decider = ordered[plan.decider]
-        if decider.adapter is None:
-            raise AtomicityUnavailableError(
-                f"shard {decider.shard_id!r} has no adapter and cannot hold the decision",
-                gtrid=gtrid, shard_ids=[decider.shard_id],
-            )
-        if gtrid_created(gtrid) < time.time() - self.coordinator.max_commit_age:
-            # Recovery may delete ABORT claims after abort_retention (> 2 x this age):
-            # committing an older transaction could follow a claim that was forgotten.
-            raise TransactionError(
-                "transaction too old to commit atomically (max_commit_age exceeded); "
-                "nothing was committed", gtrid=gtrid,
-            )
-        for b in ordered:
-            if b.xid is None:
-                b.xid = Xid.branch(gtrid, b.index)
-        prepare = [ordered[i] for i in plan.prepare]
-        for b in prepare:
-            problem = b.adapter.isolation_problem(isolation_of(b.connection)) if b.adapter else None
-            if problem is not None:
-                self._rollback_all(ordered)
-                raise CapabilityError(
-                    f"shard {b.shard_id!r} must prepare for this commit to be atomic, but: "
-                    f"{problem}; nothing was committed", gtrid=gtrid, shard_id=b.shard_id,
-                )
-        participants = ",".join(b.xid.bqual for b in prepare if b.xid)
-        # With nothing to prepare (best effort over unpreparable shards only) there is no
-        # in-doubt branch for a decision row to settle.
-        need_decision = bool(prepare)
-        if need_decision:
-            self.coordinator.ensure_decision_table(decider)
-        self._crash("after_writes")
-        log.debug("2PC %s: prepare %d branch(es), decider %s", gtrid, len(prepare),
-                  decider.describe())
+        # the phases, driven by the commit table of .protocol (see .phases)
+        run_two_phase(self, ordered, plan)
 
-        state = State.PREPARING
-        tasks: list[tuple[Branch, Callable[[], None]]] = []
+    def _abandon_decider(self, decider: Branch, session_id: Any) -> None:
+        """After an unknown decision commit: end the decider's server session, so that an
+        uncommitted decision row stops blocking recovery's abort claim now, not when the
+        server notices a half-open connection.
 
-        def prepare_one(b: Branch) -> Callable[[], None]:
-            def run() -> None:
-                assert b.adapter is not None
-                b.adapter.prepare(b.dbapi, b.xid)
-                b.state = BranchState.PREPARED
-                self._crash(f"after_prepare:{b.xid.bqual if b.xid else b.index}")
-            return run
+        The connection is closed here; the session is ended from a new connection in a
+        worker thread (a server that cannot be reached must not delay the caller's
+        ``OutcomeUnknown`` by a connect timeout). Best effort: if that fails, PostgreSQL
+        ends the session itself after ``DECIDER_IDLE_TIMEOUT`` idle seconds (see the
+        adapter); MariaDB only after its ``wait_timeout``.
+        """
+        with contextlib.suppress(Exception):
+            if not decider.connection.invalidated:
+                decider.connection.invalidate()
+        adapter = decider.adapter
+        if session_id is None or adapter is None:
+            return
+        engine, gtrid, shard_id = decider.engine, self.gtrid, decider.shard_id
 
-        def decide() -> None:
-            assert decider.adapter is not None
-            decider.adapter.insert_decision(
-                decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(), participants)
-            )
+        def end() -> None:
+            try:
+                with engine.connect() as c:
+                    c = c.execution_options(isolation_level="AUTOCOMMIT")
+                    adapter.end_session(c.connection.dbapi_connection, session_id)
+            except Exception as e:
+                log.warning("2PC %s: could not end the decider's session %s on %s (%s)",
+                            gtrid, session_id, shard_id, e)
 
-        def release_one(b: Branch) -> Callable[[], None]:
-            return lambda: self._release(b)
-
-        if need_decision:
-            tasks.append((decider, decide))
-        tasks.extend((b, prepare_one(b)) for b in prepare)
-        tasks.extend((ordered[i], release_one(ordered[i])) for i in plan.release)
-        errors = self._parallel(tasks)
-        discard_dead(ordered, errors)
-        failed = [ordered[i] for i in errors if i not in plan.release]
-        if failed:
-            step = next_step(state, Event.PREPARE_FAILED)
-            self._rollback_all(ordered)
-            first = errors[failed[0].index]
-            raise self._raise(step.raises, gtrid,
-                              f"prepare failed on {[b.shard_id for b in failed]}: {first}",
-                              failed_shards=[b.shard_id for b in failed]) from first
-        step = next_step(state, Event.PREPARED_ALL)
-        state = step.next_state
-        self._crash("after_all_prepared")
-
-        # Phase two: the decider's local commit is the commit point.
-        assert step.action is Action.COMMIT_DECIDER
-        self._crash("before_decision_commit")
-
-        def commit_decider() -> None:
-            assert decider.adapter is not None
-            decider.adapter.commit_one_phase(decider.dbapi,
-                                             decider.xid if decider.xa_started else None)
-
-        def settle_one(b: Branch) -> Callable[[], None]:
-            return lambda: b.adapter.settle_prepared(b.dbapi) if b.adapter else None
-
-        # While the decider commits, the prepared branches' drivers are brought to idle
-        # (no effect on the server) so that phase two is one round trip per branch.
-        errors = self._parallel([(decider, commit_decider),
-                                 *((b, settle_one(b)) for b in prepare)])
-        discard_dead(ordered, errors)
-        unsettled = {i: e for i, e in errors.items() if i != decider.index}
-        if decider.index in errors:
-            e = errors[decider.index]
-            if is_disconnect(decider, e):
-                step = next_step(state, Event.DECISION_UNKNOWN)
-                leave(prepare)
-                decider.state = BranchState.LEFT
-                raise self._raise(
-                    step.raises, gtrid,
-                    f"the decision commit on {decider.shard_id!r} was sent but its outcome is "
-                    f"unknown ({e}); recovery will commit or roll back every branch",
-                    pending_shards=[b.shard_id for b in prepare],
-                ) from e
-            step = next_step(state, Event.DECISION_FAILED)
-            self._rollback_all(ordered)
-            raise self._raise(step.raises, gtrid,
-                              f"the decision commit on {decider.shard_id!r} failed: {e}",
-                              failed_shards=[decider.shard_id]) from e
-        decider.state = BranchState.FINISHED
-        step = next_step(state, Event.DECISION_DURABLE)
-        state = step.next_state
-        self._crash("after_decision_commit")
-
-        def commit_one(b: Branch) -> Callable[[], None]:
-            def run() -> None:
-                assert b.adapter is not None
-                b.adapter.commit_prepared_here(b.dbapi, b.xid)
-                b.state = BranchState.FINISHED
-                self._crash(f"after_commit_prepared:{b.xid.bqual if b.xid else b.index}")
-            return run
-
-        errors = self._parallel([(b, commit_one(b)) for b in prepare
-                                 if b.index not in unsettled])
-        discard_dead(ordered, errors)
-        errors.update(unsettled)
-        pending = [ordered[i] for i in errors]
-        for b in pending:
-            log.warning("2PC %s: COMMIT PREPARED of %s failed (%s); recovery will finish it",
-                        gtrid, b.describe(), errors[b.index])
-        leave(pending)
-
-        last_errors: list[str] = []
-        if plan.last:
-            names = [ordered[i].shard_id for i in plan.last]
-            for i in plan.last:
-                b = ordered[i]
-                try:
-                    assert b.adapter is not None
-                    b.adapter.commit_one_phase(b.dbapi, b.xid if b.xa_started else None)
-                    b.state = BranchState.FINISHED
-                except Exception as e:
-                    last_errors.append(f"{b.shard_id}: {e}")
-            warn_non_atomic(
-                f"shards {names} cannot prepare and were committed one after another after "
-                f"the atomic part of transaction {gtrid}: a crash in between leaves them "
-                "inconsistent"
-            )
-        if pending:
-            step = next_step(state, Event.COMMIT_FAILED)
-            raise self._raise(
-                step.raises, gtrid,
-                f"transaction {gtrid} is committed; branches {[b.shard_id for b in pending]} "
-                "are still prepared and will be completed by recovery",
-                pending_shards=[b.shard_id for b in pending],
-            )
-        step = next_step(state, Event.COMMITTED_ALL)
-        self._crash("after_all_committed")
-        if last_errors:
-            raise TransactionError(
-                f"transaction {gtrid}: the atomic part committed but best-effort shards "
-                f"failed to commit: {last_errors}", gtrid=gtrid,
-            )
-
-    @staticmethod
-    def _raise(cls: type[TransactionError] | None, gtrid: str, message: str,
-               **fields: Any) -> TransactionError:
-        assert cls is not None
-        return cls(message, gtrid=gtrid, **fields)
+        self.coordinator.executor().submit(end)
 
     def _rollback_all(self, ordered: Sequence[Branch]) -> None:
         """Roll back every branch before the commit point (nothing is committed)."""

@@ -8,8 +8,9 @@ import pytest
 
 MIXES = ["pg+pg", "pg2db", "pg+mariadb", "mariadb+mariadb", "pg+sqlite"]
 #: PostgreSQL + MariaDB + SQLite (SQLite decides). SQLite comes first: the MariaDB branch
-#: fixes the gtrid (and so the decider) at its XA START, from the shards begun so far; a
-#: SQLite writer that joins after that cannot decide (AtomicityUnavailableError).
+#: fixes the gtrid (and so the decider) at its XA START; a SQLite writer that joins after
+#: that can decide only when the coordinator knows the session's shards (a ShardedSession,
+#: or ``install(..., shards=...)``).
 THREE_WAY = "sqlite+pg+mariadb"
 
 

@@ -115,8 +115,24 @@ SUBSET = ["after_prepare", "before_decision_commit", "after_decision_commit",
 @pytest.mark.sqlite
 @pytest.mark.parametrize("point", SUBSET)
 def test_crash_three_way(request: pytest.FixtureRequest, point: str) -> None:
-    """PostgreSQL + MariaDB + SQLite, SQLite holding the decision."""
-    crash_then_recover(_create(mix_urls(request, THREE_WAY)), point)
+    """PostgreSQL + MariaDB + SQLite, SQLite holding the decision.
+
+    SQLite writes first, so its file is locked when it becomes the decider: its cluster
+    identity is set up beforehand (create-all, or a Cluster's first connect), as the docs
+    require; without it see test_recovery_identity's unattributed-branch test."""
+    urls = _create(mix_urls(request, THREE_WAY))
+    setup_identities(urls)
+    crash_then_recover(urls, point)
+
+
+def setup_identities(urls: dict[str, str]) -> None:
+    """What ``shardsession create-all`` does first: one cluster identity on every shard."""
+    from shardsession.coordinator.setup import prepare_shards
+
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    assert not any(s.failed for s in prepare_shards(engines))
+    for e in engines.values():
+        e.dispose()
 
 
 @pytest.fixture(scope="module")

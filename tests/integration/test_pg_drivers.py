@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from shardsession.backends import DecisionRow, Outcome, adapter_for
 from shardsession.coordinator.decisions import admin_connection
-from shardsession.coordinator.xid import Xid, new_gtrid
+from shardsession.coordinator.xid import Xid, new_cluster_id, new_gtrid
 
 from .conftest import prepared_gids, row_ids
 
@@ -38,7 +38,7 @@ def engine(request: pytest.FixtureRequest, pg_url_a: str) -> Iterator[Engine]:
 
 
 def _xid(index: int = 1) -> Xid:
-    return Xid.branch(new_gtrid("alpha"), index)
+    return Xid.branch(new_gtrid("alpha", cluster=new_cluster_id()), index)
 
 
 def _prepare_row(c: Any, row: int, xid: Xid) -> Any:
@@ -88,7 +88,7 @@ def test_finish_prepared_from_another_connection(engine: Engine) -> None:
 
 
 def test_decision_table_round_trip(engine: Engine) -> None:
-    g1, g2, g3 = (new_gtrid("alpha") for _ in range(3))
+    g1, g2, g3 = (new_gtrid("alpha", cluster=new_cluster_id()) for _ in range(3))
     with admin_connection(engine) as admin:
         assert pg.read_decisions(admin) == []  # no table yet: nothing decided here
         pg.ensure_decision_table(admin)
@@ -120,7 +120,7 @@ def test_read_decisions_without_table_in_a_transaction_raises(engine: Engine) ->
 
 
 def test_error_classification(engine: Engine) -> None:
-    gtrid = new_gtrid("alpha")
+    gtrid = new_gtrid("alpha", cluster=new_cluster_id())
     with admin_connection(engine) as admin:
         pg.ensure_decision_table(admin)
     with engine.connect() as holder, engine.connect() as other:

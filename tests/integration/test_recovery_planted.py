@@ -12,8 +12,10 @@ from harness.servers import client_cursor
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from shardsession.backends import adapter_for
 from shardsession.coordinator import in_doubt, recover
-from shardsession.coordinator.xid import Xid, new_gtrid
+from shardsession.coordinator.identity import ensure_identity
+from shardsession.coordinator.xid import Xid, new_cluster_id, new_gtrid
 
 from .conftest import prepared_gids, row_ids
 
@@ -27,6 +29,16 @@ def pg(pg_url_a: str, pg_url_b: str) -> Iterator[dict[str, Engine]]:
     yield engines
     for e in engines.values():
         e.dispose()
+
+
+def identity(engine: Engine) -> str:
+    """The cluster identity of ``engine``'s database (stored now if it has none)."""
+    return ensure_identity(adapter_for(engine.dialect.name), engine)[0]
+
+
+def gtrid_of(engine: Engine, decider: str, now: float | None = None) -> str:
+    """A gtrid of the cluster whose decider ``decider`` is ``engine``'s database."""
+    return new_gtrid(decider, cluster=identity(engine), now=now)
 
 
 def plant_pg(engine: Engine, gid: str, row: int | None = None) -> None:
@@ -68,11 +80,11 @@ def decide(engine: Engine, gtrid: str, outcome: str) -> None:
 def test_follow_claim_orphan_and_grace(pg: dict[str, Engine]) -> None:
     a, b = pg["alpha"], pg["beta"]
     old = time.time() - 3600
-    g_commit = new_gtrid("alpha", now=old)
-    g_abort = new_gtrid("alpha", now=old)
-    g_orphan = new_gtrid("alpha", now=old)
-    g_undecided = new_gtrid("alpha", now=old)
-    g_young = new_gtrid("alpha")
+    g_commit = gtrid_of(a, "alpha", now=old)
+    g_abort = gtrid_of(a, "alpha", now=old)
+    g_orphan = gtrid_of(a, "alpha", now=old)
+    g_undecided = gtrid_of(a, "alpha", now=old)
+    g_young = gtrid_of(a, "alpha")
     plant_pg(b, Xid.branch(g_commit, 1).gid, 1)
     plant_pg(b, Xid.branch(g_abort, 1).gid, 2)
     plant_pg(b, Xid.branch(g_undecided, 1).gid, 3)
@@ -107,7 +119,7 @@ HOSTILE_PG = [
     "ss1.\\'\\\\",
     "ss1.x\nCOMMIT PREPARED 'y'",
     "ss1." + "9" * 190,
-    Xid.branch(new_gtrid("alpha", now=1), 0).gid + ";",
+    Xid.branch(new_gtrid("alpha", cluster=new_cluster_id(), now=1), 0).gid + ";",
 ]
 
 
@@ -120,7 +132,7 @@ def test_foreign_and_hostile_pg_untouched(pg: dict[str, Engine], pg_server_a: An
     other = create_engine(other_url)
     with other.begin() as c:
         c.exec_driver_sql("CREATE TABLE t (id int primary key)")
-    foreign_db_gid = Xid.branch(new_gtrid("alpha", now=1), 1).gid
+    foreign_db_gid = Xid.branch(gtrid_of(pg["alpha"], "alpha", now=1), 1).gid
     plant_pg(other, foreign_db_gid, 9)
     try:
         report = recover(pg, grace_period=0)
@@ -139,11 +151,11 @@ def test_mariadb_foreign_hostile_and_unconfigured_decider(mariadb_url: str) -> N
     e = create_engine(mariadb_url)
     with e.begin() as c:
         c.exec_driver_sql("CREATE TABLE t (id int primary key)")
-    ours_unknown = Xid.branch(new_gtrid("not-in-config", now=1), 0)
+    ours_unknown = Xid.branch(gtrid_of(e, "not-in-config", now=1), 0)
     planted = [
         "X'6f74686572',X'31',1",  # other application
-        f"X'{b'ss1.'.hex()}27',X'3b',{ours_unknown.xa_parts[2]}",  # our formatID, hostile bytes
-        f"X'{('ss1.' + 'a' * 60).encode().hex()}',X'{b'b000'.hex()}',{ours_unknown.xa_parts[2]}",
+        f"X'{b'ss2.'.hex()}27',X'3b',{ours_unknown.xa_parts[2]}",  # our formatID, hostile bytes
+        f"X'{('ss2.' + 'a' * 60).encode().hex()}',X'{b'b000'.hex()}',{ours_unknown.xa_parts[2]}",
         ours_unknown.xa_literal,
     ]
     raws = []
@@ -176,8 +188,8 @@ def test_claim_does_not_hang_on_a_live_coordinator(pg: dict[str, Engine]) -> Non
     """A coordinator holds its COMMIT row uncommitted on the decider: the abort claim
     waits at most ``claim_timeout``, leaves the gtrid alone, and the next pass follows the
     decision once it commits."""
-    gtrid = new_gtrid("alpha", now=time.time() - 3600)
-    decide(pg["alpha"], new_gtrid("alpha"), "A")  # creates the table
+    gtrid = gtrid_of(pg["alpha"], "alpha", now=time.time() - 3600)
+    decide(pg["alpha"], gtrid_of(pg["alpha"], "alpha"), "A")  # creates the table
     plant_pg(pg["beta"], Xid.branch(gtrid, 1).gid, row=7)
     with pg["alpha"].connect() as live:
         live.execute(text("INSERT INTO shardsession_decisions VALUES (:g, 'C', 0, '')"),

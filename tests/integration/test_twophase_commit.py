@@ -220,15 +220,27 @@ def test_three_way_sqlite_decides(three_way: dict[str, Engine]) -> None:
 
 @pytest.mark.postgresql
 @pytest.mark.mysql
-def test_three_way_late_sqlite_writer_is_refused(three_way: dict[str, Engine]) -> None:
-    """Known limit: the MariaDB branch fixes the decider at XA START; a SQLite writer that
-    joins later cannot hold the decision, so require-mode refuses (nothing committed)."""
+def test_three_way_late_sqlite_writer_decides(three_way: dict[str, Engine]) -> None:
+    """The MariaDB branch fixes the decider at its XA START; when the session's shards are
+    known, the SQLite shard (it cannot prepare) is named then, before it joins, so a
+    SQLite writer that joins later holds the decision (issue 11, item 9; this test used
+    to assert the refusal). Without the shards the coordinator cannot know of it: the
+    late SQLite writer is still refused, with nothing committed."""
     s = session(three_way, TransactionCoordinator())
     for n in ("alpha", "beta", "gamma"):
         insert(s, three_way, n, 3)
     with pytest.raises(AtomicityUnavailableError):
         s.commit()
     assert {n: count(three_way, n) for n in three_way} == dict.fromkeys(three_way, 0)
+    assert in_doubt(three_way) == []
+    s = Session()
+    names = {e: n for n, e in three_way.items()}
+    TransactionCoordinator().install(s, names.__getitem__, shards=three_way)
+    for n in ("alpha", "beta", "gamma"):
+        insert(s, three_way, n, 3)
+    s.commit()
+    assert {n: count(three_way, n) for n in three_way} == dict.fromkeys(three_way, 1)
+    assert decisions(three_way["gamma"]) == 1
     assert in_doubt(three_way) == []
     assert_pool_clean(three_way)
 

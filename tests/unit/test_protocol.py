@@ -13,6 +13,7 @@ from shardsession.coordinator.protocol import (
     RecoveryAction,
     State,
     after_claim,
+    choose_absent_decider,
     choose_decider,
     may_delete_decision,
     next_step,
@@ -155,3 +156,27 @@ def test_gc_table() -> None:
     assert not may_delete_decision("A", in_doubt=False, **kw)
     assert may_delete_decision("A", in_doubt=False, listing_complete=True, age=200.0,
                                abort_retention=100.0)
+
+
+def test_absent_decider_when_fixed_early() -> None:
+    """A shard that cannot prepare and has not joined decides when no branch must."""
+    preparable = [B(0), B(1)]
+    assert choose_absent_decider(preparable, [], None) is None
+    assert choose_absent_decider(preparable, ["lite"], None) == "lite"
+    assert choose_absent_decider(preparable, ["l1", "l2"], "l2") == "l2"
+    assert choose_absent_decider(preparable, ["l1", "l2"], "s0") == "l1"
+    # a branch that cannot prepare already decides
+    assert choose_absent_decider([B(0), B(1, prep=False)], ["lite"], None) is None
+
+
+def test_every_action_of_the_table_has_its_phase() -> None:
+    """The two-phase run follows COMMIT_TABLE: each action a row names is carried out by
+    one handler of shardsession.coordinator.phases, and no handler is for anything else."""
+    from shardsession.coordinator.phases import HANDLERS
+
+    used = {step.action for step in COMMIT_TABLE.values()}
+    assert used <= set(HANDLERS) == set(Action)
+    # every failure row has an exception for its handler to raise; success rows none
+    for step in COMMIT_TABLE.values():
+        failing = step.action in (Action.ROLLBACK_ALL, Action.LEAVE_TO_RECOVERY)
+        assert (step.raises is not None) is failing

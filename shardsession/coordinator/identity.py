@@ -1,0 +1,202 @@
+"""The cluster identity: generated once per decider database, stored next to its decision
+table (``shardsession_cluster``, one row), written into every xid decided there.
+
+Recovery takes a prepared branch for its own only when the decider shard its xid names
+stores exactly the identity its xid carries; anything else is foreign and untouched. The
+identity is a property of the *database* holding the decisions, not of a config file: two
+deployments with copied configs (staging and production with the same shard names) on
+shared servers still get different identities, because their decider databases differ.
+``shardsession create-all`` gives every shard of a cluster the same identity where none is
+stored yet; ``shardsession status`` shows them.
+
+An identity must be durable before any branch is prepared under it: otherwise a crash
+could leave branches naming an identity no database stores, which recovery could not
+attribute. It is therefore committed on a connection of its own (autocommit), except on
+a SQLite database whose only connection is the transaction's own (``:memory:``, or the
+file already locked by the transaction's writes): there it commits with the first
+decision, and a crash before that commit leaves branches recovery reports as foreign
+(run ``create-all`` once, or use :class:`~shardsession.config.Cluster`, which sets SQLite
+identities up on first connect, to close that window).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+
+from ..backends import BackendAdapter, adapter_for
+from .decisions import admin_connection, is_missing_table
+from .xid import is_cluster_id, new_cluster_id
+
+if TYPE_CHECKING:
+    from .branch import Branch
+
+__all__ = [
+    "IdentityCache",
+    "ensure_identity",
+    "ensure_identity_here",
+    "read_identities",
+    "read_identity",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _checked(value: str | None) -> str | None:
+    if value is not None and not is_cluster_id(value):
+        # Not something we wrote: never compare xids against it (nothing is ours then).
+        raise ValueError(f"the stored cluster identity is malformed: {value[:40]!r}")
+    return value
+
+
+def read_identity(adapter: BackendAdapter, engine: Engine) -> str | None:
+    """The identity stored on ``engine``'s database; ``None`` when none is stored.
+
+    :raises ValueError: the stored value is not an identity of ours.
+    """
+    with admin_connection(engine) as dbapi:
+        try:
+            return _checked(adapter.read_cluster_id(dbapi))
+        except Exception as e:
+            if is_missing_table(e):
+                return None
+            raise
+
+
+def ensure_identity_here(adapter: BackendAdapter, dbapi: Any,
+                         preferred: str | None = None) -> tuple[str, bool]:
+    """Read the identity on ``dbapi`` (in its current transaction or autocommit), storing
+    ``preferred`` (or a new one) when none is stored.
+
+    :returns: ``(identity, was stored before)``; ``False`` means this call inserted it
+        (committed only when ``dbapi``'s transaction commits, unless autocommit).
+    """
+    adapter.ensure_cluster_table(dbapi)
+    current = _checked(adapter.read_cluster_id(dbapi))
+    if current is not None:
+        return current, True
+    fresh = preferred if preferred is not None else new_cluster_id()
+    try:
+        adapter.insert_cluster_id(dbapi, fresh)
+    except Exception as e:
+        if not adapter.is_duplicate_key(e):
+            raise
+        # another process stored one first: that one is the identity
+        won = _checked(adapter.read_cluster_id(dbapi))
+        if won is None:
+            raise
+        return won, True
+    log.info("stored cluster identity %s", fresh)
+    return fresh, False
+
+
+def ensure_identity(adapter: BackendAdapter, engine: Engine,
+                    preferred: str | None = None) -> tuple[str, bool]:
+    """The identity of ``engine``'s database, stored now (committed, on a connection of its
+    own) if it has none: ``preferred`` if given, else a new one.
+
+    Safe to run from several processes at once: the one-row table's primary key lets one
+    insert win, and the others read the winner.
+
+    :returns: ``(identity, was stored before)``.
+    """
+    with admin_connection(engine) as dbapi:
+        return ensure_identity_here(adapter, dbapi, preferred)
+
+
+def read_identities(engines: Mapping[str, Engine]) -> tuple[dict[str, str | None],
+                                                             dict[str, str]]:
+    """``({shard: identity or None}, {shard: error})`` for every shard with an adapter."""
+    found: dict[str, str | None] = {}
+    errors: dict[str, str] = {}
+    for name, engine in engines.items():
+        try:
+            adapter = adapter_for(engine.dialect.name)
+        except KeyError:
+            continue
+        try:
+            found[name] = read_identity(adapter, engine)
+        except Exception as e:
+            errors[name] = f"cannot read the cluster identity: {type(e).__name__}: {e}"
+    return found, errors
+
+
+def _sqlite_in_memory(engine: Engine) -> bool:
+    """Whether another connection of ``engine`` is not a separate connection to its file.
+
+    A second connection to an in-memory database is another database; a pool that hands
+    one connection per thread (``SingletonThreadPool``, as the local SQLite cluster uses)
+    or one for all (``StaticPool``) gives back the transaction's own connection, and
+    switching that to autocommit would commit the transaction's pending writes.
+    """
+    url = engine.url
+    if url.database in (None, "", ":memory:") or url.query.get("mode") == "memory":
+        return True
+    return isinstance(engine.pool, (SingletonThreadPool, StaticPool))
+
+
+class IdentityCache:
+    """A coordinator's identities of decider databases, read or stored once per engine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+        self._tried: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+    def _keep(self, engine: Engine, identity: str) -> str:
+        with self._lock:
+            self._known[engine] = identity
+        return identity
+
+    def for_engine(self, engine: Engine, adapter: BackendAdapter | None) -> str:
+        """The identity of a decider no transaction of ours holds: stored first, committed
+        on a connection of its own, if there is none."""
+        known = self._known.get(engine)
+        if known is not None:
+            return known
+        if adapter is None:
+            # No decision can be stored there: the commit is refused before any PREPARE.
+            return new_cluster_id()
+        return self._keep(engine, ensure_identity(adapter, engine)[0])
+
+    def for_branch(self, branch: Branch) -> str:
+        """The identity of a decider branch's database.
+
+        Committed on a connection of its own, before any branch is prepared under it;
+        on a SQLite database the branch's own transaction holds (in memory, or locked by
+        its writes) it is stored in that transaction and so commits with the decision.
+        """
+        known = self._known.get(branch.engine)
+        if known is not None:
+            return known
+        adapter = branch.adapter
+        if adapter is not None and adapter.name == "sqlite" and (
+                branch.wrote or _sqlite_in_memory(branch.engine)):
+            identity, stored_before = ensure_identity_here(adapter, branch.dbapi)
+            if not stored_before:
+                return identity  # commits with this transaction, or not at all: not kept
+            return self._keep(branch.engine, identity)
+        return self.for_engine(branch.engine, adapter)
+
+    def early(self, branch: Branch) -> None:
+        """Store a SQLite shard's identity as it joins a transaction, before it writes (it
+        may become the decider later, when its own writes lock the file)."""
+        engine = branch.engine
+        if (branch.adapter is None or branch.adapter.name != "sqlite" or branch.wrote
+                or engine in self._known or engine in self._tried
+                or _sqlite_in_memory(engine)):
+            return
+        # Once per engine: a file locked by another process makes this wait SQLite's busy
+        # timeout, which later transactions must not pay again.
+        with self._lock:
+            self._tried.add(engine)
+        try:
+            self.for_engine(engine, branch.adapter)
+        except Exception as e:  # retried at commit, in the transaction if need be
+            log.info("shard %s: cluster identity not stored yet: %s", branch.shard_id, e)
