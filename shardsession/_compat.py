@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Sized
 from typing import Any
 
 from sqlalchemy.engine import NestedTransaction
-from sqlalchemy.ext.horizontal_shard import set_shard_id
+from sqlalchemy.ext.horizontal_shard import IdentityChooser, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.session import (
@@ -294,9 +294,9 @@ class ForwardedIdentityLookup(Session):
     object) loads the expired object with a SELECT a plain Session does not send.
     """
 
-    identity_chooser: Callable[..., Any]
+    identity_chooser: IdentityChooser  # (SQLAlchemy's type: it shows through ShardedSession)
 
-    def _identity_lookup(  # type: ignore[override]
+    def _identity_lookup(  # type: ignore[override, unused-ignore]
         self,
         mapper: Mapper[Any],
         primary_key_identity: Any,
