@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
 
+from ._typing import ExecuteChooser, IdentityChooser, ShardChooser
 from .events import ShardSessionEvents
 from .exc import (
     AtomicityUnavailableError,
@@ -53,9 +54,11 @@ __all__ = [
     "ConfigurationError",
     "CrossShardError",
     "DirectorySharding",
+    "ExecuteChooser",
     "FanoutTimeoutError",
     "Follows",
     "HashSharding",
+    "IdentityChooser",
     "NoShardChosenError",
     "NonAtomicCommitWarning",
     "OutcomeUnknown",
@@ -67,6 +70,7 @@ __all__ = [
     "RangeSharding",
     "RecoveryError",
     "RoutingError",
+    "ShardChooser",
     "ShardKeyMissingError",
     "ShardSessionError",
     "ShardSessionEvents",

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import NestedTransaction
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.ext.horizontal_shard import set_shard_id
+from sqlalchemy.ext.horizontal_shard import IdentityChooser, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.session import (
@@ -296,9 +296,9 @@ class ForwardedIdentityLookup(Session):
     object) loads the expired object with a SELECT a plain Session does not send.
     """
 
-    identity_chooser: Callable[..., Any]
+    identity_chooser: IdentityChooser  # (SQLAlchemy's type: it shows through ShardedSession)
 
-    def _identity_lookup(  # type: ignore[override]
+    def _identity_lookup(  # type: ignore[override, unused-ignore]
         self,
         mapper: Mapper[Any],
         primary_key_identity: Any,
@@ -1096,7 +1096,7 @@ class RoutedBulkSaves(Session):
     ) -> None:
         raise NotImplementedError
 
-    def _bulk_save_mappings(  # type: ignore[override]
+    def _bulk_save_mappings(  # type: ignore[override, unused-ignore]
         self, mapper: Any, mappings: Iterable[Any], *, isupdate: bool, isstates: bool,
         return_defaults: bool, update_changed_only: bool, render_nulls: bool,
     ) -> None:

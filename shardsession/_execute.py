@@ -200,6 +200,6 @@ def combine(results: Sequence[Result[Any]], *, replicated: bool = False) -> Resu
     if not all(getattr(r, "returns_rows", False) for r in results):
         counts = [int(getattr(r, "rowcount", -1)) for r in results]
         total = counts[0] if replicated else sum(counts)
-        merged.rowcount = total if min(counts) >= 0 else -1  # type: ignore[attr-defined]
+        merged.rowcount = total if min(counts) >= 0 else -1  # type: ignore[attr-defined, unused-ignore]
         merged.returns_rows = False  # type: ignore[attr-defined]
     return merged

@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
@@ -31,6 +31,11 @@ from .coordinator.xid import check_shard_ids
 from .exc import ConfigurationError
 from .routing.placement import Placement
 from .session import ShardedSession
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from .coordinator import TransactionCoordinator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,7 +154,7 @@ class Cluster:
         self._coordinator: Any = None
 
     @classmethod
-    def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Cluster:
+    def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Self:
         """Read a cluster from a TOML file (see the module docstring for the format).
 
         :param engine_defaults: ``create_engine`` keywords for every shard (a shard's own
@@ -168,7 +173,7 @@ class Cluster:
     @classmethod
     def from_dict(
         cls, data: Mapping[str, Any], *, source: str = "config", **engine_defaults: Any
-    ) -> Cluster:
+    ) -> Self:
         """Build a cluster from the parsed TOML structure."""
         unknown = set(data) - {"cluster", "shards"}
         if unknown:
@@ -202,13 +207,14 @@ class Cluster:
     def shard_ids(self) -> list[str]:
         return list(self._engines)
 
-    def coordinator(self) -> Any:
+    def coordinator(self) -> TransactionCoordinator:
         """The cluster's shared transaction coordinator (created on first use)."""
         if self._coordinator is None:
             from .coordinator import TransactionCoordinator
 
             self._coordinator = TransactionCoordinator(atomic=self.atomic, decider=self.decider)
-        return self._coordinator
+        coordinator: TransactionCoordinator = self._coordinator
+        return coordinator
 
     def sessionmaker(
         self, placement: Placement | None = None, **session_kw: Any

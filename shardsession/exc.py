@@ -24,7 +24,9 @@ Driver errors raised by work on a single shard pass through unchanged (they are 
     +-- RecoveryError                 (gtrid, shard_id) recovery could not settle a branch
 
 Every exception pickles with its structured fields (they cross process boundaries in
-worker pools and in the recovery worker).
+worker pools and in the recovery worker). The fields are typed, and are the constructors'
+keyword arguments; shard ids are typed ``str``, as SQLAlchemy types them
+(``ShardIdentifier``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AtomicityUnavailableError",
@@ -96,7 +98,10 @@ class RoutingError(ShardSessionError):
     """A row or statement could not be routed to a shard."""
 
     _fields: tuple[str, ...] = ("shard_id",)
-    shard_id: Any
+    shard_id: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, shard_id: str | None = None) -> None: ...
 
 
 class UnknownShardError(RoutingError):
@@ -111,22 +116,36 @@ class ShardKeyMissingError(RoutingError):
     """A new object has no value for the shard key its placement needs."""
 
     _fields: tuple[str, ...] = ("shard_id", "mapper", "key")
-    mapper: Any
-    key: Any
+    mapper: str | None
+    key: tuple[str, ...] | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, mapper: str | None = None,
+            key: tuple[str, ...] | None = None,
+        ) -> None: ...
 
 
 class CrossShardError(RoutingError):
     """Related objects would be written to different shards."""
 
     _fields: tuple[str, ...] = ("shard_id", "shard_ids")
-    shard_ids: Sequence[Any]
+    shard_ids: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, shard_ids: Sequence[str],
+        ) -> None: ...
 
 
 class QueryError(ShardSessionError):
     """A cross-shard read or bulk write failed."""
 
     _fields: tuple[str, ...] = ("shard_id",)
-    shard_id: Any
+    shard_id: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, shard_id: str | None = None) -> None: ...
 
 
 class UnsupportedQueryError(QueryError):
@@ -135,13 +154,24 @@ class UnsupportedQueryError(QueryError):
     _fields: tuple[str, ...] = ("shard_id", "construct")
     construct: str | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, construct: str | None = None,
+        ) -> None: ...
+
 
 class FanoutTimeoutError(QueryError):
     """A fan-out's deadline passed before every shard answered."""
 
     _fields: tuple[str, ...] = ("shard_id", "pending_shards", "timeout")
-    pending_shards: Sequence[Any]
+    pending_shards: Sequence[str]
     timeout: float | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, shard_id: str | None = None, pending_shards: Sequence[str],
+            timeout: float | None = None,
+        ) -> None: ...
 
 
 class PageTokenError(QueryError, ValueError):
@@ -154,13 +184,21 @@ class TransactionError(ShardSessionError):
     _fields: tuple[str, ...] = ("gtrid",)
     gtrid: str | None
 
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, gtrid: str | None = None) -> None: ...
+
 
 class AtomicityUnavailableError(TransactionError):
     """The commit cannot be atomic (two or more writers cannot prepare) and
     ``atomic="require"``; raised before anything is committed."""
 
     _fields: tuple[str, ...] = ("gtrid", "shard_ids")
-    shard_ids: Sequence[Any]
+    shard_ids: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_ids: Sequence[str],
+        ) -> None: ...
 
 
 class CapabilityError(TransactionError):
@@ -168,7 +206,12 @@ class CapabilityError(TransactionError):
     ``max_prepared_transactions = 0`` asked to PREPARE."""
 
     _fields: tuple[str, ...] = ("gtrid", "shard_id")
-    shard_id: Any
+    shard_id: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_id: str | None = None,
+        ) -> None: ...
 
 
 class PrepareFailed(TransactionError):
@@ -176,7 +219,12 @@ class PrepareFailed(TransactionError):
     nothing was committed."""
 
     _fields: tuple[str, ...] = ("gtrid", "failed_shards")
-    failed_shards: Sequence[Any]
+    failed_shards: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, failed_shards: Sequence[str],
+        ) -> None: ...
 
 
 class CommitIncomplete(TransactionError):
@@ -184,7 +232,12 @@ class CommitIncomplete(TransactionError):
     still being completed; recovery finishes them. The data will appear."""
 
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
-    pending_shards: Sequence[Any]
+    pending_shards: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, pending_shards: Sequence[str],
+        ) -> None: ...
 
 
 class OutcomeUnknown(TransactionError):
@@ -192,7 +245,12 @@ class OutcomeUnknown(TransactionError):
     transaction (named by ``gtrid``) one way or the other."""
 
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
-    pending_shards: Sequence[Any]
+    pending_shards: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, pending_shards: Sequence[str],
+        ) -> None: ...
 
 
 class RecoveryError(ShardSessionError):
@@ -200,7 +258,12 @@ class RecoveryError(ShardSessionError):
 
     _fields: tuple[str, ...] = ("gtrid", "shard_id")
     gtrid: str | None
-    shard_id: Any
+    shard_id: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_id: str | None = None,
+        ) -> None: ...
 
 
 class NonAtomicCommitWarning(UserWarning):

@@ -33,6 +33,17 @@ from . import _bulk, _compat, _placed
 from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
+from ._typing import (
+    _O,
+    ClauseElement,
+    EntityKey,
+    Executable,
+    ExecuteChooser,
+    GetOptions,
+    IdentityChooser,
+    ShardChooser,
+    Unpack,
+)
 from .coordinator import TransactionCoordinator, early
 from .coordinator.coordinator import begin_listener
 from .coordinator.xid import check_shard_ids
@@ -83,16 +94,18 @@ class ShardedSession(
     _early: list[Any] | tuple[()] = ()
     #: whether the routing handler is registered on the instance (see __init__)
     _route_on_instance = False
-    _shards: dict[Any, Any]
+    _shards: dict[Any, Engine | Connection]
     _placement: Placement | None = None
-    _coordinator: Any = None
+    _coordinator: TransactionCoordinator | None = None
     atomic: AtomicMode
+    fanout_max_workers: int | None
+    fanout_timeout: float | None
 
     def __init__(
         self,
-        shard_chooser: Callable[..., Any] | None = None,
-        identity_chooser: Callable[..., Any] | None = None,
-        execute_chooser: Callable[[ORMExecuteState], Iterable[Any]] | None = None,
+        shard_chooser: ShardChooser | None = None,
+        identity_chooser: IdentityChooser | None = None,
+        execute_chooser: ExecuteChooser | None = None,
         shards: Mapping[str, Any] | None = None,
         query_cls: type[Query[Any]] = ShardedQuery,
         *,
@@ -101,9 +114,9 @@ class ShardedSession(
         decider: str | None = None,
         fanout_max_workers: int | None = None,
         fanout_timeout: float | None = None,
-        coordinator: Any = None,
-        id_chooser: Callable[..., Any] | None = None,
-        query_chooser: Callable[..., Any] | None = None,
+        coordinator: TransactionCoordinator | None = None,
+        id_chooser: Callable[[Query[Any], Iterable[Any]], Iterable[Any]] | None = None,
+        query_chooser: Callable[[Executable], Iterable[Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         _ensure_hooks()
@@ -208,7 +221,7 @@ class ShardedSession(
     # -- shards ------------------------------------------------------------------------------
 
     @property
-    def shards(self) -> Mapping[str, Any]:
+    def shards(self) -> Mapping[str, Engine | Connection]:
         """The shard ids and their binds (read-only view)."""
         return dict(self._shards)
 
@@ -269,15 +282,15 @@ class ShardedSession(
             _compat.set_identity_token(state, shard_id)
         return shard_id
 
-    def get_bind(  # type: ignore[override, unused-ignore]
+    def get_bind(
         self,
-        mapper: Any = None,
+        mapper: EntityKey[_O] | None = None,
         *,
         shard_id: Any = None,
         instance: Any = None,
-        clause: Any = None,
+        clause: ClauseElement | None = None,
         **kw: Any,
-    ) -> Any:
+    ) -> Engine | Connection:
         """Return the Engine of ``shard_id`` (chosen by the shard chooser when not given).
 
         :raises UnknownShardError: the id is not configured.
@@ -288,9 +301,9 @@ class ShardedSession(
         bind = self._shards.get(shard_id)
         return bind if bind is not None else self._shards[self._check_shard(shard_id)]
 
-    def connection_callable(  # type: ignore[override, unused-ignore]
+    def connection_callable(
         self,
-        mapper: Any = None,
+        mapper: Mapper[Any] | None = None,
         instance: Any = None,
         shard_id: Any = None,
         **kw: Any,
@@ -320,15 +333,16 @@ class ShardedSession(
             conn = cache.get(shard_id)
             if conn is None:
                 conn = cache[shard_id] = trans.connection(mapper, shard_id=shard_id)
-            return conn  # type: ignore[no-any-return]
+            return conn  # type: ignore[no-any-return, unused-ignore]
         bind = self._shards[shard_id]
         return bind.connect(**kw) if isinstance(bind, Engine) else bind  # type: ignore[no-any-return, unused-ignore]
 
     # -- identity lookups --------------------------------------------------------------------
 
-    def get(  # type: ignore[override, unused-ignore]
-        self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any
-    ) -> Any:
+    def get(
+        self, entity: EntityKey[_O], ident: Any, *, identity_token: Any = None,
+        **kw: Unpack[GetOptions],
+    ) -> _O | None:
         """:meth:`Session.get`; with a ``placement`` the key's one shard is looked up
         directly (its identity map, then one SELECT), without asking the execute chooser.
 
@@ -336,15 +350,18 @@ class ShardedSession(
         """
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
-        return super().get(entity, ident, identity_token=identity_token, **kw)
+        # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
+        return super().get(entity, ident, identity_token=identity_token, **kw)  # type: ignore[arg-type, unused-ignore]
 
-    def get_one(  # type: ignore[override, unused-ignore]
-        self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any
-    ) -> Any:
+    def get_one(
+        self, entity: EntityKey[_O], ident: Any, *, identity_token: Any = None,
+        **kw: Unpack[GetOptions],
+    ) -> _O:
         """:meth:`Session.get_one`, routed like :meth:`get`."""
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
-        return super().get_one(entity, ident, identity_token=identity_token, **kw)
+        # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
+        return super().get_one(entity, ident, identity_token=identity_token, **kw)  # type: ignore[arg-type, unused-ignore]
 
     def _shardsession_save_mappings(
         self, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool, isstates: bool,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from sqlalchemy import and_, bindparam, false, inspect, or_, true
 from sqlalchemy.engine import Row
@@ -30,15 +30,26 @@ from ._ordering import default_nulls_first
 from ._plan import parse_order_by
 from ._token import PageTokenError, decode_token, encode_token
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeVarTuple, Unpack
+
+    _Ts = TypeVarTuple("_Ts")
+
 __all__ = ["Page", "PageTokenError", "paginate"]
+
+_T = TypeVar("_T")
+_T2 = TypeVar("_T2")
 
 _TIE = "_shardsession_page_tie"
 _SHARD = "_shardsession_page_shard"
 
 
 @dataclass(frozen=True)
-class Page:
+class Page(Generic[_T]):
     """One page of a keyset-paginated query.
+
+    Typed by its statement: ``paginate(session, select(User), ...)`` is a
+    ``Page[User]``, ``select(User.id, User.name)`` a ``Page[Row[int, str]]``.
 
     :ivar rows: the rows, as the statement's own result would give them.
     :ivar items: the objects (or values) for a one-column statement, else the rows.
@@ -46,7 +57,7 @@ class Page:
     """
 
     rows: list[Row[Any]]
-    items: list[Any]
+    items: list[_T]
     next_token: str | None
 
 
@@ -130,14 +141,51 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
     return or_(*disjuncts)
 
 
-def paginate(
+# SQLAlchemy 2.1 types a statement by its columns (``Select[User]``, ``Select[int, str]``),
+# 2.0 by a tuple of them (``Select[tuple[User]]``): the first overload serves 2.0's one
+# column, the other two 2.1 (and 2.0's several columns); the ignores are for the version
+# each line is not written for.
+@overload
+def paginate(  # type: ignore[overload-overlap, unused-ignore]
     session: Session,
-    stmt: Select[Any],
+    stmt: Select[tuple[_T]],
     *,
     page_size: int,
     token: str | None = None,
     secret: bytes | None = None,
-) -> Page:
+) -> Page[_T]: ...
+
+
+@overload
+def paginate(
+    session: Session,
+    stmt: Select[_T],  # type: ignore[type-var, unused-ignore]
+    *,
+    page_size: int,
+    token: str | None = None,
+    secret: bytes | None = None,
+) -> Page[_T]: ...
+
+
+@overload
+def paginate(
+    session: Session,
+    stmt: Select[_T, _T2, Unpack[_Ts]],  # type: ignore[valid-type, type-arg, unused-ignore]
+    *,
+    page_size: int,
+    token: str | None = None,
+    secret: bytes | None = None,
+) -> Page[Row[_T, _T2, Unpack[_Ts]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
+
+
+def paginate(
+    session: Session,
+    stmt: Select[Unpack[tuple[Any, ...]]],  # type: ignore[valid-type, type-arg, unused-ignore]
+    *,
+    page_size: int,
+    token: str | None = None,
+    secret: bytes | None = None,
+) -> Page[Any]:
     """Return one page of ``stmt`` (ordered by its ORDER BY, then primary key, then shard).
 
     Pages stay consistent while rows are inserted or deleted elsewhere in the order:

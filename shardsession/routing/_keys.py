@@ -34,7 +34,7 @@ def _one(value: Any) -> bytes:
     if isinstance(value, int):
         # By its integer value, as the database stores it: str() of an int subclass is
         # its own (an IntEnum member's is "Color.RED" on Python 3.10 and "1" on 3.11+).
-        return INT_KEY % int(value)  # type: ignore[no-any-return]
+        return INT_KEY % int(value)  # type: ignore[no-any-return, unused-ignore]
     if isinstance(value, str):
         return b"s:" + str.encode(value, "utf-8")
     if isinstance(value, bytes | bytearray | memoryview):

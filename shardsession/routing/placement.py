@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, Table, inspect
 from sqlalchemy.orm import Mapper, RelationshipProperty
@@ -25,6 +25,9 @@ from ._keys import compares_bytewise
 from .colocation import CoLocation
 from .pruning import key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["Placement", "ResolvedRule", "naming_mapper", "place_by_key"]
 
@@ -101,7 +104,7 @@ class Placement(CoLocation):
 
     # -- configuration ---------------------------------------------------------------
 
-    def add(self, target: Any, rule: Rule) -> Placement:
+    def add(self, target: type[Any] | Mapper[Any] | Table, rule: Rule) -> Self:
         """Place ``target`` (a mapped class, mapper or Table) by ``rule``; returns self.
 
         :raises ConfigurationError: not a rule, or the target already has one.

@@ -9,10 +9,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..exc import ConfigurationError, RoutingError
 from ._keys import INT_KEY, canonical_key
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import QueryableAttribute
 
 __all__ = [
     "Broadcast",
@@ -31,7 +34,10 @@ __all__ = [
 #: entry memo, about 2.5 MB, made a one-shard transaction ~0.5 us slower in place).
 _MEMO_SIZE = 8_192
 
-KeySpec = Any  # an attribute name, an ORM attribute (User.id), or a tuple of those
+#: an attribute name, an ORM attribute (``User.id``), or a tuple of those
+KeySpec: TypeAlias = (
+    "str | QueryableAttribute[Any] | tuple[str | QueryableAttribute[Any], ...]"
+)
 
 
 class Rule:
@@ -401,7 +407,7 @@ class Follows(Rule):
         parent; ``None`` means any many-to-one relationship to a placed mapper.
     """
 
-    def __init__(self, relationship: Any = None) -> None:
+    def __init__(self, relationship: str | QueryableAttribute[Any] | None = None) -> None:
         if relationship is None or isinstance(relationship, str):
             self.relationship: str | None = relationship
         else:
