@@ -48,6 +48,13 @@ def naming_mapper(error: RoutingError, mapper: Mapper[Any]) -> RoutingError:
     return type(error)(f"{mapper.class_.__name__}: {error.message}", shard_id=error.shard_id)
 
 
+
+def _python_type(col: ColumnElement[Any]) -> type | None:
+    try:
+        return col.type.python_type  # type: ignore[no-any-return]
+    except NotImplementedError:
+        return None
+
 @dataclass(frozen=True)
 class ResolvedRule:
     """A rule resolved against one mapper (or table).
@@ -280,6 +287,8 @@ class Placement(CoLocation):
                     )
                 cols.append(prop.columns[0])
             self._check_key_collations(mapper, rule, cols)
+            if len(cols) == 1 and _python_type(cols[0]) is int and rule.normalize is None:
+                rule.integer_key = True
             return self._key_rule(mapper, rule, rule, tuple(cols), rule.key)
         if isinstance(rule, Follows):
             props = self._placed_parents(mapper, rule.relationship)

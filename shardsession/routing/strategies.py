@@ -58,6 +58,22 @@ class Rule:
             )
 
 
+def integer_from_text(value: str) -> int:
+    """The integer a database stores for ``value`` given to an integer column.
+
+    :raises RoutingError: ``value`` is not an integer's text (the database would refuse
+        it, or SQLite would store text that no integer key finds).
+    """
+    text = value.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not digits.isascii() or not digits.isdigit():
+        raise RoutingError(
+            f"shard key {value!r} is text that is not an integer, for an integer key column",
+            shard_id=None,
+        )
+    return int(text)
+
+
 class KeyStrategy(Rule):
     """A rule that places each row by the value of its shard key.
 
@@ -91,6 +107,9 @@ class KeyStrategy(Rule):
         if normalize is not None and not callable(normalize):
             raise ConfigurationError(f"{type(self).__name__}: normalize must be callable")
         self.normalize = normalize
+        #: set when the placement finds the key to be one integer column: a key given as
+        #: text (``"1001"``) is then placed as the integer the database stores
+        self.integer_key = False
         if normalize is not None:
             # Wrap once here, so that strategies without a normaliser keep their hot
             # path untouched.
@@ -197,6 +216,8 @@ class HashSharding(KeyStrategy):
                 return hit
             hit = self._score(INT_KEY % value)  # (canonical_key's encoding of an int)
         else:
+            if type(value) is str and self.integer_key:
+                return self.shard_for(integer_from_text(value))
             memo, memo_key = self._memo, (type(value), value)
             try:
                 hit = memo.get(memo_key)
