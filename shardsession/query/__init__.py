@@ -37,6 +37,7 @@ from ._cache import LRUCache
 from ._checks import CheckContext, QueryPlacement, check_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
+from ._model import StatementModel, model_select
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 
@@ -103,13 +104,23 @@ def _resolve(options: FanoutOptions, execution_options: Any) -> FanoutOptions:
 
 
 #: verdicts of :func:`check_select` by (placement, statement cache key): ``(placement,
-#: reads_sharded_tables)``.  Only statements that passed are stored (a refusal is computed
-#: again, and raised again, every time).
-CHECK_CACHE: LRUCache[tuple[QueryPlacement | None, bool]] = LRUCache(1024)
+#: model)``, the model ``None`` for a statement that reads no sharded table.  Only
+#: statements that passed are stored (a refusal is computed again, and raised again,
+#: every time).
+CHECK_CACHE: LRUCache[tuple[QueryPlacement | None, StatementModel | None]] = LRUCache(1024)
 
 
-def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | None) -> bool:
-    """Whether ``statement`` reads a sharded table; raise if it cannot be merged.
+def _check(statement: Select[Any], placement: QueryPlacement | None) -> StatementModel | None:
+    if not check_select(statement, CheckContext(placement)):
+        return None  # one shard answers it: its select list is not merged
+    return model_select(statement)
+
+
+def _reads_sharded_tables(
+    statement: Select[Any], placement: QueryPlacement | None
+) -> StatementModel | None:
+    """The model of ``statement`` when it reads a sharded table (``None``: it does not);
+    raise if it cannot be merged.
 
     The verdict depends only on the statement's structure and the placement's answers,
     not on bound values, so it is cached by the statement's structural cache key (the
@@ -117,12 +128,12 @@ def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | No
     """
     key = _compat.statement_cache_key(statement)
     if key is None:
-        return bool(check_select(statement, CheckContext(placement)))
+        return _check(statement, placement)
     cache_key = (id(placement), key)
     hit = CHECK_CACHE.get(cache_key)
     if hit is not None and hit[0] is placement:
         return hit[1]
-    verdict = bool(check_select(statement, CheckContext(placement)))
+    verdict = _check(statement, placement)
     # The entry keeps ``placement`` alive, so its id cannot be reused by another object.
     CHECK_CACHE.put(cache_key, (placement, verdict))
     return verdict
@@ -229,7 +240,8 @@ def execute_on_shards(
     # keep the chooser's order: rows (and load events) come out as horizontal_shard's do.
     if _compat.select_parts(statement).order_by:
         shard_ids = sorted(shard_ids, key=str)
-    if not _reads_sharded_tables(statement, opts.placement):
+    model = _reads_sharded_tables(statement, opts.placement)
+    if model is None:
         # Only replicated tables (or none): every shard has the same answer.
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
@@ -240,6 +252,7 @@ def execute_on_shards(
         dialects=dialects,
         is_orm=orm_context.is_orm_statement,
         wants_tuples=_compat.wants_tuples(orm_context),
+        model=model,
         # memoized on the statement by _reads_sharded_tables()
         cache_key=_compat.statement_cache_key(statement),
     )

@@ -24,6 +24,7 @@ from sqlalchemy.sql.elements import (
     BinaryExpression,
     ClauseElement,
     ColumnClause,
+    ColumnElement,
     FunctionFilter,
     Grouping,
     Label,
@@ -55,11 +56,13 @@ from .. import _compat
 from ..exc import UnsupportedQueryError
 
 __all__ = [
+    "KNOWN_SCALAR_FUNCTIONS",
     "MERGEABLE_AGGREGATES",
     "CheckContext",
     "QueryPlacement",
     "aggregate_kind",
     "contains_aggregate",
+    "might_aggregate",
     "unwrap_label",
 ]
 
@@ -81,6 +84,25 @@ OTHER_AGGREGATES = frozenset(
         "percent_rank", "cume_dist", "total", "any_value", "count_big",
         "approx_count_distinct", "grouping", "rollup", "cube", "grouping_sets",
         "range_agg", "range_intersect_agg",
+    }
+)  # fmt: skip
+
+#: row-level functions of the supported backends: computed from one row's values, the
+#: same on whichever shard holds the row.  A function not listed here (nor an aggregate
+#: of :data:`MERGEABLE_AGGREGATES`) in the select list, GROUP BY, HAVING or
+#: ORDER BY of a fan-out refuses the statement: it may be an aggregate.
+KNOWN_SCALAR_FUNCTIONS = frozenset(
+    {
+        "abs", "ceil", "ceiling", "floor", "round", "trunc", "truncate", "sign", "mod",
+        "power", "pow", "sqrt", "exp", "ln", "log", "log10", "greatest", "least",
+        "coalesce", "ifnull", "nullif", "nvl", "lower", "upper", "length",
+        "char_length", "character_length", "octet_length", "substr", "substring",
+        "trim", "ltrim", "rtrim", "replace", "concat", "concat_ws", "instr", "strpos",
+        "position", "left", "right", "lpad", "rpad", "reverse", "repeat", "date",
+        "time", "datetime", "julianday", "strftime", "date_trunc", "date_part",
+        "extract", "to_char", "year", "month", "day", "hour", "minute", "second",
+        "now", "current_date", "current_time", "current_timestamp", "localtime",
+        "localtimestamp", "typeof", "hex", "md5", "random",
     }
 )  # fmt: skip
 
@@ -156,15 +178,32 @@ def aggregate_kind(expr: Any) -> str | None:
 
 
 def _walk(expr: ClauseElement) -> Iterator[ClauseElement]:
-    """Yield ``expr`` and its sub-expressions, stopping at subqueries (yielded, not
-    entered)."""
+    """Yield ``expr`` and its sub-expressions, stopping at subqueries and FROM elements
+    (yielded, not entered).  A function call is entered: SQLAlchemy makes every function
+    a FROM element too (it can be table-valued), and an aggregate, window or subquery
+    inside ``coalesce(...)`` is as much part of the expression as one outside it."""
     stack = [expr]
     while stack:
         node = stack.pop()
         yield node
-        if isinstance(node, SelectBase | FromClause):
+        if isinstance(node, SelectBase) or (
+            isinstance(node, FromClause) and not isinstance(node, ColumnElement)
+        ):
             continue
         stack.extend(node.get_children())
+
+
+def might_aggregate(expr: ClauseElement) -> bool:
+    """Whether ``expr`` has, outside of subqueries, an aggregate or a function that is
+    not known to be row-level (a user-defined or backend aggregate the planner does not
+    know reads many rows as well)."""
+    for node in _walk(expr):
+        name = _function_name(node)
+        if name is not None and name not in KNOWN_SCALAR_FUNCTIONS:
+            return True
+        if isinstance(node, WithinGroup | FunctionFilter):
+            return True
+    return False
 
 
 def contains_aggregate(expr: ClauseElement) -> bool:
@@ -203,6 +242,15 @@ def _relating_conditions(sub: Select[Any], in_left: Any) -> list[Any]:
     return conditions
 
 
+def _opaque_text(node: ClauseElement) -> str | None:
+    """The SQL of a ``text()`` or ``literal_column()`` node (else ``None``)."""
+    if isinstance(node, TextClause):
+        return node.text
+    if isinstance(node, ColumnClause) and node.is_literal:
+        return str(node.name)
+    return None
+
+
 def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
     """Refuse window functions, non-mergeable aggregates, suspicious text and
     cross-shard subqueries anywhere in ``expr``."""
@@ -227,7 +275,9 @@ def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
             raise UnsupportedQueryError(
                 f"{name}() cannot be merged across shards", construct=f"{name}()"
             )
-        if isinstance(node, TextClause) and _SUSPICIOUS_TEXT.search(node.text):
+        if _opaque_text(node) is not None and _SUSPICIOUS_TEXT.search(
+            _opaque_text(node) or ""
+        ):
             raise UnsupportedQueryError(
                 "textual SQL containing a subquery, window or aggregate cannot be "
                 "checked for cross-shard correctness",
@@ -253,10 +303,10 @@ def _is_global(sel: Select[Any]) -> str | None:
     ):
         return "LIMIT/OFFSET"
     for col in parts.raw_columns:
-        if isinstance(col, ClauseElement) and contains_aggregate(col):
+        if isinstance(col, ClauseElement) and might_aggregate(col):
             return "aggregate"
     for col in parts.order_by:
-        if contains_aggregate(col):
+        if might_aggregate(col):
             return "aggregate"
     return None
 
@@ -434,8 +484,8 @@ def _check_select_body(
     exprs += list(parts.where) + list(parts.having) + list(parts.order_by)
     exprs += list(parts.group_by)
     for expr in exprs:
-        if isinstance(expr, FromClause):
-            continue  # a table or entity selected whole
+        if isinstance(expr, FromClause) and not isinstance(expr, ColumnElement):
+            continue  # a table or entity selected whole (a function is a column)
         check_expression(expr, ctx)
     return tables
 
@@ -499,7 +549,7 @@ def unrelated_subquery(sel: Any, placement: Any) -> str | None:
     outer = _sharded([t for f in froms for t in _tables_in(f)], ctx)
     outer_ids = {id(t) for t in outer}
     for expr in exprs:
-        if isinstance(expr, FromClause):
+        if isinstance(expr, FromClause) and not isinstance(expr, ColumnElement):
             continue
         in_links: dict[int, Any] = {}
         for node in _walk(expr):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func
-from sqlalchemy.sql.elements import ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnElement
 from sqlalchemy.sql.selectable import Select
 
 from .. import _compat
@@ -109,19 +109,30 @@ class _SlotBuilder:
 
 
 
+def _group_expression(g: Any) -> Any:
+    """A GROUP BY term as its expression: SQLAlchemy keeps a function call given to
+    ``group_by()`` as a one-element list holding the function under an anonymous label
+    (it renders as the function alone)."""
+    while isinstance(g, ClauseList) and len(g.clauses) == 1:
+        g = unwrap_label(g.clauses[0])
+    return g
+
+
 def plan_aggregate(
     stmt: Select[Any],
     cols: Columns,
     dialects: Sequence[str],
     limit: int | None,
     offset: int,
+    *,
+    distinct: bool,
 ) -> AggregatePlan:
     parts = _compat.select_parts(stmt)
     builder = _SlotBuilder(cols)
     group_exprs: list[Any] = []
     for g in parts.group_by:
         target = _compat.label_reference_target(g)
-        group_exprs.append(g if target is None else target)
+        group_exprs.append(_group_expression(g) if target is None else target)
     for i, expr in enumerate(list(cols.exprs)):
         kind = aggregate_kind(expr) if isinstance(expr, ClauseElement) else None
         if kind is not None:
@@ -176,7 +187,7 @@ def plan_aggregate(
         has_group_by=bool(group_exprs),
         having=having,
         sort_keys=sort_keys,
-        distinct=parts.distinct,
+        distinct=distinct,
         limit=limit,
         offset=offset,
     )
