@@ -12,6 +12,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
 from .exc import (
     AtomicityUnavailableError,
     CapabilityError,
+    ColocationWarning,
     CommitIncomplete,
     ConfigurationError,
     CrossShardError,
@@ -47,6 +48,7 @@ __all__ = [
     "AtomicityUnavailableError",
     "Broadcast",
     "CapabilityError",
+    "ColocationWarning",
     "CommitIncomplete",
     "ConfigurationError",
     "CrossShardError",

@@ -32,9 +32,14 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import TextClause
 
 from .. import _compat
-from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
+from ..exc import (
+    ConfigurationError,
+    NoShardChosenError,
+    UnsupportedQueryError,
+    warn_colocation,
+)
 from ._cache import LRUCache
-from ._checks import CheckContext, QueryPlacement, check_select
+from ._checks import CheckContext, QueryPlacement, check_select, check_write
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
 from ._model import StatementModel, model_select
@@ -111,9 +116,10 @@ CHECK_CACHE: LRUCache[tuple[QueryPlacement | None, StatementModel | None]] = LRU
 
 
 def _check(statement: Select[Any], placement: QueryPlacement | None) -> StatementModel | None:
-    if not check_select(statement, CheckContext(placement)):
+    ctx = CheckContext(placement)
+    if not check_select(statement, ctx):
         return None  # one shard answers it: its select list is not merged
-    return model_select(statement)
+    return model_select(statement, "; ".join(ctx.unplaced) or None)
 
 
 def _reads_sharded_tables(
@@ -180,6 +186,18 @@ def execute_on_shards(
         shard_params=shard_params,
     )
 
+    if (
+        orm_context.is_update
+        and orm_context.is_orm_statement
+        and isinstance(orm_context.parameters, list)
+    ):
+        # SQLAlchemy's bulk UPDATE by primary key refuses a session that places objects
+        # per instance (NotImplementedError); say so in the library's terms.
+        raise UnsupportedQueryError(
+            "ORM bulk UPDATE by primary key (a list of parameter dicts) is not supported "
+            "by a sharded session; update the objects, or run update() per shard",
+            construct="ORM bulk UPDATE by primary key",
+        )
     if len(shard_ids) == 1:
         # One shard needs no merge: only the deadline (when one is set) applies.
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
@@ -193,6 +211,16 @@ def execute_on_shards(
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
     if orm_context.is_update or orm_context.is_delete:
+        if opts.placement is None:
+            # (with a placement the session's router checked it, for one shard or many)
+            ctx = CheckContext(None)
+            check_write(statement, ctx)
+            if ctx.unplaced:
+                warn_colocation(
+                    f"{'; '.join(ctx.unplaced)}: evaluated on each shard, exact only if "
+                    "the rows it relates are on the same shard (the session has no "
+                    "placement to check it)"
+                )
         sync = orm_context.execution_options.get("synchronize_session", "auto")
         # synchronize_session updates objects in the identity map per shard: keep that
         # in the calling thread.
@@ -246,6 +274,11 @@ def execute_on_shards(
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
 
+    if model.colocation is not None:
+        warn_colocation(
+            f"{model.colocation}: evaluated on each shard, exact only if the rows it "
+            "relates are on the same shard (the session has no placement to check it)"
+        )
     dialects = [_dialect_of(orm_context, s) for s in shard_ids]
     plan = plan_select(
         statement,

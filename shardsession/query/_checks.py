@@ -61,6 +61,7 @@ __all__ = [
     "CheckContext",
     "QueryPlacement",
     "aggregate_kind",
+    "check_write",
     "contains_aggregate",
     "might_aggregate",
     "unwrap_label",
@@ -141,6 +142,9 @@ class CheckContext:
     placement: QueryPlacement | None
     #: sharded tables of the outer statement (for joins and correlation)
     outer_tables: list[FromClause] = field(default_factory=list)
+    #: without a placement: the joins and subqueries that relate rows of sharded tables
+    #: (exact only if related rows are co-located, which nothing can check)
+    unplaced: list[str] = field(default_factory=list)
 
 
 def unwrap_label(expr: Any) -> Any:
@@ -328,10 +332,13 @@ def _sharded(tables: Sequence[FromClause], ctx: CheckContext) -> list[FromClause
 
 
 def _check_colocated(tables: Sequence[FromClause], ctx: CheckContext, what: str) -> None:
-    if len(tables) < 2 or ctx.placement is None:
+    if len(tables) < 2:
+        return
+    names = ", ".join(sorted({getattr(t, "name", repr(t)) for t in tables}))
+    if ctx.placement is None:
+        ctx.unplaced.append(f"{what} over {names}")
         return
     if not ctx.placement.colocated(tables):
-        names = ", ".join(sorted({getattr(t, "name", repr(t)) for t in tables}))
         raise UnsupportedQueryError(
             f"{what} over tables whose related rows may be on different shards ({names})",
             construct=what,
@@ -373,7 +380,7 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
             "each shard's rows only",
             construct=f"subquery with {global_construct}",
         )
-    sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded)
+    sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded, ctx.unplaced)
     _check_select_body(sel, sub_ctx, top_level=False)
     outer_sharded = _sharded(ctx.outer_tables, ctx)
     # The subquery's own FROM list: a correlated reference to an enclosing table is that
@@ -500,6 +507,18 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
     sharded = _sharded(tables, ctx)
     _check_colocated(sharded, ctx, "JOIN")
     return sharded
+
+
+def check_write(stmt: Any, ctx: CheckContext) -> None:
+    """Check the subqueries of an UPDATE or DELETE that runs on several shards: each
+    shard evaluates them on its own rows, so an uncorrelated one with an aggregate
+    (``SET x = (SELECT max(x) FROM t)``) would write each shard's own answer.
+
+    :raises UnsupportedQueryError: such a subquery; nothing was sent to any shard.
+    """
+    ctx.outer_tables = _sharded([_compat.dml_table(stmt)], ctx)
+    for expr in _compat.dml_expressions(stmt):
+        check_expression(expr, ctx)
 
 
 def _same_column(column: Any, key: Any, table: Any) -> bool:

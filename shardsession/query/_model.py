@@ -90,6 +90,9 @@ class StatementModel:
     aggregated: bool
     #: ``SELECT DISTINCT``, or ``select(distinct(col), ...)`` (which renders the same)
     distinct: bool
+    #: without a placement: what relates rows of sharded tables (a join, a correlated or
+    #: IN subquery), for the :class:`~shardsession.exc.ColocationWarning` of each run
+    colocation: str | None = None
 
 
 def _refuse(message: str, construct: str) -> UnsupportedQueryError:
@@ -253,7 +256,7 @@ def _column_distinct(expr: Any) -> bool:
     return isinstance(plain, UnaryExpression) and plain.operator is operators.distinct_op
 
 
-def model_select(stmt: Select[Any]) -> StatementModel:
+def model_select(stmt: Select[Any], colocation: str | None = None) -> StatementModel:
     """Classify every node of ``stmt``'s select list, GROUP BY, HAVING and ORDER BY.
 
     :raises UnsupportedQueryError: naming the first node that has no kind in the model;
@@ -283,4 +286,6 @@ def model_select(stmt: Select[Any]) -> StatementModel:
             walker = _Walker(clause)
             walker.visit(expr)
             aggregated = aggregated or bool(walker.aggregates)
-    return StatementModel(tuple(items), aggregated, parts.distinct or column_distinct)
+    return StatementModel(
+        tuple(items), aggregated, parts.distinct or column_distinct, colocation
+    )
