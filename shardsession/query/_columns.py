@@ -14,7 +14,13 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.exc import CompileError
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import ClauseElement, ColumnClause, ColumnElement, Label
+from sqlalchemy.sql.elements import (
+    ClauseElement,
+    ColumnClause,
+    ColumnElement,
+    Label,
+    UnaryExpression,
+)
 from sqlalchemy.sql.selectable import Select
 
 from .. import _compat
@@ -121,7 +127,7 @@ class Columns:
         if not isinstance(plain, ColumnElement):
             return None
         for i, expr in enumerate(self.exprs):
-            candidate = unwrap_label(expr)
+            candidate = _selected_value(expr)
             if isinstance(candidate, ColumnElement) and candidate.compare(plain):
                 return i
         return None
@@ -133,6 +139,15 @@ class Columns:
                 return self.visible + j
         self.hidden.append(hidden_label(plain, len(self.hidden)))
         return self.visible + len(self.hidden) - 1
+
+
+def _selected_value(expr: Any) -> Any:
+    """The value a select-list item gives: under labels, and under the column-level
+    DISTINCT of ``select(distinct(col))`` (which renders as ``SELECT DISTINCT col``)."""
+    expr = unwrap_label(expr)
+    if isinstance(expr, UnaryExpression) and expr.operator is operators.distinct_op:
+        expr = unwrap_label(expr.element)
+    return expr
 
 
 def hidden_label(expr: ColumnElement[Any], index: int) -> Label[Any]:

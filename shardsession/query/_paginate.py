@@ -120,9 +120,12 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
             strictly = expr.is_not(None) if key.nulls_first else false()
             same = expr.is_(None)
         else:
-            beyond = expr < value if key.descending else expr > value
+            # A bound value of the key's type: SQLAlchemy refuses `<`/`>` against a
+            # Python True/False (it makes them the SQL constants).
+            bound = bindparam(None, value, type_=expr.type)
+            beyond = expr < bound if key.descending else expr > bound
             strictly = or_(beyond, expr.is_(None)) if not key.nulls_first else beyond
-            same = expr == value
+            same = expr == bound
         disjuncts.append(and_(*equal_so_far, strictly) if equal_so_far else strictly)
         equal_so_far.append(same)
     disjuncts.append(and_(*equal_so_far, bindparam(_TIE, False, type_=Boolean) == true()))

@@ -1,0 +1,398 @@
+"""The fan-out statement model is an allow-list: every statement equals one database's
+answer or raises ``UnsupportedQueryError`` before any shard is asked, never another
+exception and never a per-shard answer (issue 10, classes 1-5 and 9).
+
+Each test names the class of the issue it covers.  SQLite shards for everything; the
+statements whose answer depends on the dialect also run on PostgreSQL and MariaDB.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    create_engine,
+    delete,
+    distinct,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import SAWarning
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from shardsession import ShardedSession
+from shardsession.exc import ColocationWarning, UnsupportedQueryError
+from shardsession.query import paginate
+
+from . import test_join_placement as jp
+from . import test_query_property as qp
+from .conftest import _Databases
+from .test_join_placement import sessions  # noqa: F401  (the placement fixture)
+
+Item = qp.Item
+Tag = qp.Tag
+
+Stmt = Callable[[], Any]
+
+
+def _rows(n: int = 60, seed: int = 3) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {
+            "id": i,
+            "grp": rng.choice([None, "a", "b", "c"]),
+            "a": rng.choice([None, 0, 1, 2, 3, 4]),
+            "b": rng.choice([None, 1, 2, 5]),
+        }
+        for i in range(1, n + 1)
+    ]
+
+
+def _load(cluster: qp.Cluster) -> qp.Cluster:
+    rows = _rows()
+    cluster.load(rows, [random.Random(r["id"]).randrange(len(cluster.engines)) for r in rows])
+    return cluster
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[qp.Cluster]:
+    urls = {f"s{i}": f"sqlite:///{tmp_path}/s{i}.db" for i in range(3)}
+    c = qp.make_cluster(urls, f"sqlite:///{tmp_path}/oracle.db")
+    yield _load(c)
+    qp.dispose(c)
+
+
+@pytest.fixture
+def mariadb_cluster(mariadb_server: Any, databases: _Databases) -> Iterator[qp.Cluster]:
+    urls = {"m0": databases.new(mariadb_server), "m1": databases.new(mariadb_server)}
+    c = qp.make_cluster(urls, databases.new(mariadb_server))
+    yield _load(c)
+    qp.dispose(c)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def any_cluster(request: pytest.FixtureRequest) -> qp.Cluster:
+    name = {"sqlite": "cluster", "postgresql": "pg_cluster", "mariadb": "mariadb_cluster"}
+    c: qp.Cluster = request.getfixturevalue(name[request.param])
+    if request.param == "postgresql":
+        _load(c)
+    return c
+
+
+def _normalized(rows: Any) -> list[tuple[Any, ...]]:
+    return sorted((tuple(r) for r in rows), key=repr)
+
+
+def _assert_exact(cluster: qp.Cluster, make: Stmt, *, ordered: bool = False) -> None:
+    with Session(cluster.oracle) as o:
+        want = [tuple(r) for r in o.execute(make()).all()]
+    with cluster.session() as s:
+        got = [tuple(r) for r in s.execute(make()).all()]
+    if ordered:
+        assert got == want
+    else:
+        assert _normalized(got) == _normalized(want)
+
+
+def _count_statements(cluster: qp.Cluster) -> list[str]:
+    sent: list[str] = []
+    for engine in cluster.engines.values():
+        event.listen(engine, "before_cursor_execute",
+                     lambda *a, **k: sent.append(str(a[2])))
+    return sent
+
+
+def _assert_refused(cluster: qp.Cluster, make: Stmt, construct: str) -> None:
+    """Refused naming ``construct``, before any shard is asked."""
+    sent = _count_statements(cluster)
+    with cluster.session() as s, pytest.raises(UnsupportedQueryError) as info:
+        s.execute(make()).all()
+    assert construct in str(info.value.construct), info.value
+    assert not [q for q in sent if "qitems" in q], sent
+
+
+# ----------------------------------------------------------------------------------------
+# class 1: aggregates, windows and subqueries inside functions
+
+
+INSIDE_FUNCTIONS: dict[str, tuple[Stmt, str]] = {
+    "coalesce(sum)": (
+        lambda: select(func.coalesce(func.sum(Item.a), 0)), "aggregate in expression"),
+    "round(avg)": (
+        lambda: select(func.round(func.avg(Item.a), 2)), "aggregate in expression"),
+    "abs(min)": (lambda: select(func.abs(func.min(Item.a))), "aggregate in expression"),
+    "grouped coalesce(sum)": (
+        lambda: select(Item.grp, func.coalesce(func.sum(Item.a), 0)).group_by(Item.grp),
+        "aggregate in expression",
+    ),
+    "sum + 1": (lambda: select(func.sum(Item.a) + 1), "aggregate in expression"),
+    "coalesce(row_number() over)": (
+        lambda: select(func.coalesce(func.row_number().over(order_by=Item.id), 0)), "OVER"),
+    "scalar subquery inside coalesce": (
+        lambda: select(
+            Item.id, func.coalesce(select(func.max(Item.a)).scalar_subquery(), 0)
+        ),
+        "subquery",
+    ),
+    "unknown function over an aggregate-like call": (
+        lambda: select(func.my_udf(Item.a)), "my_udf()"),
+    "other aggregate inside coalesce": (
+        lambda: select(func.coalesce(func.group_concat(Item.grp), "")), "group_concat()"),
+    "ORDER BY coalesce(count)": (
+        lambda: select(Item.grp).group_by(Item.grp)
+        .order_by(func.coalesce(func.count(Item.a), 0)),
+        "aggregate in expression",
+    ),
+    "max(a, b) (SQLite's two-argument scalar max)": (
+        lambda: select(func.max(Item.a, Item.b)), "MAX() with several arguments"),
+}
+
+
+@pytest.mark.parametrize("name", list(INSIDE_FUNCTIONS))
+def test_class1_aggregate_window_subquery_inside_function_refused(
+    cluster: qp.Cluster, name: str
+) -> None:
+    make, construct = INSIDE_FUNCTIONS[name]
+    _assert_refused(cluster, make, construct)
+
+
+def test_class1_uncorrelated_subquery_hiding_its_aggregate_in_a_function(
+    cluster: qp.Cluster,
+) -> None:
+    # coalesce(max(b)) over the whole table: each shard would compare with its own max
+    _assert_refused(
+        cluster,
+        lambda: select(Item.id).where(
+            Item.a == select(func.coalesce(func.max(Item.b), 0)).scalar_subquery()
+        ),
+        "subquery with aggregate",
+    )
+
+
+def test_class1_row_level_functions_still_merged(any_cluster: qp.Cluster) -> None:
+    _assert_exact(
+        any_cluster,
+        lambda: select(Item.id, func.coalesce(Item.a, -1), func.abs(Item.b) + 1)
+        .where(func.coalesce(Item.a, 0) > 1)
+        .order_by(Item.id),
+        ordered=True,
+    )
+    _assert_exact(
+        any_cluster,
+        lambda: select(func.count(), func.sum(Item.a), func.max(func.coalesce(Item.b, 0))),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# class 2: literal_column / text are opaque outside WHERE
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: select(literal_column("count(*)")).select_from(Item),
+        lambda: select(literal_column("max(a)")).select_from(Item),
+        lambda: select(Item.id, literal_column("(SELECT max(a) FROM qitems)")),
+        lambda: select(Item.id, literal_column("a")),
+        lambda: select(Item.grp, func.count()).group_by(literal_column("grp")),
+        lambda: select(Item.id).order_by(literal_column("a")),
+    ],
+    ids=["count(*)", "max(a)", "subquery", "plain", "GROUP BY", "ORDER BY"],
+)
+def test_class2_literal_column_refused_in_merged_clauses(
+    cluster: qp.Cluster, make: Stmt
+) -> None:
+    _assert_refused(cluster, make, "")
+
+
+def test_class2_literal_column_in_where_runs_on_every_shard(cluster: qp.Cluster) -> None:
+    _assert_exact(cluster, lambda: select(Item.id).where(literal_column("a") > 2))
+    _assert_refused(
+        cluster,
+        lambda: select(Item.id).where(literal_column("a") > literal_column("(SELECT avg(a) "
+                                                                          "FROM qitems)")),
+        "text()",
+    )
+
+
+def test_class2_one_shard_statement_keeps_opaque_sql(cluster: qp.Cluster) -> None:
+    # Sent to one shard, nothing is merged: opaque SQL is that shard's business.
+    with cluster.session() as s:
+        got = s.execute(
+            select(literal_column("count(*)")).select_from(Item),
+            bind_arguments={"shard_id": "s0"},
+        ).scalar()
+    with cluster.engines["s0"].connect() as c:
+        assert got == c.execute(select(func.count()).select_from(Item)).scalar()
+
+
+# ----------------------------------------------------------------------------------------
+# class 3: column-level DISTINCT
+
+
+def test_class3_column_level_distinct_deduplicated(any_cluster: qp.Cluster) -> None:
+    with warnings.catch_warnings():
+        # SQLAlchemy discourages distinct(col) outside an aggregate; it still renders
+        # SELECT DISTINCT, which is what one database answers.
+        warnings.simplefilter("ignore", SAWarning)
+        _assert_exact(any_cluster, lambda: select(distinct(Item.grp)))
+        _assert_exact(any_cluster, lambda: select(distinct(Item.grp), Item.b))
+        _assert_exact(
+            any_cluster,
+            lambda: select(distinct(Item.grp)).order_by(Item.grp.desc()).limit(2),
+            ordered=True,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# class 4: a join's co-location check without any entity selected
+
+
+def test_class4_join_checked_without_entities(sessions: tuple[Session, Session]) -> None:  # noqa: F811
+    s, oracle = sessions
+    bad = select(func.count()).select_from(jp.User).join(jp.Order, jp.Order.amount == jp.User.id)
+    with pytest.raises(UnsupportedQueryError, match="placement relationship"):
+        s.execute(bad)
+    good = select(func.count()).select_from(jp.User).join(jp.User.orders)
+    assert s.execute(good).scalar() == oracle.execute(good).scalar() == 36
+
+
+def test_class4_dropin_join_warns_colocation(cluster: qp.Cluster) -> None:
+    stmt = select(func.count()).select_from(Item).join(Tag, Tag.item_id == Item.a)
+    with cluster.session() as s, pytest.warns(ColocationWarning, match="JOIN over"):
+        s.execute(stmt).scalar()
+    with cluster.session() as s, warnings.catch_warnings():
+        warnings.simplefilter("error", ColocationWarning)
+        with pytest.raises(ColocationWarning):
+            s.execute(stmt).scalar()
+        # one table: nothing to warn about
+        assert s.execute(select(func.count()).select_from(Item)).scalar() == 60
+
+
+# ----------------------------------------------------------------------------------------
+# class 5: UPDATE whose SET holds a global scalar subquery
+
+
+def test_class5_dropin_update_with_global_subquery_refused(cluster: qp.Cluster) -> None:
+    before = _shard_rows(cluster)
+    with cluster.session() as s:
+        with pytest.raises(UnsupportedQueryError, match="uncorrelated subquery"):
+            s.execute(update(Item).values(a=select(func.max(Item.a)).scalar_subquery()))
+        with pytest.raises(UnsupportedQueryError, match="uncorrelated subquery"):
+            s.execute(delete(Item).where(Item.a < select(func.avg(Item.a)).scalar_subquery()))
+        s.commit()
+    assert _shard_rows(cluster) == before
+
+
+def test_class5_dropin_update_with_correlated_subquery_runs(cluster: qp.Cluster) -> None:
+    make = lambda: update(Item).values(  # noqa: E731
+        b=select(func.count(Tag.id)).where(Tag.item_id == Item.id).scalar_subquery()
+    )
+    with cluster.session() as s, pytest.warns(ColocationWarning):
+        assert s.execute(make()).rowcount == 60  # type: ignore[attr-defined]
+        s.commit()
+    with Session(cluster.oracle) as o:
+        o.execute(make())
+        o.commit()
+        want = sorted(tuple(r) for r in o.execute(select(Item.id, Item.b)))
+    with cluster.session() as s:
+        assert sorted(tuple(r) for r in s.execute(select(Item.id, Item.b))) == want
+
+
+def test_class5_placement_update_with_global_subquery_refused(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, _ = sessions
+    stmt = update(jp.User).values(region=select(func.max(jp.User.region)).scalar_subquery())
+    with pytest.raises(UnsupportedQueryError, match="uncorrelated"):
+        s.execute(stmt)
+    with pytest.raises(UnsupportedQueryError, match="uncorrelated"):
+        s.execute(stmt.where(jp.User.id == 3))  # one shard: as wrong
+
+
+def _shard_rows(cluster: qp.Cluster) -> dict[str, list[Any]]:
+    out = {}
+    for name, engine in cluster.engines.items():
+        with engine.connect() as c:
+            out[name] = sorted(tuple(r) for r in c.execute(select(qp.ITEMS)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# class 9: no non-library exception
+
+
+def test_class9_group_by_function(any_cluster: qp.Cluster) -> None:
+    _assert_exact(
+        any_cluster,
+        lambda: select(func.lower(Item.grp), func.count())
+        .group_by(func.lower(Item.grp)),
+    )
+    _assert_exact(
+        any_cluster, lambda: select(func.count()).select_from(Item).group_by(Item.a + 1)
+    )
+
+
+def test_class9_text_in_order_by_refused(cluster: qp.Cluster) -> None:
+    _assert_refused(cluster, lambda: select(Item.id).order_by(text("a DESC")), "text()")
+    _assert_refused(
+        cluster,
+        lambda: select(Item.grp, func.count()).group_by(text("grp")), "text()")
+
+
+class _FlagBase(DeclarativeBase):
+    pass
+
+
+class Flag(_FlagBase):
+    __tablename__ = "al_flags"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    on: Mapped[bool] = mapped_column(Boolean)
+
+
+def test_class9_paginate_ordered_by_boolean(tmp_path: Path) -> None:
+    shards = {f"f{i}": create_engine(f"sqlite:///{tmp_path / f'f{i}.db'}") for i in range(2)}
+    rows = [{"id": i, "on": i % 3 == 0} for i in range(1, 12)]
+    for i, e in enumerate(shards.values()):
+        _FlagBase.metadata.create_all(e)
+        with e.begin() as c:
+            c.execute(insert(Flag.__table__), [r for r in rows if r["id"] % 2 == i])
+    s = ShardedSession(
+        shards=shards,
+        shard_chooser=lambda *a, **k: "f0",
+        identity_chooser=lambda *a, **k: list(shards),
+        execute_chooser=lambda ctx: list(shards),
+    )
+    stmt = select(Flag.id, Flag.on).order_by(Flag.on.desc())
+    seen: list[Any] = []
+    token = None
+    with s:
+        for _ in range(10):
+            page = paginate(s, stmt, page_size=3, token=token)
+            seen += [tuple(r) for r in page.rows]
+            token = page.next_token
+            if token is None:
+                break
+    want = sorted(((r["id"], r["on"]) for r in rows), key=lambda r: (not r[1], r[0]))
+    assert seen == want
+    for e in shards.values():
+        e.dispose()
+
+
+def test_class9_orm_bulk_update_by_primary_key_is_a_library_error(
+    cluster: qp.Cluster,
+) -> None:
+    with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="bulk UPDATE"):
+        s.execute(update(Item), [{"id": 1, "a": 3}, {"id": 2, "a": 3}])
