@@ -116,6 +116,7 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
     for key, value in zip(keys, values, strict=True):
         expr = key.expr
         strictly: ColumnElement[bool]
+        same: ColumnElement[bool]
         if value is None:
             strictly = expr.is_not(None) if key.nulls_first else false()
             same = expr.is_(None)
