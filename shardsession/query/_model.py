@@ -47,7 +47,7 @@ from sqlalchemy.sql.elements import (
     WithinGroup,
 )
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.selectable import FromClause, Select, SelectBase
+from sqlalchemy.sql.selectable import FromClause, ScalarSelect, Select, SelectBase
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -151,7 +151,7 @@ class _Walker:
         if isinstance(node, FunctionElement):
             self._function(node, inside, nested)
             return
-        if isinstance(node, SelectBase):
+        if isinstance(node, SelectBase | ScalarSelect):
             if inside is not None:
                 raise _refuse(
                     f"a subquery inside {inside} is not merged across shards",

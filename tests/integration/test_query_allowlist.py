@@ -22,6 +22,7 @@ from sqlalchemy import (
     delete,
     distinct,
     event,
+    exists,
     func,
     insert,
     literal_column,
@@ -193,6 +194,21 @@ def test_class1_row_level_functions_still_merged(any_cluster: qp.Cluster) -> Non
         any_cluster,
         lambda: select(func.count(), func.sum(Item.a), func.max(func.coalesce(Item.b, 0))),
     )
+
+
+def test_class1_correlated_subqueries_in_the_select_list_still_merged(
+    cluster: qp.Cluster,
+) -> None:
+    with pytest.warns(ColocationWarning):
+        _assert_exact(
+            cluster,
+            lambda: select(
+                Item.id,
+                select(func.count(Tag.id)).where(Tag.item_id == Item.id).scalar_subquery() + 1,
+                exists().where(Tag.item_id == Item.id),
+            ).order_by(Item.id),
+            ordered=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------
