@@ -40,6 +40,7 @@ from ..exc import (
 )
 from ._cache import LRUCache
 from ._checks import CheckContext, QueryPlacement, check_select, check_write
+from ._computed import Evaluator
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
 from ._model import StatementModel, model_select
@@ -148,6 +149,17 @@ def _reads_sharded_tables(
 def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
     bind = orm_context.session.get_bind(shard_id=shard_id)
     return str(bind.dialect.name)
+
+
+def _evaluator(orm_context: ORMExecuteState, shard_id: Any) -> Evaluator:
+    """Runs a FROM-less SELECT (:mod:`._computed`) on ``shard_id``'s connection of the
+    session's transaction, in the calling thread, after the fan-out."""
+
+    def run(stmt: Select[Any]) -> Sequence[Any]:
+        conn = orm_context.session.connection(bind_arguments={"shard_id": shard_id})
+        return conn.execute(stmt).all()
+
+    return run
 
 
 def _concatenate(results: Sequence[tuple[Any, Result[Any]]]) -> Result[Any]:
@@ -291,5 +303,7 @@ def execute_on_shards(
     )
     results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
     if isinstance(plan, AggregatePlan):
-        return merge_aggregate(plan, results, avg_dialect=dialects[0])
+        return merge_aggregate(
+            plan, results, avg_dialect=dialects[0], evaluate=_evaluator(orm_context, shard_ids[0])
+        )
     return merge_rows(plan, results)

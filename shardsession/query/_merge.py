@@ -18,6 +18,7 @@ from sqlalchemy.engine import Result
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import GroupMerger
+from ._computed import Evaluator, compute
 from ._ordering import SortKey, merge_sorted, merged_order, sort_rows
 from ._plan import AggregatePlan, RowsPlan
 
@@ -171,12 +172,21 @@ def merge_aggregate(
     plan: AggregatePlan,
     results: Sequence[tuple[Any, Result[Any]]],
     avg_dialect: str,
+    evaluate: Evaluator | None = None,
 ) -> Result[Any]:
-    """Merge partial groups, then HAVING, DISTINCT, ORDER BY, OFFSET/LIMIT."""
+    """Merge partial groups, compute the items that are functions of aggregates (with
+    ``evaluate``, see :mod:`._computed`), then HAVING, DISTINCT, ORDER BY, OFFSET/LIMIT."""
     merger = GroupMerger(plan.slots, plan.group_positions, avg_dialect)
     for _, result in results:
         merger.add_all(_rows_of(result, False))
     groups = merger.results(empty_group=not plan.has_group_by)
+    if plan.computed:
+        if evaluate is None:
+            raise UnsupportedQueryError(
+                "a function of aggregates needs a shard to evaluate it after the merge",
+                construct="aggregate in expression",
+            )
+        groups = compute(plan.computed, groups, evaluate)
     if plan.having is not None:
         having = plan.having
         groups = [g for g in groups if having(g) is True]

@@ -73,8 +73,9 @@ _ORDER_MODIFIERS = (
 @dataclass(frozen=True)
 class ItemModel:
     """One selected column: ``"entity"`` (a mapped class or table selected whole),
-    ``"row"`` (a row-level expression) or ``"aggregate"`` (a mergeable aggregate,
-    ``aggregate`` naming it)."""
+    ``"row"`` (a row-level expression), ``"aggregate"`` (a mergeable aggregate,
+    ``aggregate`` naming it) or ``"computed"`` (known functions and operators of
+    mergeable aggregates and constants, evaluated after the merge)."""
 
     kind: str
     aggregate: str | None = None
@@ -104,11 +105,21 @@ def _function_name(node: FunctionElement[Any]) -> str:
 
 
 class _Walker:
-    """Classifies the nodes of one clause; ``aggregates`` counts those found."""
+    """Classifies the nodes of one clause; ``aggregates`` counts those found.
+
+    In the select list an aggregate may sit inside known functions and operators
+    (``coalesce(sum(x), 0)``): the item is then *computed* after the merge from the
+    merged aggregates (:mod:`._computed`), which is exact only when nothing else in it
+    reads a row: ``outside`` counts the columns and subqueries outside aggregates, and
+    ``nested`` the aggregates inside an expression.
+    """
 
     def __init__(self, clause: str) -> None:
         self.clause = clause
         self.aggregates = 0
+        self.nested = 0
+        self.outside = 0
+        self._in_aggregate = 0
 
     def visit(self, node: Any, *, inside: str | None = None, nested: bool = False) -> None:
         """Classify ``node``; ``inside`` names the enclosing function or aggregate (an
@@ -157,6 +168,7 @@ class _Walker:
                     f"a subquery inside {inside} is not merged across shards",
                     f"subquery inside {inside}",
                 )
+            self.outside += 1
             return  # checked by _checks.check_subquery
         if isinstance(node, UnaryExpression):
             self._unary(node, inside, nested)
@@ -176,6 +188,8 @@ class _Walker:
 
     def _column(self, node: ColumnClause[Any], inside: str | None) -> None:
         if not node.is_literal:
+            if not self._in_aggregate:
+                self.outside += 1
             return
         if node.name == "*" and inside == "COUNT()":
             return  # COUNT(*), also as Query.count() and func.count() write it
@@ -204,12 +218,16 @@ class _Walker:
         name = _function_name(node)
         shown = f"{name.upper()}()"
         if name in MERGEABLE_AGGREGATES:
-            if inside is not None or nested:
+            if self._in_aggregate or (
+                (inside is not None or nested) and self.clause != "select list"
+            ):
                 raise _refuse(
                     f"{shown} inside {inside or 'an expression'}: an aggregate inside a "
-                    "function or expression is not merged; select the aggregate itself",
+                    "function or expression is merged only as a selected column",
                     "aggregate in expression",
                 )
+            if inside is not None or nested:
+                self.nested += 1
             if self.clause in ("GROUP BY", "WHERE"):
                 raise _refuse(f"{shown} in {self.clause}", f"aggregate in {self.clause}")
             if len(node.clauses.clauses) != 1:
@@ -218,8 +236,10 @@ class _Walker:
                               f"{shown} with several arguments")
             aggregate_kind(node)  # refuses COUNT/SUM/AVG(DISTINCT)
             self.aggregates += 1
+            self._in_aggregate += 1
             for arg in node.clauses.clauses:
                 self.visit(arg, inside=shown)
+            self._in_aggregate -= 1
             return
         if name in OTHER_AGGREGATES:
             raise _refuse(f"{name}() cannot be merged across shards", f"{name}()")
@@ -275,7 +295,16 @@ def model_select(stmt: Select[Any], colocation: str | None = None) -> StatementM
             column_distinct = True
             expr = unwrap_label(expr).element
         walker.visit(expr)
-        if walker.aggregates:
+        if walker.nested:
+            if walker.outside:
+                raise _refuse(
+                    "a function of aggregates that also reads a column or subquery is not "
+                    "merged across shards; select the aggregates and the column apart",
+                    "aggregate in expression",
+                )
+            aggregated = True
+            items.append(ItemModel("computed"))
+        elif walker.aggregates:
             aggregated = True
             items.append(ItemModel("aggregate", aggregate_kind(expr)))
         else:

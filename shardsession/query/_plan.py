@@ -136,7 +136,9 @@ def plan_select(
         model = model_select(stmt)
     cols = Columns(stmt)
     if model.aggregated:
-        return plan_aggregate(stmt, cols, dialects, limit, offset, distinct=model.distinct)
+        return plan_aggregate(
+            stmt, cols, dialects, limit, offset, distinct=model.distinct, items=model.items
+        )
     plan, shape = _plan_rows(
         stmt, parts, cols, dialects, limit, offset, is_orm, wants_tuples, model.distinct
     )

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
 
 from .. import _compat
@@ -21,7 +23,9 @@ from ..exc import UnsupportedQueryError
 from ._aggregates import Slot
 from ._checks import aggregate_kind, contains_aggregate, unwrap_label
 from ._columns import Columns, parse_order_by, references_columns, resolve_nulls
+from ._computed import Computed
 from ._having import compile_having
+from ._model import ItemModel
 from ._ordering import SortKey
 
 __all__ = ["AggregatePlan", "plan_aggregate"]
@@ -39,6 +43,27 @@ class AggregatePlan:
     distinct: bool
     limit: int | None
     offset: int
+    #: select-list items evaluated after the merge from merged aggregates
+    computed: tuple[Computed, ...] = ()
+
+
+def _check_computable(dialects: Sequence[str]) -> None:
+    if len(set(dialects)) > 1:
+        raise UnsupportedQueryError(
+            "a function of aggregates is evaluated after the merge by one shard's "
+            "database; with shards of different dialects its meaning is not one",
+            construct="aggregate in expression (mixed dialects)",
+        )
+
+
+def _aggregates_in(expr: Any) -> list[tuple[Any, str]]:
+    """The mergeable aggregates of a computed item, each once, with their kinds."""
+    found: list[tuple[Any, str]] = []
+    for node in visitors.iterate(unwrap_label(expr)):
+        kind = aggregate_kind(node) if isinstance(node, FunctionElement) else None
+        if kind is not None and not any(node is f for f, _ in found):
+            found.append((node, kind))
+    return found
 
 
 class _SlotBuilder:
@@ -126,6 +151,7 @@ def plan_aggregate(
     offset: int,
     *,
     distinct: bool,
+    items: Sequence[ItemModel] | None = None,
 ) -> AggregatePlan:
     parts = _compat.select_parts(stmt)
     builder = _SlotBuilder(cols)
@@ -133,7 +159,14 @@ def plan_aggregate(
     for g in parts.group_by:
         target = _compat.label_reference_target(g)
         group_exprs.append(_group_expression(g) if target is None else target)
+    pending: list[tuple[int, Any]] = []
     for i, expr in enumerate(list(cols.exprs)):
+        if items is not None and items[i].kind == "computed":
+            _check_computable(dialects)
+            # Each shard's own value of the item is replaced after the merge.
+            builder.add(Slot("key", (i,)), expr)
+            pending.append((i, expr))
+            continue
         kind = aggregate_kind(expr) if isinstance(expr, ClauseElement) else None
         if kind is not None:
             builder.add(builder.aggregate_slot(kind, expr, i), expr)
@@ -153,6 +186,19 @@ def plan_aggregate(
         # A GROUP BY expression, or (as PostgreSQL requires) functionally dependent on
         # one: every shard holding the group has the same value.
         builder.add(Slot("key", (i,)), expr)
+    # The aggregates inside computed items get slots after the visible columns' (a
+    # merged row's first values are the visible columns).
+    computed = [
+        Computed(
+            i,
+            unwrap_label(expr),
+            tuple(
+                (agg, builder.add(builder.aggregate_slot(kind, agg, None), agg))
+                for agg, kind in _aggregates_in(expr)
+            ),
+        )
+        for i, expr in pending
+    ]
     group_positions = []
     for g in group_exprs:
         if isinstance(g, str):
@@ -190,4 +236,5 @@ def plan_aggregate(
         distinct=distinct,
         limit=limit,
         offset=offset,
+        computed=tuple(computed),
     )

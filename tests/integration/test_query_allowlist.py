@@ -18,6 +18,9 @@ import pytest
 from sqlalchemy import (
     Boolean,
     Integer,
+    Numeric,
+    case,
+    cast,
     create_engine,
     delete,
     distinct,
@@ -41,6 +44,7 @@ from . import test_join_placement as jp
 from . import test_query_property as qp
 from .conftest import _Databases
 from .test_join_placement import sessions  # noqa: F401  (the placement fixture)
+from .test_query_backends import mixed_cluster  # noqa: F401
 
 Item = qp.Item
 Tag = qp.Tag
@@ -129,16 +133,6 @@ def _assert_refused(cluster: qp.Cluster, make: Stmt, construct: str) -> None:
 
 
 INSIDE_FUNCTIONS: dict[str, tuple[Stmt, str]] = {
-    "coalesce(sum)": (
-        lambda: select(func.coalesce(func.sum(Item.a), 0)), "aggregate in expression"),
-    "round(avg)": (
-        lambda: select(func.round(func.avg(Item.a), 2)), "aggregate in expression"),
-    "abs(min)": (lambda: select(func.abs(func.min(Item.a))), "aggregate in expression"),
-    "grouped coalesce(sum)": (
-        lambda: select(Item.grp, func.coalesce(func.sum(Item.a), 0)).group_by(Item.grp),
-        "aggregate in expression",
-    ),
-    "sum + 1": (lambda: select(func.sum(Item.a) + 1), "aggregate in expression"),
     "coalesce(row_number() over)": (
         lambda: select(func.coalesce(func.row_number().over(order_by=Item.id), 0)), "OVER"),
     "scalar subquery inside coalesce": (
@@ -149,11 +143,26 @@ INSIDE_FUNCTIONS: dict[str, tuple[Stmt, str]] = {
     ),
     "unknown function over an aggregate-like call": (
         lambda: select(func.my_udf(Item.a)), "my_udf()"),
+    "unknown function around an aggregate": (
+        lambda: select(func.my_udf(func.sum(Item.a))), "my_udf()"),
     "other aggregate inside coalesce": (
         lambda: select(func.coalesce(func.group_concat(Item.grp), "")), "group_concat()"),
     "ORDER BY coalesce(count)": (
         lambda: select(Item.grp).group_by(Item.grp)
         .order_by(func.coalesce(func.count(Item.a), 0)),
+        "aggregate in expression",
+    ),
+    "HAVING coalesce(sum)": (
+        lambda: select(Item.grp).group_by(Item.grp)
+        .having(func.coalesce(func.sum(Item.a), 0) > 3),
+        "aggregate in expression",
+    ),
+    "function of an aggregate and a column": (
+        lambda: select(Item.grp, func.coalesce(func.sum(Item.a), Item.b)).group_by(Item.grp),
+        "aggregate in expression",
+    ),
+    "aggregate inside an aggregate's argument": (
+        lambda: select(func.sum(func.coalesce(func.max(Item.a), 0))),
         "aggregate in expression",
     ),
     "max(a, b) (SQLite's two-argument scalar max)": (
@@ -167,6 +176,42 @@ def test_class1_aggregate_window_subquery_inside_function_refused(
 ) -> None:
     make, construct = INSIDE_FUNCTIONS[name]
     _assert_refused(cluster, make, construct)
+
+
+COMPUTED: dict[str, Stmt] = {
+    "coalesce(sum)": lambda: select(func.coalesce(func.sum(Item.a), 0)),
+    "coalesce(sum) of no rows": lambda: select(func.coalesce(func.sum(Item.a), -1))
+    .where(Item.id < 0),
+    "round(avg)": lambda: select(func.round(func.avg(Item.a), 2)),
+    "abs(min - 3)": lambda: select(func.abs(func.min(Item.a) - 3)),
+    "sum + 1": lambda: select(func.sum(Item.a) + 1),
+    "sum / count": lambda: select(func.sum(Item.a) / func.count(Item.a)),
+    "nullif(max)": lambda: select(func.nullif(func.max(Item.a), 4)),
+    "cast(sum)": lambda: select(cast(func.sum(Item.a), Numeric(12, 3))),
+    "CASE over count": lambda: select(case((func.count() > 10, "many"), else_="few")),
+    "grouped coalesce(sum), ordered by its label": lambda: select(
+        Item.grp, func.coalesce(func.sum(Item.b), -1).label("t")
+    ).group_by(Item.grp).order_by("t", Item.grp),
+    "grouped max - min with LIMIT": lambda: select(
+        Item.grp, func.max(Item.a) - func.min(Item.a)
+    ).group_by(Item.grp).order_by(Item.grp).limit(2),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPUTED))
+def test_class1_functions_of_aggregates_computed_after_the_merge(
+    any_cluster: qp.Cluster, name: str
+) -> None:
+    _assert_exact(any_cluster, COMPUTED[name], ordered=True)
+
+
+def test_class1_functions_of_aggregates_refused_on_mixed_dialects(
+    mixed_cluster: qp.Cluster,  # noqa: F811
+) -> None:
+    _load(mixed_cluster)
+    with mixed_cluster.session() as s, pytest.raises(UnsupportedQueryError,
+                                                     match="different dialects"):
+        s.execute(select(func.coalesce(func.sum(Item.a), 0))).all()
 
 
 def test_class1_uncorrelated_subquery_hiding_its_aggregate_in_a_function(
