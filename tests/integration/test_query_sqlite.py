@@ -190,7 +190,9 @@ REFUSED = {
     "union": lambda: union(select(Item.id), select(Tag.id)),
     "count distinct": lambda: select(func.count(distinct(Item.grp))),
     "sum distinct": lambda: select(func.sum(Item.a.distinct())),
-    "aggregate in expression": lambda: select(func.sum(Item.a) / func.count(Item.b)),
+    # (sum(a) / count(b) alone is computed after the merge: test_query_allowlist.py)
+    "aggregate in expression": lambda: select(Item.grp, func.sum(Item.a) / Item.b)
+    .group_by(Item.grp, Item.b),
     "other aggregate": lambda: select(func.group_concat(Item.grp)),
     "uncorrelated aggregate subquery": lambda: select(Item.id).where(
         Item.a > select(func.avg(aliased(Item).a)).scalar_subquery()
