@@ -468,6 +468,14 @@ def build_result(
     return result
 
 
+def one_row_result(keys: Sequence[str], row: Sequence[Any]) -> Result[Any]:
+    """A :class:`Result` of one row of processed values under ``keys``
+    (``sqlalchemy.engine.result.SimpleResultMetaData``, not documented)."""
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    return IteratorResult(SimpleResultMetaData(list(keys)), iter([tuple(row)]))
+
+
 def is_cursor_result(result: Result[Any]) -> bool:
     """Whether ``result`` comes straight from a DBAPI cursor (Core statement)."""
     return isinstance(result, CursorResult)

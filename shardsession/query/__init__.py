@@ -39,8 +39,15 @@ from ..exc import (
     warn_colocation,
 )
 from ._cache import LRUCache
-from ._checks import CheckContext, QueryPlacement, check_select, check_write
+from ._checks import (
+    CheckContext,
+    QueryPlacement,
+    check_select,
+    check_write,
+    global_construct,
+)
 from ._computed import Evaluator
+from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_rows
 from ._model import StatementModel, model_select
@@ -275,6 +282,32 @@ def execute_on_shards(
             construct=construct,
         )
 
+    inner = counted_inner_select(statement)
+    if inner is not None and global_construct(inner) is not None:
+        # count(*) over rows that need the merge (query.distinct().count(), ...): the
+        # merged inner SELECT, counted.
+        counted = _merge_select(orm_context, shard_ids, call, opts, inner)
+        if counted is None:
+            return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
+        n = sum(1 for _ in counted)
+        return _compat.one_row_result(statement.selected_columns.keys(), (n,))
+    answer = _merge_select(orm_context, shard_ids, call, opts, statement)
+    if answer is None:
+        # Only replicated tables (or none): every shard has the same answer.
+        log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
+        return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
+    return answer
+
+
+def _merge_select(
+    orm_context: ORMExecuteState,
+    shard_ids: list[Any],
+    call: ShardCall,
+    opts: FanoutOptions,
+    statement: Select[Any],
+) -> Result[Any] | None:
+    """Check, plan, run and merge ``statement`` on ``shard_ids``; ``None`` when it reads
+    no sharded table (one shard answers it)."""
     # Canonical shard order for ORDER BY: ties of the merge come out in this order, which
     # keeps keyset pagination stable whatever order the chooser returned.  Without ORDER BY
     # keep the chooser's order: rows (and load events) come out as horizontal_shard's do.
@@ -282,10 +315,7 @@ def execute_on_shards(
         shard_ids = sorted(shard_ids, key=str)
     model = _reads_sharded_tables(statement, opts.placement)
     if model is None:
-        # Only replicated tables (or none): every shard has the same answer.
-        log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
-        return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
-
+        return None
     if model.colocation is not None:
         warn_colocation(
             f"{model.colocation}: evaluated on each shard, exact only if the rows it "

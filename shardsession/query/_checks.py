@@ -63,6 +63,7 @@ __all__ = [
     "aggregate_kind",
     "check_write",
     "contains_aggregate",
+    "global_construct",
     "might_aggregate",
     "unwrap_label",
 ]
@@ -291,7 +292,7 @@ def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
             check_subquery(node, ctx, in_links.get(id(node)))
 
 
-def _is_global(sel: Select[Any]) -> str | None:
+def global_construct(sel: Select[Any]) -> str | None:
     """Name the construct that makes ``sel``'s result depend on all of a table's rows."""
     parts = _compat.select_parts(sel)
     if parts.group_by:
@@ -373,12 +374,12 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
         and any(id(f) not in outer_ids for f in own_froms)
     )
     inner_sharded = _sharded(inner, ctx)
-    global_construct = _is_global(sel)
-    if global_construct is not None and not correlated and inner_sharded:
+    found_global = global_construct(sel)
+    if found_global is not None and not correlated and inner_sharded:
         raise UnsupportedQueryError(
-            f"an uncorrelated subquery with {global_construct} would be computed from "
+            f"an uncorrelated subquery with {found_global} would be computed from "
             "each shard's rows only",
-            construct=f"subquery with {global_construct}",
+            construct=f"subquery with {found_global}",
         )
     sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded, ctx.unplaced)
     _check_select_body(sel, sub_ctx, top_level=False)
@@ -447,7 +448,7 @@ def _check_from(frm: FromClause, ctx: CheckContext, tables: list[FromClause]) ->
             raise UnsupportedQueryError(
                 "textual subqueries cannot be checked", construct="text()"
             )
-        construct = _is_global(inner)
+        construct = global_construct(inner)
         if construct is not None:
             inner_tables = _sharded(_tables_in(inner), ctx)
             if inner_tables:

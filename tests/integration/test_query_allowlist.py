@@ -457,3 +457,36 @@ def test_class9_orm_bulk_update_by_primary_key_is_a_library_error(
 ) -> None:
     with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="bulk UPDATE"):
         s.execute(update(Item), [{"id": 1, "a": 3}, {"id": 2, "a": 3}])
+
+
+# ----------------------------------------------------------------------------------------
+# widened: count(*) over a derived table that needs the merge
+
+
+COUNTS: dict[str, Callable[[Session], Any]] = {
+    "distinct().count()": lambda s: s.query(Item.grp).distinct().count(),
+    "distinct() of two columns .count()": lambda s: s.query(Item.grp, Item.b)
+    .distinct().count(),
+    "limit(n).count()": lambda s: s.query(Item).limit(7).count(),
+    "order_by().limit().offset().count()": lambda s: s.query(Item).order_by(Item.id)
+    .limit(7).offset(56).count(),
+    "group_by().count()": lambda s: s.query(Item.grp).group_by(Item.grp).count(),
+    "group_by().having().count()": lambda s: s.query(Item.a).group_by(Item.a)
+    .having(func.count() > 10).count(),
+    "select(count()).select_from(<distinct subquery>)": lambda s: s.execute(
+        select(func.count()).select_from(select(Item.a).distinct().subquery())
+    ).scalar(),
+    "select(count()).select_from(<grouped aggregate subquery>)": lambda s: s.execute(
+        select(func.count()).select_from(
+            select(func.max(Item.a)).group_by(Item.b).subquery()
+        )
+    ).scalar(),
+}
+
+
+@pytest.mark.parametrize("name", list(COUNTS))
+def test_count_over_derived_table_merged(any_cluster: qp.Cluster, name: str) -> None:
+    with Session(any_cluster.oracle) as o:
+        want = COUNTS[name](o)
+    with any_cluster.session() as s:
+        assert COUNTS[name](s) == want
