@@ -23,11 +23,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy import func, select
 
-from shardsession import query  # noqa: E402
-from shardsession.query import _plan  # noqa: E402
-from tests.integration.test_query_property import Item, Tag  # noqa: E402
+from shardsession import query
+from shardsession.query import _plan
+from tests.integration.test_query_property import Item, Tag
 
 STATEMENTS: dict[str, Callable[[], Any]] = {
     "rows ORDER BY LIMIT": lambda: select(Item).where(Item.a > 1).order_by(Item.b.desc())

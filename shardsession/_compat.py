@@ -468,6 +468,22 @@ def build_result(
     return result
 
 
+def same_expression(a: ClauseElement, b: ClauseElement) -> bool:
+    """``a.compare(b)``, also for ORM expressions annotated with different entities.
+
+    SQLAlchemy's ``compare()`` compares the ORM plugin subjects of two expressions
+    (``_propagate_attrs``) with the same traversal, which fails on two different
+    ``Mapper`` objects (``AttributeError: 'Mapper' object has no attribute
+    '__visit_name__'``, e.g. ``avg(Tag.x)`` against ``avg(Item.y)`` in a join).  Their
+    subjects differ, so they are taken as different: the planner then adds one more
+    hidden column, never a wrong one.
+    """
+    try:
+        return bool(a.compare(b))
+    except AttributeError:
+        return False
+
+
 def one_row_result(keys: Sequence[str], row: Sequence[Any]) -> Result[Any]:
     """A :class:`Result` of one row of processed values under ``keys``
     (``sqlalchemy.engine.result.SimpleResultMetaData``, not documented)."""

@@ -53,6 +53,7 @@ from ._merge import merge_aggregate, merge_rows
 from ._model import StatementModel, model_select
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
+from ._twopass import resolve_uncorrelated
 
 __all__ = [
     "CHECK_CACHE",
@@ -282,6 +283,7 @@ def execute_on_shards(
             construct=construct,
         )
 
+    statement = _first_pass(orm_context, statement, opts)
     inner = counted_inner_select(statement)
     if inner is not None and global_construct(inner) is not None:
         # count(*) over rows that need the merge (query.distinct().count(), ...): the
@@ -297,6 +299,36 @@ def execute_on_shards(
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
     return answer
+
+
+#: statement cache keys of fan-out SELECTs that have no subquery for the first pass
+#: (most statements: the search is not repeated for them)
+NO_FIRST_PASS: LRUCache[bool] = LRUCache(1024)
+
+
+def _first_pass(
+    orm_context: ORMExecuteState, statement: Select[Any], opts: FanoutOptions
+) -> Select[Any]:
+    """``statement`` with its uncorrelated scalar and EXISTS subqueries over sharded
+    tables replaced by their values, each computed first through the session (routed
+    and merged like any statement; see :mod:`._twopass`)."""
+    key = _compat.statement_cache_key(statement)
+    cache_key = None if key is None else (id(opts.placement), key)
+    if cache_key is not None and NO_FIRST_PASS.get(cache_key):
+        return statement
+    forwarded = {
+        k: v
+        for k, v in orm_context.execution_options.items()
+        if k in (TIMEOUT_OPTION, MAX_WORKERS_OPTION)
+    }
+
+    def run(sub: Select[Any]) -> Sequence[Any]:
+        return orm_context.session.execute(sub, execution_options=forwarded).all()
+
+    resolved = resolve_uncorrelated(statement, opts.placement, run)
+    if resolved is statement and cache_key is not None:
+        NO_FIRST_PASS.put(cache_key, True)
+    return resolved
 
 
 def _merge_select(

@@ -128,14 +128,14 @@ class Columns:
             return None
         for i, expr in enumerate(self.exprs):
             candidate = _selected_value(expr)
-            if isinstance(candidate, ColumnElement) and candidate.compare(plain):
+            if isinstance(candidate, ColumnElement) and _compat.same_expression(candidate, plain):
                 return i
         return None
 
     def add_hidden(self, expr: ColumnElement[Any]) -> int:
         plain = unwrap_label(expr)
         for j, existing in enumerate(self.hidden):
-            if existing.element.compare(plain):
+            if _compat.same_expression(existing.element, plain):
                 return self.visible + j
         self.hidden.append(hidden_label(plain, len(self.hidden)))
         return self.visible + len(self.hidden) - 1

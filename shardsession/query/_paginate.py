@@ -96,7 +96,7 @@ def _keys(stmt: Select[Any], dialects: Sequence[str]) -> list[_Key]:
             nulls_first, _ = default_nulls_first(item.descending, dialects)
         keys.append(_Key(expr, item.descending, nulls_first))
     for col in _primary_key(stmt):
-        if not any(k.expr.compare(col) for k in keys):
+        if not any(_compat.same_expression(k.expr, col) for k in keys):
             keys.append(_Key(col, False, default_nulls_first(False, dialects)[0]))
     return keys
 

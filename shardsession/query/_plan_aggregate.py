@@ -100,7 +100,7 @@ class _SlotBuilder:
             if (
                 isinstance(cand, ColumnElement)
                 and isinstance(plain, ColumnElement)
-                and cand.compare(plain)
+                and _compat.same_expression(cand, plain)
             ):
                 return i
         return None
@@ -122,7 +122,9 @@ class _SlotBuilder:
             return self.add(self.aggregate_slot(kind, expr, None), expr)
         plain = unwrap_label(expr)
         for g in group_exprs:
-            if isinstance(plain, ColumnElement) and unwrap_label(g).compare(plain):
+            if isinstance(plain, ColumnElement) and _compat.same_expression(
+                unwrap_label(g), plain
+            ):
                 return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)
         if not references_columns(plain) and not contains_aggregate(plain):
             return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)

@@ -135,11 +135,20 @@ def _assert_refused(cluster: qp.Cluster, make: Stmt, construct: str) -> None:
 INSIDE_FUNCTIONS: dict[str, tuple[Stmt, str]] = {
     "coalesce(row_number() over)": (
         lambda: select(func.coalesce(func.row_number().over(order_by=Item.id), 0)), "OVER"),
-    "scalar subquery inside coalesce": (
+    "correlated subquery inside coalesce": (
         lambda: select(
-            Item.id, func.coalesce(select(func.max(Item.a)).scalar_subquery(), 0)
+            Item.id,
+            func.coalesce(
+                select(func.max(Tag.id)).where(Tag.item_id == Item.id).scalar_subquery(), 0
+            ),
         ),
-        "subquery",
+        "subquery inside COALESCE()",
+    ),
+    "IN subquery with an aggregate hidden in a function": (
+        lambda: select(Item.id).where(
+            Item.a.in_(select(func.coalesce(func.max(Tag.id), 0)))
+        ),
+        "subquery with aggregate",
     ),
     "unknown function over an aggregate-like call": (
         lambda: select(func.my_udf(Item.a)), "my_udf()"),
@@ -214,17 +223,53 @@ def test_class1_functions_of_aggregates_refused_on_mixed_dialects(
         s.execute(select(func.coalesce(func.sum(Item.a), 0))).all()
 
 
-def test_class1_uncorrelated_subquery_hiding_its_aggregate_in_a_function(
-    cluster: qp.Cluster,
+FIRST_PASS: dict[str, Stmt] = {
+    "WHERE a > (SELECT avg(a)) on the same table": lambda: select(Item.id)
+    .where(Item.a > select(func.avg(Item.a)).scalar_subquery()).order_by(Item.id),
+    "coalesce((SELECT max(b)), 0) compared": lambda: select(Item.id).where(
+        Item.a == select(func.coalesce(func.max(Item.b), 0)).scalar_subquery()
+    ).order_by(Item.id),
+    "scalar subquery inside coalesce in the select list": lambda: select(
+        Item.id, func.coalesce(select(func.max(Item.a)).scalar_subquery(), 0)
+    ).order_by(Item.id),
+    "one row's value (no aggregate)": lambda: select(
+        Item.id, select(Item.a).where(Item.id == 7).scalar_subquery()
+    ).order_by(Item.id),
+    "uncorrelated EXISTS, true": lambda: select(Item.id)
+    .where(exists(select(Tag.id).where(Tag.id > 500))).order_by(Item.id),
+    "uncorrelated EXISTS, false": lambda: select(Item.id)
+    .where(exists(select(Tag.id).where(Tag.id > 5000))).order_by(Item.id),
+    "HAVING count > (SELECT count) / 10": lambda: select(Item.grp, func.count())
+    .group_by(Item.grp)
+    .having(func.count() > select(func.count()).select_from(Tag).scalar_subquery() / 10)
+    .order_by(Item.grp),
+}
+
+
+@pytest.mark.parametrize("name", list(FIRST_PASS))
+def test_class1_uncorrelated_subqueries_computed_first(
+    any_cluster: qp.Cluster, name: str
 ) -> None:
-    # coalesce(max(b)) over the whole table: each shard would compare with its own max
-    _assert_refused(
-        cluster,
-        lambda: select(Item.id).where(
-            Item.a == select(func.coalesce(func.max(Item.b), 0)).scalar_subquery()
-        ),
-        "subquery with aggregate",
+    # (they were answered per shard, or refused, before)
+    _assert_exact(any_cluster, FIRST_PASS[name], ordered=True)
+
+
+def test_scalar_subquery_of_several_rows_refused(cluster: qp.Cluster) -> None:
+    with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="more than one"):
+        s.execute(
+            select(Item.id).where(Item.a == select(Item.b).where(Item.id < 9).scalar_subquery())
+        ).all()
+
+
+def test_first_pass_with_a_placement(sessions: tuple[Session, Session]) -> None:  # noqa: F811
+    s, oracle = sessions
+    stmt = (
+        select(jp.User.name)
+        .where(jp.User.region > select(func.avg(jp.User.region)).scalar_subquery())
+        .order_by(jp.User.name)
     )
+    want = oracle.execute(stmt).all()
+    assert want and s.execute(stmt).all() == want
 
 
 def test_class1_row_level_functions_still_merged(any_cluster: qp.Cluster) -> None:

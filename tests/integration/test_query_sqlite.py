@@ -194,11 +194,13 @@ REFUSED = {
     "aggregate in expression": lambda: select(Item.grp, func.sum(Item.a) / Item.b)
     .group_by(Item.grp, Item.b),
     "other aggregate": lambda: select(func.group_concat(Item.grp)),
+    # (an uncorrelated scalar subquery is computed first: test_query_allowlist.py; an IN
+    # list is not)
     "uncorrelated aggregate subquery": lambda: select(Item.id).where(
-        Item.a > select(func.avg(aliased(Item).a)).scalar_subquery()
+        Item.a.in_(select(func.max(aliased(Item).a)).group_by(aliased(Item).grp))
     ),
     "uncorrelated aggregate subquery on the same table": lambda: select(ITEMS.c.id).where(
-        ITEMS.c.a > select(func.avg(ITEMS.c.a)).scalar_subquery()
+        ITEMS.c.a.in_(select(func.max(ITEMS.c.a)).group_by(ITEMS.c.grp))
     ),
     "uncorrelated limit subquery": lambda: select(Item.id).where(
         Item.id.in_(select(Tag.item_id).limit(3))
