@@ -481,12 +481,19 @@ def _check_select_body(
     collect: list[FromClause] | None = None,
 ) -> list[FromClause]:
     tables: list[FromClause] = [] if collect is None else collect
+    known = len(tables)
     for frm in _compat.final_froms_without_eager_joins(sel):
         _check_from(frm, ctx, tables)
     for cte in _compat.select_parts(sel).ctes:
         _check_from(cte, ctx, tables)
     if top_level:
         ctx.outer_tables = list(tables)
+    elif collect is not None:
+        # A derived table's clauses are their own scope: a subquery in its WHERE relates
+        # to the derived table's rows (an IN on a non-key column must be seen as one).
+        ctx = CheckContext(
+            ctx.placement, ctx.outer_tables + _sharded(tables[known:], ctx), ctx.unplaced
+        )
     parts = _compat.select_parts(sel)
     exprs: list[Any] = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
     exprs += list(parts.where) + list(parts.having) + list(parts.order_by)

@@ -535,3 +535,49 @@ def test_count_over_derived_table_merged(any_cluster: qp.Cluster, name: str) -> 
         want = COUNTS[name](o)
     with any_cluster.session() as s:
         assert COUNTS[name](s) == want
+
+
+# ----------------------------------------------------------------------------------------
+# found by the fuzzer (/work/briefs/fuzz-findings.md F3, F14)
+
+
+def test_aggregates_of_two_entities_in_a_join(cluster: qp.Cluster) -> None:
+    # SQLAlchemy's compare() of avg(Tag.id) with avg(Item.a) raised AttributeError
+    with pytest.warns(ColocationWarning):
+        _assert_exact(
+            cluster,
+            lambda: select(func.avg(Tag.id), func.avg(Item.a))
+            .select_from(Item).join(Tag, Tag.item_id == Item.id),
+        )
+    with pytest.warns(ColocationWarning):
+        _assert_exact(
+            cluster,
+            lambda: select(Tag.item_id, Item.grp, func.count(Item.a))
+            .select_from(Item).outerjoin(Tag, Tag.item_id == Item.id)
+            .group_by(Tag.item_id, Item.grp)
+            .having(func.sum(Tag.id) > 1)
+            .order_by(func.count(Item.a).desc(), Tag.item_id),
+            ordered=True,
+        )
+
+
+def test_in_on_a_non_key_column_inside_a_derived_table_refused_under_a_placement(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+    sq = (
+        select(jp.User.region, jp.User.id)
+        .where(jp.User.region.in_(select(jp.Order.amount)))
+        .subquery("sq")
+    )
+    with pytest.raises(UnsupportedQueryError, match="placement relationship"):
+        s.execute(select(sq.c.region, func.count()).group_by(sq.c.region)).all()
+    along = (
+        select(jp.User.region, jp.User.id)
+        .where(jp.User.id.in_(select(jp.Order.user_id).where(jp.Order.amount > 10)))
+        .subquery("sq")
+    )
+    stmt = select(along.c.region, func.count()).group_by(along.c.region).order_by(
+        along.c.region
+    )
+    assert s.execute(stmt).all() == oracle.execute(stmt).all()
