@@ -369,9 +369,15 @@ def dml_table(stmt: Any) -> Any:
     """The table an UPDATE or DELETE writes, as a plain ``Table``: an ORM-enabled one
     (``update(User)``) carries an annotated copy (``_deannotate()``, private, gives the
     original), and the checks compare tables by identity."""
-    table = stmt.table
-    deannotate = getattr(table, "_deannotate", None)
-    return deannotate() if deannotate is not None else table
+    return deannotated(stmt.table)
+
+
+def deannotated(element: Any) -> Any:
+    """``element`` without the ORM's annotations (private ``_deannotate()``): the ORM
+    refers to one table through several annotated copies (an entity's, each attribute's
+    column's), which compare by identity as different objects."""
+    deannotate = getattr(element, "_deannotate", None)
+    return deannotate() if deannotate is not None else element
 
 
 def dml_expressions(stmt: Any) -> list[Any]:

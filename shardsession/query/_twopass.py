@@ -39,8 +39,9 @@ Runner = Callable[[Select[Any]], Sequence[Any]]
 
 
 def _tables(froms: Sequence[Any]) -> set[int]:
+    # (an alias is its own FROM: correlation is by FROM object, annotations aside)
     return {
-        id(getattr(t, "element", t))
+        id(_compat.deannotated(t))
         for f in froms
         for t in find_tables(f, include_aliases=True)
     }

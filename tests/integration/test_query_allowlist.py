@@ -254,6 +254,27 @@ def test_class1_uncorrelated_subqueries_computed_first(
     _assert_exact(any_cluster, FIRST_PASS[name], ordered=True)
 
 
+def test_correlated_subqueries_are_not_computed_first(cluster: qp.Cluster) -> None:
+    # select_from(Item) and the subquery's Item.id are different annotated copies of the
+    # table: still one FROM, so the subquery is correlated (fuzz 731000:73100000229)
+    def count() -> Any:
+        return select(func.count(Tag.id)).where(Tag.item_id == Item.id).scalar_subquery()
+
+    with pytest.warns(ColocationWarning):
+        _assert_exact(
+            cluster,
+            lambda: select(Item.id, count().label("n")).select_from(Item)
+            .order_by(count().desc(), Item.id),
+            ordered=True,
+        )
+    with pytest.warns(ColocationWarning):
+        _assert_exact(
+            cluster,
+            lambda: select(Item.grp, func.sum(case((Item.tags.any(Tag.id > 100), 1), else_=0)))
+            .select_from(Item).group_by(Item.grp),
+        )
+
+
 def test_scalar_subquery_of_several_rows_refused(cluster: qp.Cluster) -> None:
     with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="more than one"):
         s.execute(
