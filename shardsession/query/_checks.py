@@ -357,11 +357,12 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
     if not isinstance(sel, Select):
         raise UnsupportedQueryError("textual subqueries cannot be checked", construct="text()")
     inner = _tables_in(sel)
-    outer_ids = {id(t) for t in ctx.outer_tables}
+    # (by the tables under the ORM's annotated copies: one table, several objects)
+    outer_ids = {id(_compat.deannotated(t)) for t in ctx.outer_tables}
     # Correlated: a column of the enclosing statement's FROM objects is used inside
     # (compared by object: an aliased table is a different FROM).
     referenced = {
-        id(node.table)
+        id(_compat.deannotated(node.table))
         for node in iterate(sel)
         if isinstance(node, ColumnClause) and getattr(node, "table", None) is not None
     }
@@ -371,7 +372,7 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
     correlated = (
         bool(referenced & outer_ids)
         and _compat.auto_correlates(sel)
-        and any(id(f) not in outer_ids for f in own_froms)
+        and any(id(_compat.deannotated(f)) not in outer_ids for f in own_froms)
     )
     inner_sharded = _sharded(inner, ctx)
     found_global = global_construct(sel)
@@ -387,7 +388,12 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
     # The subquery's own FROM list: a correlated reference to an enclosing table is that
     # table's row, not a second scan of it.
     own_sharded = _sharded(
-        [t for f in own_froms for t in _tables_in(f) if not (correlated and id(t) in outer_ids)],
+        [
+            t
+            for f in own_froms
+            for t in _tables_in(f)
+            if not (correlated and id(_compat.deannotated(t)) in outer_ids)
+        ],
         ctx,
     )
     _check_colocated(outer_sharded + own_sharded, ctx, "subquery")
