@@ -405,6 +405,23 @@ def with_having(stmt: Select[Any], criteria: Sequence[ColumnElement[Any]]) -> Se
     return new
 
 
+def plain_fetch_value(stmt: Select[Any]) -> int | None:
+    """FETCH FIRST n ROWS ONLY as the int ``n`` (``Select._fetch_clause``,
+    ``_fetch_clause_options``, ``_offset_or_limit_clause_asint``); ``None`` when there is
+    no FETCH, or it is WITH TIES or PERCENT (not the same as a LIMIT).
+
+    :raises sqlalchemy.exc.CompileError: when ``n`` is an expression.
+    """
+    if stmt._fetch_clause is None:
+        return None
+    options = stmt._fetch_clause_options or {}
+    if options.get("percent") or options.get("with_ties"):
+        return None
+    return stmt._offset_or_limit_clause_asint(  # type: ignore[no-any-return, unused-ignore]
+        stmt._fetch_clause, "fetch"
+    )
+
+
 def limit_offset_values(stmt: Select[Any]) -> tuple[int | None, int | None]:
     """Return LIMIT and OFFSET as ints (``Select._limit`` / ``Select._offset``).
 

@@ -85,13 +85,18 @@ def resolve_nulls(item: OrderItem, dialects: Sequence[str]) -> tuple[bool, bool]
 
 
 def limit_offset(stmt: Select[Any]) -> tuple[int | None, int]:
-    """LIMIT (``None``: none) and OFFSET (0: none) as ints; refuses FETCH and expressions."""
+    """LIMIT (``None``: none) and OFFSET (0: none) as ints; ``FETCH FIRST n ROWS ONLY``
+    counts as ``LIMIT n``; refuses FETCH ... WITH TIES / PERCENT and expressions."""
     parts = _compat.select_parts(stmt)
-    if parts.fetch_clause is not None:
-        raise UnsupportedQueryError(
-            "FETCH FIRST is not merged across shards; use limit()", construct="FETCH"
-        )
     try:
+        if parts.fetch_clause is not None:
+            fetch = _compat.plain_fetch_value(stmt)
+            if fetch is None:
+                raise UnsupportedQueryError(
+                    "FETCH FIRST ... WITH TIES / PERCENT is not merged across shards",
+                    construct="FETCH WITH TIES/PERCENT",
+                )
+            return fetch, _compat.limit_offset_values(stmt)[1] or 0
         limit, offset = _compat.limit_offset_values(stmt)
     except CompileError as err:
         raise UnsupportedQueryError(

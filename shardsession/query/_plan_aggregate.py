@@ -224,7 +224,9 @@ def plan_aggregate(
         slot = builder.slot_for(item.target, group_exprs)
         nulls_first, _mixed = resolve_nulls(item, dialects)
         sort_keys.append(SortKey(slot, item.descending, nulls_first))
-    per_shard = _compat.with_having(stmt, ()).order_by(None).limit(None).offset(None)
+    per_shard = (
+        _compat.with_having(stmt, ()).order_by(None).limit(None).fetch(None).offset(None)
+    )
     if cols.hidden:
         per_shard = per_shard.add_columns(*cols.hidden)
     return AggregatePlan(

@@ -604,3 +604,29 @@ def test_in_on_a_non_key_column_inside_a_derived_table_refused_under_a_placement
         along.c.region
     )
     assert s.execute(stmt).all() == oracle.execute(stmt).all()
+
+
+# ----------------------------------------------------------------------------------------
+# widened: FETCH FIRST n ROWS ONLY (PostgreSQL; SQLite and MariaDB have no FETCH syntax)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: select(Item.id).order_by(Item.id.desc()).fetch(3),
+        lambda: select(Item.id).order_by(Item.id).offset(5).fetch(3),
+        lambda: select(Item.grp, func.count()).group_by(Item.grp)
+        .order_by(Item.grp.nulls_first()).fetch(2),
+    ],
+    ids=["fetch", "offset fetch", "grouped fetch"],
+)
+def test_fetch_first_merged_as_limit(pg_cluster: qp.Cluster, make: Stmt) -> None:
+    _assert_exact(_load(pg_cluster), make, ordered=True)
+
+
+def test_fetch_with_ties_refused(pg_cluster: qp.Cluster) -> None:
+    _assert_refused(
+        _load(pg_cluster),
+        lambda: select(Item.id).order_by(Item.a).fetch(3, with_ties=True),
+        "FETCH WITH TIES",
+    )
