@@ -23,6 +23,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     ClauseElement,
+    ClauseList,
     ColumnClause,
     ColumnElement,
     FunctionFilter,
@@ -63,6 +64,7 @@ __all__ = [
     "aggregate_kind",
     "check_write",
     "contains_aggregate",
+    "distinct_argument",
     "global_construct",
     "might_aggregate",
     "unwrap_label",
@@ -161,25 +163,36 @@ def _function_name(expr: Any) -> str | None:
     return None
 
 
-def aggregate_kind(expr: Any) -> str | None:
-    """``"count"``, ``"sum"``, ... when ``expr`` (under labels) is a mergeable aggregate.
+def aggregate_kind(expr: Any, *, distinct_ok: bool = False) -> str | None:
+    """``"count"``, ``"sum"``, ... when ``expr`` (under labels) is a mergeable aggregate;
+    with ``distinct_ok``, ``"count_distinct"``, ``"sum_distinct"`` or ``"avg_distinct"``
+    for those over ``DISTINCT x`` (merged from each shard's distinct values of ``x``).
 
-    :raises UnsupportedQueryError: for DISTINCT inside SUM/AVG/COUNT.
+    :raises UnsupportedQueryError: for DISTINCT inside SUM/AVG/COUNT without
+        ``distinct_ok``.
     """
     expr = unwrap_label(expr)
     name = _function_name(expr)
     if name not in MERGEABLE_AGGREGATES:
         return None
-    for arg in expr.clauses.clauses:  # type: ignore[union-attr, unused-ignore]
-        if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
-            if name in ("min", "max"):
-                continue  # MIN/MAX of distinct values is the same MIN/MAX
-            raise UnsupportedQueryError(
-                f"{name.upper()}(DISTINCT ...) cannot be merged across shards "
-                "(a value may occur on several shards)",
-                construct=f"{name.upper()}(DISTINCT)",
-            )
+    if distinct_argument(expr) is not None and name not in ("min", "max"):
+        # (MIN/MAX of distinct values is the same MIN/MAX)
+        if distinct_ok:
+            return f"{name}_distinct"
+        raise UnsupportedQueryError(
+            f"{name.upper()}(DISTINCT ...) cannot be merged across shards (a value may "
+            "occur on several shards)",
+            construct=f"{name.upper()}(DISTINCT)",
+        )
     return name
+
+
+def distinct_argument(aggregate: Any) -> Any:
+    """``x`` of ``agg(DISTINCT x)`` (under labels), else ``None``."""
+    for arg in getattr(unwrap_label(aggregate), "clauses", ClauseList()).clauses:
+        if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
+            return arg.element
+    return None
 
 
 def _walk(expr: ClauseElement) -> Iterator[ClauseElement]:

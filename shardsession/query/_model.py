@@ -56,6 +56,7 @@ from ._checks import (
     MERGEABLE_AGGREGATES,
     OTHER_AGGREGATES,
     aggregate_kind,
+    distinct_argument,
     unwrap_label,
 )
 
@@ -120,6 +121,8 @@ class _Walker:
         self.nested = 0
         self.outside = 0
         self._in_aggregate = 0
+        #: ``x`` of each COUNT/SUM/AVG(DISTINCT x) found
+        self.distinct_arguments: list[Any] = []
 
     def visit(self, node: Any, *, inside: str | None = None, nested: bool = False) -> None:
         """Classify ``node``; ``inside`` names the enclosing function or aggregate (an
@@ -234,7 +237,8 @@ class _Walker:
                 # SQLite's max(a, b) is a row-level function, not an aggregate.
                 raise _refuse(f"{shown} with {len(node.clauses.clauses)} arguments",
                               f"{shown} with several arguments")
-            aggregate_kind(node)  # refuses COUNT/SUM/AVG(DISTINCT)
+            if aggregate_kind(node, distinct_ok=True) in _DISTINCT_KINDS:
+                self.distinct_arguments.append(distinct_argument(node))
             self.aggregates += 1
             self._in_aggregate += 1
             for arg in node.clauses.clauses:
@@ -252,6 +256,8 @@ class _Walker:
         for arg in node.clauses.clauses:
             self.visit(arg, inside=shown if inside is None else inside)
 
+
+_DISTINCT_KINDS = ("count_distinct", "sum_distinct", "avg_distinct")
 
 _HAVING_OPERATORS = frozenset(
     {operators.and_, operators.or_, operators.eq, operators.ne, operators.lt, operators.le,
@@ -283,6 +289,7 @@ def model_select(stmt: Select[Any], colocation: str | None = None) -> StatementM
         nothing was sent to any shard.
     """
     parts = _compat.select_parts(stmt)
+    walkers: list[_Walker] = []
     items: list[ItemModel] = []
     aggregated = bool(parts.group_by or parts.having)
     column_distinct = False
@@ -291,6 +298,7 @@ def model_select(stmt: Select[Any], colocation: str | None = None) -> StatementM
             items.append(ItemModel("entity"))
             continue
         walker = _Walker("select list")
+        walkers.append(walker)
         if position == 0 and _column_distinct(expr):
             column_distinct = True
             expr = unwrap_label(expr).element
@@ -306,15 +314,23 @@ def model_select(stmt: Select[Any], colocation: str | None = None) -> StatementM
             items.append(ItemModel("computed"))
         elif walker.aggregates:
             aggregated = True
-            items.append(ItemModel("aggregate", aggregate_kind(expr)))
+            items.append(ItemModel("aggregate", aggregate_kind(expr, distinct_ok=True)))
         else:
             items.append(ItemModel("row"))
     for clause, exprs in (("GROUP BY", parts.group_by), ("HAVING", parts.having),
                           ("ORDER BY", parts.order_by)):
         for expr in exprs:
             walker = _Walker(clause)
+            walkers.append(walker)
             walker.visit(expr)
             aggregated = aggregated or bool(walker.aggregates)
+    distinct_arguments = [x for w in walkers for x in w.distinct_arguments]
+    if any(not _compat.same_expression(x, distinct_arguments[0]) for x in distinct_arguments):
+        # Each shard groups by the one DISTINCT argument as well (see _plan_aggregate).
+        raise _refuse(
+            "aggregates over DISTINCT of different expressions are not merged",
+            "several DISTINCT arguments",
+        )
     return StatementModel(
         tuple(items), aggregated, parts.distinct or column_distinct, colocation
     )

@@ -21,7 +21,7 @@ from sqlalchemy.sql.selectable import Select
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import Slot
-from ._checks import aggregate_kind, contains_aggregate, unwrap_label
+from ._checks import aggregate_kind, contains_aggregate, distinct_argument, unwrap_label
 from ._columns import Columns, parse_order_by, references_columns, resolve_nulls
 from ._computed import Computed
 from ._having import compile_having
@@ -60,7 +60,11 @@ def _aggregates_in(expr: Any) -> list[tuple[Any, str]]:
     """The mergeable aggregates of a computed item, each once, with their kinds."""
     found: list[tuple[Any, str]] = []
     for node in visitors.iterate(unwrap_label(expr)):
-        kind = aggregate_kind(node) if isinstance(node, FunctionElement) else None
+        kind = (
+            aggregate_kind(node, distinct_ok=True)
+            if isinstance(node, FunctionElement)
+            else None
+        )
         if kind is not None and not any(node is f for f, _ in found):
             found.append((node, kind))
     return found
@@ -71,6 +75,8 @@ class _SlotBuilder:
         self.cols = cols
         self.slots: list[Slot] = []
         self.slot_exprs: list[Any] = []
+        #: x of the COUNT/SUM/AVG(DISTINCT x) (the model allows one x per statement)
+        self.distinct_of: Any = None
 
     def add(self, slot: Slot, expr: Any) -> int:
         self.slots.append(slot)
@@ -79,6 +85,10 @@ class _SlotBuilder:
 
     def aggregate_slot(self, kind: str, expr: Any, visible_pos: int | None) -> Slot:
         plain = unwrap_label(expr)
+        if kind.endswith("_distinct"):
+            # Each shard returns its distinct values of x (it groups by x as well).
+            self.distinct_of = distinct_argument(plain)
+            return Slot(kind, (self.cols.add_hidden(self.distinct_of),))
         if kind == "avg":
             args = list(plain.clauses.clauses)
             arg = args[0] if args else None
@@ -117,7 +127,7 @@ class _SlotBuilder:
         found = self.find_slot(expr)
         if found is not None:
             return found
-        kind = aggregate_kind(expr)
+        kind = aggregate_kind(expr, distinct_ok=True)
         if kind is not None:
             return self.add(self.aggregate_slot(kind, expr, None), expr)
         plain = unwrap_label(expr)
@@ -169,7 +179,9 @@ def plan_aggregate(
             builder.add(Slot("key", (i,)), expr)
             pending.append((i, expr))
             continue
-        kind = aggregate_kind(expr) if isinstance(expr, ClauseElement) else None
+        kind = (
+            aggregate_kind(expr, distinct_ok=True) if isinstance(expr, ClauseElement) else None
+        )
         if kind is not None:
             builder.add(builder.aggregate_slot(kind, expr, i), expr)
             continue
@@ -229,6 +241,8 @@ def plan_aggregate(
     )
     if cols.hidden:
         per_shard = per_shard.add_columns(*cols.hidden)
+    if builder.distinct_of is not None:
+        per_shard = per_shard.group_by(builder.distinct_of)
     return AggregatePlan(
         statement=per_shard,
         visible=cols.visible,

@@ -630,3 +630,37 @@ def test_fetch_with_ties_refused(pg_cluster: qp.Cluster) -> None:
         lambda: select(Item.id).order_by(Item.a).fetch(3, with_ties=True),
         "FETCH WITH TIES",
     )
+
+
+# ----------------------------------------------------------------------------------------
+# widened: COUNT/SUM/AVG(DISTINCT x), one x per statement
+
+
+DISTINCT_AGGREGATES: dict[str, Stmt] = {
+    "count(distinct grp)": lambda: select(func.count(distinct(Item.grp))),
+    "count/sum/avg(distinct a) with other aggregates": lambda: select(
+        func.count(Item.a.distinct()), func.sum(Item.a.distinct()),
+        func.avg(Item.a.distinct()), func.count(), func.sum(Item.b),
+    ),
+    "grouped, ordered by it": lambda: select(Item.grp, func.count(distinct(Item.a)))
+    .group_by(Item.grp).order_by(func.count(distinct(Item.a)).desc(), Item.grp),
+    "in HAVING": lambda: select(Item.grp).group_by(Item.grp)
+    .having(func.count(distinct(Item.a)) > 3).order_by(Item.grp),
+    "inside a computed item": lambda: select(func.coalesce(func.count(distinct(Item.a)), 0) + 1),
+    "no rows": lambda: select(func.count(distinct(Item.a))).where(Item.id < 0),
+    "grouped by its own argument": lambda: select(Item.a, func.count(distinct(Item.a)))
+    .group_by(Item.a).order_by(Item.a),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTINCT_AGGREGATES))
+def test_distinct_aggregates_merged(any_cluster: qp.Cluster, name: str) -> None:
+    _assert_exact(any_cluster, DISTINCT_AGGREGATES[name], ordered=True)
+
+
+def test_distinct_aggregates_of_two_expressions_refused(cluster: qp.Cluster) -> None:
+    _assert_refused(
+        cluster,
+        lambda: select(func.count(distinct(Item.a)), func.count(distinct(Item.b))),
+        "several DISTINCT arguments",
+    )
