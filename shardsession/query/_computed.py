@@ -33,7 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import NullType, TypeEngine
 
-__all__ = ["BATCH", "Computed", "Evaluator", "compute"]
+__all__ = ["BATCH", "Computed", "Evaluator", "compute", "value_type"]
 
 #: groups evaluated per SELECT (bounded so that the number of bound values stays far
 #: below every backend's limit)
@@ -53,7 +53,9 @@ class Computed:
     aggregates: tuple[tuple[ColumnElement[Any], int], ...]
 
 
-def _value_type(value: Any, aggregate: ColumnElement[Any]) -> TypeEngine[Any]:
+def value_type(value: Any, aggregate: ColumnElement[Any]) -> TypeEngine[Any]:
+    """The SQL type to bind a merged ``value`` with (typed from the value itself: the
+    expression's type may be ``NullType`` or narrower, e.g. AVG of an integer column)."""
     if isinstance(value, bool):
         return Boolean()
     if isinstance(value, int):
@@ -78,9 +80,14 @@ def _constant(value: Any, aggregate: ColumnElement[Any]) -> ColumnElement[Any]:
             arg_type = getattr(args[0], "type", None) if args else None
             type_ = Float() if isinstance(arg_type, Float) else Numeric()
         return cast(null(), type_)
-    type_ = _value_type(value, aggregate)
+    type_ = value_type(value, aggregate)
     bound = literal(value, type_)
-    return cast(bound, type_) if isinstance(type_, Numeric | Float) else bound
+    # A decimal's precision and scale are part of its value (PostgreSQL's round() and
+    # division scale follow them).  A float is bound as it is: every driver sends a
+    # double, while CAST(... AS FLOAT) is single precision on MariaDB.
+    return cast(bound, type_) if isinstance(type_, Numeric) and not isinstance(
+        type_, Float
+    ) else bound
 
 
 def _substituted(item: Computed, row: Sequence[Any]) -> ColumnElement[Any]:

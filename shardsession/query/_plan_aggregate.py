@@ -47,12 +47,22 @@ class AggregatePlan:
     computed: tuple[Computed, ...] = ()
 
 
-def _check_computable(dialects: Sequence[str]) -> None:
+def _check_computable(dialects: Sequence[str], expr: Any) -> None:
     if len(set(dialects)) > 1:
         raise UnsupportedQueryError(
             "a function of aggregates is evaluated after the merge by one shard's "
             "database; with shards of different dialects its meaning is not one",
             construct="aggregate in expression (mixed dialects)",
+        )
+    if dialects and dialects[0] in ("mysql", "mariadb") and any(
+        kind.startswith("avg") for _, kind in _aggregates_in(expr)
+    ):
+        # MySQL computes a function of AVG from the exact average; the merged AVG is
+        # the one it shows, rounded to 4 more decimals than its argument.
+        raise UnsupportedQueryError(
+            "a function of AVG cannot be computed after the merge on MySQL/MariaDB "
+            "(the merged AVG is rounded as MySQL shows it, not as it computes with it)",
+            construct="function of AVG (MySQL)",
         )
 
 
@@ -174,7 +184,7 @@ def plan_aggregate(
     pending: list[tuple[int, Any]] = []
     for i, expr in enumerate(list(cols.exprs)):
         if items is not None and items[i].kind == "computed":
-            _check_computable(dialects)
+            _check_computable(dialects, expr)
             # Each shard's own value of the item is replaced after the merge.
             builder.add(Slot("key", (i,)), expr)
             pending.append((i, expr))

@@ -31,6 +31,7 @@ from sqlalchemy.sql.util import find_tables
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._checks import QueryPlacement
+from ._computed import value_type
 
 __all__ = ["resolve_uncorrelated"]
 
@@ -133,7 +134,12 @@ def resolve_uncorrelated(
                 construct="scalar subquery with several rows",
             )
         column = sub.selected_columns[0]
-        values[id(node)] = literal(rows[0][0] if rows else None, column.type)
+        value = rows[0][0] if rows else None
+        # Typed from the value: with shards of several dialects it may come from
+        # another dialect's driver (a PostgreSQL Decimal bound for SQLite).
+        values[id(node)] = literal(
+            value, column.type if value is None else value_type(value, column)
+        )
     if not values:
         return stmt
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import (
     Boolean,
+    Float,
     Integer,
     Numeric,
     case,
@@ -211,6 +212,10 @@ COMPUTED: dict[str, Stmt] = {
 def test_class1_functions_of_aggregates_computed_after_the_merge(
     any_cluster: qp.Cluster, name: str
 ) -> None:
+    if "avg" in name and any_cluster.oracle.dialect.name in ("mysql", "mariadb"):
+        # MySQL computes round(avg(x)) from the exact average, not the one it shows
+        _assert_refused(any_cluster, COMPUTED[name], "function of AVG (MySQL)")
+        return
     _assert_exact(any_cluster, COMPUTED[name], ordered=True)
 
 
@@ -647,6 +652,9 @@ DISTINCT_AGGREGATES: dict[str, Stmt] = {
     "in HAVING": lambda: select(Item.grp).group_by(Item.grp)
     .having(func.count(distinct(Item.a)) > 3).order_by(Item.grp),
     "inside a computed item": lambda: select(func.coalesce(func.count(distinct(Item.a)), 0) + 1),
+    "float sum inside a computed item": lambda: select(
+        func.sum(cast(Item.a, Float) * 0.5) - func.count()
+    ),
     "no rows": lambda: select(func.count(distinct(Item.a))).where(Item.id < 0),
     "grouped by its own argument": lambda: select(Item.a, func.count(distinct(Item.a)))
     .group_by(Item.a).order_by(Item.a),
