@@ -409,6 +409,16 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
         ],
         ctx,
     )
+    if (
+        not correlated
+        and len(own_sharded) == 1
+        and [_compat.deannotated(t) for t in outer_sharded]
+        == [_compat.deannotated(own_sharded[0])]
+        and _in_by_key(sel, in_left, own_sharded, ctx.placement)
+    ):
+        # `key IN (SELECT key FROM t ...)` over the statement's own table t: a row's
+        # membership is decided by the rows of its own shard (docs/queries.md).
+        return
     _check_colocated(outer_sharded + own_sharded, ctx, "subquery")
     if (correlated or in_left is not None) and own_sharded and outer_sharded:
         _check_related(sel, ctx, outer_sharded, own_sharded, own_froms, in_left)

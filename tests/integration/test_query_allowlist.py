@@ -672,3 +672,22 @@ def test_distinct_aggregates_of_two_expressions_refused(cluster: qp.Cluster) -> 
         lambda: select(func.count(distinct(Item.a)), func.count(distinct(Item.b))),
         "several DISTINCT arguments",
     )
+
+
+def test_in_subquery_on_the_placement_key_merged(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+    stmt = (
+        select(jp.User.name)
+        .where(jp.User.id.in_(select(jp.User.id).where(jp.User.region == 1)))
+        .order_by(jp.User.name)
+    )
+    want = oracle.execute(stmt).all()
+    assert want and s.execute(stmt).all() == want
+    # on another column it would pair rows of different shards
+    other = select(jp.User.name).where(
+        jp.User.region.in_(select(jp.User.id).where(jp.User.region == 1))
+    )
+    with pytest.raises(UnsupportedQueryError):
+        s.execute(other).all()
