@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import String, func
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -80,9 +80,25 @@ def _aggregates_in(expr: Any) -> list[tuple[Any, str]]:
     return found
 
 
+def _check_distinct_values(x: Any, dialects: Sequence[str]) -> None:
+    """The merge tells distinct values of ``x`` apart by Python equality: exact for
+    numbers, dates and binary-collated strings, not for strings MySQL/MariaDB compare
+    case- and accent-insensitively by default, or a column with its own collation."""
+    type_ = getattr(x, "type", None)
+    if isinstance(type_, String) and (
+        type_.collation is not None or any(d in ("mysql", "mariadb") for d in dialects)
+    ):
+        raise UnsupportedQueryError(
+            "an aggregate over DISTINCT strings whose collation may fold values "
+            "(MySQL/MariaDB, or an explicit collation) is not merged",
+            construct="aggregate(DISTINCT string) with a collation",
+        )
+
+
 class _SlotBuilder:
-    def __init__(self, cols: Columns) -> None:
+    def __init__(self, cols: Columns, dialects: Sequence[str] = ()) -> None:
         self.cols = cols
+        self.dialects = dialects
         self.slots: list[Slot] = []
         self.slot_exprs: list[Any] = []
         #: x of the COUNT/SUM/AVG(DISTINCT x) (the model allows one x per statement)
@@ -98,6 +114,7 @@ class _SlotBuilder:
         if kind.endswith("_distinct"):
             # Each shard returns its distinct values of x (it groups by x as well).
             self.distinct_of = distinct_argument(plain)
+            _check_distinct_values(self.distinct_of, self.dialects)
             return Slot(kind, (self.cols.add_hidden(self.distinct_of),))
         if kind == "avg":
             args = list(plain.clauses.clauses)
@@ -176,7 +193,7 @@ def plan_aggregate(
     items: Sequence[ItemModel] | None = None,
 ) -> AggregatePlan:
     parts = _compat.select_parts(stmt)
-    builder = _SlotBuilder(cols)
+    builder = _SlotBuilder(cols, dialects)
     group_exprs: list[Any] = []
     for g in parts.group_by:
         target = _compat.label_reference_target(g)

@@ -663,6 +663,10 @@ DISTINCT_AGGREGATES: dict[str, Stmt] = {
 
 @pytest.mark.parametrize("name", list(DISTINCT_AGGREGATES))
 def test_distinct_aggregates_merged(any_cluster: qp.Cluster, name: str) -> None:
+    if "grp" in name and any_cluster.oracle.dialect.name in ("mysql", "mariadb"):
+        # MariaDB's default collation folds 'a' and 'A': Python equality would not
+        _assert_refused(any_cluster, DISTINCT_AGGREGATES[name], "aggregate(DISTINCT string)")
+        return
     _assert_exact(any_cluster, DISTINCT_AGGREGATES[name], ordered=True)
 
 
