@@ -30,6 +30,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import CompoundSelect
 
 from .. import _compat
 from ..exc import (
@@ -46,10 +47,11 @@ from ._checks import (
     check_write,
     global_construct,
 )
+from ._compound import plan_compound
 from ._computed import Evaluator
 from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
-from ._merge import merge_aggregate, merge_rows
+from ._merge import merge_aggregate, merge_compound, merge_rows
 from ._model import StatementModel, model_select
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
@@ -273,6 +275,9 @@ def execute_on_shards(
             construct="text()",
         )
 
+    if isinstance(statement, CompoundSelect) and not orm_context.is_from_statement:
+        return _merge_compound(orm_context, shard_ids, call, opts, statement)
+
     if not isinstance(statement, Select):
         construct = "UNION/INTERSECT/EXCEPT" if orm_context.is_select else "statement"
         if orm_context.is_from_statement or not orm_context.is_select:
@@ -329,6 +334,39 @@ def _first_pass(
     if resolved is statement and cache_key is not None:
         NO_FIRST_PASS.put(cache_key, True)
     return resolved
+
+
+def _merge_compound(
+    orm_context: ORMExecuteState,
+    shard_ids: list[Any],
+    call: ShardCall,
+    opts: FanoutOptions,
+    statement: CompoundSelect[Any],
+) -> Result[Any]:
+    """A UNION / UNION ALL of row SELECTs (see :mod:`._compound`): each branch checked as
+    a statement, the shards' answers concatenated, deduplicated for UNION, then sorted
+    and sliced."""
+    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    plan = plan_compound(statement, dialects)
+    for branch in plan.branches:
+        model = _reads_sharded_tables(branch, opts.placement)
+        if model is None or model.aggregated or global_construct(branch) is not None:
+            # A branch over replicated tables only would come back once per shard; one
+            # that aggregates, groups, deduplicates or limits needs its own merge.
+            raise UnsupportedQueryError(
+                "a UNION is merged only when each branch is a plain row SELECT over "
+                "sharded tables",
+                construct="UNION branch",
+            )
+        if model.colocation is not None:
+            warn_colocation(
+                f"{model.colocation}: evaluated on each shard, exact only if the rows it "
+                "relates are on the same shard (the session has no placement to check it)"
+            )
+    if plan.sort_keys:
+        shard_ids = sorted(shard_ids, key=str)
+    results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
+    return merge_compound(plan, results)
 
 
 def _merge_select(

@@ -18,11 +18,12 @@ from sqlalchemy.engine import Result
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import GroupMerger
+from ._compound import CompoundPlan
 from ._computed import Evaluator, compute
 from ._ordering import SortKey, merge_sorted, merged_order, sort_rows
 from ._plan import AggregatePlan, RowsPlan
 
-__all__ = ["dedupe", "merge_aggregate", "merge_rows", "slice_rows"]
+__all__ = ["dedupe", "merge_aggregate", "merge_compound", "merge_rows", "slice_rows"]
 
 
 def _rows_of(result: Result[Any], unique: bool) -> Iterator[tuple[Any, ...]]:
@@ -202,3 +203,22 @@ def merge_aggregate(
     return _compat.build_result(
         template, visible_rows, visible=plan.visible, unique_state_from=template
     )
+
+
+def merge_compound(
+    plan: CompoundPlan, results: Sequence[tuple[Any, Result[Any]]]
+) -> Result[Any]:
+    """The shards' UNION / UNION ALL answers concatenated, deduplicated for UNION,
+    sorted and sliced (memory: the shards' rows)."""
+    try:
+        rows: list[Sequence[Any]] = [r for _, result in results for r in _rows_of(result, False)]
+    finally:
+        for _, r in results:
+            r.close()
+    if plan.distinct:
+        rows = list(dedupe(rows, plan.visible))
+    if plan.sort_keys:
+        sort_rows(rows, plan.sort_keys)
+    if plan.limit is not None or plan.offset:
+        rows = list(slice_rows(rows, plan.limit, plan.offset))
+    return _compat.build_result(results[0][1], rows, visible=plan.visible)

@@ -24,14 +24,18 @@ from sqlalchemy import (
     cast,
     create_engine,
     delete,
+    desc,
     distinct,
     event,
     exists,
     func,
     insert,
+    intersect,
     literal_column,
     select,
     text,
+    union,
+    union_all,
     update,
 )
 from sqlalchemy.exc import SAWarning
@@ -695,3 +699,38 @@ def test_in_subquery_on_the_placement_key_merged(
     )
     with pytest.raises(UnsupportedQueryError):
         s.execute(other).all()
+
+
+# ----------------------------------------------------------------------------------------
+# widened: UNION / UNION ALL of row SELECTs
+
+
+UNIONS: dict[str, Stmt] = {
+    "UNION ALL": lambda: union_all(select(Item.a), select(Item.b)),
+    "UNION": lambda: union(select(Item.a), select(Item.b)),
+    "UNION ORDER BY LIMIT OFFSET": lambda: union(select(Item.a), select(Item.b))
+    .order_by("a").limit(3).offset(1),
+    "UNION ALL of two tables, ORDER BY DESC": lambda: union_all(
+        select(Item.a.label("x")), select(Tag.id)
+    ).order_by(desc("x")),
+}
+
+
+@pytest.mark.parametrize("name", list(UNIONS))
+def test_union_merged(any_cluster: qp.Cluster, name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ColocationWarning)
+        _assert_exact(any_cluster, UNIONS[name], ordered="ORDER BY" in name)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: intersect(select(Item.a), select(Item.b)),
+        lambda: union_all(select(Item.id), select(func.max(Item.a))),
+        lambda: union_all(select(Item.a), select(Item.b).limit(2)),
+    ],
+    ids=["INTERSECT", "aggregate branch", "LIMIT branch"],
+)
+def test_union_refused(cluster: qp.Cluster, make: Stmt) -> None:
+    _assert_refused(cluster, make, "")
