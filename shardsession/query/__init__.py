@@ -31,6 +31,7 @@ from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CompoundSelect
+from sqlalchemy.sql.util import find_tables
 
 from .. import _compat
 from ..exc import (
@@ -336,6 +337,16 @@ def _first_pass(
     return resolved
 
 
+def _sharded_froms(branch: Select[Any], placement: QueryPlacement) -> set[int]:
+    """The sharded tables of ``branch``'s FROM list (joins flattened), by identity."""
+    return {
+        id(_compat.deannotated(t))
+        for frm in _compat.final_froms_without_eager_joins(branch)
+        for t in find_tables(frm, include_aliases=True)
+        if not placement.is_replicated(_compat.deannotated(t))
+    }
+
+
 def _merge_compound(
     orm_context: ORMExecuteState,
     shard_ids: list[Any],
@@ -357,6 +368,13 @@ def _merge_compound(
                 "a UNION is merged only when each branch is a plain row SELECT over "
                 "sharded tables",
                 construct="UNION branch",
+            )
+        if opts.placement is not None and len(_sharded_froms(branch, opts.placement)) > 1:
+            # The session's router checks how a SELECT's tables are joined; it does not
+            # look inside a UNION's branches.
+            raise UnsupportedQueryError(
+                "a UNION branch that joins sharded tables is not merged under a placement",
+                construct="UNION branch with a join",
             )
         if model.colocation is not None:
             warn_colocation(

@@ -734,3 +734,18 @@ def test_union_merged(any_cluster: qp.Cluster, name: str) -> None:
 )
 def test_union_refused(cluster: qp.Cluster, make: Stmt) -> None:
     _assert_refused(cluster, make, "")
+
+
+def test_union_with_a_placement(sessions: tuple[Session, Session]) -> None:  # noqa: F811
+    s, oracle = sessions
+    stmt = union_all(
+        select(jp.User.id.label("x")).where(jp.User.region == 1), select(jp.Order.amount)
+    ).order_by("x")
+    want = oracle.execute(stmt).all()
+    assert want and s.execute(stmt).all() == want
+    joined = union_all(
+        select(jp.User.id).join(jp.Order, jp.Order.amount == jp.User.id),
+        select(jp.Order.amount),
+    )
+    with pytest.raises(UnsupportedQueryError, match="UNION branch"):
+        s.execute(joined).all()
