@@ -39,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import SAWarning
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from shardsession import ShardedSession
 from shardsession.exc import ColocationWarning, UnsupportedQueryError
@@ -749,3 +749,24 @@ def test_union_with_a_placement(sessions: tuple[Session, Session]) -> None:  # n
     )
     with pytest.raises(UnsupportedQueryError, match="UNION branch"):
         s.execute(joined).all()
+
+
+def test_self_join_on_the_placement_key(sessions: tuple[Session, Session]) -> None:  # noqa: F811
+    s, oracle = sessions
+    u2 = aliased(jp.User, name="u2")
+    on_key = (
+        select(jp.User.name, u2.region).join(u2, u2.id == jp.User.id).order_by(jp.User.name)
+    )
+    want = oracle.execute(on_key).all()
+    assert want and s.execute(on_key).all() == want
+    in_where = (
+        select(func.count()).select_from(jp.User).join(u2, u2.region == jp.User.region)
+        .where(u2.id == jp.User.id)
+    )
+    assert s.execute(in_where).scalar() == oracle.execute(in_where).scalar() == 12
+    for bad in (
+        select(jp.User.name, u2.name).join(u2, u2.region == jp.User.region),
+        select(func.count()).select_from(jp.User).join(u2, u2.id == jp.User.region),
+    ):
+        with pytest.raises(UnsupportedQueryError, match="itself"):
+            s.execute(bad).all()
