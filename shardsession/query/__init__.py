@@ -189,8 +189,9 @@ def execute_on_shards(
     table, one copy's count).
 
     Failure semantics: an :class:`~shardsession.exc.UnsupportedQueryError` is raised
-    before any shard is asked (or, for an ORDER BY the database collates differently
-    from Python, while the rows are read; nothing was changed).  A driver error on one
+    before the statement is sent to any shard (or, for an ORDER BY the database collates
+    differently from Python, while the rows are read; nothing was changed); only the
+    read-only first pass of an uncorrelated subquery (:mod:`._twopass`) may have run.  A driver error on one
     shard is re-raised unchanged after the other shards' statements finished; their
     results are discarded; for UPDATE/DELETE the other shards' changes stay in the
     session's open transaction (roll back to undo them).  A deadline raises
