@@ -191,10 +191,11 @@ def execute_on_shards(
     Failure semantics: an :class:`~shardsession.exc.UnsupportedQueryError` is raised
     before the statement is sent to any shard (or, for an ORDER BY the database collates
     differently from Python, while the rows are read; nothing was changed); only the
-    read-only first pass of an uncorrelated subquery (:mod:`._twopass`) may have run.  A driver error on one
-    shard is re-raised unchanged after the other shards' statements finished; their
-    results are discarded; for UPDATE/DELETE the other shards' changes stay in the
-    session's open transaction (roll back to undo them).  A deadline raises
+    read-only first pass of an uncorrelated subquery (:mod:`._twopass`) may have run.
+    A driver error on one shard is re-raised unchanged after the other shards'
+    statements finished; their results are discarded; for UPDATE/DELETE the other
+    shards' changes stay in the session's open transaction (roll back to undo them).
+    A deadline raises
     :class:`~shardsession.exc.FanoutTimeoutError`; roll the session back afterwards.
     """
     shard_ids = list(dict.fromkeys(shard_ids))

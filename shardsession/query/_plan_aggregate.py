@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy import String, func
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnElement
+from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnClause, ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import ScalarSelect, Select, SelectBase
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -95,6 +95,25 @@ def _check_distinct_values(x: Any, dialects: Sequence[str]) -> None:
         )
 
 
+def _function_of_keys(expr: Any, group_exprs: Sequence[Any]) -> bool:
+    """Whether every column ``expr`` reads is a GROUP BY expression (and it holds no
+    aggregate or subquery): its value is one per group."""
+    if contains_aggregate(expr) or any(
+        isinstance(n, SelectBase | ScalarSelect) for n in visitors.iterate(expr)
+    ):
+        return False
+    keys = [unwrap_label(g) for g in group_exprs if not isinstance(g, str)]
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if any(_compat.same_expression(k, node) for k in keys):
+            continue
+        if isinstance(node, ColumnClause) and not node.is_literal:
+            return False
+        stack.extend(node.get_children())
+    return True
+
+
 class _SlotBuilder:
     def __init__(self, cols: Columns, dialects: Sequence[str] = ()) -> None:
         self.cols = cols
@@ -142,8 +161,9 @@ class _SlotBuilder:
                 return i
         return None
 
-    def slot_for(self, expr: Any, group_exprs: Sequence[Any]) -> int:
-        """A slot holding ``expr``'s merged value (adding hidden partials when needed)."""
+    def slot_for(self, expr: Any, group_exprs: Sequence[Any], *, order: bool = False) -> int:
+        """A slot holding ``expr``'s merged value (adding hidden partials when needed);
+        ``order``: for ORDER BY, which may also sort by a function of GROUP BY values."""
         if isinstance(expr, str):
             pos = self.cols.find(expr)
             if pos is None:
@@ -164,6 +184,10 @@ class _SlotBuilder:
             ):
                 return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)
         if not references_columns(plain) and not contains_aggregate(plain):
+            return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)
+        if order and _function_of_keys(plain, group_exprs):
+            # Every shard holding a group computes the same value for it.  (Not for
+            # HAVING: evaluating, say, lower(x) = 'a' in Python could differ from SQL.)
             return self.add(Slot("key", (self.cols.add_hidden(plain),)), plain)
         raise UnsupportedQueryError(
             "in an aggregate query across shards, ORDER BY and HAVING may only use "
@@ -260,7 +284,7 @@ def plan_aggregate(
     sort_keys = []
     for element in parts.order_by:
         item = parse_order_by(element)
-        slot = builder.slot_for(item.target, group_exprs)
+        slot = builder.slot_for(item.target, group_exprs, order=True)
         nulls_first, _mixed = resolve_nulls(item, dialects)
         sort_keys.append(SortKey(slot, item.descending, nulls_first))
     per_shard = (

@@ -770,3 +770,18 @@ def test_self_join_on_the_placement_key(sessions: tuple[Session, Session]) -> No
     ):
         with pytest.raises(UnsupportedQueryError, match="itself"):
             s.execute(bad).all()
+
+
+def test_order_by_a_function_of_group_keys(any_cluster: qp.Cluster) -> None:
+    _assert_exact(
+        any_cluster,
+        lambda: select(Item.a, func.count()).group_by(Item.a)
+        .order_by((Item.a % 2).desc(), Item.a),
+        ordered=True,
+    )
+    # a column that is not grouped is still refused
+    _assert_refused(
+        any_cluster,
+        lambda: select(Item.a, func.count()).group_by(Item.a).order_by(Item.b % 2),
+        "expression in ORDER BY/HAVING",
+    )
