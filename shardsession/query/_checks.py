@@ -17,13 +17,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
     BinaryExpression,
-    BooleanClauseList,
     ClauseElement,
     ClauseList,
     ColumnClause,
@@ -57,6 +55,7 @@ from sqlalchemy.sql.visitors import iterate
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
+from ._selfjoin import base_table, check_self_joins
 
 __all__ = [
     "KNOWN_SCALAR_FUNCTIONS",
@@ -544,94 +543,14 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
     """
     tables = _check_select_body(sel, ctx, top_level=True)
     sharded = _sharded(tables, ctx)
-    distinct = list({id(_base(t)): t for t in sharded}.values())
+    distinct = list({id(base_table(t)): t for t in sharded}.values())
     if ctx.placement is not None and len(distinct) < len(sharded):
-        _check_self_joins(sel, tables, ctx)
+        check_self_joins(sel, tables, ctx.placement)
         sharded_apart = distinct  # a table joined with itself on its key is one table
     else:
         sharded_apart = sharded
     _check_colocated(sharded_apart, ctx, "JOIN")
     return sharded
-
-
-def _base(frm: Any) -> Any:
-    frm = _compat.deannotated(frm)
-    return frm.element if isinstance(frm, Alias) and isinstance(frm.element, TableClause) else frm
-
-
-def _join_conditions(froms: Sequence[Any]) -> Iterator[Any]:
-    for frm in froms:
-        if isinstance(frm, Join):
-            yield from _join_conditions((frm.left, frm.right))
-            if frm.onclause is not None:
-                yield frm.onclause
-
-
-def _conjuncts(expr: Any) -> Iterator[Any]:
-    while isinstance(expr, Grouping):
-        expr = expr.element
-    if isinstance(expr, BooleanClauseList) and expr.operator is operators.and_:
-        for clause in expr.clauses:
-            yield from _conjuncts(clause)
-    else:
-        yield expr
-
-
-def _find(group: dict[int, int], k: int) -> int:
-    while group[k] != k:
-        k = group[k]
-    return k
-
-
-def _check_self_joins(sel: Select[Any], tables: Sequence[Any], ctx: CheckContext) -> None:
-    """A sharded table joined with itself (``aliased(User)``) relates rows of one shard
-    only when the join equates the placement key of both FROMs (in JOIN ... ON or the
-    top-level AND of WHERE), as ``join(u2, u2.id == User.id)``.
-
-    :raises UnsupportedQueryError: it does not, or the placement cannot say its key.
-    """
-    key_columns_of = getattr(ctx.placement, "key_columns_of", None)
-    froms_of: dict[int, list[Any]] = {}
-    for t in tables:
-        base = _base(t)
-        if ctx.placement is not None and not ctx.placement.is_replicated(base):
-            froms_of.setdefault(id(base), []).append(_compat.deannotated(t))
-    conditions = [
-        term
-        for cond in [
-            *_join_conditions(_compat.final_froms_without_eager_joins(sel)),
-            *_compat.select_parts(sel).where,
-        ]
-        for term in _conjuncts(cond)
-    ]
-    for froms in froms_of.values():
-        if len(froms) < 2:
-            continue
-        base = _base(froms[0])
-        keys: Sequence[Any] = key_columns_of(base) if key_columns_of is not None else ()
-        group = {id(f): id(f) for f in froms}
-        find = partial(_find, group)
-        for term in conditions:
-            if not (isinstance(term, BinaryExpression) and term.operator is operators.eq):
-                continue
-            left, right = term.left, term.right
-            if not (isinstance(left, ColumnClause) and isinstance(right, ColumnClause)):
-                continue
-            a = id(_compat.deannotated(getattr(left, "table", None)))
-            b = id(_compat.deannotated(getattr(right, "table", None)))
-            if (
-                len(keys) == 1
-                and a in group
-                and b in group
-                and left.name == right.name == keys[0].name
-            ):
-                group[find(a)] = find(b)
-        if len({find(k) for k in group}) > 1:
-            raise UnsupportedQueryError(
-                f"a JOIN of {getattr(base, 'name', base)} with itself not on its placement "
-                "key pairs rows that may be on different shards",
-                construct="self-join not on the placement key",
-            )
 
 
 def check_write(stmt: Any, ctx: CheckContext) -> None:
