@@ -319,6 +319,7 @@ from sqlalchemy.engine import CursorResult, IteratorResult, Result  # noqa: E402
 from sqlalchemy.sql import elements  # noqa: E402
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement  # noqa: E402
 from sqlalchemy.sql.selectable import Select  # noqa: E402
+from sqlalchemy.types import String  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -505,6 +506,21 @@ def same_expression(a: ClauseElement, b: ClauseElement) -> bool:
         return bool(a.compare(b))
     except AttributeError:
         return False
+
+
+def string_may_fold(type_: Any, dialects: Sequence[str]) -> bool:
+    """Whether values of SQL type ``type_`` may compare equal in the database while
+    different in Python: a string type with a collation of its own, per-dialect variants
+    (``with_variant()``, private ``TypeEngine._variant_mapping``, where collations are
+    usually set), or on MySQL/MariaDB, whose default collations fold case, accents and
+    trailing spaces."""
+    if not isinstance(type_, String):
+        return False
+    return (
+        type_.collation is not None
+        or bool(getattr(type_, "_variant_mapping", None))
+        or any(d in ("mysql", "mariadb") for d in dialects)
+    )
 
 
 def one_row_result(keys: Sequence[str], row: Sequence[Any]) -> Result[Any]:

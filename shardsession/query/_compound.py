@@ -69,6 +69,15 @@ def plan_compound(stmt: CompoundSelect[Any], dialects: Sequence[str]) -> Compoun
         raise _unsupported("FETCH of a UNION is not merged; use limit()", "FETCH")
     keys = stmt.selected_columns.keys()
     columns = list(stmt.selected_columns)
+    if keyword == "UNION" and any(
+        _compat.string_may_fold(c.type, dialects) for b in branches for c in b.selected_columns
+    ):
+        # UNION deduplicates by Python equality after the merge.
+        raise _unsupported(
+            "UNION (not ALL) of strings whose collation may fold values (MySQL/MariaDB, "
+            "or a collation of the column) is not merged; UNION ALL is",
+            "UNION of strings with a collation",
+        )
     sort_keys = []
     for element in getattr(stmt, "_order_by_clauses", ()):
         item = parse_order_by(element)

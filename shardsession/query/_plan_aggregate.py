@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import String, func
+from sqlalchemy import func
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnClause, ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
@@ -82,15 +82,20 @@ def _aggregates_in(expr: Any) -> list[tuple[Any, str]]:
 
 def _check_distinct_values(x: Any, dialects: Sequence[str]) -> None:
     """The merge tells distinct values of ``x`` apart by Python equality: exact for
-    numbers, dates and binary-collated strings, not for strings MySQL/MariaDB compare
-    case- and accent-insensitively by default, or a column with its own collation."""
-    type_ = getattr(x, "type", None)
-    if isinstance(type_, String) and (
-        type_.collation is not None or any(d in ("mysql", "mariadb") for d in dialects)
-    ):
+    numbers, dates and binary-collated strings of one dialect; not for strings a
+    collation may fold (see :func:`~shardsession._compat.string_may_fold`), nor for
+    values each dialect's driver types differently (SQLite ``1.1``, PostgreSQL
+    ``Decimal('1.10')``)."""
+    if len(set(dialects)) > 1:
+        raise UnsupportedQueryError(
+            "an aggregate over DISTINCT values on shards of different dialects is not "
+            "merged (their drivers type the values differently)",
+            construct="aggregate(DISTINCT) on mixed dialects",
+        )
+    if _compat.string_may_fold(getattr(x, "type", None), dialects):
         raise UnsupportedQueryError(
             "an aggregate over DISTINCT strings whose collation may fold values "
-            "(MySQL/MariaDB, or an explicit collation) is not merged",
+            "(MySQL/MariaDB, or a collation of the column) is not merged",
             construct="aggregate(DISTINCT string) with a collation",
         )
 

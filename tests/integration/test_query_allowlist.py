@@ -785,3 +785,21 @@ def test_order_by_a_function_of_group_keys(any_cluster: qp.Cluster) -> None:
         lambda: select(Item.a, func.count()).group_by(Item.a).order_by(Item.b % 2),
         "expression in ORDER BY/HAVING",
     )
+
+
+def test_union_of_strings_on_mariadb_refused(mariadb_cluster: qp.Cluster) -> None:
+    # 'a' and 'A' are one value for MariaDB's default collation, two for Python
+    _assert_refused(
+        mariadb_cluster,
+        lambda: union(select(Item.grp), select(Tag.label)),
+        "UNION of strings with a collation",
+    )
+    _assert_exact(mariadb_cluster, lambda: union_all(select(Item.grp), select(Tag.label)))
+
+
+def test_distinct_aggregates_on_mixed_dialects_refused(
+    mixed_cluster: qp.Cluster,  # noqa: F811
+) -> None:
+    _load(mixed_cluster)
+    with mixed_cluster.session() as s, pytest.raises(UnsupportedQueryError, match="dialects"):
+        s.execute(select(func.count(distinct(Item.a)))).all()
