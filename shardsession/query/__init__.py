@@ -296,6 +296,7 @@ def execute_on_shards(
     if inner is not None and global_construct(inner) is not None:
         # count(*) over rows that need the merge (query.distinct().count(), ...): the
         # merged inner SELECT, counted.
+        _check_counted_keys(orm_context, shard_ids, inner)
         counted = _merge_select(orm_context, shard_ids, call, opts, inner)
         if counted is None:
             return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
@@ -337,6 +338,23 @@ def _first_pass(
     if resolved is statement and cache_key is not None:
         NO_FIRST_PASS.put(cache_key, True)
     return resolved
+
+
+def _check_counted_keys(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], inner: Select[Any]
+) -> None:
+    """A count of distinct rows or groups counts what Python tells apart: refuse
+    string keys a collation may fold (see :func:`~shardsession._compat.string_may_fold`)
+    rather than count 'a' and 'A' twice."""
+    parts = _compat.select_parts(inner)
+    keys = list(parts.group_by) or (list(inner.selected_columns) if parts.distinct else [])
+    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    if any(_compat.string_may_fold(getattr(k, "type", None), dialects) for k in keys):
+        raise UnsupportedQueryError(
+            "counting distinct rows or groups of strings whose collation may fold values "
+            "(MySQL/MariaDB, or a collation of the column) is not merged",
+            construct="count of DISTINCT/GROUP BY strings with a collation",
+        )
 
 
 def _sharded_froms(branch: Select[Any], placement: QueryPlacement) -> set[int]:

@@ -566,6 +566,13 @@ def test_count_over_derived_table_merged(any_cluster: qp.Cluster, name: str) -> 
     with Session(any_cluster.oracle) as o:
         want = COUNTS[name](o)
     with any_cluster.session() as s:
+        if any_cluster.oracle.dialect.name in ("mysql", "mariadb") and name in (
+            "distinct().count()", "distinct() of two columns .count()", "group_by().count()"
+        ):
+            # string keys: MariaDB's collation folds 'a' and 'A', Python does not
+            with pytest.raises(UnsupportedQueryError, match="collation"):
+                COUNTS[name](s)
+            return
         assert COUNTS[name](s) == want
 
 
