@@ -86,6 +86,9 @@ def _finish_distinct(kind: str, values: set[Any], avg_dialect: str) -> Any:
     for value in values:
         total = _add_sum(total, value)
     if kind == "sum_distinct":
+        # MySQL's SUM of exact values is a DECIMAL, as its partial SUMs are.
+        if isinstance(total, int) and avg_dialect in ("mysql", "mariadb"):
+            return decimal.Decimal(total)
         return total
     return finalize_avg(total, len(values), avg_dialect)
 

@@ -396,6 +396,16 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
             "each shard's rows only",
             construct=f"subquery with {found_global}",
         )
+    if not correlated and in_left is None and inner_sharded:
+        # A scalar or EXISTS subquery that does not depend on the row around it reads
+        # the whole table: each shard would see only its own rows.  (Those in a fan-out
+        # SELECT's own clauses are computed first, see _twopass; what is left here is
+        # nested in a derived table, a subquery or a JOIN condition, or in a write.)
+        raise UnsupportedQueryError(
+            "an uncorrelated scalar or EXISTS subquery over sharded tables would be "
+            "evaluated on each shard's rows only",
+            construct="uncorrelated subquery",
+        )
     sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded, ctx.unplaced)
     _check_select_body(sel, sub_ctx, top_level=False)
     outer_sharded = _sharded(ctx.outer_tables, ctx)

@@ -810,3 +810,32 @@ def test_distinct_aggregates_on_mixed_dialects_refused(
     _load(mixed_cluster)
     with mixed_cluster.session() as s, pytest.raises(UnsupportedQueryError, match="dialects"):
         s.execute(select(func.count(distinct(Item.a)))).all()
+
+
+def test_uncorrelated_exists_inside_a_derived_table_refused(
+    sessions: tuple[Session, Session],  # noqa: F811
+    cluster: qp.Cluster,
+) -> None:
+    # fuzz F40: per-shard EXISTS inside a FROM subquery (the bare form is computed first)
+    s, _ = sessions
+    sq = (
+        select(jp.User.region, jp.User.id)
+        .where(exists(select(jp.Order.id).where(jp.Order.amount > 20)))
+        .subquery("sq")
+    )
+    with pytest.raises(UnsupportedQueryError, match="uncorrelated"):
+        s.execute(select(sq.c.region, func.count()).group_by(sq.c.region)).all()
+    dropin = select(Item.id).where(exists(select(Tag.id).where(Tag.id > 500))).subquery("d")
+    _assert_refused(
+        cluster, lambda: select(func.count()).select_from(dropin), "uncorrelated subquery"
+    )
+
+
+def test_sum_distinct_is_decimal_on_mariadb(mariadb_cluster: qp.Cluster) -> None:
+    # fuzz F38: MariaDB's SUM of integers is a DECIMAL
+    make = lambda: select(func.sum(distinct(Item.a + 2)))  # noqa: E731
+    with Session(mariadb_cluster.oracle) as o:
+        want = o.execute(make()).scalar()
+    with mariadb_cluster.session() as s:
+        got = s.execute(make()).scalar()
+    assert got == want and type(got) is type(want)
