@@ -24,6 +24,7 @@ from sqlalchemy import (
     Numeric,
     cast,
     literal,
+    literal_column,
     null,
     select,
     union_all,
@@ -70,29 +71,40 @@ def value_type(value: Any, aggregate: ColumnElement[Any]) -> TypeEngine[Any]:
     return aggregate.type
 
 
-def _constant(value: Any, aggregate: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The merged ``value`` of ``aggregate`` as SQL of the right type (a typed NULL for
-    ``None``, so that overloaded functions such as PostgreSQL's ``round`` resolve)."""
+_MYSQL = ("mysql", "mariadb")
+
+
+def _constant(value: Any, aggregate: ColumnElement[Any], dialect: str) -> ColumnElement[Any]:
+    """The merged ``value`` of ``aggregate`` as SQL of the type ``dialect``'s aggregate
+    has (a typed NULL for ``None``, so that overloaded functions such as PostgreSQL's
+    ``round`` resolve and ``coalesce`` keeps the aggregate's type)."""
     if value is None:
         type_: TypeEngine[Any] = aggregate.type
-        if isinstance(type_, NullType):  # AVG: the type of its argument's average
-            args = list(getattr(aggregate, "clauses", ()))
-            arg_type = getattr(args[0], "type", None) if args else None
+        name = str(getattr(aggregate, "name", "")).lower()
+        args = list(getattr(aggregate, "clauses", ()))
+        arg_type = getattr(args[0], "type", None) if args else None
+        if isinstance(type_, NullType) or (name == "sum" and dialect in _MYSQL):
+            # AVG (and MySQL's SUM of exact values): a decimal, or a float of floats
             type_ = Float() if isinstance(arg_type, Float) else Numeric()
         return cast(null(), type_)
     type_ = value_type(value, aggregate)
     bound = literal(value, type_)
+    if isinstance(type_, Float):
+        # A driver may write a float as a decimal literal (psycopg2, PyMySQL), which the
+        # database takes as NUMERIC/DECIMAL.  CAST AS FLOAT is double precision on
+        # PostgreSQL and SQLite but single precision on MySQL/MariaDB, where adding the
+        # double 0e0 converts instead (exactly: the literal is the float's repr).
+        if dialect in _MYSQL:
+            return bound + literal_column("0e0")
+        return cast(bound, type_)
     # A decimal's precision and scale are part of its value (PostgreSQL's round() and
-    # division scale follow them).  A float is bound as it is: every driver sends a
-    # double, while CAST(... AS FLOAT) is single precision on MariaDB.
-    return cast(bound, type_) if isinstance(type_, Numeric) and not isinstance(
-        type_, Float
-    ) else bound
+    # division scale follow them).
+    return cast(bound, type_) if isinstance(type_, Numeric) else bound
 
 
-def _substituted(item: Computed, row: Sequence[Any]) -> ColumnElement[Any]:
+def _substituted(item: Computed, row: Sequence[Any], dialect: str) -> ColumnElement[Any]:
     by_id = {
-        id(agg): _constant(row[slot], agg) for agg, slot in item.aggregates
+        id(agg): _constant(row[slot], agg, dialect) for agg, slot in item.aggregates
     }
 
     def replace(element: Any, **kw: Any) -> Any:
@@ -105,7 +117,10 @@ def _substituted(item: Computed, row: Sequence[Any]) -> ColumnElement[Any]:
 
 
 def compute(
-    items: Sequence[Computed], groups: list[tuple[Any, ...]], evaluate: Evaluator
+    items: Sequence[Computed],
+    groups: list[tuple[Any, ...]],
+    evaluate: Evaluator,
+    dialect: str,
 ) -> list[tuple[Any, ...]]:
     """``groups`` with each computed item's value filled in, evaluated by ``evaluate``.
 
@@ -120,7 +135,10 @@ def compute(
         selects = [
             select(
                 literal(i, BigInteger()).label("i"),
-                *[_substituted(item, groups[i]).label(f"v{k}") for k, item in enumerate(items)],
+                *[
+                    _substituted(item, groups[i], dialect).label(f"v{k}")
+                    for k, item in enumerate(items)
+                ],
             )
             for i in chunk
         ]

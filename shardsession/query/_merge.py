@@ -187,7 +187,7 @@ def merge_aggregate(
                 "a function of aggregates needs a shard to evaluate it after the merge",
                 construct="aggregate in expression",
             )
-        groups = compute(plan.computed, groups, evaluate)
+        groups = compute(plan.computed, groups, evaluate, avg_dialect)
     if plan.having is not None:
         having = plan.having
         groups = [g for g in groups if having(g) is True]
