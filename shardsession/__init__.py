@@ -14,6 +14,7 @@ from .events import ShardSessionEvents
 from .exc import (
     AtomicityUnavailableError,
     CapabilityError,
+    ColocationWarning,
     CommitIncomplete,
     ConfigurationError,
     CrossShardError,
@@ -50,6 +51,7 @@ __all__ = [
     "AtomicityUnavailableError",
     "Broadcast",
     "CapabilityError",
+    "ColocationWarning",
     "CommitIncomplete",
     "ConfigurationError",
     "CrossShardError",

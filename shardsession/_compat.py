@@ -456,6 +456,7 @@ from sqlalchemy.engine import CursorResult, IteratorResult, Result  # noqa: E402
 from sqlalchemy.sql import elements  # noqa: E402
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement  # noqa: E402
 from sqlalchemy.sql.selectable import Select  # noqa: E402
+from sqlalchemy.types import String  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -506,9 +507,15 @@ def dml_table(stmt: Any) -> Any:
     """The table an UPDATE or DELETE writes, as a plain ``Table``: an ORM-enabled one
     (``update(User)``) carries an annotated copy (``_deannotate()``, private, gives the
     original), and the checks compare tables by identity."""
-    table = stmt.table
-    deannotate = getattr(table, "_deannotate", None)
-    return deannotate() if deannotate is not None else table
+    return deannotated(stmt.table)
+
+
+def deannotated(element: Any) -> Any:
+    """``element`` without the ORM's annotations (private ``_deannotate()``): the ORM
+    refers to one table through several annotated copies (an entity's, each attribute's
+    column's), which compare by identity as different objects."""
+    deannotate = getattr(element, "_deannotate", None)
+    return deannotate() if deannotate is not None else element
 
 
 def dml_expressions(stmt: Any) -> list[Any]:
@@ -534,6 +541,23 @@ def with_having(stmt: Select[Any], criteria: Sequence[ColumnElement[Any]]) -> Se
     new = stmt._generate()
     new._having_criteria = tuple(criteria)
     return new
+
+
+def plain_fetch_value(stmt: Select[Any]) -> int | None:
+    """FETCH FIRST n ROWS ONLY as the int ``n`` (``Select._fetch_clause``,
+    ``_fetch_clause_options``, ``_offset_or_limit_clause_asint``); ``None`` when there is
+    no FETCH, or it is WITH TIES or PERCENT (not the same as a LIMIT).
+
+    :raises sqlalchemy.exc.CompileError: when ``n`` is an expression.
+    """
+    if stmt._fetch_clause is None:
+        return None
+    options = stmt._fetch_clause_options or {}
+    if options.get("percent") or options.get("with_ties"):
+        return None
+    return stmt._offset_or_limit_clause_asint(  # type: ignore[no-any-return, unused-ignore]
+        stmt._fetch_clause, "fetch"
+    )
 
 
 def limit_offset_values(stmt: Select[Any]) -> tuple[int | None, int | None]:
@@ -603,6 +627,45 @@ def build_result(
     if template._yield_per:
         result._yield_per = template._yield_per
     return result
+
+
+def same_expression(a: ClauseElement, b: ClauseElement) -> bool:
+    """``a.compare(b)``, also for ORM expressions annotated with different entities.
+
+    SQLAlchemy's ``compare()`` compares the ORM plugin subjects of two expressions
+    (``_propagate_attrs``) with the same traversal, which fails on two different
+    ``Mapper`` objects (``AttributeError: 'Mapper' object has no attribute
+    '__visit_name__'``, e.g. ``avg(Tag.x)`` against ``avg(Item.y)`` in a join).  Their
+    subjects differ, so they are taken as different: the planner then adds one more
+    hidden column, never a wrong one.
+    """
+    try:
+        return bool(a.compare(b))
+    except AttributeError:
+        return False
+
+
+def string_may_fold(type_: Any, dialects: Sequence[str]) -> bool:
+    """Whether values of SQL type ``type_`` may compare equal in the database while
+    different in Python: a string type with a collation of its own, per-dialect variants
+    (``with_variant()``, private ``TypeEngine._variant_mapping``, where collations are
+    usually set), or on MySQL/MariaDB, whose default collations fold case, accents and
+    trailing spaces."""
+    if not isinstance(type_, String):
+        return False
+    return (
+        type_.collation is not None
+        or bool(getattr(type_, "_variant_mapping", None))
+        or any(d in ("mysql", "mariadb") for d in dialects)
+    )
+
+
+def one_row_result(keys: Sequence[str], row: Sequence[Any]) -> Result[Any]:
+    """A :class:`Result` of one row of processed values under ``keys``
+    (``sqlalchemy.engine.result.SimpleResultMetaData``, not documented)."""
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    return IteratorResult(SimpleResultMetaData(list(keys)), iter([tuple(row)]))
 
 
 def is_cursor_result(result: Result[Any]) -> bool:

@@ -7,13 +7,14 @@ otherwise asks the execute chooser and hands the shards to :mod:`shardsession.qu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import insert
+from sqlalchemy.sql.selectable import Join
 
 from . import _compat
 from ._bulk import execute_bulk, route_rows, run_per_shard
@@ -24,17 +25,33 @@ from .query._ordering import NULLS_HIGH_DIALECTS
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
-__all__ = ["combine", "execute", "invoke_one", "mappers_of_tables", "routed_insert"]
+__all__ = [
+    "combine", "execute", "invoke_one", "mappers_of_tables", "routed_insert", "tables_of",
+]
+
+
+def tables_of(froms: Iterable[Any]) -> list[Any]:
+    """The tables (and aliases of tables) of FROM elements, joins flattened."""
+    out: list[Any] = []
+    for frm in froms:
+        if isinstance(frm, Join):
+            out += tables_of((frm.left, frm.right))
+        else:
+            out.append(frm)
+    return out
 
 
 def mappers_of_tables(placement: Placement, stmt: Any) -> list[Mapper[Any]]:
+    """The placed mappers of a statement's table and FROM list, joined tables included
+    (``select(func.count()).select_from(User).join(Order, ...)`` names no entity, and
+    its join must still be checked)."""
     tables = []
     table = getattr(stmt, "table", None)
     if table is not None:
         tables.append(table)
     froms = getattr(stmt, "get_final_froms", None)
     if froms is not None:
-        tables.extend(froms())
+        tables.extend(tables_of(froms()))
     return placement.mappers_for_tables(tables)
 
 

@@ -14,11 +14,10 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import Delete, Insert, Select, Update
-from sqlalchemy.sql.selectable import Join
 from sqlalchemy.sql.util import find_tables
 
 from . import _compat
-from ._execute import mappers_of_tables
+from ._execute import mappers_of_tables, tables_of
 from .exc import RoutingError, UnsupportedQueryError
 from .query._checks import unrelated_subquery
 from .routing.placement import Placement
@@ -299,7 +298,7 @@ def _routing_facts(
     one_shard_refusal: _Refusal = None
     if isinstance(stmt, Select):
         froms = _compat.final_froms_without_eager_joins(stmt)
-        keyed = [*keyed, *(m for m in _sharded_mappers(placement, _tables_of(froms))
+        keyed = [*keyed, *(m for m in _sharded_mappers(placement, tables_of(froms))
                            if m not in keyed)]
         in_subqueries = [m for m in _sharded_mappers(
             placement, find_tables(stmt, check_columns=True, include_aliases=True))
@@ -354,14 +353,3 @@ def _cross_shard_pairs(
                 "join not along the placement relationship",
             )
     return None
-
-
-def _tables_of(froms: Iterable[Any]) -> list[Any]:
-    """The tables (and aliases of tables) of FROM elements, joins flattened."""
-    out: list[Any] = []
-    for frm in froms:
-        if isinstance(frm, Join):
-            out += _tables_of((frm.left, frm.right))
-        else:
-            out.append(frm)
-    return out

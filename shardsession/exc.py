@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "AtomicityUnavailableError",
     "CapabilityError",
+    "ColocationWarning",
     "CommitIncomplete",
     "ConfigurationError",
     "CrossShardError",
@@ -269,6 +270,21 @@ class RecoveryError(ShardSessionError):
 class NonAtomicCommitWarning(UserWarning):
     """A commit touched several shards that cannot prepare and ``atomic="best_effort"``
     committed them one after another: a crash in between leaves them inconsistent."""
+
+
+class ColocationWarning(UserWarning):
+    """A cross-shard read relates rows of several sharded tables (a join, a correlated
+    or ``IN`` subquery) under the drop-in constructor, which has no placement to tell
+    whether related rows live on one shard: each shard pairs only its own rows, as
+    SQLAlchemy's ``horizontal_shard`` does.  Exact only when related rows are
+    co-located; turn it into an error with
+    ``warnings.simplefilter("error", ColocationWarning)``, or give the session a
+    placement, which checks and refuses."""
+
+
+def warn_colocation(message: str) -> None:
+    """Emit :class:`ColocationWarning` attributed to the program's own line."""
+    warnings.warn(message, ColocationWarning, stacklevel=user_stacklevel())
 
 
 def warn_non_atomic(message: str) -> None:

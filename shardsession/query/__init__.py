@@ -30,17 +30,35 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.selectable import CompoundSelect
+from sqlalchemy.sql.util import find_tables
 
 from .. import _compat
-from ..exc import ConfigurationError, NoShardChosenError, UnsupportedQueryError
+from ..exc import (
+    ConfigurationError,
+    NoShardChosenError,
+    UnsupportedQueryError,
+    warn_colocation,
+)
 from ._cache import LRUCache
-from ._checks import CheckContext, QueryPlacement, check_select
+from ._checks import (
+    CheckContext,
+    QueryPlacement,
+    check_select,
+    check_write,
+    global_construct,
+)
+from ._compound import plan_compound
+from ._computed import Evaluator
+from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
-from ._merge import merge_aggregate, merge_rows
+from ._merge import merge_aggregate, merge_compound, merge_rows
+from ._model import StatementModel, model_select
 from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 from ._semantics import apply_semantics, check_having
+from ._twopass import resolve_uncorrelated
 
 __all__ = [
     "CHECK_CACHE",
@@ -105,13 +123,24 @@ def _resolve(options: FanoutOptions, execution_options: Any) -> FanoutOptions:
 
 
 #: verdicts of :func:`check_select` by (placement, statement cache key): ``(placement,
-#: reads_sharded_tables)``.  Only statements that passed are stored (a refusal is computed
-#: again, and raised again, every time).
-CHECK_CACHE: LRUCache[tuple[QueryPlacement | None, bool]] = LRUCache(1024)
+#: model)``, the model ``None`` for a statement that reads no sharded table.  Only
+#: statements that passed are stored (a refusal is computed again, and raised again,
+#: every time).
+CHECK_CACHE: LRUCache[tuple[QueryPlacement | None, StatementModel | None]] = LRUCache(1024)
 
 
-def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | None) -> bool:
-    """Whether ``statement`` reads a sharded table; raise if it cannot be merged.
+def _check(statement: Select[Any], placement: QueryPlacement | None) -> StatementModel | None:
+    ctx = CheckContext(placement)
+    if not check_select(statement, ctx):
+        return None  # one shard answers it: its select list is not merged
+    return model_select(statement, "; ".join(ctx.unplaced) or None)
+
+
+def _reads_sharded_tables(
+    statement: Select[Any], placement: QueryPlacement | None
+) -> StatementModel | None:
+    """The model of ``statement`` when it reads a sharded table (``None``: it does not);
+    raise if it cannot be merged.
 
     The verdict depends only on the statement's structure and the placement's answers,
     not on bound values, so it is cached by the statement's structural cache key (the
@@ -119,15 +148,20 @@ def _reads_sharded_tables(statement: Select[Any], placement: QueryPlacement | No
     """
     key = _compat.statement_cache_key(statement)
     if key is None:
-        return bool(check_select(statement, CheckContext(placement)))
+        return _check(statement, placement)
     cache_key = (id(placement), key)
     hit = CHECK_CACHE.get(cache_key)
     if hit is not None and hit[0] is placement:
         return hit[1]
-    verdict = bool(check_select(statement, CheckContext(placement)))
+    verdict = _check(statement, placement)
     # The entry keeps ``placement`` alive, so its id cannot be reused by another object.
     CHECK_CACHE.put(cache_key, (placement, verdict))
     return verdict
+
+
+def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
+    bind = orm_context.session.get_bind(shard_id=shard_id)
+    return str(bind.dialect.name)
 
 
 def _is_shard(binds: Any, shard_id: Any) -> bool:
@@ -136,6 +170,17 @@ def _is_shard(binds: Any, shard_id: Any) -> bool:
         return shard_id in binds
     except TypeError:
         return False
+
+
+def _evaluator(orm_context: ORMExecuteState, shard_id: Any) -> Evaluator:
+    """Runs a FROM-less SELECT (:mod:`._computed`) on ``shard_id``'s connection of the
+    session's transaction, in the calling thread, after the fan-out."""
+
+    def run(stmt: Select[Any]) -> Sequence[Any]:
+        conn = orm_context.session.connection(bind_arguments={"shard_id": shard_id})
+        return conn.execute(stmt).all()
+
+    return run
 
 
 def _concatenate(results: Sequence[tuple[Any, Result[Any]]]) -> Result[Any]:
@@ -154,11 +199,13 @@ def execute_on_shards(
     table, one copy's count).
 
     Failure semantics: an :class:`~shardsession.exc.UnsupportedQueryError` is raised
-    before any shard is asked (or, for an ORDER BY the database collates differently
-    from Python, while the rows are read; nothing was changed).  A driver error on one
-    shard is re-raised unchanged after the other shards' statements finished; their
-    results are discarded; for UPDATE/DELETE the other shards' changes stay in the
-    session's open transaction (roll back to undo them).  A deadline raises
+    before the statement is sent to any shard (or, for an ORDER BY the database collates
+    differently from Python, while the rows are read; nothing was changed); only the
+    read-only first pass of an uncorrelated subquery (:mod:`._twopass`) may have run.
+    A driver error on one shard is re-raised unchanged after the other shards'
+    statements finished; their results are discarded; for UPDATE/DELETE the other
+    shards' changes stay in the session's open transaction (roll back to undo them).
+    A deadline raises
     :class:`~shardsession.exc.FanoutTimeoutError`; roll the session back afterwards.
     """
     shard_ids = list(dict.fromkeys(shard_ids))
@@ -174,6 +221,18 @@ def execute_on_shards(
         shard_params=shard_params,
     )
 
+    if (
+        orm_context.is_update
+        and orm_context.is_orm_statement
+        and isinstance(orm_context.parameters, list)
+    ):
+        # SQLAlchemy's bulk UPDATE by primary key refuses a session that places objects
+        # per instance (NotImplementedError); say so in the library's terms.
+        raise UnsupportedQueryError(
+            "ORM bulk UPDATE by primary key (a list of parameter dicts) is not supported "
+            "by a sharded session; update the objects, or run update() per shard",
+            construct="ORM bulk UPDATE by primary key",
+        )
     if len(shard_ids) == 1:
         # One shard needs no merge: only the deadline (when one is set) applies, and the
         # cluster's NULL order (as for any one-shard SELECT, see _execute._single).
@@ -197,6 +256,16 @@ def execute_on_shards(
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
     if orm_context.is_update or orm_context.is_delete:
+        if opts.placement is None:
+            # (with a placement the session's router checked it, for one shard or many)
+            ctx = CheckContext(None)
+            check_write(statement, ctx)
+            if ctx.unplaced:
+                warn_colocation(
+                    f"{'; '.join(ctx.unplaced)}: evaluated on each shard, exact only if "
+                    "the rows it relates are on the same shard (the session has no "
+                    "placement to check it)"
+                )
         sync = orm_context.execution_options.get("synchronize_session", "auto")
         # synchronize_session updates objects in the identity map per shard: keep that
         # in the calling thread.
@@ -240,6 +309,9 @@ def execute_on_shards(
             construct="text()",
         )
 
+    if isinstance(statement, CompoundSelect) and not orm_context.is_from_statement:
+        return _merge_compound(orm_context, shard_ids, call, opts, statement)
+
     if not isinstance(statement, Select):
         construct = "UNION/INTERSECT/EXCEPT" if orm_context.is_select else "statement"
         if orm_context.is_from_statement or not orm_context.is_select:
@@ -250,16 +322,144 @@ def execute_on_shards(
             construct=construct,
         )
 
+    statement = _first_pass(orm_context, statement, opts)
+    inner = counted_inner_select(statement)
+    if inner is not None and global_construct(inner) is not None:
+        # count(*) over rows that need the merge (query.distinct().count(), ...): the
+        # merged inner SELECT, counted.
+        _check_counted_keys(orm_context, shard_ids, inner)
+        counted = _merge_select(orm_context, shard_ids, call, opts, inner)
+        if counted is None:
+            return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
+        n = sum(1 for _ in counted)
+        return _compat.one_row_result(statement.selected_columns.keys(), (n,))
+    answer = _merge_select(orm_context, shard_ids, call, opts, statement)
+    if answer is None:
+        # Only replicated tables (or none): every shard has the same answer.
+        log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
+        return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
+    return answer
+
+
+#: statement cache keys of fan-out SELECTs that have no subquery for the first pass
+#: (most statements: the search is not repeated for them)
+NO_FIRST_PASS: LRUCache[bool] = LRUCache(1024)
+
+
+def _first_pass(
+    orm_context: ORMExecuteState, statement: Select[Any], opts: FanoutOptions
+) -> Select[Any]:
+    """``statement`` with its uncorrelated scalar and EXISTS subqueries over sharded
+    tables replaced by their values, each computed first through the session (routed
+    and merged like any statement; see :mod:`._twopass`)."""
+    key = _compat.statement_cache_key(statement)
+    cache_key = None if key is None else (id(opts.placement), key)
+    if cache_key is not None and NO_FIRST_PASS.get(cache_key):
+        return statement
+    forwarded = {
+        k: v
+        for k, v in orm_context.execution_options.items()
+        if k in (TIMEOUT_OPTION, MAX_WORKERS_OPTION)
+    }
+
+    def run(sub: Select[Any]) -> Sequence[Any]:
+        return orm_context.session.execute(sub, execution_options=forwarded).all()
+
+    resolved = resolve_uncorrelated(statement, opts.placement, run)
+    if resolved is statement and cache_key is not None:
+        NO_FIRST_PASS.put(cache_key, True)
+    return resolved
+
+
+def _check_counted_keys(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], inner: Select[Any]
+) -> None:
+    """A count of distinct rows or groups counts what Python tells apart: refuse
+    string keys a collation may fold (see :func:`~shardsession._compat.string_may_fold`)
+    rather than count 'a' and 'A' twice."""
+    parts = _compat.select_parts(inner)
+    keys = list(parts.group_by) or (list(inner.selected_columns) if parts.distinct else [])
+    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    if any(_compat.string_may_fold(getattr(k, "type", None), dialects) for k in keys):
+        raise UnsupportedQueryError(
+            "counting distinct rows or groups of strings whose collation may fold values "
+            "(MySQL/MariaDB, or a collation of the column) is not merged",
+            construct="count of DISTINCT/GROUP BY strings with a collation",
+        )
+
+
+def _sharded_froms(branch: Select[Any], placement: QueryPlacement) -> set[int]:
+    """The sharded tables of ``branch``'s FROM list (joins flattened), by identity."""
+    return {
+        id(_compat.deannotated(t))
+        for frm in _compat.final_froms_without_eager_joins(branch)
+        for t in find_tables(frm, include_aliases=True)
+        if not placement.is_replicated(_compat.deannotated(t))
+    }
+
+
+def _merge_compound(
+    orm_context: ORMExecuteState,
+    shard_ids: list[Any],
+    call: ShardCall,
+    opts: FanoutOptions,
+    statement: CompoundSelect[Any],
+) -> Result[Any]:
+    """A UNION / UNION ALL of row SELECTs (see :mod:`._compound`): each branch checked as
+    a statement, the shards' answers concatenated, deduplicated for UNION, then sorted
+    and sliced."""
+    dialects = [_dialect_of(orm_context, s) for s in shard_ids]
+    plan = plan_compound(statement, dialects)
+    for branch in plan.branches:
+        model = _reads_sharded_tables(branch, opts.placement)
+        if model is None or model.aggregated or global_construct(branch) is not None:
+            # A branch over replicated tables only would come back once per shard; one
+            # that aggregates, groups, deduplicates or limits needs its own merge.
+            raise UnsupportedQueryError(
+                "a UNION is merged only when each branch is a plain row SELECT over "
+                "sharded tables",
+                construct="UNION branch",
+            )
+        if opts.placement is not None and len(_sharded_froms(branch, opts.placement)) > 1:
+            # The session's router checks how a SELECT's tables are joined; it does not
+            # look inside a UNION's branches.
+            raise UnsupportedQueryError(
+                "a UNION branch that joins sharded tables is not merged under a placement",
+                construct="UNION branch with a join",
+            )
+        if model.colocation is not None:
+            warn_colocation(
+                f"{model.colocation}: evaluated on each shard, exact only if the rows it "
+                "relates are on the same shard (the session has no placement to check it)"
+            )
+    if plan.sort_keys:
+        shard_ids = sorted(shard_ids, key=str)
+    results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
+    return merge_compound(plan, results)
+
+
+def _merge_select(
+    orm_context: ORMExecuteState,
+    shard_ids: list[Any],
+    call: ShardCall,
+    opts: FanoutOptions,
+    statement: Select[Any],
+) -> Result[Any] | None:
+    """Check, plan, run and merge ``statement`` on ``shard_ids``; ``None`` when it reads
+    no sharded table (one shard answers it)."""
     # Canonical shard order for ORDER BY: ties of the merge come out in this order, which
     # keeps keyset pagination stable whatever order the chooser returned.  Without ORDER BY
     # keep the chooser's order: rows (and load events) come out as horizontal_shard's do.
     if _compat.select_parts(statement).order_by:
         shard_ids = sorted(shard_ids, key=str)
-    if not _reads_sharded_tables(statement, opts.placement):
-        # Only replicated tables (or none): every shard has the same answer.
-        log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
-        return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
-
+    model = _reads_sharded_tables(statement, opts.placement)
+    if model is None:
+        return None
+    if model.colocation is not None:
+        warn_colocation(
+            f"{model.colocation}: evaluated on each shard, exact only if the rows it "
+            "relates are on the same shard (the session has no placement to check it)"
+        )
     binds = [orm_context.session.get_bind(shard_id=s) for s in shard_ids]
     dialects = [str(b.dialect.name) for b in binds]
     plan = plan_select(
@@ -267,6 +467,7 @@ def execute_on_shards(
         dialects=dialects,
         is_orm=orm_context.is_orm_statement,
         wants_tuples=_compat.wants_tuples(orm_context),
+        model=model,
         # memoized on the statement by _reads_sharded_tables()
         cache_key=_compat.statement_cache_key(statement),
     )
@@ -296,5 +497,6 @@ def execute_on_shards(
             avg_dialect=dialects[0],
             group_keys=semantics.group_keys if semantics else (),
             distinct_keys=semantics.distinct_keys if semantics else (),
+            evaluate=_evaluator(orm_context, shard_ids[0]),
         )
     return merge_rows(plan, results, semantics.distinct_keys if semantics else ())

@@ -31,7 +31,8 @@ class Slot:
     """One value of a merged group row and where its partials are in a shard's row.
 
     ``kind`` is ``"key"`` (a GROUP BY value or a value functionally dependent on it: any
-    shard's value will do), or one of :data:`KINDS`. ``positions`` holds one position,
+    shard's value will do), one of :data:`KINDS`, or of :data:`DISTINCT_KINDS` (its
+    position holds one distinct value of the argument). ``positions`` holds one position,
     or two (SUM, COUNT) for ``"avg"``.  ``key`` is what MIN/MAX compare values as (a
     string collation); without one, values compare as themselves and NaN as the
     largest number.
@@ -78,6 +79,36 @@ def _pick(
         ) from err
 
 
+#: aggregates over DISTINCT x, merged from the distinct values of x of every shard
+DISTINCT_KINDS = ("count_distinct", "sum_distinct", "avg_distinct")
+
+
+def _add_distinct(values: dict[Any, Any], value: Any) -> None:
+    # keyed as the databases compare them: every NaN one value (a set keeps each NaN
+    # object apart, NaN != NaN)
+    try:
+        values.setdefault(nan_safe(value), value)
+    except TypeError as err:
+        raise UnsupportedQueryError(
+            "DISTINCT aggregates over values of an unhashable type cannot be merged",
+            construct="aggregate(DISTINCT)",
+        ) from err
+
+
+def _finish_distinct(kind: str, values: dict[Any, Any], avg_dialect: str) -> Any:
+    if kind == "count_distinct":
+        return len(values)
+    total = None
+    for value in values.values():
+        total = _add_sum(total, value)
+    if kind == "sum_distinct":
+        # MySQL's SUM of exact values is a DECIMAL, as its partial SUMs are.
+        if isinstance(total, int) and avg_dialect in ("mysql", "mariadb"):
+            return decimal.Decimal(total)
+        return total
+    return finalize_avg(total, len(values), avg_dialect)
+
+
 class GroupMerger:
     """Hash aggregation of per-shard partial rows into final group rows.
 
@@ -108,6 +139,8 @@ class GroupMerger:
                 state.append(0)
             elif slot.kind == "avg":
                 state.append([None, 0])
+            elif slot.kind in DISTINCT_KINDS:
+                state.append({})
             else:
                 state.append(None)
         return state
@@ -142,6 +175,9 @@ class GroupMerger:
                 state[i] = _pick(state[i], value, operator.lt, slot.key or nan_safe)
             elif kind == "max":
                 state[i] = _pick(state[i], value, operator.gt, slot.key or nan_safe)
+            elif kind in DISTINCT_KINDS:
+                if value is not None:  # (SQL's DISTINCT aggregates skip NULLs)
+                    _add_distinct(state[i], value)
             else:  # avg: (sum, count) partials
                 pair = state[i]
                 pair[0] = _add_sum(pair[0], value)
@@ -168,6 +204,8 @@ class GroupMerger:
                     values.append(None if acc is _MISSING else acc)
                 elif slot.kind == "avg":
                     values.append(finalize_avg(acc[0], acc[1], self.avg_dialect))
+                elif slot.kind in DISTINCT_KINDS:
+                    values.append(_finish_distinct(slot.kind, acc, self.avg_dialect))
                 else:
                     values.append(acc)
             out.append(tuple(values))

@@ -23,7 +23,9 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     ClauseElement,
+    ClauseList,
     ColumnClause,
+    ColumnElement,
     FunctionFilter,
     Grouping,
     Label,
@@ -53,13 +55,19 @@ from sqlalchemy.sql.visitors import iterate
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
+from ._selfjoin import base_table, check_self_joins
 
 __all__ = [
+    "KNOWN_SCALAR_FUNCTIONS",
     "MERGEABLE_AGGREGATES",
     "CheckContext",
     "QueryPlacement",
     "aggregate_kind",
+    "check_write",
     "contains_aggregate",
+    "distinct_argument",
+    "global_construct",
+    "might_aggregate",
     "unwrap_label",
 ]
 
@@ -81,6 +89,25 @@ OTHER_AGGREGATES = frozenset(
         "percent_rank", "cume_dist", "total", "any_value", "count_big",
         "approx_count_distinct", "grouping", "rollup", "cube", "grouping_sets",
         "range_agg", "range_intersect_agg",
+    }
+)  # fmt: skip
+
+#: row-level functions of the supported backends: computed from one row's values, the
+#: same on whichever shard holds the row.  A function not listed here (nor an aggregate
+#: of :data:`MERGEABLE_AGGREGATES`) in the select list, GROUP BY, HAVING or
+#: ORDER BY of a fan-out refuses the statement: it may be an aggregate.
+KNOWN_SCALAR_FUNCTIONS = frozenset(
+    {
+        "abs", "ceil", "ceiling", "floor", "round", "trunc", "truncate", "sign", "mod",
+        "power", "pow", "sqrt", "exp", "ln", "log", "log10", "greatest", "least",
+        "coalesce", "ifnull", "nullif", "nvl", "lower", "upper", "length",
+        "char_length", "character_length", "octet_length", "substr", "substring",
+        "trim", "ltrim", "rtrim", "replace", "concat", "concat_ws", "instr", "strpos",
+        "position", "left", "right", "lpad", "rpad", "reverse", "repeat", "date",
+        "time", "datetime", "julianday", "strftime", "date_trunc", "date_part",
+        "extract", "to_char", "year", "month", "day", "hour", "minute", "second",
+        "now", "current_date", "current_time", "current_timestamp", "localtime",
+        "localtimestamp", "typeof", "hex", "md5", "random",
     }
 )  # fmt: skip
 
@@ -119,6 +146,9 @@ class CheckContext:
     placement: QueryPlacement | None
     #: sharded tables of the outer statement (for joins and correlation)
     outer_tables: list[FromClause] = field(default_factory=list)
+    #: without a placement: the joins and subqueries that relate rows of sharded tables
+    #: (exact only if related rows are co-located, which nothing can check)
+    unplaced: list[str] = field(default_factory=list)
 
 
 def unwrap_label(expr: Any) -> Any:
@@ -134,37 +164,65 @@ def _function_name(expr: Any) -> str | None:
     return None
 
 
-def aggregate_kind(expr: Any) -> str | None:
-    """``"count"``, ``"sum"``, ... when ``expr`` (under labels) is a mergeable aggregate.
+def aggregate_kind(expr: Any, *, distinct_ok: bool = False) -> str | None:
+    """``"count"``, ``"sum"``, ... when ``expr`` (under labels) is a mergeable aggregate;
+    with ``distinct_ok``, ``"count_distinct"``, ``"sum_distinct"`` or ``"avg_distinct"``
+    for those over ``DISTINCT x`` (merged from each shard's distinct values of ``x``).
 
-    :raises UnsupportedQueryError: for DISTINCT inside SUM/AVG/COUNT.
+    :raises UnsupportedQueryError: for DISTINCT inside SUM/AVG/COUNT without
+        ``distinct_ok``.
     """
     expr = unwrap_label(expr)
     name = _function_name(expr)
     if name not in MERGEABLE_AGGREGATES:
         return None
-    for arg in expr.clauses.clauses:  # type: ignore[union-attr, unused-ignore]
-        if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
-            if name in ("min", "max"):
-                continue  # MIN/MAX of distinct values is the same MIN/MAX
-            raise UnsupportedQueryError(
-                f"{name.upper()}(DISTINCT ...) cannot be merged across shards "
-                "(a value may occur on several shards)",
-                construct=f"{name.upper()}(DISTINCT)",
-            )
+    if distinct_argument(expr) is not None and name not in ("min", "max"):
+        # (MIN/MAX of distinct values is the same MIN/MAX)
+        if distinct_ok:
+            return f"{name}_distinct"
+        raise UnsupportedQueryError(
+            f"{name.upper()}(DISTINCT ...) cannot be merged across shards (a value may "
+            "occur on several shards)",
+            construct=f"{name.upper()}(DISTINCT)",
+        )
     return name
 
 
+def distinct_argument(aggregate: Any) -> Any:
+    """``x`` of ``agg(DISTINCT x)`` (under labels), else ``None``."""
+    for arg in getattr(unwrap_label(aggregate), "clauses", ClauseList()).clauses:
+        if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
+            return arg.element
+    return None
+
+
 def _walk(expr: ClauseElement) -> Iterator[ClauseElement]:
-    """Yield ``expr`` and its sub-expressions, stopping at subqueries (yielded, not
-    entered)."""
+    """Yield ``expr`` and its sub-expressions, stopping at subqueries and FROM elements
+    (yielded, not entered).  A function call is entered: SQLAlchemy makes every function
+    a FROM element too (it can be table-valued), and an aggregate, window or subquery
+    inside ``coalesce(...)`` is as much part of the expression as one outside it."""
     stack = [expr]
     while stack:
         node = stack.pop()
         yield node
-        if isinstance(node, SelectBase | FromClause):
+        if isinstance(node, SelectBase) or (
+            isinstance(node, FromClause) and not isinstance(node, ColumnElement)
+        ):
             continue
         stack.extend(node.get_children())
+
+
+def might_aggregate(expr: ClauseElement) -> bool:
+    """Whether ``expr`` has, outside of subqueries, an aggregate or a function that is
+    not known to be row-level (a user-defined or backend aggregate the planner does not
+    know reads many rows as well)."""
+    for node in _walk(expr):
+        name = _function_name(node)
+        if name is not None and name not in KNOWN_SCALAR_FUNCTIONS:
+            return True
+        if isinstance(node, WithinGroup | FunctionFilter):
+            return True
+    return False
 
 
 def contains_aggregate(expr: ClauseElement) -> bool:
@@ -203,6 +261,15 @@ def _relating_conditions(sub: Select[Any], in_left: Any) -> list[Any]:
     return conditions
 
 
+def _opaque_text(node: ClauseElement) -> str | None:
+    """The SQL of a ``text()`` or ``literal_column()`` node (else ``None``)."""
+    if isinstance(node, TextClause):
+        return node.text
+    if isinstance(node, ColumnClause) and node.is_literal:
+        return str(node.name)
+    return None
+
+
 def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
     """Refuse window functions, non-mergeable aggregates, suspicious text and
     cross-shard subqueries anywhere in ``expr``."""
@@ -227,7 +294,9 @@ def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
             raise UnsupportedQueryError(
                 f"{name}() cannot be merged across shards", construct=f"{name}()"
             )
-        if isinstance(node, TextClause) and _SUSPICIOUS_TEXT.search(node.text):
+        if _opaque_text(node) is not None and _SUSPICIOUS_TEXT.search(
+            _opaque_text(node) or ""
+        ):
             raise UnsupportedQueryError(
                 "textual SQL containing a subquery, window or aggregate cannot be "
                 "checked for cross-shard correctness",
@@ -237,7 +306,7 @@ def check_expression(expr: ClauseElement, ctx: CheckContext) -> None:
             check_subquery(node, ctx, in_links.get(id(node)))
 
 
-def _is_global(sel: Select[Any]) -> str | None:
+def global_construct(sel: Select[Any]) -> str | None:
     """Name the construct that makes ``sel``'s result depend on all of a table's rows."""
     parts = _compat.select_parts(sel)
     if parts.group_by:
@@ -253,10 +322,10 @@ def _is_global(sel: Select[Any]) -> str | None:
     ):
         return "LIMIT/OFFSET"
     for col in parts.raw_columns:
-        if isinstance(col, ClauseElement) and contains_aggregate(col):
+        if isinstance(col, ClauseElement) and might_aggregate(col):
             return "aggregate"
     for col in parts.order_by:
-        if contains_aggregate(col):
+        if might_aggregate(col):
             return "aggregate"
     return None
 
@@ -278,10 +347,13 @@ def _sharded(tables: Sequence[FromClause], ctx: CheckContext) -> list[FromClause
 
 
 def _check_colocated(tables: Sequence[FromClause], ctx: CheckContext, what: str) -> None:
-    if len(tables) < 2 or ctx.placement is None:
+    if len(tables) < 2:
+        return
+    names = ", ".join(sorted({getattr(t, "name", repr(t)) for t in tables}))
+    if ctx.placement is None:
+        ctx.unplaced.append(f"{what} over {names}")
         return
     if not ctx.placement.colocated(tables):
-        names = ", ".join(sorted({getattr(t, "name", repr(t)) for t in tables}))
         raise UnsupportedQueryError(
             f"{what} over tables whose related rows may be on different shards ({names})",
             construct=what,
@@ -299,11 +371,12 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
     if not isinstance(sel, Select):
         raise UnsupportedQueryError("textual subqueries cannot be checked", construct="text()")
     inner = _tables_in(sel)
-    outer_ids = {id(t) for t in ctx.outer_tables}
+    # (by the tables under the ORM's annotated copies: one table, several objects)
+    outer_ids = {id(_compat.deannotated(t)) for t in ctx.outer_tables}
     # Correlated: a column of the enclosing statement's FROM objects is used inside
     # (compared by object: an aliased table is a different FROM).
     referenced = {
-        id(node.table)
+        id(_compat.deannotated(node.table))
         for node in iterate(sel)
         if isinstance(node, ColumnClause) and getattr(node, "table", None) is not None
     }
@@ -313,25 +386,50 @@ def check_subquery(sel: SelectBase, ctx: CheckContext, in_left: Any = None) -> N
     correlated = (
         bool(referenced & outer_ids)
         and _compat.auto_correlates(sel)
-        and any(id(f) not in outer_ids for f in own_froms)
+        and any(id(_compat.deannotated(f)) not in outer_ids for f in own_froms)
     )
     inner_sharded = _sharded(inner, ctx)
-    global_construct = _is_global(sel)
-    if global_construct is not None and not correlated and inner_sharded:
+    found_global = global_construct(sel)
+    if found_global is not None and not correlated and inner_sharded:
         raise UnsupportedQueryError(
-            f"an uncorrelated subquery with {global_construct} would be computed from "
+            f"an uncorrelated subquery with {found_global} would be computed from "
             "each shard's rows only",
-            construct=f"subquery with {global_construct}",
+            construct=f"subquery with {found_global}",
         )
-    sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded)
+    if not correlated and in_left is None and inner_sharded:
+        # A scalar or EXISTS subquery that does not depend on the row around it reads
+        # the whole table: each shard would see only its own rows.  (Those in a fan-out
+        # SELECT's own clauses are computed first, see _twopass; what is left here is
+        # nested in a derived table, a subquery or a JOIN condition, or in a write.)
+        raise UnsupportedQueryError(
+            "an uncorrelated scalar or EXISTS subquery over sharded tables would be "
+            "evaluated on each shard's rows only",
+            construct="uncorrelated subquery",
+        )
+    sub_ctx = CheckContext(ctx.placement, ctx.outer_tables + inner_sharded, ctx.unplaced)
     _check_select_body(sel, sub_ctx, top_level=False)
     outer_sharded = _sharded(ctx.outer_tables, ctx)
     # The subquery's own FROM list: a correlated reference to an enclosing table is that
     # table's row, not a second scan of it.
     own_sharded = _sharded(
-        [t for f in own_froms for t in _tables_in(f) if not (correlated and id(t) in outer_ids)],
+        [
+            t
+            for f in own_froms
+            for t in _tables_in(f)
+            if not (correlated and id(_compat.deannotated(t)) in outer_ids)
+        ],
         ctx,
     )
+    if (
+        not correlated
+        and len(own_sharded) == 1
+        and [_compat.deannotated(t) for t in outer_sharded]
+        == [_compat.deannotated(own_sharded[0])]
+        and _in_by_key(sel, in_left, own_sharded, ctx.placement)
+    ):
+        # `key IN (SELECT key FROM t ...)` over the statement's own table t: a row's
+        # membership is decided by the rows of its own shard (docs/queries.md).
+        return
     _check_colocated(outer_sharded + own_sharded, ctx, "subquery")
     if (correlated or in_left is not None) and own_sharded and outer_sharded:
         _check_related(sel, ctx, outer_sharded, own_sharded, own_froms, in_left)
@@ -390,7 +488,7 @@ def _check_from(frm: FromClause, ctx: CheckContext, tables: list[FromClause]) ->
             raise UnsupportedQueryError(
                 "textual subqueries cannot be checked", construct="text()"
             )
-        construct = _is_global(inner)
+        construct = global_construct(inner)
         if construct is not None:
             inner_tables = _sharded(_tables_in(inner), ctx)
             if inner_tables:
@@ -423,19 +521,26 @@ def _check_select_body(
     collect: list[FromClause] | None = None,
 ) -> list[FromClause]:
     tables: list[FromClause] = [] if collect is None else collect
+    known = len(tables)
     for frm in _compat.final_froms_without_eager_joins(sel):
         _check_from(frm, ctx, tables)
     for cte in _compat.select_parts(sel).ctes:
         _check_from(cte, ctx, tables)
     if top_level:
         ctx.outer_tables = list(tables)
+    elif collect is not None:
+        # A derived table's clauses are their own scope: a subquery in its WHERE relates
+        # to the derived table's rows (an IN on a non-key column must be seen as one).
+        ctx = CheckContext(
+            ctx.placement, ctx.outer_tables + _sharded(tables[known:], ctx), ctx.unplaced
+        )
     parts = _compat.select_parts(sel)
     exprs: list[Any] = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
     exprs += list(parts.where) + list(parts.having) + list(parts.order_by)
     exprs += list(parts.group_by)
     for expr in exprs:
-        if isinstance(expr, FromClause):
-            continue  # a table or entity selected whole
+        if isinstance(expr, FromClause) and not isinstance(expr, ColumnElement):
+            continue  # a table or entity selected whole (a function is a column)
         check_expression(expr, ctx)
     return tables
 
@@ -448,8 +553,26 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
     """
     tables = _check_select_body(sel, ctx, top_level=True)
     sharded = _sharded(tables, ctx)
-    _check_colocated(sharded, ctx, "JOIN")
+    distinct = list({id(base_table(t)): t for t in sharded}.values())
+    if ctx.placement is not None and len(distinct) < len(sharded):
+        check_self_joins(sel, tables, ctx.placement)
+        sharded_apart = distinct  # a table joined with itself on its key is one table
+    else:
+        sharded_apart = sharded
+    _check_colocated(sharded_apart, ctx, "JOIN")
     return sharded
+
+
+def check_write(stmt: Any, ctx: CheckContext) -> None:
+    """Check the subqueries of an UPDATE or DELETE that runs on several shards: each
+    shard evaluates them on its own rows, so an uncorrelated one with an aggregate
+    (``SET x = (SELECT max(x) FROM t)``) would write each shard's own answer.
+
+    :raises UnsupportedQueryError: such a subquery; nothing was sent to any shard.
+    """
+    ctx.outer_tables = _sharded([_compat.dml_table(stmt)], ctx)
+    for expr in _compat.dml_expressions(stmt):
+        check_expression(expr, ctx)
 
 
 def _same_column(column: Any, key: Any, table: Any) -> bool:
@@ -499,7 +622,7 @@ def unrelated_subquery(sel: Any, placement: Any) -> str | None:
     outer = _sharded([t for f in froms for t in _tables_in(f)], ctx)
     outer_ids = {id(t) for t in outer}
     for expr in exprs:
-        if isinstance(expr, FromClause):
+        if isinstance(expr, FromClause) and not isinstance(expr, ColumnElement):
             continue
         in_links: dict[int, Any] = {}
         for node in _walk(expr):

@@ -14,7 +14,13 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.exc import CompileError
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import ClauseElement, ColumnClause, ColumnElement, Label
+from sqlalchemy.sql.elements import (
+    ClauseElement,
+    ColumnClause,
+    ColumnElement,
+    Label,
+    UnaryExpression,
+)
 from sqlalchemy.sql.selectable import Select
 
 from .. import _compat
@@ -79,13 +85,18 @@ def resolve_nulls(item: OrderItem, dialects: Sequence[str]) -> tuple[bool, bool]
 
 
 def limit_offset(stmt: Select[Any]) -> tuple[int | None, int]:
-    """LIMIT (``None``: none) and OFFSET (0: none) as ints; refuses FETCH and expressions."""
+    """LIMIT (``None``: none) and OFFSET (0: none) as ints; ``FETCH FIRST n ROWS ONLY``
+    counts as ``LIMIT n``; refuses FETCH ... WITH TIES / PERCENT and expressions."""
     parts = _compat.select_parts(stmt)
-    if parts.fetch_clause is not None:
-        raise UnsupportedQueryError(
-            "FETCH FIRST is not merged across shards; use limit()", construct="FETCH"
-        )
     try:
+        if parts.fetch_clause is not None:
+            fetch = _compat.plain_fetch_value(stmt)
+            if fetch is None:
+                raise UnsupportedQueryError(
+                    "FETCH FIRST ... WITH TIES / PERCENT is not merged across shards",
+                    construct="FETCH WITH TIES/PERCENT",
+                )
+            return fetch, _compat.limit_offset_values(stmt)[1] or 0
         limit, offset = _compat.limit_offset_values(stmt)
     except CompileError as err:
         raise UnsupportedQueryError(
@@ -121,18 +132,27 @@ class Columns:
         if not isinstance(plain, ColumnElement):
             return None
         for i, expr in enumerate(self.exprs):
-            candidate = unwrap_label(expr)
-            if isinstance(candidate, ColumnElement) and candidate.compare(plain):
+            candidate = _selected_value(expr)
+            if isinstance(candidate, ColumnElement) and _compat.same_expression(candidate, plain):
                 return i
         return None
 
     def add_hidden(self, expr: ColumnElement[Any]) -> int:
         plain = unwrap_label(expr)
         for j, existing in enumerate(self.hidden):
-            if existing.element.compare(plain):
+            if _compat.same_expression(existing.element, plain):
                 return self.visible + j
         self.hidden.append(hidden_label(plain, len(self.hidden)))
         return self.visible + len(self.hidden) - 1
+
+
+def _selected_value(expr: Any) -> Any:
+    """The value a select-list item gives: under labels, and under the column-level
+    DISTINCT of ``select(distinct(col))`` (which renders as ``SELECT DISTINCT col``)."""
+    expr = unwrap_label(expr)
+    if isinstance(expr, UnaryExpression) and expr.operator is operators.distinct_op:
+        expr = unwrap_label(expr.element)
+    return expr
 
 
 def hidden_label(expr: ColumnElement[Any], index: int) -> Label[Any]:

@@ -19,11 +19,13 @@ from sqlalchemy.engine import Result
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import GroupMerger
+from ._compound import CompoundPlan
+from ._computed import Evaluator, compute
 from ._dialect import ValueKey, nan_safe
 from ._ordering import merge_sorted, merged_order, sort_rows
 from ._plan import AggregatePlan, RowsPlan
 
-__all__ = ["dedupe", "merge_aggregate", "merge_rows", "slice_rows"]
+__all__ = ["dedupe", "merge_aggregate", "merge_compound", "merge_rows", "slice_rows"]
 
 
 def _rows_of(result: Result[Any], unique: bool) -> Iterator[tuple[Any, ...]]:
@@ -186,8 +188,10 @@ def merge_aggregate(
     avg_dialect: str,
     group_keys: Sequence[ValueKey] = (),
     distinct_keys: Sequence[ValueKey] = (),
+    evaluate: Evaluator | None = None,
 ) -> Result[Any]:
-    """Merge partial groups, then HAVING, DISTINCT, ORDER BY, OFFSET/LIMIT.
+    """Merge partial groups, compute the items that are functions of aggregates (with
+    ``evaluate``, see :mod:`._computed`), then HAVING, DISTINCT, ORDER BY, OFFSET/LIMIT.
 
     ``group_keys`` (one per group position) and ``distinct_keys`` (one per visible
     column) say what values are grouped and deduplicated as (string collations)."""
@@ -195,6 +199,13 @@ def merge_aggregate(
     for _, result in results:
         merger.add_all(_rows_of(result, False))
     groups = merger.results(empty_group=not plan.has_group_by)
+    if plan.computed:
+        if evaluate is None:
+            raise UnsupportedQueryError(
+                "a function of aggregates needs a shard to evaluate it after the merge",
+                construct="aggregate in expression",
+            )
+        groups = compute(plan.computed, groups, evaluate, avg_dialect)
     if plan.having is not None:
         having = plan.having
         groups = [g for g in groups if having(g) is True]
@@ -210,3 +221,22 @@ def merge_aggregate(
     return _compat.build_result(
         template, visible_rows, visible=plan.visible, unique_state_from=template
     )
+
+
+def merge_compound(
+    plan: CompoundPlan, results: Sequence[tuple[Any, Result[Any]]]
+) -> Result[Any]:
+    """The shards' UNION / UNION ALL answers concatenated, deduplicated for UNION,
+    sorted and sliced (memory: the shards' rows)."""
+    try:
+        rows: list[Sequence[Any]] = [r for _, result in results for r in _rows_of(result, False)]
+    finally:
+        for _, r in results:
+            r.close()
+    if plan.distinct:
+        rows = list(dedupe(rows, plan.visible))
+    if plan.sort_keys:
+        sort_rows(rows, plan.sort_keys)
+    if plan.limit is not None or plan.offset:
+        rows = list(slice_rows(rows, plan.limit, plan.offset))
+    return _compat.build_result(results[0][1], rows, visible=plan.visible)

@@ -108,7 +108,7 @@ def _keys(stmt: Select[Any], dialects: Sequence[str]) -> list[_Key]:
             nulls_first, _ = default_nulls_first(item.descending, dialects)
         keys.append(_Key(expr, item.descending, nulls_first))
     for col in _primary_key(stmt):
-        if not any(k.expr.compare(col) for k in keys):
+        if not any(_compat.same_expression(k.expr, col) for k in keys):
             keys.append(_Key(col, False, default_nulls_first(False, dialects)[0]))
     return keys
 
@@ -128,13 +128,17 @@ def _after(keys: Sequence[_Key], values: Sequence[Any]) -> ColumnElement[bool]:
     for key, value in zip(keys, values, strict=True):
         expr = key.expr
         strictly: ColumnElement[bool]
+        same: ColumnElement[bool]
         if value is None:
             strictly = expr.is_not(None) if key.nulls_first else false()
             same = expr.is_(None)
         else:
-            beyond = expr < value if key.descending else expr > value
+            # A bound value of the key's type: SQLAlchemy refuses `<`/`>` against a
+            # Python True/False (it makes them the SQL constants).
+            bound = bindparam(None, value, type_=expr.type)
+            beyond = expr < bound if key.descending else expr > bound
             strictly = or_(beyond, expr.is_(None)) if not key.nulls_first else beyond
-            same = expr == value
+            same = expr == bound
         disjuncts.append(and_(*equal_so_far, strictly) if equal_so_far else strictly)
         equal_so_far.append(same)
     disjuncts.append(and_(*equal_so_far, bindparam(_TIE, False, type_=Boolean) == true()))

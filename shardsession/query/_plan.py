@@ -30,7 +30,7 @@ from sqlalchemy.sql.selectable import Select
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._cache import LRUCache
-from ._checks import contains_aggregate, unwrap_label
+from ._checks import unwrap_label
 from ._columns import (
     Columns,
     OrderItem,
@@ -39,6 +39,7 @@ from ._columns import (
     parse_order_by,
     resolve_nulls,
 )
+from ._model import StatementModel, model_select
 from ._ordering import SortKey
 from ._plan_aggregate import AggregatePlan, plan_aggregate
 
@@ -103,6 +104,7 @@ def plan_select(
     is_orm: bool,
     wants_tuples: bool = False,
     cache_key: Hashable | None = None,
+    model: StatementModel | None = None,
 ) -> RowsPlan | AggregatePlan:
     """Plan the merge of ``stmt`` over shards of the given dialects.
 
@@ -110,7 +112,8 @@ def plan_select(
     With it, what a rows plan decides from the statement's structure alone is kept in
     :data:`PLAN_CACHE` and only the parts that depend on bound values (LIMIT/OFFSET) and
     the per-shard statement are made again; the checks that depend on bound values run
-    every time.
+    every time.  ``model`` is the statement's :func:`~._model.model_select` (made here
+    when not given).
 
     :raises UnsupportedQueryError: a construct that cannot be merged exactly.
     """
@@ -129,13 +132,16 @@ def plan_select(
         shape = PLAN_CACHE.get(key)
         if shape is not None:
             return _rows_plan(shape, stmt, parts, _hidden_of(shape, parts), None, limit, offset)
+    if model is None:
+        model = model_select(stmt)
     cols = Columns(stmt)
-    aggregated = bool(parts.group_by or parts.having) or any(
-        isinstance(e, ClauseElement) and contains_aggregate(e) for e in cols.exprs
+    if model.aggregated:
+        return plan_aggregate(
+            stmt, cols, dialects, limit, offset, distinct=model.distinct, items=model.items
+        )
+    plan, shape = _plan_rows(
+        stmt, parts, cols, dialects, limit, offset, is_orm, wants_tuples, model.distinct
     )
-    if aggregated:
-        return plan_aggregate(stmt, cols, dialects, limit, offset)
-    plan, shape = _plan_rows(stmt, parts, cols, dialects, limit, offset, is_orm, wants_tuples)
     if key is not None and shape is not None:
         PLAN_CACHE.put(key, shape)
     return plan
@@ -228,6 +234,7 @@ def _plan_rows(
     offset: int,
     is_orm: bool,
     wants_tuples: bool,
+    distinct: bool,
 ) -> tuple[RowsPlan, _RowsShape | None]:
     """The plan, and its shape when the shape may be cached (else ``None``)."""
     sort_keys: list[SortKey] = []
@@ -245,7 +252,7 @@ def _plan_rows(
                     construct="ORDER BY label",
                 )
             expr = unwrap_label(item.target)
-            if parts.distinct and not (
+            if distinct and not (
                 isinstance(expr, ColumnClause)
                 and getattr(expr, "table", None) is not None
                 and any(expr.table is t for t in entity_tables)
@@ -271,7 +278,7 @@ def _plan_rows(
                 (unwrap_label(value_expr).is_(None), literal_column(first)),
                 else_=literal_column(rest),
             )
-            if parts.distinct:
+            if distinct:
                 # PostgreSQL wants DISTINCT's ORDER BY in the select list; the flag is a
                 # function of a selected column, so DISTINCT is unchanged.
                 flag = cols.hidden[cols.add_hidden(flag) - cols.visible]
@@ -285,7 +292,7 @@ def _plan_rows(
         visible=cols.visible,
         sort_keys=tuple(sort_keys),
         hidden_from=tuple(hidden_from),
-        distinct=parts.distinct,
+        distinct=distinct,
         attributes=tuple(attributes.items()),
         shared_hidden=tuple(cols.hidden) if _table_columns(cols.hidden) else (),
     )

@@ -1,0 +1,151 @@
+"""Uncorrelated scalar and EXISTS subqueries of a fan-out, answered in a first pass.
+
+``score > (SELECT avg(score) FROM items)`` or ``EXISTS (SELECT 1 FROM tags WHERE ...)``
+inside a statement that runs on several shards would be evaluated by each shard over its
+own rows.  Such a subquery does not depend on the row around it, so it is run first, on
+its own, through the session (routed, fanned out and merged like any statement: the
+value one database would compute), and the statement then carries the value as a bound
+parameter.  A correlated subquery, one in FROM, or an ``IN`` subquery is left to the
+checks of :mod:`._checks`.
+
+The two passes are two reads, not one snapshot (as every cross-shard read; see
+docs/queries.md, Isolation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import false, literal, true
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    ClauseElement,
+    CollectionAggregate,
+    ColumnElement,
+)
+from sqlalchemy.sql.selectable import Exists, FromClause, ScalarSelect, Select
+from sqlalchemy.sql.util import find_tables
+
+from .. import _compat
+from ..exc import UnsupportedQueryError
+from ._checks import QueryPlacement
+from ._computed import value_type
+
+__all__ = ["resolve_uncorrelated"]
+
+#: runs a SELECT through the session, returning its (merged) rows
+Runner = Callable[[Select[Any]], Sequence[Any]]
+
+
+def _tables(froms: Sequence[Any]) -> set[int]:
+    # (an alias is its own FROM: correlation is by FROM object, annotations aside)
+    return {
+        id(_compat.deannotated(t))
+        for f in froms
+        for t in find_tables(f, include_aliases=True)
+    }
+
+
+_SET_OPERATORS = (operators.in_op, operators.not_in_op)
+
+
+def _candidates(stmt: Select[Any]) -> Iterator[ClauseElement]:
+    """Scalar subqueries and EXISTS directly in ``stmt``'s clauses (not inside other
+    subqueries, which the checks see)."""
+    parts = _compat.select_parts(stmt)
+    roots = [
+        c for c in parts.raw_columns
+        if isinstance(c, ColumnElement)
+    ] + [*parts.where, *parts.having, *parts.order_by]
+    for root in roots:
+        stack: list[Any] = [root]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, Exists | ScalarSelect):
+                yield node
+                continue
+            if isinstance(node, FromClause) and not isinstance(node, ColumnElement):
+                continue
+            if isinstance(node, BinaryExpression) and node.operator in _SET_OPERATORS:
+                stack.append(node.left)  # `x IN (SELECT ...)` is a set, not a value
+                continue
+            if isinstance(node, CollectionAggregate):
+                continue  # ANY (SELECT ...) / ALL (SELECT ...): a set as well
+            stack.extend(node.get_children())
+
+
+def _inner(node: ClauseElement) -> Select[Any] | None:
+    inner: Any = node
+    while isinstance(inner, Exists | ScalarSelect):
+        inner = inner.element
+    inner = _compat.ungrouped_select(inner)
+    return inner if isinstance(inner, Select) else None
+
+
+def _uncorrelated(sub: Select[Any], outer_tables: set[int]) -> bool:
+    """Whether ``sub`` renders the same alone as inside the statement: SQLAlchemy
+    correlates away only FROMs of the enclosing statement, and only when the subquery
+    keeps one FROM of its own (see :func:`~shardsession._compat.correlates_enclosing`)."""
+    froms = _compat.final_froms_without_eager_joins(sub)
+    if not froms:
+        return False
+    if not _compat.correlates_enclosing(sub, froms):
+        return True
+    own = _tables(froms)
+    return not (own & outer_tables)
+
+
+def _reads_sharded(sub: Select[Any], placement: QueryPlacement | None) -> bool:
+    tables = find_tables(sub, check_columns=True, include_aliases=True)
+    if placement is None:
+        return bool(tables)
+    return any(not placement.is_replicated(getattr(t, "element", t)) for t in tables)
+
+
+def resolve_uncorrelated(
+    stmt: Select[Any], placement: QueryPlacement | None, run: Runner
+) -> Select[Any]:
+    """``stmt`` with each uncorrelated scalar or EXISTS subquery over sharded tables
+    replaced by its value, computed with ``run``; ``stmt`` itself when there is none.
+
+    :raises UnsupportedQueryError: a scalar subquery returned more than one row (one
+        database raises a cardinality error, or, SQLite, picks one).
+    """
+    outer_tables: set[int] | None = None
+    values: dict[int, ColumnElement[Any]] = {}
+    for node in _candidates(stmt):
+        sub = _inner(node)
+        if sub is None or not _reads_sharded(sub, placement):
+            continue
+        if outer_tables is None:
+            outer_tables = _tables(_compat.final_froms_without_eager_joins(stmt))
+        if not _uncorrelated(sub, outer_tables):
+            continue
+        if isinstance(node, Exists):
+            found = run(sub.with_only_columns(literal(1), maintain_column_froms=True).limit(1))
+            values[id(node)] = true() if found else false()
+            continue
+        rows = run(sub)
+        if len(rows) > 1:
+            raise UnsupportedQueryError(
+                "a scalar subquery returned more than one row across the shards",
+                construct="scalar subquery with several rows",
+            )
+        column = sub.selected_columns[0]
+        value = rows[0][0] if rows else None
+        # Typed from the value: with shards of several dialects it may come from
+        # another dialect's driver (a PostgreSQL Decimal bound for SQLite).
+        values[id(node)] = literal(
+            value, column.type if value is None else value_type(value, column)
+        )
+    if not values:
+        return stmt
+
+    def replace(element: Any, **kw: Any) -> Any:
+        return values.get(id(element))
+
+    resolved = visitors.replacement_traverse(stmt, {}, replace)
+    assert isinstance(resolved, Select)
+    return resolved
