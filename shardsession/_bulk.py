@@ -152,7 +152,7 @@ def _route_by_chooser(
             for key, value in row.items():
                 attr = attr_of.get(key)
                 if attr is not None:
-                    set_committed_value(obj, attr, value)
+                    set_committed_value(obj, attr, value)  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 shard = session.shard_chooser(mapper, obj)
             except ShardSessionError:

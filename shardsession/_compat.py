@@ -930,6 +930,19 @@ def ungrouped_select(sel: SelectBase) -> SelectBase:
 from sqlalchemy.orm import bulk_persistence as _bulk_persistence  # noqa: E402
 from sqlalchemy.orm.context import QueryContext  # noqa: E402
 
+# SQLAlchemy's bulk statement classes: "_BulkORMInsert" / "_BulkORMUpdate" on 2.1, without
+# the underscore on 2.0 (checked on 2.0.30 and 2.1.9).
+def _bulk_class(*names: str) -> Any:
+    for name in names:
+        found = getattr(_bulk_persistence, name, None)
+        if found is not None:
+            return found
+    raise ImportError(f"sqlalchemy.orm.bulk_persistence has none of {names}")
+
+
+_BULK_ORM_INSERT: Any = _bulk_class("_BulkORMInsert", "BulkORMInsert")
+_BULK_ORM_UPDATE: Any = _bulk_class("_BulkORMUpdate", "BulkORMUpdate")
+
 
 @dataclass(frozen=True)
 class BulkStatement:
@@ -1085,7 +1098,7 @@ def orm_insert_result(
     if insert_options is not None and insert_options._populate_existing:
         load = options["_sa_orm_load_options"] + {"_populate_existing": True}
         options = options.union({"_sa_orm_load_options": load})
-    return _bulk_persistence._BulkORMInsert._return_orm_returning(  # type: ignore[no-untyped-call]
+    return _BULK_ORM_INSERT._return_orm_returning(  # type: ignore[no-any-return, unused-ignore]
         orm_context.session, orm_context.statement, params, options,
         orm_context.bind_arguments, result,
     )
@@ -1106,7 +1119,7 @@ def synchronize_bulk_update(
     options = options + {"_identity_token": shard_id, "_synchronize_session": "evaluate"}
     execution_options = orm_context.execution_options.union(
         {"_sa_orm_update_options": options})
-    _bulk_persistence._BulkORMUpdate.orm_setup_cursor_result(  # type: ignore[no-untyped-call]
+    _BULK_ORM_UPDATE.orm_setup_cursor_result(
         orm_context.session, orm_context.statement, params, execution_options,
         orm_context.bind_arguments, result,
     )
@@ -1298,14 +1311,14 @@ class NullsLow(ColumnElement[Any]):
         self.descending = descending
 
 
-@compiles(NullsLow)
+@compiles(NullsLow)  # type: ignore[misc, no-untyped-call, untyped-decorator, unused-ignore]
 def _nulls_low_default(element: NullsLow, compiler: Any, **kw: Any) -> str:
     text: str = compiler.process(element.element, **kw)
     return text
 
 
-@compiles(NullsLow, "postgresql")
-@compiles(NullsLow, "oracle")
+@compiles(NullsLow, "postgresql")  # type: ignore[misc, no-untyped-call, untyped-decorator, unused-ignore]
+@compiles(NullsLow, "oracle")  # type: ignore[misc, no-untyped-call, untyped-decorator, unused-ignore]
 def _nulls_low_high_dialects(element: NullsLow, compiler: Any, **kw: Any) -> str:
     text: str = compiler.process(element.element, **kw)
     return text + (" NULLS LAST" if element.descending else " NULLS FIRST")

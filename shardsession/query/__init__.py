@@ -48,7 +48,7 @@ from ._checks import (
     check_write,
     global_construct,
 )
-from ._compound import plan_compound
+from ._compound import CompoundSelectAny, plan_compound
 from ._computed import Evaluator
 from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
@@ -403,7 +403,7 @@ def _merge_compound(
     shard_ids: list[Any],
     call: ShardCall,
     opts: FanoutOptions,
-    statement: CompoundSelect[Any],
+    statement: CompoundSelectAny,
 ) -> Result[Any]:
     """A UNION / UNION ALL of row SELECTs (see :mod:`._compound`): each branch checked as
     a statement, the shards' answers concatenated, deduplicated for UNION, then sorted

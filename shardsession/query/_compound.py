@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy.exc import CompileError
-from sqlalchemy.sql.selectable import CompoundSelect, Select
+from sqlalchemy.sql.selectable import Select
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -27,9 +27,13 @@ from ._ordering import SortKey
 __all__ = ["CompoundPlan", "plan_compound"]
 
 
+#: a UNION's statement (``CompoundSelect`` takes a type argument on SQLAlchemy 2.1 only)
+CompoundSelectAny: TypeAlias = Any
+
+
 @dataclass
 class CompoundPlan:
-    statement: CompoundSelect[Any]
+    statement: CompoundSelectAny
     branches: tuple[Select[Any], ...]
     distinct: bool
     sort_keys: list[SortKey]
@@ -42,7 +46,7 @@ def _unsupported(message: str, construct: str = "UNION/INTERSECT/EXCEPT") -> Exc
     return UnsupportedQueryError(message, construct=construct)
 
 
-def plan_compound(stmt: CompoundSelect[Any], dialects: Sequence[str]) -> CompoundPlan:
+def plan_compound(stmt: CompoundSelectAny, dialects: Sequence[str]) -> CompoundPlan:
     """The plan of a UNION / UNION ALL across shards of ``dialects``.
 
     :raises UnsupportedQueryError: INTERSECT/EXCEPT, a nested set operation, an ORDER BY
