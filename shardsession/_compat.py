@@ -930,6 +930,7 @@ def ungrouped_select(sel: SelectBase) -> SelectBase:
 from sqlalchemy.orm import bulk_persistence as _bulk_persistence  # noqa: E402
 from sqlalchemy.orm.context import QueryContext  # noqa: E402
 
+
 # SQLAlchemy's bulk statement classes: "_BulkORMInsert" / "_BulkORMUpdate" on 2.1, without
 # the underscore on 2.0 (checked on 2.0.30 and 2.1.9).
 def _bulk_class(*names: str) -> Any:
