@@ -1,0 +1,454 @@
+"""Grammar-based query fuzzer with an independent oracle (issue 10).
+
+Statements from ``_fuzz_grammar`` (SQLAlchemy's user-facing API, including what the
+planner does not support) run through a :class:`shardsession.ShardedSession` and, as the
+oracle, on ONE database of the same dialect holding every row (SQLite for the mixed
+SQLite+PostgreSQL cluster).  The rule: every statement returns what the oracle returns or
+raises :class:`shardsession.exc.UnsupportedQueryError`.  Any other exception, or another
+answer, is a failure.  Under the drop-in constructor (``shard_chooser`` /
+``identity_chooser`` / ``execute_chooser``), statements whose answer depends on co-location
+the library cannot know (joins and subqueries relating tables on non-key columns, a table
+pinned apart) follow SQLAlchemy's per-shard semantics and must emit a shardsession
+warning instead.
+
+Clusters: SQLite (3 files), PostgreSQL (2 servers), MariaDB (2 databases), mixed
+(SQLite + PostgreSQL); each with the drop-in constructor and with a ``Placement``.
+
+Environment:
+
+* ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 50; 3 data sets per
+  cluster and API);
+* ``SHARDSESSION_FUZZ_DATASETS`` data sets per cluster and API (default 3);
+* ``SHARDSESSION_FUZZ_BASE`` base seed (default fixed, so a run is reproducible);
+* ``SHARDSESSION_FUZZ_SEED=D:S`` runs only statement seed S over data seed D (both are
+  printed with every failure).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, delete, insert, inspect
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import visitors
+
+import shardsession
+from shardsession import (
+    Broadcast,
+    Follows,
+    HashSharding,
+    Pinned,
+    Placement,
+    ShardedSession,
+)
+from shardsession.exc import NonAtomicCommitWarning, UnsupportedQueryError
+
+from . import _fuzz_grammar as fg
+from . import _fuzz_schema as fs
+from .conftest import _Databases
+
+COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "50"))
+DATASETS = int(os.environ.get("SHARDSESSION_FUZZ_DATASETS", "3"))
+BASE = int(os.environ.get("SHARDSESSION_FUZZ_BASE", "7310"))
+ONLY = os.environ.get("SHARDSESSION_FUZZ_SEED")
+#: write every failure (one JSON-ish line each) to this file, for triage of long runs
+LOG = os.environ.get("SHARDSESSION_FUZZ_LOG")
+
+
+@dataclass
+class FuzzCluster:
+    kind: str  # sqlite | postgresql | mysql | mixed
+    engines: dict[str, Engine]
+    oracle: Engine
+
+    @property
+    def shard_ids(self) -> list[str]:
+        return sorted(self.engines)
+
+    @property
+    def apart_shard(self) -> str:
+        return self.shard_ids[-1]
+
+
+def _make(kind: str, urls: dict[str, str], oracle_url: str) -> FuzzCluster:
+    engines = {name: create_engine(url) for name, url in urls.items()}
+    oracle = create_engine(oracle_url)
+    for e in [*engines.values(), oracle]:
+        fs.FBase.metadata.drop_all(e)
+        fs.FBase.metadata.create_all(e)
+    return FuzzCluster(kind, engines, oracle)
+
+
+@pytest.fixture
+def fuzz_cluster(request: Any, tmp_path: Path) -> Iterator[FuzzCluster]:
+    kind = request.param
+    dbs = _Databases()
+    if kind == "sqlite":
+        urls = {f"s{i}": f"sqlite:///{tmp_path}/s{i}.db" for i in range(3)}
+        cluster = _make(kind, urls, f"sqlite:///{tmp_path}/oracle.db")
+    elif kind == "postgresql":
+        a = request.getfixturevalue("pg_server_a")
+        b = request.getfixturevalue("pg_server_b")
+        cluster = _make(kind, {"p0": dbs.new(a), "p1": dbs.new(b)}, dbs.new(a))
+    elif kind == "mysql":
+        m = request.getfixturevalue("mariadb_server")
+        cluster = _make(kind, {"m0": dbs.new(m), "m1": dbs.new(m)}, dbs.new(m))
+    else:
+        a = request.getfixturevalue("pg_server_a")
+        cluster = _make(kind, {"a_pg": dbs.new(a), "b_sqlite": f"sqlite:///{tmp_path}/b.db"},
+                        f"sqlite:///{tmp_path}/oracle.db")
+    yield cluster
+    for e in [*cluster.engines.values(), cluster.oracle]:
+        e.dispose()
+    dbs.drop()
+
+
+# ---------------------------------------------------------------------------------------
+# the two ways a user builds the session
+
+
+def _tables_of(statement: Any) -> set[str]:
+    found: set[str] = set()
+    for elem in visitors.iterate(statement):
+        name = getattr(elem, "name", None)
+        if getattr(elem, "__visit_name__", None) == "table" and isinstance(name, str):
+            found.add(name)
+    return found
+
+
+def dropin_session(cluster: FuzzCluster, placement: dict[int, str]) -> ShardedSession:
+    """As a ``horizontal_shard`` program writes it (see test_dropin.py)."""
+    shards = cluster.shard_ids
+
+    def shard_chooser(mapper: Any, instance: Any, clause: Any = None) -> str:
+        if isinstance(instance, fs.Parent):
+            return placement.get(instance.id) or fs.hash_shard(instance.id, shards)
+        if isinstance(instance, fs.Child):
+            return placement.get(instance.parent_id) or fs.hash_shard(instance.parent_id,
+                                                                      shards)
+        if isinstance(instance, fs.Apart):
+            return cluster.apart_shard
+        return shards[0]
+
+    def identity_chooser(mapper: Any, primary_key: Any, *, lazy_loaded_from: Any,
+                         **kw: Any) -> Any:
+        if lazy_loaded_from:
+            return [lazy_loaded_from.identity_token]
+        return shards
+
+    def execute_chooser(context: Any) -> list[str]:
+        tables = _tables_of(context.statement)
+        if tables and tables <= {"fz_country"}:
+            return shards[:1]
+        if tables == {"fz_apart"}:
+            return [cluster.apart_shard]
+        return shards
+
+    return ShardedSession(shard_chooser=shard_chooser, identity_chooser=identity_chooser,
+                          execute_chooser=execute_chooser, shards=cluster.engines)
+
+
+def make_placement(cluster: FuzzCluster) -> Placement:
+    return Placement({
+        fs.Parent: HashSharding(fs.Parent.id),
+        fs.Child: Follows(fs.Child.parent),
+        fs.Country: Broadcast(),
+        fs.Apart: Pinned(cluster.apart_shard),
+    })
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def _wipe_and_insert(engine: Engine, rows: dict[str, list[dict[str, Any]]]) -> None:
+    with engine.begin() as conn:
+        for table in reversed(fs.TABLES):
+            conn.execute(delete(table))
+        for table in fs.TABLES:
+            if rows.get(table.name):
+                conn.execute(insert(table), rows[table.name])
+
+
+def load(cluster: FuzzCluster, api: str, data_seed: int) -> tuple[dict[int, str], Any]:
+    """Fresh rows everywhere; returns the drop-in placement map and the Placement."""
+    rng = random.Random(data_seed)
+    shards = cluster.shard_ids
+    placement = make_placement(cluster) if api == "placement" else None
+    strategy = HashSharding(fs.Parent.id)
+    strategy.bind(shards)
+    # every other data set leaves one shard without any parent (nor child)
+    empty = shards[data_seed % len(shards)] if data_seed % 2 == 0 else None
+
+    def where(key: int) -> str:
+        return strategy.shard_for(key) if api == "placement" else fs.hash_shard(key, shards)
+
+    rows = fs.make_rows(rng, nan=cluster.kind in ("postgresql", "sqlite"),
+                        exact_reals=cluster.kind == "mixed",
+                        allowed_ids=(lambda k: where(k) != empty) if empty else None)
+    _wipe_and_insert(cluster.oracle, rows)
+    by_parent = {p["id"]: where(p["id"]) for p in rows["fz_parent"]}
+    if api == "placement":
+        # written through the session, as an application would
+        for engine in cluster.engines.values():
+            _wipe_and_insert(engine, {})
+        s = ShardedSession(shards=cluster.engines, placement=placement, atomic="best_effort")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonAtomicCommitWarning)
+            with s.begin():
+                s.add_all([fs.Country(**r) for r in rows["fz_country"]])
+                s.add_all([fs.Apart(**r) for r in rows["fz_apart"]])
+                s.add_all([fs.Parent(**r) for r in rows["fz_parent"]])
+                s.flush()
+                s.add_all([fs.Child(**r) for r in rows["fz_child"]])
+        s.close()
+        return by_parent, placement
+    for name, engine in cluster.engines.items():
+        mine = {
+            "fz_parent": [r for r in rows["fz_parent"] if by_parent[r["id"]] == name],
+            "fz_child": [r for r in rows["fz_child"] if by_parent[r["parent_id"]] == name],
+            "fz_country": rows["fz_country"],
+            "fz_apart": rows["fz_apart"] if name == cluster.apart_shard else [],
+        }
+        _wipe_and_insert(engine, mine)
+    return by_parent, None
+
+
+# ---------------------------------------------------------------------------------------
+# comparison
+
+
+def _norm_row(row: Any) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for v in row:
+        state = None
+        try:
+            state = inspect(v, raiseerr=False)
+        except Exception:
+            state = None
+        if state is not None and hasattr(state, "mapper"):
+            out.append(tuple(getattr(v, a.key) for a in state.mapper.column_attrs))
+        else:
+            out.append(v)
+    return tuple(out)
+
+
+def _close(a: Any, b: Any, tol: float) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    if a is None or b is None:
+        return a is None and b is None
+    num = (int, float, Decimal)
+    if isinstance(a, num) and isinstance(b, num):
+        if isinstance(a, bool) != isinstance(b, bool) and not (
+                isinstance(a, int) and isinstance(b, int)):
+            return False
+        if isinstance(a, float) or isinstance(b, float):
+            fa, fb = float(a), float(b)
+            if math.isnan(fa) or math.isnan(fb):
+                return math.isnan(fa) and math.isnan(fb)
+            return math.isclose(fa, fb, rel_tol=tol, abs_tol=tol)
+        return bool(a == b)
+    return bool(type(a) is type(b) and a == b) or (
+        isinstance(a, str) and isinstance(b, str) and a == b)
+
+
+def _multiset_equal(exp: list[tuple[Any, ...]], got: list[tuple[Any, ...]], tol: float) -> bool:
+    if len(exp) != len(got):
+        return False
+    left = list(got)
+    for e in exp:
+        for i, g in enumerate(left):
+            if _close(e, g, tol):
+                del left[i]
+                break
+        else:
+            return False
+    return True
+
+
+def _key(row: tuple[Any, ...], idx: list[int]) -> tuple[Any, ...]:
+    return tuple(row[i] for i in idx)
+
+
+def _groups(rows: list[tuple[Any, ...]], idx: list[int], tol: float) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for r in rows:
+        if out and _close(_key(out[-1][0], idx), _key(r, idx), tol):
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def compare(case: fg.Case, exp: list[tuple[Any, ...]], got: list[tuple[Any, ...]],
+            tol: float, full: list[tuple[Any, ...]] | None) -> str | None:
+    """None when ``got`` is an answer one database could give; else why not."""
+    if case.run_unlimited is not None and full is not None:
+        # LIMIT without ORDER BY: any rows of the full answer, as many as the oracle gave
+        if len(got) != len(exp):
+            return f"{len(got)} rows, expected {len(exp)}"
+        remaining = list(full)
+        for g in got:
+            for i, f in enumerate(remaining):
+                if _close(f, g, tol):
+                    del remaining[i]
+                    break
+            else:
+                return f"row {g!r} is not in the full answer"
+        return None
+    if case.order_idx is None:
+        return None if _multiset_equal(exp, got, tol) else "different multiset"
+    if len(exp) != len(got):
+        return f"{len(got)} rows, expected {len(exp)}"
+    for i, (e, g) in enumerate(zip(exp, got, strict=True)):
+        if not _close(_key(e, case.order_idx), _key(g, case.order_idx), tol):
+            return f"sort keys differ at row {i}: expected {e!r}, got {g!r}"
+    ge, gg = _groups(exp, case.order_idx, tol), _groups(got, case.order_idx, tol)
+    for n, (a, b) in enumerate(zip(ge, gg, strict=True)):
+        boundary = case.limited and (n == len(ge) - 1 or (n == 0 and "offset" in case.tags))
+        if not boundary and not _multiset_equal(a, b, tol):
+            return f"tie group {n} differs: expected {a!r}, got {b!r}"
+    return None
+
+
+def tolerance(cluster: FuzzCluster, case: fg.Case) -> float:
+    if "real_agg" in case.tags and cluster.kind in ("postgresql", "mixed"):
+        return 1e-5  # float4 arithmetic: one database's own sum order is arbitrary too
+    if cluster.kind == "mixed" and any("real" in t for t in case.tags):
+        return 1e-6
+    return 1e-9
+
+
+# ---------------------------------------------------------------------------------------
+# one statement
+
+
+@dataclass
+class Finding:
+    seeds: str
+    outcome: str
+    src: str
+    detail: str
+    tags: set[str]
+
+
+def _shardsession_warning(caught: list[warnings.WarningMessage]) -> bool:
+    for w in caught:
+        cat = w.category
+        if cat is NonAtomicCommitWarning:
+            continue
+        if cat.__module__.startswith("shardsession"):
+            return True
+    return False
+
+
+def run_one(cluster: FuzzCluster, api: str, data_seed: int, stmt_seed: int,
+            by_parent: dict[int, str], placement: Any) -> Finding | None:
+    case = fg.Grammar(random.Random(stmt_seed), cluster.kind).case()
+    seeds = f"{data_seed}:{stmt_seed}"
+    with Session(cluster.oracle) as o, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            exp = [_norm_row(r) for r in case.run(o)]
+            full = ([_norm_row(r) for r in case.run_unlimited(o)]
+                    if case.run_unlimited is not None else None)
+        except (SQLAlchemyError, NotImplementedError):
+            return None  # not a valid statement for this dialect: nothing to compare
+    session = (dropin_session(cluster, by_parent) if placement is None
+               else ShardedSession(shards=cluster.engines, placement=placement))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            got = [_norm_row(r) for r in case.run(session)]
+        except UnsupportedQueryError:
+            return None
+        except Exception as exc:
+            return Finding(seeds, f"exception {type(exc).__module__}.{type(exc).__name__}",
+                           case.src, f"{str(exc)[:300]}\n" + "".join(
+                               traceback.format_exception(exc)[-4:])[-900:], case.tags)
+        finally:
+            session.close()
+    why = compare(case, exp, got, tolerance(cluster, case), full)
+    if why is None:
+        return None
+    if placement is None and case.colocation and _shardsession_warning(caught):
+        return None  # the documented drop-in co-location class
+    return Finding(seeds, "wrong answer", case.src,
+                   f"{why}\n  expected ({len(exp)}): {exp[:8]!r}\n  got ({len(got)}): "
+                   f"{got[:8]!r}", case.tags)
+
+
+def _report(kind: str, api: str, findings: list[Finding], ran: int) -> str:
+    classes = Counter(f.outcome for f in findings)
+    lines = [f"{len(findings)} of {ran} statements failed on {kind}/{api}: {dict(classes)}",
+             "reproduce one with SHARDSESSION_FUZZ_SEED=<data seed>:<statement seed>"]
+    for f in sorted(findings, key=lambda f: len(f.src))[:25]:
+        lines.append(f"- [{f.seeds}] {f.outcome}: {f.src}\n    {f.detail}")
+    return "\n".join(lines)
+
+
+CLUSTERS = ["sqlite", "postgresql", "mysql", "mixed"]
+
+
+@pytest.mark.parametrize("api", ["dropin", "placement"])
+@pytest.mark.parametrize("fuzz_cluster", CLUSTERS, indirect=True)
+def test_fuzz_matches_one_database(fuzz_cluster: FuzzCluster, api: str) -> None:
+    """Every generated statement equals the oracle or raises UnsupportedQueryError."""
+    if ONLY:
+        d, s = (int(x) for x in ONLY.split(":"))
+        plan = [(d, [s])]
+    else:
+        plan = [
+            (BASE * 100 + d, [(BASE * 100 + d) * 100_000 + i for i in range(COUNT)])
+            for d in range(DATASETS)
+        ]
+    findings: list[Finding] = []
+    ran = 0
+    for data_seed, stmt_seeds in plan:
+        by_parent, placement = load(fuzz_cluster, api, data_seed)
+        for stmt_seed in stmt_seeds:
+            ran += 1
+            f = run_one(fuzz_cluster, api, data_seed, stmt_seed, by_parent, placement)
+            if f is not None:
+                findings.append(f)
+                if LOG:
+                    with open(LOG, "a") as fh:
+                        fh.write(repr({"cluster": fuzz_cluster.kind, "api": api,
+                                       "seeds": f.seeds, "outcome": f.outcome, "src": f.src,
+                                       "tags": sorted(f.tags),
+                                       "detail": f.detail}) + "\n")
+    assert not findings, _report(fuzz_cluster.kind, api, findings, ran)
+
+
+def test_oracle_comparison_detects_differences() -> None:
+    """The comparison itself can fail: ties, LIMIT boundaries, NaN, floats, subsets."""
+    case = fg.Case("x", lambda s: [], order_idx=[0], limited=True)
+    exp = [(1, "a"), (2, "b"), (2, "c"), (3, "d"), (3, "e")]
+    assert compare(case, exp, [(1, "a"), (2, "c"), (2, "b"), (3, "x"), (3, "y")], 1e-9,
+                   None) is None  # the last tie group is cut by the LIMIT
+    assert compare(case, exp, [(1, "a"), (2, "c"), (2, "x"), (3, "d"), (3, "e")], 1e-9,
+                   None) is not None
+    assert compare(case, exp, exp[:4], 1e-9, None) is not None
+    plain = fg.Case("x", lambda s: [])
+    assert compare(plain, [(float("nan"),)], [(float("nan"),)], 1e-9, None) is None
+    assert compare(plain, [(1.0,)], [(1.0000001,)], 1e-9, None) is not None
+    assert compare(plain, [(Decimal("1.50"),)], [(Decimal("1.5"),)], 1e-9, None) is None
+    assert compare(plain, [(1,), (1,)], [(1,)], 1e-9, None) is not None
+    assert compare(plain, [(None,)], [(0,)], 1e-9, None) is not None
+    sub = fg.Case("x", lambda s: [], run_unlimited=lambda s: [])
+    assert compare(sub, [(1,), (2,)], [(3,), (2,)], 1e-9, [(1,), (2,), (3,)]) is None
+    assert compare(sub, [(1,), (2,)], [(4,), (2,)], 1e-9, [(1,), (2,), (3,)]) is not None
+    assert shardsession.UnsupportedQueryError is UnsupportedQueryError
