@@ -170,6 +170,15 @@ class Grammar:
 
     def scalar(self, ctx: Ctx, kinds: Sequence[str], depth: int = 0) -> X:
         """A row-level expression of one of ``kinds`` (no aggregate)."""
+        for _ in range(8):
+            x = self._scalar(ctx, kinds, depth)
+            if x.kind in kinds:
+                return x
+        cols = self.cols_of(ctx, kinds)
+        return self.pick(cols) if cols else self.lit(
+            self.pick([k for k in kinds if k != "bool"] or ["int"]))
+
+    def _scalar(self, ctx: Ctx, kinds: Sequence[str], depth: int = 0) -> X:
         cols = self.cols_of(ctx, kinds)
         if not cols or depth >= 2 or self.p(0.55):
             if not cols:
