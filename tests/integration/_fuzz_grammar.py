@@ -209,7 +209,8 @@ class Grammar:
                 return a.with_(case((a.expr > 0, "pos"), (a.expr < 0, "neg"), else_="zero"),
                                f"case(({a.src} > 0, 'pos'), ({a.src} < 0, 'neg'), "
                                f"else_='zero')", "str", "case")
-            if choice == 7 and kind != "real":
+            if choice == 7 and kind != "real" and self.dialect != "mixed":
+                # (not on a mixed cluster: each dialect spells a number its own way)
                 return a.with_(cast(a.expr, String(20)), f"cast({a.src}, String(20))", "str",
                                "cast")
             if choice == 8 and kind == "int":
@@ -261,7 +262,8 @@ class Grammar:
             return X(a.expr.in_([v.expr for v in vals]),
                      f"{a.src}.in_([{', '.join(v.src for v in vals)}])", "bool",
                      tags=a.tags | {"in_list"})
-        if choice == 6:
+        if choice == 6 and self.dialect != "mixed":
+            # (not on a mixed cluster: LIKE is case-insensitive on SQLite only)
             a = self.scalar(ctx, ["str"])
             pat = self.pick(["b%", "%b", "B%", "%e%", "_"])
             return X(a.expr.like(pat), f"{a.src}.like({pat!r})", "bool", tags=a.tags | {"like"})
@@ -285,7 +287,8 @@ class Grammar:
             return self.predicate(ctx, depth + 1)
         if choice == 10 and any(c.src.startswith("Parent.") for c in ctx.cols):
             return self.subquery_predicate(ctx, depth)
-        if choice == 11 and any(c.src.startswith("Parent.") for c in ctx.cols):
+        if choice == 11 and depth == 0 and any(c.src.startswith("Parent.") for c in ctx.cols):
+            # (only at the top: SQLAlchemy cannot negate a text() fragment)
             col = self.pick(["score", "id"])
             v = self.pick([0, 1, 2])
             return X(text(f"fz_parent.{col} > {v}"), f'text("fz_parent.{col} > {v}")', "bool",
