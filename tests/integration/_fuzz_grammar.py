@@ -20,7 +20,6 @@ from typing import Any
 
 from sqlalchemy import (
     Float,
-    Integer,
     Numeric,
     String,
     and_,
@@ -89,6 +88,10 @@ class Case:
     tags: set[str] = field(default_factory=set)
 
 
+def _runner(stmt: Any) -> Callable[[Session], list[Any]]:
+    return lambda session: list(session.execute(stmt).all())
+
+
 def _select_src(sel: Sequence[X]) -> str:
     return "select(" + ", ".join(f"{x.src}.label('c{i}')" for i, x in enumerate(sel)) + ")"
 
@@ -125,7 +128,7 @@ APART_COLS = [
     _col(Apart.tag, "Apart.tag", "str"),
 ]
 
-LIT = {
+LIT: dict[str, list[tuple[Any, str]]] = {
     "int": [(-1, "-1"), (0, "0"), (2, "2"), (3, "3"), (7, "7")],
     "real": [(0.0, "0.0"), (1.5, "1.5"), (-2.0, "-2.0")],
     "dec": [(0, "0"), (1, "1"), (-1, "-1")],
@@ -183,7 +186,8 @@ class Grammar:
         if not cols or depth >= 2 or self.p(0.55):
             if not cols:
                 return self.lit(self.pick([k for k in kinds if k != "bool"] or ["int"]))
-            return self.pick(cols)
+            col: X = self.pick(cols)
+            return col
         kind = self.pick(sorted({c.kind for c in cols}))
         a = self.scalar(ctx, [kind], depth + 1)
         kind = a.kind
@@ -300,7 +304,25 @@ class Grammar:
 
     def subquery_predicate(self, ctx: Ctx, depth: int) -> X:
         """IN / EXISTS / scalar-subquery conditions, correlated and not."""
-        choice = self.r.randrange(9)
+        choice = self.r.randrange(12)
+        if choice == 9:  # depth 2: a global aggregate inside an IN on the key
+            return X(Parent.id.in_(select(Child.parent_id).where(
+                Child.qty > select(func.avg(Child.qty)).scalar_subquery())),
+                "Parent.id.in_(select(Child.parent_id).where(Child.qty > "
+                "select(func.avg(Child.qty)).scalar_subquery()))", "bool",
+                tags=frozenset({"nested_global_sub"}))
+        if choice == 10:  # depth 2: the pinned table inside a correlated EXISTS
+            return X(exists().where(Child.parent_id == Parent.id,
+                                    Child.qty.in_(select(Apart.val))),
+                     "exists().where(Child.parent_id == Parent.id, "
+                     "Child.qty.in_(select(Apart.val)))", "bool",
+                     tags=frozenset({"nested_pinned_sub", "colocation"}))
+        if choice == 11:  # depth 2: correlated EXISTS inside an IN on the key
+            return X(Parent.id.in_(select(Child.parent_id).where(
+                ~exists().where(Country.code == Parent.ccode, Country.rate > Child.qty))),
+                "Parent.id.in_(select(Child.parent_id).where(~exists().where("
+                "Country.code == Parent.ccode, Country.rate > Child.qty)))", "bool",
+                tags=frozenset({"nested_broadcast_sub"}))
         if choice == 0:  # IN (SELECT key ...) on the placement key: exact per shard
             w = self.predicate(Ctx(CHILD_COLS, ctx.dialect), depth + 1)
             return X(Parent.id.in_(select(Child.parent_id).where(w.expr)),
@@ -336,8 +358,8 @@ class Grammar:
             p2 = aliased(Parent)
             return X(select(func.count()).select_from(p2).where(p2.grp == Parent.grp)
                      .scalar_subquery() > 1,
-                     "(p2 := aliased(Parent)) and select(func.count()).select_from(p2)"
-                     ".where(p2.grp == Parent.grp).scalar_subquery() > 1", "bool",
+                     "select(func.count()).select_from(p2).where(p2.grp == Parent.grp)"
+                     ".scalar_subquery() > 1  # p2 = aliased(Parent)", "bool",
                      tags=frozenset({"alias_corr_nonkey", "colocation"}))
         # a broadcast-table subquery: every shard has the whole table
         return X(Parent.ccode.in_(select(Country.code).where(Country.rate > 0)),
@@ -538,7 +560,9 @@ class Grammar:
         return self.text_forms()
 
     def _where(self, ctx: Ctx) -> tuple[list[Any], str, set[str]]:
-        exprs, srcs, tags = [], [], set()
+        exprs: list[Any] = []
+        srcs: list[str] = []
+        tags: set[str] = set()
         for _ in range(self.pick([0, 0, 1, 1, 2])):
             w = self.predicate(ctx)
             exprs.append(w.expr)
@@ -554,7 +578,7 @@ class Grammar:
             stmt = stmt.order_by(*[e for e, _ in order_exprs])
             src += f".order_by({', '.join(s for _, s in order_exprs)})"
         limited = False
-        run_unlimited = None
+        run_unlimited: Callable[[Session], list[Any]] | None = None
         if allow_limit and self.p(0.4):
             limited = True
             unlimited = stmt
@@ -573,7 +597,7 @@ class Grammar:
                     src += f".offset({o})"
                     tags.add("offset")
                 tags.add("limit")
-            run_unlimited = (lambda s, st=unlimited: list(s.execute(st).all()))
+            run_unlimited = _runner(unlimited)
         final = stmt
         return Case(src, lambda s: list(s.execute(final).all()),
                     order_idx if order_exprs else None, limited,
@@ -672,7 +696,7 @@ class Grammar:
                 "int"], depth=1)
         strs = self.cols_of(ctx, ["str"])
         if strs:
-            c = self.pick(strs)
+            c: X = self.pick(strs)
             return c.with_(func.lower(c.expr), f"func.lower({c.src})", None, "group_fn")
         return self.scalar(ctx, ["int"])
 

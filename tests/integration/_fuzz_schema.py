@@ -66,7 +66,8 @@ class Apart(FBase):
     tag: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
 
-TABLES = [Parent.__table__, Child.__table__, Country.__table__, Apart.__table__]
+#: parents before children
+TABLES = FBase.metadata.sorted_tables
 
 NAMES = ["bob", "Bob", "BOB", "bob ", "alice", "Alice", "ålice", "Émile", "émile", "zoë",
          "日本", "", "a b", "x", None]
@@ -119,13 +120,13 @@ def make_rows(
                 "label": rng.choice(LABELS),
             })
             cid += 1
-    countries = [
+    countries: list[dict[str, Any]] = [
         {"code": "c1", "name": "Ürland", "rate": 3},
         {"code": "c2", "name": "bobland", "rate": None},
         {"code": "c3", "name": "Bobland", "rate": -1},
         {"code": "c4", "name": "empty", "rate": 3},
     ]
-    aparts = [
+    aparts: list[dict[str, Any]] = [
         {"id": i, "ref": rng.choice([None, -5, 0, 1, 2, 3, 7, 10, 11, 25, 40]),
          "val": rng.choice([None, -1, 0, 5, 5, 9]), "tag": rng.choice(["p", "P", "q", None])}
         for i in range(1, rng.randint(2, 12))

@@ -16,8 +16,8 @@ Clusters: SQLite (3 files), PostgreSQL (2 servers), MariaDB (2 databases), mixed
 
 Environment:
 
-* ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 50; 3 data sets per
-  cluster and API);
+* ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 80; 3 data sets per
+  cluster and API, so 480 statements per cluster type);
 * ``SHARDSESSION_FUZZ_DATASETS`` data sets per cluster and API (default 3);
 * ``SHARDSESSION_FUZZ_BASE`` base seed (default fixed, so a run is reproducible);
 * ``SHARDSESSION_FUZZ_SEED=D:S`` runs only statement seed S over data seed D (both are
@@ -59,7 +59,7 @@ from . import _fuzz_grammar as fg
 from . import _fuzz_schema as fs
 from .conftest import _Databases
 
-COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "50"))
+COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "80"))
 DATASETS = int(os.environ.get("SHARDSESSION_FUZZ_DATASETS", "3"))
 BASE = int(os.environ.get("SHARDSESSION_FUZZ_BASE", "7310"))
 ONLY = os.environ.get("SHARDSESSION_FUZZ_SEED")
