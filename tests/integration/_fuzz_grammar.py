@@ -110,6 +110,7 @@ PARENT_COLS = [
     _col(Parent.grp, "Parent.grp", "str"),
     _col(Parent.grp, "Parent.grp", "str"),
     _col(Parent.flag, "Parent.flag", "bool"),
+    _col(Parent.nick, "Parent.nick", "str"),
 ]
 CHILD_COLS = [
     _col(Child.qty, "Child.qty", "int"),
@@ -555,9 +556,48 @@ class Grammar:
             return self.union_select()
         if choice < 86:
             return self.from_subquery()
-        if choice < 93:
+        if choice < 91:
             return self.query_api()
+        if choice < 95:
+            return self.paginated()
         return self.text_forms()
+
+    def paginated(self) -> Case:
+        """Every page of ``shardsession.query.paginate`` vs the one ordered statement."""
+        from shardsession import ShardedSession
+        from shardsession.query import paginate
+
+        ctx = Ctx(PARENT_COLS, self.dialect)
+        key = self.pick([c for c in PARENT_COLS if c.src != "Parent.id"])
+        desc = self.p(0.5)
+        stmt: Any = select(Parent)
+        src = "select(Parent)"
+        tags = {"paginate"}
+        if self.p(0.4):
+            w = self.predicate(ctx)
+            stmt = stmt.where(w.expr)
+            src += f".where({w.src})"
+            tags |= w.tags
+        stmt = stmt.order_by(key.expr.desc() if desc else key.expr)
+        src += f".order_by({key.src}{'.desc()' if desc else ''})"
+        size = self.r.randint(1, 7)
+
+        def run(session: Session) -> list[Any]:
+            if not isinstance(session, ShardedSession):
+                # paginate's documented total order: the ORDER BY, then the primary key
+                return list(session.execute(stmt.order_by(Parent.id)).all())
+            rows: list[Any] = []
+            token = None
+            for _ in range(200):
+                page = paginate(session, stmt, page_size=size, token=token)
+                rows.extend(page.rows)
+                token = page.next_token
+                if token is None:
+                    break
+            return rows
+
+        return Case(f"paginate(session, {src}, page_size={size}) (all pages)", run, [0], False,
+                    None, "colocation" in tags, tags)
 
     def _where(self, ctx: Ctx) -> tuple[list[Any], str, set[str]]:
         exprs: list[Any] = []

@@ -28,6 +28,15 @@ class FBase(DeclarativeBase):
     pass
 
 
+#: PostgreSQL's nondeterministic ICU collation, created by the fuzzer on every PostgreSQL
+#: database before the tables
+PG_CI_COLLATION = "fz_ci"
+CI_STRING = (String(12)
+             .with_variant(String(12, collation="NOCASE"), "sqlite")
+             .with_variant(String(12, collation=PG_CI_COLLATION), "postgresql"))
+NICKS = ["bob", "Bob", "BOB", "bob ", "alice", "Alice", "ALICE", "carl", None]
+
+
 class Parent(FBase):
     __tablename__ = "fz_parent"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -38,6 +47,8 @@ class Parent(FBase):
     amount: Mapped[Decimal | None] = mapped_column(Numeric(10, 2), nullable=True)
     flag: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     ccode: Mapped[str | None] = mapped_column(String(4), nullable=True)
+    #: case-insensitive where the backend can say so (MariaDB's default collation already is)
+    nick: Mapped[str | None] = mapped_column(CI_STRING, nullable=True)
     children: Mapped[list[Child]] = relationship(back_populates="parent", order_by="Child.id")
 
 
@@ -107,6 +118,7 @@ def make_rows(
             "amount": rng.choice(AMOUNTS),
             "flag": rng.choice([True, False, None]),
             "ccode": rng.choice(["c1", "c2", "c3", "zz", None]),
+            "nick": rng.choice(NICKS),
         })
     children = []
     cid = 1

@@ -88,6 +88,11 @@ def _make(kind: str, urls: dict[str, str], oracle_url: str) -> FuzzCluster:
     engines = {name: create_engine(url) for name, url in urls.items()}
     oracle = create_engine(oracle_url)
     for e in [*engines.values(), oracle]:
+        if e.dialect.name == "postgresql":
+            with e.begin() as conn:
+                conn.exec_driver_sql(
+                    f"CREATE COLLATION IF NOT EXISTS {fs.PG_CI_COLLATION} (provider = icu, "
+                    "locale = 'und-u-ks-level2', deterministic = false)")
         fs.FBase.metadata.drop_all(e)
         fs.FBase.metadata.create_all(e)
     return FuzzCluster(kind, engines, oracle)
