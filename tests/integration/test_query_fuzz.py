@@ -460,9 +460,10 @@ def test_fuzz_matches_one_database(fuzz_cluster: FuzzCluster, api: str) -> None:
                                        "tags": sorted(f.tags),
                                        "detail": f.detail}) + "\n")
     print(f"{fuzz_cluster.kind}/{api}: {dict(stats)}")
-    # the fuzzer must mostly compare answers, not only collect refusals and invalid SQL
-    assert stats["equal"] >= sum(stats.values()) // 3, dict(stats)
     assert not findings, _report(fuzz_cluster.kind, api, findings, stats)
+    # a fuzzer that compares nothing proves nothing: most statements must get an answer
+    # (the rest are refusals and statements the oracle's dialect rejects)
+    assert stats["equal"] >= sum(stats.values()) // 4, dict(stats)
 
 
 def test_oracle_comparison_detects_differences() -> None:
