@@ -86,6 +86,9 @@ class Case:
     #: semantics apply and a warning is the documented outcome
     colocation: bool = False
     tags: set[str] = field(default_factory=set)
+    #: result columns compared under a case-insensitive collation (any member of a group
+    #: of equal values may represent it, and such values tie in ORDER BY)
+    ci_idx: set[int] = field(default_factory=set)
 
 
 def _runner(stmt: Any) -> Callable[[Session], list[Any]]:
@@ -110,7 +113,7 @@ PARENT_COLS = [
     _col(Parent.grp, "Parent.grp", "str"),
     _col(Parent.grp, "Parent.grp", "str"),
     _col(Parent.flag, "Parent.flag", "bool"),
-    _col(Parent.nick, "Parent.nick", "str"),
+    X(Parent.nick, "Parent.nick", "str", tags=frozenset({"ci"})),
 ]
 CHILD_COLS = [
     _col(Child.qty, "Child.qty", "int"),
@@ -613,7 +616,7 @@ class Grammar:
 
     def _finish(self, stmt: Any, src: str, tags: set[str], colocation: bool,
                 order_idx: list[int] | None, order_exprs: list[tuple[Any, str]],
-                allow_limit: bool = True) -> Case:
+                allow_limit: bool = True, sel: Sequence[X] = ()) -> Case:
         if order_exprs:
             stmt = stmt.order_by(*[e for e, _ in order_exprs])
             src += f".order_by({', '.join(s for _, s in order_exprs)})"
@@ -641,7 +644,8 @@ class Grammar:
         final = stmt
         return Case(src, lambda s: list(s.execute(final).all()),
                     order_idx if order_exprs else None, limited,
-                    run_unlimited if not order_exprs else None, colocation, tags)
+                    run_unlimited if not order_exprs else None, colocation, tags,
+                    {i for i, x in enumerate(sel) if "ci" in x.tags})
 
     def _order(self, cols: list[X]) -> tuple[list[int], list[tuple[Any, str]], set[str]]:
         """ORDER BY some selected columns (so the keys are visible to the comparison)."""
@@ -700,7 +704,7 @@ class Grammar:
         idx, order, otags = self._order(sel)
         tags |= otags
         coloc = coloc or "colocation" in tags
-        return self._finish(stmt, src, tags, coloc, idx, order)
+        return self._finish(stmt, src, tags, coloc, idx, order, sel=sel)
 
     def aggregate_select(self) -> Case:
         cols, apply, from_src, tags, coloc = self.from_clause()
@@ -725,7 +729,7 @@ class Grammar:
         src += wsrc
         tags |= wtags
         coloc = coloc or "colocation" in tags
-        return self._finish(stmt, src, tags, coloc, None, [], allow_limit=self.p(0.2))
+        return self._finish(stmt, src, tags, coloc, None, [], allow_limit=self.p(0.2), sel=sel)
 
     def group_key(self, ctx: Ctx) -> X:
         k = self.r.randrange(6)
@@ -777,7 +781,7 @@ class Grammar:
         idx, order, otags = self._order(sel)
         tags |= otags
         coloc = coloc or "colocation" in tags
-        return self._finish(stmt, src, tags, coloc, idx, order)
+        return self._finish(stmt, src, tags, coloc, idx, order, sel=sel)
 
     def entity_select(self) -> Case:
         ctx = Ctx(PARENT_COLS, self.dialect)
@@ -837,7 +841,7 @@ class Grammar:
                 tags.add("limit")
         final = stmt
         return Case(src, lambda s: list(s.execute(final).all()), order_idx, "limit" in tags,
-                    None, "colocation" in tags, tags)
+                    None, "colocation" in tags, tags, {0} if "ci" in col.tags else set())
 
     def from_subquery(self) -> Case:
         ctx = Ctx(PARENT_COLS, self.dialect)
