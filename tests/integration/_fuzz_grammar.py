@@ -171,7 +171,10 @@ class Grammar:
         return X(literal(value) if self.p(0.3) else value, src, kind)
 
     def cols_of(self, ctx: Ctx, kinds: Sequence[str]) -> list[X]:
-        return [c for c in ctx.cols if c.kind in kinds]
+        # A mixed cluster has no one-database answer for the case-insensitive column:
+        # SQLite drops NOCASE in most expressions, PostgreSQL keeps the ICU collation.
+        return [c for c in ctx.cols if c.kind in kinds
+                and not (self.dialect == "mixed" and "ci" in c.tags)]
 
     # -- row-level scalars -------------------------------------------------------------
 
@@ -571,7 +574,8 @@ class Grammar:
         from shardsession.query import paginate
 
         ctx = Ctx(PARENT_COLS, self.dialect)
-        key = self.pick([c for c in PARENT_COLS if c.src != "Parent.id"])
+        key = self.pick([c for c in self.cols_of(ctx, ["int", "real", "dec", "str", "bool"])
+                         if c.src != "Parent.id"])
         desc = self.p(0.5)
         stmt: Any = select(Parent)
         src = "select(Parent)"
