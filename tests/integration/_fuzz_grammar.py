@@ -132,6 +132,14 @@ APART_COLS = [
     _col(Apart.tag, "Apart.tag", "str"),
 ]
 
+#: Parent joined to itself
+P2 = aliased(Parent, name="p2")
+P2_COLS = [
+    _col(P2.score, "p2.score", "int"),
+    _col(P2.grp, "p2.grp", "str"),
+    _col(P2.amount, "p2.amount", "dec"),
+]
+
 LIT: dict[str, list[tuple[Any, str]]] = {
     "int": [(-1, "-1"), (0, "0"), (2, "2"), (3, "3"), (7, "7")],
     "real": [(0.0, "0.0"), (1.5, "1.5"), (-2.0, "-2.0")],
@@ -512,7 +520,17 @@ class Grammar:
 
     def from_clause(self) -> tuple[list[X], Callable[[Any], Any], str, set[str], bool]:
         """(columns, apply(select) -> select, source suffix, tags, colocation-dependent)."""
-        choice = self.r.randrange(12)
+        choice = self.r.randrange(14)
+        if choice == 12:  # self-join on the shard key: both sides on one shard
+            return (PARENT_COLS + P2_COLS, lambda s: s.select_from(Parent).join(
+                P2, P2.id == Parent.id),
+                ".select_from(Parent).join(p2, p2.id == Parent.id)  # p2 = aliased(Parent)",
+                {"self_join_key"}, False)
+        if choice == 13:  # self-join on another column: pairs rows of different shards
+            return (PARENT_COLS + P2_COLS, lambda s: s.select_from(Parent).join(
+                P2, P2.grp == Parent.grp),
+                ".select_from(Parent).join(p2, p2.grp == Parent.grp)  # p2 = aliased(Parent)",
+                {"self_join_nonkey", "colocation"}, True)
         if choice <= 4:
             return PARENT_COLS, lambda s: s.select_from(Parent), ".select_from(Parent)", set(), \
                 False

@@ -21,7 +21,9 @@ Environment:
 * ``SHARDSESSION_FUZZ_DATASETS`` data sets per cluster and API (default 3);
 * ``SHARDSESSION_FUZZ_BASE`` base seed (default fixed, so a run is reproducible);
 * ``SHARDSESSION_FUZZ_SEED=D:S`` runs only statement seed S over data seed D (both are
-  printed with every failure).
+  printed with every failure);
+* ``SHARDSESSION_FUZZ_LOG=path`` appends one line per failure (``SHARDSESSION_FUZZ_LOG_REFUSED=1``:
+  also per refusal), ``SHARDSESSION_FUZZ_TRACE=n`` shows n traceback entries.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ BASE = int(os.environ.get("SHARDSESSION_FUZZ_BASE", "7310"))
 ONLY = os.environ.get("SHARDSESSION_FUZZ_SEED")
 #: write every failure (one JSON-ish line each) to this file, for triage of long runs
 LOG = os.environ.get("SHARDSESSION_FUZZ_LOG")
+#: also log refusals (with their message), to review what is refused
+LOG_REFUSED = bool(os.environ.get("SHARDSESSION_FUZZ_LOG_REFUSED"))
 #: how many traceback entries a failure shows
 TRACE = int(os.environ.get("SHARDSESSION_FUZZ_TRACE", "4"))
 
@@ -430,8 +434,11 @@ def run_one(cluster: FuzzCluster, api: str, data_seed: int, stmt_seed: int,
         warnings.simplefilter("always")
         try:
             got = [_norm_row(r) for r in case.run(session)]
-        except UnsupportedQueryError:
+        except UnsupportedQueryError as exc:
             stats["refused"] += 1
+            if LOG and LOG_REFUSED:
+                _log(cluster.kind, "placement" if placement else "dropin",
+                     Finding(seeds, "refused", case.src, str(exc)[:300], case.tags))
             return None
         except Exception as exc:
             if isinstance(exc, DBAPIError) and _invalid_on_a_shard(cluster, case):
@@ -456,6 +463,13 @@ def run_one(cluster: FuzzCluster, api: str, data_seed: int, stmt_seed: int,
     return Finding(seeds, "wrong answer", case.src,
                    f"{why}\n  expected ({len(exp)}): {exp[:8]!r}\n  got ({len(got)}): "
                    f"{got[:8]!r}", case.tags)
+
+
+def _log(kind: str, api: str, f: Finding) -> None:
+    assert LOG
+    with open(LOG, "a") as fh:
+        fh.write(repr({"cluster": kind, "api": api, "seeds": f.seeds, "outcome": f.outcome,
+                       "src": f.src, "tags": sorted(f.tags), "detail": f.detail}) + "\n")
 
 
 def _report(kind: str, api: str, findings: list[Finding], stats: Counter[str]) -> str:
@@ -492,11 +506,7 @@ def test_fuzz_matches_one_database(fuzz_cluster: FuzzCluster, api: str) -> None:
             if f is not None:
                 findings.append(f)
                 if LOG:
-                    with open(LOG, "a") as fh:
-                        fh.write(repr({"cluster": fuzz_cluster.kind, "api": api,
-                                       "seeds": f.seeds, "outcome": f.outcome, "src": f.src,
-                                       "tags": sorted(f.tags),
-                                       "detail": f.detail}) + "\n")
+                    _log(fuzz_cluster.kind, api, f)
     print(f"{fuzz_cluster.kind}/{api}: {dict(stats)}")
     assert not findings, _report(fuzz_cluster.kind, api, findings, stats)
     # a fuzzer that compares nothing proves nothing: most statements must get an answer
