@@ -6,7 +6,8 @@ every clause, DISTINCT forms, subqueries at depth, ``text()``/``literal_column()
 unions, joins on non-key columns, windows, FETCH, CASE, cast, ``Query`` forms).
 
 Every generated node carries the Python source that builds it, so a failure prints a
-statement one can paste.  A :class:`Case` says how its result may be compared: as a
+statement one can paste (``p2`` is ``aliased(Parent, name="p2")``, the self-join's other
+side).  A :class:`Case` says how its result may be compared: as a
 multiset, as a list ordered by some of its columns (ties compared as multisets, and at a
 LIMIT/OFFSET boundary only the sort keys), or as a subset (LIMIT without ORDER BY).
 """
@@ -524,12 +525,12 @@ class Grammar:
         if choice == 12:  # self-join on the shard key: both sides on one shard
             return (PARENT_COLS + P2_COLS, lambda s: s.select_from(Parent).join(
                 P2, P2.id == Parent.id),
-                ".select_from(Parent).join(p2, p2.id == Parent.id)  # p2 = aliased(Parent)",
+                ".select_from(Parent).join(p2, p2.id == Parent.id)",
                 {"self_join_key"}, False)
         if choice == 13:  # self-join on another column: pairs rows of different shards
             return (PARENT_COLS + P2_COLS, lambda s: s.select_from(Parent).join(
                 P2, P2.grp == Parent.grp),
-                ".select_from(Parent).join(p2, p2.grp == Parent.grp)  # p2 = aliased(Parent)",
+                ".select_from(Parent).join(p2, p2.grp == Parent.grp)",
                 {"self_join_nonkey", "colocation"}, True)
         if choice <= 4:
             return PARENT_COLS, lambda s: s.select_from(Parent), ".select_from(Parent)", set(), \
