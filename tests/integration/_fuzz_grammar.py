@@ -724,6 +724,14 @@ class Grammar:
             stmt = stmt.distinct()
             src += ".distinct()"
             tags.add("distinct")
+        if self.p(0.12):
+            # ORDER BY an expression that is not selected (a hidden sort key); without the
+            # key in the result only the multiset can be compared, so no LIMIT
+            hidden = self.scalar(ctx, ["int", "str", "dec", "real"])
+            tags |= hidden.tags | {"order_hidden"}
+            coloc = coloc or "colocation" in tags
+            return self._finish(stmt, src, tags, coloc, None, [(hidden.expr.desc(),
+                                f"{hidden.src}.desc()")], allow_limit=False, sel=sel)
         idx, order, otags = self._order(sel)
         tags |= otags
         coloc = coloc or "colocation" in tags
@@ -801,6 +809,12 @@ class Grammar:
             stmt = stmt.distinct()
             src += ".distinct()"
             tags.add("distinct")
+        if self.p(0.12):
+            hidden = self.aggregate(ctx)
+            tags |= hidden.tags | {"order_hidden"}
+            coloc = coloc or "colocation" in tags
+            return self._finish(stmt, src, tags, coloc, None, [(hidden.expr, hidden.src)],
+                                allow_limit=False, sel=sel)
         idx, order, otags = self._order(sel)
         tags |= otags
         coloc = coloc or "colocation" in tags

@@ -14,6 +14,18 @@ warning instead.
 Clusters: SQLite (3 files), PostgreSQL (2 servers), MariaDB (2 databases), mixed
 (SQLite + PostgreSQL); each with the drop-in constructor and with a ``Placement``.
 
+What "equal" means: a multiset of rows when the statement has no ORDER BY; with ORDER BY
+(the sort keys are selected) the keys must match row by row and the rows within a tie
+group as a multiset, except the tie groups cut by LIMIT/OFFSET, of which only the keys are
+determined; LIMIT without ORDER BY: as many rows as the oracle, all from the unlimited
+answer.  Floats compare with a relative tolerance of 1e-9 (1e-5 for sums and extremes of
+PostgreSQL REAL, which one database also computes in single precision), NaN equals NaN.
+Strings under a case-insensitive collation (every MariaDB column; ``Parent.nick``) are
+compared by their fold: one database may answer a DISTINCT, GROUP BY or MIN/MAX with any
+member of a group of equal values.  A statement the oracle's database rejects is skipped
+(counted as "invalid for the oracle"); so is a driver error on a mixed cluster when one
+shard's database rejects the statement on its own.
+
 Environment:
 
 * ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 80; 3 data sets per
