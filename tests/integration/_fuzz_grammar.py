@@ -26,6 +26,7 @@ from sqlalchemy import (
     and_,
     case,
     cast,
+    delete,
     distinct,
     except_,
     exists,
@@ -39,6 +40,7 @@ from sqlalchemy import (
     text,
     union,
     union_all,
+    update,
 )
 from sqlalchemy.orm import Session, aliased
 
@@ -990,3 +992,76 @@ class Grammar:
         final = stmt
         return Case(src, lambda s: list(s.execute(final).all()), order_idx, "limit" in src,
                     None, "colocation" in tags, tags)
+
+    # -- writes ------------------------------------------------------------------------
+
+    def write(self, existing_ids: Sequence[int]) -> WriteCase:
+        """An UPDATE or DELETE (Core or ORM-enabled), run with ``session.execute``."""
+        ctx = Ctx(PARENT_COLS, self.dialect)
+        cctx = Ctx(CHILD_COLS, self.dialect)
+        choice = self.r.randrange(10)
+        w = self.predicate(ctx)
+        cw = self.predicate(cctx)
+        if choice == 0:
+            stmt: Any = update(Parent).where(w.expr).values(score=Parent.score + 1)
+            src = f"update(Parent).where({w.src}).values(score=Parent.score + 1)"
+            return WriteCase(src, stmt, set(w.tags), "colocation" in w.tags)
+        if choice == 1:
+            v = self.pick(["a", "B", "zz", None])
+            stmt = update(Parent).where(w.expr).values(grp=v)
+            return WriteCase(f"update(Parent).where({w.src}).values(grp={v!r})", stmt,
+                             set(w.tags), "colocation" in w.tags)
+        if choice == 2:  # a global scalar subquery in SET: each shard would use its own
+            fn = self.pick(["max", "min", "count"])
+            agg = func.count(Parent.id) if fn == "count" else getattr(func, fn)(Parent.score)
+            arg = "Parent.id" if fn == "count" else "Parent.score"
+            stmt = update(Parent).where(w.expr).values(score=select(agg).scalar_subquery())
+            return WriteCase(f"update(Parent).where({w.src}).values(score=select(func.{fn}"
+                             f"({arg})).scalar_subquery())", stmt,
+                             set(w.tags) | {"set_global_sub"}, "colocation" in w.tags)
+        if choice == 3:  # correlated through the key: exact per shard
+            stmt = update(Parent).where(w.expr).values(score=select(func.count(Child.id)).where(
+                Child.parent_id == Parent.id).scalar_subquery())
+            return WriteCase(f"update(Parent).where({w.src}).values(score=select(func.count("
+                             "Child.id)).where(Child.parent_id == Parent.id).scalar_subquery())",
+                             stmt, set(w.tags) | {"set_corr_sub"}, "colocation" in w.tags)
+        if choice == 4:
+            stmt = update(Child).where(Child.parent_id.in_(select(Parent.id).where(
+                w.expr))).values(qty=Child.qty * 2)
+            return WriteCase(f"update(Child).where(Child.parent_id.in_(select(Parent.id)"
+                             f".where({w.src}))).values(qty=Child.qty * 2)", stmt,
+                             set(w.tags) | {"in_sub_key"}, "colocation" in w.tags)
+        if choice == 5:  # IN on a non-key column
+            stmt = update(Child).where(Child.qty.in_(select(Parent.score))).values(label="z")
+            return WriteCase("update(Child).where(Child.qty.in_(select(Parent.score)))"
+                             ".values(label='z')", stmt, {"in_sub_nonkey"}, True)
+        if choice == 6:
+            stmt = delete(Child).where(cw.expr)
+            return WriteCase(f"delete(Child).where({cw.src})", stmt, set(cw.tags),
+                             "colocation" in cw.tags)
+        if choice == 7:
+            stmt = delete(Parent).where(~Parent.children.any(), w.expr)
+            return WriteCase(f"delete(Parent).where(~Parent.children.any(), {w.src})", stmt,
+                             set(w.tags), "colocation" in w.tags)
+        if choice == 8 and existing_ids:  # ORM bulk UPDATE by primary key
+            ids = self.r.sample(list(existing_ids), k=min(3, len(existing_ids)))
+            params = [{"id": i, "score": self.r.randint(-3, 3)} for i in ids]
+            return WriteCase(f"session.execute(update(Parent), {params!r})", update(Parent),
+                             {"bulk_pk"}, False, params)
+        stmt = update(Country).where(Country.rate.is_not(None)).values(rate=Country.rate + 1)
+        return WriteCase("update(Country).where(Country.rate.is_not(None))"
+                         ".values(rate=Country.rate + 1)", stmt, {"broadcast_write"}, False)
+
+
+@dataclass
+class WriteCase:
+    """One generated UPDATE/DELETE."""
+
+    src: str
+    stmt: Any
+    tags: set[str]
+    #: the outcome depends on co-location the drop-in constructor cannot know
+    colocation: bool
+    #: parameter sets of an ORM bulk UPDATE by primary key
+    params: list[dict[str, Any]] | None = None
+

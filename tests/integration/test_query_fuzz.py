@@ -31,6 +31,8 @@ Environment:
 * ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 80; 3 data sets per
   cluster and API, so 480 statements per cluster type);
 * ``SHARDSESSION_FUZZ_DATASETS`` data sets per cluster and API (default 3);
+* ``SHARDSESSION_FUZZ_WRITES`` UPDATE/DELETE statements per data set (default 20; 2 data
+  sets per cluster and API);
 * ``SHARDSESSION_FUZZ_BASE`` base seed (default fixed, so a run is reproducible);
 * ``SHARDSESSION_FUZZ_SEED=D:S`` runs only statement seed S over data seed D (both are
   printed with every failure);
@@ -54,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, delete, insert, inspect
+from sqlalchemy import Engine, Table, create_engine, delete, insert, inspect, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import visitors
@@ -75,6 +77,7 @@ from . import _fuzz_schema as fs
 from .conftest import _Databases
 
 COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "80"))
+WRITE_COUNT = int(os.environ.get("SHARDSESSION_FUZZ_WRITES", "20"))
 DATASETS = int(os.environ.get("SHARDSESSION_FUZZ_DATASETS", "3"))
 BASE = int(os.environ.get("SHARDSESSION_FUZZ_BASE", "7310"))
 ONLY = os.environ.get("SHARDSESSION_FUZZ_SEED")
@@ -175,7 +178,8 @@ def dropin_session(cluster: FuzzCluster, placement: dict[int, str]) -> ShardedSe
     def execute_chooser(context: Any) -> list[str]:
         tables = _tables_of(context.statement)
         if tables and tables <= {"fz_country"}:
-            return shards[:1]
+            # the reference table is copied everywhere: read one copy, write all of them
+            return shards[:1] if context.is_select else shards
         if tables == {"fz_apart"}:
             return [cluster.apart_shard]
         return shards
@@ -559,3 +563,136 @@ def test_oracle_comparison_detects_differences() -> None:
     assert compare(ci, fold(lite, ci, [("bob ",)]), fold(lite, ci, [("bob",)]), 1e-9,
                    None) is not None  # NOCASE keeps trailing spaces significant
     assert shardsession.UnsupportedQueryError is UnsupportedQueryError
+
+
+# ---------------------------------------------------------------------------------------
+# writes: UPDATE / DELETE, compared by the tables' contents afterwards
+
+
+def _nan_free(row: Any) -> tuple[Any, ...]:
+    # NaN is not equal to itself; a stored NaN must still compare equal to the oracle's
+    return tuple("NaN" if isinstance(v, float) and math.isnan(v) else v for v in row)
+
+
+def _snapshot(engines: list[Engine]) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the sharded tables over all ``engines``, sorted."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for table in (fs.Parent.__table__, fs.Child.__table__):
+        assert isinstance(table, Table)
+        rows: list[tuple[Any, ...]] = []
+        for e in engines:
+            with e.connect() as conn:
+                rows.extend(_nan_free(r) for r in conn.execute(select(table)))
+        out[table.name] = sorted(rows, key=repr)
+    return out
+
+
+def _copies(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return sorted((_nan_free(r) for r in conn.execute(select(fs.Country.__table__))),
+                      key=repr)
+
+
+def _write_session(cluster: FuzzCluster, by_parent: dict[int, str], placement: Any
+                   ) -> ShardedSession:
+    if placement is None:
+        return dropin_session(cluster, by_parent)
+    # several SQLite shards cannot commit one write atomically: best effort, as documented
+    return ShardedSession(shards=cluster.engines, placement=placement, atomic="best_effort")
+
+
+def write_one(cluster: FuzzCluster, api: str, data_seed: int, seed: int,
+              by_parent: dict[int, str], placement: Any, stats: Counter[str]
+              ) -> Finding | None:
+    with Session(cluster.oracle) as o:
+        ids = [r[0] for r in o.execute(select(fs.Parent.id).order_by(fs.Parent.id))]
+    case = fg.Grammar(random.Random(seed), cluster.kind).write(ids)
+    seeds = f"{data_seed}:{seed}"
+    with Session(cluster.oracle) as o, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            res: Any = (o.execute(case.stmt, case.params) if case.params
+                        else o.execute(case.stmt))
+            # a drop-in program's own chooser writes every copy of the reference table,
+            # and SQLAlchemy's rowcount adds them up: only a placement knows it is one table
+            exp_count = (None if case.params or (placement is None and "broadcast_write"
+                                                 in case.tags) else res.rowcount)
+        except (SQLAlchemyError, NotImplementedError):
+            stats["invalid for the oracle"] += 1
+            return None
+        session = _write_session(cluster, by_parent, placement)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                got_res: Any = (session.execute(case.stmt, case.params) if case.params
+                                else session.execute(case.stmt))
+                got_count = None if case.params else got_res.rowcount
+                session.commit()
+            except UnsupportedQueryError:
+                stats["refused"] += 1
+                session.rollback()
+                return None
+            except Exception as exc:
+                stats["failed"] += 1
+                session.rollback()
+                return Finding(seeds, f"exception {type(exc).__module__}.{type(exc).__name__}",
+                               case.src, f"{str(exc)[:300]}\n" + "".join(
+                                   traceback.format_exception(exc)[-TRACE:])[-300 * TRACE:],
+                               case.tags)
+            finally:
+                session.close()
+        o.commit()
+    want, have = _snapshot([cluster.oracle]), _snapshot(list(cluster.engines.values()))
+    why = None
+    if want != have:
+        why = "tables differ after the write: " + "; ".join(
+            f"{t}: expected {sorted(set(want[t]) - set(have[t]), key=repr)[:4]!r} "
+            f"got {sorted(set(have[t]) - set(want[t]), key=repr)[:4]!r}"
+            for t in want if want[t] != have[t])
+    elif any(_copies(e) != _copies(cluster.oracle) for e in cluster.engines.values()):
+        why = "a copy of the broadcast table differs from the oracle's"
+    elif exp_count is not None and got_count != exp_count:
+        why = f"rowcount {got_count}, expected {exp_count}"
+    if why is None:
+        stats["equal"] += 1
+        return None
+    if placement is None and case.colocation and _shardsession_warning(caught):
+        stats["differs, warned (drop-in co-location)"] += 1
+        return Finding(seeds, "resync", case.src, why, case.tags)
+    stats["failed"] += 1
+    return Finding(seeds, "wrong result", case.src, why, case.tags)
+
+
+@pytest.mark.parametrize("api", ["dropin", "placement"])
+@pytest.mark.parametrize("fuzz_cluster", CLUSTERS, indirect=True)
+def test_fuzz_writes_match_one_database(fuzz_cluster: FuzzCluster, api: str) -> None:
+    """Every UPDATE/DELETE leaves the tables as on one database, or raises
+    UnsupportedQueryError before anything is written."""
+    if ONLY:
+        d, s = (int(x) for x in ONLY.split(":"))
+        plan = [(d, [s])]
+    else:
+        plan = [
+            (BASE * 100 + 50 + d, [(BASE * 100 + 50 + d) * 100_000 + i
+                                   for i in range(WRITE_COUNT)])
+            for d in range(2)
+        ]
+    findings: list[Finding] = []
+    stats: Counter[str] = Counter()
+    for data_seed, seeds in plan:
+        by_parent, placement = load(fuzz_cluster, api, data_seed)
+        for seed in seeds:
+            f = write_one(fuzz_cluster, api, data_seed, seed, by_parent, placement, stats)
+            if f is None:
+                continue
+            # the shards no longer hold the oracle's rows: start the data set again
+            by_parent, placement = load(fuzz_cluster, api, data_seed)
+            if f.outcome == "resync":
+                continue
+            findings.append(f)
+            if LOG:
+                _log(fuzz_cluster.kind, api + "-write", f)
+    print(f"{fuzz_cluster.kind}/{api} writes: {dict(stats)}")
+    assert not findings, _report(fuzz_cluster.kind, api + " (writes)", findings, stats)
+    assert stats["equal"] >= sum(stats.values()) // 4, dict(stats)
+
