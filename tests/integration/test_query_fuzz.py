@@ -28,10 +28,10 @@ shard's database rejects the statement on its own.
 
 Environment:
 
-* ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 80; 3 data sets per
-  cluster and API, so 480 statements per cluster type);
+* ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 60; 3 data sets per
+  cluster and API, so 360 statements per cluster type);
 * ``SHARDSESSION_FUZZ_DATASETS`` data sets per cluster and API (default 3);
-* ``SHARDSESSION_FUZZ_WRITES`` UPDATE/DELETE statements per data set (default 20; 2 data
+* ``SHARDSESSION_FUZZ_WRITES`` UPDATE/DELETE statements per data set (default 12; 2 data
   sets per cluster and API);
 * ``SHARDSESSION_FUZZ_BASE`` base seed (default fixed, so a run is reproducible);
 * ``SHARDSESSION_FUZZ_SEED=D:S`` runs only statement seed S over data seed D (both are
@@ -52,7 +52,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,8 +75,8 @@ from . import _fuzz_grammar as fg
 from . import _fuzz_schema as fs
 from .conftest import _Databases
 
-COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "80"))
-WRITE_COUNT = int(os.environ.get("SHARDSESSION_FUZZ_WRITES", "20"))
+COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "60"))
+WRITE_COUNT = int(os.environ.get("SHARDSESSION_FUZZ_WRITES", "12"))
 DATASETS = int(os.environ.get("SHARDSESSION_FUZZ_DATASETS", "3"))
 BASE = int(os.environ.get("SHARDSESSION_FUZZ_BASE", "7310"))
 ONLY = os.environ.get("SHARDSESSION_FUZZ_SEED")
@@ -118,9 +117,12 @@ def _make(kind: str, urls: dict[str, str], oracle_url: str) -> FuzzCluster:
     return FuzzCluster(kind, engines, oracle)
 
 
-@pytest.fixture
-def fuzz_cluster(request: Any, tmp_path: Path) -> Iterator[FuzzCluster]:
+@pytest.fixture(scope="module")
+def fuzz_cluster(request: Any, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[FuzzCluster]:
+    # one cluster per kind for the module: every test loads its own rows first
     kind = request.param
+    tmp_path = tmp_path_factory.mktemp(f"fuzz-{kind}")
     dbs = _Databases()
     if kind == "sqlite":
         urls = {f"s{i}": f"sqlite:///{tmp_path}/s{i}.db" for i in range(3)}
