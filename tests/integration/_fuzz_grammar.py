@@ -7,9 +7,10 @@ unions, joins on non-key columns, windows, FETCH, CASE, cast, ``Query`` forms).
 
 Every generated node carries the Python source that builds it, so a failure prints a
 statement one can paste (``p2`` is ``aliased(Parent, name="p2")``, the self-join's other
-side).  A :class:`Case` says how its result may be compared: as a
-multiset, as a list ordered by some of its columns (ties compared as multisets, and at a
-LIMIT/OFFSET boundary only the sort keys), or as a subset (LIMIT without ORDER BY).
+side; ``pc`` is ``aliased(Parent, name="pc")``, a correlated subquery's own copy).
+A :class:`Case` says how its result may be compared: as a multiset, as a list ordered by
+some of its columns (ties compared as multisets, and at a LIMIT/OFFSET boundary only the
+sort keys), or as a subset (LIMIT without ORDER BY).
 """
 
 from __future__ import annotations
@@ -373,11 +374,11 @@ class Grammar:
                      "select(func.count(Child.id)).where(Child.parent_id == Parent.id)"
                      ".scalar_subquery() >= 1", "bool", tags=frozenset({"scalar_sub_corr"}))
         if choice == 7:  # correlated through an alias on a non-key column
-            p2 = aliased(Parent)
-            return X(select(func.count()).select_from(p2).where(p2.grp == Parent.grp)
+            pc = aliased(Parent, name="pc")
+            return X(select(func.count()).select_from(pc).where(pc.grp == Parent.grp)
                      .scalar_subquery() > 1,
-                     "select(func.count()).select_from(p2).where(p2.grp == Parent.grp)"
-                     ".scalar_subquery() > 1  # p2 = aliased(Parent)", "bool",
+                     "select(func.count()).select_from(pc).where(pc.grp == Parent.grp)"
+                     ".scalar_subquery() > 1", "bool",
                      tags=frozenset({"alias_corr_nonkey", "colocation"}))
         # a broadcast-table subquery: every shard has the whole table
         return X(Parent.ccode.in_(select(Country.code).where(Country.rate > 0)),
