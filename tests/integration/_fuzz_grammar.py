@@ -682,7 +682,8 @@ class Grammar:
         for i in idx:
             c = cols[i]
             e, s = c.expr, c.src
-            d = self.r.randrange(6)
+            # (MariaDB has no NULLS FIRST/LAST: such statements would only be skipped)
+            d = self.r.randrange(6) if self.dialect != "mysql" else self.pick([0, 1, 4, 5])
             if d == 1:
                 e, s = e.desc(), f"{s}.desc()"
             elif d == 2:
@@ -808,6 +809,19 @@ class Grammar:
             elif h.kind == "str":
                 stmt = stmt.having(h.expr >= "b")
                 src += f".having({h.src} >= 'b')"
+        if self.p(0.15):
+            # HAVING on a grouping expression, possibly OR-ed with an aggregate condition
+            k = self.pick(keys)
+            bound = self.lit(k.kind if k.kind in LIT else "int")
+            cond = k.expr.is_not(None) if k.kind == "bool" else k.expr >= bound.expr
+            csrc = (f"{k.src}.is_not(None)" if k.kind == "bool" else
+                    f"{k.src} >= {bound.src}")
+            if self.p(0.5):
+                cond = or_(cond, func.count() > 2)
+                csrc = f"or_({csrc}, func.count() > 2)"
+            stmt = stmt.having(cond)
+            src += f".having({csrc})"
+            tags |= k.tags | {"having_key"}
         if self.p(0.1):
             stmt = stmt.distinct()
             src += ".distinct()"
