@@ -456,7 +456,7 @@ from sqlalchemy.engine import CursorResult, IteratorResult, Result  # noqa: E402
 from sqlalchemy.sql import elements  # noqa: E402
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement  # noqa: E402
 from sqlalchemy.sql.selectable import Select  # noqa: E402
-from sqlalchemy.types import String  # noqa: E402
+from sqlalchemy.types import NullType, String  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -650,7 +650,14 @@ def string_may_fold(type_: Any, dialects: Sequence[str]) -> bool:
     different in Python: a string type with a collation of its own, per-dialect variants
     (``with_variant()``, private ``TypeEngine._variant_mapping``, where collations are
     usually set), or on MySQL/MariaDB, whose default collations fold case, accents and
-    trailing spaces."""
+    trailing spaces.
+
+    An expression SQLAlchemy does not type (``NullType``: ``func.trim(col)``, any
+    function it does not know) may be a string under the collation of its argument on
+    PostgreSQL and MySQL/MariaDB, so it may fold there; SQLite gives a function's result
+    no collation (BINARY)."""
+    if isinstance(type_, NullType):
+        return any(d != "sqlite" for d in dialects)
     if not isinstance(type_, String):
         return False
     return (
