@@ -27,12 +27,14 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.state import InstanceState
 
 from . import _compat
-from .exc import RoutingError, ShardKeyMissingError, ShardSessionError
+from .exc import QueryError, RoutingError, ShardKeyMissingError, ShardSessionError
 from .query._fanout import _may_cross_threads, _overlappable, _shared_pool
 from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
 
-__all__ = ["execute_bulk", "route_rows", "run_per_shard", "save_mappings"]
+__all__ = [
+    "execute_bulk", "in_parameter_order", "route_rows", "run_per_shard", "save_mappings",
+]
 
 _T = TypeVar("_T")
 _Row = Mapping[str, Any]
@@ -153,18 +155,28 @@ def _route_by_chooser(
                 attr = attr_of.get(key)
                 if attr is not None:
                     set_committed_value(obj, attr, value)
-            try:
-                shard = session.shard_chooser(mapper, obj)
-            except ShardSessionError:
-                raise
-            except Exception as e:
-                raise RoutingError(
-                    f"the shard chooser failed on bulk row {index} of "
-                    f"{mapper.class_.__name__} ({type(e).__name__}: {e}); nothing was sent",
-                    shard_id=None,
-                ) from e
+            shard = _ask_chooser(mapper, f"bulk row {index}",
+                                 functools.partial(session.shard_chooser, mapper, obj))
         groups.setdefault(session._check_shard(shard), []).append(row)
     return groups
+
+
+def _ask_chooser(mapper: Mapper[Any], what: str, ask: Callable[[], Any]) -> Any:
+    """``ask()``: the shard the drop-in constructor's shard chooser names for ``what``.
+
+    :raises RoutingError: the chooser raised anything but a library error (chained from
+        it); a library error it raised passes unchanged.
+    """
+    try:
+        return ask()
+    except ShardSessionError:
+        raise
+    except Exception as e:
+        raise RoutingError(
+            f"the shard chooser failed on {what} of {mapper.class_.__name__} "
+            f"({type(e).__name__}: {e}); nothing was sent",
+            shard_id=None,
+        ) from e
 
 
 def _shard_in_identity_map(
@@ -196,7 +208,7 @@ def route_states(
         _require_primary_key(mapper, rows, True)
         return {s: list(states) for s in placement.shards}
     groups: dict[Any, list[InstanceState[Any]]] = {}
-    for state in states:
+    for index, state in enumerate(states):
         shard = _compat.identity_token_of(state)
         if shard is None and isupdate:
             raise RoutingError(
@@ -208,7 +220,9 @@ def route_states(
             if placement is not None:
                 shard = placement.shard_for_instance(mapper, state)
             else:
-                shard = session._shard_for(mapper, state.obj())
+                # (_shard_for, as a flush places it: the state gets its identity token)
+                shard = _ask_chooser(mapper, f"bulk object {index}",
+                                     functools.partial(session._shard_for, mapper, state.obj()))
         groups.setdefault(session._check_shard(shard), []).append(state)
     return groups
 
@@ -317,11 +331,14 @@ def execute_bulk(
         if not bulk.returning:
             return null_result()
         shards = list(results)[:1] if replicated else list(results)
-        returned = [
+        returned: list[Result[Any]] = [
             _compat.orm_insert_result(orm_context, groups[s], results[s], s) for s in shards
         ]
-        merged: Result[Any] = (
-            returned[0].merge(*returned[1:]) if len(returned) > 1 else returned[0])
+        if len(returned) == 1:
+            return returned[0]
+        if _compat.sorted_by_parameter_order(orm_context.statement):
+            return in_parameter_order(rows, [groups[s] for s in shards], returned)
+        merged: Result[Any] = returned[0].merge(*returned[1:])
         return merged
 
     def update(shard: Any, conn: Connection) -> Any:
@@ -331,6 +348,33 @@ def execute_bulk(
     for shard, result in results.items():
         _compat.synchronize_bulk_update(orm_context, bulk, groups[shard], result, shard)
     return null_result()
+
+
+def in_parameter_order(
+    rows: Sequence[_Row], groups: Sequence[Sequence[_Row]], results: Sequence[Result[Any]]
+) -> Result[Any]:
+    """The RETURNING ``results`` of an INSERT whose ``rows`` went to several shards, one
+    result per shard with the rows of the matching entry of ``groups`` (each in the order
+    of ``rows``), merged into one result in the order of ``rows``: what
+    ``returning(..., sort_by_parameter_order=True)`` promises on one database.
+
+    :raises QueryError: a shard returned a different number of rows than it was sent
+        (nothing is undone: the rows stay in the session's transaction; roll it back).
+    """
+    owners: dict[int, list[int]] = {}
+    for index in reversed(range(len(groups))):  # popped from the end: first shard first
+        for row in reversed(groups[index]):
+            owners.setdefault(id(row), []).append(index)
+    sources = [owners[id(row)].pop() for row in rows]
+    ordered = _compat.interleave_results(results, sources)
+    if ordered is None:
+        raise QueryError(
+            "an INSERT ... RETURNING with sort_by_parameter_order=True did not return one "
+            "row per parameter set on every shard, so its rows cannot be put in parameter "
+            "order; the rows written stay in the session's transaction: roll it back",
+            shard_id=None,
+        )
+    return ordered
 
 
 def _replicated(session: Any, mapper: Mapper[Any]) -> bool:

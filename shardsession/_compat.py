@@ -1028,6 +1028,35 @@ def orm_insert_result(
     )
 
 
+def sorted_by_parameter_order(statement: Any) -> bool:
+    """Whether ``statement`` is an INSERT whose RETURNING rows SQLAlchemy returns in the
+    order of the parameter sets (``returning(..., sort_by_parameter_order=True)``; read
+    from ``Insert._sort_by_parameter_order``, private; checked on 2.0.30 and 2.1.9)."""
+    return bool(getattr(statement, "_sort_by_parameter_order", False))
+
+
+def interleave_results(results: Sequence[Any], sources: Sequence[int]) -> Result[Any] | None:
+    """One result whose k-th row is the next unread row of ``results[sources[k]]``:
+    each result's rows are taken in their own order. ``None`` when ``sources`` does not
+    name exactly as many rows of each result as it has.
+
+    Built from the results' :class:`~sqlalchemy.engine.FrozenResult` (public), so the
+    row metadata, ORM entity rows and ``scalars()`` behave as in the results given; the
+    rows of a source that yields scalars are kept as scalars there
+    (``FrozenResult._source_supports_scalars``, private)."""
+    frozen = [r.freeze() for r in results]
+    data = [list(f.data) for f in frozen]
+    if [sum(1 for s in sources if s == i) for i in range(len(data))] != [len(d) for d in data]:
+        return None
+    taken = [iter(d) for d in data]
+    rows = [next(taken[s]) for s in sources]
+    first = frozen[0]
+    if first._source_supports_scalars:
+        rows = [(row,) for row in rows]  # with_new_rows() takes the first of each row
+    ordered: Result[Any] = first.with_new_rows(rows)()
+    return ordered
+
+
 def synchronize_bulk_update(
     orm_context: ORMExecuteState, bulk: BulkStatement, params: Sequence[Any], result: Any,
     shard_id: Any,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import insert
 
 from . import _compat
-from ._bulk import execute_bulk, route_rows, run_per_shard
+from ._bulk import execute_bulk, in_parameter_order, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
 from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
 from .query._null_order import nulls_low_on_one_shard
@@ -186,6 +186,9 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
         return conn.execute(stmt, group if len(group) != 1 else group[0])  # type: ignore[no-any-return]
 
     results = run_per_shard(session, list(groups), send)
+    if (len(results) > 1 and not replicated and _compat.sorted_by_parameter_order(stmt)
+            and all(getattr(r, "returns_rows", False) for r in results.values())):
+        return in_parameter_order(rows, list(groups.values()), list(results.values()))
     return combine(list(results.values()), replicated=replicated)
 
 
