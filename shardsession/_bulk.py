@@ -27,7 +27,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.state import InstanceState
 
 from . import _compat
-from .exc import QueryError, RoutingError, ShardKeyMissingError, ShardSessionError
+from .exc import RoutingError, ShardKeyMissingError, ShardSessionError
 from .query._fanout import _may_cross_threads, _overlappable, _shared_pool
 from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
@@ -358,23 +358,17 @@ def in_parameter_order(
     of ``rows``), merged into one result in the order of ``rows``: what
     ``returning(..., sort_by_parameter_order=True)`` promises on one database.
 
-    :raises QueryError: a shard returned a different number of rows than it was sent
-        (nothing is undone: the rows stay in the session's transaction; roll it back).
+    A shard that returned fewer rows than it was sent (an upsert that skipped rows:
+    ``ON CONFLICT DO NOTHING``) leaves no way to tell where its rows belong: the results
+    are then given shard after shard, each in its own parameter order (on one database
+    the rows returned cannot be matched to the parameter sets by position either).
     """
     owners: dict[int, list[int]] = {}
     for index in reversed(range(len(groups))):  # popped from the end: first shard first
         for row in reversed(groups[index]):
             owners.setdefault(id(row), []).append(index)
     sources = [owners[id(row)].pop() for row in rows]
-    ordered = _compat.interleave_results(results, sources)
-    if ordered is None:
-        raise QueryError(
-            "an INSERT ... RETURNING with sort_by_parameter_order=True did not return one "
-            "row per parameter set on every shard, so its rows cannot be put in parameter "
-            "order; the rows written stay in the session's transaction: roll it back",
-            shard_id=None,
-        )
-    return ordered
+    return _compat.interleave_results(results, sources)
 
 
 def _replicated(session: Any, mapper: Mapper[Any]) -> bool:

@@ -1035,10 +1035,11 @@ def sorted_by_parameter_order(statement: Any) -> bool:
     return bool(getattr(statement, "_sort_by_parameter_order", False))
 
 
-def interleave_results(results: Sequence[Any], sources: Sequence[int]) -> Result[Any] | None:
+def interleave_results(results: Sequence[Any], sources: Sequence[int]) -> Result[Any]:
     """One result whose k-th row is the next unread row of ``results[sources[k]]``:
-    each result's rows are taken in their own order. ``None`` when ``sources`` does not
-    name exactly as many rows of each result as it has.
+    each result's rows are taken in their own order. When ``sources`` does not name
+    exactly as many rows of each result as it has, the results' rows one result after
+    the other instead (the results are read here either way).
 
     Built from the results' :class:`~sqlalchemy.engine.FrozenResult` (public), so the
     row metadata, ORM entity rows and ``scalars()`` behave as in the results given; the
@@ -1047,7 +1048,7 @@ def interleave_results(results: Sequence[Any], sources: Sequence[int]) -> Result
     frozen = [r.freeze() for r in results]
     data = [list(f.data) for f in frozen]
     if [sum(1 for s in sources if s == i) for i in range(len(data))] != [len(d) for d in data]:
-        return None
+        sources = [i for i, d in enumerate(data) for _ in d]
     taken = [iter(d) for d in data]
     rows = [next(taken[s]) for s in sources]
     first = frozen[0]
