@@ -16,6 +16,7 @@ together.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -231,7 +232,11 @@ def route_states(
 
 
 def run_per_shard(
-    session: Any, shard_ids: Sequence[Any], work: Callable[[Any, Connection], _T]
+    session: Any,
+    shard_ids: Sequence[Any],
+    work: Callable[[Any, Connection], _T],
+    *,
+    one_statement: bool = False,
 ) -> dict[Any, _T]:
     """``work(shard_id, connection)`` for each shard, in parallel; return the results by
     shard, in the order of ``shard_ids``.
@@ -240,19 +245,54 @@ def run_per_shard(
     thread first, as the fan-out does (:mod:`shardsession.query._fanout`); workers only
     execute on their connection. Shards sharing one connection run one after another.
 
+    With ``one_statement`` (the parts of one bulk statement) and several shards, each
+    connection's part runs inside a SAVEPOINT of its own, when every connection can take
+    one safely (:func:`shardsession._compat.savepoint_is_safe`): an error on any shard
+    rolls every shard back to it, so nothing of the statement stays anywhere, as one
+    statement that fails on one database leaves nothing of itself. (Two more round trips
+    per connection, SAVEPOINT and RELEASE.)
+
     Failure semantics: every started shard finishes before anything is raised (no worker
-    outlives the call); then the first error in shard order is re-raised unchanged. The
-    other shards' writes stay in the session's transaction, which the caller rolls back
-    (nothing is committed).
+    outlives the call); then the first error in shard order is re-raised unchanged.
+    With savepoints, every shard's part was undone first (best effort: a shard whose
+    server already dropped the savepoint, a deadlock's rollback for one, is left as it
+    is); without, the other shards' writes stay in the session's transaction. Either
+    way the caller rolls the session back (nothing is committed).
     """
     conns = {s: session.connection(bind_arguments={"shard_id": s}) for s in shard_ids}
     lanes: dict[int, list[Any]] = {}
     for s in shard_ids:
         lanes.setdefault(id(conns[s]), []).append(s)
+    savepoints: dict[int, Any] | None = None
+    if (one_statement and len(shard_ids) > 1
+            and all(_compat.savepoint_is_safe(c) for c in conns.values())):
+        savepoints = {}
 
     def lane(members: list[Any]) -> list[tuple[Any, _T]]:
+        if savepoints is not None:  # (in the lane: the SAVEPOINTs overlap too)
+            savepoints[id(conns[members[0]])] = conns[members[0]].begin_nested()
         return [(s, work(s, conns[s])) for s in members]
 
+    if savepoints is None:
+        return _run_lanes(shard_ids, conns, lanes, lane)
+    try:
+        done = _run_lanes(shard_ids, conns, lanes, lane)
+    except BaseException:
+        for savepoint in savepoints.values():
+            with contextlib.suppress(Exception):  # the first error is the one to raise
+                savepoint.rollback()
+        raise
+    for savepoint in savepoints.values():
+        savepoint.commit()  # RELEASE SAVEPOINT
+    return done
+
+
+def _run_lanes(
+    shard_ids: Sequence[Any],
+    conns: Mapping[Any, Connection],
+    lanes: Mapping[int, list[Any]],
+    lane: Callable[[list[Any]], list[tuple[Any, _T]]],
+) -> dict[Any, _T]:
     keys = list(lanes)
     if len(keys) > 1 and _overlappable(conns.values()):
         # asyncio drivers: the lanes overlap on the event loop, never in threads
@@ -327,7 +367,7 @@ def execute_bulk(
         def insert(shard: Any, conn: Connection) -> Any:
             return _compat.run_bulk_insert(orm_context, bulk, conn, groups[shard])
 
-        results = run_per_shard(session, list(groups), insert)
+        results = run_per_shard(session, list(groups), insert, one_statement=True)
         if not bulk.returning:
             return null_result()
         shards = list(results)[:1] if replicated else list(results)
@@ -344,7 +384,7 @@ def execute_bulk(
     def update(shard: Any, conn: Connection) -> Any:
         return _compat.run_bulk_update(orm_context, bulk, conn, groups[shard])
 
-    results = run_per_shard(session, list(groups), update)
+    results = run_per_shard(session, list(groups), update, one_statement=True)
     for shard, result in results.items():
         _compat.synchronize_bulk_update(orm_context, bulk, groups[shard], result, shard)
     return null_result()

@@ -377,6 +377,20 @@ def savepoint_name(connection: Any, name: str | None) -> str:
     return f"sa_savepoint_{connection._Connection__savepoint_seq + 1}"
 
 
+def savepoint_is_safe(connection: Any) -> bool:
+    """Whether a SAVEPOINT on ``connection`` nests in the transaction it is in. pysqlite
+    (and aiosqlite) in their default mode begin a transaction only before a write: a
+    SAVEPOINT sent before one would open a transaction of its own, which its RELEASE
+    commits, outside the session's transaction. So a SQLite connection is safe only when
+    the driver says a transaction is open (``sqlite3.Connection.in_transaction``; the
+    pysqlite savepoint recipe's ``BEGIN``, or an earlier write); a driver that cannot
+    say counts as unsafe."""
+    if connection.dialect.name != "sqlite":
+        return True
+    dbapi = connection.connection.dbapi_connection
+    return getattr(dbapi, "in_transaction", None) is True
+
+
 #: how a root ``SessionTransaction`` holds a connection's transaction (see join_kind)
 OWN, ADOPTED, OUTSIDE = 0, 1, 2
 

@@ -185,7 +185,7 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
         group = groups[shard_id]
         return conn.execute(stmt, group if len(group) != 1 else group[0])  # type: ignore[no-any-return]
 
-    results = run_per_shard(session, list(groups), send)
+    results = run_per_shard(session, list(groups), send, one_statement=True)
     if (len(results) > 1 and not replicated and _compat.sorted_by_parameter_order(stmt)
             and all(getattr(r, "returns_rows", False) for r in results.values())):
         return in_parameter_order(rows, list(groups.values()), list(results.values()))

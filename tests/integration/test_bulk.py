@@ -56,12 +56,16 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Cluster]:
     if request.param == "sqlite":
         urls = [f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]
     else:
-        pg_a = request.getfixturevalue("pg_server_a")
-        pg_b = request.getfixturevalue("pg_server_b")
-        maria = request.getfixturevalue("mariadb_server")
-        # s0 and s2 PostgreSQL (two servers), s1 MariaDB
-        urls = [pg_a.create_database(), maria.create_database(), pg_b.create_database()]
+        urls = _server_urls(request)
     yield from build_cluster(urls)
+
+
+def _server_urls(request: pytest.FixtureRequest) -> list[str]:
+    pg_a = request.getfixturevalue("pg_server_a")
+    pg_b = request.getfixturevalue("pg_server_b")
+    maria = request.getfixturevalue("mariadb_server")
+    # s0 and s2 PostgreSQL (two servers), s1 MariaDB
+    return [pg_a.create_database(), maria.create_database(), pg_b.create_database()]
 
 
 def user_shard(user_id: int) -> str:
@@ -240,6 +244,69 @@ def test_failure_on_one_shard_rolls_back_every_shard(cluster: Cluster) -> None:
     expected = by_shard({7: user_shard(7)})
     assert stored(cluster, "SELECT id FROM users") == expected
     assert stored(cluster, "SELECT name FROM users") == by_shard({"first": user_shard(7)})
+
+
+@pytest.fixture(params=["sqlite+recipe", "pg+mariadb"])
+def savepoint_cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Cluster]:
+    """SQLite files with SQLAlchemy's pysqlite savepoint recipe (plain pysqlite engines
+    take no SAVEPOINT before their first write: see the next test), or the servers."""
+    if request.param == "pg+mariadb":
+        yield from build_cluster(_server_urls(request))
+        return
+    for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
+        for engine in cluster.engines.values():
+            event.listen(engine, "connect",
+                         lambda dbapi, record: setattr(dbapi, "isolation_level", None))
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+            engine.dispose()  # (connections made from here on get the recipe)
+        yield cluster
+
+
+def test_failed_bulk_statement_leaves_nothing_on_any_shard(savepoint_cluster: Cluster) -> None:
+    """A multi-shard bulk INSERT/UPDATE that fails on one shard is undone on every shard
+    (a SAVEPOINT per shard around it): a caller that catches the error and commits
+    commits nothing of it. Before, the other shards' rows were committed, those after the
+    failing row in parameter order too (attack finding)."""
+    cluster = savepoint_cluster
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": 7, "name": "first"}])
+    # rows of every shard, several after the duplicate (7) in parameter order
+    rows = [{"id": i, "name": f"r{i}"} for i in range(100, 106)] + [{"id": 7, "name": "dup"}]
+    rows += [{"id": i, "name": f"r{i}"} for i in range(106, 112)]
+    assert len({user_shard(r["id"]) for r in rows}) == 3
+    with Session() as s:
+        with pytest.raises(IntegrityError):
+            s.execute(insert(User), rows)
+        with pytest.raises(StaleDataError):
+            s.execute(update(User), [{"id": 7, "name": "changed"}, {"id": 999, "name": "x"}])
+        # the session goes on (a PostgreSQL shard's transaction is not left aborted)
+        s.execute(insert(User), [{"id": 200, "name": "after"}, {"id": 201, "name": "after"}])
+        s.commit()
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
+        {(7, "first"): user_shard(7), (200, "after"): user_shard(200),
+         (201, "after"): user_shard(201)})
+
+
+def test_plain_pysqlite_first_statement_takes_no_savepoint(tmp_path: Any) -> None:
+    """A plain pysqlite engine begins its transaction only before a write: a SAVEPOINT
+    sent first would open a transaction of its own, which RELEASE commits, outside the
+    session's. So a bulk statement that is a plain SQLite shard's first write runs
+    without one (its rows are then not undone when another shard fails: roll back)."""
+    for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
+        Session = cluster.session_factory()
+        with Session() as s:
+            s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 13)])
+            # nothing visible outside the session's transaction before its commit
+            assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
+            assert not any("SAVEPOINT" in q for qs in cluster.statements.values() for q in qs)
+            cluster.reset_log()
+            # every shard has written now: the next bulk statement takes savepoints
+            s.execute(insert(User), [{"id": i, "name": "n"} for i in range(13, 25)])
+            assert all(any(q.startswith("SAVEPOINT") for q in qs)
+                       for qs in cluster.statements.values())
+            s.rollback()
+        assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
 
 
 def test_bulk_rows_of_several_shards_commit_together(cluster: Cluster) -> None:
