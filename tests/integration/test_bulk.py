@@ -269,23 +269,29 @@ def test_failed_bulk_statement_leaves_nothing_on_any_shard(savepoint_cluster: Cl
     failing row in parameter order too (attack finding)."""
     cluster = savepoint_cluster
     Session = cluster.session_factory()
+    first = {s: next(i for i in range(1, 99) if user_shard(i) == s) for s in SHARDS}
     with Session.begin() as s:
-        s.execute(insert(User), [{"id": 7, "name": "first"}])
-    # rows of every shard, several after the duplicate (7) in parameter order
-    rows = [{"id": i, "name": f"r{i}"} for i in range(100, 106)] + [{"id": 7, "name": "dup"}]
-    rows += [{"id": i, "name": f"r{i}"} for i in range(106, 112)]
-    assert len({user_shard(r["id"]) for r in rows}) == 3
+        s.execute(insert(User), [{"id": i, "name": "first"} for i in first.values()])
     with Session() as s:
-        with pytest.raises(IntegrityError):
-            s.execute(insert(User), rows)
-        with pytest.raises(StaleDataError):
-            s.execute(update(User), [{"id": 7, "name": "changed"}, {"id": 999, "name": "x"}])
+        for shard, dup in first.items():  # each shard the failing one in turn
+            # rows of every shard, several after the duplicate in parameter order
+            rows = [{"id": i, "name": f"r{i}"} for i in range(100, 106)]
+            rows += [{"id": dup, "name": "dup"}]
+            rows += [{"id": i, "name": f"r{i}"} for i in range(106, 112)]
+            assert len({user_shard(r["id"]) for r in rows}) == 3
+            with pytest.raises(IntegrityError):
+                s.execute(insert(User), rows)
+            # (a row no shard has, on another shard: one shard alone is one database)
+            missing = next(i for i in range(900, 999) if user_shard(i) != shard)
+            with pytest.raises(StaleDataError):
+                s.execute(update(User), [{"id": dup, "name": "changed"},
+                                         {"id": missing, "name": "x"}])
         # the session goes on (a PostgreSQL shard's transaction is not left aborted)
         s.execute(insert(User), [{"id": 200, "name": "after"}, {"id": 201, "name": "after"}])
         s.commit()
-    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
-        {(7, "first"): user_shard(7), (200, "after"): user_shard(200),
-         (201, "after"): user_shard(201)})
+    expected = {(i, "first"): s for s, i in first.items()}
+    expected.update({(200, "after"): user_shard(200), (201, "after"): user_shard(201)})
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
 
 
 def test_plain_pysqlite_first_statement_takes_no_savepoint(tmp_path: Any) -> None:
