@@ -346,8 +346,13 @@ def execute_bulk(
 
     Failure semantics: routing errors are raised before any shard is asked. An error on
     a shard (a duplicate key, a row no shard matched: ``StaleDataError``) is raised after
-    every shard finished; the rows written elsewhere stay in the session's transaction,
-    uncommitted: roll the session back.
+    every shard finished, every shard's part of the statement rolled back to its
+    savepoint where one could be taken (:func:`run_per_shard`); otherwise the rows
+    written elsewhere stay in the session's transaction, uncommitted. Either way: roll
+    the session back.
+
+    With ``returning(..., sort_by_parameter_order=True)`` the rows come back in the
+    order of the parameter sets (:func:`in_parameter_order`); without it, shard by shard.
     """
     session: Any = orm_context.session
     params = orm_context.parameters

@@ -120,8 +120,9 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
 
     Failure semantics: a row that cannot be routed raises before any shard is asked;
     rows go to their shards inside the session's transaction; an error on one shard
-    propagates after the others finished and the session must be rolled back (nothing is
-    committed).
+    propagates after the others finished, the statement undone on every shard where
+    savepoints could be taken (:func:`shardsession._bulk.run_per_shard`), and the session
+    must be rolled back (nothing is committed).
     """
     placement = session.placement
     assert placement is not None
