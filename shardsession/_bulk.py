@@ -16,6 +16,7 @@ together.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -32,7 +33,9 @@ from .query._fanout import _may_cross_threads, _overlappable, _shared_pool
 from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
 
-__all__ = ["execute_bulk", "route_rows", "run_per_shard", "save_mappings"]
+__all__ = [
+    "execute_bulk", "in_parameter_order", "route_rows", "run_per_shard", "save_mappings",
+]
 
 _T = TypeVar("_T")
 _Row = Mapping[str, Any]
@@ -153,18 +156,28 @@ def _route_by_chooser(
                 attr = attr_of.get(key)
                 if attr is not None:
                     set_committed_value(obj, attr, value)  # type: ignore[no-untyped-call, unused-ignore]
-            try:
-                shard = session.shard_chooser(mapper, obj)
-            except ShardSessionError:
-                raise
-            except Exception as e:
-                raise RoutingError(
-                    f"the shard chooser failed on bulk row {index} of "
-                    f"{mapper.class_.__name__} ({type(e).__name__}: {e}); nothing was sent",
-                    shard_id=None,
-                ) from e
+            shard = _ask_chooser(mapper, f"bulk row {index}",
+                                 functools.partial(session.shard_chooser, mapper, obj))
         groups.setdefault(session._check_shard(shard), []).append(row)
     return groups
+
+
+def _ask_chooser(mapper: Mapper[Any], what: str, ask: Callable[[], Any]) -> Any:
+    """``ask()``: the shard the drop-in constructor's shard chooser names for ``what``.
+
+    :raises RoutingError: the chooser raised anything but a library error (chained from
+        it); a library error it raised passes unchanged.
+    """
+    try:
+        return ask()
+    except ShardSessionError:
+        raise
+    except Exception as e:
+        raise RoutingError(
+            f"the shard chooser failed on {what} of {mapper.class_.__name__} "
+            f"({type(e).__name__}: {e}); nothing was sent",
+            shard_id=None,
+        ) from e
 
 
 def _shard_in_identity_map(
@@ -196,7 +209,7 @@ def route_states(
         _require_primary_key(mapper, rows, True)
         return {s: list(states) for s in placement.shards}
     groups: dict[Any, list[InstanceState[Any]]] = {}
-    for state in states:
+    for index, state in enumerate(states):
         shard = _compat.identity_token_of(state)
         if shard is None and isupdate:
             raise RoutingError(
@@ -208,7 +221,9 @@ def route_states(
             if placement is not None:
                 shard = placement.shard_for_instance(mapper, state)
             else:
-                shard = session._shard_for(mapper, state.obj())
+                # (_shard_for, as a flush places it: the state gets its identity token)
+                shard = _ask_chooser(mapper, f"bulk object {index}",
+                                     functools.partial(session._shard_for, mapper, state.obj()))
         groups.setdefault(session._check_shard(shard), []).append(state)
     return groups
 
@@ -217,7 +232,11 @@ def route_states(
 
 
 def run_per_shard(
-    session: Any, shard_ids: Sequence[Any], work: Callable[[Any, Connection], _T]
+    session: Any,
+    shard_ids: Sequence[Any],
+    work: Callable[[Any, Connection], _T],
+    *,
+    one_statement: bool = False,
 ) -> dict[Any, _T]:
     """``work(shard_id, connection)`` for each shard, in parallel; return the results by
     shard, in the order of ``shard_ids``.
@@ -226,19 +245,54 @@ def run_per_shard(
     thread first, as the fan-out does (:mod:`shardsession.query._fanout`); workers only
     execute on their connection. Shards sharing one connection run one after another.
 
+    With ``one_statement`` (the parts of one bulk statement) and several shards, each
+    connection's part runs inside a SAVEPOINT of its own, when every connection can take
+    one safely (:func:`shardsession._compat.savepoint_is_safe`): an error on any shard
+    rolls every shard back to it, so nothing of the statement stays anywhere, as one
+    statement that fails on one database leaves nothing of itself. (Two more round trips
+    per connection, SAVEPOINT and RELEASE.)
+
     Failure semantics: every started shard finishes before anything is raised (no worker
-    outlives the call); then the first error in shard order is re-raised unchanged. The
-    other shards' writes stay in the session's transaction, which the caller rolls back
-    (nothing is committed).
+    outlives the call); then the first error in shard order is re-raised unchanged.
+    With savepoints, every shard's part was undone first (best effort: a shard whose
+    server already dropped the savepoint, a deadlock's rollback for one, is left as it
+    is); without, the other shards' writes stay in the session's transaction. Either
+    way the caller rolls the session back (nothing is committed).
     """
     conns = {s: session.connection(bind_arguments={"shard_id": s}) for s in shard_ids}
     lanes: dict[int, list[Any]] = {}
     for s in shard_ids:
         lanes.setdefault(id(conns[s]), []).append(s)
+    savepoints: dict[int, Any] | None = None
+    if (one_statement and len(shard_ids) > 1
+            and all(_compat.savepoint_is_safe(c) for c in conns.values())):
+        savepoints = {}
 
     def lane(members: list[Any]) -> list[tuple[Any, _T]]:
+        if savepoints is not None:  # (in the lane: the SAVEPOINTs overlap too)
+            savepoints[id(conns[members[0]])] = conns[members[0]].begin_nested()
         return [(s, work(s, conns[s])) for s in members]
 
+    if savepoints is None:
+        return _run_lanes(shard_ids, conns, lanes, lane)
+    try:
+        done = _run_lanes(shard_ids, conns, lanes, lane)
+    except BaseException:
+        for savepoint in savepoints.values():
+            with contextlib.suppress(Exception):  # the first error is the one to raise
+                savepoint.rollback()
+        raise
+    for savepoint in savepoints.values():
+        savepoint.commit()  # RELEASE SAVEPOINT
+    return done
+
+
+def _run_lanes(
+    shard_ids: Sequence[Any],
+    conns: Mapping[Any, Connection],
+    lanes: Mapping[int, list[Any]],
+    lane: Callable[[list[Any]], list[tuple[Any, _T]]],
+) -> dict[Any, _T]:
     keys = list(lanes)
     if len(keys) > 1 and _overlappable(conns.values()):
         # asyncio drivers: the lanes overlap on the event loop, never in threads
@@ -292,8 +346,13 @@ def execute_bulk(
 
     Failure semantics: routing errors are raised before any shard is asked. An error on
     a shard (a duplicate key, a row no shard matched: ``StaleDataError``) is raised after
-    every shard finished; the rows written elsewhere stay in the session's transaction,
-    uncommitted: roll the session back.
+    every shard finished, every shard's part of the statement rolled back to its
+    savepoint where one could be taken (:func:`run_per_shard`); otherwise the rows
+    written elsewhere stay in the session's transaction, uncommitted. Either way: roll
+    the session back.
+
+    With ``returning(..., sort_by_parameter_order=True)`` the rows come back in the
+    order of the parameter sets (:func:`in_parameter_order`); without it, shard by shard.
     """
     session: Any = orm_context.session
     params = orm_context.parameters
@@ -313,24 +372,48 @@ def execute_bulk(
         def insert(shard: Any, conn: Connection) -> Any:
             return _compat.run_bulk_insert(orm_context, bulk, conn, groups[shard])
 
-        results = run_per_shard(session, list(groups), insert)
+        results = run_per_shard(session, list(groups), insert, one_statement=True)
         if not bulk.returning:
             return null_result()
         shards = list(results)[:1] if replicated else list(results)
-        returned = [
+        returned: list[Result[Any]] = [
             _compat.orm_insert_result(orm_context, groups[s], results[s], s) for s in shards
         ]
-        merged: Result[Any] = (
-            returned[0].merge(*returned[1:]) if len(returned) > 1 else returned[0])
+        if len(returned) == 1:
+            return returned[0]
+        if _compat.sorted_by_parameter_order(orm_context.statement):
+            return in_parameter_order(rows, [groups[s] for s in shards], returned)
+        merged: Result[Any] = returned[0].merge(*returned[1:])
         return merged
 
     def update(shard: Any, conn: Connection) -> Any:
         return _compat.run_bulk_update(orm_context, bulk, conn, groups[shard])
 
-    results = run_per_shard(session, list(groups), update)
+    results = run_per_shard(session, list(groups), update, one_statement=True)
     for shard, result in results.items():
         _compat.synchronize_bulk_update(orm_context, bulk, groups[shard], result, shard)
     return null_result()
+
+
+def in_parameter_order(
+    rows: Sequence[_Row], groups: Sequence[Sequence[_Row]], results: Sequence[Result[Any]]
+) -> Result[Any]:
+    """The RETURNING ``results`` of an INSERT whose ``rows`` went to several shards, one
+    result per shard with the rows of the matching entry of ``groups`` (each in the order
+    of ``rows``), merged into one result in the order of ``rows``: what
+    ``returning(..., sort_by_parameter_order=True)`` promises on one database.
+
+    A shard that returned fewer rows than it was sent (an upsert that skipped rows:
+    ``ON CONFLICT DO NOTHING``) leaves no way to tell where its rows belong: the results
+    are then given shard after shard, each in its own parameter order (on one database
+    the rows returned cannot be matched to the parameter sets by position either).
+    """
+    owners: dict[int, list[int]] = {}
+    for index in reversed(range(len(groups))):  # popped from the end: first shard first
+        for row in reversed(groups[index]):
+            owners.setdefault(id(row), []).append(index)
+    sources = [owners[id(row)].pop() for row in rows]
+    return _compat.interleave_results(results, sources)
 
 
 def _replicated(session: Any, mapper: Mapper[Any]) -> bool:

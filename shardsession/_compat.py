@@ -377,6 +377,20 @@ def savepoint_name(connection: Any, name: str | None) -> str:
     return f"sa_savepoint_{connection._Connection__savepoint_seq + 1}"
 
 
+def savepoint_is_safe(connection: Any) -> bool:
+    """Whether a SAVEPOINT on ``connection`` nests in the transaction it is in. pysqlite
+    (and aiosqlite) in their default mode begin a transaction only before a write: a
+    SAVEPOINT sent before one would open a transaction of its own, which its RELEASE
+    commits, outside the session's transaction. So a SQLite connection is safe only when
+    the driver says a transaction is open (``sqlite3.Connection.in_transaction``; the
+    pysqlite savepoint recipe's ``BEGIN``, or an earlier write); a driver that cannot
+    say counts as unsafe."""
+    if connection.dialect.name != "sqlite":
+        return True
+    dbapi = connection.connection.dbapi_connection
+    return getattr(dbapi, "in_transaction", None) is True
+
+
 #: how a root ``SessionTransaction`` holds a connection's transaction (see join_kind)
 OWN, ADOPTED, OUTSIDE = 0, 1, 2
 
@@ -1110,6 +1124,36 @@ def orm_insert_result(
         orm_context.session, orm_context.statement, params, options,
         orm_context.bind_arguments, result,
     )
+
+
+def sorted_by_parameter_order(statement: Any) -> bool:
+    """Whether ``statement`` is an INSERT whose RETURNING rows SQLAlchemy returns in the
+    order of the parameter sets (``returning(..., sort_by_parameter_order=True)``; read
+    from ``Insert._sort_by_parameter_order``, private; checked on 2.0.30 and 2.1.9)."""
+    return bool(getattr(statement, "_sort_by_parameter_order", False))
+
+
+def interleave_results(results: Sequence[Any], sources: Sequence[int]) -> Result[Any]:
+    """One result whose k-th row is the next unread row of ``results[sources[k]]``:
+    each result's rows are taken in their own order. When ``sources`` does not name
+    exactly as many rows of each result as it has, the results' rows one result after
+    the other instead (the results are read here either way).
+
+    Built from the results' :class:`~sqlalchemy.engine.FrozenResult` (public), so the
+    row metadata, ORM entity rows and ``scalars()`` behave as in the results given; the
+    rows of a source that yields scalars are kept as scalars there
+    (``FrozenResult._source_supports_scalars``, private)."""
+    frozen = [r.freeze() for r in results]
+    data = [list(f.data) for f in frozen]
+    if [sum(1 for s in sources if s == i) for i in range(len(data))] != [len(d) for d in data]:
+        sources = [i for i, d in enumerate(data) for _ in d]
+    taken = [iter(d) for d in data]
+    rows = [next(taken[s]) for s in sources]
+    first = frozen[0]
+    if first._source_supports_scalars:
+        rows = [(row,) for row in rows]  # with_new_rows() takes the first of each row
+    ordered: Result[Any] = first.with_new_rows(rows)()
+    return ordered
 
 
 def synchronize_bulk_update(

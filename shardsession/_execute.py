@@ -17,7 +17,7 @@ from sqlalchemy.sql import insert
 from sqlalchemy.sql.selectable import Join
 
 from . import _compat
-from ._bulk import execute_bulk, route_rows, run_per_shard
+from ._bulk import execute_bulk, in_parameter_order, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
 from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
 from .query._null_order import nulls_low_on_one_shard
@@ -137,8 +137,9 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
 
     Failure semantics: a row that cannot be routed raises before any shard is asked;
     rows go to their shards inside the session's transaction; an error on one shard
-    propagates after the others finished and the session must be rolled back (nothing is
-    committed).
+    propagates after the others finished, the statement undone on every shard where
+    savepoints could be taken (:func:`shardsession._bulk.run_per_shard`), and the session
+    must be rolled back (nothing is committed).
     """
     placement = session.placement
     assert placement is not None
@@ -202,7 +203,10 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
         group = groups[shard_id]
         return conn.execute(stmt, group if len(group) != 1 else group[0])  # type: ignore[no-any-return]
 
-    results = run_per_shard(session, list(groups), send)
+    results = run_per_shard(session, list(groups), send, one_statement=True)
+    if (len(results) > 1 and not replicated and _compat.sorted_by_parameter_order(stmt)
+            and all(getattr(r, "returns_rows", False) for r in results.values())):
+        return in_parameter_order(rows, list(groups.values()), list(results.values()))
     return combine(list(results.values()), replicated=replicated)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -56,12 +56,16 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Cluster]:
     if request.param == "sqlite":
         urls = [f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]
     else:
-        pg_a = request.getfixturevalue("pg_server_a")
-        pg_b = request.getfixturevalue("pg_server_b")
-        maria = request.getfixturevalue("mariadb_server")
-        # s0 and s2 PostgreSQL (two servers), s1 MariaDB
-        urls = [pg_a.create_database(), maria.create_database(), pg_b.create_database()]
+        urls = _server_urls(request)
     yield from build_cluster(urls)
+
+
+def _server_urls(request: pytest.FixtureRequest) -> list[str]:
+    pg_a = request.getfixturevalue("pg_server_a")
+    pg_b = request.getfixturevalue("pg_server_b")
+    maria = request.getfixturevalue("mariadb_server")
+    # s0 and s2 PostgreSQL (two servers), s1 MariaDB
+    return [pg_a.create_database(), maria.create_database(), pg_b.create_database()]
 
 
 def user_shard(user_id: int) -> str:
@@ -242,6 +246,75 @@ def test_failure_on_one_shard_rolls_back_every_shard(cluster: Cluster) -> None:
     assert stored(cluster, "SELECT name FROM users") == by_shard({"first": user_shard(7)})
 
 
+@pytest.fixture(params=["sqlite+recipe", "pg+mariadb"])
+def savepoint_cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Cluster]:
+    """SQLite files with SQLAlchemy's pysqlite savepoint recipe (plain pysqlite engines
+    take no SAVEPOINT before their first write: see the next test), or the servers."""
+    if request.param == "pg+mariadb":
+        yield from build_cluster(_server_urls(request))
+        return
+    for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
+        for engine in cluster.engines.values():
+            event.listen(engine, "connect",
+                         lambda dbapi, record: setattr(dbapi, "isolation_level", None))
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+            engine.dispose()  # (connections made from here on get the recipe)
+        yield cluster
+
+
+def test_failed_bulk_statement_leaves_nothing_on_any_shard(savepoint_cluster: Cluster) -> None:
+    """A multi-shard bulk INSERT/UPDATE that fails on one shard is undone on every shard
+    (a SAVEPOINT per shard around it): a caller that catches the error and commits
+    commits nothing of it. Before, the other shards' rows were committed, those after the
+    failing row in parameter order too (attack finding)."""
+    cluster = savepoint_cluster
+    Session = cluster.session_factory()
+    first = {s: next(i for i in range(1, 99) if user_shard(i) == s) for s in SHARDS}
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": i, "name": "first"} for i in first.values()])
+    with Session() as s:
+        for shard, dup in first.items():  # each shard the failing one in turn
+            # rows of every shard, several after the duplicate in parameter order
+            rows = [{"id": i, "name": f"r{i}"} for i in range(100, 106)]
+            rows += [{"id": dup, "name": "dup"}]
+            rows += [{"id": i, "name": f"r{i}"} for i in range(106, 112)]
+            assert len({user_shard(r["id"]) for r in rows}) == 3
+            with pytest.raises(IntegrityError):
+                s.execute(insert(User), rows)
+            # (a row no shard has, on another shard: one shard alone is one database)
+            missing = next(i for i in range(900, 999) if user_shard(i) != shard)
+            with pytest.raises(StaleDataError):
+                s.execute(update(User), [{"id": dup, "name": "changed"},
+                                         {"id": missing, "name": "x"}])
+        # the session goes on (a PostgreSQL shard's transaction is not left aborted)
+        s.execute(insert(User), [{"id": 200, "name": "after"}, {"id": 201, "name": "after"}])
+        s.commit()
+    expected = {(i, "first"): s for s, i in first.items()}
+    expected.update({(200, "after"): user_shard(200), (201, "after"): user_shard(201)})
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
+
+
+def test_plain_pysqlite_first_statement_takes_no_savepoint(tmp_path: Any) -> None:
+    """A plain pysqlite engine begins its transaction only before a write: a SAVEPOINT
+    sent first would open a transaction of its own, which RELEASE commits, outside the
+    session's. So a bulk statement that is a plain SQLite shard's first write runs
+    without one (its rows are then not undone when another shard fails: roll back)."""
+    for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
+        Session = cluster.session_factory()
+        with Session() as s:
+            s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 13)])
+            # nothing visible outside the session's transaction before its commit
+            assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
+            assert not any("SAVEPOINT" in q for qs in cluster.statements.values() for q in qs)
+            cluster.reset_log()
+            # every shard has written now: the next bulk statement takes savepoints
+            s.execute(insert(User), [{"id": i, "name": "n"} for i in range(13, 25)])
+            assert all(any(q.startswith("SAVEPOINT") for q in qs)
+                       for qs in cluster.statements.values())
+            s.rollback()
+        assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
+
+
 def test_bulk_rows_of_several_shards_commit_together(cluster: Cluster) -> None:
     Session = cluster.session_factory()
     with Session() as s:
@@ -281,6 +354,43 @@ def test_insert_returning_objects_carry_their_shard(cluster: Cluster) -> None:
         s.commit()
     assert stored(cluster, "SELECT id FROM users") == by_shard(
         {i: user_shard(i) for i in [*range(1, 13), *range(20, 26)]})
+
+
+def test_insert_returning_sorted_by_parameter_order(cluster: Cluster) -> None:
+    """``returning(..., sort_by_parameter_order=True)`` returns the rows in the order of
+    the parameter sets, as SQLAlchemy promises on one database, although each shard
+    returns only its own (they came back grouped by shard: attack finding)."""
+    Session = cluster.session_factory()
+    ids = [7, 1, 12, 3, 8, 2, 11, 4]
+    assert len({user_shard(i) for i in ids}) == 3
+    # grouped by shard the order would differ: the test can tell the two apart
+    assert sorted(ids, key=lambda i: SHARDS.index(user_shard(i))) != ids
+
+    def rows(offset: int) -> list[dict[str, Any]]:
+        return [{"id": i + offset, "name": f"n{i + offset}"} for i in ids]
+
+    with Session() as s:
+        objs = s.scalars(insert(User).returning(User, sort_by_parameter_order=True),
+                         rows(0)).all()
+        assert [o.id for o in objs] == ids
+        for o in objs:  # still keyed with their shard
+            assert inspect(o).key[2] == user_shard(o.id)
+            assert s.get(User, o.id) is o
+        columns = s.execute(
+            insert(User).returning(User.id, User.name, sort_by_parameter_order=True),
+            rows(100)).all()
+        assert [tuple(c) for c in columns] == [(i + 100, f"n{i + 100}") for i in ids]
+        mixed = s.execute(
+            insert(User).returning(User, User.name, sort_by_parameter_order=True),
+            rows(200)).all()
+        assert [(u.id, n) for u, n in mixed] == [(i + 200, f"n{i + 200}") for i in ids]
+        table = User.__table__
+        core = s.execute(table.insert().returning(table.c.id, sort_by_parameter_order=True),
+                         rows(300)).scalars().all()
+        assert core == [i + 300 for i in ids]
+        s.commit()
+    assert set().union(*stored(cluster, "SELECT id FROM users").values()) == {
+        i + offset for i in ids for offset in (0, 100, 200, 300)}
 
 
 def test_update_and_delete_returning_objects_carry_their_shard(cluster: Cluster) -> None:
@@ -430,6 +540,33 @@ def test_upserts_routed_by_key(cluster: Cluster) -> None:
         {i: user_shard(i) for i in range(1, 31)})
 
 
+def test_upsert_skipping_rows_sorted_by_parameter_order(cluster: Cluster) -> None:
+    """``ON CONFLICT DO NOTHING`` with ``sort_by_parameter_order=True``: a shard returns
+    fewer rows than it was sent, so positions across shards are unknown; the inserted
+    rows still all come back, each shard's in parameter order (no error after the rows
+    were written)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    dialect = "sqlite" if cluster.engines[SHARDS[0]].dialect.name == "sqlite" else "postgresql"
+    shards = [n for n, e in cluster.engines.items() if e.dialect.name == dialect]
+    ids = [i for i in range(1, 60) if user_shard(i) in shards][:12]
+    assert len({user_shard(i) for i in ids}) >= 2
+    existing = ids[1::3]
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": i, "name": "old"} for i in existing])
+    make = sqlite_insert if dialect == "sqlite" else pg_insert
+    stmt = make(User).on_conflict_do_nothing().returning(User.id, sort_by_parameter_order=True)
+    with Session.begin() as s:
+        got = s.scalars(stmt, [{"id": i, "name": "new"} for i in ids]).all()
+    new = [i for i in ids if i not in existing]
+    assert sorted(got) == sorted(new)
+    for shard in shards:
+        assert [i for i in got if user_shard(i) == shard] == [
+            i for i in new if user_shard(i) == shard]
+
+
 # --------------------------------------------------------------------------------------------
 # the drop-in constructor: rows routed by the shard chooser
 
@@ -478,12 +615,22 @@ def test_dropin_unroutable_row_sends_nothing(cluster: Cluster) -> None:
     def failing(mapper: Any, instance: Any, clause: Any = None) -> str:
         return SHARDS[instance.region]  # no such attribute
 
+    rows = [{"id": i, "name": "d"} for i in range(1, 8)]
+    calls: list[Callable[[Any], object]] = [
+        lambda s: s.execute(insert(User), rows),
+        lambda s: s.bulk_insert_mappings(User, rows),
+        # (bulk_save_objects raised the chooser's own AttributeError: attack finding)
+        lambda s: s.bulk_save_objects([User(**r) for r in rows]),
+    ]
     for chooser, error in ((unknown, UnknownShardError), (failing, RoutingError)):
-        with _dropin(cluster, chooser)() as s:
-            cluster.reset_log()
-            with pytest.raises(error):
-                s.execute(insert(User), [{"id": i, "name": "d"} for i in range(1, 8)])
-            assert cluster.touched("INSERT") == set()
+        for call in calls:
+            with _dropin(cluster, chooser)() as s:
+                cluster.reset_log()
+                with pytest.raises(error) as raised:
+                    call(s)
+                assert cluster.touched("INSERT") == set()
+                if chooser is failing:  # the library's error, chained from the chooser's
+                    assert isinstance(raised.value.__cause__, AttributeError)
 
 
 def test_upsert_returning_populate_existing(cluster: Cluster) -> None:
