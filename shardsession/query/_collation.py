@@ -31,6 +31,7 @@ from sqlalchemy.sql.elements import (
     ColumnClause,
     Grouping,
     Label,
+    UnaryExpression,
 )
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.types import Enum, String
@@ -232,8 +233,7 @@ def expression_collation(expr: Any, dialect: str, conn: Connection | None) -> Co
     made of (implicit derivation), or the database's default without any.  Columns of
     different collations give an inexact answer (the caller refuses).
     """
-    while isinstance(expr, Label | Grouping):
-        expr = expr.element
+    expr = unwrap(expr)
     if isinstance(expr, BinaryExpression) and expr.operator is operators.collate:
         right: Any = expr.right
         while isinstance(right, Grouping):
@@ -290,7 +290,10 @@ def _string_columns(expr: Any) -> list[Column[Any]] | None:
 
 
 def unwrap(expr: Any) -> Any:
-    """``expr`` without labels and groupings."""
-    while isinstance(expr, Label | Grouping):
-        expr = expr.element
-    return expr
+    """``expr`` without labels, groupings and a column-level ``distinct()`` (which
+    compares its operand as the operand's collation does)."""
+    while True:
+        if isinstance(expr, Label | Grouping) or (isinstance(expr, UnaryExpression) and expr.operator is operators.distinct_op):
+            expr = expr.element
+        else:
+            return expr
