@@ -293,7 +293,9 @@ def unwrap(expr: Any) -> Any:
     """``expr`` without labels, groupings and a column-level ``distinct()`` (which
     compares its operand as the operand's collation does)."""
     while True:
-        if isinstance(expr, Label | Grouping) or (isinstance(expr, UnaryExpression) and expr.operator is operators.distinct_op):
+        if isinstance(expr, Label | Grouping) or (
+            isinstance(expr, UnaryExpression) and expr.operator is operators.distinct_op
+        ):
             expr = expr.element
         else:
             return expr
