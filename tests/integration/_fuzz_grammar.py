@@ -747,8 +747,10 @@ class Grammar:
         sel = [self.aggregate(ctx) for _ in range(self.r.randint(1, 3))]
         if self.p(0.1):
             c = self.pick(self.cols_of(ctx, ["str", "int"]))
+            # (keeps the column's tags: a case-insensitive column's DISTINCT may answer
+            # with any of its case variants, compared by their fold)
             sel = [X(distinct(c.expr), f"distinct({c.src})", c.kind,
-                     tags=frozenset({"distinct_col"}))]
+                     tags=frozenset({"distinct_col"}) | c.tags)]
         for x in sel:
             tags |= x.tags
         if "distinct_col" in tags:
