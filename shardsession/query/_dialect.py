@@ -16,8 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Double, cast
-from sqlalchemy.sql.elements import ClauseElement, ColumnClause, ColumnElement
-from sqlalchemy.types import REAL, Float, TypeEngine
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import (
+    ClauseElement,
+    ColumnClause,
+    ColumnElement,
+    Grouping,
+    Label,
+    UnaryExpression,
+)
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import REAL, Float, NullType, TypeEngine
 
 __all__ = [
     "DIALECTS",
@@ -241,6 +250,26 @@ def _reads_single_precision(expr: Any) -> bool:
     return False
 
 
+#: functions that return their (float) argument's type on PostgreSQL
+_FLOAT_PRESERVING = frozenset(
+    {"abs", "sign", "ceil", "ceiling", "floor", "trunc", "coalesce", "nullif", "greatest",
+     "least"}
+)
+
+
+def _float_preserving(expr: Any) -> bool:
+    """Whether ``expr`` is (a negation of) a function of :data:`_FLOAT_PRESERVING`."""
+    while True:
+        if isinstance(expr, Grouping | Label) or (
+            isinstance(expr, UnaryExpression) and expr.operator is operators.neg
+        ):
+            expr = expr.element
+        else:
+            break
+    return isinstance(expr, FunctionElement) and str(getattr(expr, "name", "")).lower() in (
+        _FLOAT_PRESERVING)
+
+
 def avg_sum_argument(arg: Any, dialects: Sequence[str]) -> Any:
     """The argument of AVG's partial SUM: a single-precision expression cast to double
     where the dialect's AVG accumulates in double (so the partials keep the precision
@@ -249,6 +278,15 @@ def avg_sum_argument(arg: Any, dialects: Sequence[str]) -> Any:
     single-precision column; integer and numeric expressions are never cast (their AVG
     is exact numeric)."""
     type_: TypeEngine[Any] | None = getattr(arg, "type", None)
+    if (
+        isinstance(type_, NullType)
+        and _float_preserving(arg)
+        and _reads_single_precision(arg)
+        and any(rules_for(d).real_avg_widens for d in dialects)
+    ):
+        # an untyped function SQLAlchemy does not know (func.abs(r)): single precision
+        # when it keeps its REAL argument's type
+        return cast(arg, Double())
     if not (
         isinstance(arg, ColumnElement)
         and isinstance(type_, Float)
