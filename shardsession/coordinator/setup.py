@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from ..backends import adapter_for
 from .decisions import admin_connection
-from .identity import ensure_identity_here, read_identities
+from .identity import ensure_identity_here, read_identities, read_identity
 
 __all__ = ["ShardHealth", "ShardSetup", "prepare_shards", "shard_health"]
 
@@ -106,9 +106,11 @@ def shard_health(engines: Mapping[str, Engine]) -> list[ShardHealth]:
         except KeyError:
             continue
         try:
-            found, errors = read_identities({name: engine})
-            if name in errors:
-                raise RuntimeError(errors[name])
+            try:
+                identity = read_identity(adapter, engine)
+            except Exception as e:
+                raise RuntimeError(
+                    f"cannot read the cluster identity: {type(e).__name__}: {e}") from e
             with admin_connection(engine) as dbapi:
                 warnings = tuple(adapter.durability_warnings(dbapi))
                 caps = adapter.detect(dbapi)
@@ -117,5 +119,5 @@ def shard_health(engines: Mapping[str, Engine]) -> list[ShardHealth]:
         except Exception as e:
             out.append(ShardHealth(name, None, (), f"{type(e).__name__}: {e}"))
             continue
-        out.append(ShardHealth(name, found.get(name), warnings))
+        out.append(ShardHealth(name, identity, warnings))
     return out

@@ -14,7 +14,7 @@ subquery picks the same row on every shard.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,13 +315,17 @@ def _rows(
         if value_key is not nan_safe:
             key = dataclasses.replace(key, key=value_key)
         sort_keys.append(key)
-    distinct_keys: tuple[ValueKey, ...] = ()
-    if plan.distinct:
-        distinct_keys = tuple(
-            _equality_key(_expr_at(descs, i), "DISTINCT", resolver)
-            for i in range(plan.visible)
-        )
+    distinct_keys = (
+        _distinct_keys(descs, range(plan.visible), resolver) if plan.distinct else ()
+    )
     return dataclasses.replace(plan, sort_keys=sort_keys), ValueSemantics(distinct_keys)
+
+
+def _distinct_keys(
+    descs: Sequence[dict[str, Any]], positions: Iterable[int], resolver: _Resolver
+) -> tuple[ValueKey, ...]:
+    """What DISTINCT compares each visible column (at ``positions``) as."""
+    return tuple(_equality_key(_expr_at(descs, p), "DISTINCT", resolver) for p in positions)
 
 
 def _equality_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
@@ -368,12 +372,11 @@ def _aggregate(
         if value_key is not nan_safe:
             key = dataclasses.replace(key, key=value_key)
         sort_keys.append(key)
-    distinct_keys: tuple[ValueKey, ...] = ()
-    if plan.distinct:
-        distinct_keys = tuple(
-            _equality_key(_expr_at(descs, s.positions[0]), "DISTINCT", resolver)
-            for s in plan.slots[: plan.visible]
-        )
+    distinct_keys = (
+        _distinct_keys(descs, (s.positions[0] for s in plan.slots[: plan.visible]), resolver)
+        if plan.distinct
+        else ()
+    )
     refined = dataclasses.replace(plan, slots=slots, sort_keys=sort_keys)
     return refined, ValueSemantics(distinct_keys, group_keys)
 

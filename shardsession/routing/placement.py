@@ -23,7 +23,7 @@ from .._compat import identity_token_of
 from ..exc import ConfigurationError, RoutingError, ShardKeyMissingError
 from ._keys import compares_bytewise
 from .colocation import CoLocation
-from .pruning import key_values
+from .pruning import key_python_type, key_values
 from .strategies import Broadcast, Follows, KeyStrategy, Pinned, Rule
 
 if TYPE_CHECKING:
@@ -47,13 +47,6 @@ def naming_mapper(error: RoutingError, mapper: Mapper[Any]) -> RoutingError:
     """A strategy's :class:`RoutingError`, again, with the mapper's class name in front."""
     return type(error)(f"{mapper.class_.__name__}: {error.message}", shard_id=error.shard_id)
 
-
-
-def _python_type(col: ColumnElement[Any]) -> type | None:
-    try:
-        return col.type.python_type  # type: ignore[no-any-return]
-    except NotImplementedError:
-        return None
 
 @dataclass(frozen=True)
 class ResolvedRule:
@@ -287,7 +280,7 @@ class Placement(CoLocation):
                     )
                 cols.append(prop.columns[0])
             self._check_key_collations(mapper, rule, cols)
-            if len(cols) == 1 and _python_type(cols[0]) is int and rule.normalize is None:
+            if len(cols) == 1 and key_python_type(cols[0]) is int and rule.normalize is None:
                 rule.integer_key = True
             return self._key_rule(mapper, rule, rule, tuple(cols), rule.key)
         if isinstance(rule, Follows):

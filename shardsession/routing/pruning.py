@@ -155,7 +155,9 @@ def _walk(
     return _UNCONSTRAINED
 
 
-def _python_type(col: ColumnElement[Any]) -> type | None:
+def key_python_type(col: ColumnElement[Any]) -> type | None:
+    """The Python type of a key column's values where keys are compared by it (``int``,
+    ``str``, ``bytes``, UUID, Decimal, dates); ``None`` for any other."""
     try:
         t = col.type.python_type
     except (NotImplementedError, AttributeError):
@@ -176,7 +178,7 @@ def key_values(
     """
     if where is None:
         return None
-    types = [_python_type(c) for c in key_columns]
+    types = [key_python_type(c) for c in key_columns]
     dnf = _walk(where, key_columns, params or {}, types)
     combos: set[tuple[Any, ...]] = set()
     for box in dnf:
