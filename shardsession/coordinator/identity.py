@@ -127,7 +127,7 @@ def read_identities(engines: Mapping[str, Engine]) -> tuple[dict[str, str | None
     return found, errors
 
 
-def _sqlite_in_memory(engine: Engine) -> bool:
+def _sqlite_shares_connection(engine: Engine) -> bool:
     """Whether another connection of ``engine`` is not a separate connection to its file.
 
     A second connection to an in-memory database is another database; a pool that hands
@@ -177,7 +177,7 @@ class IdentityCache:
             return known
         adapter = branch.adapter
         if adapter is not None and adapter.name == "sqlite" and (
-                branch.wrote or _sqlite_in_memory(branch.engine)):
+                branch.wrote or _sqlite_shares_connection(branch.engine)):
             identity, stored_before = ensure_identity_here(adapter, branch.dbapi)
             if not stored_before:
                 return identity  # commits with this transaction, or not at all: not kept
@@ -190,7 +190,7 @@ class IdentityCache:
         engine = branch.engine
         if (branch.adapter is None or branch.adapter.name != "sqlite" or branch.wrote
                 or engine in self._known or engine in self._tried
-                or _sqlite_in_memory(engine)):
+                or _sqlite_shares_connection(engine)):
             return
         # Once per engine: a file locked by another process makes this wait SQLite's busy
         # timeout, which later transactions must not pay again.
