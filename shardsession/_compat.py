@@ -1000,6 +1000,22 @@ def orm_bulk_statement(orm_context: ORMExecuteState) -> BulkStatement | None:
                          bool(statement._returning))
 
 
+def mappers_of_table(table: Any) -> list[Mapper[Any]]:
+    """The mappers whose own table is ``table`` (a Core ``insert(table)``'s rows are routed
+    through them), the base mapper of a single-table hierarchy only. Read from SQLAlchemy's
+    private list of registries (``sqlalchemy.orm.mapper._all_registries``, checked on
+    2.0.30 and 2.1.9); each registry's ``mappers`` is public."""
+    from sqlalchemy.orm import mapperlib
+
+    found: list[Mapper[Any]] = []
+    for reg in mapperlib._all_registries():
+        for m in reg.mappers:
+            if m.local_table is table and (m.inherits is None
+                                           or m.inherits.local_table is not table):
+                found.append(m)
+    return found
+
+
 class _NoConnectionCallable:
     connection_callable = None
 

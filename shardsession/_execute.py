@@ -26,7 +26,8 @@ from .routing.placement import Placement
 from .routing.strategies import Broadcast
 
 __all__ = [
-    "combine", "execute", "invoke_one", "mappers_of_tables", "routed_insert", "tables_of",
+    "chosen_insert", "combine", "execute", "invoke_one", "mappers_of_tables", "routed_insert",
+    "tables_of",
 ]
 
 
@@ -97,6 +98,8 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
     if len(shard_ids) == 1:
         return _single(session, orm_context, shard_ids[0])
+    if orm_context.is_insert and orm_context.parameters and not orm_context.is_orm_statement:
+        return chosen_insert(session, orm_context, shard_ids)
     return execute_on_shards(orm_context, shard_ids, _options(session))
 
 
@@ -198,6 +201,62 @@ def routed_insert(session: Any, orm_context: ORMExecuteState) -> Result[Any]:
             s: [{to_column.get(k, k): v for k, v in row.items()} for row in g]
             for s, g in groups.items()
         }
+
+    return _send_rows(session, stmt, rows, groups, replicated=replicated)
+
+
+def chosen_insert(
+    session: Any, orm_context: ORMExecuteState, shard_ids: Sequence[Any]
+) -> Result[Any]:
+    """A Core ``insert(table)`` with parameter sets that the drop-in execute chooser sent
+    to several shards (``shard_ids``): each row goes to the shard the shard chooser names
+    for it, asked as for an ORM bulk row (a transient object of the class mapping
+    ``table``, carrying the row's column values: :func:`shardsession._bulk.route_rows`),
+    the shards in parallel. Running the statement on every chosen shard, as SQLAlchemy's
+    sharded session does, would store each row once per shard.
+
+    Failure semantics: raised before any shard is asked, nothing sent:
+    :class:`~shardsession.exc.RoutingError` when no mapped class (or more than one) maps
+    the table, when the shard chooser fails on a row, or when it names a shard the execute
+    chooser did not; :class:`~shardsession.exc.UnknownShardError` for a shard the session
+    does not have. An error on one shard is raised after the others finished, the
+    statement undone on every shard where savepoints could be taken
+    (:func:`shardsession._bulk.run_per_shard`); roll the session back.
+    """
+    stmt = orm_context.statement
+    table = getattr(stmt, "table", None)
+    mappers = _compat.mappers_of_table(table) if table is not None else []
+    name = getattr(table, "name", "?")
+    if len(mappers) != 1:
+        raise RoutingError(
+            f"cannot route the rows of an INSERT into {name!r} over the shards the execute "
+            f"chooser named ({', '.join(map(str, shard_ids))}): "
+            + ("no mapped class maps the table" if not mappers else
+               f"several mapped classes map it ({', '.join(m.class_.__name__ for m in mappers)})")
+            + ", so the shard chooser cannot be asked per row; nothing was sent. Pass "
+            "bind_arguments={'shard_id': ...}, or have the execute chooser name one shard",
+            shard_id=None,
+        )
+    params = orm_context.parameters
+    rows = [dict(params)] if isinstance(params, Mapping) else [dict(p) for p in params or ()]
+    groups: dict[Any, list[Any]] = route_rows(session, mappers[0], rows, by_attribute=False)
+    outside = [s for s in groups if s not in shard_ids]
+    if outside:
+        raise RoutingError(
+            f"the shard chooser placed rows of an INSERT into {name!r} on "
+            f"{', '.join(map(str, outside))}, which the execute chooser did not name "
+            f"({', '.join(map(str, shard_ids))}); nothing was sent",
+            shard_id=outside[0],
+        )
+    return _send_rows(session, stmt, rows, groups, replicated=False)
+
+
+def _send_rows(
+    session: Any, stmt: Any, rows: Sequence[Any], groups: Mapping[Any, list[Any]],
+    *, replicated: bool,
+) -> Result[Any]:
+    """Run ``stmt`` on each shard of ``groups`` with that shard's rows (the parts of one
+    statement: a savepoint per shard where one can be taken), and combine the results."""
 
     def send(shard_id: Any, conn: Any) -> Result[Any]:
         group = groups[shard_id]

@@ -14,7 +14,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import (
+    Column,
     Engine,
+    Integer,
+    MetaData,
+    Table,
     create_engine,
     delete,
     event,
@@ -606,6 +610,37 @@ def test_dropin_routes_rows_by_the_shard_chooser(cluster: Cluster) -> None:
     theirs = _dropin(cluster, _by_id, horizontal_shard.ShardedSession)
     with theirs() as s, pytest.raises(NotImplementedError):
         s.execute(insert(User), [{"id": 100, "name": "x"}])
+
+
+def test_dropin_core_insert_rows_routed_by_the_shard_chooser(cluster: Cluster) -> None:
+    """A Core ``insert(table)`` with rows that the drop-in execute chooser sends to every
+    shard: each row stored once, on the shard the shard chooser names for it (it was
+    refused; SQLAlchemy's sharded session stores every row on every shard)."""
+    Session = _dropin(cluster, _by_id)
+    with Session.begin() as s:
+        result = s.execute(insert(User.__table__), [{"id": i, "name": "c"} for i in range(1, 13)])
+        assert result.rowcount in (12, -1)
+        s.execute(insert(User.__table__), {"id": 13, "name": "one"})  # one parameter dict
+    assert stored(cluster, "SELECT id FROM users") == by_shard(
+        {i: SHARDS[i % 3] for i in range(1, 14)})
+
+
+def test_dropin_core_insert_unroutable_rows_send_nothing(cluster: Cluster) -> None:
+    unmapped = Table("unmapped_rows", MetaData(), Column("id", Integer, primary_key=True))
+
+    def two_shards(context: Any) -> list[str]:
+        return ["s0", "s1"]
+
+    narrow = sessionmaker(class_=ShardedSession, shards=cluster.engines, shard_chooser=_by_id,
+                          identity_chooser=lambda *a, **k: list(SHARDS),
+                          execute_chooser=two_shards, atomic="best_effort")
+    with _dropin(cluster, _by_id)() as s, narrow() as n:
+        cluster.reset_log()
+        with pytest.raises(RoutingError, match="no mapped class maps the table"):
+            s.execute(insert(unmapped), [{"id": 1}, {"id": 2}])
+        with pytest.raises(RoutingError, match="did not name"):  # id 2 belongs on s2
+            n.execute(insert(User.__table__), [{"id": i, "name": "x"} for i in range(3)])
+        assert cluster.touched("INSERT") == set()
 
 
 def test_dropin_unroutable_row_sends_nothing(cluster: Cluster) -> None:
