@@ -327,6 +327,25 @@ class ForwardedIdentityLookup(Session):
         return None
 
 
+class TransientMerge(Session):
+    """A sharded Session class whose ``merge()`` of a transient object looks it up by its
+    current key only.
+
+    Overrides ``Session._merge`` (private; ``merge()`` and its cascades call it for every
+    object, on 2.0.30 and 2.1.9), which builds the identity key of a transient object from
+    ``InstanceState.identity_token``. ``make_transient()`` keeps that token: the shard of
+    the key the object had before. A copy given a new key would be looked up on that shard
+    and, not found there, inserted as a second row. The token of a transient state (no
+    key, in no session) is forgotten first, as adding the object forgets it, so the
+    identity chooser (or the placement) finds the shard of the current key.
+    """
+
+    def _merge(self, state: InstanceState[Any], *args: Any, **kw: Any) -> Any:
+        if state.key is None and state.session_id is None and state.identity_token is not None:
+            state.identity_token = None
+        return super()._merge(state, *args, **kw)
+
+
 def coordinate(transaction: Any) -> None:
     """Make a root ``SessionTransaction`` run the protocol of the object later put in its
     slot (see :class:`_CoordinatedTransaction`); a no-op for a subtransaction (private

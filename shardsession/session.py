@@ -67,6 +67,7 @@ class ShardedSession(
     _compat.CoordinatedRoots,
     _compat.RoutedBulkSaves,
     _compat.ForwardedIdentityLookup,
+    _compat.TransientMerge,
     _SAShardedSession,
 ):
     """A Session whose data is spread over several databases.

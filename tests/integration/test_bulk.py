@@ -452,6 +452,29 @@ def test_make_transient_forgets_the_shard(cluster: Cluster) -> None:
          new_attached: user_shard(new_attached)})
 
 
+def test_merge_of_a_transient_copy_finds_the_row_of_its_new_key(cluster: Cluster) -> None:
+    """``merge()`` of a ``make_transient`` copy given the key of a row stored on another
+    shard updates that row: its identity lookup does not use the shard of the old key
+    (it did, found nothing there, and inserted a second row with that key)."""
+    Session = cluster.session_factory()
+    old, other = 1, 2
+    while user_shard(other) == user_shard(old):
+        other += 1
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": old, "name": "old"}, {"id": other, "name": "other"}])
+    with Session.begin() as s:
+        u = s.get(User, old)
+        assert u is not None
+        s.expunge(u)
+        make_transient(u)
+        u.id, u.name = other, "merged"
+        merged = s.merge(u)
+        assert inspect(merged).key == (User, (other,), user_shard(other))
+        assert merged in s and not inspect(merged).pending
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
+        {(old, "old"): user_shard(old), (other, "merged"): user_shard(other)})
+
+
 # --------------------------------------------------------------------------------------------
 # UPDATE by primary key, the Session's bulk methods, upserts
 
