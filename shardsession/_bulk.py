@@ -28,7 +28,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.state import InstanceState
 
 from . import _compat
-from .exc import RoutingError, ShardKeyMissingError, ShardSessionError
+from .exc import CapabilityError, RoutingError, ShardKeyMissingError, ShardSessionError
 from .query._fanout import _may_cross_threads, _overlappable, _shared_pool
 from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
@@ -247,10 +247,15 @@ def run_per_shard(
 
     With ``one_statement`` (the parts of one bulk statement) and several shards, each
     connection's part runs inside a SAVEPOINT of its own, when every connection can take
-    one safely (:func:`shardsession._compat.savepoint_is_safe`): an error on any shard
-    rolls every shard back to it, so nothing of the statement stays anywhere, as one
-    statement that fails on one database leaves nothing of itself. (Two more round trips
-    per connection, SAVEPOINT and RELEASE.)
+    one safely (:func:`shardsession._compat.savepoint_readiness`; a pysqlite or aiosqlite
+    connection whose driver defers its BEGIN to the first write gets that BEGIN first):
+    an error on any shard rolls every shard back to it, so nothing of the statement stays
+    anywhere, as one statement that fails on one database leaves nothing of itself. (Two
+    more round trips per connection, SAVEPOINT and RELEASE.)
+
+    :raises CapabilityError: ``one_statement`` over several shards, one of them a SQLite
+        connection in driver autocommit mode (no transaction for a SAVEPOINT to nest
+        in, its part would be committed at once); raised before anything is sent.
 
     Failure semantics: every started shard finishes before anything is raised (no worker
     outlives the call); then the first error in shard order is re-raised unchanged.
@@ -264,8 +269,24 @@ def run_per_shard(
     for s in shard_ids:
         lanes.setdefault(id(conns[s]), []).append(s)
     savepoints: dict[int, Any] | None = None
-    if (one_statement and len(shard_ids) > 1
-            and all(_compat.savepoint_is_safe(c) for c in conns.values())):
+    if one_statement and len(shard_ids) > 1:
+        readiness = {s: _compat.savepoint_readiness(conns[s]) for s in shard_ids}
+        unsafe = [s for s, r in readiness.items() if r == _compat.SAVEPOINT_UNSAFE]
+        if unsafe:
+            raise CapabilityError(
+                f"a bulk statement over shards {', '.join(map(str, shard_ids))} cannot be "
+                f"all-or-nothing: the SQLite driver of {', '.join(map(str, unsafe))} is in "
+                "autocommit mode (isolation_level=None without a BEGIN, or autocommit=True), "
+                "so its part would be committed at once, and no SAVEPOINT can undo it if "
+                "another shard fails; nothing was sent. Send each shard's rows with "
+                "bind_arguments={'shard_id': ...}, or use the pysqlite savepoint recipe",
+                shard_id=unsafe[0],
+            )
+        begun: set[int] = set()
+        for s in shard_ids:
+            if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and id(conns[s]) not in begun:
+                begun.add(id(conns[s]))
+                _compat.begin_driver_transaction(conns[s])
         savepoints = {}
 
     def lane(members: list[Any]) -> list[tuple[Any, _T]]:

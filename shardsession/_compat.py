@@ -396,18 +396,47 @@ def savepoint_name(connection: Any, name: str | None) -> str:
     return f"sa_savepoint_{connection._Connection__savepoint_seq + 1}"
 
 
-def savepoint_is_safe(connection: Any) -> bool:
-    """Whether a SAVEPOINT on ``connection`` nests in the transaction it is in. pysqlite
-    (and aiosqlite) in their default mode begin a transaction only before a write: a
-    SAVEPOINT sent before one would open a transaction of its own, which its RELEASE
-    commits, outside the session's transaction. So a SQLite connection is safe only when
-    the driver says a transaction is open (``sqlite3.Connection.in_transaction``; the
-    pysqlite savepoint recipe's ``BEGIN``, or an earlier write); a driver that cannot
-    say counts as unsafe."""
+#: the ``isolation_level`` values of a pysqlite / aiosqlite connection in its default
+#: (legacy) mode, the driver's transaction then begun with ``BEGIN <level>``
+_SQLITE_BEGIN_LEVELS = frozenset({"", "DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+SAVEPOINT_READY, SAVEPOINT_AFTER_BEGIN, SAVEPOINT_UNSAFE = "ready", "after-begin", "unsafe"
+
+
+def savepoint_readiness(connection: Any) -> str:
+    """Whether a SAVEPOINT on ``connection`` nests in the transaction it is in.
+
+    ``SAVEPOINT_READY``: it does (every dialect but SQLite; SQLite when the driver says a
+    transaction is open: ``sqlite3.Connection.in_transaction``, after the pysqlite
+    savepoint recipe's ``BEGIN`` or an earlier write). ``SAVEPOINT_AFTER_BEGIN``: pysqlite
+    or aiosqlite in their default mode, with no transaction begun yet: the driver begins
+    one only before a write, so a SAVEPOINT sent first would open a transaction of its
+    own, which RELEASE commits; :func:`begin_driver_transaction` begins the driver's
+    transaction first, as the write itself would. ``SAVEPOINT_UNSAFE``: the driver is in
+    autocommit mode (``isolation_level=None``, ``autocommit=True``: no transaction to
+    nest in) or cannot say whether a transaction is open. (aiosqlite: read through the
+    private ``AsyncAdapt_aiosqlite_connection._connection``, checked on 2.1.9.)"""
     if connection.dialect.name != "sqlite":
-        return True
+        return SAVEPOINT_READY
     dbapi = connection.connection.dbapi_connection
-    return getattr(dbapi, "in_transaction", None) is True
+    raw = getattr(dbapi, "_connection", dbapi)  # (aiosqlite: its aiosqlite.Connection)
+    open_ = getattr(raw, "in_transaction", None)
+    if open_ is True:
+        return SAVEPOINT_READY
+    if open_ is not False or getattr(raw, "autocommit", None) is True:
+        return SAVEPOINT_UNSAFE
+    level = getattr(dbapi, "isolation_level", None)
+    if not isinstance(level, str) or level.upper() not in _SQLITE_BEGIN_LEVELS:
+        return SAVEPOINT_UNSAFE
+    return SAVEPOINT_AFTER_BEGIN
+
+
+def begin_driver_transaction(connection: Any) -> None:
+    """Begin the deferred transaction of a pysqlite / aiosqlite ``connection``
+    (``savepoint_readiness`` answered ``SAVEPOINT_AFTER_BEGIN``) with the ``BEGIN``
+    the driver itself sends before a write; the driver's ``commit()`` / ``rollback()``,
+    and so the session's, end it."""
+    level = str(connection.connection.dbapi_connection.isolation_level).upper()
+    connection.exec_driver_sql(f"BEGIN {level}".rstrip())
 
 
 #: how a root ``SessionTransaction`` holds a connection's transaction (see join_kind)

@@ -455,3 +455,35 @@ def test_prepare_phase_overlaps(request: pytest.FixtureRequest, tmp_path: Any) -
     assert len(prepared) == 2
     phase_one = marks["after"] - marks["before"]
     assert 0.38 <= phase_one < 0.7, phase_one
+
+
+@pytest.mark.parametrize("name", ["sqlite", "aiosqlite+asyncpg+aiomysql"])
+def test_failed_bulk_statement_leaves_nothing_on_aiosqlite(
+    request: pytest.FixtureRequest, tmp_path: Any, name: str
+) -> None:
+    """A bulk INSERT that is an aiosqlite shard's first write and fails on another shard
+    leaves nothing of itself on any shard: the driver's BEGIN, then a SAVEPOINT, on the
+    aiosqlite shard too (it took none before: the rows before and after the failing one
+    stayed, and a caller that caught the error and committed committed them)."""
+    cluster = next(_build(request, name, tmp_path))
+    n = len(cluster.sync)
+    ids = _spread(4, n)
+    placement = Placement({Account: HashSharding(Account.id)})
+    placement.bind([f"s{i}" for i in range(n)])
+    on_s1 = next(i for i in ids if placement.shards_for_identity(Account.__mapper__, (i,))[0]
+                 == "s1")
+    with cluster.sync["s1"].begin() as c:
+        c.execute(insert(Account), [{"id": on_s1, "name": "first", "balance": 0}])
+
+    async def main() -> None:
+        async with cluster.maker()() as s:
+            rows = [{"id": i, "name": "b", "balance": 1} for i in ids]  # on_s1 again
+            with pytest.raises(DBAPIError):
+                await s.execute(insert(Account), rows)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NonAtomicCommitWarning)
+                await s.commit()
+        await cluster.dispose()
+
+    asyncio.run(main())
+    assert cluster.all_ids() == {on_s1}

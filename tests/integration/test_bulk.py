@@ -36,6 +36,7 @@ from sqlalchemy.pool import NullPool
 
 from shardsession import HashSharding, ShardedSession
 from shardsession.exc import (
+    CapabilityError,
     RoutingError,
     ShardKeyMissingError,
     UnknownShardError,
@@ -250,12 +251,15 @@ def test_failure_on_one_shard_rolls_back_every_shard(cluster: Cluster) -> None:
     assert stored(cluster, "SELECT name FROM users") == by_shard({"first": user_shard(7)})
 
 
-@pytest.fixture(params=["sqlite+recipe", "pg+mariadb"])
+@pytest.fixture(params=["sqlite", "sqlite+recipe", "pg+mariadb"])
 def savepoint_cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Cluster]:
-    """SQLite files with SQLAlchemy's pysqlite savepoint recipe (plain pysqlite engines
-    take no SAVEPOINT before their first write: see the next test), or the servers."""
+    """Plain SQLite files (pysqlite's deferred BEGIN: see the next test), SQLite files
+    with SQLAlchemy's pysqlite savepoint recipe, or the servers."""
     if request.param == "pg+mariadb":
         yield from build_cluster(_server_urls(request))
+        return
+    if request.param == "sqlite":
+        yield from build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS])
         return
     for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
         for engine in cluster.engines.values():
@@ -298,25 +302,49 @@ def test_failed_bulk_statement_leaves_nothing_on_any_shard(savepoint_cluster: Cl
     assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
 
 
-def test_plain_pysqlite_first_statement_takes_no_savepoint(tmp_path: Any) -> None:
+def test_plain_pysqlite_first_statement_begins_before_its_savepoint(tmp_path: Any) -> None:
     """A plain pysqlite engine begins its transaction only before a write: a SAVEPOINT
     sent first would open a transaction of its own, which RELEASE commits, outside the
-    session's. So a bulk statement that is a plain SQLite shard's first write runs
-    without one (its rows are then not undone when another shard fails: roll back)."""
+    session's. So a bulk statement that is a plain SQLite shard's first write sends the
+    driver's BEGIN first, then its SAVEPOINT (it took none before, and its rows stayed
+    when another shard failed)."""
     for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
         Session = cluster.session_factory()
         with Session() as s:
             s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 13)])
             # nothing visible outside the session's transaction before its commit
             assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
-            assert not any("SAVEPOINT" in q for qs in cluster.statements.values() for q in qs)
+            for qs in cluster.statements.values():
+                firsts = [q.split()[0] for q in qs if q.split()[0] in ("BEGIN", "SAVEPOINT")]
+                assert firsts == ["BEGIN", "SAVEPOINT"]
             cluster.reset_log()
-            # every shard has written now: the next bulk statement takes savepoints
+            # a later one: the transactions are open, SAVEPOINT only
             s.execute(insert(User), [{"id": i, "name": "n"} for i in range(13, 25)])
             assert all(any(q.startswith("SAVEPOINT") for q in qs)
+                       and not any(q.startswith("BEGIN") for q in qs)
                        for qs in cluster.statements.values())
             s.rollback()
         assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
+
+
+def test_sqlite_driver_autocommit_refuses_a_multi_shard_bulk_statement(tmp_path: Any) -> None:
+    """A SQLite shard whose driver autocommits (isolation_level=None, no BEGIN) would
+    commit its part of a bulk statement at once, with no savepoint to undo it: refused
+    before anything is sent; one shard's rows alone still go."""
+    for cluster in build_cluster([f"sqlite:///{tmp_path}/{s}.db" for s in SHARDS]):
+        event.listen(cluster.engines["s1"], "connect",
+                     lambda dbapi, record: setattr(dbapi, "isolation_level", None))
+        cluster.engines["s1"].dispose()
+        Session = cluster.session_factory()
+        with Session() as s:
+            cluster.reset_log()
+            with pytest.raises(CapabilityError, match="autocommit"):
+                s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 13)])
+            assert cluster.touched("INSERT") == set()
+            one = [i for i in range(1, 30) if user_shard(i) == "s0"]
+            s.execute(insert(User), [{"id": i, "name": "n"} for i in one])
+            s.commit()
+        assert stored(cluster, "SELECT id FROM users") == by_shard({i: "s0" for i in one})
 
 
 def test_bulk_rows_of_several_shards_commit_together(cluster: Cluster) -> None:
