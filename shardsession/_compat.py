@@ -149,11 +149,12 @@ def route_identity_load(orm_context: ORMExecuteState, shards: Any, slow_option: 
     token = load_options._identity_token
     if token is None or token not in shards or slow_option in execution_options:
         return False
-    orm_context.bind_arguments["shard_id"] = token
+    if len(shards) != 1:  # (one shard: get_bind() answers it, as route_in_place says)
+        orm_context.bind_arguments["shard_id"] = token
     return True
 
 
-def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
+def route_in_place(orm_context: ORMExecuteState, shard_id: Any, *, name_shard: bool = True) -> None:
     """Pin the statement a ``do_orm_execute`` handler is looking at to ``shard_id`` and
     let SQLAlchemy execute it when the handler returns ``None``.
 
@@ -162,8 +163,13 @@ def route_in_place(orm_context: ORMExecuteState, shard_id: Any) -> None:
     ``update_execution_options()`` into the options it executes with (checked on 2.0.30
     and 2.1.9). The effect equals ``invoke_statement(bind_arguments={..., "shard_id":
     shard_id})`` with the ``identity_token`` option, without a nested execution.
+
+    Without ``name_shard`` (a session with one shard) ``bind_arguments`` are left as
+    they are: ``get_bind(**bind_arguments)`` is then called as by a plain Session, and
+    answers the one shard.
     """
-    orm_context.bind_arguments["shard_id"] = shard_id
+    if name_shard:
+        orm_context.bind_arguments["shard_id"] = shard_id
     if orm_context.statement.is_select:  # (what the is_select and load_options
         # properties read, without their two calls)
         load_options = orm_context.execution_options.get("_sa_orm_load_options")

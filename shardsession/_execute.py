@@ -75,6 +75,10 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     session: Any = orm_context.session  # a shardsession.ShardedSession
     if _compat.route_identity_load(orm_context, session._shards, TIMEOUT_OPTION):
         return None  # (the common case of the next lines, in one step)
+    if not session._shards:
+        # nothing to route to: SQLAlchemy asks get_bind(), which raises what a plain
+        # Session without a bind raises (UnboundExecutionError, UnmappedClassError...)
+        return None
     # (an ORM bulk INSERT/UPDATE: SQLAlchemy's own bulk code refuses sharded sessions)
     bulk = _compat.orm_bulk_statement(orm_context) if orm_context.statement.is_dml else None
     explicit = _compat.explicit_shard_of(orm_context)
@@ -119,7 +123,7 @@ def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result
     # One shard: SQLAlchemy runs the statement itself once the handler returns None,
     # bound to that shard (no nested execution: the common case costs what it costs
     # without sharding).
-    _compat.route_in_place(orm_context, shard_id)
+    _compat.route_in_place(orm_context, shard_id, name_shard=len(session._shards) != 1)
     dialect = session._shards[shard_id].dialect.name
     if dialect in NULLS_HIGH_DIALECTS and orm_context.is_select:
         # A cluster mixing NULL conventions orders NULL as the smallest value in every

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection, Result
-from sqlalchemy.exc import ArgumentError, NoInspectionAvailable
+from sqlalchemy.exc import ArgumentError, NoInspectionAvailable, UnboundExecutionError
 from sqlalchemy.ext.horizontal_shard import ShardedQuery
 from sqlalchemy.ext.horizontal_shard import ShardedSession as _SAShardedSession
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
@@ -262,6 +262,8 @@ class ShardedSession(
                 state = instance_state(instance)
             except NO_STATE as err:  # (what Session.add() raises for it)
                 raise UnmappedInstanceError(instance) from err
+            if not self._shards:
+                raise _unbound(mapper if mapper is not None else state.mapper, kw.get("clause"))
             token = _compat.identity_token_of(state)
             if token is not None:
                 return token if token in self._shards else self._check_shard(token)
@@ -269,6 +271,8 @@ class ShardedSession(
                 mapper = state.mapper
         if mapper is not None and not isinstance(mapper, Mapper):
             mapper = _mapper_of(mapper)
+        if not self._shards:
+            raise _unbound(mapper, kw.get("clause"))
         if mapper is None:
             if len(self._shards) == 1:  # nothing to choose from: the one shard, as a
                 only: str = next(iter(self._shards))  # plain Session's one bind
@@ -294,10 +298,20 @@ class ShardedSession(
     ) -> Engine | Connection:
         """Return the Engine of ``shard_id`` (chosen by the shard chooser when not given).
 
+        A session with one shard answers it without asking the shard chooser (there is
+        nothing to choose from); its statements reach this method as a plain Session's
+        do, without ``shard_id``.
+
         :raises UnknownShardError: the id is not configured.
         :raises NoShardChosenError: the chooser returned ``None``.
+        :raises sqlalchemy.exc.UnboundExecutionError: the session has no shard at all (as
+            a plain Session without a bind raises it).
         """
         if shard_id is None:
+            if instance is None and len(self._shards) == 1:
+                if mapper is not None and not isinstance(mapper, Mapper):
+                    _mapper_of(mapper)  # (raises for an unmapped class, as Session does)
+                return next(iter(self._shards.values()))  # type: ignore[no-any-return]
             shard_id = self._shard_for(mapper, instance, clause=clause)
         bind = self._shards.get(shard_id)
         return bind if bind is not None else self._shards[self._check_shard(shard_id)]
@@ -393,6 +407,25 @@ _known_configs: dict[Any, tuple[dict[Any, Any], tuple[Any, ...], Sized, dict[Any
 _CONNECTIONS_KEY = "_shardsession_connections"
 _SHARED_ATTRIBUTES = ("_placement", "atomic", "fanout_max_workers", "fanout_timeout",
                       "shard_chooser", "identity_chooser", "execute_chooser", "_coordinator")
+
+
+def _unbound(mapper: Any, clause: Any) -> UnboundExecutionError:
+    """The error of a plain Session with no bind, for a session with no shard: there is
+    nothing to run on (the message is SQLAlchemy's, naming the mapper or expression)."""
+    if mapper is None and clause is None:
+        return UnboundExecutionError(
+            "This session is not bound to a single Engine or Connection, and no context "
+            "was provided to locate a binding (a ShardedSession without shards)."
+        )
+    context = []
+    if mapper is not None:
+        context.append(f"mapper {mapper}")
+    if clause is not None:
+        context.append("SQL expression")
+    return UnboundExecutionError(
+        f"Could not locate a bind configured on {', '.join(context)} or this Session "
+        "(a ShardedSession without shards)."
+    )
 
 
 def _mapper_of(entity: Any) -> Mapper[Any]:

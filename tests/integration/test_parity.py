@@ -24,8 +24,10 @@ from sqlalchemy import (
     event,
     lambda_stmt,
     select,
+    text,
     update,
 )
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import (
     Session,
     declarative_base,
@@ -107,8 +109,9 @@ def test_get_bind_of_a_mapped_class_asks_the_chooser_with_its_mapper(engine: Eng
         seen.append(mapper)
         return "only"
 
+    # (two shards: with one, there is nothing to choose and the chooser is not asked)
     session = ShardedSession(
-        shards={"only": engine},
+        shards={"only": engine, "other": engine},
         shard_chooser=chooser,
         identity_chooser=lambda *a, **k: ["only"],
         execute_chooser=lambda orm_context: ["only"],
@@ -133,6 +136,55 @@ def test_an_unmapped_instance_raises_unmapped_instance_error(engine: Engine) -> 
         session.add(NotMapped())
     with pytest.raises(UnmappedInstanceError):
         session.get_bind(instance=NotMapped())
+
+
+def test_get_bind_is_called_as_by_a_plain_session(engine: Engine) -> None:
+    """A one-shard session's statements call ``get_bind`` with the arguments a plain
+    Session's do (SQLAlchemy's ``SessionBindTest`` wraps it in a mock and compares them);
+    ``shard_id=`` was added."""
+    with Session(engine) as seeding:
+        _seed(seeding)
+    calls: dict[str, list[Any]] = {}
+    for name, session in (("plain", Session(engine)), ("sharded", one_shard(engine))):
+        get_bind = Mock(side_effect=session.get_bind)
+        session.get_bind = get_bind  # type: ignore[method-assign]
+        session.scalars(select(Item)).all()
+        session.query(Item.id).count()
+        session.get(Item, 2)
+        session.execute(update(Item).where(Item.id == 1).values(name="x"))
+        calls[name] = [c.kwargs.keys() for c in get_bind.mock_calls]
+        session.rollback()
+        session.close()
+    assert calls["sharded"] == calls["plain"]
+    assert all("shard_id" not in c for c in calls["sharded"])
+
+
+def test_a_session_without_shards_raises_as_an_unbound_session(engine: Engine) -> None:
+    """No shard at all: what a plain Session without a bind raises
+    (``UnboundExecutionError``; ``UnmappedClassError`` for an unmapped mapper argument),
+    not ``UnknownShardError``."""
+    unbound = ShardedSession(
+        shards={},
+        shard_chooser=lambda mapper, instance, **k: "only",
+        identity_chooser=lambda *a, **k: ["only"],
+        execute_chooser=lambda orm_context: ["only"],
+    )
+    for session in (Session(), unbound):
+        session.add(Item(id=9, name="x"))
+        with pytest.raises(UnboundExecutionError, match="mapper"):
+            session.flush()
+        session.rollback()
+        with pytest.raises(UnboundExecutionError):
+            session.execute(select(Item))
+        with pytest.raises(UnboundExecutionError):
+            session.execute(text("SELECT 1"))
+        with pytest.raises(UnboundExecutionError):
+            session.get_bind(Item)
+        with pytest.raises(UnmappedClassError):
+            session.execute(text("SELECT 1"), bind_arguments={"mapper": NotMapped})
+        with pytest.raises(UnmappedClassError):
+            session.connection(bind_arguments={"mapper": NotMapped})
+        session.close()
 
 
 # --- UPDATE / DELETE in other forms -----------------------------------------------------

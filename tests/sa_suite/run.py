@@ -56,6 +56,12 @@ FILES = (
     "test/orm/test_cascade.py",
     "test/orm/test_merge.py",
     "test/orm/test_expire.py",
+    "test/orm/dml/test_bulk.py",
+    "test/orm/dml/test_bulk_statements.py",
+    "test/orm/dml/test_evaluator.py",
+    "test/orm/dml/test_orm_upd_del_assorted.py",
+    "test/orm/dml/test_orm_upd_del_basic.py",
+    "test/orm/dml/test_orm_upd_del_inheritance.py",
 )
 
 # SQLAlchemy names a backend test class after the database it ran on, with the server
