@@ -381,6 +381,8 @@ def execute_bulk(
     mapper = bulk.mapper
     if bulk.kind == "update":
         _compat.check_bulk_update(orm_context, bulk)
+    else:
+        _compat.check_bulk_insert(orm_context, bulk)
     if shard_id is not None:
         groups: dict[Any, list[_Row]] = {shard_id: rows}
     else:
@@ -395,7 +397,9 @@ def execute_bulk(
 
         results = run_per_shard(session, list(groups), insert, one_statement=True)
         if not bulk.returning:
-            return null_result()
+            # what SQLAlchemy returns: its own result on one shard, else as it would
+            parts = list(results.values())
+            return parts[0] if len(parts) == 1 else _compat.closed_empty_result()
         shards = list(results)[:1] if replicated else list(results)
         returned: list[Result[Any]] = [
             _compat.orm_insert_result(orm_context, groups[s], results[s], s) for s in shards

@@ -1155,9 +1155,52 @@ def run_bulk_update(
 ) -> Any:
     """The bulk UPDATE by primary key of ``orm_context`` with ``rows`` on one
     ``connection``, as ``_BulkORMUpdate.orm_execute_statement`` (private) runs it (the
-    identity map is synchronized afterwards: :func:`synchronize_bulk_update`)."""
+    identity map is synchronized afterwards: :func:`synchronize_bulk_update`).
+
+    The statement gets the annotations SQLAlchemy's ``orm_pre_session_exec`` adds in its
+    second pass, after the ``do_orm_execute`` handlers (which is where this runs):
+    without ``dml_strategy="bulk"`` the compiler would treat it as an ORM UPDATE of the
+    whole (multi-table, inherited) entity instead of one table's UPDATE per
+    ``_emit_update_statements`` call (``_BulkORMUpdate.create_for_statement``, private,
+    2.0.30 and 2.1.9)."""
+    options = bulk.options
+    sync = options._synchronize_session
+    original: Any = orm_context.statement
+    statement = original._annotate({
+        "synchronize_session": "evaluate" if sync == "auto" else sync,
+        "is_delete_using": options._is_delete_using,
+        "is_update_from": options._is_update_from,
+        "dml_strategy": "bulk",
+        "can_use_returning": options._can_use_returning,
+    })
     return bulk_update_on(connection, bulk.mapper, rows, isstates=False,
-                          update_changed_only=False, statement=orm_context.statement)
+                          update_changed_only=False, statement=statement)
+
+
+def closed_empty_result() -> Result[Any]:
+    """An empty result, closed as SQLAlchemy's ORM bulk INSERT without RETURNING returns
+    it (``null_result()`` soft-closed: ``Result._soft_close``, private, 2.1.9)."""
+    from sqlalchemy.engine.result import null_result
+
+    result = null_result()
+    result._soft_close()
+    return result
+
+
+def check_bulk_insert(orm_context: ORMExecuteState, bulk: BulkStatement) -> None:
+    """SQLAlchemy's refusal of a bulk INSERT with a "post values" clause (an upsert) into a
+    mapper of several tables (``_BulkORMInsert.orm_execute_statement``), raised before
+    any shard is asked (``Insert._post_values_clause`` and
+    ``Mapper._multiple_persistence_tables``, private)."""
+    from sqlalchemy.exc import InvalidRequestError
+
+    statement: Any = orm_context.statement
+    mapper: Any = bulk.mapper
+    if statement._post_values_clause is not None and mapper._multiple_persistence_tables:
+        raise InvalidRequestError(
+            "bulk INSERT with a 'post values' clause (typically upsert) not supported for "
+            f"multi-table mapper {mapper}"
+        )
 
 
 def check_bulk_update(orm_context: ORMExecuteState, bulk: BulkStatement) -> None:
