@@ -169,24 +169,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     except ConfigurationError as e:
         return _config_error("status", e)
     engines = cluster.engines
+    listing_error: str | None = None
     try:
-        health = shard_health(engines)
-        rows = in_doubt(engines)
-    except Exception as e:
-        if args.json:
-            emit_json({"ok": False, "error": f"status incomplete: {type(e).__name__}: {e}"})
-        else:
-            say(f"status incomplete: {e}")
-        return EXIT_PROBLEM
+        health = shard_health(engines)  # per shard: never raises for one shard's failure
+        try:
+            rows = in_doubt(engines)
+        except Exception as e:
+            rows, listing_error = [], f"status incomplete: {type(e).__name__}: {e}"
     finally:
         cluster.dispose()
     identities = {h.identity for h in health if h.error is None}
     one = identities.pop() if len(identities) == 1 and None not in identities else None
-    code = EXIT_PROBLEM if rows or any(h.error for h in health) else EXIT_OK
+    problem = rows or listing_error or any(h.error for h in health)
+    code = EXIT_PROBLEM if problem else EXIT_OK
     if args.json:
         emit_json({
             "ok": code == EXIT_OK,
             "identity": one,
+            "error": listing_error,
             "shards": [
                 {"shard": h.shard, "identity": h.identity, "error": h.error,
                  "warnings": list(h.warnings)}
@@ -208,6 +208,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             say(f"{h.shard}: cluster identity {h.identity or '(none stored yet)'}")
         for w in h.warnings:
             say(f"warning: {h.shard}: {w}")
+    if listing_error is not None:
+        say(listing_error)
+        return code
     if not rows:
         say("no in-doubt transactions")
         return code
