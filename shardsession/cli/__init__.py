@@ -1,4 +1,4 @@
-"""The ``shardsession`` command: demo, status, recover, create-all.
+"""The ``shardsession`` command: demo, status, recover, create-all, migrate.
 
 The CLI is the one place that reads the process environment and prints; the library
 itself does neither.
@@ -49,11 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from . import create_all, demo, recover
+    from . import create_all, demo, migrate, recover
 
     demo.add_arguments(sub)
     recover.add_arguments(sub)
     create_all.add_arguments(sub)
+    migrate.add_arguments(sub)
     return parser
 
 
