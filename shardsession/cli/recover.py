@@ -128,6 +128,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
     engines = cluster.engines
     grace = args.grace if args.grace is not None else cluster.recovery_grace
     stop = threading.Event()
+    endpoint = metrics = None
+    if args.listen is not None:
+        try:
+            endpoint, metrics = _serve(args)
+        except ConfigurationError as e:
+            cluster.dispose()
+            return _config_error("recover", e)
     if args.watch:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("signal %d: stopping after the current pass", signum)
@@ -149,17 +156,61 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 else:
                     say(f"{prefix}recovery pass failed: {type(e).__name__}: {e}")
                 code = EXIT_PROBLEM
+                if endpoint is not None:
+                    endpoint.record_pass(False, None)
             else:
                 if args.json:
                     emit_json({"time": timestamp(), **report_dict(report)})
                 else:
                     _print_report(report, prefix)
                 code = EXIT_OK if report.resolved else EXIT_PROBLEM
+                if endpoint is not None:
+                    endpoint.record_pass(True, report.resolved)
+            if metrics is not None:
+                _set_in_doubt(metrics, engines)
             if not args.watch or stop.wait(args.interval):
                 break
     finally:
+        if endpoint is not None:
+            endpoint.close()
         cluster.dispose()
     return code
+
+
+def _serve(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Start ``/metrics`` and ``/healthz`` on ``--listen``.
+
+    :raises ConfigurationError: a bad address, a port in use, prometheus_client missing.
+    """
+    from ._http import WorkerEndpoint, parse_listen
+
+    if not args.watch:
+        raise ConfigurationError("--listen needs --watch (a worker to observe)")
+    host, port = parse_listen(args.listen)
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from ..metrics import install
+    except ImportError as e:
+        raise ConfigurationError(
+            "--listen serves Prometheus metrics: pip install 'shardsession[metrics]'") from e
+    registry = CollectorRegistry()
+    metrics = install(registry)
+    try:
+        endpoint = WorkerEndpoint(host, port, registry, stale_after=max(3 * args.interval, 60))
+    except OSError as e:
+        raise ConfigurationError(f"--listen {args.listen}: {e.strerror or e}") from e
+    say(f"serving /metrics and /healthz on {host or '0.0.0.0'}:{endpoint.port}", err=True)
+    return endpoint, metrics
+
+
+def _set_in_doubt(metrics: Any, engines: dict[str, Any]) -> None:
+    try:
+        rows = in_doubt(engines)
+    except Exception as e:  # the pass itself reported what failed
+        log.warning("in-doubt gauges not updated: %s", e)
+        return
+    metrics.set_in_doubt(engines, rows)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -235,6 +286,9 @@ def add_arguments(subparsers: Any) -> None:
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="SECONDS",
                    help="seconds before an undecided prepared branch is claimed aborted "
                    "(default: [cluster] recovery_grace of the config, else 60)")
+    p.add_argument("--listen", default=None, metavar="[HOST:]PORT",
+                   help="with --watch: serve /metrics (Prometheus; the metrics extra) and "
+                   "/healthz on this address")
     p.add_argument("--claim-legacy", action="store_true",
                    help="also claim an abort for undecided branches of the old xid format "
                    "(ss1, no cluster identity) whose decider name matches; only when no other "
