@@ -196,6 +196,12 @@ class Cluster:
                 continue
             try:
                 self._engines[name] = by_url[key] = create_engine(url, **kw)
+            except TypeError as e:  # SQLAlchemy's answer to an unknown keyword
+                found = re.search(r"Invalid argument\(s\) (.+?) sent", str(e))
+                raise ConfigurationError(
+                    f"shard {name!r}: unknown key(s) {found.group(1) if found else ''} "
+                    f"(not create_engine() options): {e}"
+                ) from e
             except Exception as e:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: "

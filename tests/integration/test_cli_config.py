@@ -217,3 +217,13 @@ def test_watch_lines_carry_timestamps(tmp_path: Path) -> None:
     assert len(lines) == 2, lines
     for line in lines:
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ committed=0 ", line), line
+
+
+def test_unknown_shard_key_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[shards.a]\nurl = "sqlite:///{tmp_path / "a.db"}"\ncolour = 3\n')
+    proc = run("status", "--config", str(config))
+    assert proc.returncode == 2
+    assert "shard 'a': unknown key(s) 'colour' (not create_engine() options)" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "a.db").exists()
