@@ -192,7 +192,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             say("shards are on different revisions: "
                 + "; ".join(f"{r.shard} at {_fmt(r.after)}" for r in results)
                 + " (run the same command again to resume each from where it is)")
-        say(f"script head: {_fmt(target_heads)}; " + ("ok" if ok else "NOT DONE"))
+        verdict = {"current": "not every shard is at the script head",
+                   "check": "autogenerate proposes changes (or a shard failed)"}
+        say(f"script head: {_fmt(target_heads)}; "
+            + ("ok" if ok else verdict.get(action, "NOT DONE: see the shards above")))
     return EXIT_OK if ok else EXIT_PROBLEM
 
 
