@@ -193,6 +193,12 @@ def route_in_place(orm_context: ORMExecuteState, shard_id: Any, *, name_shard: b
 _SLOT = "_shardsession_gt"
 
 
+#: called with no arguments when a coordinated root transaction that used one connection
+#: commits without the protocol (SQLAlchemy's own commit is all it needs); set while
+#: someone observes commits (:func:`shardsession.coordinator.trace.add_observer`)
+one_shard_commit_hook: Callable[[], None] | None = None
+
+
 class _CoordinatedTransaction(SessionTransaction):
     """A root ``SessionTransaction`` whose prepare step also runs the commit protocol.
 
@@ -230,6 +236,9 @@ class _CoordinatedTransaction(SessionTransaction):
         super()._prepare_impl()
         owner = self._shardsession_gt
         if owner is None:
+            hook = one_shard_commit_hook
+            if hook is not None and self._connections:
+                hook()
             return
         try:
             late = owner.protocol(self)

@@ -11,13 +11,18 @@ The TOML format, kept simple at its core::
     url = "postgresql+psycopg2://app@db1/app"
 
     [shards.eu]
-    url = "mysql+pymysql://app@db2/app"
+    url_env = "EU_DATABASE_URL"   # the URL from this environment variable (CLI, or the
+                                  # ``env`` mapping given to from_toml/from_dict)
     pool_size = 10            # any other key is passed to create_engine()
+
+    [shards.local]
+    url = "sqlite:///shards/local.db"   # relative: against the config file's folder
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,13 +53,59 @@ log = logging.getLogger(__name__)
 
 _CLUSTER_KEYS = {"atomic", "decider", "recovery_grace"}
 
+#: ``user:password@`` in text that does not parse as a URL
+_USERINFO = re.compile(r"(//[^:/@\s]*):[^@\s]*@")
+
+#: the extra of ours that installs a driver module
+_EXTRAS = {
+    "psycopg2": "postgresql",
+    "psycopg": "postgresql",
+    "pymysql": "mysql",
+    "asyncpg": "asyncpg",
+    "aiomysql": "aiomysql",
+    "aiosqlite": "aiosqlite",
+}
+
 
 def masked_url(url: str | URL) -> str:
-    """A URL as text with its password hidden (for logs, errors and ``repr``)."""
+    """A URL as text with its password hidden (for logs, errors and ``repr``); text that
+    is not a URL is shown with anything in the place of a password replaced by ``***``."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: never echo it, it may hold a secret
-        return "<invalid URL>"
+    except Exception:
+        return _USERINFO.sub(r"\1:***@", str(url))
+
+
+def _driver_hint(url: URL, error: BaseException) -> str:
+    """What to install when ``create_engine`` could not import the URL's driver."""
+    if not isinstance(error, ImportError) or not error.name:
+        return ""
+    module = error.name.partition(".")[0]
+    extra = _EXTRAS.get(module)
+    if extra is None:
+        return f" (the driver {module!r} that {url.drivername} names is not installed)"
+    return f" (the driver is not installed: pip install 'shardsession[{extra}]')"
+
+
+def _resolve_sqlite_path(url: str, base: Path) -> str:
+    """A SQLite URL whose file path is relative, made absolute against ``base`` (the
+    config file's folder: the working directory would silently create an empty
+    database elsewhere)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url  # reported by Cluster with its reason
+    database = parsed.database
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")
+        or Path(database).is_absolute()
+    ):
+        return url
+    resolved = parsed.set(database=str((base / database).resolve()))
+    return resolved.render_as_string(hide_password=False)
 
 
 def _sqlite_identity(dbapi_conn: Any, _record: Any) -> None:
@@ -145,18 +196,31 @@ class Cluster:
                 continue
             try:
                 self._engines[name] = by_url[key] = create_engine(url, **kw)
+            except TypeError as e:  # SQLAlchemy's answer to an unknown keyword
+                found = re.search(r"Invalid argument\(s\) (.+?) sent", str(e))
+                raise ConfigurationError(
+                    f"shard {name!r}: unknown key(s) {found.group(1) if found else ''} "
+                    f"(not create_engine() options): {e}"
+                ) from e
             except Exception as e:
                 raise ConfigurationError(
-                    f"shard {name!r}: cannot create an engine for {masked_url(url)}: {e}"
+                    f"shard {name!r}: cannot create an engine for {masked_url(url)}: "
+                    f"{type(e).__name__}: {e}{_driver_hint(url, e)}"
                 ) from e
             if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
                 event.listen(self._engines[name], "first_connect", _sqlite_identity)
         self._coordinator: Any = None
 
     @classmethod
-    def from_toml(cls, path: str | Path, **engine_defaults: Any) -> Self:
+    def from_toml(
+        cls, path: str | Path, *, env: Mapping[str, str] | None = None, **engine_defaults: Any
+    ) -> Self:
         """Read a cluster from a TOML file (see the module docstring for the format).
 
+        Relative SQLite file paths are resolved against the file's folder.
+
+        :param env: where ``url_env`` names are looked up (the library never reads the
+            process environment itself: pass ``os.environ`` to use it).
         :param engine_defaults: ``create_engine`` keywords for every shard (a shard's own
             keys in the file win).
         :raises ConfigurationError: unreadable file, bad TOML, or a bad table or key.
@@ -168,13 +232,26 @@ class Cluster:
             raise ConfigurationError(f"cannot read cluster config {path}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"{path}: invalid TOML: {e}") from e
-        return cls.from_dict(data, source=str(path), **engine_defaults)
+        return cls.from_dict(
+            data, source=str(path), env=env, base=Path(path).resolve().parent, **engine_defaults
+        )
 
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], *, source: str = "config", **engine_defaults: Any
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "config",
+        env: Mapping[str, str] | None = None,
+        base: Path | None = None,
+        **engine_defaults: Any,
     ) -> Self:
-        """Build a cluster from the parsed TOML structure."""
+        """Build a cluster from the parsed TOML structure.
+
+        :param env: where ``url_env`` names are looked up (none given: ``url_env`` is an error).
+        :param base: the folder relative SQLite paths are resolved against (none: left as is).
+        :raises ConfigurationError: a bad table or key, a ``url_env`` not set.
+        """
         unknown = set(data) - {"cluster", "shards"}
         if unknown:
             raise ConfigurationError(f"{source}: unknown top-level tables {sorted(unknown)}")
@@ -184,10 +261,12 @@ class Cluster:
         shards: dict[str, str] = {}
         options: dict[str, dict[str, Any]] = {}
         for name, spec in shards_table.items():
-            if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
-                raise ConfigurationError(f'{source}: [shards.{name}] needs url = "..."')
-            shards[name] = spec["url"]
-            extra = {**engine_defaults, **{k: v for k, v in spec.items() if k != "url"}}
+            url = cls._shard_url(source, name, spec, env)
+            shards[name] = url if base is None else _resolve_sqlite_path(url, base)
+            extra = {
+                **engine_defaults,
+                **{k: v for k, v in spec.items() if k not in ("url", "url_env")},
+            }
             if extra:
                 options[name] = extra
         settings = data.get("cluster", {})
@@ -197,6 +276,32 @@ class Cluster:
         if bad:
             raise ConfigurationError(f"{source}: unknown [cluster] keys {sorted(bad)}")
         return cls(shards, engine_options=options, **dict(settings))
+
+    @staticmethod
+    def _shard_url(source: str, name: str, spec: Any, env: Mapping[str, str] | None) -> str:
+        if not isinstance(spec, Mapping):
+            raise ConfigurationError(f"{source}: [shards.{name}] must be a table")
+        if "url" in spec and "url_env" in spec:
+            raise ConfigurationError(f"{source}: [shards.{name}] has both url and url_env")
+        if isinstance(spec.get("url"), str):
+            url: str = spec["url"]
+            return url
+        var = spec.get("url_env")
+        if not isinstance(var, str) or not var:
+            raise ConfigurationError(
+                f'{source}: [shards.{name}] needs url = "..." or url_env = "VARIABLE"'
+            )
+        if env is None:
+            raise ConfigurationError(
+                f"{source}: [shards.{name}] url_env = {var!r}: no environment given to read it"
+            )
+        value = env.get(var)
+        if not value:
+            raise ConfigurationError(
+                f"{source}: [shards.{name}] url_env = {var!r}: that environment variable "
+                "is not set"
+            )
+        return value
 
     @property
     def engines(self) -> dict[str, Engine]:

@@ -35,6 +35,22 @@ class DecisionTableSQL:
         "created_at DOUBLE PRECISION NOT NULL)"
     )
 
+    #: SQL answering one row when the table named by the one parameter exists (``None``:
+    #: no such check, the ``IF NOT EXISTS`` DDL is always sent)
+    table_exists_sql: str | None = None
+
+    def table_exists(self, dbapi_conn: Any, table: str) -> bool:
+        """Whether ``table`` exists where unqualified names resolve (no DDL is sent).
+
+        PostgreSQL checks the right to create in the schema even for ``CREATE TABLE IF
+        NOT EXISTS`` of an existing table, and MySQL/MariaDB the CREATE privilege: a
+        worker role granted only SELECT/INSERT/DELETE must never send DDL for a table
+        that is there.
+        """
+        if self.table_exists_sql is None:
+            return False
+        return bool(self._rows(dbapi_conn, self.table_exists_sql, (table,)))
+
     def _native(self, dbapi_conn: Any, sql: str) -> str:
         """``sql`` in the parameter style of ``dbapi_conn``'s driver (as written here by
         default; the PostgreSQL adapter renumbers for asyncpg)."""
@@ -88,6 +104,8 @@ class DecisionTableSQL:
     # --- cluster identity -----------------------------------------------------------
 
     def ensure_cluster_table(self, dbapi_conn: Any) -> None:
+        if self.table_exists(dbapi_conn, CLUSTER_TABLE):
+            return
         try:
             self._rows(dbapi_conn, self.cluster_ddl)
         except Exception as e:

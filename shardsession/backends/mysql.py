@@ -257,7 +257,12 @@ class MySQLAdapter(DecisionTableSQL):
         host, port, datadir = rows[0] if rows else (url_key, "", "")
         return f"mysql:{host}:{port}:{datadir}"
 
+    table_exists_sql = ("SELECT 1 FROM information_schema.tables "
+                        "WHERE table_schema = DATABASE() AND table_name = %s")
+
     def ensure_decision_table(self, dbapi_conn: Any) -> None:
+        if self.table_exists(dbapi_conn, DECISION_TABLE):
+            return  # no DDL: a worker user may lack the CREATE privilege
         self._exec(dbapi_conn, _DDL)
 
     def insert_decision(self, dbapi_conn: Any, row: DecisionRow, *,

@@ -418,7 +418,11 @@ class PostgreSQLAdapter(DecisionTableSQL):
         # Listing is per database, so each database is its own namespace for recovery.
         return f"postgresql:{url_key}"
 
+    table_exists_sql = "SELECT 1 WHERE to_regclass(%s) IS NOT NULL"
+
     def ensure_decision_table(self, dbapi_conn: Any) -> None:
+        if self.table_exists(dbapi_conn, DECISION_TABLE):
+            return  # no DDL: a worker role may not create in the schema
         try:
             self._exec(dbapi_conn, _DDL)
         except Exception as e:

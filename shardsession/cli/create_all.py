@@ -4,12 +4,16 @@ prepare, and warn about server settings that could lose a committed decision in 
 
 Exit status: 0 when every shard is set up, 1 when a shard failed, 2 on a configuration
 error (unreadable file, unknown ``--metadata`` object).
+
+``--metadata MODULE:NAME`` imports ``MODULE`` with the current folder first on the module
+search path (as ``python -m`` would), so ``mymodels.py`` next to the user is found.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -17,6 +21,15 @@ from sqlalchemy import MetaData
 
 from ..coordinator.setup import prepare_shards
 from ..exc import ConfigurationError
+from ._common import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    add_config_argument,
+    config_path,
+    emit_json,
+    say,
+)
 from .recover import load_cluster
 
 __all__ = ["add_arguments", "cmd_create_all", "load_metadata"]
@@ -31,6 +44,10 @@ def load_metadata(spec: str) -> MetaData:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"--metadata wants MODULE:NAME, not {spec!r}")
+    # A console script's sys.path starts with its bin folder, not the working directory.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -46,44 +63,65 @@ def load_metadata(spec: str) -> MetaData:
 
 
 def cmd_create_all(args: argparse.Namespace) -> int:
+    """Set up every shard; prints one line per shard (or one JSON document)."""
     try:
-        cluster = load_cluster(args.config)
+        cluster = load_cluster(config_path(args))
         metadata = load_metadata(args.metadata) if args.metadata else None
     except ConfigurationError as e:
-        print(f"shardsession create-all: {e}", file=sys.stderr)
-        return 2
+        say(f"shardsession create-all: {e}", err=True)
+        return EXIT_CONFIG
     engines = cluster.engines
-    code = 0
+    code = EXIT_OK
     identities: dict[str, str | None] = {}
+    results: list[dict[str, Any]] = []
     try:
         for setup in prepare_shards(engines):
+            result: dict[str, Any] = {
+                "shard": setup.shard, "ok": not setup.failed, "can_prepare": setup.can_prepare,
+                "reason": setup.reason, "identity": setup.identity,
+                "warnings": list(setup.warnings), "application_tables": None,
+            }
+            results.append(result)
             if setup.failed:
-                print(f"{setup.shard}: FAILED: {setup.reason}")
-                code = 1
+                if not args.json:
+                    say(f"{setup.shard}: FAILED: {setup.reason}")
+                code = EXIT_PROBLEM
                 continue
             tables = ""
             if metadata is not None:
                 try:
                     metadata.create_all(engines[setup.shard])
-                    tables = f", {len(metadata.tables)} application tables present"
                 except Exception as e:
-                    print(f"{setup.shard}: FAILED creating tables: {type(e).__name__}: {e}")
-                    code = 1
+                    result["ok"] = False
+                    result["reason"] = f"creating tables: {type(e).__name__}: {e}"
+                    if not args.json:
+                        say(f"{setup.shard}: FAILED creating tables: {type(e).__name__}: {e}")
+                    code = EXIT_PROBLEM
                     continue
-            prepare = "can prepare" if setup.can_prepare else f"cannot prepare ({setup.reason})"
-            print(f"{setup.shard}: decision table ready{tables}; {prepare}")
-            for w in setup.warnings:
-                print(f"warning: {setup.shard}: {w}")
+                result["application_tables"] = len(metadata.tables)
+                tables = f", {len(metadata.tables)} application tables present"
+            if not args.json:
+                prepare = (
+                    "can prepare" if setup.can_prepare else f"cannot prepare ({setup.reason})"
+                )
+                say(f"{setup.shard}: decision table ready{tables}; {prepare}")
+                for w in setup.warnings:
+                    say(f"warning: {setup.shard}: {w}")
             identities[setup.shard] = setup.identity
     finally:
-        for engine in set(engines.values()):
-            engine.dispose()
+        cluster.dispose()
     distinct = set(identities.values())
-    if len(distinct) == 1:
-        print(f"cluster identity: {distinct.pop()}")
+    if args.json:
+        emit_json({
+            "ok": code == EXIT_OK,
+            "identity": distinct.pop() if len(distinct) == 1 else None,
+            "shards": results,
+        })
+    elif len(distinct) == 1:
+        say(f"cluster identity: {distinct.pop()}")
     else:  # shards that already had different identities keep them (xids name them)
         for shard, identity in identities.items():
-            print(f"{shard}: cluster identity {identity}")
+            say(f"{shard}: cluster identity {identity}")
     return code
 
 
@@ -91,7 +129,7 @@ def add_arguments(subparsers: Any) -> None:
     """Register ``create-all`` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "create-all", help="create the decision table (and application tables) on every shard")
-    p.add_argument("--config", required=True, metavar="FILE", help="TOML with [shards.NAME] url")
+    add_config_argument(p)
     p.add_argument("--metadata", metavar="MODULE:NAME",
                    help="also create the tables of this MetaData or declarative base on "
                    "every shard (like MetaData.create_all per engine)")

@@ -25,9 +25,13 @@ from ..events import emit
 from ..exc import (
     AtomicityUnavailableError,
     CapabilityError,
+    CommitIncomplete,
+    OutcomeUnknown,
+    PrepareFailed,
     TransactionError,
     warn_non_atomic,
 )
+from . import trace
 from .branch import Branch, BranchState, discard_dead, isolation_of, leave
 from .protocol import Action, CommitPlan, Event, State, Step, next_step
 from .xid import Xid, gtrid_created, participants_text
@@ -50,15 +54,54 @@ def run_two_phase(gt: GlobalTransaction, ordered: Sequence[Branch], plan: Commit
     :raises CommitIncomplete: committed; the named branches are left to recovery.
     """
     run = TwoPhaseRun(gt, ordered, plan)
-    state = State.PREPARING
-    event = run.prepare_all()
-    while True:
-        step = next_step(state, event)
-        state = step.next_state
-        following = HANDLERS[step.action](run, step)
-        if following is None:
-            return
-        event = following
+    started = time.perf_counter()
+    kind = "failed"
+    try:
+        state = State.PREPARING
+        event = run.prepare_all()
+        while True:
+            step = next_step(state, event)
+            state = step.next_state
+            following = HANDLERS[step.action](run, step)
+            if following is None:
+                kind = "two_phase"
+                return
+            event = following
+    except CommitIncomplete:
+        kind = "two_phase"  # committed; recovery finishes the pending branches
+        raise
+    except OutcomeUnknown:
+        kind = "unknown"
+        raise
+    except PrepareFailed:
+        kind = "aborted"
+        raise
+    except (AtomicityUnavailableError, CapabilityError):
+        kind = "refused"
+        raise
+    finally:
+        if trace.enabled():
+            trace.record("commit", kind, gtrid=run.gtrid, shard=run.decider.shard_id,
+                         duration=time.perf_counter() - started,
+                         width=1 + len(run.prepare) + len(plan.last))
+
+
+def _timed(event: str, gtrid: str, b: Branch, work: Callable[[], None]
+           ) -> Callable[[], None]:
+    """``work`` recording its duration and outcome as ``event`` of branch ``b``."""
+    if not trace.enabled():
+        return work
+
+    def run() -> None:
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            work()
+            outcome = "ok"
+        finally:
+            trace.record(event, outcome, gtrid=gtrid, shard=b.shard_id,
+                         duration=time.perf_counter() - started)
+    return run
 
 
 class TwoPhaseRun:
@@ -152,12 +195,16 @@ class TwoPhaseRun:
 
         tasks: list[tuple[Branch, Callable[[], None]]] = []
         if need_decision:
-            tasks.append((decider, decide))
-        tasks.extend((b, prepare_one(b)) for b in prepare)
+            tasks.append((decider, _timed("decision_row", gtrid, decider, decide)))
+        tasks.extend((b, _timed("prepare", gtrid, b, prepare_one(b))) for b in prepare)
         tasks.extend((self.ordered[i], release_one(self.ordered[i])) for i in self.plan.release)
         prepared_ids = [b.shard_id for b in prepare]
         emit(gt.session, "shardsession_before_prepare", gtrid, prepared_ids, decider.shard_id)
+        started = time.perf_counter()
         errors = gt._parallel(tasks)
+        if trace.enabled():
+            trace.record("phase", "failed" if errors else "ok", gtrid=gtrid, phase="prepare",
+                         duration=time.perf_counter() - started, width=len(tasks))
         discard_dead(self.ordered, errors)
         failed = [self.ordered[i] for i in errors if i not in self.plan.release]
         emit(gt.session, "shardsession_after_prepare", gtrid, prepared_ids,
@@ -190,12 +237,22 @@ class TwoPhaseRun:
         self.decider_session = decider.adapter.session_id(decider.dbapi)
         # While the decider commits, the prepared branches' drivers are brought to idle
         # (no effect on the server) so that phase two is one round trip per branch.
+        started = time.perf_counter()
         try:
             errors = gt._parallel([(decider, commit), *((b, settle_one(b)) for b in prepare)])
         except BaseException as interrupted:
             # Raised in this thread while it waited for the workers (a signal handler's
             # exception): the decider's COMMIT may have been sent.
             errors = {decider.index: interrupted}
+        if trace.enabled():
+            failed = errors.get(decider.index)
+            outcome = ("commit" if failed is None else
+                       "refused" if decider.adapter.commit_refused(failed) else "unknown")
+            took = time.perf_counter() - started
+            trace.record("decision", outcome, gtrid=self.gtrid, shard=decider.shard_id,
+                         duration=took)
+            trace.record("phase", outcome, gtrid=self.gtrid, phase="decision", duration=took,
+                         width=1)
         discard_dead(self.ordered, errors)
         self.unsettled = {i: e for i, e in errors.items() if i != decider.index}
         if decider.index not in errors:
@@ -250,8 +307,13 @@ class TwoPhaseRun:
                 gt._crash(f"after_commit_prepared:{b.xid.bqual if b.xid else b.index}")
             return run
 
-        errors = gt._parallel([(b, commit_one(b)) for b in self.prepare
-                               if b.index not in self.unsettled])
+        started = time.perf_counter()
+        tasks = [(b, _timed("commit_prepared", gtrid, b, commit_one(b))) for b in self.prepare
+                 if b.index not in self.unsettled]
+        errors = gt._parallel(tasks)
+        if trace.enabled():
+            trace.record("phase", "failed" if errors else "ok", gtrid=gtrid, phase="commit",
+                         duration=time.perf_counter() - started, width=len(tasks))
         discard_dead(ordered, errors)
         errors.update(self.unsettled)
         pending = [ordered[i] for i in errors]

@@ -48,6 +48,7 @@ from sqlalchemy.engine import Engine
 from ..backends import BackendAdapter, DecisionRow, Outcome
 from ..events import emit_global
 from ..exc import RecoveryError
+from . import trace
 from ._listing import Listing, Owners, Seen, adapters_of, list_branches
 from .decisions import (
     CLAIM_LOCK_TIMEOUT,
@@ -193,7 +194,40 @@ def recover(
     cluster identity (reported, never guessed); foreign branches and their decisions are
     never touched.
     """
+    started = time.perf_counter()
     report = RecoveryReport()
+    try:
+        _recover(report, shards, grace_period, abort_retention, claim_timeout, claim_legacy,
+                 crash_point)
+    except BaseException:
+        if trace.enabled("recovery_pass"):
+            trace.record("recovery_pass", "failed", duration=time.perf_counter() - started)
+        raise
+    if trace.enabled("recovery_pass"):
+        _trace_report(report, time.perf_counter() - started)
+    return report
+
+
+def _trace_report(report: RecoveryReport, took: float) -> None:
+    for outcome, refs in (("commit", report.committed), ("rollback", report.rolled_back),
+                          ("already_finished", report.already_finished)):
+        for ref in refs:
+            trace.record("recovery_action", outcome, gtrid=ref.gtrid, shard=ref.shard,
+                         bqual=ref.bqual)
+    for ref, reason in report.left_alone:
+        trace.record("recovery_action", "left_in_doubt", gtrid=ref.gtrid, shard=ref.shard,
+                     bqual=ref.bqual, reason=reason)
+    trace.record("recovery_pass", "resolved" if report.resolved else "unresolved",
+                 duration=took, committed=len(report.committed),
+                 rolled_back=len(report.rolled_back),
+                 already_finished=len(report.already_finished),
+                 left_in_doubt=len(report.left_alone), errors=len(report.errors),
+                 foreign=report.foreign)
+
+
+def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period: float,
+             abort_retention: float, claim_timeout: float, claim_legacy: bool,
+             crash_point: Callable[[str], None] | None) -> None:
     adapters = adapters_of(shards)
     identities, id_errors = read_identities({n: shards[n] for n in adapters})
     report.identities = dict(identities)
@@ -310,7 +344,6 @@ def recover(
             emit_global("shardsession_in_doubt_resolved", ref.gtrid, ref.shard, ref.bqual,
                         outcome)
     _collect(report, shards, adapters, snapshot, owners, listing, set(groups), abort_retention)
-    return report
 
 
 def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],

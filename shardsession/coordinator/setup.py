@@ -13,14 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from ..backends import adapter_for
-from .decisions import admin_connection
+from ..backends.base import CLUSTER_TABLE, DECISION_TABLE
+from .decisions import admin_connection, is_missing_table
 from .identity import ensure_identity_here, read_identities, read_identity
 
-__all__ = ["ShardHealth", "ShardSetup", "prepare_shards", "shard_health"]
+__all__ = ["ShardHealth", "ShardSetup", "prepare_shards", "privilege_problems", "shard_health"]
+
+#: statements that change nothing but need the privilege named (checked at parse time)
+_PROBES = (
+    (DECISION_TABLE, "SELECT", f"SELECT gtrid FROM {DECISION_TABLE} WHERE 1 = 0"),
+    (DECISION_TABLE, "INSERT",
+     f"INSERT INTO {DECISION_TABLE} SELECT * FROM {DECISION_TABLE} WHERE 1 = 0"),
+    (DECISION_TABLE, "DELETE", f"DELETE FROM {DECISION_TABLE} WHERE 1 = 0"),
+    (CLUSTER_TABLE, "SELECT", f"SELECT cluster_id FROM {CLUSTER_TABLE} WHERE 1 = 0"),
+)
 
 
 @dataclass(frozen=True)
@@ -96,14 +107,61 @@ def prepare_shards(engines: Mapping[str, Engine]) -> list[ShardSetup]:
     return out
 
 
+def privilege_problems(dialect: str, dbapi: Any) -> list[str]:
+    """What the connected role lacks to take part in commits and recovery (an empty list:
+    nothing). ``dbapi`` is in autocommit mode; only statements that touch no row are sent.
+
+    Needed everywhere: SELECT, INSERT, DELETE on ``shardsession_decisions`` and SELECT on
+    ``shardsession_cluster``. On PostgreSQL a role that is not a superuser can finish only
+    the prepared transactions it prepared itself (said here as a note).
+    """
+    problems: list[str] = []
+    missing: set[str] = set()
+    for table, privilege, sql in _PROBES:
+        if table in missing:
+            continue
+        cur = dbapi.cursor()
+        try:
+            cur.execute(sql)
+        except Exception as e:
+            if is_missing_table(e):
+                # created on first use (or by create-all): nothing to check yet
+                missing.add(table)
+            else:
+                problems.append(f"cannot {privilege} on {table}: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        finally:
+            cur.close()
+    if dialect == "postgresql":
+        cur = dbapi.cursor()
+        try:
+            cur.execute("SELECT current_user::text, rolsuper FROM pg_roles "
+                        "WHERE rolname = current_user")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+        if row is not None and not row[1]:
+            problems.append(f"role {row[0]!r} is not a superuser: it can finish only the "
+                            "prepared transactions it prepared itself (run recovery as the "
+                            "application's role or a superuser)")
+    return problems
+
+
 def shard_health(engines: Mapping[str, Engine]) -> list[ShardHealth]:
-    """The identity stored on each shard and the server settings that put a committed
-    decision at risk (read only; for ``shardsession status``)."""
+    """The identity stored on each shard, the server settings that put a committed
+    decision at risk, and the privileges the connected role lacks (read only; for
+    ``shardsession status``)."""
     out: list[ShardHealth] = []
     for name, engine in engines.items():
         try:
             adapter = adapter_for(engine.dialect.name)
         except KeyError:
+            continue
+        try:
+            with admin_connection(engine) as dbapi:
+                lacking = tuple(privilege_problems(adapter.name, dbapi))
+        except Exception as e:
+            out.append(ShardHealth(name, None, (), f"{type(e).__name__}: {e}"))
             continue
         try:
             try:
@@ -112,12 +170,12 @@ def shard_health(engines: Mapping[str, Engine]) -> list[ShardHealth]:
                 raise RuntimeError(
                     f"cannot read the cluster identity: {type(e).__name__}: {e}") from e
             with admin_connection(engine) as dbapi:
-                warnings = tuple(adapter.durability_warnings(dbapi))
+                warnings = tuple(adapter.durability_warnings(dbapi)) + lacking
                 caps = adapter.detect(dbapi)
             if not caps.can_prepare and caps.reason and adapter.name != "sqlite":
                 warnings += (f"cannot prepare: {caps.reason}",)
         except Exception as e:
-            out.append(ShardHealth(name, None, (), f"{type(e).__name__}: {e}"))
+            out.append(ShardHealth(name, None, lacking, f"{type(e).__name__}: {e}"))
             continue
         out.append(ShardHealth(name, identity, warnings))
     return out

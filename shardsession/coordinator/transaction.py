@@ -17,11 +17,12 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import _compat
 from ..exc import (
+    AtomicityUnavailableError,
     CommitIncomplete,
     PrepareFailed,
     TransactionError,
 )
-from . import early
+from . import early, trace
 from .branch import (
     Branch,
     BranchState,
@@ -308,6 +309,9 @@ class GlobalTransaction:
         if len(self.branches) == 1:
             only = next(iter(self.branches.values()))
             if not only.xa_started:
+                if trace.enabled():  # (written or not: the server is not asked)
+                    trace.record("commit", "one_phase", gtrid=self.gtrid, shard=only.shard_id,
+                                 width=1)
                 return  # one branch, no XA: SQLAlchemy's own commit is the whole protocol
         ordered = self._ordered()
         if not ordered:
@@ -317,10 +321,18 @@ class GlobalTransaction:
         try:
             fixed = self._decider_for_plan(ordered, writers)
             facts = [self._facts(b, detect=writers > 1 and b.wrote) for b in ordered]
-            plan = plan_commit(
-                facts, fixed_decider=fixed, configured_decider=self.coordinator.decider,
-                atomic=self.coordinator.atomic, gtrid=self.gtrid,
-            )
+            try:
+                plan = plan_commit(
+                    facts, fixed_decider=fixed, configured_decider=self.coordinator.decider,
+                    atomic=self.coordinator.atomic, gtrid=self.gtrid,
+                )
+            except AtomicityUnavailableError:
+                if trace.enabled():
+                    trace.record("commit", "refused", gtrid=self.gtrid, width=writers)
+                raise
+            if plan.kind is PlanKind.ONE_PHASE and trace.enabled():
+                trace.record("commit", "one_phase", gtrid=self.gtrid,
+                             shard=ordered[plan.decider or 0].shard_id, width=1)
             if plan.kind is PlanKind.TWO_PHASE:
                 self._two_phase(ordered, plan)
             else:
