@@ -108,6 +108,9 @@ class MySQLAdapter(DecisionTableSQL):
 
     name = "mysql"
     now_sql = "UNIX_TIMESTAMP(NOW(6))"
+    # the server as server_key names it, and the database
+    location_sql = ("SELECT CONCAT('mysql:', @@hostname, ':', @@port, ':', @@datadir, '/', "
+                    "COALESCE(DATABASE(), ''))")
     xid_at_begin = True
     prepared_blocks_connection = True
     wrote_asks_server = False

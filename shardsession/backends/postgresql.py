@@ -190,6 +190,9 @@ class PostgreSQLAdapter(DecisionTableSQL):
 
     name = "postgresql"
     now_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
+    # the cluster's initdb identifier (readable by every role) and the database
+    location_sql = ("SELECT 'postgresql:' || (SELECT system_identifier::text FROM "
+                    "pg_control_system()) || '/' || current_database()")
     xid_at_begin = False
     prepared_blocks_connection = False
     wrote_asks_server = True

@@ -46,6 +46,8 @@ class SQLiteAdapter(DecisionTableSQL):
     name = "sqlite"
     placeholder = "?"
     now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+    # the main database's file ('' in memory)
+    location_sql = "SELECT 'sqlite:' || file FROM pragma_database_list WHERE name = 'main'"
     xid_at_begin = False
     prepared_blocks_connection = False
     wrote_asks_server = False
