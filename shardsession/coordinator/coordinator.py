@@ -385,6 +385,11 @@ class TransactionCoordinator:
         """The cluster identity of a decider that is not a branch of the transaction."""
         return self._identity.for_engine(engine, self.adapter(engine))
 
+    def confirm_identity(self, branch: Branch, cluster: str) -> None:
+        """Make sure a decider chosen before it joined stores ``cluster`` (see
+        :meth:`.identity.IdentityCache.confirm`)."""
+        self._identity.confirm(branch, cluster)
+
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
         if getattr(branch.connection, _BRANCH_KEY, None) is branch:

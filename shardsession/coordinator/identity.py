@@ -43,6 +43,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ..backends import BackendAdapter, adapter_for
 from ..backends.base import ClusterRow
+from ..exc import CapabilityError
 from .decisions import admin_connection, is_missing_table
 from .xid import is_cluster_id, new_cluster_id
 
@@ -240,6 +241,8 @@ class IdentityCache:
         self._lock = threading.Lock()
         self._known: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
         self._tried: weakref.WeakSet[Engine] = weakref.WeakSet()
+        #: identities chosen for SQLite deciders whose connection cannot commit on its own
+        self._pending: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
     def _keep(self, engine: Engine, identity: str) -> str:
         with self._lock:
@@ -248,14 +251,60 @@ class IdentityCache:
 
     def for_engine(self, engine: Engine, adapter: BackendAdapter | None) -> str:
         """The identity of a decider no transaction of ours holds: stored first, committed
-        on a connection of its own, if there is none."""
+        on a connection of its own, if there is none.
+
+        A SQLite engine whose other connection is not a separate one (in memory, or a
+        ``SingletonThreadPool`` / ``StaticPool``: the thread's connection, which another
+        transaction may hold with pending writes) is never switched to autocommit nor
+        committed here: its identity is read in whatever transaction that connection
+        holds, and when none is stored one is chosen now (the same for every transaction
+        of this process) and stored with the first decision (:meth:`confirm`).
+        """
         known = self._known.get(engine)
         if known is not None:
             return known
         if adapter is None:
             # No decision can be stored there: the commit is refused before any PREPARE.
             return new_cluster_id()
+        if adapter.name == "sqlite" and _sqlite_shares_connection(engine):
+            return self._read_shared(engine, adapter)
         return self._keep(engine, ensure_identity(adapter, engine)[0])
+
+    def _read_shared(self, engine: Engine, adapter: BackendAdapter) -> str:
+        with engine.connect() as conn:  # (no autocommit, no commit: a SELECT only)
+            dbapi = conn.connection.dbapi_connection
+            try:
+                row = adapter.read_cluster_row(dbapi)
+            except Exception as e:
+                if not is_missing_table(e):
+                    raise
+                row = None
+            if row is not None:
+                _checked(row.cluster_id)
+                if row.bound_to is None or row.bound_to == adapter.location(dbapi):
+                    return self._keep(engine, row.cluster_id)
+        with self._lock:
+            return self._pending.setdefault(engine, new_cluster_id())
+
+    def confirm(self, branch: Branch, cluster: str) -> None:
+        """Make sure the decider ``branch`` (chosen before it joined, see
+        :meth:`for_engine`) stores ``cluster``, in its own transaction when the identity
+        was only chosen: it then commits with the decision, or not at all.
+
+        :raises CapabilityError: the database stores another identity (another process
+            stored one first): nothing is prepared yet; the commit is refused.
+        """
+        if self._known.get(branch.engine) == cluster or branch.adapter is None:
+            return
+        identity, stored_before = ensure_identity_here(branch.adapter, branch.dbapi, cluster)
+        if identity != cluster:
+            raise CapabilityError(
+                f"the decider shard {branch.shard_id!r} stores the cluster identity "
+                f"{identity}, not {cluster} chosen for this transaction (another process "
+                "stored it first); nothing was committed, retry the transaction",
+                shard_id=str(branch.shard_id))
+        if stored_before:
+            self._keep(branch.engine, identity)
 
     def for_branch(self, branch: Branch) -> str:
         """The identity of a decider branch's database.

@@ -40,7 +40,7 @@ from .protocol import (
     choose_decider,
     plan_commit,
 )
-from .xid import Xid, new_gtrid
+from .xid import Xid, gtrid_cluster, new_gtrid
 
 if TYPE_CHECKING:
     from .coordinator import TransactionCoordinator
@@ -238,6 +238,8 @@ class GlobalTransaction:
         name, engine = self.absent_decider
         joined = self.branches.get(engine)
         if joined is not None:
+            if writers > 1:
+                self._confirm_identity(joined)
             return joined.index
         if writers < 2:
             return None  # no decision needed
@@ -250,7 +252,14 @@ class GlobalTransaction:
         if adapter is not None:
             branch.mark = adapter.write_mark(branch.dbapi)
         ordered.append(branch)
+        self._confirm_identity(branch)
         return branch.index
+
+    def _confirm_identity(self, decider: Branch) -> None:
+        assert self.gtrid is not None
+        cluster = gtrid_cluster(self.gtrid)
+        if cluster is not None:
+            self.coordinator.confirm_identity(decider, cluster)
 
     def _close_own(self) -> None:
         own, self._own = self._own, None

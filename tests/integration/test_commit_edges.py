@@ -451,6 +451,52 @@ def test_absent_sqlite_decider_holds_the_decision_in_its_own_transaction(
         c.execute(T["gamma"].insert().values(id=5, v="g"))
 
 
+def test_absent_sqlite_decider_sharing_its_connection_commits_nothing_else(
+    engines_for: Callable[[str], dict[str, Engine]],
+) -> None:
+    """A SQLite decider on a SingletonThreadPool (the thread's one connection) that no
+    branch holds, named when MariaDB's XA START fixes the gtrid: its identity must not be
+    stored by switching that connection to autocommit, which committed the pending write
+    of another unit of work of the thread (before: the rolled-back row stayed). The
+    identity is chosen then and stored with the first decision."""
+    from sqlalchemy.pool import SingletonThreadPool
+
+    from shardsession.coordinator.identity import read_identity
+    from shardsession.coordinator.xid import gtrid_cluster
+
+    engines = engines_for("sqlite+pg+mariadb")
+    engines["gamma"] = create_engine(engines["gamma"].url, poolclass=SingletonThreadPool)
+    names = {e: n for n, e in engines.items()}
+    coord = TransactionCoordinator()
+    try:
+        other = engines["gamma"].connect()
+        other.begin()
+        other.execute(T["gamma"].insert().values(id=9, v="pending"))
+        s = Session()
+        coord.install(s, names.__getitem__, shards=engines)
+        s.connection(bind_arguments={"bind": engines["alpha"]}).execute(select(T["alpha"].c.id))
+        insert(s, engines, "beta", 1)  # XA START: the gtrid names gamma, absent
+        s.commit()  # one writer: no decision
+        other.rollback()
+        other.close()
+        assert count(engines["gamma"], "gamma") == 0
+        assert count(engines["beta"], "beta") == 1
+        # two writers: the decision (and the identity chosen) commit on gamma together
+        s = Session()
+        coord.install(s, names.__getitem__, shards=engines)
+        insert(s, engines, "alpha", 2)
+        insert(s, engines, "beta", 2)
+        s.commit()
+        s.close()
+        assert decision_count(engines["gamma"]) == 1 and count(engines["gamma"], "gamma") == 0
+        with engines["gamma"].connect() as c:
+            (decided,) = c.exec_driver_sql(f"SELECT gtrid FROM {DECISION_TABLE}").scalars()
+        assert gtrid_cluster(decided) == read_identity(adapter_for("sqlite"), engines["gamma"])
+        assert in_doubt(engines) == []
+    finally:
+        engines["gamma"].dispose()
+
+
 # --- item 10: a half-open decider connection does not block abort claims for long ----------
 
 
