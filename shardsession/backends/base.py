@@ -269,6 +269,12 @@ class BackendAdapter(Protocol):
         """Replace the copied identity ``old`` by ``new`` (``False``: ``old`` is gone)."""
         ...
 
+    def state_needs_asking(self, dbapi_conn: Any) -> bool:
+        """Whether only :meth:`wrote_on_server`'s round trip can tell that the server
+        aborted the branch's transaction (the driver does not say; asyncpg): it is then
+        asked of writers too, and raises ``TransactionError`` for an aborted one."""
+        ...
+
     def durability_warnings(self, dbapi_conn: Any) -> list[str]:
         """Server settings under which a committed decision could be lost on a crash."""
         ...

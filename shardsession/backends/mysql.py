@@ -185,6 +185,9 @@ class MySQLAdapter(DecisionTableSQL):
         return (code is not None and (1000 <= code < 2000 or code >= 3000)
                 and code not in _UNKNOWN_ERRNOS)
 
+    def state_needs_asking(self, dbapi_conn: Any) -> bool:
+        return False
+
     def transaction_problem(self, dbapi_conn: Any) -> str | None:
         return None  # the server's verdict comes with the error: see lost_transaction
 

@@ -102,6 +102,9 @@ class SQLiteAdapter(DecisionTableSQL):
 
         return isinstance(getattr(error, "orig", None) or error, sqlite3.Error)
 
+    def state_needs_asking(self, dbapi_conn: Any) -> bool:
+        return False
+
     def transaction_problem(self, dbapi_conn: Any) -> str | None:
         return None
 

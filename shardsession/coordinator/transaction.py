@@ -343,8 +343,10 @@ class GlobalTransaction:
         SELECT, say), and whether the server already rolled a branch's transaction back.
 
         Costs one round trip, in parallel, per PostgreSQL branch that ran no write
-        statement (none for the writers, SQLite or MariaDB); a single-shard transaction
-        never gets here.
+        statement, per asyncpg branch (whose driver does not say whether its
+        transaction failed) and per MariaDB branch that joined a begun transaction and
+        ran no write statement (its counters of rows written); none for SQLite. A
+        single-shard transaction never gets here.
 
         :raises PrepareFailed: a branch's transaction was aborted by its server (an
             application caught the error and committed): its work is lost, so nothing is
@@ -366,7 +368,7 @@ class GlobalTransaction:
             problem = b.adapter.transaction_problem(b.dbapi)
             if problem is not None:
                 failed[b.index] = problem
-            elif not b.wrote:
+            elif not b.wrote or b.adapter.state_needs_asking(b.dbapi):
                 if b.adapter.wrote_asks_server:
                     tasks.append((b, ask(b)))
                 else:
@@ -374,7 +376,9 @@ class GlobalTransaction:
         errors = self._parallel(tasks)
         discard_dead(ordered, errors)
         for i, e in errors.items():
-            failed[i] = f"asking whether it wrote failed: {e}"
+            # (TransactionError: the adapter found the transaction aborted)
+            failed[i] = str(e) if isinstance(e, TransactionError) else (
+                f"asking whether it wrote failed: {e}")
         for i, wrote in asked.items():
             # "cannot tell" counts as a write: preparing a reader costs a round trip,
             # releasing a writer would lose its write
