@@ -497,6 +497,75 @@ def test_absent_sqlite_decider_sharing_its_connection_commits_nothing_else(
         engines["gamma"].dispose()
 
 
+# --- the participants column's limit ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mix", ["pg+mariadb", "pg+sqlite"])
+def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
+    engines_for: Callable[[str], dict[str, Engine]], mix: str,
+) -> None:
+    """A decision row naming MAX_PREPARED_BRANCHES branches is stored and read back
+    whole on every dialect; one more does not fit (a server error on PostgreSQL and
+    strict MariaDB, which is why the commit refuses it before anything is prepared)."""
+    from shardsession.backends import DecisionRow
+    from shardsession.coordinator.decisions import admin_connection
+    from shardsession.coordinator.xid import (
+        MAX_PREPARED_BRANCHES,
+        PARTICIPANTS_MAX_CHARS,
+        Xid,
+        new_cluster_id,
+        new_gtrid,
+        parse_participants,
+        participants_text,
+    )
+
+    for name, engine in engines_for(mix).items():
+        adapter = adapter_for(engine.dialect.name)
+        ensure_decisions(engine)
+        gtrid = new_gtrid(name, cluster=new_cluster_id())
+        most = [(Xid.branch(gtrid, i), f"shard{i}") for i in range(MAX_PREPARED_BRANCHES)]
+        text_ = participants_text(most)
+        assert len(text_) <= PARTICIPANTS_MAX_CHARS
+        assert len(participants_text([*most, (Xid.branch(gtrid, 998), "one more")])) \
+            > PARTICIPANTS_MAX_CHARS
+        with admin_connection(engine) as dbapi:
+            adapter.insert_decision(dbapi, DecisionRow(gtrid, "C", time.time(), text_))
+            row = adapter.read_decision(dbapi, gtrid)
+        assert row is not None and row.participants == text_
+        assert len(parse_participants(row.participants) or []) == MAX_PREPARED_BRANCHES
+        if engine.dialect.name != "sqlite":  # (SQLite does not enforce VARCHAR sizes)
+            over = participants_text([*most, (Xid.branch(gtrid, 998), "one more")])
+            with pytest.raises(Exception, match=r"(?i)too long"), \
+                    admin_connection(engine) as dbapi:
+                adapter.insert_decision(dbapi, DecisionRow(
+                    new_gtrid(name, cluster=new_cluster_id()), "C", time.time(), over))
+
+
+def test_more_prepared_branches_than_a_decision_row_can_name_are_refused_first(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the limit lowered to 1 (222 branches need 222 servers' connections), two
+    branches to prepare are refused before any PREPARE: nothing committed, nothing in
+    doubt, no decision row."""
+    from shardsession.coordinator import phases
+    from shardsession.exc import TransactionError
+
+    engines = engines_for("sqlite+pg+mariadb")
+    monkeypatch.setattr(phases, "MAX_PREPARED_BRANCHES", 1)
+    coord = TransactionCoordinator()
+    s = Session()
+    coord.install(s, {e: n for n, e in engines.items()}.__getitem__, shards=engines)
+    for n in ("gamma", "alpha", "beta"):
+        insert(s, engines, n, 1)
+    with pytest.raises(TransactionError, match="at most 1 prepared branches"):
+        s.commit()
+    s.rollback()
+    s.close()
+    assert {n: count(e, n) for n, e in engines.items()} == dict.fromkeys(engines, 0)
+    assert decision_count(engines["gamma"]) == 0
+    assert in_doubt(engines) == []
+
+
 # --- item 10: a half-open decider connection does not block abort claims for long ----------
 
 
