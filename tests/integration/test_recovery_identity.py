@@ -437,6 +437,35 @@ def test_shard_ids_that_name_one_decider_are_refused(
         e.dispose()
 
 
+def test_shard_ids_bound_later_are_checked_too(
+    pg_url_a: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``bind_shard`` after construction refuses an id naming the same decider as a
+    configured one (same text, or a forced token collision) and changes nothing."""
+    e = create_engine(pg_url_a)
+    try:
+        s = ShardedSession(shards={"1": e, "eu": e}, shard_chooser=lambda *a, **k: "1",
+                           identity_chooser=lambda *a, **k: ["1"],
+                           execute_chooser=lambda *a, **k: ["1"])
+        with pytest.raises(ConfigurationError, match="same name"):
+            s.bind_shard(1, e)
+        s.bind_shard("eu", e)  # replacing a shard's bind is no collision
+        from shardsession.coordinator import xid as xid_module
+
+        real = xid_module.shard_token
+        monkeypatch.setattr(xid_module, "shard_token",
+                            lambda sid: "aaaaaaaaaaaa" if sid in ("eu", "us") else real(sid))
+        with pytest.raises(ConfigurationError, match="same token"):
+            s.bind_shard("us", e)
+        monkeypatch.undo()
+        s.bind_shard("us", e)
+        with s.connection(bind_arguments={"shard_id": "us"}) as c:
+            assert c.exec_driver_sql("SELECT 1").scalar() == 1
+        s.close()
+    finally:
+        e.dispose()
+
+
 def test_identity_is_stored_once_and_shown(pg_url_a: str, mariadb_url: str) -> None:
     from shardsession.coordinator.setup import prepare_shards
 
