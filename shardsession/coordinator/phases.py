@@ -209,6 +209,7 @@ class TwoPhaseRun:
         self.unsettled = {i: e for i, e in errors.items() if i != decider.index}
         if decider.index not in errors:
             decider.state = BranchState.FINISHED
+            gt.committed_decider = decider
             emit(gt.session, "shardsession_after_decision", self.gtrid, "commit",
                  decider.shard_id)
             return Event.DECISION_DURABLE

@@ -57,8 +57,8 @@ class GlobalTransaction:
     threads each touch one branch's connection only).
     """
 
-    __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "coordinator",
-                 "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
+    __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "committed_decider",
+                 "coordinator", "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
                  "session", "shard_of_engine", "shards")
 
     def __init__(self, coordinator: TransactionCoordinator,
@@ -77,6 +77,8 @@ class GlobalTransaction:
         #: the connection of our own that holds the decision of an absent decider
         self._own: Connection | None = None
         self.protocol_ran = False
+        #: the decider branch once its local commit (the decision) succeeded
+        self.committed_decider: Branch | None = None
         #: early BEGINs still running (see :mod:`.early`); shared with the session
         self.early: list[Future[None]] = []
         #: while set, XA STARTs of new branches wait in ``_xa_pending`` (see
@@ -286,6 +288,20 @@ class GlobalTransaction:
                 _compat.skip_connection_commit(transaction, b.connection)
             return e
         return None
+
+    def late_failure(self, error: BaseException) -> BaseException | None:
+        """What the caller must hear when SQLAlchemy's own end of the connections failed
+        after :meth:`protocol` returned: once the decision is durable the transaction is
+        committed, and a bare driver error (a server lost right after the decider's
+        commit) would invite a retry that writes twice. ``None``: raise ``error``."""
+        if self.committed_decider is None or isinstance(error, TransactionError):
+            return None
+        left = [b.shard_id for b in self.left_branches()]
+        return CommitIncomplete(
+            f"transaction {self.gtrid} is committed; ending a shard's connection "
+            f"afterwards failed ({type(error).__name__}: {error}); "
+            + (f"branches {left} are left to recovery" if left else "nothing is in doubt"),
+            gtrid=self.gtrid, pending_shards=left)
 
     def commit(self) -> None:
         """Run the commit protocol (called once, after the session's final flush).
