@@ -256,9 +256,11 @@ class IdentityCache:
         A SQLite engine whose other connection is not a separate one (in memory, or a
         ``SingletonThreadPool`` / ``StaticPool``: the thread's connection, which another
         transaction may hold with pending writes) is never switched to autocommit nor
-        committed here: its identity is read in whatever transaction that connection
-        holds, and when none is stored one is chosen now (the same for every transaction
-        of this process) and stored with the first decision (:meth:`confirm`).
+        committed here: on a ``SingletonThreadPool`` its identity is read in whatever
+        transaction that connection holds; when none is stored (or the pool would reset
+        the connection on return: ``StaticPool``) one is chosen now (the same for every
+        transaction of this process) and stored with the first decision
+        (:meth:`confirm`).
         """
         known = self._known.get(engine)
         if known is not None:
@@ -271,7 +273,15 @@ class IdentityCache:
         return self._keep(engine, ensure_identity(adapter, engine)[0])
 
     def _read_shared(self, engine: Engine, adapter: BackendAdapter) -> str:
-        with engine.connect() as conn:  # (no autocommit, no commit: a SELECT only)
+        if not isinstance(engine.pool, SingletonThreadPool):
+            # Another checkout of a StaticPool's one connection (or a separate in-memory
+            # database) would be reset on return, rolling back its holder's writes:
+            # choose now, and let confirm() find what is stored.
+            with self._lock:
+                return self._pending.setdefault(engine, new_cluster_id())
+        # SingletonThreadPool hands this thread's checkout back, counted: closing it does
+        # not reset the connection. No autocommit, no commit: a SELECT only.
+        with engine.connect() as conn:
             dbapi = conn.connection.dbapi_connection
             try:
                 row = adapter.read_cluster_row(dbapi)
@@ -298,10 +308,15 @@ class IdentityCache:
             return
         identity, stored_before = ensure_identity_here(branch.adapter, branch.dbapi, cluster)
         if identity != cluster:
+            if stored_before:  # the next transaction names the stored one
+                with self._lock:
+                    self._pending.pop(branch.engine, None)
+                self._keep(branch.engine, identity)
             raise CapabilityError(
                 f"the decider shard {branch.shard_id!r} stores the cluster identity "
-                f"{identity}, not {cluster} chosen for this transaction (another process "
-                "stored it first); nothing was committed, retry the transaction",
+                f"{identity}, not {cluster} chosen for this transaction (stored by "
+                "another process, or before this one could read it without touching a "
+                "shared connection); nothing was committed, retry the transaction",
                 shard_id=str(branch.shard_id))
         if stored_before:
             self._keep(branch.engine, identity)
