@@ -203,6 +203,34 @@ def test_branches_of_a_copied_identity_are_left_to_the_original(
         dispose(y)
 
 
+def test_a_moved_original_finishes_its_branches_with_adopt_previous(
+    mariadb_url: str, mariadb_server: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """X decided COMMIT (MariaDB decider a) and crashed with b prepared; then its decider
+    database was moved (its recorded place no longer matches: a renamed host, say) and
+    re-keyed on first use. Recovery leaves the branch of the previous identity alone
+    until told this is the original: then it follows the restored COMMIT row."""
+    x_urls = _create({"a": mariadb_url, "b": extra_db(mariadb_server)})
+    x = engines_of(x_urls)
+    try:
+        old, _ = ensure_identity(adapter_for("mysql"), x["a"])
+        assert run_child({"urls": x_urls, "crash": "after_decision_commit",
+                          "key": 8}).returncode == -signal.SIGKILL
+        with x["a"].begin() as c:  # what a move to another host looks like to the row
+            c.exec_driver_sql("UPDATE shardsession_cluster SET bound_to = 'mysql:elsewhere'")
+        new, _ = ensure_identity(adapter_for("mysql"), x["a"])  # first use: re-keyed
+        assert new != old
+        report = recover(x, grace_period=0)
+        assert not report.committed and not report.resolved
+        assert [why for _r, why in report.left_alone] == ["previous identity of its decider"]
+        report = recover(x, grace_period=0, adopt_previous=True)
+        assert len(report.committed) == 1 and not report.errors, report
+        assert rows(x, 8) == {"a": 1, "b": 1}
+        assert in_doubt(x) == []
+    finally:
+        dispose(x)
+
+
 def test_a_copied_sqlite_decider_file_is_rekeyed(tmp_path: Any) -> None:
     import shutil
 
