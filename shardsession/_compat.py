@@ -255,7 +255,16 @@ class _CoordinatedTransaction(SessionTransaction):
             self._shardsession_late = late
 
     def commit(self, _to_root: bool = False) -> None:
-        super().commit(_to_root=_to_root)
+        owner = self._shardsession_gt
+        try:
+            super().commit(_to_root=_to_root)
+        except Exception as e:
+            # (after the protocol: the slot's owner says what a failure now means)
+            told = owner.late_failure(e) if owner is not None else None
+            if told is None:
+                raise
+            late, self._shardsession_late = self._shardsession_late, None
+            raise (late or told) from e
         late = self._shardsession_late
         if late is not None:
             self._shardsession_late = None
@@ -265,11 +274,13 @@ class _CoordinatedTransaction(SessionTransaction):
         # SQLAlchemy ends every root transaction here (commit, rollback, Session.close),
         # after its connections went back and ``after_transaction_end`` ran: the slot's
         # owner forgets its branches now (the hook costs no event per transaction).
-        super().close(invalidate)
-        owner = self._shardsession_gt
-        if owner is not None:
-            self._shardsession_gt = None
-            owner.close()
+        try:
+            super().close(invalidate)
+        finally:
+            owner = self._shardsession_gt
+            if owner is not None:
+                self._shardsession_gt = None
+                owner.close()
 
 
 class CoordinatedRoots(Session):

@@ -231,6 +231,10 @@ class ShardedSession(
 
         Shard ids are strings by convention; like SQLAlchemy's class, any hashable id other
         than ``None`` and ``""`` is accepted (a ``placement`` needs strings).
+
+        :raises ConfigurationError: ``shard_id`` would name the same decider inside an
+            xid as another configured shard (the same text, or the same token); nothing
+            is changed.
         """
         try:
             hash(shard_id)
@@ -243,6 +247,10 @@ class ShardedSession(
         bind = _compat.sync_bind(bind)
         if not isinstance(bind, Engine | Connection) and not hasattr(bind, "connect"):
             raise ConfigurationError(f"shard {shard_id!r}: bind must be an Engine, not {bind!r}")
+        try:  # an xid names its decider by shard id: two ids must never name one
+            check_shard_ids([*(s for s in self._shards if s != shard_id), shard_id])
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from e
         self._shards[shard_id] = bind
 
     def _check_shard(self, shard_id: Any) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import CLUSTER_TABLE, DECISION_TABLE, DecisionRow
+from .base import CLUSTER_TABLE, DECISION_TABLE, ClusterRow, DecisionRow
 
 __all__ = ["DecisionTableSQL"]
 
@@ -27,13 +27,20 @@ class DecisionTableSQL:
     placeholder = "%s"
     #: the server's current time in unix seconds (an SQL expression)
     now_sql = "0"
-    #: ``CREATE TABLE`` of the cluster table (the dialects agree on these types)
+    #: ``CREATE TABLE`` of the cluster table (the dialects agree on these types).
+    #: ``bound_to`` is where the identity was created (:attr:`location_sql`), NULL in rows
+    #: stored before it existed; ``previous_id`` the identity a re-keyed copy had.
     cluster_ddl = (
         f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} ("
         "singleton CHAR(1) NOT NULL PRIMARY KEY, "
         "cluster_id VARCHAR(32) NOT NULL, "
-        "created_at DOUBLE PRECISION NOT NULL)"
+        "created_at DOUBLE PRECISION NOT NULL, "
+        "bound_to VARCHAR(600), "
+        "previous_id VARCHAR(32))"
     )
+    #: a query of one text value naming the database this connection is in, as a copy of
+    #: it (a dump restored elsewhere, a file copied) would not: server and database
+    location_sql = "SELECT ''"
 
     #: SQL answering one row when the table named by the one parameter exists (``None``:
     #: no such check, the ``IF NOT EXISTS`` DDL is always sent)
@@ -114,15 +121,76 @@ class DecisionTableSQL:
             if not self.is_duplicate_key(e):
                 raise
 
-    def read_cluster_id(self, dbapi_conn: Any) -> str | None:
-        rows = self._rows(dbapi_conn, f"SELECT cluster_id FROM {CLUSTER_TABLE} "
-                                      f"WHERE singleton = {self.placeholder}", (_SINGLETON,))
-        return str(rows[0][0]) if rows else None
+    def ensure_cluster_columns(self, dbapi_conn: Any) -> None:
+        """Add ``bound_to`` and ``previous_id`` to a cluster table created before them
+        (autocommit, or on SQLite in any transaction)."""
+        for column, ddl in (("bound_to", "VARCHAR(600)"), ("previous_id", "VARCHAR(32)")):
+            try:
+                self._rows(dbapi_conn, f"SELECT {column} FROM {CLUSTER_TABLE} WHERE 1 = 0")
+                continue
+            except Exception:  # (autocommit, or SQLite: the failure ends nothing)
+                pass
+            try:
+                self._rows(dbapi_conn, f"ALTER TABLE {CLUSTER_TABLE} ADD COLUMN {column} {ddl}")
+            except Exception:
+                # another process added it first: fine if it is there now
+                self._rows(dbapi_conn, f"SELECT {column} FROM {CLUSTER_TABLE} WHERE 1 = 0")
 
-    def insert_cluster_id(self, dbapi_conn: Any, cluster_id: str) -> None:
+    def location(self, dbapi_conn: Any) -> str:
+        rows = self._rows(dbapi_conn, self.location_sql)
+        return str(rows[0][0]) if rows and rows[0][0] is not None else ""
+
+    def read_cluster_row(self, dbapi_conn: Any) -> ClusterRow | None:
         p = self.placeholder
-        self._rows(dbapi_conn, f"INSERT INTO {CLUSTER_TABLE} (singleton, cluster_id, created_at) "
-                               f"VALUES ({p}, {p}, {self.now_sql})", (_SINGLETON, cluster_id))
+        try:
+            rows = self._rows(dbapi_conn, f"SELECT cluster_id, bound_to, previous_id "
+                                          f"FROM {CLUSTER_TABLE} WHERE singleton = {p}",
+                              (_SINGLETON,))
+        except Exception:
+            # a table created before bound_to existed (read-only callers do not add it)
+            rows = [(*r, None, None) for r in self._rows(
+                dbapi_conn, f"SELECT cluster_id FROM {CLUSTER_TABLE} WHERE singleton = {p}",
+                (_SINGLETON,))]
+        if not rows:
+            return None
+        cid, bound, previous = rows[0][0], rows[0][1], rows[0][2]
+        return ClusterRow(str(cid), None if bound is None else str(bound),
+                          None if previous is None else str(previous))
+
+    def read_cluster_id(self, dbapi_conn: Any) -> str | None:
+        row = self.read_cluster_row(dbapi_conn)
+        return row.cluster_id if row is not None else None
+
+    def insert_cluster_id(self, dbapi_conn: Any, cluster_id: str,
+                          bound_to: str | None = None) -> None:
+        p = self.placeholder
+        self._rows(dbapi_conn, f"INSERT INTO {CLUSTER_TABLE} "
+                               "(singleton, cluster_id, created_at, bound_to) "
+                               f"VALUES ({p}, {p}, {self.now_sql}, {p})",
+                   (_SINGLETON, cluster_id, bound_to))
+
+    def bind_cluster_id(self, dbapi_conn: Any, cluster_id: str, bound_to: str) -> None:
+        """Bind a row stored before ``bound_to`` existed to where it is now."""
+        p = self.placeholder
+        self._rows(dbapi_conn, f"UPDATE {CLUSTER_TABLE} SET bound_to = {p} "
+                               f"WHERE singleton = {p} AND cluster_id = {p} AND bound_to IS NULL",
+                   (bound_to, _SINGLETON, cluster_id))
+
+    def rekey_cluster_id(self, dbapi_conn: Any, old: str, new: str, bound_to: str) -> bool:
+        """Replace a copied identity ``old`` by ``new`` bound here; ``False`` when the row
+        no longer holds ``old`` (another process re-keyed it first)."""
+        p = self.placeholder
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(self._native(
+                dbapi_conn,
+                f"UPDATE {CLUSTER_TABLE} SET cluster_id = {p}, bound_to = {p}, "
+                f"previous_id = {p}, created_at = {self.now_sql} "
+                f"WHERE singleton = {p} AND cluster_id = {p}"),
+                (new, bound_to, old, _SINGLETON, old))
+            return bool(cur.rowcount and cur.rowcount > 0)
+        finally:
+            cur.close()
 
 
 def _decision(r: Sequence[Any]) -> DecisionRow:

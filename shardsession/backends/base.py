@@ -21,6 +21,7 @@ __all__ = [
     "DECISION_TABLE",
     "BackendAdapter",
     "Capabilities",
+    "ClusterRow",
     "DecisionRow",
     "InDoubt",
     "Outcome",
@@ -70,6 +71,16 @@ class DecisionRow:
     decided_at: float | None
     participants: str = ""
     age: float | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class ClusterRow:
+    """The cluster table's one row: the identity, where it was created (``None`` in rows
+    stored before that was recorded) and the identity a re-keyed copy had before."""
+
+    cluster_id: str
+    bound_to: str | None = None
+    previous_id: str | None = None
 
 
 @dataclass
@@ -232,8 +243,36 @@ class BackendAdapter(Protocol):
         """The stored cluster identity (``None``: none stored; the table may be missing)."""
         ...
 
-    def insert_cluster_id(self, dbapi_conn: Any, cluster_id: str) -> None:
+    def insert_cluster_id(self, dbapi_conn: Any, cluster_id: str,
+                          bound_to: str | None = None) -> None:
         """Store the cluster identity (a duplicate key if one is stored already)."""
+        ...
+
+    def ensure_cluster_columns(self, dbapi_conn: Any) -> None:
+        """Add the columns of the cluster table that older versions did not create."""
+        ...
+
+    def read_cluster_row(self, dbapi_conn: Any) -> ClusterRow | None:
+        """The cluster table's row (``None``: none stored; the table may be missing)."""
+        ...
+
+    def location(self, dbapi_conn: Any) -> str:
+        """Where ``dbapi_conn``'s database is (server and database), to tell a copy of
+        the cluster table from the original."""
+        ...
+
+    def bind_cluster_id(self, dbapi_conn: Any, cluster_id: str, bound_to: str) -> None:
+        """Record where an identity stored without a location is."""
+        ...
+
+    def rekey_cluster_id(self, dbapi_conn: Any, old: str, new: str, bound_to: str) -> bool:
+        """Replace the copied identity ``old`` by ``new`` (``False``: ``old`` is gone)."""
+        ...
+
+    def state_needs_asking(self, dbapi_conn: Any) -> bool:
+        """Whether only :meth:`wrote_on_server`'s round trip can tell that the server
+        aborted the branch's transaction (the driver does not say; asyncpg): it is then
+        asked of writers too, and raises ``TransactionError`` for an aborted one."""
         ...
 
     def durability_warnings(self, dbapi_conn: Any) -> list[str]:

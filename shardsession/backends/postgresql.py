@@ -90,6 +90,13 @@ _DDL = (
 # --- driver differences ----------------------------------------------------------------
 
 
+_ABORTED = ("the server aborted this transaction (a statement failed in it and the "
+            "transaction went on); PostgreSQL would answer its COMMIT or PREPARE with "
+            "ROLLBACK, and its work is lost")
+#: SQLSTATE of any statement in a failed transaction
+_IN_FAILED_TRANSACTION = "25P02"
+
+
 def _driver(dbapi_conn: Any) -> str | None:
     """``"psycopg2"``, ``"psycopg"`` (3) or ``None`` (another driver or a wrapper).
 
@@ -164,7 +171,10 @@ def _sqlstate(error: BaseException) -> str | None:
 
 
 def _transaction_status(dbapi_conn: Any) -> int | None:
-    """libpq's transaction status as the driver knows it (no round trip), or ``None``."""
+    """libpq's transaction status as the driver knows it (no round trip), or ``None``
+    (asyncpg keeps it private)."""
+    if _async_adapted(dbapi_conn):
+        dbapi_conn = dbapi_conn.driver_connection  # psycopg's AsyncConnection has it
     driver = _driver(dbapi_conn)
     if driver == "psycopg2":
         return int(dbapi_conn.get_transaction_status())
@@ -190,6 +200,9 @@ class PostgreSQLAdapter(DecisionTableSQL):
 
     name = "postgresql"
     now_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
+    # the cluster's initdb identifier (readable by every role) and the database
+    location_sql = ("SELECT 'postgresql:' || (SELECT system_identifier::text FROM "
+                    "pg_control_system()) || '/' || current_database()")
     xid_at_begin = False
     prepared_blocks_connection = False
     wrote_asks_server = True
@@ -270,12 +283,15 @@ class PostgreSQLAdapter(DecisionTableSQL):
         code = _sqlstate(error)
         return code is not None and code[:2] not in _UNKNOWN_CLASSES
 
+    def state_needs_asking(self, dbapi_conn: Any) -> bool:
+        # asyncpg does not tell whether its transaction failed: wrote_on_server's
+        # round trip finds out (the server refuses any statement in a failed one)
+        return _transaction_status(dbapi_conn) is None
+
     def transaction_problem(self, dbapi_conn: Any) -> str | None:
         status = _transaction_status(dbapi_conn)
         if status == _PQTRANS_INERROR:
-            return ("the server aborted this transaction (a statement failed in it and "
-                    "the transaction went on); PostgreSQL would answer its COMMIT or "
-                    "PREPARE with ROLLBACK, and its work is lost")
+            return _ABORTED
         if status == _PQTRANS_UNKNOWN:
             return "the connection is bad (libpq transaction status UNKNOWN)"
         return None
@@ -290,14 +306,19 @@ class PostgreSQLAdapter(DecisionTableSQL):
         status = _transaction_status(dbapi_conn)
         if status == _PQTRANS_IDLE:
             return False  # no transaction open: nothing ran in it, nothing was written
-        if status != _PQTRANS_INTRANS:
+        if status is not None and status != _PQTRANS_INTRANS:
             return None  # aborted or unusable: transaction_problem says why
+        # (status None: asyncpg; the query below fails in an aborted transaction)
         cur = _cursor(dbapi_conn)
         try:
             # A transaction id is assigned at the first write of any kind (a row written
             # by a function called in a SELECT too; a row lock by FOR UPDATE as well).
             cur.execute("SELECT txid_current_if_assigned() IS NOT NULL")
             row = cur.fetchone()
+        except Exception as e:
+            if _sqlstate(e) == _IN_FAILED_TRANSACTION:
+                raise TransactionError(_ABORTED) from e
+            raise
         finally:
             cur.close()
         return bool(row[0]) if row else None

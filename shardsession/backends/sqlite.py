@@ -46,6 +46,8 @@ class SQLiteAdapter(DecisionTableSQL):
     name = "sqlite"
     placeholder = "?"
     now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
+    # the main database's file ('' in memory)
+    location_sql = "SELECT 'sqlite:' || file FROM pragma_database_list WHERE name = 'main'"
     xid_at_begin = False
     prepared_blocks_connection = False
     wrote_asks_server = False
@@ -99,6 +101,9 @@ class SQLiteAdapter(DecisionTableSQL):
         import sqlite3
 
         return isinstance(getattr(error, "orig", None) or error, sqlite3.Error)
+
+    def state_needs_asking(self, dbapi_conn: Any) -> bool:
+        return False
 
     def transaction_problem(self, dbapi_conn: Any) -> str | None:
         return None

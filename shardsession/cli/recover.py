@@ -147,7 +147,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
         while True:
             prefix = f"{timestamp()} " if args.watch else ""
             try:
-                report = recover(engines, grace_period=grace, claim_legacy=args.claim_legacy)
+                report = recover(engines, grace_period=grace, claim_legacy=args.claim_legacy,
+                                 adopt_previous=args.adopt_previous_identity)
             except Exception as e:  # keep the worker alive across transient failures
                 log.exception("recovery pass failed")
                 if args.json:
@@ -293,6 +294,10 @@ def add_arguments(subparsers: Any) -> None:
                    help="also claim an abort for undecided branches of the old xid format "
                    "(ss1, no cluster identity) whose decider name matches; only when no other "
                    "application shares these servers")
+    p.add_argument("--adopt-previous-identity", action="store_true",
+                   help="also finish branches naming the identity a decider database had "
+                   "before it was re-keyed as a copy; only when that database is the "
+                   "original, restored or moved (never for a copy such as staging)")
     p.set_defaults(func=cmd_recover)
     s = subparsers.add_parser("status", help="list in-doubt transactions per shard")
     add_config_argument(s)

@@ -93,7 +93,8 @@ class Owners:
     """Whose is an xid: the decider shard it names must store the identity it carries."""
 
     def __init__(self, shards: Mapping[str, Engine], identities: Mapping[str, str | None],
-                 unreadable: set[str]) -> None:
+                 unreadable: set[str], previous: Mapping[str, str] | None = None,
+                 adopt_previous: bool = False) -> None:
         try:
             check_shard_ids(shards)
         except ValueError as e:
@@ -104,17 +105,23 @@ class Owners:
         self.identities = identities
         self.ours = {i for i in identities.values() if i is not None}
         self.unreadable = unreadable
+        self.previous = dict(previous or {})
+        self.adopt_previous = adopt_previous
 
     def classify(self, xid: Xid) -> tuple[str, str | None]:
         """``(kind, decider shard)``; kind: ``ours``, ``legacy``, ``unchecked`` (ours,
         decider not configured or its identity unreadable: never guessed),
-        ``unattributed`` (its SQLite decider stores no identity yet) or ``foreign``."""
+        ``unattributed`` (its SQLite decider stores no identity yet), ``previous`` (it
+        names the identity its decider had before it was re-keyed as a copy: it may be
+        the original's; ``ours`` under ``adopt_previous``) or ``foreign``."""
         if xid.legacy:
             decider = self.legacy_tokens.get(xid.decider)
             return ("legacy", decider) if decider is not None else ("foreign", None)
         decider = self.tokens.get(xid.decider)
         if decider is not None and self.identities.get(decider) == xid.cluster:
             return "ours", decider
+        if decider is not None and self.previous.get(decider) == xid.cluster:
+            return ("ours" if self.adopt_previous else "previous"), decider
         if decider in self.sqlite and self.identities.get(decider) is None:
             # A SQLite decider locked by its transaction's own writes stores its identity
             # with its first decision (see .identity): a crash before that leaves branches

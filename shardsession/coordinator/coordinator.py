@@ -117,7 +117,8 @@ def _is_write(context: Any) -> bool:
     return False
 
 
-#: dialects whose server cannot say whether a transaction wrote (see the MySQL adapter)
+#: dialects whose server cannot say whether a transaction's first shard wrote (MariaDB asks
+#: its counters of rows written only from the point a branch joined: see the MySQL adapter)
 _UNASKABLE = frozenset({"mysql", "mariadb"})
 #: attribute of ours on a SQLAlchemy Compiled: whether its statement calls a function that
 #: is not one of SQLAlchemy's known SQL functions (found once per compiled statement,
@@ -210,9 +211,13 @@ def _on_rollback_savepoint(conn: Connection, name: str, context: Any) -> None:
     branch = _branch_of(conn)
     if branch is not None:
         branch.wrote = wrote
-        if not wrote and branch.adapter is not None and branch.mark is not None:
-            # The server's count of changes (SQLite's total_changes) still holds the
-            # rows the rollback undid: count from here, as if the branch began now.
+        if (not wrote and branch.adapter is not None and branch.mark is not None
+                and branch.adapter.name == "sqlite"):
+            # SQLite's total_changes still holds the rows the rollback undid: count from
+            # here, as if the branch began now (SQLite has no routine that writes unseen).
+            # MariaDB's counters are left alone: a routine may have written before the
+            # savepoint, unseen by the statements; counting the undone rows too only
+            # prepares a reader.
             branch.mark = branch.adapter.write_mark(branch.dbapi)
     elif getattr(conn, _WROTE_KEY, None) is not None:
         setattr(conn, _WROTE_KEY, wrote)
@@ -379,6 +384,11 @@ class TransactionCoordinator:
     def engine_identity(self, engine: Engine) -> str:
         """The cluster identity of a decider that is not a branch of the transaction."""
         return self._identity.for_engine(engine, self.adapter(engine))
+
+    def confirm_identity(self, branch: Branch, cluster: str) -> None:
+        """Make sure a decider chosen before it joined stores ``cluster`` (see
+        :meth:`.identity.IdentityCache.confirm`)."""
+        self._identity.confirm(branch, cluster)
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""

@@ -34,7 +34,7 @@ from ..exc import (
 from . import trace
 from .branch import Branch, BranchState, discard_dead, isolation_of, leave
 from .protocol import Action, CommitPlan, Event, State, Step, next_step
-from .xid import Xid, gtrid_created, participants_text
+from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_created, participants_text
 
 if TYPE_CHECKING:
     from .transaction import GlobalTransaction
@@ -145,6 +145,15 @@ class TwoPhaseRun:
             raise TransactionError(
                 "transaction too old to commit atomically (max_commit_age exceeded); "
                 "nothing was committed", gtrid=gtrid,
+            )
+        if len(self.prepare) > MAX_PREPARED_BRANCHES:
+            # the decision row must name every prepared branch's shard (for recovery to
+            # know when it may go), and its column holds that many
+            self.gt._rollback_all(self.ordered)
+            raise TransactionError(
+                f"{len(self.prepare)} shards would prepare; one atomic commit can name at "
+                f"most {MAX_PREPARED_BRANCHES} prepared branches in its decision row. "
+                "Nothing was committed; write to fewer shards per transaction", gtrid=gtrid,
             )
         for b in self.ordered:
             if b.xid is None:
@@ -257,6 +266,7 @@ class TwoPhaseRun:
         self.unsettled = {i: e for i, e in errors.items() if i != decider.index}
         if decider.index not in errors:
             decider.state = BranchState.FINISHED
+            gt.committed_decider = decider
             emit(gt.session, "shardsession_after_decision", self.gtrid, "commit",
                  decider.shard_id)
             return Event.DECISION_DURABLE

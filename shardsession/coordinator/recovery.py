@@ -57,7 +57,7 @@ from .decisions import (
     claim_abort,
     read_all,
 )
-from .identity import read_identities
+from .identity import read_identities_full
 from .protocol import RecoveryAction, after_claim, may_delete_decision, recovery_action
 from .xid import (
     Xid,
@@ -133,8 +133,8 @@ def in_doubt(shards: Mapping[str, Engine]) -> list[InDoubtBranch]:
     :raises ConfigurationError: two shard ids name the same decider.
     """
     adapters = adapters_of(shards)
-    identities, id_errors = read_identities({n: shards[n] for n in adapters})
-    owners = Owners(shards, identities, set(id_errors))
+    identities, previous, id_errors = read_identities_full({n: shards[n] for n in adapters})
+    owners = Owners(shards, identities, set(id_errors), previous)
     listing = list_branches(shards, adapters)
     now = time.time()
     out = []
@@ -171,6 +171,7 @@ def recover(
     abort_retention: float = 7 * 86400.0,
     claim_timeout: float = CLAIM_LOCK_TIMEOUT,
     claim_legacy: bool = False,
+    adopt_previous: bool = False,
     crash_point: Callable[[str], None] | None = None,
 ) -> RecoveryReport:
     """Run one recovery pass over ``shards`` (shard id -> Engine, as configured).
@@ -185,6 +186,9 @@ def recover(
     :param claim_legacy: also claim an abort for an undecided legacy (``ss1``) branch
         whose 32-bit decider token matches a configured shard. Only safe when no other
         application using shardsession's legacy format shares these servers.
+    :param adopt_previous: take branches naming a decider's previous identity (the one
+        it had before it was re-keyed as a copy of another database) for this cluster's.
+        Only when that database is the original, restored or moved, not a copy.
     :param crash_point: tests only.
     :raises ConfigurationError: two shard ids of ``shards`` name the same decider.
 
@@ -229,10 +233,10 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
              abort_retention: float, claim_timeout: float, claim_legacy: bool,
              crash_point: Callable[[str], None] | None) -> None:
     adapters = adapters_of(shards)
-    identities, id_errors = read_identities({n: shards[n] for n in adapters})
+    identities, previous, id_errors = read_identities_full({n: shards[n] for n in adapters})
     report.identities = dict(identities)
     report.errors.extend(f"{n}: {msg}" for n, msg in id_errors.items())
-    owners = Owners(shards, identities, set(id_errors))
+    owners = Owners(shards, identities, set(id_errors), previous, adopt_previous)
 
     def crash(point: str) -> None:
         if crash_point is not None:
@@ -273,6 +277,14 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
                     "cluster's first cross-shard commit crashed before deciding, roll it "
                     "back by hand (no decision exists); run create-all to prevent this")
                 for r in refs)
+            continue
+        if group.kind == "previous":
+            report.errors.append(
+                f"{gtrid}: names the identity {decider}'s database had before it was "
+                "re-keyed as a copy; left in doubt (it may be the original's). If this "
+                "database is the original, restored or moved, run recover with "
+                "adopt_previous (--adopt-previous-identity)")
+            report.left_alone.extend((r, "previous identity of its decider") for r in refs)
             continue
         if group.kind == "unchecked" or decider is None or decider not in adapters:
             why = ("its decider's cluster identity could not be read" if decider is not None

@@ -41,7 +41,7 @@ from .protocol import (
     choose_decider,
     plan_commit,
 )
-from .xid import Xid, new_gtrid
+from .xid import Xid, gtrid_cluster, new_gtrid
 
 if TYPE_CHECKING:
     from .coordinator import TransactionCoordinator
@@ -58,8 +58,8 @@ class GlobalTransaction:
     threads each touch one branch's connection only).
     """
 
-    __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "coordinator",
-                 "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
+    __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "committed_decider",
+                 "coordinator", "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
                  "session", "shard_of_engine", "shards")
 
     def __init__(self, coordinator: TransactionCoordinator,
@@ -78,6 +78,8 @@ class GlobalTransaction:
         #: the connection of our own that holds the decision of an absent decider
         self._own: Connection | None = None
         self.protocol_ran = False
+        #: the decider branch once its local commit (the decision) succeeded
+        self.committed_decider: Branch | None = None
         #: early BEGINs still running (see :mod:`.early`); shared with the session
         self.early: list[Future[None]] = []
         #: while set, XA STARTs of new branches wait in ``_xa_pending`` (see
@@ -239,6 +241,8 @@ class GlobalTransaction:
         name, engine = self.absent_decider
         joined = self.branches.get(engine)
         if joined is not None:
+            if writers > 1:
+                self._confirm_identity(joined)
             return joined.index
         if writers < 2:
             return None  # no decision needed
@@ -251,7 +255,14 @@ class GlobalTransaction:
         if adapter is not None:
             branch.mark = adapter.write_mark(branch.dbapi)
         ordered.append(branch)
+        self._confirm_identity(branch)
         return branch.index
+
+    def _confirm_identity(self, decider: Branch) -> None:
+        assert self.gtrid is not None
+        cluster = gtrid_cluster(self.gtrid)
+        if cluster is not None:
+            self.coordinator.confirm_identity(decider, cluster)
 
     def _close_own(self) -> None:
         own, self._own = self._own, None
@@ -278,6 +289,20 @@ class GlobalTransaction:
                 _compat.skip_connection_commit(transaction, b.connection)
             return e
         return None
+
+    def late_failure(self, error: BaseException) -> BaseException | None:
+        """What the caller must hear when SQLAlchemy's own end of the connections failed
+        after :meth:`protocol` returned: once the decision is durable the transaction is
+        committed, and a bare driver error (a server lost right after the decider's
+        commit) would invite a retry that writes twice. ``None``: raise ``error``."""
+        if self.committed_decider is None or isinstance(error, TransactionError):
+            return None
+        left = [b.shard_id for b in self.left_branches()]
+        return CommitIncomplete(
+            f"transaction {self.gtrid} is committed; ending a shard's connection "
+            f"afterwards failed ({type(error).__name__}: {error}); "
+            + (f"branches {left} are left to recovery" if left else "nothing is in doubt"),
+            gtrid=self.gtrid, pending_shards=left)
 
     def commit(self) -> None:
         """Run the commit protocol (called once, after the session's final flush).
@@ -346,8 +371,10 @@ class GlobalTransaction:
         SELECT, say), and whether the server already rolled a branch's transaction back.
 
         Costs one round trip, in parallel, per PostgreSQL branch that ran no write
-        statement (none for the writers, SQLite or MariaDB); a single-shard transaction
-        never gets here.
+        statement, per asyncpg branch (whose driver does not say whether its
+        transaction failed) and per MariaDB branch that joined a begun transaction and
+        ran no write statement (its counters of rows written); none for SQLite. A
+        single-shard transaction never gets here.
 
         :raises PrepareFailed: a branch's transaction was aborted by its server (an
             application caught the error and committed): its work is lost, so nothing is
@@ -369,7 +396,7 @@ class GlobalTransaction:
             problem = b.adapter.transaction_problem(b.dbapi)
             if problem is not None:
                 failed[b.index] = problem
-            elif not b.wrote:
+            elif not b.wrote or b.adapter.state_needs_asking(b.dbapi):
                 if b.adapter.wrote_asks_server:
                     tasks.append((b, ask(b)))
                 else:
@@ -377,7 +404,9 @@ class GlobalTransaction:
         errors = self._parallel(tasks)
         discard_dead(ordered, errors)
         for i, e in errors.items():
-            failed[i] = f"asking whether it wrote failed: {e}"
+            # (TransactionError: the adapter found the transaction aborted)
+            failed[i] = str(e) if isinstance(e, TransactionError) else (
+                f"asking whether it wrote failed: {e}")
         for i, wrote in asked.items():
             # "cannot tell" counts as a write: preparing a reader costs a round trip,
             # releasing a writer would lose its write

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 __all__ = [
     "FORMAT_ID",
     "LEGACY_PREFIX",
+    "MAX_PREPARED_BRANCHES",
+    "PARTICIPANTS_MAX_CHARS",
     "PREFIX",
     "Xid",
     "check_shard_ids",
@@ -73,6 +75,10 @@ LEGACY_PREFIX = "ss1."
 #: MySQL/MariaDB formatID of our branches ("SSN1"); a second mark of ownership.
 FORMAT_ID = 0x53534E31
 MAX_BRANCHES = 1000
+#: the ``participants`` column's size (VARCHAR(4000) in every dialect's DDL) and how many
+#: prepared branches (``b001@<token>``, 17 characters and a comma each) it can name
+PARTICIPANTS_MAX_CHARS = 4000
+MAX_PREPARED_BRANCHES = (PARTICIPANTS_MAX_CHARS + 1) // 18
 
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 _CLUSTER_LEN = 12  # 60 bits

@@ -295,6 +295,56 @@ def test_failure_on_one_shard_rolls_back_all(atomic_cluster: Cluster) -> None:
     assert atomic_cluster.all_ids() == set(ids)
 
 
+@pytest.mark.parametrize("name", ["asyncpg", "psycopg_async"])
+def test_a_caught_error_on_an_async_postgresql_branch_refuses_the_commit(
+    request: pytest.FixtureRequest, tmp_path: Any, name: str,
+) -> None:
+    """The application catches an IntegrityError on s1 and commits: PostgreSQL aborted
+    s1's transaction, and would answer its PREPARE with ROLLBACK, which the asyncio
+    facades do not report. The commit must fail before any decision, nothing committed
+    (before, under asyncpg: s0 committed, s1's rows lost, commit() returned)."""
+    from sqlalchemy.exc import IntegrityError
+
+    cluster = next(_build(request, name, tmp_path))
+    ids = _spread(2, 2)
+    placement = Placement({Account: HashSharding(Account.id)})
+    placement.bind(["s0", "s1"])
+    on_s1 = [i for i in ids if placement.shards_for_identity(Account.__mapper__, (i,))[0] == "s1"]
+    with cluster.sync["s1"].begin() as c:
+        c.execute(Account.__table__.insert().values(id=on_s1[1], name="there", balance=0))
+
+    async def main() -> None:
+        try:
+            maker = cluster.maker()
+            async with maker() as s:  # (the engines' capabilities are known from here)
+                s.add_all([Account(id=1000 + i, name="w", balance=1) for i in ids])
+                await s.commit()
+            async with maker() as s:
+                await s.execute(Account.__table__.delete().where(Account.id >= 1000),
+                                bind_arguments={"shard_id": "s0"})
+                await s.execute(Account.__table__.delete().where(Account.id >= 1000),
+                                bind_arguments={"shard_id": "s1"})
+                await s.commit()
+            async with maker() as s:
+                s.add_all([Account(id=i, name="x", balance=1) for i in ids if i != on_s1[1]])
+                await s.flush()
+                conn = await s.connection(bind_arguments={"shard_id": "s1"})
+                with pytest.raises(IntegrityError):
+                    await conn.execute(Account.__table__.insert().values(
+                        id=on_s1[1], name="dup", balance=1))
+                with pytest.raises(PrepareFailed) as info:
+                    await s.commit()
+                assert info.value.failed_shards == ["s1"]
+                assert "aborted" in str(info.value)
+                await s.rollback()
+            assert await ain_doubt(cluster.aio) == []
+        finally:
+            await cluster.dispose()
+
+    asyncio.run(main())
+    assert cluster.all_ids() == {on_s1[1]}
+
+
 @pytest.fixture
 def planted(pg_url_a: str, pg_url_b: str, mariadb_url: str) -> Iterator[dict[str, str]]:
     urls = {"alpha": pg_url_a, "beta": pg_url_b, "gamma": mariadb_url}

@@ -285,7 +285,17 @@ def _function_that_inserts(engine: Engine) -> None:
                 "BEGIN INSERT INTO ss_rows_beta (id, v) VALUES (k, 'f'); RETURN k; END")
 
 
-@pytest.mark.parametrize("call", ["func", "literal_column"])
+def _view_calling_it(engine: Engine) -> Any:
+    """A view whose column calls ``ss_ins(7)``: nothing in the statement text says so."""
+    from sqlalchemy import Column, Integer, MetaData, Table
+
+    with engine.begin() as c:
+        c.exec_driver_sql("DROP VIEW IF EXISTS ss_ins_view")
+        c.exec_driver_sql("CREATE VIEW ss_ins_view AS SELECT ss_ins(7) AS k")
+    return Table("ss_ins_view", MetaData(), Column("k", Integer)).c.k
+
+
+@pytest.mark.parametrize("call", ["func", "literal_column", "view"])
 @pytest.mark.parametrize("mix", ["pg+pg", "pg+mariadb"])
 def test_write_inside_select_is_committed_atomically(
     engines_for: Callable[[str], dict[str, Engine]], mix: str, call: str,
@@ -299,7 +309,9 @@ def test_write_inside_select_is_committed_atomically(
     s = session(engines, TransactionCoordinator(decider="alpha"))
     insert(s, engines, "alpha", 1)
     # (literal_column: opaque SQL, which on MariaDB cannot be asked, counts as a write)
-    calling = func.ss_ins(7) if call == "func" else literal_column("ss_ins(7)")
+    # (view: on MariaDB, the session's counters of rows written say so)
+    calling = (func.ss_ins(7) if call == "func" else literal_column("ss_ins(7)")
+               if call == "literal_column" else _view_calling_it(engines["beta"]))
     got = s.connection(bind_arguments={"bind": engines["beta"]}).execute(
         select(calling)).scalar()
     assert got == 7
@@ -315,6 +327,48 @@ def test_write_inside_select_is_committed_atomically(
         select(func.count()).select_from(T["beta"]))  # count(*)'s "*" is no routine call
     s.commit()
     assert decision_count(engines["alpha"]) == 1
+
+
+def test_mariadb_counters_are_read_only_in_multi_shard_transactions(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session's write counters cost one statement when a MariaDB branch joins a
+    transaction begun elsewhere and one at commit if it looks read-only; a single-shard
+    MariaDB transaction sends none of them. A routine's write before a savepoint, unseen
+    by the statements, survives a rollback to that savepoint."""
+    import pymysql.cursors
+
+    engines = engines_for("pg+mariadb")
+    beta = engines["beta"]
+    _function_that_inserts(beta)
+    view = _view_calling_it(beta)
+    sent: list[str] = []
+    execute = pymysql.cursors.Cursor.execute
+
+    def spy(self: Any, query: str, args: Any = None) -> Any:
+        sent.append(query)
+        return execute(self, query, args)
+
+    monkeypatch.setattr(pymysql.cursors.Cursor, "execute", spy)
+    s = session(engines, TransactionCoordinator(decider="alpha"))
+    insert(s, engines, "beta", 1)
+    s.commit()
+    assert sent and not any("Handler_" in q for q in sent), sent
+    # alpha first, then beta joins: its counters are read at XA START and at commit
+    s = session(engines, TransactionCoordinator(decider="alpha"))
+    insert(s, engines, "alpha", 1)
+    conn = s.connection(bind_arguments={"bind": beta})
+    assert conn.execute(select(view)).scalar() == 7  # a hidden write
+    nested = conn.begin_nested()
+    conn.execute(T["beta"].insert().values(id=8, v="x"))
+    nested.rollback()
+    s.commit()
+    assert sum("Handler_" in q for q in sent) == 2, sent
+    monkeypatch.undo()
+    with beta.connect() as c:
+        assert sorted(c.execute(select(T["beta"].c.id)).scalars()) == [1, 7]
+    assert count(engines["alpha"], "alpha") == 1
+    assert in_doubt(engines) == []
 
 
 def decision_count(engine: Engine) -> int:
@@ -395,6 +449,121 @@ def test_absent_sqlite_decider_holds_the_decision_in_its_own_transaction(
     assert recover(engines, grace_period=0).decisions_deleted == 1
     with engines["gamma"].begin() as c:  # the file is not left locked
         c.execute(T["gamma"].insert().values(id=5, v="g"))
+
+
+def test_absent_sqlite_decider_sharing_its_connection_commits_nothing_else(
+    engines_for: Callable[[str], dict[str, Engine]],
+) -> None:
+    """A SQLite decider on a SingletonThreadPool (the thread's one connection) that no
+    branch holds, named when MariaDB's XA START fixes the gtrid: its identity must not be
+    stored by switching that connection to autocommit, which committed the pending write
+    of another unit of work of the thread (before: the rolled-back row stayed). The
+    identity is chosen then and stored with the first decision."""
+    from sqlalchemy.pool import SingletonThreadPool
+
+    from shardsession.coordinator.identity import read_identity
+    from shardsession.coordinator.xid import gtrid_cluster
+
+    engines = engines_for("sqlite+pg+mariadb")
+    engines["gamma"] = create_engine(engines["gamma"].url, poolclass=SingletonThreadPool)
+    names = {e: n for n, e in engines.items()}
+    coord = TransactionCoordinator()
+    try:
+        other = engines["gamma"].connect()
+        other.begin()
+        other.execute(T["gamma"].insert().values(id=9, v="pending"))
+        s = Session()
+        coord.install(s, names.__getitem__, shards=engines)
+        s.connection(bind_arguments={"bind": engines["alpha"]}).execute(select(T["alpha"].c.id))
+        insert(s, engines, "beta", 1)  # XA START: the gtrid names gamma, absent
+        s.commit()  # one writer: no decision
+        other.rollback()
+        other.close()
+        assert count(engines["gamma"], "gamma") == 0
+        assert count(engines["beta"], "beta") == 1
+        # two writers: the decision (and the identity chosen) commit on gamma together
+        s = Session()
+        coord.install(s, names.__getitem__, shards=engines)
+        insert(s, engines, "alpha", 2)
+        insert(s, engines, "beta", 2)
+        s.commit()
+        s.close()
+        assert decision_count(engines["gamma"]) == 1 and count(engines["gamma"], "gamma") == 0
+        with engines["gamma"].connect() as c:
+            (decided,) = c.exec_driver_sql(f"SELECT gtrid FROM {DECISION_TABLE}").scalars()
+        assert gtrid_cluster(decided) == read_identity(adapter_for("sqlite"), engines["gamma"])
+        assert in_doubt(engines) == []
+    finally:
+        engines["gamma"].dispose()
+
+
+# --- the participants column's limit ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mix", ["pg+mariadb", "pg+sqlite"])
+def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
+    engines_for: Callable[[str], dict[str, Engine]], mix: str,
+) -> None:
+    """A decision row naming MAX_PREPARED_BRANCHES branches is stored and read back
+    whole on every dialect; one more does not fit (a server error on PostgreSQL and
+    strict MariaDB, which is why the commit refuses it before anything is prepared)."""
+    from shardsession.backends import DecisionRow
+    from shardsession.coordinator.decisions import admin_connection
+    from shardsession.coordinator.xid import (
+        MAX_PREPARED_BRANCHES,
+        PARTICIPANTS_MAX_CHARS,
+        Xid,
+        new_cluster_id,
+        new_gtrid,
+        parse_participants,
+        participants_text,
+    )
+
+    for name, engine in engines_for(mix).items():
+        adapter = adapter_for(engine.dialect.name)
+        ensure_decisions(engine)
+        gtrid = new_gtrid(name, cluster=new_cluster_id())
+        most = [(Xid.branch(gtrid, i), f"shard{i}") for i in range(MAX_PREPARED_BRANCHES)]
+        text_ = participants_text(most)
+        assert len(text_) <= PARTICIPANTS_MAX_CHARS
+        assert len(participants_text([*most, (Xid.branch(gtrid, 998), "one more")])) \
+            > PARTICIPANTS_MAX_CHARS
+        with admin_connection(engine) as dbapi:
+            adapter.insert_decision(dbapi, DecisionRow(gtrid, "C", time.time(), text_))
+            row = adapter.read_decision(dbapi, gtrid)
+        assert row is not None and row.participants == text_
+        assert len(parse_participants(row.participants) or []) == MAX_PREPARED_BRANCHES
+        if engine.dialect.name != "sqlite":  # (SQLite does not enforce VARCHAR sizes)
+            over = participants_text([*most, (Xid.branch(gtrid, 998), "one more")])
+            with pytest.raises(Exception, match=r"(?i)too long"), \
+                    admin_connection(engine) as dbapi:
+                adapter.insert_decision(dbapi, DecisionRow(
+                    new_gtrid(name, cluster=new_cluster_id()), "C", time.time(), over))
+
+
+def test_more_prepared_branches_than_a_decision_row_can_name_are_refused_first(
+    engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the limit lowered to 1 (222 branches need 222 servers' connections), two
+    branches to prepare are refused before any PREPARE: nothing committed, nothing in
+    doubt, no decision row."""
+    from shardsession.coordinator import phases
+    from shardsession.exc import TransactionError
+
+    engines = engines_for("sqlite+pg+mariadb")
+    monkeypatch.setattr(phases, "MAX_PREPARED_BRANCHES", 1)
+    coord = TransactionCoordinator()
+    s = Session()
+    coord.install(s, {e: n for n, e in engines.items()}.__getitem__, shards=engines)
+    for n in ("gamma", "alpha", "beta"):
+        insert(s, engines, n, 1)
+    with pytest.raises(TransactionError, match="at most 1 prepared branches"):
+        s.commit()
+    s.rollback()
+    s.close()
+    assert {n: count(e, n) for n, e in engines.items()} == dict.fromkeys(engines, 0)
+    assert decision_count(engines["gamma"]) == 0
+    assert in_doubt(engines) == []
 
 
 # --- item 10: a half-open decider connection does not block abort claims for long ----------

@@ -110,6 +110,149 @@ def test_recovery_leaves_another_clusters_branches_and_decisions_alone(
         dispose(y)
 
 
+def _decisions_or_none(engine: Engine) -> dict[str, str]:
+    from shardsession.coordinator.decisions import read_all
+
+    return {r.gtrid: r.outcome for r in read_all(adapter_for("mysql"), engine)}
+
+
+def _copy_cluster_table(source_url: str, target_url: str) -> None:
+    """What restoring a dump of ``source``'s database as ``target`` does to the cluster
+    table (both on one MariaDB server): the same row, every column."""
+    src = create_engine(source_url).url.database
+    dst = create_engine(target_url)
+    try:
+        with dst.begin() as c:
+            c.exec_driver_sql(f"CREATE TABLE shardsession_cluster LIKE {src}.shardsession_cluster")
+            c.exec_driver_sql(f"INSERT INTO shardsession_cluster "
+                              f"SELECT * FROM {src}.shardsession_cluster")
+    finally:
+        dst.dispose()
+
+
+def test_a_copied_decider_database_never_shares_its_clusters_branches(
+    pg_url_a: str, mariadb_url: str, mariadb_server: Any,
+    extra_db: Callable[[Any], str], tmp_path: Any,
+) -> None:
+    """Production X (a = MariaDB, decider; b = PostgreSQL) and staging Y restored from X's
+    dump on the same MariaDB server (a = the copy, b = another MariaDB database). Y
+    crashed after deciding COMMIT with its MariaDB branch prepared. X's recovery (which
+    lists every XA branch of the server) must not take Y's branch for its own: before the
+    fix it claimed ABORT and rolled it back, a half-commit. The copy is re-keyed on Y's
+    first commit and keeps the copied identity as previous; Y's recovery commits."""
+    x_urls = _create({"a": mariadb_url, "b": pg_url_a})
+    x = engines_of(x_urls)
+    x_identity, _ = ensure_identity(adapter_for("mysql"), x["a"])
+    y_urls = _create({"a": extra_db(mariadb_server), "b": extra_db(mariadb_server)})
+    _copy_cluster_table(x_urls["a"], y_urls["a"])
+    y = engines_of(y_urls)
+    try:
+        # before Y commits anything, its copied identity is reported, never used
+        with pytest.raises(ValueError, match="created in another database"):
+            read_identity(adapter_for("mysql"), y["a"])
+        assert recover(y, grace_period=0).errors
+        assert run_child({"urls": y_urls, "crash": "after_decision_commit",
+                          "key": 5}).returncode == -signal.SIGKILL
+        y_branches = {b for b in xa_listed(y["b"]) if b.startswith(b"ss")}
+        assert len(y_branches) == 1
+        y_identity = read_identity(adapter_for("mysql"), y["a"])
+        assert y_identity is not None and y_identity != x_identity
+        assert all(b.startswith(b"ss2." + y_identity.encode()) for b in y_branches)
+        assert read_identity(adapter_for("mysql"), x["a"]) == x_identity  # untouched
+
+        report = recover(x, grace_period=0)
+        assert not report.errors, report.errors
+        assert report.resolved and not report.rolled_back and report.foreign >= 1
+        assert y_branches <= xa_listed(x["a"])  # still prepared
+        assert _decisions_or_none(x["a"]) == {}
+        report = recover(y, grace_period=0)
+        assert report.resolved, report
+        assert len(report.committed) == 1  # the one prepared branch of Y's
+        assert rows(y, 5) == {"a": 1, "b": 1}
+    finally:
+        dispose(x)
+        dispose(y)
+
+
+def test_branches_of_a_copied_identity_are_left_to_the_original(
+    mariadb_url: str, mariadb_server: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """The original X crashed before deciding (a MariaDB branch prepared under X's
+    identity); its copy Y, re-keyed, must not claim that branch (it names Y's previous
+    identity): left in doubt, reported. X's own recovery rolls it back."""
+    x_urls = _create({"a": mariadb_url, "b": extra_db(mariadb_server)})
+    x = engines_of(x_urls)
+    ensure_identity(adapter_for("mysql"), x["a"])
+    y_urls = _create({"a": extra_db(mariadb_server), "b": extra_db(mariadb_server)})
+    _copy_cluster_table(x_urls["a"], y_urls["a"])
+    y = engines_of(y_urls)
+    try:
+        ensure_identity(adapter_for("mysql"), y["a"])  # re-keyed (create-all does this)
+        assert run_child({"urls": x_urls, "crash": "after_all_prepared",
+                          "key": 7}).returncode == -signal.SIGKILL
+        report = recover(y, grace_period=0)
+        assert not report.rolled_back and not report.committed
+        assert [why for _r, why in report.left_alone] == ["previous identity of its decider"]
+        assert not report.resolved and _decisions_or_none(y["a"]) == {}
+        assert len(in_doubt(y)) == 1
+        report = recover(x, grace_period=0)
+        assert report.resolved and len(report.rolled_back) == 1
+        assert rows(x, 7) == {"a": 0, "b": 0}
+    finally:
+        dispose(x)
+        dispose(y)
+
+
+def test_a_moved_original_finishes_its_branches_with_adopt_previous(
+    mariadb_url: str, mariadb_server: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """X decided COMMIT (MariaDB decider a) and crashed with b prepared; then its decider
+    database was moved (its recorded place no longer matches: a renamed host, say) and
+    re-keyed on first use. Recovery leaves the branch of the previous identity alone
+    until told this is the original: then it follows the restored COMMIT row."""
+    x_urls = _create({"a": mariadb_url, "b": extra_db(mariadb_server)})
+    x = engines_of(x_urls)
+    try:
+        old, _ = ensure_identity(adapter_for("mysql"), x["a"])
+        assert run_child({"urls": x_urls, "crash": "after_decision_commit",
+                          "key": 8}).returncode == -signal.SIGKILL
+        with x["a"].begin() as c:  # what a move to another host looks like to the row
+            c.exec_driver_sql("UPDATE shardsession_cluster SET bound_to = 'mysql:elsewhere'")
+        new, _ = ensure_identity(adapter_for("mysql"), x["a"])  # first use: re-keyed
+        assert new != old
+        report = recover(x, grace_period=0)
+        assert not report.committed and not report.resolved
+        assert [why for _r, why in report.left_alone] == ["previous identity of its decider"]
+        report = recover(x, grace_period=0, adopt_previous=True)
+        assert len(report.committed) == 1 and not report.errors, report
+        assert rows(x, 8) == {"a": 1, "b": 1}
+        assert in_doubt(x) == []
+    finally:
+        dispose(x)
+
+
+def test_a_copied_sqlite_decider_file_is_rekeyed(tmp_path: Any) -> None:
+    import shutil
+
+    adapter = adapter_for("sqlite")
+    original = create_engine(f"sqlite:///{tmp_path / 'prod.db'}")
+    copy_path = tmp_path / "staging.db"
+    try:
+        first, _ = ensure_identity(adapter, original)
+        original.dispose()
+        shutil.copy(tmp_path / "prod.db", copy_path)
+        copy = create_engine(f"sqlite:///{copy_path}")
+        with pytest.raises(ValueError, match="created in another database"):
+            read_identity(adapter, copy)
+        second, stored_before = ensure_identity(adapter, copy)
+        assert second != first and not stored_before
+        assert read_identity(adapter, copy) == second
+        assert ensure_identity(adapter, original) == (first, True)
+        copy.dispose()
+    finally:
+        original.dispose()
+
+
 # --- item 4: decision rows and their participants ---------------------------------------
 
 
@@ -318,6 +461,35 @@ def test_shard_ids_that_name_one_decider_are_refused(
         monkeypatch.setattr(xid_module, "shard_token", lambda sid: "aaaaaaaaaaaa")
         with pytest.raises(ConfigurationError, match="same token"):
             Cluster({"eu": pg_url_a, "us": pg_url_a})
+    finally:
+        e.dispose()
+
+
+def test_shard_ids_bound_later_are_checked_too(
+    pg_url_a: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``bind_shard`` after construction refuses an id naming the same decider as a
+    configured one (same text, or a forced token collision) and changes nothing."""
+    e = create_engine(pg_url_a)
+    try:
+        s = ShardedSession(shards={"1": e, "eu": e}, shard_chooser=lambda *a, **k: "1",
+                           identity_chooser=lambda *a, **k: ["1"],
+                           execute_chooser=lambda *a, **k: ["1"])
+        with pytest.raises(ConfigurationError, match="same name"):
+            s.bind_shard(1, e)
+        s.bind_shard("eu", e)  # replacing a shard's bind is no collision
+        from shardsession.coordinator import xid as xid_module
+
+        real = xid_module.shard_token
+        monkeypatch.setattr(xid_module, "shard_token",
+                            lambda sid: "aaaaaaaaaaaa" if sid in ("eu", "us") else real(sid))
+        with pytest.raises(ConfigurationError, match="same token"):
+            s.bind_shard("us", e)
+        monkeypatch.undo()
+        s.bind_shard("us", e)
+        with s.connection(bind_arguments={"shard_id": "us"}) as c:
+            assert c.exec_driver_sql("SELECT 1").scalar() == 1
+        s.close()
     finally:
         e.dispose()
 

@@ -114,8 +114,12 @@ class Cluster:
         commit as readers, except on PostgreSQL, where the transaction id their writes
         took stays assigned: asked whether the branch wrote, the server says yes, and it
         is prepared like a writer (one round trip more, never a refusal: it can prepare).
+        So is a MariaDB shard that joined a transaction already begun on another shard:
+        its session's counters of rows written moved, and whether a routine wrote before
+        the savepoint, unseen by the statements, cannot be told from the rollback's undoing.
         """
-        writers += sum(1 for n in rolled_back if self.shards[n].dialect.name == "postgresql")
+        writers += sum(1 for n in rolled_back
+                       if self.shards[n].dialect.name in ("postgresql", "mysql", "mariadb"))
         before = self.decisions()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

@@ -163,3 +163,75 @@ def test_participant_fault(shards: dict[str, Any], kind: str, victim: str, point
         for e in engines.values():
             e.dispose()
     _commit(urls, decider, key=3)  # the restarted servers take new work
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["racing", "after_it_ran"])
+def test_mariadb_decider_killed_mid_commit(shards: dict[str, Any], delay: float,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """MariaDB decides (beta, first, no XA), PostgreSQL alpha is prepared. The decider's
+    COMMIT is sent and mariadbd is SIGKILLed before its reply is read: at once (racing
+    the COMMIT) or 0.3 s later (it ran). The client gets OutcomeUnknown if the reply
+    was lost; after the restart, the decision row is there or not, and recovery makes
+    both shards agree with it: all or nothing. When the reply was read before the
+    connection died, commit() returns or raises CommitIncomplete ("is committed"):
+    before, SQLAlchemy's own end of the dead connection raised a bare OperationalError
+    over a committed transaction."""
+    import time
+
+    import pymysql.connections
+    from pymysql.constants import COMMAND
+
+    urls, servers = shards["urls"], shards["servers"]
+    server = servers["beta"]
+    if not server.controllable:
+        pytest.skip("MariaDB is external (controllable = False): cannot crash it")
+    _commit(urls, "beta", key=1)
+    armed: list[bool] = []
+    real_commit = pymysql.connections.Connection.commit
+
+    def commit_then_crash(self: Any) -> None:
+        if not armed:
+            return real_commit(self)
+        armed.clear()
+        # pymysql's own commit() is these two steps; the crash comes between them
+        self._execute_command(COMMAND.COM_QUERY, "COMMIT")
+        time.sleep(delay)
+        server.kill()
+        self._read_ok_packet()  # raises unless the reply arrived before the kill
+
+    def fault(name: str, pids: dict[str, int]) -> None:
+        if name.split(":")[0] == "before_decision_commit":
+            armed.append(True)
+
+    monkeypatch.setattr(pymysql.connections.Connection, "commit", commit_then_crash)
+    unknown: OutcomeUnknown | None = None
+    try:
+        _commit(urls, "beta", key=2, fault=fault)
+    except OutcomeUnknown as e:  # the COMMIT's reply was lost with the server
+        unknown = e
+    except CommitIncomplete as e:  # the reply came, then SQLAlchemy's end failed
+        assert "is committed" in str(e) and not e.pending_shards
+    monkeypatch.undo()
+    assert not armed and not server.is_running()
+    server.start()
+    engines = {n: create_engine(u) for n, u in urls.items()}
+    try:
+        decided = "C"  # the reply came before the server died: committed
+        if unknown is not None:
+            with engines["beta"].connect() as c:
+                decided = c.exec_driver_sql(
+                    "SELECT outcome FROM shardsession_decisions WHERE gtrid = %s",
+                    (unknown.gtrid,)).scalar()
+        want = 1 if decided == "C" else 0
+        if delay:
+            assert want == 1  # the COMMIT ran before the crash: durable
+        report = recover(engines, grace_period=0)
+        assert not report.errors, report.errors
+        assert in_doubt(engines) == []
+        assert rows(engines, 2) == dict.fromkeys(engines, want), (decided, report)
+        assert rows(engines, 1) == dict.fromkeys(engines, 1)
+        assert recover(engines, grace_period=0).resolved
+    finally:
+        for e in engines.values():
+            e.dispose()
+    _commit(urls, "beta", key=3)  # the restarted server takes new work
