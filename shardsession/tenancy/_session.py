@@ -1,0 +1,385 @@
+"""What tenant-scoped sessions do: scope statements, check objects, check the shard.
+
+Installed into the session through :mod:`shardsession._scope` when
+:mod:`shardsession.tenancy` is imported (the session never imports this package). The
+filter is SQLAlchemy's own global-criteria mechanism: ``with_loader_criteria`` options
+added in ``do_orm_execute``, which SQLAlchemy applies to every SELECT, UPDATE and DELETE
+of the entity, to joins, aliases and relationship loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import Mapper, ORMExecuteState, with_loader_criteria
+from sqlalchemy.orm.attributes import get_history
+from sqlalchemy.sql.elements import TextClause
+
+from .. import _scope
+from .._compat import flush_states
+from .._execute import mappers_of_tables
+from ..exc import ConfigurationError, TenantIsolationError, TenantRequiredError
+from ..routing.placement import Placement
+from ._directory import tenant_key
+from ._sharding import TenantSharding
+
+__all__ = ["CHECKED_OPTION", "Tenancy", "TenantMapper", "tenant_mappers"]
+
+#: the execution option that marks a ``text()`` (or Core) statement as checked by the
+#: caller for tenant scoping: ``session.execute(text(...), execution_options={
+#: CHECKED_OPTION: True})``; it then runs on the tenant's shard, unfiltered
+CHECKED_OPTION = "shardsession_tenant_checked"
+
+
+class TenantMapper:
+    """A tenant-owned mapper: the attribute(s) carrying its tenant key, and its rule."""
+
+    __slots__ = ("attrs", "columns", "mapper", "rule")
+
+    def __init__(
+        self, mapper: Mapper[Any], rule: TenantSharding, attrs: tuple[str, ...],
+        columns: tuple[Any, ...],
+    ) -> None:
+        self.mapper = mapper
+        self.rule = rule
+        self.attrs = attrs
+        self.columns = columns
+
+
+def tenant_mappers(placement: Placement) -> dict[Mapper[Any], TenantMapper]:
+    """Every mapper placed by a :class:`TenantSharding` directly or by following one
+    through a foreign key that carries the tenant key (cached on the placement).
+
+    :raises ConfigurationError: a mapper follows a tenant-owned parent through a
+        foreign key without the tenant key (its rows could not be filtered by tenant),
+        or two directories place tenants.
+    """
+    found: dict[Mapper[Any], TenantMapper] | None = placement.cache.get("tenant_mappers")
+    if found is not None:
+        return found
+    found = {}
+    directories = {id(r.directory) for r in placement.tenant_rules()}
+    if len(directories) > 1:
+        raise ConfigurationError("every TenantSharding of a placement must share one directory")
+    from sqlalchemy.orm import class_mapper  # (configured mappers only)
+
+    from ..routing.strategies import Follows
+
+    for target in placement.targets():
+        if not isinstance(target, type):
+            continue
+        root: Mapper[Any] = class_mapper(target)
+        for mapper in root.self_and_descendants:
+            r = placement.resolve(mapper)
+            if isinstance(r.strategy, TenantSharding):
+                found[mapper] = TenantMapper(mapper, r.strategy, r.attrs, r.columns)
+            elif isinstance(r.rule, Follows) and _follows_tenant(placement, r):
+                raise ConfigurationError(
+                    f"{mapper.class_.__name__} follows a tenant-owned parent but its foreign "
+                    "key does not carry the tenant key: add the tenant column to it (a "
+                    "composite foreign key (tenant_id, parent_id)) so its rows can be "
+                    "filtered by tenant"
+                )
+    placement.cache["tenant_mappers"] = found
+    return found
+
+
+def _follows_tenant(placement: Placement, r: Any) -> bool:
+    for prop in r.parent_props:
+        parent = placement.resolve(prop.mapper)
+        if isinstance(parent.strategy, TenantSharding):
+            return True
+    return False
+
+
+class Tenancy:
+    """The hooks a :class:`~shardsession.ShardedSession` calls (see
+    :class:`shardsession._scope.TenancyHooks`)."""
+
+    # -- session creation ------------------------------------------------------------------
+
+    def on_session(self, session: Any, tenant: str | None) -> None:
+        placement: Placement | None = session._placement
+        owned = tenant_mappers(placement) if placement is not None else {}
+        if tenant is not None:
+            if not owned:
+                raise ConfigurationError(
+                    "a tenant-scoped session needs a placement with TenantSharding rules"
+                )
+            session._tenant = tenant_key(tenant)
+            event.listen(session, "loaded_as_persistent", _check_loaded)
+            event.listen(session, "detached_to_persistent", _check_loaded)
+            event.listen(session, "transient_to_pending", _check_new)
+        session._tenancy = self
+
+    # -- statements ------------------------------------------------------------------------
+
+    def on_execute(self, session: Any, orm_context: ORMExecuteState) -> None:
+        """Scope a statement to the session's tenant: filter tenant-owned entities, pin
+        it to the tenant's shard; refuse what cannot be scoped.
+
+        :raises TenantIsolationError: unscopable SQL (``text()``, a Core statement on a
+            tenant table) not marked with :data:`CHECKED_OPTION`; a bulk write of rows
+            of another tenant; a bulk UPDATE by primary key.
+        :raises TenantRequiredError: no tenant, and a rule refuses unscoped access.
+        """
+        placement: Placement = session._placement
+        owned = tenant_mappers(placement)
+        tenant: str | None = session._tenant
+        statement = orm_context.statement
+        touched = _touched(placement, owned, orm_context)
+        if tenant is None:
+            for tm in touched:
+                if not tm.rule.allow_unscoped:
+                    raise TenantRequiredError(
+                        f"{tm.mapper.class_.__name__} is tenant-owned and its placement "
+                        "refuses sessions without a tenant (allow_unscoped=False)",
+                        tenant=None,
+                    )
+            return
+        checked = bool(orm_context.execution_options.get(CHECKED_OPTION))
+        if isinstance(statement, TextClause) or (
+            touched and not orm_context.is_orm_statement
+        ):
+            if not checked:
+                raise TenantIsolationError(
+                    "a tenant-scoped session does not run text() or Core statements on "
+                    "tenant tables: they cannot be filtered by tenant. Use ORM statements, "
+                    f"or filter by tenant yourself and pass execution_options="
+                    f"{{{CHECKED_OPTION!r}: True}}",
+                    tenant=tenant,
+                )
+            orm_context.bind_arguments["shard_id"] = _tenant_shard(owned, tenant)
+            return
+        if not touched:
+            return
+        if orm_context.is_insert or orm_context.is_update:
+            _check_bulk_rows(orm_context, touched, tenant)
+        orm_context.statement = statement.options(*_criteria(session, owned, tenant))
+        shard = _tenant_shard(owned, tenant)
+        if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
+            orm_context.bind_arguments["shard_id"] = shard
+            orm_context.update_execution_options(identity_token=shard)
+        else:
+            orm_context.bind_arguments["shard_id"] = shard
+
+    def identity_token(self, session: Any, entity: Any) -> str | None:
+        """The shard ``get()`` looks in: the tenant's, for a tenant-owned entity."""
+        tenant = session._tenant
+        if tenant is None:
+            return None
+        owned = tenant_mappers(session._placement)
+        mapper = inspect(entity, raiseerr=False)
+        mapper = getattr(mapper, "mapper", None)
+        if mapper is None or mapper not in owned:
+            return None
+        return _tenant_shard(owned, tenant)
+
+    # -- flush -----------------------------------------------------------------------------
+
+    def before_flush(self, session: Any) -> None:
+        """Give new tenant-owned objects the session's tenant key and refuse other
+        tenants' objects and tenant key changes (before any SQL of the flush).
+
+        :raises TenantIsolationError: a new, changed or deleted object of another
+            tenant, or a persistent object whose tenant key was changed.
+        """
+        owned = tenant_mappers(session._placement)
+        tenant: str | None = session._tenant
+        new, dirty = flush_states(session)
+        for state in new:
+            tm = owned.get(state.mapper)
+            if tm is not None and tenant is not None:
+                _own_new(state, tm, tenant)
+        for state in [*dirty, *(s for s in _deleted_states(session))]:
+            tm = owned.get(state.mapper)
+            if tm is None:
+                continue
+            obj = state.obj()
+            for attr in tm.attrs:
+                if obj is not None and get_history(obj, attr).deleted:
+                    raise TenantIsolationError(
+                        f"changing the tenant key {attr!r} of a persistent "
+                        f"{state.mapper.class_.__name__} is refused: move the tenant with "
+                        "move_tenant, or delete the object and add a new one",
+                        tenant=tenant,
+                    )
+            if tenant is not None:
+                _check_state(state, tm, tenant)
+
+    # -- the shard check -------------------------------------------------------------------
+
+    def after_begin(self, session: Any, connection: Any) -> None:
+        """Check that the tenant's shard still holds it, in the transaction just begun
+        there (see :meth:`TenantDirectory.check_owner`)."""
+        tenant = session._tenant
+        owned = tenant_mappers(session._placement)
+        rule = next(iter(owned.values())).rule
+        shard = rule.directory.entry(tenant)[0]
+        bind = session._shards.get(shard)
+        if bind is None or getattr(bind, "engine", bind) is not connection.engine:
+            return
+        rule.directory.check_owner(tenant, shard, connection)
+
+
+def _tenant_shard(owned: dict[Mapper[Any], TenantMapper], tenant: str) -> str:
+    return next(iter(owned.values())).rule.directory.shard_of(tenant)
+
+
+def _touched(
+    placement: Placement, owned: dict[Mapper[Any], TenantMapper], orm_context: ORMExecuteState
+) -> list[TenantMapper]:
+    mappers: list[Mapper[Any]] = []
+    if orm_context.is_orm_statement:
+        mappers.extend(orm_context.all_mappers)
+    mappers.extend(mappers_of_tables(placement, orm_context.statement))
+    if not orm_context.is_orm_statement or not mappers:
+        from sqlalchemy.sql.util import find_tables
+
+        try:
+            tables = find_tables(cast(Any, orm_context.statement), include_joins=True,
+                                 include_aliases=True, include_crud=True)
+        except Exception:  # (a statement find_tables cannot walk: no known tables)
+            tables = []
+        mappers.extend(placement.mappers_for_tables(tables))
+    seen: dict[Mapper[Any], TenantMapper] = {}
+    for m in mappers:
+        for base in m.iterate_to_root():
+            tm = owned.get(base)
+            if tm is not None:
+                seen[tm.mapper] = tm
+                break
+    return list(seen.values())
+
+
+def _criteria(
+    session: Any, owned: dict[Mapper[Any], TenantMapper], tenant: str
+) -> tuple[Any, ...]:
+    opts: tuple[Any, ...] | None = session.__dict__.get("_shardsession_tenant_criteria")
+    if opts is None:
+        built = []
+        for tm in owned.values():
+            value = _typed(tm, tenant)
+            clause = tm.columns[0] == value
+            for col in tm.columns[1:]:
+                clause = clause & (col == value)
+            built.append(with_loader_criteria(
+                tm.mapper, clause, include_aliases=True, propagate_to_loaders=True))
+        opts = tuple(built)
+        session.__dict__["_shardsession_tenant_criteria"] = opts
+    return opts
+
+
+def _typed(tm: TenantMapper, tenant: str) -> Any:
+    """The tenant key as the column's Python type (an int column gets an int)."""
+    from ..routing.pruning import key_python_type
+
+    if key_python_type(tm.columns[0]) is int:
+        try:
+            return int(tenant)
+        except ValueError:
+            return tenant
+    return tenant
+
+
+def _own_new(state: Any, tm: TenantMapper, tenant: str) -> None:
+    obj = state.obj()
+    for attr in tm.attrs:
+        value = state.dict.get(attr)
+        if value is None:
+            setattr(obj, attr, _typed(tm, tenant))
+        elif _text(value) != tenant:
+            raise TenantIsolationError(
+                f"a new {state.mapper.class_.__name__} of tenant {_text(value)!r} cannot be "
+                f"written by a session of tenant {tenant!r}",
+                tenant=tenant,
+                other_tenant=_text(value),
+            )
+
+
+def _check_state(state: Any, tm: TenantMapper, tenant: str) -> None:
+    for attr in tm.attrs:
+        value = state.dict.get(attr)
+        if value is not None and _text(value) != tenant:
+            raise TenantIsolationError(
+                f"{state.mapper.class_.__name__} belongs to tenant {_text(value)!r}, not to "
+                f"this session's tenant {tenant!r}",
+                tenant=tenant,
+                other_tenant=_text(value),
+            )
+
+
+def _text(value: Any) -> str:
+    return value if type(value) is str else str(value)
+
+
+def _deleted_states(session: Any) -> Iterable[Any]:
+    return list(session._deleted)
+
+
+def _check_loaded(session: Any, instance: Any) -> None:
+    state = inspect(instance)
+    owned = tenant_mappers(session._placement)
+    tm = owned.get(state.mapper)
+    if tm is None:
+        return
+    try:
+        _check_state(state, tm, session._tenant)
+    except TenantIsolationError:
+        session.expunge(instance)
+        raise
+
+
+def _check_new(session: Any, instance: Any) -> None:
+    state = inspect(instance)
+    tm = tenant_mappers(session._placement).get(state.mapper)
+    if tm is not None:
+        for attr in tm.attrs:
+            value = state.dict.get(attr)
+            if value is not None and _text(value) != session._tenant:
+                raise TenantIsolationError(
+                    f"a {state.mapper.class_.__name__} of tenant {_text(value)!r} cannot be "
+                    f"added to a session of tenant {session._tenant!r}",
+                    tenant=session._tenant,
+                    other_tenant=_text(value),
+                )
+
+
+def _check_bulk_rows(
+    orm_context: ORMExecuteState, touched: list[TenantMapper], tenant: str
+) -> None:
+    params = orm_context.parameters
+    if not isinstance(params, list):  # (one parameter set: not a bulk write by rows;
+        return  # the ORM statement itself is filtered)
+    rows = params
+    for tm in touched:
+        for row in rows:
+            for attr, col in zip(tm.attrs, tm.columns, strict=True):
+                for name in (attr, col.key):
+                    if name in row and row[name] is not None and _text(row[name]) != tenant:
+                        raise TenantIsolationError(
+                            f"a bulk write of {tm.mapper.class_.__name__} rows of tenant "
+                            f"{_text(row[name])!r} in a session of tenant {tenant!r}",
+                            tenant=tenant,
+                            other_tenant=_text(row[name]),
+                        )
+        if orm_context.is_update:
+            pk = [c.key for c in tm.mapper.primary_key]
+            if set(tm.attrs) - set(pk):
+                raise TenantIsolationError(
+                    "a bulk UPDATE by primary key of tenant-owned "
+                    f"{tm.mapper.class_.__name__} cannot be filtered by tenant (its primary "
+                    "key does not contain the tenant key): use update(...).where(...) or "
+                    "the ORM unit of work",
+                    tenant=tenant,
+                )
+        elif orm_context.is_insert:
+            for row in rows:
+                for attr in tm.attrs:
+                    if row.get(attr) is None:
+                        row[attr] = _typed(tm, tenant)
+
+
+_scope.set_hooks(Tenancy())
