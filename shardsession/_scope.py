@@ -34,6 +34,12 @@ class TenancyHooks(Protocol):
 
     def after_begin(self, session: Any, connection: Any) -> None: ...
 
+    def check_object(self, session: Any, instance: Any) -> None: ...
+
+    def check_mappings(
+        self, session: Any, mapper: Any, mappings: list[Any], *, isupdate: bool, isstates: bool
+    ) -> None: ...
+
 
 _hooks: list[TenancyHooks] = []
 

@@ -407,12 +407,26 @@ class ShardedSession(
         # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)  # type: ignore[arg-type, unused-ignore]
 
+    def merge(self, instance: _O, *, load: bool = True, options: Any = None) -> _O:
+        """:meth:`Session.merge`; in a tenant-scoped session the merged object must be
+        the tenant's (checked after the copy, before it is returned).
+
+        :raises TenantIsolationError: it is another tenant's; it is expunged again.
+        """
+        merged = super().merge(instance, load=load, options=options)
+        if self._tenant is not None:
+            self._tenancy.check_object(self, merged)
+        return merged
+
     def _shardsession_save_mappings(
         self, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool, isstates: bool,
         return_defaults: bool, update_changed_only: bool, render_nulls: bool,
     ) -> None:
         """``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings``:
         each object or row to its shard (see :func:`shardsession._bulk.save_mappings`)."""
+        if self._tenancy is not None:
+            self._tenancy.check_mappings(self, mapper, mappings, isupdate=isupdate,
+                                         isstates=isstates)
         _bulk.save_mappings(
             self, mapper, mappings, isupdate=isupdate, isstates=isstates,
             return_defaults=return_defaults, update_changed_only=update_changed_only,

@@ -209,6 +209,54 @@ class Tenancy:
             if tenant is not None:
                 _check_state(state, tm, tenant)
 
+    def check_object(self, session: Any, instance: Any) -> None:
+        """Refuse an object of another tenant in the session (expunged first).
+
+        :raises TenantIsolationError: it is another tenant's.
+        """
+        _check_loaded(session, instance)
+
+    def check_mappings(
+        self, session: Any, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool,
+        isstates: bool,
+    ) -> None:
+        """``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings``:
+        the rows of a tenant-scoped session must be its tenant's (a missing key is set
+        on inserts), and an update by primary key must carry the tenant key in that key.
+
+        :raises TenantIsolationError: before any row is sent.
+        """
+        tenant: str | None = session._tenant
+        if tenant is None:
+            return
+        tm = tenant_mappers(session._placement).get(mapper)
+        if tm is None:
+            return
+        if isupdate and set(tm.attrs) - {c.key for c in tm.mapper.primary_key}:
+            raise TenantIsolationError(
+                "a bulk UPDATE by primary key of tenant-owned "
+                f"{tm.mapper.class_.__name__} cannot be filtered by tenant (its primary "
+                "key does not contain the tenant key): use update(...).where(...) or the "
+                "ORM unit of work",
+                tenant=tenant,
+            )
+        for m in mappings:
+            row = m.dict if isstates else m
+            for attr in tm.attrs:
+                value = row.get(attr)
+                if value is None and not isupdate:
+                    if isstates:
+                        setattr(m.obj(), attr, _typed(tm, tenant))
+                    else:
+                        row[attr] = _typed(tm, tenant)
+                elif value is not None and _text(value) != tenant:
+                    raise TenantIsolationError(
+                        f"a bulk write of a {tm.mapper.class_.__name__} of tenant "
+                        f"{_text(value)!r} in a session of tenant {tenant!r}",
+                        tenant=tenant,
+                        other_tenant=_text(value),
+                    )
+
     # -- the shard check -------------------------------------------------------------------
 
     def after_begin(self, session: Any, connection: Any) -> None:
@@ -259,17 +307,37 @@ def _criteria(
 ) -> tuple[Any, ...]:
     opts: tuple[Any, ...] | None = session.__dict__.get("_shardsession_tenant_criteria")
     if opts is None:
-        built = []
-        for tm in owned.values():
-            value = _typed(tm, tenant)
-            clause = tm.columns[0] == value
-            for col in tm.columns[1:]:
-                clause = clause & (col == value)
-            built.append(with_loader_criteria(
-                tm.mapper, clause, include_aliases=True, propagate_to_loaders=True))
-        opts = tuple(built)
+        opts = tuple(
+            with_loader_criteria(
+                tm.mapper, _criterion(tm.attrs, _typed(tm, tenant)), include_aliases=True,
+                propagate_to_loaders=True,
+            )
+            for tm in owned.values()
+        )
         session.__dict__["_shardsession_tenant_criteria"] = opts
     return opts
+
+
+#: attribute names -> a function making the criterion lambda for one tenant value
+_makers: dict[tuple[str, ...], Any] = {}
+
+
+def _criterion(attrs: tuple[str, ...], value: Any) -> Any:
+    """``lambda cls: cls.<attr> == value`` (every attr), as a lambda SQLAlchemy can
+    adapt to each alias of the entity (a joined eager load's, ``aliased()``) and cache
+    with ``value`` as a bound parameter. The attribute names are written into the
+    lambda's code (a closure variable holding a name is not cacheable), one code object
+    per set of names."""
+    make = _makers.get(attrs)
+    if make is None:
+        for a in attrs:
+            if not a.isidentifier():
+                raise ConfigurationError(f"a tenant key attribute must be an identifier: {a!r}")
+        body = " & ".join(f"(cls.{a} == value)" for a in attrs)
+        ns: dict[str, Any] = {}
+        exec(f"def make(value):\n    return lambda cls: {body}\n", ns)
+        make = _makers[attrs] = ns["make"]
+    return make(value)
 
 
 def _typed(tm: TenantMapper, tenant: str) -> Any:
@@ -339,6 +407,7 @@ def _check_new(session: Any, instance: Any) -> None:
         for attr in tm.attrs:
             value = state.dict.get(attr)
             if value is not None and _text(value) != session._tenant:
+                session.expunge(instance)  # (it is in the session already: take it out)
                 raise TenantIsolationError(
                     f"a {state.mapper.class_.__name__} of tenant {_text(value)!r} cannot be "
                     f"added to a session of tenant {session._tenant!r}",
