@@ -49,6 +49,7 @@ from sqlalchemy.orm import (
 from shardsession import Broadcast, Follows, Placement, ShardedSession
 from shardsession.exc import (
     ShardSessionError,
+    StaleTenantDirectoryError,
     TenantIsolationError,
     TenantRequiredError,
 )
@@ -527,3 +528,72 @@ def test_directory(env: Env) -> None:
     with pytest.raises(ShardSessionError):
         env.directory.add("globex", "s2")  # already on s1
     assert env.directory.add("globex") == "s1"
+
+
+# -- a stale directory -----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Env]:
+    urls, made = _urls(request, request.param, tmp_path)
+    engines = {s: create_engine(u) for s, u in zip(SHARDS, urls, strict=True)}
+    try:
+        e = Env(engines)
+        _seed(e)
+        yield e
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+        for server, url in made:
+            server.drop_database(make_url(url).database)
+
+
+def _move_by_hand(env: Env, tenant: str, source: str, target: str) -> None:
+    """What a tenant move's switch does, written out in SQL by another process: copy the
+    tenant's rows, hand the owner row over with a new version, delete the source rows."""
+    src, dst = env.engines[source], env.engines[target]
+    tables = ("tn_account", "tn_invoice", "tn_comment")
+    with src.connect() as c:
+        rows = {t: [dict(r._mapping) for r in c.execute(
+            select(Base.metadata.tables[t]).where(Base.metadata.tables[t].c.tenant_id == tenant))]
+            for t in tables}
+    with dst.begin() as c:
+        for t in tables:
+            if rows[t]:
+                c.execute(insert(Base.metadata.tables[t]), rows[t])
+        c.execute(insert(tenancy_metadata.tables["shardsession_tenant_owners"]).values(
+            tenant=tenant, version=2))
+    with src.begin() as c:
+        for t in reversed(tables):
+            c.execute(delete(Base.metadata.tables[t]).where(
+                Base.metadata.tables[t].c.tenant_id == tenant))
+        owners = tenancy_metadata.tables["shardsession_tenant_owners"]
+        c.execute(delete(owners).where(owners.c.tenant == tenant))
+    directory = tenancy_metadata.tables["shardsession_tenants"]
+    with env.engines["s0"].begin() as c:
+        c.execute(update(directory).where(directory.c.tenant == tenant).values(
+            shard=target, version=2))
+
+
+def test_stale_directory_during_a_move(fresh: Env) -> None:
+    env = fresh
+    assert env.directory.shard_of("globex") == "s1"  # cached: (s1, 1)
+    _move_by_hand(env, "globex", "s1", "s2")
+    with env.Session(tenant="globex") as s:
+        s.add(Account(id=250, name="late", balance=0))
+        with pytest.raises(StaleTenantDirectoryError) as info:
+            s.commit()  # the flush's first statement on s1 finds no owner row there
+        assert info.value.shard_id == "s1"
+    with env.engines["s1"].connect() as c:  # nothing landed on the old shard
+        assert c.exec_driver_sql("SELECT count(*) FROM tn_account").scalar() == 0
+    with env.Session(tenant="globex") as s:  # the retry goes to the new shard
+        s.add(Account(id=250, name="late", balance=0))
+        s.commit()
+        assert {a.id for a in s.scalars(select(Account))} == {201, 202, 250}
+    with env.engines["s2"].connect() as c:
+        assert set(c.exec_driver_sql(
+            "SELECT id FROM tn_account WHERE tenant_id = 'globex'").scalars()) == {201, 202, 250}
+    # a stale reader is refused too, rather than shown an empty tenant
+    env.directory._cache["globex"] = ("s1", 1)  # (as another process's cache would be)
+    with env.Session(tenant="globex") as s, pytest.raises(StaleTenantDirectoryError):
+        s.scalars(select(Account)).all()
