@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         from . import create_all
 
         create_all.add_arguments(sub)
+        from . import tenants
+
+        tenants.add_arguments(sub)
     return parser
 
 

@@ -62,10 +62,22 @@ def cmd_create_all(args: argparse.Namespace) -> int:
                 code = 1
                 continue
             tables = ""
+            if cluster.tenant_directory is not None:
+                from ..tenancy import tenancy_metadata
+
+                try:  # the owner table on every shard; the directory table too (unused
+                    # but on the directory's shard; one MetaData keeps this simple)
+                    tenancy_metadata.create_all(engines[setup.shard])
+                    tables = ", tenant tables ready"
+                except Exception as e:
+                    print(f"{setup.shard}: FAILED creating the tenant tables: "
+                          f"{type(e).__name__}: {e}")
+                    code = 1
+                    continue
             if metadata is not None:
                 try:
                     metadata.create_all(engines[setup.shard])
-                    tables = f", {len(metadata.tables)} application tables present"
+                    tables += f", {len(metadata.tables)} application tables present"
                 except Exception as e:
                     print(f"{setup.shard}: FAILED creating tables: {type(e).__name__}: {e}")
                     code = 1
