@@ -112,7 +112,7 @@ def test_wsgi_scopes_the_request_and_its_lazy_body(env: Env) -> None:
         environ: dict[str, Any] = {"PATH_INFO": f"/{tenant}/accounts", "wsgi.input": io.BytesIO()}
         setup_testing_defaults(environ)
         statuses: list[str] = []
-        body = wrapped(environ, lambda status, headers: statuses.append(status))
+        body = wrapped(environ, lambda status, headers, _s=statuses: _s.append(status))
         assert b"".join(body) == want and statuses == ["200 OK"]
         assert current_tenant() is None
     environ = {"PATH_INFO": "/"}
