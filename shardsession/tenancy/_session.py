@@ -16,12 +16,18 @@ from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm.attributes import get_history
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.util import find_tables
 
 from .. import _scope
-from .._compat import flush_states
-from .._execute import mappers_of_tables
-from ..exc import ConfigurationError, TenantIsolationError, TenantRequiredError
+from .._compat import class_listener_list, flush_states
+from ..exc import (
+    ConfigurationError,
+    TenantIsolationError,
+    TenantRequiredError,
+    UnsupportedQueryError,
+)
 from ..routing.placement import Placement
+from ..routing.strategies import Broadcast, Pinned
 from ._directory import tenant_key
 from ._sharding import TenantSharding
 
@@ -67,12 +73,19 @@ def tenant_mappers(placement: Placement) -> dict[Mapper[Any], TenantMapper]:
 
     from ..routing.strategies import Follows
 
+    registries = {}
     for target in placement.targets():
-        if not isinstance(target, type):
-            continue
-        root: Mapper[Any] = class_mapper(target)
-        for mapper in root.self_and_descendants:
-            r = placement.resolve(mapper)
+        if isinstance(target, type):
+            mapper_of: Mapper[Any] = class_mapper(target)
+            registries[id(mapper_of.registry)] = mapper_of.registry
+    # (every mapper of those registries: a mapper without a rule of its own may follow a
+    # tenant-owned parent implicitly)
+    for registry in registries.values():
+        for mapper in registry.mappers:
+            try:
+                r = placement.resolve(mapper)
+            except ConfigurationError:
+                continue  # not placed: not a tenant's
             if isinstance(r.strategy, TenantSharding):
                 found[mapper] = TenantMapper(mapper, r.strategy, r.attrs, r.columns)
             elif isinstance(r.rule, Follows) and _follows_tenant(placement, r):
@@ -109,9 +122,10 @@ class Tenancy:
                     "a tenant-scoped session needs a placement with TenantSharding rules"
                 )
             session._tenant = tenant_key(tenant)
-            event.listen(session, "loaded_as_persistent", _check_loaded)
-            event.listen(session, "detached_to_persistent", _check_loaded)
-            event.listen(session, "transient_to_pending", _check_new)
+            for listeners, fn in _CHECKS:  # (a test suite may have cleared them)
+                if fn not in listeners:
+                    _install()
+                    break
         session._tenancy = self
 
     # -- statements ------------------------------------------------------------------------
@@ -129,7 +143,8 @@ class Tenancy:
         owned = tenant_mappers(placement)
         tenant: str | None = session._tenant
         statement = orm_context.statement
-        touched = _touched(placement, owned, orm_context)
+        mappers = _placed_mappers(placement, orm_context)
+        touched = _touched(owned, mappers)
         if tenant is None:
             for tm in touched:
                 if not tm.rule.allow_unscoped:
@@ -155,10 +170,11 @@ class Tenancy:
             return
         if not touched:
             return
+        shard = _tenant_shard(owned, tenant)
+        _check_companions(placement, owned, mappers, shard)
         if orm_context.is_insert or orm_context.is_update:
             _check_bulk_rows(orm_context, touched, tenant)
         orm_context.statement = statement.options(*_criteria(session, owned, tenant))
-        shard = _tenant_shard(owned, tenant)
         if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
             orm_context.bind_arguments["shard_id"] = shard
             orm_context.update_execution_options(identity_token=shard)
@@ -276,22 +292,25 @@ def _tenant_shard(owned: dict[Mapper[Any], TenantMapper], tenant: str) -> str:
     return next(iter(owned.values())).rule.directory.shard_of(tenant)
 
 
-def _touched(
-    placement: Placement, owned: dict[Mapper[Any], TenantMapper], orm_context: ORMExecuteState
-) -> list[TenantMapper]:
-    mappers: list[Mapper[Any]] = []
-    if orm_context.is_orm_statement:
-        mappers.extend(orm_context.all_mappers)
-    mappers.extend(mappers_of_tables(placement, orm_context.statement))
-    if not orm_context.is_orm_statement or not mappers:
-        from sqlalchemy.sql.util import find_tables
-
-        try:
-            tables = find_tables(cast(Any, orm_context.statement), include_joins=True,
-                                 include_aliases=True, include_crud=True)
-        except Exception:  # (a statement find_tables cannot walk: no known tables)
-            tables = []
+def _placed_mappers(placement: Placement, orm_context: ORMExecuteState) -> list[Mapper[Any]]:
+    """The placed mappers a statement reads or writes: its ORM entities and every table
+    in it, joins, subqueries and aliases included (one traversal, no compilation)."""
+    mappers: list[Mapper[Any]] = (
+        list(orm_context.all_mappers) if orm_context.is_orm_statement else []
+    )
+    try:
+        tables = find_tables(cast(Any, orm_context.statement), include_joins=True,
+                             include_aliases=True, include_crud=True)
+    except Exception:  # (a statement find_tables cannot walk: its ORM entities only)
+        tables = []
+    if tables:
         mappers.extend(placement.mappers_for_tables(tables))
+    return mappers
+
+
+def _touched(
+    owned: dict[Mapper[Any], TenantMapper], mappers: list[Mapper[Any]]
+) -> list[TenantMapper]:
     seen: dict[Mapper[Any], TenantMapper] = {}
     for m in mappers:
         for base in m.iterate_to_root():
@@ -300,6 +319,31 @@ def _touched(
                 seen[tm.mapper] = tm
                 break
     return list(seen.values())
+
+
+def _check_companions(
+    placement: Placement, owned: dict[Mapper[Any], TenantMapper],
+    mappers: list[Mapper[Any]], shard: str,
+) -> None:
+    """Refuse a statement that relates tenant-owned rows to rows of a mapper that is
+    neither tenant-owned nor on the tenant's shard in full (a ``Broadcast`` table, or one
+    ``Pinned`` there): run on the tenant's shard alone it would miss that mapper's rows
+    on the other shards, a wrong answer given silently."""
+    for m in mappers:
+        if m in owned or any(b in owned for b in m.iterate_to_root()):
+            continue
+        if not placement.is_placed(m):
+            continue
+        rule = placement.resolve(m).rule
+        if isinstance(rule, Broadcast) or (isinstance(rule, Pinned) and rule.shard_id == shard):
+            continue
+        raise UnsupportedQueryError(
+            f"a tenant-scoped statement relates tenant-owned rows to {m.class_.__name__} "
+            f"({rule!r}), whose rows are not all on the tenant's shard {shard!r}; query "
+            f"{m.class_.__name__} in a statement of its own",
+            shard_id=shard,
+            construct="join of tenant-owned and sharded mappers",
+        )
 
 
 def _criteria(
@@ -451,4 +495,35 @@ def _check_bulk_rows(
                         row[attr] = _typed(tm, tenant)
 
 
-_scope.set_hooks(Tenancy())
+def _on_loaded(session: Any, state: Any) -> None:
+    # (registered raw: ``state`` is the InstanceState, and the listener is stored as
+    # this very function, which the check in on_session looks for)
+    if getattr(session, "_tenant", None) is not None:
+        _check_loaded(session, state.obj())
+
+
+def _on_new(session: Any, state: Any) -> None:
+    if getattr(session, "_tenant", None) is not None:
+        _check_new(session, state.obj())
+
+
+def _install() -> None:
+    """Register the object checks on ShardedSession (class level: no per-session
+    registration cost; sessions without a tenant return at once)."""
+    global _CHECKS
+    from ..session import ShardedSession
+
+    hooks = (("loaded_as_persistent", _on_loaded), ("detached_to_persistent", _on_loaded),
+             ("transient_to_pending", _on_new))
+    for name, fn in hooks:
+        if not event.contains(ShardedSession, name, fn):
+            event.listen(ShardedSession, name, fn, raw=True)
+    _CHECKS = tuple((class_listener_list(ShardedSession, name), fn) for name, fn in hooks)
+    _scope.set_hooks(Tenancy())
+
+
+#: (the live class-level listener collection, our listener) per object check
+_CHECKS: tuple[tuple[Any, Any], ...] = ()
+
+
+_install()

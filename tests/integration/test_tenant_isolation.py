@@ -46,12 +46,14 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from shardsession import Broadcast, Follows, Placement, ShardedSession
+from shardsession import Broadcast, Follows, HashSharding, Placement, ShardedSession
 from shardsession.exc import (
+    ConfigurationError,
     ShardSessionError,
     StaleTenantDirectoryError,
     TenantIsolationError,
     TenantRequiredError,
+    UnsupportedQueryError,
 )
 from shardsession.query import paginate
 from shardsession.tenancy import (
@@ -104,6 +106,14 @@ class Comment(Base):
     body: Mapped[str] = mapped_column(String(60))
 
 
+class Product(Base):
+    """A global table spread by hash (not a tenant's)."""
+
+    __tablename__ = "tn_product"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
 class Country(Base):
     __tablename__ = "tn_country"
     code: Mapped[str] = mapped_column(String(2), primary_key=True)
@@ -114,7 +124,7 @@ SHARDS = ("s0", "s1", "s2")
 HOME = {"acme": "s0", "initech": "s0", "globex": "s1", "hooli": "s2"}
 #: tenant -> (account id, invoice id, comment id); ids are unique across tenants
 IDS = {"acme": 100, "initech": 300, "globex": 200, "hooli": 400}
-TABLES = ("tn_account", "tn_invoice", "tn_comment", "tn_country",
+TABLES = ("tn_account", "tn_invoice", "tn_comment", "tn_country", "tn_product",
           "shardsession_tenants", "shardsession_tenant_owners")
 
 
@@ -127,6 +137,7 @@ class Env:
             Invoice: Follows(Invoice.account),
             Comment: TenantSharding(Comment.tenant_id, self.directory),
             Country: Broadcast(),
+            Product: HashSharding(Product.id),
         })
         self.Session = sessionmaker(class_=ShardedSession, shards=engines,
                                     placement=self.placement)
@@ -495,6 +506,7 @@ def test_unscoped_session_refused_when_the_placement_says_so(env: Env) -> None:
         Invoice: Follows(Invoice.account),
         Comment: TenantSharding(Comment.tenant_id, env.directory, allow_unscoped=False),
         Country: Broadcast(),
+        Product: HashSharding(Product.id),
     })
     Strict = sessionmaker(class_=ShardedSession, shards=env.engines, placement=strict)
     with Strict() as s:
@@ -516,6 +528,39 @@ def test_admin_session_reads_across_tenants(env: Env) -> None:
 def test_global_and_broadcast_tables_keep_working(acme: ShardedSession) -> None:
     assert [c.name for c in acme.scalars(select(Country))] == ["Germany"]
     assert acme.get(Country, "de") is not None
+    assert acme.scalars(select(Product)).all() == []  # a fan-out over every shard
+
+
+def test_join_with_a_hash_sharded_global_table_is_refused(acme: ShardedSession) -> None:
+    # run on acme's shard alone it would miss the products on the other shards
+    with pytest.raises(UnsupportedQueryError):
+        acme.execute(select(Account.id, Product.name).join(Product, Product.id == Account.id))
+    rows = acme.execute(
+        select(Account.id, Country.name).join(Country, Country.code == "de")).all()
+    assert {r[0] for r in rows} == ACME_ACCOUNTS  # a Broadcast table is on acme's shard
+
+
+def test_a_follower_without_the_tenant_key_is_refused(tmp_path: Any) -> None:
+    class Base2(DeclarativeBase):
+        pass
+
+    class Shop(Base2):
+        __tablename__ = "tn2_shop"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        tenant_id: Mapped[str] = mapped_column(String(40))
+
+    class Order(Base2):  # follows its shop implicitly (no rule), by shop_id alone
+        __tablename__ = "tn2_order"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        shop_id: Mapped[int] = mapped_column(ForeignKey("tn2_shop.id"))
+        shop: Mapped[Shop] = relationship()
+
+    engines = {"s0": create_engine(f"sqlite:///{tmp_path}/x.db")}
+    directory = TenantDirectory("s0")
+    placement = Placement({Shop: TenantSharding(Shop.tenant_id, directory)})
+    with pytest.raises(ConfigurationError, match="Order follows a tenant-owned parent"):
+        ShardedSession(shards=engines, placement=placement, tenant="acme")
+    engines["s0"].dispose()
 
 
 # -- the directory ---------------------------------------------------------------------------
