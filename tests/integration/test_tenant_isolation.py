@@ -338,6 +338,14 @@ def test_text_is_refused_unless_checked(acme: ShardedSession) -> None:
     assert set(rows) == ACME_ACCOUNTS
 
 
+def test_orm_objects_from_raw_sql_of_another_tenant(acme: ShardedSession) -> None:
+    stmt = select(Account).from_statement(text("SELECT * FROM tn_account ORDER BY id"))
+    with pytest.raises(TenantIsolationError):  # initech's row shares acme's shard
+        acme.scalars(stmt).all()
+    assert acme.get(Account, 301) is None  # not left in the identity map
+    assert acme.get(Account, 302) is None
+
+
 # -- writes --------------------------------------------------------------------------------
 
 
