@@ -30,8 +30,10 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    lambda_stmt,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -290,6 +292,22 @@ def test_subquery_on_another_tenants_rows(acme: ShardedSession) -> None:
     assert acme.scalars(select(Account).where(Account.id.in_(sub))).all() == []
     exists = select(Comment.id).where(Comment.account_id == Account.id).exists()
     assert {a.id for a in acme.scalars(select(Account).where(exists))} == {101}
+
+
+def test_union_cte_lambda_and_nested_selects(acme: ShardedSession) -> None:
+    ids = acme.execute(union_all(select(Account.id), select(Account.id))).scalars().all()
+    assert sorted(ids) == [101, 101, 102, 102]
+    cte = select(Comment.body).cte()
+    assert acme.execute(select(cte.c.body)).scalars().all() == ["acme-comment"]
+    counts = acme.execute(
+        select(Account.id, select(func.count(Comment.id)).scalar_subquery())).all()
+    assert {tuple(r) for r in counts} == {(101, 1), (102, 1)}
+    got = acme.scalars(lambda_stmt(lambda: select(Account))).all()
+    assert {a.id for a in got} == ACME_ACCOUNTS
+    sub = select(Comment).subquery()
+    assert [c.body for c in acme.scalars(select(aliased(Comment, sub)))] == ["acme-comment"]
+    poisoned = select(Comment.id).where(Comment.id == 999).exists()
+    assert acme.execute(select(poisoned)).scalar() is False
 
 
 def test_aggregates(acme: ShardedSession) -> None:
@@ -650,3 +668,4 @@ def test_stale_directory_during_a_move(fresh: Env) -> None:
     env.directory._cache["globex"] = ("s1", 1)  # (as another process's cache would be)
     with env.Session(tenant="globex") as s, pytest.raises(StaleTenantDirectoryError):
         s.scalars(select(Account)).all()
+

@@ -13,7 +13,8 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 from sqlalchemy import create_engine, select
 
-from shardsession.tenancy import current_tenant
+from shardsession import ShardedSession
+from shardsession.tenancy import current_tenant, tenant_scope
 from shardsession.tenancy.web import (
     TenantMiddleware,
     TenantWSGIMiddleware,
@@ -120,3 +121,35 @@ def test_wsgi_scopes_the_request_and_its_lazy_body(env: Env) -> None:
     statuses = []
     assert list(wrapped(environ, lambda s, h: statuses.append(s))) == [b"no tenant in the request"]
     assert statuses == ["400 Bad Request"]
+
+
+def test_async_sessions_in_concurrent_tasks(env: Env) -> None:
+    """AsyncSession over aiosqlite shards (the same SQLite files), tasks interleaved."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    shards = {n: create_async_engine(str(e.url).replace("sqlite://", "sqlite+aiosqlite://"))
+              for n, e in env.engines.items()}
+    Async = async_sessionmaker(sync_session_class=ShardedSession, shards=shards,
+                               placement=env.placement)
+
+    async def read(tenant: str, explicit: bool) -> set[int]:
+        if explicit:
+            async with Async(tenant=tenant) as s:
+                return {a.id for a in (await s.scalars(select(Account))).all()}
+        with tenant_scope(tenant):
+            await asyncio.sleep(0.01)
+            async with Async() as s:
+                got = (await s.scalars(select(Account))).all()
+                assert await s.get(Account, 301) is None or tenant == "initech"
+                return {a.id for a in got}
+
+    async def main() -> list[set[int]]:
+        try:
+            return await asyncio.gather(
+                read("acme", False), read("globex", True), read("initech", False),
+                read("hooli", True))
+        finally:
+            for e in shards.values():
+                await e.dispose()
+
+    assert asyncio.run(main()) == [{101, 102}, {201, 202}, {301, 302}, {401, 402}]
