@@ -15,14 +15,17 @@ from collections.abc import Iterator
 
 from .._scope import current_tenant, tenant_var
 from ._directory import TenantDirectory, tenancy_metadata
+from ._move import MoveReport, move_tenant
 from ._session import CHECKED_OPTION
 from ._sharding import TenantSharding
 
 __all__ = [
     "CHECKED_OPTION",
+    "MoveReport",
     "TenantDirectory",
     "TenantSharding",
     "current_tenant",
+    "move_tenant",
     "tenancy_metadata",
     "tenant_scope",
 ]

@@ -145,6 +145,10 @@ class Env:
                                     placement=self.placement)
         self.Session().close()  # binds the directory to the engines
 
+    @staticmethod
+    def directory_owner_table() -> Any:
+        return tenancy_metadata.tables["shardsession_tenant_owners"]
+
     def snapshot(self) -> dict[str, dict[str, list[tuple[Any, ...]]]]:
         out: dict[str, dict[str, list[tuple[Any, ...]]]] = {}
         for name, engine in self.engines.items():
