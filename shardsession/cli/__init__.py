@@ -35,9 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         from . import create_all
 
         create_all.add_arguments(sub)
-        from . import tenants
+        from . import move_tenant, tenants
 
         tenants.add_arguments(sub)
+        move_tenant.add_arguments(sub)
     return parser
 
 

@@ -77,3 +77,74 @@ def test_tenants_without_a_directory_is_a_config_error(tmp_path: Path) -> None:
                      '[cluster]\ntenant_directory = "a"\n\n')
     done = cli("tenants", "--config", str(config))  # no create-all: no table
     assert done.returncode == 1 and "cannot read the tenant directory" in done.stderr
+
+
+MODELS = '''
+from sqlalchemy import Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from shardsession import Placement
+from shardsession.tenancy import TenantDirectory, TenantSharding
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Doc(Base):
+    __tablename__ = "cli_doc"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    title: Mapped[str] = mapped_column(String(40))
+
+
+directory = TenantDirectory("main")
+placement = Placement({Doc: TenantSharding(Doc.tenant_id, directory)})
+'''
+
+
+def test_move_tenant_command(tmp_path: Path, pg_url_a: str, mariadb_url: str,
+                             monkeypatch: Any) -> None:
+    (tmp_path / "ss_tenant_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ss_tenant_models as m  # type: ignore[import-not-found]
+
+    from shardsession.config import Cluster
+
+    urls = {"main": pg_url_a, "maria": mariadb_url}
+    config = _config(tmp_path, urls, '[cluster]\ntenant_directory = "main"\n\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((ROOT, str(tmp_path)))}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shardsession", *args],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+    done = run("create-all", "--config", str(config), "--metadata", "ss_tenant_models:Base")
+    assert done.returncode == 0, done.stdout + done.stderr
+    cluster = Cluster(urls, tenant_directory="main")
+    try:
+        Session = cluster.sessionmaker(m.placement)
+        Session().close()
+        m.directory.add("acme", "main")
+        with Session(tenant="acme") as s:
+            s.add_all([m.Doc(id=i, title=f"d{i}") for i in range(25)])
+            s.commit()
+        done = run("move-tenant", "--config", str(config), "--placement",
+                   "ss_tenant_models:placement", "--batch-size", "10", "acme", "maria")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "copy: cli_doc: 10 rows" in done.stdout
+        assert done.stdout.splitlines()[-1].startswith(
+            "moved tenant acme from main to maria (directory version 2); copied 25 rows")
+        m.directory.refresh()
+        assert m.directory.shard_of("acme") == "maria"
+        with Session(tenant="acme") as s:  # a tenant session now reads from maria
+            assert sorted(d.id for d in s.query(m.Doc)) == list(range(25))
+        for name, want in (("main", 0), ("maria", 25)):
+            with cluster.engines[name].connect() as c:
+                assert c.exec_driver_sql("SELECT count(*) FROM cli_doc").scalar() == want
+        done = run("move-tenant", "--config", str(config), "--placement",
+                   "ss_tenant_models:placement", "acme", "maria")
+        assert done.returncode == 1 and "already on shard" in done.stderr
+        done = run("move-tenant", "--config", str(config), "--placement", "nope:x", "acme", "main")
+        assert done.returncode == 2
+    finally:
+        cluster.dispose()
