@@ -4,13 +4,16 @@ and of another tenant run; nothing is lost, nothing lands on the old shard."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, insert, select
+from sqlalchemy import create_engine, delete, insert, select, text
 from sqlalchemy.engine import make_url
 
 from shardsession.exc import StaleTenantDirectoryError, TenantError
@@ -137,3 +140,87 @@ def test_move_refuses_and_leaves_the_tenant_where_it_was(env: Env) -> None:
     assert env.directory.shard_of("acme") == "s0"
     with env.Session(tenant="acme") as s:
         assert len(s.scalars(select(Account)).all()) == 302
+
+
+_CHILD = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from sqlalchemy import create_engine
+from tests.integration.test_tenant_isolation import SHARDS, Env
+from shardsession.tenancy import move_tenant
+
+urls, mode = sys.argv[2].split(","), sys.argv[3]
+env = Env({s: create_engine(u) for s, u in zip(SHARDS, urls)})
+batches = []
+
+def progress(phase, table, rows):
+    batches.append(phase)
+    if mode == "copy" and len(batches) == 3:
+        os._exit(3)  # killed in the middle of the copy
+
+move_tenant(env.Session, "acme", "s1", batch_size=20, progress=progress)
+print("moved")
+"""
+
+
+def _child(env: Env, mode: str) -> subprocess.Popen[str]:
+    urls = ",".join(str(e.url.render_as_string(hide_password=False))
+                    for e in env.engines.values())
+    root = str(Path(__file__).resolve().parents[2])
+    return subprocess.Popen([sys.executable, "-c", _CHILD, root, urls, mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _complete_on(env: Env, shard: str, before: dict[str, set[tuple[Any, ...]]]) -> None:
+    assert _rows(env, shard, "acme") == before
+    env.directory.refresh()
+    assert env.directory.shard_of("acme") == shard
+    with env.Session(tenant="acme") as s:
+        assert len(s.scalars(select(Account)).all()) == 302
+
+
+def test_a_crash_in_the_copy_or_the_switch_leaves_the_tenant_on_the_source(env: Env) -> None:
+    """(s0, the source and the directory's shard, is PostgreSQL in both variants: the
+    switch's wait is seen in its pg_stat_activity.)"""
+    before = _rows(env, "s0", "acme")
+
+    child = _child(env, "copy")  # 1. killed after three copy batches
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 3, out + err
+    assert 0 < len(_rows(env, "s1", "acme")["tn_account"]) < 302  # ownerless leftovers
+    _complete_on(env, "s0", before)
+
+    # 2. killed inside the switch: it waits for the owner row a tenant session holds
+    with env.Session(tenant="acme") as holder:
+        holder.scalars(select(Account).limit(1)).all()  # holds the owner row FOR SHARE
+        child = _child(env, "switch")
+        deadline = time.monotonic() + 120
+        with env.engines["s0"].connect() as c:
+            while True:
+                waiting = c.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE :q"), {"q": "%shardsession_tenant_owners%FOR UPDATE%"}
+                ).scalar()
+                c.rollback()  # (pg_stat_activity is a snapshot per transaction)
+                if waiting:
+                    break
+                assert child.poll() is None, child.communicate()
+                assert time.monotonic() < deadline, "the switch never reached its lock"
+                time.sleep(0.1)
+        child.kill()
+        child.communicate(timeout=60)
+        holder.rollback()
+    _complete_on(env, "s0", before)
+    with env.engines["s1"].connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM shardsession_tenant_owners "
+                                 "WHERE tenant = 'acme'").scalar() == 0
+        if env.engines["s1"].dialect.name == "postgresql":
+            assert c.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts "
+                                     "WHERE database = current_database()").scalar() == 0
+        else:  # MariaDB: no XA branch left prepared
+            assert c.exec_driver_sql("XA RECOVER").all() == []
+
+    report = move_tenant(env.Session, "acme", "s1", batch_size=50)  # 3. run again
+    assert report.version == 2
+    _complete_on(env, "s1", before)
+    assert _rows(env, "s0", "acme") == {t: set() for t in TENANT_TABLES}
