@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 
 from ..exc import ConfigurationError, TenantError
 from ._directory import TenantDirectory, tenant_key, tenant_owners, tenants_table
-from ._session import TenantMapper, tenant_mappers
+from ._mappers import TenantMapper, tenant_mappers
 
 __all__ = ["MoveReport", "move_tenant"]
 

@@ -9,7 +9,6 @@ of the entity, to joins, aliases and relationship loads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, cast
 
 from sqlalchemy import event, inspect
@@ -28,83 +27,23 @@ from ..exc import (
 )
 from ..routing.placement import Placement
 from ..routing.strategies import Broadcast, Pinned
+from ._checks import (
+    check_bulk_rows,
+    check_loaded,
+    check_new,
+    check_state,
+    deleted_states,
+    own_new,
+)
 from ._directory import tenant_key
-from ._sharding import TenantSharding
+from ._mappers import TenantMapper, criterion, tenant_mappers, text_of, typed_key
 
-__all__ = ["CHECKED_OPTION", "Tenancy", "TenantMapper", "tenant_mappers"]
+__all__ = ["CHECKED_OPTION", "Tenancy"]
 
 #: the execution option that marks a ``text()`` (or Core) statement as checked by the
 #: caller for tenant scoping: ``session.execute(text(...), execution_options={
 #: CHECKED_OPTION: True})``; it then runs on the tenant's shard, unfiltered
 CHECKED_OPTION = "shardsession_tenant_checked"
-
-
-class TenantMapper:
-    """A tenant-owned mapper: the attribute(s) carrying its tenant key, and its rule."""
-
-    __slots__ = ("attrs", "columns", "mapper", "rule")
-
-    def __init__(
-        self, mapper: Mapper[Any], rule: TenantSharding, attrs: tuple[str, ...],
-        columns: tuple[Any, ...],
-    ) -> None:
-        self.mapper = mapper
-        self.rule = rule
-        self.attrs = attrs
-        self.columns = columns
-
-
-def tenant_mappers(placement: Placement) -> dict[Mapper[Any], TenantMapper]:
-    """Every mapper placed by a :class:`TenantSharding` directly or by following one
-    through a foreign key that carries the tenant key (cached on the placement).
-
-    :raises ConfigurationError: a mapper follows a tenant-owned parent through a
-        foreign key without the tenant key (its rows could not be filtered by tenant),
-        or two directories place tenants.
-    """
-    found: dict[Mapper[Any], TenantMapper] | None = placement.cache.get("tenant_mappers")
-    if found is not None:
-        return found
-    found = {}
-    directories = {id(r.directory) for r in placement.tenant_rules()}
-    if len(directories) > 1:
-        raise ConfigurationError("every TenantSharding of a placement must share one directory")
-    from sqlalchemy.orm import class_mapper  # (configured mappers only)
-
-    from ..routing.strategies import Follows
-
-    registries = {}
-    for target in placement.targets():
-        if isinstance(target, type):
-            mapper_of: Mapper[Any] = class_mapper(target)
-            registries[id(mapper_of.registry)] = mapper_of.registry
-    # (every mapper of those registries: a mapper without a rule of its own may follow a
-    # tenant-owned parent implicitly)
-    for registry in registries.values():
-        for mapper in registry.mappers:
-            try:
-                r = placement.resolve(mapper)
-            except ConfigurationError:
-                continue  # not placed: not a tenant's
-            if isinstance(r.strategy, TenantSharding):
-                found[mapper] = TenantMapper(mapper, r.strategy, r.attrs, r.columns)
-            elif isinstance(r.rule, Follows) and _follows_tenant(placement, r):
-                raise ConfigurationError(
-                    f"{mapper.class_.__name__} follows a tenant-owned parent but its foreign "
-                    "key does not carry the tenant key: add the tenant column to it (a "
-                    "composite foreign key (tenant_id, parent_id)) so its rows can be "
-                    "filtered by tenant"
-                )
-    placement.cache["tenant_mappers"] = found
-    return found
-
-
-def _follows_tenant(placement: Placement, r: Any) -> bool:
-    for prop in r.parent_props:
-        parent = placement.resolve(prop.mapper)
-        if isinstance(parent.strategy, TenantSharding):
-            return True
-    return False
 
 
 class Tenancy:
@@ -173,7 +112,7 @@ class Tenancy:
         shard = _tenant_shard(owned, tenant)
         _check_companions(placement, owned, mappers, shard)
         if orm_context.is_insert or orm_context.is_update:
-            _check_bulk_rows(orm_context, touched, tenant)
+            check_bulk_rows(orm_context, touched, tenant)
         orm_context.statement = statement.options(*_criteria(session, owned, tenant))
         if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
             orm_context.bind_arguments["shard_id"] = shard
@@ -208,8 +147,8 @@ class Tenancy:
         for state in new:
             tm = owned.get(state.mapper)
             if tm is not None and tenant is not None:
-                _own_new(state, tm, tenant)
-        for state in [*dirty, *(s for s in _deleted_states(session))]:
+                own_new(state, tm, tenant)
+        for state in [*dirty, *(s for s in deleted_states(session))]:
             tm = owned.get(state.mapper)
             if tm is None:
                 continue
@@ -223,14 +162,14 @@ class Tenancy:
                         tenant=tenant,
                     )
             if tenant is not None:
-                _check_state(state, tm, tenant)
+                check_state(state, tm, tenant)
 
     def check_object(self, session: Any, instance: Any) -> None:
         """Refuse an object of another tenant in the session (expunged first).
 
         :raises TenantIsolationError: it is another tenant's.
         """
-        _check_loaded(session, instance)
+        check_loaded(session, instance)
 
     def check_mappings(
         self, session: Any, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool,
@@ -262,15 +201,15 @@ class Tenancy:
                 value = row.get(attr)
                 if value is None and not isupdate:
                     if isstates:
-                        setattr(m.obj(), attr, _typed(tm, tenant))
+                        setattr(m.obj(), attr, typed_key(tm, tenant))
                     else:
-                        row[attr] = _typed(tm, tenant)
-                elif value is not None and _text(value) != tenant:
+                        row[attr] = typed_key(tm, tenant)
+                elif value is not None and text_of(value) != tenant:
                     raise TenantIsolationError(
                         f"a bulk write of a {tm.mapper.class_.__name__} of tenant "
-                        f"{_text(value)!r} in a session of tenant {tenant!r}",
+                        f"{text_of(value)!r} in a session of tenant {tenant!r}",
                         tenant=tenant,
-                        other_tenant=_text(value),
+                        other_tenant=text_of(value),
                     )
 
     # -- the shard check -------------------------------------------------------------------
@@ -353,7 +292,7 @@ def _criteria(
     if opts is None:
         opts = tuple(
             with_loader_criteria(
-                tm.mapper, _criterion(tm.attrs, _typed(tm, tenant)), include_aliases=True,
+                tm.mapper, criterion(tm.attrs, typed_key(tm, tenant)), include_aliases=True,
                 propagate_to_loaders=True,
             )
             for tm in owned.values()
@@ -362,149 +301,16 @@ def _criteria(
     return opts
 
 
-#: attribute names -> a function making the criterion lambda for one tenant value
-_makers: dict[tuple[str, ...], Any] = {}
-
-
-def _criterion(attrs: tuple[str, ...], value: Any) -> Any:
-    """``lambda cls: cls.<attr> == value`` (every attr), as a lambda SQLAlchemy can
-    adapt to each alias of the entity (a joined eager load's, ``aliased()``) and cache
-    with ``value`` as a bound parameter. The attribute names are written into the
-    lambda's code (a closure variable holding a name is not cacheable), one code object
-    per set of names."""
-    make = _makers.get(attrs)
-    if make is None:
-        for a in attrs:
-            if not a.isidentifier():
-                raise ConfigurationError(f"a tenant key attribute must be an identifier: {a!r}")
-        body = " & ".join(f"(cls.{a} == value)" for a in attrs)
-        ns: dict[str, Any] = {}
-        exec(f"def make(value):\n    return lambda cls: {body}\n", ns)
-        make = _makers[attrs] = ns["make"]
-    return make(value)
-
-
-def _typed(tm: TenantMapper, tenant: str) -> Any:
-    """The tenant key as the column's Python type (an int column gets an int)."""
-    from ..routing.pruning import key_python_type
-
-    if key_python_type(tm.columns[0]) is int:
-        try:
-            return int(tenant)
-        except ValueError:
-            return tenant
-    return tenant
-
-
-def _own_new(state: Any, tm: TenantMapper, tenant: str) -> None:
-    obj = state.obj()
-    for attr in tm.attrs:
-        value = state.dict.get(attr)
-        if value is None:
-            setattr(obj, attr, _typed(tm, tenant))
-        elif _text(value) != tenant:
-            raise TenantIsolationError(
-                f"a new {state.mapper.class_.__name__} of tenant {_text(value)!r} cannot be "
-                f"written by a session of tenant {tenant!r}",
-                tenant=tenant,
-                other_tenant=_text(value),
-            )
-
-
-def _check_state(state: Any, tm: TenantMapper, tenant: str) -> None:
-    for attr in tm.attrs:
-        value = state.dict.get(attr)
-        if value is not None and _text(value) != tenant:
-            raise TenantIsolationError(
-                f"{state.mapper.class_.__name__} belongs to tenant {_text(value)!r}, not to "
-                f"this session's tenant {tenant!r}",
-                tenant=tenant,
-                other_tenant=_text(value),
-            )
-
-
-def _text(value: Any) -> str:
-    return value if type(value) is str else str(value)
-
-
-def _deleted_states(session: Any) -> Iterable[Any]:
-    return list(session._deleted)
-
-
-def _check_loaded(session: Any, instance: Any) -> None:
-    state = inspect(instance)
-    owned = tenant_mappers(session._placement)
-    tm = owned.get(state.mapper)
-    if tm is None:
-        return
-    try:
-        _check_state(state, tm, session._tenant)
-    except TenantIsolationError:
-        session.expunge(instance)
-        raise
-
-
-def _check_new(session: Any, instance: Any) -> None:
-    state = inspect(instance)
-    tm = tenant_mappers(session._placement).get(state.mapper)
-    if tm is not None:
-        for attr in tm.attrs:
-            value = state.dict.get(attr)
-            if value is not None and _text(value) != session._tenant:
-                session.expunge(instance)  # (it is in the session already: take it out)
-                raise TenantIsolationError(
-                    f"a {state.mapper.class_.__name__} of tenant {_text(value)!r} cannot be "
-                    f"added to a session of tenant {session._tenant!r}",
-                    tenant=session._tenant,
-                    other_tenant=_text(value),
-                )
-
-
-def _check_bulk_rows(
-    orm_context: ORMExecuteState, touched: list[TenantMapper], tenant: str
-) -> None:
-    params = orm_context.parameters
-    if not isinstance(params, list):  # (one parameter set: not a bulk write by rows;
-        return  # the ORM statement itself is filtered)
-    rows = params
-    for tm in touched:
-        for row in rows:
-            for attr, col in zip(tm.attrs, tm.columns, strict=True):
-                for name in (attr, col.key):
-                    if name in row and row[name] is not None and _text(row[name]) != tenant:
-                        raise TenantIsolationError(
-                            f"a bulk write of {tm.mapper.class_.__name__} rows of tenant "
-                            f"{_text(row[name])!r} in a session of tenant {tenant!r}",
-                            tenant=tenant,
-                            other_tenant=_text(row[name]),
-                        )
-        if orm_context.is_update:
-            pk = [c.key for c in tm.mapper.primary_key]
-            if set(tm.attrs) - set(pk):
-                raise TenantIsolationError(
-                    "a bulk UPDATE by primary key of tenant-owned "
-                    f"{tm.mapper.class_.__name__} cannot be filtered by tenant (its primary "
-                    "key does not contain the tenant key): use update(...).where(...) or "
-                    "the ORM unit of work",
-                    tenant=tenant,
-                )
-        elif orm_context.is_insert:
-            for row in rows:
-                for attr in tm.attrs:
-                    if row.get(attr) is None:
-                        row[attr] = _typed(tm, tenant)
-
-
 def _on_loaded(session: Any, state: Any) -> None:
     # (registered raw: ``state`` is the InstanceState, and the listener is stored as
     # this very function, which the check in on_session looks for)
     if getattr(session, "_tenant", None) is not None:
-        _check_loaded(session, state.obj())
+        check_loaded(session, state.obj())
 
 
 def _on_new(session: Any, state: Any) -> None:
     if getattr(session, "_tenant", None) is not None:
-        _check_new(session, state.obj())
+        check_new(session, state.obj())
 
 
 def _install() -> None:
