@@ -39,7 +39,9 @@ def tenant_scope(tenant: str | int) -> Iterator[str]:
     thread starts without one.
 
     A session keeps the tenant it was created with: leaving the scope does not change
-    the tenant of a session created inside it.
+    the tenant of a session created inside it, and a session used inside the scope of
+    another tenant (or one without a tenant used inside a scope) raises
+    :class:`~shardsession.exc.TenantIsolationError` on tenant-owned mappers.
     """
     from ._directory import tenant_key
 

@@ -84,6 +84,8 @@ class Tenancy:
         statement = orm_context.statement
         mappers = _placed_mappers(placement, orm_context)
         touched = _touched(owned, mappers)
+        if touched or isinstance(statement, TextClause):
+            _check_scope(session)
         if tenant is None:
             for tm in touched:
                 if not tm.rule.allow_unscoped:
@@ -125,6 +127,7 @@ class Tenancy:
         tenant = session._tenant
         if tenant is None:
             return None
+        _check_scope(session)  # (an identity map hit sends no statement to check)
         owned = tenant_mappers(session._placement)
         mapper = inspect(entity, raiseerr=False)
         mapper = getattr(mapper, "mapper", None)
@@ -144,6 +147,8 @@ class Tenancy:
         owned = tenant_mappers(session._placement)
         tenant: str | None = session._tenant
         new, dirty = flush_states(session)
+        if new or dirty or session._deleted:
+            _check_scope(session)
         for state in new:
             tm = owned.get(state.mapper)
             if tm is not None and tenant is not None:
@@ -225,6 +230,22 @@ class Tenancy:
         if bind is None or getattr(bind, "engine", bind) is not connection.engine:
             return
         rule.directory.check_owner(tenant, shard, connection)
+
+
+def _check_scope(session: Any) -> None:
+    """Refuse a session used inside the :func:`tenant_scope` of another tenant than its
+    own (a session kept across requests, by a ``scoped_session`` registry say): the
+    request of globex must not be served by the session of acme, nor by one without a
+    tenant that reads across tenants."""
+    scope = _scope.tenant_var.get()
+    if scope is not None and scope != session._tenant:
+        raise TenantIsolationError(
+            f"a session of tenant {session._tenant!r} is used inside the scope of tenant "
+            f"{scope!r}; create the session inside the scope (call remove() on a "
+            "scoped_session at the end of each request)",
+            tenant=session._tenant,
+            other_tenant=scope,
+        )
 
 
 def _tenant_shard(owned: dict[Mapper[Any], TenantMapper], tenant: str) -> str:

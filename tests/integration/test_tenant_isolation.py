@@ -472,12 +472,37 @@ def test_identity_map_is_not_reused_across_tenants(env: Env, acme: ShardedSessio
 def test_session_reused_after_a_scope_change(env: Env) -> None:
     with tenant_scope("acme"):
         s = env.Session()
+    admin = env.Session()  # no tenant
     with tenant_scope("globex"), s:
         assert s.tenant == "acme"
-        assert {a.id for a in s.scalars(select(Account))} == ACME_ACCOUNTS
+        with pytest.raises(TenantIsolationError):  # acme's session serving globex
+            s.scalars(select(Account)).all()
+        with pytest.raises(TenantIsolationError):  # not even from its identity map
+            s.get(Account, 101)
+        with pytest.raises(TenantIsolationError):  # an admin session inside a scope
+            admin.scalars(select(Account)).all()
+        assert [c.code for c in admin.scalars(select(Country))] == ["de"]  # global: fine
         with env.Session() as inner:
             assert inner.tenant == "globex"
             assert {a.tenant_id for a in inner.scalars(select(Account))} == {"globex"}
+    admin.close()
+    with tenant_scope("acme"), env.Session() as again:  # in its own scope: fine
+        assert {a.id for a in again.scalars(select(Account))} == ACME_ACCOUNTS
+
+
+def test_scoped_session_registry_across_requests(env: Env) -> None:
+    from shardsession import ShardedScopedSession
+
+    registry = ShardedScopedSession(env.Session)
+    with tenant_scope("acme"):
+        assert {a.id for a in registry.scalars(select(Account))} == ACME_ACCOUNTS
+    # the next request on this thread forgot remove(): the registry hands back acme's
+    with tenant_scope("initech"), pytest.raises(TenantIsolationError):
+        registry.scalars(select(Account)).all()
+    registry.remove()
+    with tenant_scope("initech"):
+        assert {a.tenant_id for a in registry.scalars(select(Account))} == {"initech"}
+    registry.remove()
 
 
 def test_scope_does_not_leak_across_asyncio_tasks(env: Env) -> None:
