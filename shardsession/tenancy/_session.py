@@ -115,7 +115,7 @@ class Tenancy:
         _check_companions(placement, owned, mappers, shard)
         if orm_context.is_insert or orm_context.is_update:
             check_bulk_rows(orm_context, touched, tenant)
-        orm_context.statement = statement.options(*_criteria(session, owned, tenant))
+        orm_context.statement = statement.options(*_criteria(placement, owned, tenant))
         if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
             orm_context.bind_arguments["shard_id"] = shard
             orm_context.update_execution_options(identity_token=shard)
@@ -307,9 +307,13 @@ def _check_companions(
 
 
 def _criteria(
-    session: Any, owned: dict[Mapper[Any], TenantMapper], tenant: str
+    placement: Placement, owned: dict[Mapper[Any], TenantMapper], tenant: str
 ) -> tuple[Any, ...]:
-    opts: tuple[Any, ...] | None = session.__dict__.get("_shardsession_tenant_criteria")
+    """The ``with_loader_criteria`` options of ``tenant`` (immutable: shared by every
+    session of the tenant, kept on the placement, whose cache is cleared when its rules
+    change; at most 4,096 tenants remembered)."""
+    cache: dict[str, tuple[Any, ...]] = placement.cache.setdefault("tenant_criteria", {})
+    opts = cache.get(tenant)
     if opts is None:
         opts = tuple(
             with_loader_criteria(
@@ -318,7 +322,9 @@ def _criteria(
             )
             for tm in owned.values()
         )
-        session.__dict__["_shardsession_tenant_criteria"] = opts
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[tenant] = opts
     return opts
 
 
