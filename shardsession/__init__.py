@@ -29,8 +29,13 @@ from .exc import (
     RoutingError,
     ShardKeyMissingError,
     ShardSessionError,
+    StaleTenantDirectoryError,
+    TenantError,
+    TenantIsolationError,
+    TenantRequiredError,
     TransactionError,
     UnknownShardError,
+    UnknownTenantError,
     UnsupportedQueryError,
 )
 from .routing import (
@@ -79,8 +84,13 @@ __all__ = [
     "ShardedQuery",
     "ShardedScopedSession",
     "ShardedSession",
+    "StaleTenantDirectoryError",
+    "TenantError",
+    "TenantIsolationError",
+    "TenantRequiredError",
     "TransactionError",
     "UnknownShardError",
+    "UnknownTenantError",
     "UnsupportedQueryError",
     "set_shard_id",
 ]

@@ -73,6 +73,8 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     fan-out are described in :func:`shardsession.query.execute_on_shards`.
     """
     session: Any = orm_context.session  # a shardsession.ShardedSession
+    if session._tenancy is not None:  # (scope to the tenant first: it pins the shard)
+        session._tenancy.on_execute(session, orm_context)
     if _compat.route_identity_load(orm_context, session._shards, TIMEOUT_OPTION):
         return None  # (the common case of the next lines, in one step)
     if not session._shards:

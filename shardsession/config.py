@@ -6,6 +6,8 @@ The TOML format, kept simple at its core::
     atomic = "require"        # or "best_effort"
     decider = "main"          # optional shard id preferred as decision holder
     recovery_grace = 60       # seconds before recovery claims an abort for a stuck prepare
+    tenant_directory = "main" # optional: the shard holding the tenant directory
+                              # (shardsession.tenancy; create-all then creates its tables)
 
     [shards.main]
     url = "postgresql+psycopg2://app@db1/app"
@@ -51,7 +53,7 @@ __all__ = ["Cluster", "masked_url"]
 
 log = logging.getLogger(__name__)
 
-_CLUSTER_KEYS = {"atomic", "decider", "recovery_grace"}
+_CLUSTER_KEYS = {"atomic", "decider", "recovery_grace", "tenant_directory"}
 
 #: ``user:password@`` in text that does not parse as a URL
 _USERINFO = re.compile(r"(//[^:/@\s]*):[^@\s]*@")
@@ -134,7 +136,11 @@ class Cluster:
     :param recovery_grace: seconds a prepared branch may wait before recovery claims an
         abort for it (the claim itself is what decides, never the clock alone).
     :param engine_options: ``{shard_id: {create_engine keyword: value}}``.
-    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider, two
+    :param tenant_directory: the shard holding the tenant directory of
+        :mod:`shardsession.tenancy` (read by ``shardsession tenants`` and
+        ``create-all``), or ``None``.
+    :raises ConfigurationError: no shards, a bad shard id or URL, an unknown decider or
+        tenant directory shard, two
         shard ids that would name the same decider inside an xid.
 
     The cluster's identity, written into every xid, is not configured here: it is
@@ -151,6 +157,7 @@ class Cluster:
         decider: str | None = None,
         recovery_grace: float = 60.0,
         engine_options: Mapping[str, Mapping[str, Any]] | None = None,
+        tenant_directory: str | None = None,
     ) -> None:
         if not shards:
             raise ConfigurationError("a cluster needs at least one shard")
@@ -158,6 +165,10 @@ class Cluster:
             raise ConfigurationError(f"atomic must be 'require' or 'best_effort', not {atomic!r}")
         if decider is not None and decider not in shards:
             raise ConfigurationError(f"decider {decider!r} is not one of the shards")
+        if tenant_directory is not None and tenant_directory not in shards:
+            raise ConfigurationError(
+                f"tenant_directory {tenant_directory!r} is not one of the shards")
+        self.tenant_directory = tenant_directory
         if recovery_grace < 0:
             raise ConfigurationError("recovery_grace must be >= 0")
         try:  # an xid names its decider by shard id: two ids must never name one

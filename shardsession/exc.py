@@ -22,6 +22,13 @@ Driver errors raised by work on a single shard pass through unchanged (they are 
     |   +-- CommitIncomplete          (pending_shards) committed; recovery finishes the rest
     |   +-- OutcomeUnknown            the decision's fate is unknown; recovery settles it
     +-- RecoveryError                 (gtrid, shard_id) recovery could not settle a branch
+    +-- TenantError                   (tenant) multi-tenant use (shardsession.tenancy)
+        +-- TenantIsolationError      (other_tenant) another tenant's row, or a tenant switch
+        +-- TenantRequiredError       a tenant-owned mapper used without a tenant where refused
+        +-- UnknownTenantError        (shard_id) the directory has no shard for the tenant;
+        |                             also a RoutingError (a key no shard holds)
+        +-- StaleTenantDirectoryError (shard_id) the shard no longer holds the tenant at the
+                                      cached version; retryable (roll back, run again)
 
 Every exception pickles with its structured fields (they cross process boundaries in
 worker pools and in the recovery worker). The fields are typed, and are the constructors'
@@ -54,8 +61,13 @@ __all__ = [
     "RoutingError",
     "ShardKeyMissingError",
     "ShardSessionError",
+    "StaleTenantDirectoryError",
+    "TenantError",
+    "TenantIsolationError",
+    "TenantRequiredError",
     "TransactionError",
     "UnknownShardError",
+    "UnknownTenantError",
     "UnsupportedQueryError",
 ]
 
@@ -264,6 +276,61 @@ class RecoveryError(ShardSessionError):
     if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
         def __init__(
             self, message: str, *, gtrid: str | None = None, shard_id: str | None = None,
+        ) -> None: ...
+
+
+class TenantError(ShardSessionError):
+    """Multi-tenant use went wrong (see :mod:`shardsession.tenancy`); names the tenant."""
+
+    _fields: tuple[str, ...] = ("tenant",)
+    tenant: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(self, message: str, *, tenant: str | None = None) -> None: ...
+
+
+class TenantIsolationError(TenantError):
+    """A tenant-scoped session was asked to read or write another tenant's rows, to run
+    SQL it cannot scope, or to change its own tenant or an object's; raised before
+    anything is sent to a database or returned to the caller."""
+
+    _fields: tuple[str, ...] = ("tenant", "other_tenant")
+    other_tenant: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, tenant: str | None = None, other_tenant: str | None = None,
+        ) -> None: ...
+
+
+class TenantRequiredError(TenantError):
+    """A statement on a tenant-owned mapper ran without a tenant where the placement
+    refuses unscoped access (``TenantSharding(..., allow_unscoped=False)``)."""
+
+
+class UnknownTenantError(TenantError, RoutingError):
+    """The tenant directory has no shard for the tenant (add it first)."""
+
+    _fields: tuple[str, ...] = ("tenant", "shard_id")
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, tenant: str | None = None, shard_id: str | None = None,
+        ) -> None: ...
+
+
+class StaleTenantDirectoryError(TenantError):
+    """The shard a session used for a tenant no longer holds it at the directory version
+    the session had cached (the tenant moved). Retryable: roll the session back and run
+    the unit of work again; the directory cache is already refreshed. Nothing was
+    written to the old shard."""
+
+    _fields: tuple[str, ...] = ("tenant", "shard_id")
+    shard_id: str | None
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, tenant: str | None = None, shard_id: str | None = None,
         ) -> None: ...
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import NO_STATE, UnmappedClassError, UnmappedInstanceError
 
-from . import _bulk, _compat, _placed
+from . import _bulk, _compat, _placed, _scope
 from ._execute import execute
 from ._flush import place_flush, replicate_broadcast
 from ._legacy import execute_chooser_of, identity_chooser_of
@@ -51,6 +51,7 @@ from .exc import (
     ConfigurationError,
     NoShardChosenError,
     RoutingError,
+    TenantIsolationError,
     UnknownShardError,
 )
 from .query import TIMEOUT_OPTION
@@ -88,6 +89,9 @@ class ShardedSession(
     :param coordinator: a shared
         :class:`~shardsession.coordinator.TransactionCoordinator` (sessionmakers share
         one so capability checks are cached once per engine).
+    :param tenant: scope the session to one tenant (see :mod:`shardsession.tenancy`);
+        ``None`` takes the tenant of the current :func:`~shardsession.tenancy.tenant_scope`,
+        if any. Needs a placement with ``TenantSharding`` rules.
     """
 
     #: early BEGINs of the current flush (see shardsession.coordinator.early): a list
@@ -101,6 +105,10 @@ class ShardedSession(
     atomic: AtomicMode
     fanout_max_workers: int | None
     fanout_timeout: float | None
+    #: the tenant this session is scoped to (``None``: none)
+    _tenant: str | None = None
+    #: the tenancy hooks, when the placement has tenant-owned mappers
+    _tenancy: Any = None
 
     def __init__(
         self,
@@ -116,6 +124,7 @@ class ShardedSession(
         fanout_max_workers: int | None = None,
         fanout_timeout: float | None = None,
         coordinator: TransactionCoordinator | None = None,
+        tenant: str | int | None = None,
         id_chooser: Callable[[Query[Any], Iterable[Any]], Iterable[Any]] | None = None,
         query_chooser: Callable[[Executable], Iterable[Any]] | None = None,
         **kwargs: Any,
@@ -140,6 +149,7 @@ class ShardedSession(
             self._shards = known[3].copy()
             if len(known[2]) > 1:
                 self._route_if_other_listeners(known[2])
+            self._scope_tenant(tenant)
             return
         self._shards = {}
         self._placement = placement
@@ -155,6 +165,7 @@ class ShardedSession(
             if bad:
                 raise ConfigurationError(f"a placement needs string shard ids, not {bad!r}")
             placement.bind(list(shards))
+            placement.bind_engines({n: _compat.sync_bind(b) for n, b in shards.items()})
             # One set of choosers per placement: bound methods of this session kept in its
             # own attributes would make every session a reference cycle for the garbage
             # collector to find.
@@ -202,6 +213,35 @@ class ShardedSession(
                 listeners,
                 dict(self._shards),  # (as bound: an AsyncEngine's sync Engine)
             )
+        self._scope_tenant(tenant)
+
+    def _scope_tenant(self, tenant: str | int | None) -> None:
+        placement = self._placement
+        if tenant is None:
+            tenant = _scope.tenant_var.get()
+            if tenant is None and (placement is None or not placement.tenant_rules()):
+                return
+        hooks = _scope.hooks()
+        if hooks is None or placement is None:
+            raise ConfigurationError(
+                "a tenant-scoped session needs a placement with TenantSharding rules "
+                "(shardsession.tenancy)"
+            )
+        hooks.on_session(self, None if tenant is None else str(tenant))
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant this session is scoped to, or ``None``. Fixed for the session's
+        life: setting it raises :class:`~shardsession.exc.TenantIsolationError`."""
+        return self._tenant
+
+    @tenant.setter
+    def tenant(self, value: Any) -> None:
+        raise TenantIsolationError(
+            f"the tenant of a session cannot be changed (from {self._tenant!r} to "
+            f"{value!r}): create another session",
+            tenant=self._tenant,
+        )
 
     def _shardsession_root_begins(self) -> None:
         # (a session created before its class's listeners were cleared gets them back
@@ -371,6 +411,8 @@ class ShardedSession(
 
         Everything else (arguments, errors, results) is SQLAlchemy's.
         """
+        if identity_token is None and self._tenant is not None:
+            identity_token = self._tenancy.identity_token(self, entity)
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
         # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
@@ -381,10 +423,23 @@ class ShardedSession(
         **kw: Unpack[GetOptions],
     ) -> _O:
         """:meth:`Session.get_one`, routed like :meth:`get`."""
+        if identity_token is None and self._tenant is not None:
+            identity_token = self._tenancy.identity_token(self, entity)
         if identity_token is None:
             identity_token = _placed.shard_of_identity(self._placement, entity, ident, kw)
         # (GetOptions has SQLAlchemy 2.1's types; 2.0 types populate_existing as bool)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)  # type: ignore[arg-type, unused-ignore]
+
+    def merge(self, instance: _O, *, load: bool = True, options: Any = None) -> _O:
+        """:meth:`Session.merge`; in a tenant-scoped session the merged object must be
+        the tenant's (checked after the copy, before it is returned).
+
+        :raises TenantIsolationError: it is another tenant's; it is expunged again.
+        """
+        merged = super().merge(instance, load=load, options=options)
+        if self._tenant is not None:
+            self._tenancy.check_object(self, merged)
+        return merged
 
     def _shardsession_save_mappings(
         self, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool, isstates: bool,
@@ -392,6 +447,9 @@ class ShardedSession(
     ) -> None:
         """``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings``:
         each object or row to its shard (see :func:`shardsession._bulk.save_mappings`)."""
+        if self._tenancy is not None:
+            self._tenancy.check_mappings(self, mapper, mappings, isupdate=isupdate,
+                                         isstates=isstates)
         _bulk.save_mappings(
             self, mapper, mappings, isupdate=isupdate, isstates=isstates,
             return_defaults=return_defaults, update_changed_only=update_changed_only,
@@ -505,6 +563,8 @@ def _before_flush(session: Any = None, *args: Any) -> None:
     if not isinstance(session, ShardedSession):
         return
     placement = session._placement
+    if session._tenancy is not None:
+        session._tenancy.before_flush(session)
     if placement is not None:
         written = place_flush(session, placement, session._shards)
         if len(written) > 1 and session._coordinator is not None:
@@ -526,6 +586,8 @@ def _after_begin(
 ) -> None:
     if connection is not None and isinstance(session, ShardedSession):
         begin_listener(session, transaction, connection)
+        if session._tenant is not None and not transaction.nested:
+            session._tenancy.after_begin(session, connection)
 
 
 def _execute_from_class(orm_context: ORMExecuteState | None = None) -> Result[Any] | None:
@@ -534,7 +596,9 @@ def _execute_from_class(orm_context: ORMExecuteState | None = None) -> Result[An
     session: Any = orm_context.session
     if session._route_on_instance:
         return None  # the instance-level registration routes (after other listeners)
-    if _compat.route_identity_load(orm_context, session._shards, TIMEOUT_OPTION):
+    if session._tenancy is None and _compat.route_identity_load(
+        orm_context, session._shards, TIMEOUT_OPTION
+    ):
         return None  # (execute()'s first step, without its frame: get() and lazy loads)
     return execute(orm_context)
 

@@ -49,12 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from . import create_all, demo, migrate, recover
+    from . import create_all, demo, migrate, move_tenant, recover, tenants
 
     demo.add_arguments(sub)
     recover.add_arguments(sub)
     create_all.add_arguments(sub)
     migrate.add_arguments(sub)
+    tenants.add_arguments(sub)
+    move_tenant.add_arguments(sub)
     return parser
 
 

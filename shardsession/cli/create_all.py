@@ -88,6 +88,21 @@ def cmd_create_all(args: argparse.Namespace) -> int:
                 code = EXIT_PROBLEM
                 continue
             tables = ""
+            if cluster.tenant_directory is not None:
+                from ..tenancy import tenancy_metadata
+
+                try:  # the owner table on every shard; the directory table too (unused
+                    # but on the directory's shard; one MetaData keeps this simple)
+                    tenancy_metadata.create_all(engines[setup.shard])
+                    tables = ", tenant tables ready"
+                except Exception as e:
+                    result["ok"] = False
+                    result["reason"] = f"creating the tenant tables: {type(e).__name__}: {e}"
+                    if not args.json:
+                        say(f"{setup.shard}: FAILED creating the tenant tables: "
+                            f"{type(e).__name__}: {e}")
+                    code = EXIT_PROBLEM
+                    continue
             if metadata is not None:
                 try:
                     metadata.create_all(engines[setup.shard])
@@ -99,7 +114,7 @@ def cmd_create_all(args: argparse.Namespace) -> int:
                     code = EXIT_PROBLEM
                     continue
                 result["application_tables"] = len(metadata.tables)
-                tables = f", {len(metadata.tables)} application tables present"
+                tables += f", {len(metadata.tables)} application tables present"
             if not args.json:
                 prepare = (
                     "can prepare" if setup.can_prepare else f"cannot prepare ({setup.reason})"

@@ -202,7 +202,7 @@ def recover(
     report = RecoveryReport()
     try:
         _recover(report, shards, grace_period, abort_retention, claim_timeout, claim_legacy,
-                 crash_point)
+                 adopt_previous, crash_point)
     except BaseException:
         if trace.enabled("recovery_pass"):
             trace.record("recovery_pass", "failed", duration=time.perf_counter() - started)
@@ -231,7 +231,7 @@ def _trace_report(report: RecoveryReport, took: float) -> None:
 
 def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period: float,
              abort_retention: float, claim_timeout: float, claim_legacy: bool,
-             crash_point: Callable[[str], None] | None) -> None:
+             adopt_previous: bool, crash_point: Callable[[str], None] | None) -> None:
     adapters = adapters_of(shards)
     identities, previous, id_errors = read_identities_full({n: shards[n] for n in adapters})
     report.identities = dict(identities)

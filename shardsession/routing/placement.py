@@ -158,6 +158,25 @@ class Placement(CoLocation):
                 self._default.bind(shards)
             self._shards = shards
 
+    def bind_engines(self, engines: Mapping[str, Any]) -> None:
+        """Hand the session's ``{shard id: Engine}`` to every rule (see
+        :meth:`Rule.bind_engines`)."""
+        for rule in (*self._rules.values(), *((self._default,) if self._default else ())):
+            rule.bind_engines(engines)
+
+    def targets(self) -> list[Any]:
+        """The classes and Tables that have a rule of their own."""
+        return list(self._rules)
+
+    def tenant_rules(self) -> list[Any]:
+        """The rules that place rows by tenant (they carry a ``directory``); cached."""
+        found: list[Any] | None = self.cache.get("tenant_rules")
+        if found is None:
+            found = self.cache["tenant_rules"] = [
+                r for r in self._rules.values() if getattr(r, "directory", None) is not None
+            ]
+        return found
+
     @property
     def shards(self) -> tuple[str, ...]:
         if self._shards is None:

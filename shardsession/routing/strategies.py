@@ -49,6 +49,10 @@ class Rule:
         :raises ConfigurationError: a shard the rule names does not exist.
         """
 
+    def bind_engines(self, engines: Mapping[str, Any]) -> None:
+        """Receive the session's ``{shard id: Engine}`` (for rules that read a
+        database, such as :class:`~shardsession.tenancy.TenantSharding`'s directory)."""
+
     def _check_known(self, names: Iterable[str], all_shards: Sequence[str]) -> None:
         unknown = sorted(set(names) - set(all_shards))
         if unknown:

@@ -195,6 +195,10 @@ def test_exception_tree_shape() -> None:
     assert issubclass(exc.PrepareFailed, exc.TransactionError)
     assert issubclass(exc.CommitIncomplete, exc.TransactionError)
     assert issubclass(exc.OutcomeUnknown, exc.TransactionError)
+    assert issubclass(exc.TenantIsolationError, exc.TenantError)
+    assert issubclass(exc.UnknownTenantError, exc.TenantError)
+    assert issubclass(exc.UnknownTenantError, exc.RoutingError)  # a key no shard holds
+    assert issubclass(exc.StaleTenantDirectoryError, exc.TenantError)
     with pytest.raises(TypeError):
         exc.RoutingError("x", nonsense=1)
 

@@ -1,0 +1,362 @@
+"""What tenant-scoped sessions do: scope statements, check objects, check the shard.
+
+Installed into the session through :mod:`shardsession._scope` when
+:mod:`shardsession.tenancy` is imported (the session never imports this package). The
+filter is SQLAlchemy's own global-criteria mechanism: ``with_loader_criteria`` options
+added in ``do_orm_execute``, which SQLAlchemy applies to every SELECT, UPDATE and DELETE
+of the entity, to joins, aliases and relationship loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import Mapper, ORMExecuteState, with_loader_criteria
+from sqlalchemy.orm.attributes import get_history
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.util import find_tables
+
+from .. import _scope
+from .._compat import class_listener_list, flush_states
+from ..exc import (
+    ConfigurationError,
+    TenantIsolationError,
+    TenantRequiredError,
+    UnsupportedQueryError,
+)
+from ..routing.placement import Placement
+from ..routing.strategies import Broadcast, Pinned
+from ._checks import (
+    check_bulk_rows,
+    check_loaded,
+    check_new,
+    check_state,
+    deleted_states,
+    own_new,
+)
+from ._directory import tenant_key
+from ._mappers import TenantMapper, criterion, tenant_mappers, text_of, typed_key
+
+__all__ = ["CHECKED_OPTION", "Tenancy"]
+
+#: the execution option that marks a ``text()`` (or Core) statement as checked by the
+#: caller for tenant scoping: ``session.execute(text(...), execution_options={
+#: CHECKED_OPTION: True})``; it then runs on the tenant's shard, unfiltered
+CHECKED_OPTION = "shardsession_tenant_checked"
+
+
+class Tenancy:
+    """The hooks a :class:`~shardsession.ShardedSession` calls (see
+    :class:`shardsession._scope.TenancyHooks`)."""
+
+    # -- session creation ------------------------------------------------------------------
+
+    def on_session(self, session: Any, tenant: str | None) -> None:
+        placement: Placement | None = session._placement
+        owned = tenant_mappers(placement) if placement is not None else {}
+        if tenant is not None:
+            if not owned:
+                raise ConfigurationError(
+                    "a tenant-scoped session needs a placement with TenantSharding rules"
+                )
+            session._tenant = tenant_key(tenant)
+            for listeners, fn in _CHECKS:  # (a test suite may have cleared them)
+                if fn not in listeners:
+                    _install()
+                    break
+        session._tenancy = self
+
+    # -- statements ------------------------------------------------------------------------
+
+    def on_execute(self, session: Any, orm_context: ORMExecuteState) -> None:
+        """Scope a statement to the session's tenant: filter tenant-owned entities, pin
+        it to the tenant's shard; refuse what cannot be scoped.
+
+        :raises TenantIsolationError: unscopable SQL (``text()``, a Core statement on a
+            tenant table) not marked with :data:`CHECKED_OPTION`; a bulk write of rows
+            of another tenant; a bulk UPDATE by primary key.
+        :raises TenantRequiredError: no tenant, and a rule refuses unscoped access.
+        """
+        placement: Placement = session._placement
+        owned = tenant_mappers(placement)
+        tenant: str | None = session._tenant
+        statement = orm_context.statement
+        mappers = _placed_mappers(placement, orm_context)
+        touched = _touched(owned, mappers)
+        if touched or isinstance(statement, TextClause):
+            _check_scope(session)
+        if tenant is None:
+            for tm in touched:
+                if not tm.rule.allow_unscoped:
+                    raise TenantRequiredError(
+                        f"{tm.mapper.class_.__name__} is tenant-owned and its placement "
+                        "refuses sessions without a tenant (allow_unscoped=False)",
+                        tenant=None,
+                    )
+            return
+        checked = bool(orm_context.execution_options.get(CHECKED_OPTION))
+        if isinstance(statement, TextClause) or (
+            touched and not orm_context.is_orm_statement
+        ):
+            if not checked:
+                raise TenantIsolationError(
+                    "a tenant-scoped session does not run text() or Core statements on "
+                    "tenant tables: they cannot be filtered by tenant. Use ORM statements, "
+                    f"or filter by tenant yourself and pass execution_options="
+                    f"{{{CHECKED_OPTION!r}: True}}",
+                    tenant=tenant,
+                )
+            orm_context.bind_arguments["shard_id"] = _tenant_shard(owned, tenant)
+            return
+        if not touched:
+            return
+        shard = _tenant_shard(owned, tenant)
+        _check_companions(placement, owned, mappers, shard)
+        if orm_context.is_insert or orm_context.is_update:
+            check_bulk_rows(orm_context, touched, tenant)
+        orm_context.statement = statement.options(*_criteria(placement, owned, tenant))
+        if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
+            orm_context.bind_arguments["shard_id"] = shard
+            orm_context.update_execution_options(identity_token=shard)
+        else:
+            orm_context.bind_arguments["shard_id"] = shard
+
+    def identity_token(self, session: Any, entity: Any) -> str | None:
+        """The shard ``get()`` looks in: the tenant's, for a tenant-owned entity."""
+        tenant = session._tenant
+        if tenant is None:
+            return None
+        _check_scope(session)  # (an identity map hit sends no statement to check)
+        owned = tenant_mappers(session._placement)
+        mapper = inspect(entity, raiseerr=False)
+        mapper = getattr(mapper, "mapper", None)
+        if mapper is None or mapper not in owned:
+            return None
+        return _tenant_shard(owned, tenant)
+
+    # -- flush -----------------------------------------------------------------------------
+
+    def before_flush(self, session: Any) -> None:
+        """Give new tenant-owned objects the session's tenant key and refuse other
+        tenants' objects and tenant key changes (before any SQL of the flush).
+
+        :raises TenantIsolationError: a new, changed or deleted object of another
+            tenant, or a persistent object whose tenant key was changed.
+        """
+        owned = tenant_mappers(session._placement)
+        tenant: str | None = session._tenant
+        new, dirty = flush_states(session)
+        if new or dirty or session._deleted:
+            _check_scope(session)
+        for state in new:
+            tm = owned.get(state.mapper)
+            if tm is not None and tenant is not None:
+                own_new(state, tm, tenant)
+        for state in [*dirty, *(s for s in deleted_states(session))]:
+            tm = owned.get(state.mapper)
+            if tm is None:
+                continue
+            obj = state.obj()
+            for attr in tm.attrs:
+                if obj is not None and get_history(obj, attr).deleted:
+                    raise TenantIsolationError(
+                        f"changing the tenant key {attr!r} of a persistent "
+                        f"{state.mapper.class_.__name__} is refused: move the tenant with "
+                        "move_tenant, or delete the object and add a new one",
+                        tenant=tenant,
+                    )
+            if tenant is not None:
+                check_state(state, tm, tenant)
+
+    def check_object(self, session: Any, instance: Any) -> None:
+        """Refuse an object of another tenant in the session (expunged first).
+
+        :raises TenantIsolationError: it is another tenant's.
+        """
+        check_loaded(session, instance)
+
+    def check_mappings(
+        self, session: Any, mapper: Mapper[Any], mappings: list[Any], *, isupdate: bool,
+        isstates: bool,
+    ) -> None:
+        """``bulk_save_objects`` / ``bulk_insert_mappings`` / ``bulk_update_mappings``:
+        the rows of a tenant-scoped session must be its tenant's (a missing key is set
+        on inserts), and an update by primary key must carry the tenant key in that key.
+
+        :raises TenantIsolationError: before any row is sent.
+        """
+        tenant: str | None = session._tenant
+        if tenant is None:
+            return
+        tm = tenant_mappers(session._placement).get(mapper)
+        if tm is None:
+            return
+        if isupdate and set(tm.attrs) - {c.key for c in tm.mapper.primary_key}:
+            raise TenantIsolationError(
+                "a bulk UPDATE by primary key of tenant-owned "
+                f"{tm.mapper.class_.__name__} cannot be filtered by tenant (its primary "
+                "key does not contain the tenant key): use update(...).where(...) or the "
+                "ORM unit of work",
+                tenant=tenant,
+            )
+        for m in mappings:
+            row = m.dict if isstates else m
+            for attr in tm.attrs:
+                value = row.get(attr)
+                if value is None and not isupdate:
+                    if isstates:
+                        setattr(m.obj(), attr, typed_key(tm, tenant))
+                    else:
+                        row[attr] = typed_key(tm, tenant)
+                elif value is not None and text_of(value) != tenant:
+                    raise TenantIsolationError(
+                        f"a bulk write of a {tm.mapper.class_.__name__} of tenant "
+                        f"{text_of(value)!r} in a session of tenant {tenant!r}",
+                        tenant=tenant,
+                        other_tenant=text_of(value),
+                    )
+
+    # -- the shard check -------------------------------------------------------------------
+
+    def after_begin(self, session: Any, connection: Any) -> None:
+        """Check that the tenant's shard still holds it, in the transaction just begun
+        there (see :meth:`TenantDirectory.check_owner`)."""
+        tenant = session._tenant
+        owned = tenant_mappers(session._placement)
+        rule = next(iter(owned.values())).rule
+        shard = rule.directory.entry(tenant)[0]
+        bind = session._shards.get(shard)
+        if bind is None or getattr(bind, "engine", bind) is not connection.engine:
+            return
+        rule.directory.check_owner(tenant, shard, connection)
+
+
+def _check_scope(session: Any) -> None:
+    """Refuse a session used inside the :func:`tenant_scope` of another tenant than its
+    own (a session kept across requests, by a ``scoped_session`` registry say): the
+    request of globex must not be served by the session of acme, nor by one without a
+    tenant that reads across tenants."""
+    scope = _scope.tenant_var.get()
+    if scope is not None and scope != session._tenant:
+        raise TenantIsolationError(
+            f"a session of tenant {session._tenant!r} is used inside the scope of tenant "
+            f"{scope!r}; create the session inside the scope (call remove() on a "
+            "scoped_session at the end of each request)",
+            tenant=session._tenant,
+            other_tenant=scope,
+        )
+
+
+def _tenant_shard(owned: dict[Mapper[Any], TenantMapper], tenant: str) -> str:
+    return next(iter(owned.values())).rule.directory.shard_of(tenant)
+
+
+def _placed_mappers(placement: Placement, orm_context: ORMExecuteState) -> list[Mapper[Any]]:
+    """The placed mappers a statement reads or writes: its ORM entities and every table
+    in it, joins, subqueries and aliases included (one traversal, no compilation)."""
+    mappers: list[Mapper[Any]] = (
+        list(orm_context.all_mappers) if orm_context.is_orm_statement else []
+    )
+    try:
+        tables = find_tables(cast(Any, orm_context.statement), include_joins=True,
+                             include_aliases=True, include_crud=True)
+    except Exception:  # (a statement find_tables cannot walk: its ORM entities only)
+        tables = []
+    if tables:
+        mappers.extend(placement.mappers_for_tables(tables))
+    return mappers
+
+
+def _touched(
+    owned: dict[Mapper[Any], TenantMapper], mappers: list[Mapper[Any]]
+) -> list[TenantMapper]:
+    seen: dict[Mapper[Any], TenantMapper] = {}
+    for m in mappers:
+        for base in m.iterate_to_root():
+            tm = owned.get(base)
+            if tm is not None:
+                seen[tm.mapper] = tm
+                break
+    return list(seen.values())
+
+
+def _check_companions(
+    placement: Placement, owned: dict[Mapper[Any], TenantMapper],
+    mappers: list[Mapper[Any]], shard: str,
+) -> None:
+    """Refuse a statement that relates tenant-owned rows to rows of a mapper that is
+    neither tenant-owned nor on the tenant's shard in full (a ``Broadcast`` table, or one
+    ``Pinned`` there): run on the tenant's shard alone it would miss that mapper's rows
+    on the other shards, a wrong answer given silently."""
+    for m in mappers:
+        if m in owned or any(b in owned for b in m.iterate_to_root()):
+            continue
+        if not placement.is_placed(m):
+            continue
+        rule = placement.resolve(m).rule
+        if isinstance(rule, Broadcast) or (isinstance(rule, Pinned) and rule.shard_id == shard):
+            continue
+        raise UnsupportedQueryError(
+            f"a tenant-scoped statement relates tenant-owned rows to {m.class_.__name__} "
+            f"({rule!r}), whose rows are not all on the tenant's shard {shard!r}; query "
+            f"{m.class_.__name__} in a statement of its own",
+            shard_id=shard,
+            construct="join of tenant-owned and sharded mappers",
+        )
+
+
+def _criteria(
+    placement: Placement, owned: dict[Mapper[Any], TenantMapper], tenant: str
+) -> tuple[Any, ...]:
+    """The ``with_loader_criteria`` options of ``tenant`` (immutable: shared by every
+    session of the tenant, kept on the placement, whose cache is cleared when its rules
+    change; at most 4,096 tenants remembered)."""
+    cache: dict[str, tuple[Any, ...]] = placement.cache.setdefault("tenant_criteria", {})
+    opts = cache.get(tenant)
+    if opts is None:
+        opts = tuple(
+            with_loader_criteria(
+                tm.mapper, criterion(tm.attrs, typed_key(tm, tenant)), include_aliases=True,
+                propagate_to_loaders=True,
+            )
+            for tm in owned.values()
+        )
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[tenant] = opts
+    return opts
+
+
+def _on_loaded(session: Any, state: Any) -> None:
+    # (registered raw: ``state`` is the InstanceState, and the listener is stored as
+    # this very function, which the check in on_session looks for)
+    if getattr(session, "_tenant", None) is not None:
+        check_loaded(session, state.obj())
+
+
+def _on_new(session: Any, state: Any) -> None:
+    if getattr(session, "_tenant", None) is not None:
+        check_new(session, state.obj())
+
+
+def _install() -> None:
+    """Register the object checks on ShardedSession (class level: no per-session
+    registration cost; sessions without a tenant return at once)."""
+    global _CHECKS
+    from ..session import ShardedSession
+
+    hooks = (("loaded_as_persistent", _on_loaded), ("detached_to_persistent", _on_loaded),
+             ("transient_to_pending", _on_new))
+    for name, fn in hooks:
+        if not event.contains(ShardedSession, name, fn):
+            event.listen(ShardedSession, name, fn, raw=True)
+    _CHECKS = tuple((class_listener_list(ShardedSession, name), fn) for name, fn in hooks)
+    _scope.set_hooks(Tenancy())
+
+
+#: (the live class-level listener collection, our listener) per object check
+_CHECKS: tuple[tuple[Any, Any], ...] = ()
+
+
+_install()
