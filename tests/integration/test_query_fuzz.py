@@ -735,3 +735,13 @@ def test_fuzz_writes_match_one_database(fuzz_cluster: FuzzCluster, api: str) -> 
     assert not findings, _report(fuzz_cluster.kind, api + " (writes)", findings, stats)
     assert stats["equal"] >= sum(stats.values()) // 4, dict(stats)
 
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql", "mixed"])
+def test_grammar_marks_every_colocation_case(kind: str) -> None:
+    """A statement tagged as depending on co-location is one the drop-in API may answer
+    per shard with a warning; a case that loses the mark would report the documented
+    drop-in outcome as a wrong answer (as ``from_subquery`` did)."""
+    for seed in range(3000):
+        case = fg.Grammar(random.Random(seed), kind).case()
+        assert case.colocation == ("colocation" in case.tags), (seed, case.src)
