@@ -55,7 +55,7 @@ from sqlalchemy.sql.visitors import iterate
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
-from ._selfjoin import base_table, check_self_joins
+from ._selfjoin import base_table, check_self_joins, conjuncts
 
 __all__ = [
     "KNOWN_SCALAR_FUNCTIONS",
@@ -645,6 +645,13 @@ def unrelated_subquery(sel: Any, placement: Any) -> str | None:
                         "on its placement key: it would see only the rows of the shard it "
                         "runs on"
                     )
+            twin = _twin_not_on_key(sub, own_froms, outer, in_links.get(id(node)), placement)
+            if twin is not None:
+                return (
+                    f"a subquery reads {twin} again through an alias, not related to the "
+                    "statement's row by its placement key: it would see only the rows of "
+                    "the shard it runs on"
+                )
             own = [t for t in own if id(t) not in outer_ids]
             if not own:
                 continue
@@ -657,3 +664,43 @@ def unrelated_subquery(sel: Any, placement: Any) -> str | None:
                     "to its parent): it would see only the rows of the shard it runs on"
                 )
     return None
+
+
+def _twin_not_on_key(
+    sub: Select[Any], froms: Sequence[Any], outer: Sequence[Any], in_left: Any, placement: Any
+) -> str | None:
+    """The name of a sharded table that ``sub`` reads through an alias (its own copy,
+    ``aliased(User)``) while the enclosing statement reads it too, without equating the
+    alias's placement key with the enclosing row's (``twin.id == User.id``): the twins it
+    relates (same name, same region...) may live on other shards."""
+    outer_bases = {id(base_table(t)) for t in outer}
+    conditions = [t for c in _relating_conditions(sub, in_left) for t in conjuncts(c)]
+    for frm in froms:
+        for found in _tables_in(frm):
+            alias = _compat.deannotated(found)
+            if not (isinstance(alias, Alias) and isinstance(alias.element, TableClause)):
+                continue
+            base = base_table(alias)
+            if id(base) not in outer_bases or placement.is_replicated(base):
+                continue
+            if placement.colocated([base, base]):
+                continue  # pinned: every copy is on one shard
+            keys = placement.key_columns_of(base)
+            if not (len(keys) == 1 and any(
+                _equates_key(term, alias, base, keys[0].name) for term in conditions
+            )):
+                return str(getattr(base, "name", base))
+    return None
+
+
+def _equates_key(term: Any, alias: Any, base: Any, key: str) -> bool:
+    """Whether ``term`` is ``alias.key == <the enclosing FROM of base>.key``."""
+    if not (isinstance(term, BinaryExpression) and term.operator is operators.eq):
+        return False
+    sides = (term.left, term.right)
+    if not all(isinstance(c, ColumnClause) and c.name == key for c in sides):
+        return False
+    owners = [_compat.deannotated(getattr(c, "table", None)) for c in sides]
+    return any(o is alias for o in owners) and any(
+        o is not alias and base_table(o) is base for o in owners
+    )

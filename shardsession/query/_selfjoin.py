@@ -18,7 +18,7 @@ from sqlalchemy.sql.selectable import Alias, Join, Select, TableClause
 from .. import _compat
 from ..exc import UnsupportedQueryError
 
-__all__ = ["base_table", "check_self_joins"]
+__all__ = ["base_table", "check_self_joins", "conjuncts"]
 
 
 def base_table(frm: Any) -> Any:
@@ -35,12 +35,13 @@ def _join_conditions(froms: Sequence[Any]) -> Iterator[Any]:
                 yield frm.onclause
 
 
-def _conjuncts(expr: Any) -> Iterator[Any]:
+def conjuncts(expr: Any) -> Iterator[Any]:
+    """The terms of the top-level AND of ``expr``."""
     while isinstance(expr, Grouping):
         expr = expr.element
     if isinstance(expr, BooleanClauseList) and expr.operator is operators.and_:
         for clause in expr.clauses:
-            yield from _conjuncts(clause)
+            yield from conjuncts(clause)
     else:
         yield expr
 
@@ -70,7 +71,7 @@ def check_self_joins(sel: Select[Any], tables: Sequence[Any], placement: Any) ->
             *_join_conditions(_compat.final_froms_without_eager_joins(sel)),
             *_compat.select_parts(sel).where,
         ]
-        for term in _conjuncts(cond)
+        for term in conjuncts(cond)
     ]
     for froms in froms_of.values():
         if len(froms) < 2:
