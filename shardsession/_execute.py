@@ -19,7 +19,7 @@ from sqlalchemy.sql.selectable import Join
 from . import _compat
 from ._bulk import execute_bulk, in_parameter_order, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
-from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
+from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards, one_shard_statement
 from .query._null_order import nulls_low_on_one_shard
 from .query._ordering import NULLS_HIGH_DIALECTS
 from .routing.placement import Placement
@@ -117,6 +117,10 @@ def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result
     # bound to that shard (no nested execution: the common case costs what it costs
     # without sharding).
     _compat.route_in_place(orm_context, shard_id)
+    if orm_context.is_select:
+        statement = one_shard_statement(orm_context, _options(session), len(session._shards))
+        if statement is not orm_context.statement:
+            orm_context.statement = statement
     dialect = session._shards[shard_id].dialect.name
     if dialect in NULLS_HIGH_DIALECTS and orm_context.is_select:
         # A cluster mixing NULL conventions orders NULL as the smallest value in every

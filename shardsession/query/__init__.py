@@ -55,6 +55,7 @@ from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_compound, merge_rows
 from ._model import StatementModel, model_select
 from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
+from ._oneshard import one_shard_colocation
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 from ._semantics import apply_semantics, check_having
@@ -70,6 +71,7 @@ __all__ = [
     "Page",
     "QueryPlacement",
     "execute_on_shards",
+    "one_shard_statement",
     "paginate",
 ]
 
@@ -238,6 +240,9 @@ def execute_on_shards(
         # cluster's NULL order (as for any one-shard SELECT, see _execute._single).
         session: Any = orm_context.session
         binds = getattr(session, "_shards", None)
+        if binds is not None:
+            statement = one_shard_statement(orm_context, opts, len(binds))
+            call = replace(call, statement=statement)
         if binds and _is_shard(binds, shard_ids[0]) and orm_context.is_select:
             one = nulls_low_on_one_shard(
                 statement,
@@ -339,6 +344,40 @@ def execute_on_shards(
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
     return answer
+
+
+def one_shard_statement(
+    orm_context: ORMExecuteState, opts: FanoutOptions, shard_count: int
+) -> Any:
+    """The statement to send to the one shard (of ``shard_count``) a drop-in session's
+    chooser picked: its uncorrelated scalar and EXISTS subqueries over sharded tables
+    computed first, as a fan-out does (see :mod:`._oneshard`), warning about subqueries
+    whose co-location nothing can check.  Under a placement (the session's router
+    checked the statement) or for one shard in all, the statement unchanged.
+
+    Failure semantics: read-only; only the first pass may have run when it raises.
+
+    :raises UnsupportedQueryError: a nested subquery one shard cannot answer alone.
+    """
+    statement = orm_context.statement
+    opts = _resolve(opts, orm_context.execution_options)
+    if (
+        opts.placement is not None
+        or not opts.merge
+        or shard_count < 2
+        or not isinstance(statement, Select)
+        or orm_context.is_from_statement
+    ):
+        return statement
+    statement = _first_pass(orm_context, statement, opts)
+    unplaced = one_shard_colocation(statement)
+    if unplaced is not None:
+        warn_colocation(
+            f"{unplaced}: evaluated on the one shard the statement runs on, exact only if "
+            "the rows it relates are on that shard (the session has no placement to "
+            "check it)"
+        )
+    return statement
 
 
 #: statement cache keys of fan-out SELECTs that have no subquery for the first pass
