@@ -7,14 +7,16 @@ UPDATE correlated through an alias, global subqueries of a statement sent to one
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Numeric, cast, distinct, func, select
+from sqlalchemy import Numeric, cast, distinct, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
+from shardsession import ShardedSession
 from shardsession.exc import ColocationWarning, UnsupportedQueryError
 
 from . import test_join_placement as jp
@@ -94,3 +96,154 @@ def test_function_of_min_of_numeric_keeps_sqlite_storage_class(
         assert sorted(got, key=repr) == sorted(want, key=repr)  # (repr: types too)
     _assert_exact(cluster, lambda: select(func.min(cast(Item.id, numeric))))
 
+
+
+def _user_rows(s: Session) -> list[tuple[Any, ...]]:
+    return sorted(tuple(r) for r in s.execute(select(jp.User.id, jp.User.region)))
+
+
+@pytest.mark.parametrize("one_shard", [False, True])
+def test_placement_update_correlated_through_alias_on_non_key_refused(
+    sessions: tuple[Session, Session], one_shard: bool  # noqa: F811
+) -> None:
+    # (F36: each shard would set the maximum of the twins on its own shard)
+    s, _ = sessions
+    twin = aliased(jp.User, name="twin")
+    stmt = update(jp.User).values(
+        region=select(func.max(twin.region)).where(twin.name == jp.User.name)
+        .scalar_subquery()
+    )
+    if one_shard:
+        stmt = stmt.where(jp.User.id == 3)
+    before = _user_rows(s)
+    with pytest.raises(UnsupportedQueryError, match="placement"):
+        s.execute(stmt)
+    s.rollback()
+    assert _user_rows(s) == before
+
+
+def test_placement_update_correlated_through_alias_on_the_key_runs(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+    twin = aliased(jp.User, name="twin")
+
+    def make() -> Any:
+        return update(jp.User).values(
+            region=select(twin.region + 1).where(twin.id == jp.User.id).scalar_subquery()
+        )
+
+    s.execute(make())
+    oracle.execute(make())
+    assert _user_rows(s) == _user_rows(oracle)
+
+
+# ----------------------------------------------------------------------------------------
+# a drop-in statement its chooser sends to one shard of several
+
+
+def _one_shard_session(cluster: qp.Cluster) -> ShardedSession:
+    """A drop-in session whose chooser sends a statement to the shard named by its
+    ``one`` execution option (as a chooser that prunes on the key does)."""
+    shards = sorted(cluster.engines)
+    return ShardedSession(
+        shard_chooser=lambda mapper, instance, **_: cluster.placement[instance.id],
+        identity_chooser=lambda *a, **k: shards,
+        execute_chooser=lambda ctx: (
+            [ctx.execution_options["one"]] if "one" in ctx.execution_options else shards
+        ),
+        shards=cluster.engines,
+    )
+
+
+def test_one_shard_uncorrelated_aggregate_subquery_computed_first(
+    cluster: qp.Cluster,
+) -> None:
+    def make(k: int) -> Any:
+        return select(
+            Item.id,
+            select(func.count(Tag.id)).scalar_subquery(),
+            select(func.avg(Item.a)).scalar_subquery(),
+        ).where(Item.id == k, exists(select(Tag.id).where(Tag.item_id == 2)))
+
+    with Session(cluster.oracle) as o, _one_shard_session(cluster) as s:
+        for k, shard in sorted(cluster.placement.items()):
+            want = o.execute(make(k)).all()
+            got = s.execute(make(k).execution_options(one=shard)).all()
+            assert got == want, k
+
+
+def test_one_shard_in_subquery_over_another_table_warns(cluster: qp.Cluster) -> None:
+    k, shard = next(iter(sorted(cluster.placement.items())))
+    stmt = select(Item.id).where(Item.id == k, Item.a.in_(select(Tag.id)))
+    with _one_shard_session(cluster) as s, pytest.warns(ColocationWarning, match="one shard"):
+        s.execute(stmt.execution_options(one=shard)).all()
+
+
+def test_one_shard_nested_uncorrelated_aggregate_refused(cluster: qp.Cluster) -> None:
+    k, shard = next(iter(sorted(cluster.placement.items())))
+    nested = select(Tag.item_id).where(Tag.id > select(func.avg(Tag.id)).scalar_subquery())
+    stmt = select(Item.id).where(Item.id == k, Item.id.in_(nested))
+    with _one_shard_session(cluster) as s, pytest.raises(UnsupportedQueryError):
+        s.execute(stmt.execution_options(one=shard)).all()
+
+
+def test_one_shard_statement_without_subqueries_unchanged(cluster: qp.Cluster) -> None:
+    k, shard = next(iter(sorted(cluster.placement.items())))
+    with _one_shard_session(cluster) as s, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = s.execute(select(Item.id, Item.a).where(Item.id == k)
+                        .execution_options(one=shard)).all()
+        item = s.get(Item, k)
+        assert item is not None and got == [(k, item.a)]
+
+
+# ----------------------------------------------------------------------------------------
+# merged now: IN (SELECT aggregate ...) and Query.union
+
+
+def _in_max_of_alias() -> Any:
+    twin = aliased(Item)
+    return select(Item.id).where(Item.a.in_(select(func.max(twin.a)).group_by(twin.grp)))
+
+
+IN_AGGREGATE: dict[str, Stmt] = {
+    "IN max per group": lambda: select(Item.id, Item.a)
+    .where(Item.a.in_(select(func.max(Item.a)).group_by(Item.grp))),
+    "NOT IN min per group (a NULL member)": lambda: select(Item.id)
+    .where(Item.b.not_in(select(func.min(Item.b)).group_by(Item.grp))),
+    "IN distinct limited": lambda: select(Item.id)
+    .where(Item.grp.in_(select(Item.grp).distinct().order_by(Item.grp).limit(2))),
+    "IN over another table": lambda: select(Item.id)
+    .where(Item.id.in_(select(func.max(Tag.item_id)).group_by(Tag.item_id % 7))),
+    "IN an aggregate hidden in a function": lambda: select(Item.id)
+    .where(Item.a.in_(select(func.coalesce(func.max(Tag.id), 0)))),
+    "IN max per group of an alias": lambda: _in_max_of_alias(),
+    "IN max per group, Core table": lambda: select(qp.ITEMS.c.id).where(
+        qp.ITEMS.c.a.in_(select(func.max(qp.ITEMS.c.a)).group_by(qp.ITEMS.c.grp))),
+    "IN an empty aggregate set": lambda: select(Item.id)
+    .where(Item.a.in_(select(func.max(Item.a)).where(Item.id < 0).group_by(Item.grp))),
+    "NOT IN an empty aggregate set": lambda: select(func.count())
+    .select_from(Item)
+    .where(Item.a.not_in(select(func.max(Item.a)).where(Item.id < 0).group_by(Item.grp))),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_AGGREGATE))
+def test_uncorrelated_in_aggregate_subquery_computed_first(
+    cluster: qp.Cluster, name: str
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ColocationWarning)  # (no subquery is left)
+        _assert_exact(cluster, IN_AGGREGATE[name])
+
+
+def test_in_aggregate_subquery_with_a_placement(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+    stmt = select(jp.User.id).where(
+        jp.User.region.in_(select(func.max(jp.User.region)).group_by(jp.User.name))
+    ).order_by(jp.User.id)
+    want = oracle.execute(stmt).all()
+    assert want and s.execute(stmt).all() == want
