@@ -60,6 +60,7 @@ from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 from ._semantics import apply_semantics, check_having
 from ._twopass import resolve_uncorrelated
+from ._union_from import union_rows_distinct
 
 __all__ = [
     "CHECK_CACHE",
@@ -328,7 +329,12 @@ def execute_on_shards(
         )
 
     statement = _first_pass(orm_context, statement, opts)
+    # Query.union(): each shard's UNION removes its own duplicates, the merge's DISTINCT
+    # those across shards (see _compound.union_rows_distinct)
+    statement = _deduplicated_union(statement)
     inner = counted_inner_select(statement)
+    if inner is not None:
+        inner = _deduplicated_union(inner)
     if inner is not None and global_construct(inner) is not None:
         # count(*) over rows that need the merge (query.distinct().count(), ...): the
         # merged inner SELECT, counted.
@@ -377,6 +383,12 @@ def one_shard_statement(
             "the rows it relates are on that shard (the session has no placement to "
             "check it)"
         )
+    return statement
+
+
+def _deduplicated_union(statement: Select[Any]) -> Select[Any]:
+    if union_rows_distinct(statement) and not _compat.select_parts(statement).distinct:
+        return statement.distinct()
     return statement
 
 

@@ -56,6 +56,7 @@ from sqlalchemy.sql.visitors import iterate
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._selfjoin import base_table, check_self_joins, conjuncts
+from ._union_from import union_in_from, union_rows_distinct
 
 __all__ = [
     "KNOWN_SCALAR_FUNCTIONS",
@@ -149,6 +150,8 @@ class CheckContext:
     #: without a placement: the joins and subqueries that relate rows of sharded tables
     #: (exact only if related rows are co-located, which nothing can check)
     unplaced: list[str] = field(default_factory=list)
+    #: UNIONs in FROM whose duplicates the statement's DISTINCT merge removes
+    unions_deduplicated: set[int] = field(default_factory=set)
 
 
 def unwrap_label(expr: Any) -> Any:
@@ -480,10 +483,8 @@ def _check_from(frm: FromClause, ctx: CheckContext, tables: list[FromClause]) ->
     if isinstance(frm, Subquery | CTE | Alias) and isinstance(frm.element, SelectBase):
         inner = frm.element
         if isinstance(inner, CompoundSelect):
-            raise UnsupportedQueryError(
-                "set operations (UNION, ...) are not merged",
-                construct="UNION/INTERSECT/EXCEPT",
-            )
+            _check_union_from(inner, ctx, tables)
+            return
         if isinstance(inner, TextualSelect) or not isinstance(inner, Select):
             raise UnsupportedQueryError(
                 "textual subqueries cannot be checked", construct="text()"
@@ -511,6 +512,44 @@ def _check_from(frm: FromClause, ctx: CheckContext, tables: list[FromClause]) ->
             construct=type(frm).__name__,
         )
     # Table-valued functions, VALUES ...: the same on every shard, nothing to check.
+
+
+def _check_union_from(
+    union: Any, ctx: CheckContext, tables: list[FromClause]
+) -> None:
+    """A UNION ALL in FROM is each shard's part of its rows when every branch is a plain
+    row SELECT over sharded tables; a UNION too when the statement around it removes
+    the duplicates across shards (``union_rows_distinct``, marked in ``ctx``)."""
+    keyword = str(getattr(union.keyword, "value", union.keyword)).upper()
+    if keyword != "UNION ALL" and not (keyword == "UNION" and id(union) in ctx.unions_deduplicated):
+        raise UnsupportedQueryError(
+            "set operations (UNION, ...) in FROM are merged only as UNION ALL, or as the "
+            "rows of Query.union() selected whole",
+            construct="UNION/INTERSECT/EXCEPT",
+        )
+    for branch in union.selects:
+        branch = _compat.ungrouped_select(branch)
+        if not isinstance(branch, Select) or isinstance(branch, TextualSelect):
+            raise UnsupportedQueryError(
+                "a nested set operation is not merged", construct="UNION/INTERSECT/EXCEPT")
+        own: list[FromClause] = []
+        if global_construct(branch) is not None:
+            raise UnsupportedQueryError(
+                f"a UNION branch with {global_construct(branch)} in FROM would be computed "
+                "from each shard's rows only",
+                construct="UNION branch",
+            )
+        _check_select_body(branch, ctx, top_level=False, collect=own)
+        sharded = _sharded(own, ctx)
+        if not sharded:
+            raise UnsupportedQueryError(
+                "a UNION branch over replicated tables only would return its rows once "
+                "per shard",
+                construct="UNION branch",
+            )
+        _check_colocated(sharded, ctx, "JOIN")
+        if not tables:
+            tables.append(own[0])
 
 
 def _check_select_body(
@@ -551,6 +590,10 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
 
     :raises UnsupportedQueryError: naming the first construct that cannot be merged.
     """
+    if _compat.select_parts(sel).distinct and union_rows_distinct(sel):
+        found = union_in_from(sel)
+        assert found is not None
+        ctx.unions_deduplicated.add(id(found[1]))
     tables = _check_select_body(sel, ctx, top_level=True)
     sharded = _sharded(tables, ctx)
     distinct = list({id(base_table(t)): t for t in sharded}.values())
