@@ -46,7 +46,6 @@ from ._checks import (
     QueryPlacement,
     check_select,
     check_write,
-    global_construct,
 )
 from ._compound import CompoundSelectAny, plan_compound
 from ._computed import Evaluator
@@ -54,6 +53,7 @@ from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_compound, merge_rows
 from ._model import StatementModel, model_select
+from ._nodes import global_construct
 from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._oneshard import one_shard_colocation
 from ._paginate import Page, paginate
@@ -357,9 +357,9 @@ def one_shard_statement(
 ) -> Any:
     """The statement to send to the one shard (of ``shard_count``) a drop-in session's
     chooser picked: its uncorrelated scalar and EXISTS subqueries over sharded tables
-    computed first, as a fan-out does (see :mod:`._oneshard`), warning about subqueries
-    whose co-location nothing can check.  Under a placement (the session's router
-    checked the statement) or for one shard in all, the statement unchanged.
+    computed first, as a fan-out does; without a placement, warning about subqueries
+    whose co-location nothing can check (see :mod:`._oneshard`; under a placement the
+    session's router checked them).  For one shard in all, the statement unchanged.
 
     Failure semantics: read-only; only the first pass may have run when it raises.
 
@@ -368,14 +368,15 @@ def one_shard_statement(
     statement = orm_context.statement
     opts = _resolve(opts, orm_context.execution_options)
     if (
-        opts.placement is not None
-        or not opts.merge
+        not opts.merge
         or shard_count < 2
         or not isinstance(statement, Select)
         or orm_context.is_from_statement
     ):
         return statement
     statement = _first_pass(orm_context, statement, opts)
+    if opts.placement is not None:
+        return statement  # (the session's router checked the other subqueries)
     unplaced = one_shard_colocation(statement)
     if unplaced is not None:
         warn_colocation(

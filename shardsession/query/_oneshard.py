@@ -19,14 +19,9 @@ from sqlalchemy.sql.selectable import FromClause, Join, Select, SelectBase
 
 from .. import _compat
 from ._cache import LRUCache
-from ._checks import (
-    CheckContext,
-    _note_in_link,
-    _sharded,
-    _tables_in,
-    _walk,
-    check_subquery,
-)
+from ._checks import CheckContext, check_subquery, sharded_tables
+from ._nodes import walk
+from ._tables import note_in_link, tables_in
 
 __all__ = ["one_shard_colocation"]
 
@@ -55,7 +50,7 @@ def one_shard_colocation(sel: Select[Any]) -> str | None:
             return found or None
     froms = _compat.final_froms_without_eager_joins(sel)
     ctx = CheckContext(None)
-    ctx.outer_tables = _sharded([t for f in froms for t in _tables_in(f)], ctx)
+    ctx.outer_tables = sharded_tables([t for f in froms for t in tables_in(f)], ctx)
     parts = _compat.select_parts(sel)
     exprs: list[Any] = [c for c in parts.raw_columns if isinstance(c, ClauseElement)]
     exprs += [*parts.where, *parts.having, *parts.order_by, *parts.group_by]
@@ -64,8 +59,8 @@ def one_shard_colocation(sel: Select[Any]) -> str | None:
         if isinstance(expr, FromClause) and not isinstance(expr, ColumnElement):
             continue
         in_links: dict[int, Any] = {}
-        for node in _walk(expr):
-            _note_in_link(node, in_links)
+        for node in walk(expr):
+            note_in_link(node, in_links)
             if isinstance(node, SelectBase):
                 check_subquery(node, ctx, in_links.get(id(node)))
     verdict = "; ".join(dict.fromkeys(ctx.unplaced))

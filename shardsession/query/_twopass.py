@@ -17,7 +17,7 @@ docs/queries.md, Isolation).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import false, literal, true
 from sqlalchemy.sql import operators, visitors
@@ -33,10 +33,13 @@ from sqlalchemy.sql.util import find_tables
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
-from ._checks import QueryPlacement, global_construct
 from ._computed import value_type
+from ._nodes import global_construct
 
-__all__ = ["resolve_uncorrelated"]
+if TYPE_CHECKING:
+    from ._checks import QueryPlacement
+
+__all__ = ["computed_first", "resolve_uncorrelated"]
 
 #: members of an ``IN (SELECT ...)`` computed first, at most (each is a bound value)
 MAX_IN_VALUES = 10_000
@@ -116,6 +119,33 @@ def _reads_sharded(sub: Select[Any], placement: QueryPlacement | None) -> bool:
     return any(not placement.is_replicated(getattr(t, "element", t)) for t in tables)
 
 
+def _resolvable(
+    stmt: Select[Any], placement: QueryPlacement | None
+) -> Iterator[tuple[ClauseElement, Select[Any]]]:
+    """The subqueries :func:`resolve_uncorrelated` computes first, with their nodes."""
+    outer_tables: set[int] | None = None
+    for node in _candidates(stmt):
+        sub = _inner(node)
+        if sub is None or not _reads_sharded(sub, placement):
+            continue
+        if outer_tables is None:
+            outer_tables = _tables(_compat.final_froms_without_eager_joins(stmt))
+        if not _uncorrelated(sub, outer_tables):
+            continue
+        if isinstance(node, BinaryExpression) and (
+            global_construct(sub) is None or len(sub.selected_columns) != 1
+        ):
+            continue  # a plain set: the checks decide (key IN, co-location)
+        yield node, sub
+
+
+def computed_first(stmt: Select[Any], placement: QueryPlacement | None) -> set[int]:
+    """The SELECTs (by identity) inside ``stmt`` that :func:`resolve_uncorrelated`
+    replaces by their values before ``stmt`` is sent anywhere: what they read on other
+    shards does not matter."""
+    return {id(sub) for _, sub in _resolvable(stmt, placement)}
+
+
 def resolve_uncorrelated(
     stmt: Select[Any], placement: QueryPlacement | None, run: Runner
 ) -> Select[Any]:
@@ -125,19 +155,9 @@ def resolve_uncorrelated(
     :raises UnsupportedQueryError: a scalar subquery returned more than one row (one
         database raises a cardinality error, or, SQLite, picks one).
     """
-    outer_tables: set[int] | None = None
     values: dict[int, ColumnElement[Any]] = {}
-    for node in _candidates(stmt):
-        sub = _inner(node)
-        if sub is None or not _reads_sharded(sub, placement):
-            continue
-        if outer_tables is None:
-            outer_tables = _tables(_compat.final_froms_without_eager_joins(stmt))
-        if not _uncorrelated(sub, outer_tables):
-            continue
+    for node, sub in _resolvable(stmt, placement):
         if isinstance(node, BinaryExpression):
-            if global_construct(sub) is None or len(sub.selected_columns) != 1:
-                continue  # a plain set: the checks decide (key IN, co-location)
             members = [row[0] for row in run(sub)]
             if len(members) > MAX_IN_VALUES:
                 raise UnsupportedQueryError(
