@@ -304,3 +304,24 @@ def test_query_union_with_a_placement(sessions: tuple[Session, Session]) -> None
 
     want = run(oracle)
     assert len(want) > 1 and run(s) == want
+
+
+def test_placement_uncorrelated_subqueries_computed_first_on_one_shard_too(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    # (the router refused them: an EXISTS over another table in the select list, an IN
+    # (SELECT aggregate) of the statement's own table pruned to one shard)
+    s, oracle = sessions
+    makes = [
+        lambda: select(jp.User.id, exists().where(jp.Order.amount > 15).label("e"))
+        .order_by(jp.User.id),
+        lambda: select(jp.User.id, jp.User.region).where(
+            jp.User.id == 3,
+            jp.User.region.in_(select(func.max(jp.User.region)).group_by(jp.User.name))),
+        lambda: select(jp.User.id).where(
+            jp.User.id == 4,
+            jp.User.region >= select(func.avg(jp.User.region)).scalar_subquery()),
+    ]
+    for make in makes:
+        want = oracle.execute(make()).all()
+        assert s.execute(make()).all() == want
