@@ -96,6 +96,12 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     if not shard_ids:
         raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
     if len(shard_ids) == 1:
+        if orm_context.is_select:
+            # (a shard the chooser picked: the statement's subqueries may need others)
+            statement = one_shard_statement(
+                orm_context, _options(session), len(session._shards))
+            if statement is not orm_context.statement:
+                orm_context.statement = statement
         return _single(session, orm_context, shard_ids[0])
     return execute_on_shards(orm_context, shard_ids, _options(session))
 
@@ -117,10 +123,6 @@ def _single(session: Any, orm_context: ORMExecuteState, shard_id: Any) -> Result
     # bound to that shard (no nested execution: the common case costs what it costs
     # without sharding).
     _compat.route_in_place(orm_context, shard_id)
-    if orm_context.is_select:
-        statement = one_shard_statement(orm_context, _options(session), len(session._shards))
-        if statement is not orm_context.statement:
-            orm_context.statement = statement
     dialect = session._shards[shard_id].dialect.name
     if dialect in NULLS_HIGH_DIALECTS and orm_context.is_select:
         # A cluster mixing NULL conventions orders NULL as the smallest value in every

@@ -241,9 +241,6 @@ def execute_on_shards(
         # cluster's NULL order (as for any one-shard SELECT, see _execute._single).
         session: Any = orm_context.session
         binds = getattr(session, "_shards", None)
-        if binds is not None:
-            statement = one_shard_statement(orm_context, opts, len(binds))
-            call = replace(call, statement=statement)
         if binds and _is_shard(binds, shard_ids[0]) and orm_context.is_select:
             one = nulls_low_on_one_shard(
                 statement,
