@@ -60,6 +60,7 @@ class More:
             self.json_function, self.case_in_group_by, self.concat_order,
             self.distinct_on, self.tuple_in, self.exists_in_select_list,
             self.subquery_in_order_by, self.in_aggregate, self.query_union,
+            self.entity_by_hidden_subquery, self.concat_group_by, self.cte_self_join,
         ]
         return self.r.choice(forms)()
 
@@ -267,6 +268,42 @@ class More:
         order_idx = ([0] if entity else [1]) if ordered else None
         return _case(src, run, order_idx, tags=set(w1.tags) | set(w2.tags)
                        | {"query_union"})
+
+
+    def entity_by_hidden_subquery(self) -> fg.Case:
+        n_children = (select(func.count(Child.id)).where(Child.parent_id == Parent.id)
+                      .scalar_subquery())
+        limit = self.r.randint(1, 10)
+        stmt = select(Parent).order_by(n_children.desc(), Parent.id).limit(limit)
+
+        def run(s: Session) -> list[Any]:
+            return [(p.id,) for p in s.scalars(stmt)]
+
+        src = ("n = select(func.count(Child.id)).where(Child.parent_id == Parent.id)"
+               f".scalar_subquery(); select(Parent).order_by(n.desc(), Parent.id)"
+               f".limit({limit})  # ids")
+        # (a total order: the ids must come back in the oracle's order)
+        return _case(src, run, [0], tags={"entity_hidden_subquery_order"})
+
+    def concat_group_by(self) -> fg.Case:
+        w = self._pred()
+        joined = func.coalesce(Parent.grp, "?") + "/" + func.coalesce(Parent.ccode, "?")
+        stmt = (select(joined.label("k"), func.count(), func.min(Parent.score))
+                .where(w.expr).group_by(joined))
+        src = ("k = func.coalesce(Parent.grp, '?') + '/' + func.coalesce(Parent.ccode, '?'); "
+               f"select(k.label('k'), func.count(), func.min(Parent.score)).where({w.src})"
+               ".group_by(k)")
+        return _case(src, _rows(stmt), tags=set(w.tags) | {"concat_group_by"})
+
+    def cte_self_join(self) -> fg.Case:
+        c = select(Parent.id, Parent.grp, Parent.score).cte("c")
+        c2 = c.alias("c2")
+        stmt = (select(c.c.id, func.count(c2.c.id)).select_from(c)
+                .join(c2, c2.c.grp == c.c.grp).group_by(c.c.id))
+        src = ("c = select(Parent.id, Parent.grp, Parent.score).cte('c'); c2 = c.alias('c2'); "
+               "select(c.c.id, func.count(c2.c.id)).select_from(c).join(c2, c2.c.grp == "
+               "c.c.grp).group_by(c.c.id)")
+        return _case(src, _rows(stmt), tags={"cte_self_join", "colocation"})
 
 
 def generate(rng: random.Random, dialect: str) -> fg.Case:

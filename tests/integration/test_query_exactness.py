@@ -325,3 +325,20 @@ def test_placement_uncorrelated_subqueries_computed_first_on_one_shard_too(
     for make in makes:
         want = oracle.execute(make()).all()
         assert s.execute(make()).all() == want
+
+
+def test_placement_cte_joined_with_its_alias_refused(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    # (fuzz _fuzz_more cte_self_join: a CTE of users joined with its alias on a non-key
+    # column paired only the users of one shard)
+    s, _ = sessions
+    c = select(jp.User.id, jp.User.region).cte("c")
+    c2 = c.alias("c2")
+    stmt = (select(c.c.id, func.count(c2.c.id)).select_from(c)
+            .join(c2, c2.c.region == c.c.region).group_by(c.c.id))
+    with pytest.raises(UnsupportedQueryError, match="derived table"):
+        s.execute(stmt).all()
+    sq = select(jp.User.id).where(jp.User.region > 1).subquery()
+    with pytest.raises(UnsupportedQueryError, match="derived table"):
+        s.execute(select(jp.User.name).join(sq, sq.c.id == jp.User.region)).all()
