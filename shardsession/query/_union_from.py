@@ -38,12 +38,7 @@ def union_in_from(sel: Select[Any]) -> tuple[Any, CompoundSelectAny] | None:
     inner = getattr(frm, "element", None) if isinstance(frm, Alias | Subquery) else None
     if not isinstance(inner, CompoundSelect) or _keyword(inner) not in ("UNION", "UNION ALL"):
         return None
-    if (
-        getattr(inner, "_order_by_clauses", ())
-        or getattr(inner, "_limit_clause", None) is not None
-        or getattr(inner, "_offset_clause", None) is not None
-        or getattr(inner, "_fetch_clause", None) is not None
-    ):
+    if _compat.compound_orders_or_limits(inner):
         return None
     return frm, inner
 
