@@ -10,6 +10,7 @@ from sqlalchemy.sql.elements import (
     ClauseElement,
     ColumnClause,
     Grouping,
+    Tuple,
 )
 from sqlalchemy.sql.selectable import FromClause, ScalarSelect, Select
 from sqlalchemy.sql.util import find_tables
@@ -24,12 +25,13 @@ def tables_in(clause: ClauseElement) -> list[FromClause]:
 
 
 def note_in_link(node: ClauseElement, in_links: dict[int, Any]) -> None:
-    """Remember ``column`` for the subquery of ``column [NOT] IN (subquery)``, keyed by
-    the subquery's identity as :func:`walk` yields it."""
+    """Remember ``column`` for the subquery of ``column [NOT] IN (subquery)`` (or the
+    tuple of ``tuple_(a, b) IN (subquery)``: a set as well, not a scalar), keyed by the
+    subquery's identity as :func:`walk` yields it."""
     if (
         isinstance(node, BinaryExpression)
         and node.operator in (operators.in_op, operators.not_in_op)
-        and isinstance(node.left, ColumnClause)
+        and isinstance(node.left, ColumnClause | Tuple)
     ):
         right: Any = node.right
         while isinstance(right, Grouping | ScalarSelect):
@@ -43,6 +45,6 @@ def relating_conditions(sub: Select[Any], in_left: Any) -> list[Any]:
     parts = _compat.select_parts(sub)
     conditions: list[Any] = list(parts.where)
     columns = [c for c in parts.raw_columns if isinstance(c, ColumnClause)]
-    if in_left is not None and len(parts.raw_columns) == 1 and columns:
+    if isinstance(in_left, ColumnClause) and len(parts.raw_columns) == 1 and columns:
         conditions.append(in_left == columns[0])
     return conditions

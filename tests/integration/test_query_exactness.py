@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Numeric, cast, distinct, exists, func, select, update
+from sqlalchemy import Numeric, cast, distinct, exists, func, select, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
 from shardsession import ShardedSession
@@ -342,3 +342,18 @@ def test_placement_cte_joined_with_its_alias_refused(
     sq = select(jp.User.id).where(jp.User.region > 1).subquery()
     with pytest.raises(UnsupportedQueryError, match="derived table"):
         s.execute(select(jp.User.name).join(sq, sq.c.id == jp.User.region)).all()
+
+
+def test_tuple_in_subquery_is_a_set(
+    cluster: qp.Cluster, sessions: tuple[Session, Session]  # noqa: F811
+) -> None:
+    # (it was refused as an uncorrelated scalar subquery; as a plain IN it is evaluated
+    # per shard with the drop-in warning, and checked along the placement otherwise)
+    stmt = select(Item.id).where(tuple_(Item.id, Item.a).in_(select(Tag.item_id, Tag.id)))
+    with cluster.session() as s, pytest.warns(ColocationWarning, match="subquery"):
+        s.execute(stmt).all()
+    s2, _ = sessions
+    apart = select(jp.User.id).where(
+        tuple_(jp.User.id, jp.User.region).in_(select(jp.Order.amount, jp.Order.id)))
+    with pytest.raises(UnsupportedQueryError, match="placement relationship"):
+        s2.execute(apart).all()
