@@ -346,6 +346,13 @@ def _check_union_from(
                 "per shard",
                 construct="UNION branch",
             )
+        if ctx.placement is not None and len(sharded) > 1:
+            # (the session's router checks how a statement's tables are joined, not a
+            # UNION branch's; as for a top-level UNION)
+            raise UnsupportedQueryError(
+                "a UNION branch that joins sharded tables is not merged under a placement",
+                construct="UNION branch with a join",
+            )
         _check_colocated(sharded, ctx, "JOIN")
         if not tables:
             tables.append(own[0])

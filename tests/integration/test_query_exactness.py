@@ -357,3 +357,13 @@ def test_tuple_in_subquery_is_a_set(
         tuple_(jp.User.id, jp.User.region).in_(select(jp.Order.amount, jp.Order.id)))
     with pytest.raises(UnsupportedQueryError, match="placement relationship"):
         s2.execute(apart).all()
+
+
+def test_query_union_branch_with_a_join_refused_under_a_placement(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, _ = sessions
+    first = s.query(jp.User.id).join(jp.Order, jp.Order.amount == jp.User.id)
+    second = s.query(jp.User.id).filter(jp.User.region > 2)
+    with pytest.raises(UnsupportedQueryError, match="UNION branch"):
+        first.union_all(second).all()
