@@ -367,3 +367,19 @@ def test_query_union_branch_with_a_join_refused_under_a_placement(
     second = s.query(jp.User.id).filter(jp.User.region > 2)
     with pytest.raises(UnsupportedQueryError, match="UNION branch"):
         first.union_all(second).all()
+
+
+@pytest.mark.parametrize("one_shard", [False, True])
+def test_placement_select_correlated_through_alias_on_non_key_refused(
+    sessions: tuple[Session, Session], one_shard: bool  # noqa: F811
+) -> None:
+    s, _ = sessions
+    twin = aliased(jp.User, name="twin")
+    stmt = select(jp.User.id).where(
+        jp.User.region == select(func.max(twin.region)).where(twin.name == jp.User.name)
+        .scalar_subquery()
+    )
+    if one_shard:
+        stmt = stmt.where(jp.User.id == 3)
+    with pytest.raises(UnsupportedQueryError):
+        s.execute(stmt).all()
