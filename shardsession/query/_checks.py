@@ -52,7 +52,7 @@ from ._nodes import (
     opaque_text,
     walk,
 )
-from ._selfjoin import base_table, check_self_joins
+from ._selfjoin import base_table, check_read_twice, check_self_joins
 from ._tables import note_in_link, relating_conditions, tables_in
 from ._union_from import union_in_from, union_rows_distinct
 from ._unrelated import in_by_key
@@ -404,33 +404,13 @@ def check_select(sel: Select[Any], ctx: CheckContext) -> list[FromClause]:
     sharded = sharded_tables(tables, ctx)
     distinct = list({id(base_table(t)): t for t in sharded}.values())
     if ctx.placement is not None and len(distinct) < len(sharded):
-        _check_read_twice_through_derived(tables, ctx.placement)
+        check_read_twice(tables, ctx.placement)
         check_self_joins(sel, tables, ctx.placement)
         sharded_apart = distinct  # a table joined with itself on its key is one table
     else:
         sharded_apart = sharded
     _check_colocated(sharded_apart, ctx, "JOIN")
     return sharded
-
-
-def _check_read_twice_through_derived(tables: list[FromClause], placement: Any) -> None:
-    """A sharded table read by two FROM elements of which one is a derived table (a CTE
-    joined with its alias, a subquery joined with its own table) shows up as the same
-    table object twice: the self-join check cannot see which columns the derived table's
-    join relates, so such a join is refused unless every copy is on one shard."""
-    seen: set[int] = set()
-    for t in tables:
-        t = _compat.deannotated(t)
-        if id(t) in seen and not placement.is_replicated(base_table(t)) and not (
-            placement.colocated([base_table(t), base_table(t)])
-        ):
-            raise UnsupportedQueryError(
-                f"{getattr(base_table(t), 'name', t)} is read by two FROM elements, one of "
-                "them a derived table (subquery or CTE): a join between them is not checked "
-                "for its placement key and may pair rows of different shards",
-                construct="sharded table joined with a derived table of itself",
-            )
-        seen.add(id(t))
 
 
 def check_write(stmt: Any, ctx: CheckContext) -> None:
