@@ -29,6 +29,8 @@ def _keyword(stmt: CompoundSelectAny) -> str:
 def union_in_from(sel: Select[Any]) -> tuple[Any, CompoundSelectAny] | None:
     """``(subquery, union)`` when ``sel`` reads one FROM, a subquery of a UNION or UNION
     ALL without ORDER BY/LIMIT of its own (what ``Query.union()`` builds); else ``None``."""
+    if not any(_unions_below(f) for f in _compat.select_parts(sel).from_obj):
+        return None  # (cheap: the final FROM list below costs an ORM compile)
     froms = _compat.final_froms_without_eager_joins(sel)
     if len(froms) != 1:
         return None
@@ -41,6 +43,12 @@ def union_in_from(sel: Select[Any]) -> tuple[Any, CompoundSelectAny] | None:
     if _compat.compound_orders_or_limits(inner):
         return None
     return frm, inner
+
+
+def _unions_below(frm: Any) -> bool:
+    while isinstance(frm, Alias | Subquery):
+        frm = frm.element
+    return isinstance(frm, CompoundSelect)
 
 
 def _base(column: Any) -> Any:
