@@ -1,8 +1,11 @@
 """Cross-shard reads, exact or refused: the cases left open by session 5 (issue 10).
 
-Each test fails on the code before its fix: the long fuzz run's findings, a placement
-UPDATE correlated through an alias, global subqueries of a statement sent to one shard,
-``Query.union`` and ``IN (SELECT aggregate)``.
+The long fuzz run's findings, a placement UPDATE correlated through an alias, global
+subqueries of a statement sent to one shard, ``Query.union`` and ``IN (SELECT
+aggregate)``.  Each test failed on the code before its fix, except the two
+``count_over_derived_table_correlated_through_alias`` tests: the library already warned
+(drop-in) and refused (placement) there; that finding was the fuzzer's own mark
+(``test_query_fuzz.test_grammar_marks_every_colocation_case``), and they pin the behaviour.
 """
 
 from __future__ import annotations
