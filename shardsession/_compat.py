@@ -656,6 +656,18 @@ def limit_offset_values(stmt: Select[Any]) -> tuple[int | None, int | None]:
     return stmt._limit, stmt._offset
 
 
+def compound_orders_or_limits(stmt: Any) -> bool:
+    """Whether a UNION (``CompoundSelect``) has an ORDER BY, LIMIT, OFFSET or FETCH of its
+    own (``GenerativeSelect._order_by_clauses`` / ``_limit_clause`` / ``_offset_clause`` /
+    ``_fetch_clause``, private)."""
+    return bool(
+        getattr(stmt, "_order_by_clauses", ())
+        or getattr(stmt, "_limit_clause", None) is not None
+        or getattr(stmt, "_offset_clause", None) is not None
+        or getattr(stmt, "_fetch_clause", None) is not None
+    )
+
+
 def label_reference_target(expr: ClauseElement) -> ColumnElement[Any] | str | None:
     """Unwrap the ORDER BY wrappers SQLAlchemy makes for labels.
 

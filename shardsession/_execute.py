@@ -19,7 +19,7 @@ from sqlalchemy.sql.selectable import Join
 from . import _compat
 from ._bulk import execute_bulk, in_parameter_order, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
-from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards
+from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards, one_shard_statement
 from .query._null_order import nulls_low_on_one_shard
 from .query._ordering import NULLS_HIGH_DIALECTS
 from .routing.placement import Placement
@@ -103,6 +103,12 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     if not shard_ids:
         raise NoShardChosenError("the execute chooser returned no shard", shard_id=None)
     if len(shard_ids) == 1:
+        if orm_context.is_select:
+            # (a shard the chooser picked: the statement's subqueries may need others)
+            statement = one_shard_statement(
+                orm_context, _options(session), len(session._shards))
+            if statement is not orm_context.statement:
+                orm_context.statement = statement
         return _single(session, orm_context, shard_ids[0])
     if orm_context.is_insert and orm_context.parameters and not orm_context.is_orm_statement:
         return chosen_insert(session, orm_context, shard_ids)

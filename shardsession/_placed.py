@@ -19,7 +19,7 @@ from sqlalchemy.sql.util import find_tables
 from . import _compat
 from ._execute import mappers_of_tables, tables_of
 from .exc import RoutingError, UnsupportedQueryError
-from .query._checks import unrelated_subquery
+from .query._unrelated import unrelated_subquery
 from .routing.placement import Placement
 from .routing.strategies import Broadcast
 

@@ -46,7 +46,6 @@ from ._checks import (
     QueryPlacement,
     check_select,
     check_write,
-    global_construct,
 )
 from ._compound import CompoundSelectAny, plan_compound
 from ._computed import Evaluator
@@ -54,11 +53,14 @@ from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_compound, merge_rows
 from ._model import StatementModel, model_select
+from ._nodes import global_construct
 from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
+from ._oneshard import one_shard_colocation
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
 from ._semantics import apply_semantics, check_having
 from ._twopass import resolve_uncorrelated
+from ._union_from import union_rows_distinct
 
 __all__ = [
     "CHECK_CACHE",
@@ -70,6 +72,7 @@ __all__ = [
     "Page",
     "QueryPlacement",
     "execute_on_shards",
+    "one_shard_statement",
     "paginate",
 ]
 
@@ -323,7 +326,12 @@ def execute_on_shards(
         )
 
     statement = _first_pass(orm_context, statement, opts)
+    # Query.union(): each shard's UNION removes its own duplicates, the merge's DISTINCT
+    # those across shards (see _compound.union_rows_distinct)
+    statement = _deduplicated_union(statement)
     inner = counted_inner_select(statement)
+    if inner is not None:
+        inner = _deduplicated_union(inner)
     if inner is not None and global_construct(inner) is not None:
         # count(*) over rows that need the merge (query.distinct().count(), ...): the
         # merged inner SELECT, counted.
@@ -339,6 +347,47 @@ def execute_on_shards(
         log.debug("statement reads no sharded table; asking shard %r only", shard_ids[0])
         return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
     return answer
+
+
+def one_shard_statement(
+    orm_context: ORMExecuteState, opts: FanoutOptions, shard_count: int
+) -> Any:
+    """The statement to send to the one shard (of ``shard_count``) a drop-in session's
+    chooser picked: its uncorrelated scalar and EXISTS subqueries over sharded tables
+    computed first, as a fan-out does; without a placement, warning about subqueries
+    whose co-location nothing can check (see :mod:`._oneshard`; under a placement the
+    session's router checked them).  For one shard in all, the statement unchanged.
+
+    Failure semantics: read-only; only the first pass may have run when it raises.
+
+    :raises UnsupportedQueryError: a nested subquery one shard cannot answer alone.
+    """
+    statement = orm_context.statement
+    opts = _resolve(opts, orm_context.execution_options)
+    if (
+        not opts.merge
+        or shard_count < 2
+        or not isinstance(statement, Select)
+        or orm_context.is_from_statement
+    ):
+        return statement
+    statement = _first_pass(orm_context, statement, opts)
+    if opts.placement is not None:
+        return statement  # (the session's router checked the other subqueries)
+    unplaced = one_shard_colocation(statement)
+    if unplaced is not None:
+        warn_colocation(
+            f"{unplaced}: evaluated on the one shard the statement runs on, exact only if "
+            "the rows it relates are on that shard (the session has no placement to "
+            "check it)"
+        )
+    return statement
+
+
+def _deduplicated_union(statement: Select[Any]) -> Select[Any]:
+    if union_rows_distinct(statement) and not _compat.select_parts(statement).distinct:
+        return statement.distinct()
+    return statement
 
 
 #: statement cache keys of fan-out SELECTs that have no subquery for the first pass

@@ -25,7 +25,7 @@ from sqlalchemy.sql.selectable import Select
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
-from ._checks import unwrap_label
+from ._nodes import unwrap_label
 from ._ordering import default_nulls_first
 
 __all__ = [

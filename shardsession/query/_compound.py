@@ -114,3 +114,4 @@ def plan_compound(stmt: CompoundSelectAny, dialects: Sequence[str]) -> CompoundP
         offset=offset or 0,
         visible=len(keys),
     )
+

@@ -29,8 +29,9 @@ from sqlalchemy import (
     select,
     union_all,
 )
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import Cast, ColumnElement, UnaryExpression
+from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import NullType, TypeEngine
 
@@ -87,6 +88,10 @@ def _constant(value: Any, aggregate: ColumnElement[Any], dialect: str) -> Column
             # AVG (and MySQL's SUM of exact values): a decimal, or a float of floats
             type_ = Float() if isinstance(arg_type, Float) else Numeric()
         return cast(null(), type_)
+    if dialect == "sqlite" and _numeric_affinity_extreme(aggregate):
+        # MIN/MAX return one stored value of NUMERIC affinity, which SQLite keeps as an
+        # INTEGER when it is integral (4, not 4.0); CAST of its text does the same.
+        return cast(literal(str(value)), Numeric())
     type_ = value_type(value, aggregate)
     bound = literal(value, type_)
     if isinstance(type_, Float):
@@ -100,6 +105,21 @@ def _constant(value: Any, aggregate: ColumnElement[Any], dialect: str) -> Column
     # A decimal's precision and scale are part of its value (PostgreSQL's round() and
     # division scale follow them).
     return cast(bound, type_) if isinstance(type_, Numeric) else bound
+
+
+def _numeric_affinity_extreme(aggregate: ColumnElement[Any]) -> bool:
+    """Whether ``aggregate`` is MIN/MAX of a column or CAST of exact NUMERIC type."""
+    if str(getattr(aggregate, "name", "")).lower() not in ("min", "max"):
+        return False
+    args = list(getattr(aggregate, "clauses", ()))
+    if len(args) != 1:
+        return False
+    arg: Any = args[0]
+    if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op:
+        arg = arg.element
+    if not isinstance(arg, Cast | Column):
+        return False
+    return isinstance(arg.type, Numeric) and not isinstance(arg.type, Float)
 
 
 def _substituted(item: Computed, row: Sequence[Any], dialect: str) -> ColumnElement[Any]:

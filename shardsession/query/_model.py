@@ -31,6 +31,7 @@ from sqlalchemy.sql.elements import (
     CollationClause,
     ColumnClause,
     ColumnElement,
+    ExpressionClauseList,
     Extract,
     False_,
     FunctionFilter,
@@ -51,7 +52,7 @@ from sqlalchemy.sql.selectable import FromClause, ScalarSelect, Select, SelectBa
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
-from ._checks import (
+from ._nodes import (
     KNOWN_SCALAR_FUNCTIONS,
     MERGEABLE_AGGREGATES,
     OTHER_AGGREGATES,
@@ -176,8 +177,8 @@ class _Walker:
         if isinstance(node, UnaryExpression):
             self._unary(node, inside, nested)
             return
-        if isinstance(node, BinaryExpression | ClauseList | Tuple | Case | Cast
-                      | TypeCoerce | Extract):
+        if isinstance(node, BinaryExpression | ClauseList | ExpressionClauseList | Tuple
+                      | Case | Cast | TypeCoerce | Extract):
             # HAVING's own connectives are evaluated after the merge (._having).
             keep = self.clause == "HAVING" and _having_connective(node)
             for child in node.get_children():

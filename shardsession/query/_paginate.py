@@ -24,8 +24,8 @@ from sqlalchemy.types import Boolean, String
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
-from ._checks import unwrap_label
 from ._dialect import exact_float_key
+from ._nodes import unwrap_label
 from ._ordering import default_nulls_first
 from ._plan import parse_order_by
 from ._token import PageTokenError, decode_token, encode_token

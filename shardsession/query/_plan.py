@@ -30,7 +30,6 @@ from sqlalchemy.sql.selectable import Select
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._cache import LRUCache
-from ._checks import unwrap_label
 from ._columns import (
     Columns,
     OrderItem,
@@ -40,6 +39,7 @@ from ._columns import (
     resolve_nulls,
 )
 from ._model import StatementModel, model_select
+from ._nodes import unwrap_label
 from ._ordering import SortKey
 from ._plan_aggregate import AggregatePlan, plan_aggregate
 

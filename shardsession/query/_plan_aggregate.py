@@ -21,12 +21,12 @@ from sqlalchemy.sql.selectable import ScalarSelect, Select, SelectBase
 from .. import _compat
 from ..exc import UnsupportedQueryError
 from ._aggregates import Slot
-from ._checks import aggregate_kind, contains_aggregate, distinct_argument, unwrap_label
 from ._columns import Columns, parse_order_by, references_columns, resolve_nulls
 from ._computed import Computed
 from ._dialect import avg_sum_argument
 from ._having import compile_having
 from ._model import ItemModel
+from ._nodes import aggregate_kind, contains_aggregate, distinct_argument, unwrap_label
 from ._ordering import SortKey
 
 __all__ = ["AggregatePlan", "plan_aggregate"]

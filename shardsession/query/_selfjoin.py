@@ -18,7 +18,7 @@ from sqlalchemy.sql.selectable import Alias, Join, Select, TableClause
 from .. import _compat
 from ..exc import UnsupportedQueryError
 
-__all__ = ["base_table", "check_self_joins"]
+__all__ = ["base_table", "check_read_twice", "check_self_joins", "conjuncts"]
 
 
 def base_table(frm: Any) -> Any:
@@ -35,12 +35,13 @@ def _join_conditions(froms: Sequence[Any]) -> Iterator[Any]:
                 yield frm.onclause
 
 
-def _conjuncts(expr: Any) -> Iterator[Any]:
+def conjuncts(expr: Any) -> Iterator[Any]:
+    """The terms of the top-level AND of ``expr``."""
     while isinstance(expr, Grouping):
         expr = expr.element
     if isinstance(expr, BooleanClauseList) and expr.operator is operators.and_:
         for clause in expr.clauses:
-            yield from _conjuncts(clause)
+            yield from conjuncts(clause)
     else:
         yield expr
 
@@ -70,7 +71,7 @@ def check_self_joins(sel: Select[Any], tables: Sequence[Any], placement: Any) ->
             *_join_conditions(_compat.final_froms_without_eager_joins(sel)),
             *_compat.select_parts(sel).where,
         ]
-        for term in _conjuncts(cond)
+        for term in conjuncts(cond)
     ]
     for froms in froms_of.values():
         if len(froms) < 2:
@@ -100,3 +101,23 @@ def check_self_joins(sel: Select[Any], tables: Sequence[Any], placement: Any) ->
                 "key pairs rows that may be on different shards",
                 construct="self-join not on the placement key",
             )
+
+
+def check_read_twice(tables: Sequence[Any], placement: Any) -> None:
+    """A sharded table read by two FROM elements of which one is a derived table (a CTE
+    joined with its alias, a subquery joined with its own table) shows up as the same
+    table object twice: the self-join check cannot see which columns the derived table's
+    join relates, so such a join is refused unless every copy is on one shard."""
+    seen: set[int] = set()
+    for t in tables:
+        t = _compat.deannotated(t)
+        if id(t) in seen and not placement.is_replicated(base_table(t)) and not (
+            placement.colocated([base_table(t), base_table(t)])
+        ):
+            raise UnsupportedQueryError(
+                f"{getattr(base_table(t), 'name', t)} is read by two FROM elements, one of "
+                "them a derived table (subquery or CTE): a join between them is not checked "
+                "for its placement key and may pair rows of different shards",
+                construct="sharded table joined with a derived table of itself",
+            )
+        seen.add(id(t))

@@ -5,7 +5,9 @@ inside a statement that runs on several shards would be evaluated by each shard 
 own rows.  Such a subquery does not depend on the row around it, so it is run first, on
 its own, through the session (routed, fanned out and merged like any statement: the
 value one database would compute), and the statement then carries the value as a bound
-parameter.  A correlated subquery, one in FROM, or an ``IN`` subquery is left to the
+parameter.  ``x [NOT] IN (SELECT ...)`` whose set needs every shard (an aggregate,
+GROUP BY, DISTINCT or LIMIT in it) is computed first the same way and sent as a list of
+values.  A correlated subquery, one in FROM, or a plain ``IN`` subquery is left to the
 checks of :mod:`._checks`.
 
 The two passes are two reads, not one snapshot (as every cross-shard read; see
@@ -15,7 +17,7 @@ docs/queries.md, Isolation).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import false, literal, true
 from sqlalchemy.sql import operators, visitors
@@ -24,16 +26,23 @@ from sqlalchemy.sql.elements import (
     ClauseElement,
     CollectionAggregate,
     ColumnElement,
+    Grouping,
 )
 from sqlalchemy.sql.selectable import Exists, FromClause, ScalarSelect, Select
 from sqlalchemy.sql.util import find_tables
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
-from ._checks import QueryPlacement
 from ._computed import value_type
+from ._nodes import global_construct
 
-__all__ = ["resolve_uncorrelated"]
+if TYPE_CHECKING:
+    from ._checks import QueryPlacement
+
+__all__ = ["computed_first", "resolve_uncorrelated"]
+
+#: members of an ``IN (SELECT ...)`` computed first, at most (each is a bound value)
+MAX_IN_VALUES = 10_000
 
 #: runs a SELECT through the session, returning its (merged) rows
 Runner = Callable[[Select[Any]], Sequence[Any]]
@@ -69,16 +78,22 @@ def _candidates(stmt: Select[Any]) -> Iterator[ClauseElement]:
             if isinstance(node, FromClause) and not isinstance(node, ColumnElement):
                 continue
             if isinstance(node, BinaryExpression) and node.operator in _SET_OPERATORS:
-                stack.append(node.left)  # `x IN (SELECT ...)` is a set, not a value
+                # `x IN (SELECT ...)` is a set, not a value: computed first only when
+                # the set needs all shards (an aggregate, GROUP BY, DISTINCT, LIMIT)
+                if _inner(node.right) is not None:
+                    yield node
+                stack.append(node.left)
                 continue
             if isinstance(node, CollectionAggregate):
                 continue  # ANY (SELECT ...) / ALL (SELECT ...): a set as well
             stack.extend(node.get_children())
 
 
-def _inner(node: ClauseElement) -> Select[Any] | None:
+def _inner(node: Any) -> Select[Any] | None:
     inner: Any = node
-    while isinstance(inner, Exists | ScalarSelect):
+    if isinstance(inner, BinaryExpression):
+        inner = inner.right
+    while isinstance(inner, Exists | ScalarSelect | Grouping):
         inner = inner.element
     inner = _compat.ungrouped_select(inner)
     return inner if isinstance(inner, Select) else None
@@ -104,6 +119,33 @@ def _reads_sharded(sub: Select[Any], placement: QueryPlacement | None) -> bool:
     return any(not placement.is_replicated(getattr(t, "element", t)) for t in tables)
 
 
+def _resolvable(
+    stmt: Select[Any], placement: QueryPlacement | None
+) -> Iterator[tuple[ClauseElement, Select[Any]]]:
+    """The subqueries :func:`resolve_uncorrelated` computes first, with their nodes."""
+    outer_tables: set[int] | None = None
+    for node in _candidates(stmt):
+        sub = _inner(node)
+        if sub is None or not _reads_sharded(sub, placement):
+            continue
+        if outer_tables is None:
+            outer_tables = _tables(_compat.final_froms_without_eager_joins(stmt))
+        if not _uncorrelated(sub, outer_tables):
+            continue
+        if isinstance(node, BinaryExpression) and (
+            global_construct(sub) is None or len(sub.selected_columns) != 1
+        ):
+            continue  # a plain set: the checks decide (key IN, co-location)
+        yield node, sub
+
+
+def computed_first(stmt: Select[Any], placement: QueryPlacement | None) -> set[int]:
+    """The SELECTs (by identity) inside ``stmt`` that :func:`resolve_uncorrelated`
+    replaces by their values before ``stmt`` is sent anywhere: what they read on other
+    shards does not matter."""
+    return {id(sub) for _, sub in _resolvable(stmt, placement)}
+
+
 def resolve_uncorrelated(
     stmt: Select[Any], placement: QueryPlacement | None, run: Runner
 ) -> Select[Any]:
@@ -113,15 +155,21 @@ def resolve_uncorrelated(
     :raises UnsupportedQueryError: a scalar subquery returned more than one row (one
         database raises a cardinality error, or, SQLite, picks one).
     """
-    outer_tables: set[int] | None = None
     values: dict[int, ColumnElement[Any]] = {}
-    for node in _candidates(stmt):
-        sub = _inner(node)
-        if sub is None or not _reads_sharded(sub, placement):
-            continue
-        if outer_tables is None:
-            outer_tables = _tables(_compat.final_froms_without_eager_joins(stmt))
-        if not _uncorrelated(sub, outer_tables):
+    for node, sub in _resolvable(stmt, placement):
+        if isinstance(node, BinaryExpression):
+            members = [row[0] for row in run(sub)]
+            if len(members) > MAX_IN_VALUES:
+                raise UnsupportedQueryError(
+                    f"an IN subquery with more than {MAX_IN_VALUES} rows is not computed "
+                    "first",
+                    construct="IN subquery with many rows",
+                )
+            # (NULL members keep their meaning: x NOT IN (1, NULL) is never true)
+            values[id(node)] = (
+                node.left.in_(members) if node.operator is operators.in_op
+                else node.left.not_in(members)
+            )
             continue
         if isinstance(node, Exists):
             found = run(sub.with_only_columns(literal(1), maintain_column_froms=True).limit(1))

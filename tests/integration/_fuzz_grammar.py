@@ -919,7 +919,7 @@ class Grammar:
                            func.min(Parent.id).label("id")).group_by(Parent.grp)
             isrc = ("select(Parent.grp, func.max(Parent.score).label('score'), "
                     "func.min(Parent.id).label('id')).group_by(Parent.grp)")
-            tags.add("sub_group")
+            tags = {"from_subquery", "sub_group"}  # (the predicate is not used)
         sq = inner.subquery("sq")
         outer = self.r.randrange(4)
         if outer == 0:
@@ -940,7 +940,8 @@ class Grammar:
             order_idx = [0, 1]
         final = stmt
         return Case(f"sq = {isrc}.subquery('sq'); {osrc}",
-                    lambda s: list(s.execute(final).all()), order_idx, False, None, False, tags)
+                    lambda s: list(s.execute(final).all()), order_idx, False, None,
+                    "colocation" in tags, tags)
 
     def query_api(self) -> Case:
         k = self.r.randrange(7)

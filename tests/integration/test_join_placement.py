@@ -242,6 +242,13 @@ def test_subquery_over_other_shards_is_refused(sessions: Any, where: str) -> Non
 PRUNED_APART = {
     "IN on another column": lambda: select(User.id)
     .where(User.id == 5, User.id.in_(select(Order.amount))),
+    "IN on another column of the same table": lambda: select(User.id)
+    .where(User.id == 5, User.region.in_(select(User.region).where(User.id == 9))),
+}
+
+#: uncorrelated scalar and EXISTS subqueries of a statement pruned to one shard: computed
+#: first through the session, as in a fan-out (they were refused before session 6)
+PRUNED_COMPUTED_FIRST = {
     "uncorrelated EXISTS": lambda: select(User.id)
     .where(User.id == 7, exists(select(Order.id).where(Order.user_id == 3))),
     "global aggregate": lambda: select(User.id)
@@ -250,11 +257,19 @@ PRUNED_APART = {
     # it reads the whole table, which one shard does not hold.
     "global aggregate of the same table": lambda: select(User.id)
     .where(User.id == 5, User.id < select(func.max(User.id)).scalar_subquery()),
-    "IN on another column of the same table": lambda: select(User.id)
-    .where(User.id == 5, User.region.in_(select(User.region).where(User.id == 9))),
     "same table, placed by its parent": lambda: select(Order.id)
     .where(Order.user_id == 5, Order.amount <= select(func.max(Order.amount)).scalar_subquery()),
 }
+
+
+@pytest.mark.parametrize("name", list(PRUNED_COMPUTED_FIRST))
+def test_uncorrelated_subquery_of_a_one_shard_statement_computed_first(
+    sessions: Any, name: str
+) -> None:
+    s, oracle = sessions
+    stmt = PRUNED_COMPUTED_FIRST[name]()
+    want = oracle.execute(stmt).all()
+    assert want and sorted(s.execute(stmt).all()) == sorted(want)
 
 
 @pytest.mark.parametrize("name", list(PRUNED_APART))

@@ -30,6 +30,8 @@ Environment:
 
 * ``SHARDSESSION_FUZZ_COUNT`` statements per data set (default 60; 3 data sets per
   cluster and API, so 360 statements per cluster type);
+* ``SHARDSESSION_FUZZ_MORE_COUNT`` statements per data set from ``_fuzz_more`` (CTEs,
+  LATERAL, windows in subqueries, tuple IN, ...; default a third of the count);
 * ``SHARDSESSION_FUZZ_DATASETS`` data sets per cluster and API (default 3);
 * ``SHARDSESSION_FUZZ_WRITES`` UPDATE/DELETE statements per data set (default 12; 2 data
   sets per cluster and API);
@@ -73,10 +75,13 @@ from shardsession import (
 from shardsession.exc import NonAtomicCommitWarning, UnsupportedQueryError
 
 from . import _fuzz_grammar as fg
+from . import _fuzz_more as fm
 from . import _fuzz_schema as fs
 from .conftest import _Databases
 
 COUNT = int(os.environ.get("SHARDSESSION_FUZZ_COUNT", "60"))
+#: statements per data set of the constructs of _fuzz_more (session 6)
+MORE_COUNT = int(os.environ.get("SHARDSESSION_FUZZ_MORE_COUNT", str(max(COUNT // 3, 1))))
 WRITE_COUNT = int(os.environ.get("SHARDSESSION_FUZZ_WRITES", "12"))
 DATASETS = int(os.environ.get("SHARDSESSION_FUZZ_DATASETS", "3"))
 BASE = int(os.environ.get("SHARDSESSION_FUZZ_BASE", "7310"))
@@ -460,9 +465,16 @@ def _invalid_on_a_shard(cluster: FuzzCluster, case: fg.Case) -> bool:
     return False
 
 
+def _generate(stmt_seed: int, kind: str) -> fg.Case:
+    rng = random.Random(stmt_seed)
+    if stmt_seed % 100_000 >= fm.FIRST_SEED:
+        return fm.generate(rng, kind)
+    return fg.Grammar(rng, kind).case()
+
+
 def run_one(cluster: FuzzCluster, api: str, data_seed: int, stmt_seed: int,
             by_parent: dict[int, str], placement: Any, stats: Counter[str]) -> Finding | None:
-    case = fg.Grammar(random.Random(stmt_seed), cluster.kind).case()
+    case = _generate(stmt_seed, cluster.kind)
     seeds = f"{data_seed}:{stmt_seed}"
     with Session(cluster.oracle) as o, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -545,7 +557,8 @@ def test_fuzz_matches_one_database(fuzz_cluster: FuzzCluster, api: str) -> None:
         plan = [(d, [s])]
     else:
         plan = [
-            (BASE * 100 + d, [(BASE * 100 + d) * 100_000 + i for i in range(COUNT)])
+            (BASE * 100 + d, [(BASE * 100 + d) * 100_000 + i for i in range(COUNT)]
+             + [(BASE * 100 + d) * 100_000 + fm.FIRST_SEED + i for i in range(MORE_COUNT)])
             for d in range(DATASETS)
         ]
     findings: list[Finding] = []
@@ -735,3 +748,13 @@ def test_fuzz_writes_match_one_database(fuzz_cluster: FuzzCluster, api: str) -> 
     assert not findings, _report(fuzz_cluster.kind, api + " (writes)", findings, stats)
     assert stats["equal"] >= sum(stats.values()) // 4, dict(stats)
 
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql", "mixed"])
+def test_grammar_marks_every_colocation_case(kind: str) -> None:
+    """A statement tagged as depending on co-location is one the drop-in API may answer
+    per shard with a warning; a case that loses the mark would report the documented
+    drop-in outcome as a wrong answer (as ``from_subquery`` did)."""
+    for seed in range(3000):
+        case = _generate(seed if seed % 2 else fm.FIRST_SEED + seed, kind)
+        assert case.colocation == ("colocation" in case.tags), (seed, case.src)
