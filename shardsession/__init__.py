@@ -18,6 +18,7 @@ from .exc import (
     CommitIncomplete,
     ConfigurationError,
     CrossShardError,
+    DistributedDeadlock,
     FanoutTimeoutError,
     NonAtomicCommitWarning,
     NoShardChosenError,
@@ -33,6 +34,7 @@ from .exc import (
     UnknownShardError,
     UnsupportedQueryError,
 )
+from .retry import arun_transaction, is_retryable, run_transaction
 from .routing import (
     Broadcast,
     DirectorySharding,
@@ -56,6 +58,7 @@ __all__ = [
     "ConfigurationError",
     "CrossShardError",
     "DirectorySharding",
+    "DistributedDeadlock",
     "ExecuteChooser",
     "FanoutTimeoutError",
     "Follows",
@@ -82,5 +85,8 @@ __all__ = [
     "TransactionError",
     "UnknownShardError",
     "UnsupportedQueryError",
+    "arun_transaction",
+    "is_retryable",
+    "run_transaction",
     "set_shard_id",
 ]
