@@ -48,11 +48,12 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from ..exc import DistributedDeadlock
@@ -108,6 +109,17 @@ _lock = threading.Condition()
 _waits: dict[int, _Wait] = {}
 _thread: threading.Thread | None = None
 _broken = [0]
+_side: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def _side_engine(engine: Engine) -> Engine:
+    """An engine over a pool of its own, made like ``engine``'s (same creator, connect
+    arguments and pool listeners): the detector must never wait for a connection of the
+    application's pool, which the blocked transactions may all hold."""
+    side = _side.get(engine)
+    if side is None:
+        side = _side[engine] = create_engine(engine.url, pool=engine.pool.recreate())
+    return side
 
 
 def deadlocks_broken() -> int:
@@ -358,7 +370,7 @@ def _read_waits(engine: Engine) -> tuple[list[tuple[str, str]], dict[str, str]] 
     backends; ``None`` when the server cannot show them."""
     dialect = engine.dialect.name
     try:
-        with engine.connect() as c:
+        with _side_engine(engine).connect() as c:
             c = c.execution_options(isolation_level="AUTOCOMMIT")
             if dialect == "postgresql":
                 pairs: list[tuple[str, str]] = []
@@ -405,7 +417,7 @@ def _cancel(gt: GlobalTransaction, running: Sequence[_Wait], shards: tuple[str, 
         try:
             if sid is None:
                 continue
-            with b.engine.connect() as c:
+            with _side_engine(b.engine).connect() as c:
                 c = c.execution_options(isolation_level="AUTOCOMMIT")
                 if dialect == "postgresql":
                     c.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": int(sid)})
