@@ -41,6 +41,7 @@ def _scenarios() -> dict[str, Scenario]:
         ("benchmarks.scenarios_commit", ("commit_3shards_rtt2ms", "recovery_1000")),
         ("benchmarks.scenarios_bulk", ("bulk_insert_100k",)),
         ("benchmarks.scenarios_async", ("async_fanout_4shards_rtt5ms",)),
+        ("benchmarks.scenarios_contention", ("transfers_contended",)),
     ):
         try:
             module = __import__(module_name, fromlist=["x"])

@@ -408,7 +408,7 @@ def _cancel(gt: GlobalTransaction, running: Sequence[_Wait], shards: tuple[str, 
         return  # chosen already: its cancellation is on its way
     st.victim, st.reason = shards, reason
     _broken[0] += 1
-    log.warning("distributed deadlock: cancelling transaction %s (%s)",
+    log.info("distributed deadlock: cancelling transaction %s (%s)",
                 gt.gtrid or st.token, reason)
     for w in running:
         b = w.branch
