@@ -72,6 +72,8 @@ _MARK_KEY = "_shardsession_mark"
 _FIRST_KEY = "_shardsession_first"
 #: attribute of ours on an Engine whose connection-level listeners are installed
 _INSTRUMENTED_KEY = "_shardsession_instrumented"
+#: ... and whose after_cursor_execute listener is (installed with its first branch)
+_AFTER_KEY = "_shardsession_instrumented_after"
 #: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
 #: or a method of the session's class (``ShardedSession``)
 _NAMING_KEY = "_shardsession_naming"
@@ -270,13 +272,22 @@ def _instrument(engine: Engine) -> None:
         if getattr(engine, _INSTRUMENTED_KEY, False):
             return
         event.listen(engine, "before_cursor_execute", _before_cursor_execute)
-        event.listen(engine, "after_cursor_execute", _after_cursor_execute)
         event.listen(engine, "rollback", _on_rollback)
         event.listen(engine, "savepoint", _on_savepoint)
         event.listen(engine, "rollback_savepoint", _on_rollback_savepoint)
         event.listen(engine, "release_savepoint", _on_release_savepoint)
         event.listen(engine, "handle_error", _on_error)
         setattr(engine, _INSTRUMENTED_KEY, True)
+
+
+def _instrument_branches(engine: Engine) -> None:
+    # the end of a branch's statement (for the deadlock detector), on an engine's first
+    # branch: an engine only ever used by single-shard transactions never pays for it
+    with _instrument_lock:
+        if getattr(engine, _AFTER_KEY, False):
+            return
+        event.listen(engine, "after_cursor_execute", _after_cursor_execute)
+        setattr(engine, _AFTER_KEY, True)
 
 
 def _is_autocommit(conn: Connection) -> bool:
@@ -493,13 +504,12 @@ class TransactionCoordinator:
     def _add(self, gt: GlobalTransaction, connection: Connection, *,
              begun: bool = False) -> Branch:
         _instrument(connection.engine)
+        if self.deadlock_timeout is not None:
+            _instrument_branches(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
         setattr(connection, _BRANCH_KEY, branch)
-        if self.label_branches and self.deadlock_timeout is not None:
-            try:
-                deadlock.label(branch)
-            except Exception as e:  # the branch's next statement meets a real problem
-                log.debug("labelling branch %s failed: %s", branch.describe(), e)
+        if self.label_branches and self.deadlock_timeout is not None and not gt.defer_xa_start:
+            deadlock.schedule_labels(gt, ())  # (a flush's early BEGIN labels its own)
         if not getattr(connection, _WROTE_KEY, False):
             self._identity.early(branch)
         return branch
@@ -546,7 +556,7 @@ class TransactionCoordinator:
         if root is None:
             return []
         gt = self._global(sess, root)
-        if gt is None or gt.protocol_ran or gt.early:
+        if gt is None or gt.protocol_ran:
             return []
         branches = []
         # Every connection is checked out in the flush's order (the branches register as
@@ -564,10 +574,14 @@ class TransactionCoordinator:
                 branch = gt.branches.get(conn.engine)
                 if branch is not None and i > 0:
                     branches.append(branch)
+            if self.label_branches and self.deadlock_timeout is not None:
+                # the label jobs of the branches to begin early make their BEGINs
+                labelled = deadlock.schedule_labels(gt, branches)
+                branches = [b for b in branches if b not in labelled]
         finally:
             gt.defer_xa_start = False
             gt.start_pending_xa()
-        gt.early = early.start(self.executor(), branches)
+        gt.early.extend(early.start(self.executor(), branches))
         return gt.early
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 LABEL_PREFIX = "shardsession:"
 #: how long the watcher thread stays alive without a statement to watch
 _IDLE_EXIT = 5.0
+#: how often the watcher looks at the statements running (a statement registers without
+#: waking it up)
+_POLL = 0.25
 
 Node = tuple[str, ...]
 
@@ -93,7 +96,9 @@ class WatchState:
     #: set when chosen as a victim: the shards of the cycle (or the shard waited on)
     victim: tuple[str, ...] | None = None
     reason: str = ""
+    #: branches (by id) labelled, or to be labelled after their first statement
     labelled: set[int] = field(default_factory=set)
+    deferred: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -150,8 +155,6 @@ def enter(branch: Branch, timeout: float, fallback: float) -> None:
             _thread = threading.Thread(target=_watch, name="shardsession-deadlock",
                                        daemon=True)
             _thread.start()
-        elif len(_waits) == 1:
-            _lock.notify()
 
 
 def leave(branch: Branch) -> None:
@@ -159,6 +162,14 @@ def leave(branch: Branch) -> None:
     if _waits:
         with _lock:
             _waits.pop(id(branch), None)
+    gt = branch.gt
+    if gt is None:
+        return
+    st: WatchState | None = gt.watch
+    if st is not None and id(branch) in st.deferred and not gt.protocol_ran:
+        job = label(branch)  # its first statement began its server transaction
+        if job is not None:
+            gt.early.append(gt.coordinator.executor().submit(job))
 
 
 def victim_error(gt: GlobalTransaction) -> DistributedDeadlock | None:
@@ -176,26 +187,77 @@ def victim_error(gt: GlobalTransaction) -> DistributedDeadlock | None:
     )
 
 
-def label(branch: Branch) -> None:
-    """Label the branch's PostgreSQL backend with its global transaction
+def label(branch: Branch) -> Callable[[], None] | None:
+    """The job that labels the branch's PostgreSQL backend with its global transaction
     (``application_name``, local to the transaction: it reverts at its end), so that the
-    detectors of other processes can join its waits across servers. One round trip, on
-    multi-shard transactions only; other dialects have no label (see the docs)."""
+    detectors of other processes can join its waits across servers; ``None`` where there
+    is no label (MariaDB, SQLite, asyncio drivers: see the docs) or it has one already.
+
+    The job runs in a worker thread, as an early BEGIN does (see :mod:`.early`: psycopg2
+    and psycopg 3 connections serialise their use from several threads), and is joined
+    with the early BEGINs, before the transaction ends (see :func:`schedule_labels`).
+    """
     gt = branch.gt
     if gt is None or branch.adapter is None or branch.adapter.name != "postgresql":
-        return
+        return None
     from ..backends import postgresql as pg
 
     dbapi = branch.dbapi
     if pg._driver(dbapi) is None:
-        return  # asyncio drivers: no label (a blocking call would be wrong here)
+        return None
     st = state_of(gt)
-    cur = pg._cursor(dbapi)
-    try:
-        cur.execute("SELECT set_config('application_name', %s, true)",
-                    (f"{LABEL_PREFIX}{st.token}:{int(st.born * 1000)}",))
-    finally:
-        cur.close()
+    if id(branch) in st.labelled:
+        return None
+    st.labelled.add(id(branch))
+    st.deferred.discard(id(branch))
+    name = f"{LABEL_PREFIX}{st.token}:{int(st.born * 1000)}"
+
+    def run() -> None:
+        cur = pg._cursor(dbapi)
+        try:
+            cur.execute("SELECT set_config('application_name', %s, true)", (name,))
+        except Exception as e:  # the branch's own next statement meets a real problem
+            log.debug("labelling branch %s failed: %s", branch.describe(), e)
+        finally:
+            cur.close()
+
+    return run
+
+
+def schedule_labels(gt: GlobalTransaction, early_begins: Sequence[Branch]) -> list[Branch]:
+    """Label the transaction's PostgreSQL branches that have no label yet, at the cheapest
+    moment for each (the jobs go into ``gt.early``); returns the branches of
+    ``early_begins`` whose early BEGIN the label job makes (its statement begins the
+    server transaction: the label costs no round trip of its own there).
+
+    A branch whose server transaction is open is labelled now (its owner is busy with
+    another shard); one about to begin early is labelled by that BEGIN's job; any other
+    (a flush's first shard, whose BEGIN goes with its first statement) after its first
+    statement (see :func:`leave`). A branch that joins outside a flush's early BEGIN is
+    labelled at once: its first statement may then wait one round trip for the label.
+    """
+    from ..backends import postgresql as pg
+
+    coordinator = gt.coordinator
+    early_ids = {id(b) for b in early_begins}
+    replaced: list[Branch] = []
+    for b in _branches(gt):
+        if b.adapter is None or b.adapter.name != "postgresql":
+            continue
+        st = state_of(gt)
+        if id(b) in st.labelled:
+            continue
+        begun = not pg._begins_next(b.dbapi)
+        if not begun and id(b) not in early_ids and gt.defer_xa_start:
+            st.deferred.add(id(b))  # labelled after its first statement
+            continue
+        job = label(b)
+        if job is None:
+            continue
+        gt.early.append(coordinator.executor().submit(job))
+        if id(b) in early_ids and not begun:
+            replaced.append(b)
+    return replaced
 
 
 # --- the watcher thread ------------------------------------------------------------------
@@ -208,7 +270,8 @@ def _watch() -> None:
         with _lock:
             idle_since = time.monotonic()
             while not _waits:
-                _lock.wait(1.0)
+                # (polled, not notified: a statement costs its session no wake-up)
+                _lock.wait(_POLL)
                 if not _waits and time.monotonic() - idle_since > _IDLE_EXIT:
                     _thread = None
                     return
@@ -216,7 +279,7 @@ def _watch() -> None:
             due = min(w.since + w.timeout for w in _waits.values())
             due = max(due, next_pass)
             if now < due:
-                _lock.wait(min(due - now, 1.0))
+                _lock.wait(min(due - now, _POLL))
                 continue
             long = [w for w in _waits.values() if now - w.since >= w.timeout]
             interval = min((w.timeout for w in long), default=1.0)

@@ -22,9 +22,16 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from shardsession import DistributedDeadlock, is_retryable, run_transaction
+from shardsession import (
+    DistributedDeadlock,
+    Pinned,
+    Placement,
+    ShardedSession,
+    is_retryable,
+    run_transaction,
+)
 from shardsession.coordinator import TransactionCoordinator
 from shardsession.coordinator import deadlock as dl
 
@@ -322,3 +329,58 @@ def test_cycle_between_two_processes(request: pytest.FixtureRequest,
     # the committed process added 1 to row 1 on both shards; the victim nothing
     assert [_value(e) for e in engines] == [1, 1], victim
     print(f"\ncross-process cycle broken in {took:.2f} s")
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Left(_Base):
+    __tablename__ = "dl_left"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+
+
+class Right(_Base):
+    __tablename__ = "dl_right"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+
+
+def _labels(engine: Engine) -> set[str]:
+    with engine.connect() as c:
+        return set(c.exec_driver_sql(
+            "SELECT application_name FROM pg_stat_activity "
+            "WHERE application_name LIKE 'shardsession:%%'").scalars())
+
+
+@pytest.mark.postgresql
+def test_branches_are_labelled_and_single_shard_ones_are_not(
+        request: pytest.FixtureRequest, dispose: list[Engine]) -> None:
+    """Every PostgreSQL branch of a multi-shard transaction carries its label while it
+    runs (a flush's early BEGIN path, and statements one shard after another), none
+    after it ended; a single-shard transaction never gets one."""
+    engines = {"l": create_engine(request.getfixturevalue("pg_url_a")),
+               "r": create_engine(request.getfixturevalue("pg_url_b"))}
+    dispose.extend(engines.values())
+    for e in engines.values():
+        _Base.metadata.create_all(e)
+    maker = sessionmaker(class_=ShardedSession, shards=engines,
+                         placement=Placement({Left: Pinned("l"), Right: Pinned("r")}))
+    with maker() as s:
+        s.add(Left(id=1))
+        s.flush()
+        assert _labels(engines["l"]) == set() and _labels(engines["r"]) == set()
+        s.add_all([Left(id=2), Right(id=2)])
+        s.flush()  # second shard: a global transaction, both branches labelled
+        la, lb = _labels(engines["l"]), _labels(engines["r"])
+        assert len(la) == 1 and la == lb, (la, lb)
+        s.commit()
+    assert _labels(engines["l"]) == set() and _labels(engines["r"]) == set()
+    with maker() as s:  # one flush writing both shards: the early BEGIN path
+        s.add_all([Left(id=3), Right(id=3)])
+        s.flush()
+        la, lb = _labels(engines["l"]), _labels(engines["r"])
+        assert len(la) == 1 and la == lb, (la, lb)
+        s.rollback()
+    assert _labels(engines["l"]) == set() and _labels(engines["r"]) == set()
+    with maker() as s:
+        assert s.get(Left, 1) is not None and s.get(Left, 3) is None
