@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from shardsession import (
@@ -80,9 +81,10 @@ def _value(engine: Engine, row: int = 1) -> int:
         return int(c.scalar(select(t.c.v).where(t.c.id == row)) or 0)
 
 
-def _cycle(engines: list[Engine]) -> dict[str, Any]:
+def _cycle(engines: list[Engine],
+           coord: TransactionCoordinator | None = None) -> dict[str, Any]:
     n = len(engines)
-    coord = TransactionCoordinator()
+    coord = coord or TransactionCoordinator()
     names = {e: f"s{i}" for i, e in enumerate(engines)}
     barrier = threading.Barrier(n)
     outcome: dict[int, str] = {}
@@ -384,3 +386,41 @@ def test_branches_are_labelled_and_single_shard_ones_are_not(
     assert _labels(engines["l"]) == set() and _labels(engines["r"]) == set()
     with maker() as s:
         assert s.get(Left, 1) is not None and s.get(Left, 3) is None
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+def test_bounded_wait_where_lock_waits_cannot_be_read(
+        request: pytest.FixtureRequest, dispose: list[Engine]) -> None:
+    """The MariaDB shard's role lacks PROCESS (INNODB_LOCK_WAITS is refused): the cycle
+    cannot be seen, so the transaction waiting on that shard is cancelled after
+    ``deadlock_fallback`` seconds, with the same error; the other commits."""
+    pg_url = request.getfixturevalue("pg_url_a")
+    my_url = make_url(request.getfixturevalue("mariadb_url"))
+    admin = create_engine(my_url)
+    dispose.append(admin)
+    user = "ss_noprocess"
+    with admin.begin() as c:
+        for host in ("%%", "localhost", "127.0.0.1"):  # (%% : the driver's paramstyle)
+            c.exec_driver_sql(f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'pw'")
+            c.exec_driver_sql(f"GRANT ALL ON `{my_url.database}`.* TO '{user}'@'{host}'")
+    try:
+        limited = my_url.set(username=user, password="pw")
+        with create_engine(limited).connect() as c, pytest.raises(DBAPIError):
+            c.exec_driver_sql("SELECT * FROM information_schema.INNODB_LOCK_WAITS")
+        engines = [create_engine(pg_url, pool_size=6), create_engine(limited, pool_size=6)]
+        dispose.extend(engines)
+        for e in engines:
+            md.create_all(e)
+            with e.begin() as c:
+                c.execute(t.insert(), [{"id": 1, "v": 0}, {"id": 2, "v": 0}])
+        res = _cycle(engines, TransactionCoordinator(deadlock_fallback=4.0))
+        _check_cycle(engines, res)
+        victim = next(i for i, o in res["outcome"].items() if o == "victim")
+        assert victim == 0  # thread 0 waits on the MariaDB shard
+        assert res["took"][victim] >= 3.5
+        assert "cannot be read" in str(res["errors"][victim])
+    finally:
+        with admin.begin() as c:
+            for host in ("%%", "localhost", "127.0.0.1"):
+                c.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'{host}'")
