@@ -179,7 +179,7 @@ def _after_cursor_execute(conn: Connection, cursor: Any, statement: str, paramet
                           context: Any, executemany: bool) -> None:
     branch = _branch_of(conn)
     if branch is not None:
-        deadlock.leave(branch)
+        deadlock.after_statement(branch)
 
 
 def _wrote(conn: Connection) -> bool | None:

@@ -50,6 +50,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,10 +66,13 @@ if TYPE_CHECKING:
 __all__ = [
     "LABEL_PREFIX",
     "WatchState",
+    "after_statement",
     "deadlocks_broken",
     "enter",
     "label",
     "leave",
+    "schedule_labels",
+    "state_of",
     "victim_error",
 ]
 
@@ -114,6 +118,7 @@ _lock = threading.Condition()
 _waits: dict[int, _Wait] = {}
 _thread: threading.Thread | None = None
 _broken = [0]
+_labels: ThreadPoolExecutor | None = None
 _side: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
@@ -158,18 +163,24 @@ def enter(branch: Branch, timeout: float, fallback: float) -> None:
 
 
 def leave(branch: Branch) -> None:
-    """The branch's statement ended (answered, failed or cancelled)."""
+    """The branch's statement ended (answered, failed or cancelled), or the branch did."""
     if _waits:
         with _lock:
             _waits.pop(id(branch), None)
+
+
+def after_statement(branch: Branch) -> None:
+    """The branch's statement was answered (from the session's thread): :func:`leave`,
+    and label a flush's first shard now that its server transaction is open."""
+    leave(branch)
     gt = branch.gt
     if gt is None:
         return
     st: WatchState | None = gt.watch
     if st is not None and id(branch) in st.deferred and not gt.protocol_ran:
-        job = label(branch)  # its first statement began its server transaction
-        if job is not None:
-            gt.early.append(gt.coordinator.executor().submit(job))
+        job = label(branch)
+        if job is not None:  # joined with the early BEGINs, before the transaction ends
+            gt.early.append(_label_pool().submit(job))
 
 
 def victim_error(gt: GlobalTransaction) -> DistributedDeadlock | None:
@@ -224,21 +235,33 @@ def label(branch: Branch) -> Callable[[], None] | None:
     return run
 
 
+def _label_pool() -> ThreadPoolExecutor:
+    # Never the protocol's pool: a label job may wait for its connection's driver lock
+    # while the owner's statement waits on a row lock, and must not hold up a PREPARE.
+    global _labels
+    with _lock:
+        if _labels is None:
+            _labels = ThreadPoolExecutor(max_workers=16,
+                                         thread_name_prefix="shardsession-label")
+        return _labels
+
+
 def schedule_labels(gt: GlobalTransaction, early_begins: Sequence[Branch]) -> list[Branch]:
     """Label the transaction's PostgreSQL branches that have no label yet, at the cheapest
-    moment for each (the jobs go into ``gt.early``); returns the branches of
-    ``early_begins`` whose early BEGIN the label job makes (its statement begins the
-    server transaction: the label costs no round trip of its own there).
+    moment for each; returns the branches of ``early_begins`` whose early BEGIN the label
+    job makes (its statement begins the server transaction: the label costs no round
+    trip of its own there).
 
-    A branch whose server transaction is open is labelled now (its owner is busy with
-    another shard); one about to begin early is labelled by that BEGIN's job; any other
-    (a flush's first shard, whose BEGIN goes with its first statement) after its first
-    statement (see :func:`leave`). A branch that joins outside a flush's early BEGIN is
-    labelled at once: its first statement may then wait one round trip for the label.
+    A branch whose server transaction is open is labelled from a worker now (its owner
+    is busy with another shard); one about to begin early by that BEGIN's job; a flush's
+    first shard (its BEGIN goes with its first statement) from a worker after its first
+    statement (see :func:`leave`); a branch that joins outside a flush, before its first
+    statement, in the calling thread: one round trip, so that its first statement, which
+    may wait on a lock, is labelled while it waits. The jobs are joined with the early
+    BEGINs (``gt.early``), and one not started by then is cancelled.
     """
     from ..backends import postgresql as pg
 
-    coordinator = gt.coordinator
     early_ids = {id(b) for b in early_begins}
     replaced: list[Branch] = []
     for b in _branches(gt):
@@ -254,7 +277,10 @@ def schedule_labels(gt: GlobalTransaction, early_begins: Sequence[Branch]) -> li
         job = label(b)
         if job is None:
             continue
-        gt.early.append(coordinator.executor().submit(job))
+        if not begun and id(b) not in early_ids:
+            job()
+            continue
+        gt.early.append(_label_pool().submit(job))
         if id(b) in early_ids and not begun:
             replaced.append(b)
     return replaced

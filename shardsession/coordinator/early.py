@@ -45,9 +45,12 @@ def start(pool: Executor, branches: Sequence[Branch]) -> list[Future[None]]:
 
 
 def join(futures: list[Future[None]]) -> None:
-    """Wait for early BEGINs still running; empties ``futures`` (shared with the session)."""
+    """Wait for early BEGINs (and branch labels, see :mod:`.deadlock`) still running,
+    cancel those not started; empties ``futures`` (shared with the session)."""
     while futures:
         future = futures.pop()
+        if future.cancel():
+            continue  # not started (a busy pool): the branch's own statement begins it
         try:
             future.result()
         except Exception as e:  # the branch's next statement reports it
