@@ -58,6 +58,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from ..exc import DistributedDeadlock
+from .early import CANCEL_AT_JOIN
 
 if TYPE_CHECKING:
     from .branch import Branch
@@ -180,7 +181,7 @@ def after_statement(branch: Branch) -> None:
     if st is not None and id(branch) in st.deferred and not gt.protocol_ran:
         job = label(branch)
         if job is not None:  # joined with the early BEGINs, before the transaction ends
-            gt.early.append(_label_pool().submit(job))
+            _submit(gt, job)
 
 
 def victim_error(gt: GlobalTransaction) -> DistributedDeadlock | None:
@@ -235,6 +236,12 @@ def label(branch: Branch) -> Callable[[], None] | None:
     return run
 
 
+def _submit(gt: GlobalTransaction, job: Callable[[], None]) -> None:
+    future = _label_pool().submit(job)
+    setattr(future, CANCEL_AT_JOIN, True)  # (see early.join)
+    gt.early.append(future)
+
+
 def _label_pool() -> ThreadPoolExecutor:
     # Never the protocol's pool: a label job may wait for its connection's driver lock
     # while the owner's statement waits on a row lock, and must not hold up a PREPARE.
@@ -280,7 +287,7 @@ def schedule_labels(gt: GlobalTransaction, early_begins: Sequence[Branch]) -> li
         if not begun and id(b) not in early_ids:
             job()
             continue
-        gt.early.append(_label_pool().submit(job))
+        _submit(gt, job)
         if id(b) in early_ids and not begun:
             replaced.append(b)
     return replaced
