@@ -226,3 +226,14 @@ def test_arun_transaction_retries(tmp_path: Path) -> None:
 
     out, values = asyncio.run(main())
     assert out == "ok" and values == [1, 0]
+
+
+def test_every_error_of_the_tree_says_whether_it_is_retryable() -> None:
+    from shardsession import exc
+
+    classes = [getattr(exc, n) for n in exc.__all__
+               if isinstance(getattr(exc, n), type)
+               and issubclass(getattr(exc, n), exc.ShardSessionError)]
+    assert all(isinstance(c.retryable, bool) for c in classes)
+    assert {c.__name__ for c in classes if c.retryable} == {"DistributedDeadlock",
+                                                             "PrepareFailed"}
