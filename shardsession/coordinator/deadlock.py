@@ -50,7 +50,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -58,7 +58,6 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from ..exc import DistributedDeadlock
-from .early import CANCEL_AT_JOIN
 
 if TYPE_CHECKING:
     from .branch import Branch
@@ -119,7 +118,6 @@ _lock = threading.Condition()
 _waits: dict[int, _Wait] = {}
 _thread: threading.Thread | None = None
 _broken = [0]
-_labels: ThreadPoolExecutor | None = None
 _side: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 
 
@@ -237,20 +235,24 @@ def label(branch: Branch) -> Callable[[], None] | None:
 
 
 def _submit(gt: GlobalTransaction, job: Callable[[], None]) -> None:
-    future = _label_pool().submit(job)
-    setattr(future, CANCEL_AT_JOIN, True)  # (see early.join)
+    """Run a label job on a thread of its own; its future joins ``gt.early``.
+
+    Never on a shared pool: a job may wait for its connection's driver lock while the
+    owner's statement waits on a row lock, and a queued job (or a PREPARE queued behind
+    it) would then wait on other transactions, which may wait on us. A job of its own
+    waits only for its owner's statement, which has ended when the owner joins it.
+    """
+    future: Future[None] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                job()
+            finally:
+                future.set_result(None)
+
+    threading.Thread(target=run, name="shardsession-label", daemon=True).start()
     gt.early.append(future)
-
-
-def _label_pool() -> ThreadPoolExecutor:
-    # Never the protocol's pool: a label job may wait for its connection's driver lock
-    # while the owner's statement waits on a row lock, and must not hold up a PREPARE.
-    global _labels
-    with _lock:
-        if _labels is None:
-            _labels = ThreadPoolExecutor(max_workers=16,
-                                         thread_name_prefix="shardsession-label")
-        return _labels
 
 
 def schedule_labels(gt: GlobalTransaction, early_begins: Sequence[Branch]) -> list[Branch]:
@@ -265,7 +267,7 @@ def schedule_labels(gt: GlobalTransaction, early_begins: Sequence[Branch]) -> li
     statement (see :func:`leave`); a branch that joins outside a flush, before its first
     statement, in the calling thread: one round trip, so that its first statement, which
     may wait on a lock, is labelled while it waits. The jobs are joined with the early
-    BEGINs (``gt.early``), and one not started by then is cancelled.
+    BEGINs (``gt.early``).
     """
     from ..backends import postgresql as pg
 

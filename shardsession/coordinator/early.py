@@ -27,10 +27,7 @@ from concurrent.futures import Executor, Future
 
 from .branch import Branch, BranchState
 
-__all__ = ["CANCEL_AT_JOIN", "join", "start"]
-
-#: attribute of ours on a Future that :func:`join` cancels when it has not started
-CANCEL_AT_JOIN = "_shardsession_cancel_at_join"
+__all__ = ["join", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +45,10 @@ def start(pool: Executor, branches: Sequence[Branch]) -> list[Future[None]]:
 
 
 def join(futures: list[Future[None]]) -> None:
-    """Wait for early BEGINs (and branch labels, see :mod:`.deadlock`) still running,
-    cancel the labels not started; empties ``futures`` (shared with the session)."""
+    """Wait for early BEGINs (and branch labels, see :mod:`.deadlock`) still running;
+    empties ``futures`` (shared with the session)."""
     while futures:
         future = futures.pop()
-        if getattr(future, CANCEL_AT_JOIN, False) and future.cancel():
-            continue  # a branch label not started yet (see .deadlock): never waited for
         try:
             future.result()
         except Exception as e:  # the branch's next statement reports it

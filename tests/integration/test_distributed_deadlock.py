@@ -340,11 +340,13 @@ class _Base(DeclarativeBase):
 class Left(_Base):
     __tablename__ = "dl_left"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    v: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Right(_Base):
     __tablename__ = "dl_right"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    v: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def _labels(engine: Engine) -> set[str]:
@@ -424,3 +426,60 @@ def test_bounded_wait_where_lock_waits_cannot_be_read(
         with admin.begin() as c:
             for host in ("%%", "localhost", "127.0.0.1"):
                 c.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+@pytest.mark.postgresql
+@pytest.mark.mysql
+def test_orm_cycle_through_sharded_session(request: pytest.FixtureRequest,
+                                           dispose: list[Engine]) -> None:
+    """The cycle as an ORM user writes it: ShardedSession, rows read FOR UPDATE on a
+    PostgreSQL and a MariaDB shard in opposite order, changed, committed with
+    ``sessionmaker.begin()``. One victim, whose changes are absent; the other commits."""
+    engines = {"l": create_engine(request.getfixturevalue("pg_url_a")),
+               "r": create_engine(request.getfixturevalue("mariadb_url"))}
+    dispose.extend(engines.values())
+    for e in engines.values():
+        _Base.metadata.create_all(e)
+    maker = sessionmaker(class_=ShardedSession, shards=engines,
+                         placement=Placement({Left: Pinned("l"), Right: Pinned("r")}))
+    with maker.begin() as s:
+        s.add_all([Left(id=1, v=0), Right(id=1, v=0)])
+    barrier = threading.Barrier(2)
+    outcome: dict[int, str] = {}
+    t0: list[float] = []
+    took: list[float] = []
+
+    def worker(i: int) -> None:
+        order = [Left, Right] if i == 0 else [Right, Left]
+        try:
+            with maker.begin() as s:
+                first = s.get(order[0], 1, with_for_update=True)
+                assert first is not None
+                first.v += 1 << i
+                s.flush()
+                barrier.wait(30)
+                if not t0:
+                    t0.append(time.monotonic())
+                second = s.get(order[1], 1, with_for_update=True)
+                assert second is not None
+                second.v += 1 << i
+            outcome[i] = "committed"
+        except DistributedDeadlock:
+            took.append(time.monotonic() - t0[0])
+            outcome[i] = "victim"
+        except BaseException as e:
+            outcome[i] = repr(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(BOUND + 30)
+    assert sorted(outcome.values()) == ["committed", "victim"], outcome
+    assert took and took[0] < BOUND
+    winner = next(i for i, o in outcome.items() if o == "committed")
+    with maker() as s:
+        left, right = s.get(Left, 1), s.get(Right, 1)
+        assert left is not None and right is not None
+        assert (left.v, right.v) == (1 << winner, 1 << winner)
+    print(f"\nORM cycle broken in {took[0]:.2f} s")
