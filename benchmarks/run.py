@@ -42,6 +42,7 @@ def _scenarios() -> dict[str, Scenario]:
         ("benchmarks.scenarios_bulk", ("bulk_insert_100k",)),
         ("benchmarks.scenarios_async", ("async_fanout_4shards_rtt5ms",)),
         ("benchmarks.scenarios_tenancy", ("tenant_request", "move_tenant_100k")),
+        ("benchmarks.scenarios_contention", ("transfers_contended",)),
     ):
         try:
             module = __import__(module_name, fromlist=["x"])

@@ -18,6 +18,7 @@ from .exc import (
     CommitIncomplete,
     ConfigurationError,
     CrossShardError,
+    DistributedDeadlock,
     FanoutTimeoutError,
     NonAtomicCommitWarning,
     NoShardChosenError,
@@ -38,6 +39,7 @@ from .exc import (
     UnknownTenantError,
     UnsupportedQueryError,
 )
+from .retry import arun_transaction, is_retryable, run_transaction
 from .routing import (
     Broadcast,
     DirectorySharding,
@@ -61,6 +63,7 @@ __all__ = [
     "ConfigurationError",
     "CrossShardError",
     "DirectorySharding",
+    "DistributedDeadlock",
     "ExecuteChooser",
     "FanoutTimeoutError",
     "Follows",
@@ -92,5 +95,8 @@ __all__ = [
     "UnknownShardError",
     "UnknownTenantError",
     "UnsupportedQueryError",
+    "arun_transaction",
+    "is_retryable",
+    "run_transaction",
     "set_shard_id",
 ]

@@ -21,6 +21,7 @@ Driver errors raised by work on a single shard pass through unchanged (they are 
     |   +-- PrepareFailed             (failed_shards) nothing was committed
     |   +-- CommitIncomplete          (pending_shards) committed; recovery finishes the rest
     |   +-- OutcomeUnknown            the decision's fate is unknown; recovery settles it
+    |   +-- DistributedDeadlock       (gtrid, shard_ids) chosen as the victim of a lock cycle
     +-- RecoveryError                 (gtrid, shard_id) recovery could not settle a branch
     +-- TenantError                   (tenant) multi-tenant use (shardsession.tenancy)
         +-- TenantIsolationError      (other_tenant) another tenant's row, or a tenant switch
@@ -34,6 +35,12 @@ Every exception pickles with its structured fields (they cross process boundarie
 worker pools and in the recovery worker). The fields are typed, and are the constructors'
 keyword arguments; shard ids are typed ``str``, as SQLAlchemy types them
 (``ShardIdentifier``).
+
+Every class says whether retrying the whole unit of work may succeed: ``retryable`` is
+``True`` for :class:`DistributedDeadlock` and :class:`PrepareFailed` (nothing was committed:
+a lost lock cycle, a "no" vote, a prepare lost to a recovery claim), ``False`` for every
+other (an unknown outcome is never retryable: the first attempt may have committed).
+:func:`shardsession.run_transaction` retries on it; a web framework may map it to a 503.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ __all__ = [
     "CommitIncomplete",
     "ConfigurationError",
     "CrossShardError",
+    "DistributedDeadlock",
     "FanoutTimeoutError",
     "NoShardChosenError",
     "NonAtomicCommitWarning",
@@ -80,6 +88,8 @@ class ShardSessionError(Exception):
 
     #: names of the keyword fields a subclass stores; used for pickling and ``repr``
     _fields: tuple[str, ...] = ()
+    #: whether running the whole unit of work again may succeed (nothing was committed)
+    retryable: bool = False
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
@@ -229,7 +239,11 @@ class CapabilityError(TransactionError):
 
 class PrepareFailed(TransactionError):
     """One or more branches could not be prepared; every branch was rolled back and
-    nothing was committed."""
+    nothing was committed. Retryable: a "no" vote (a serialization failure at PREPARE),
+    a prepare lost to a recovery claim or a branch its server rolled back may all succeed
+    on a new attempt; a permanent cause (a temporary table) fails again."""
+
+    retryable = True
 
     _fields: tuple[str, ...] = ("gtrid", "failed_shards")
     failed_shards: Sequence[str]
@@ -255,7 +269,10 @@ class CommitIncomplete(TransactionError):
 
 class OutcomeUnknown(TransactionError):
     """The decision commit was sent but its reply was lost; recovery settles the
-    transaction (named by ``gtrid``) one way or the other."""
+    transaction (named by ``gtrid``) one way or the other. Never retryable: the first
+    attempt may have committed, and running it again could apply it twice."""
+
+    retryable = False
 
     _fields: tuple[str, ...] = ("gtrid", "pending_shards")
     pending_shards: Sequence[str]
@@ -263,6 +280,23 @@ class OutcomeUnknown(TransactionError):
     if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
         def __init__(
             self, message: str, *, gtrid: str | None = None, pending_shards: Sequence[str],
+        ) -> None: ...
+
+
+class DistributedDeadlock(TransactionError):
+    """The transaction was chosen as the victim of a lock cycle that spans shards (no
+    single server sees it), or waited on a shard that cannot show its lock waits longer
+    than the bounded wait. Its waiting statement was cancelled and every branch is rolled
+    back with the session: nothing it wrote survives, and a new attempt of the whole unit
+    of work may succeed (``retryable``). ``shard_ids`` are the shards of the cycle."""
+
+    retryable = True
+    _fields: tuple[str, ...] = ("gtrid", "shard_ids")
+    shard_ids: Sequence[str]
+
+    if TYPE_CHECKING:  # (the fields as keywords, for the type checker)
+        def __init__(
+            self, message: str, *, gtrid: str | None = None, shard_ids: Sequence[str] = (),
         ) -> None: ...
 
 
@@ -325,6 +359,7 @@ class StaleTenantDirectoryError(TenantError):
     the unit of work again; the directory cache is already refreshed. Nothing was
     written to the old shard."""
 
+    retryable = True
     _fields: tuple[str, ...] = ("tenant", "shard_id")
     shard_id: str | None
 

@@ -51,7 +51,7 @@ from .. import _compat
 from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..backends.sqlite import total_changes
 from ..exc import ConfigurationError, TransactionError
-from . import early
+from . import deadlock, early
 from .branch import Branch, BranchState
 from .identity import IdentityCache
 from .transaction import GlobalTransaction
@@ -72,6 +72,8 @@ _MARK_KEY = "_shardsession_mark"
 _FIRST_KEY = "_shardsession_first"
 #: attribute of ours on an Engine whose connection-level listeners are installed
 _INSTRUMENTED_KEY = "_shardsession_instrumented"
+#: ... and whose after_cursor_execute listener is (installed with its first branch)
+_AFTER_KEY = "_shardsession_instrumented_after"
 #: a session's branch-naming function: kept there by :meth:`TransactionCoordinator.attach`,
 #: or a method of the session's class (``ShardedSession``)
 _NAMING_KEY = "_shardsession_naming"
@@ -159,15 +161,26 @@ def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parame
         if getattr(conn, _WROTE_KEY, None) is False and _is_write(context):
             setattr(conn, _WROTE_KEY, True)
         return
-    if not _is_write(context):
-        return
-    if branch.gt is not None and branch.gt.protocol_ran:
-        raise TransactionError(
-            f"write on shard {branch.shard_id!r} after the commit protocol ran: it would "
-            "not be part of the committed transaction",
-            gtrid=branch.gt.gtrid,
-        )
-    branch.wrote = True
+    gt = branch.gt
+    if _is_write(context):
+        if gt is not None and gt.protocol_ran:
+            raise TransactionError(
+                f"write on shard {branch.shard_id!r} after the commit protocol ran: it "
+                "would not be part of the committed transaction",
+                gtrid=gt.gtrid,
+            )
+        branch.wrote = True
+    if gt is not None:
+        coord = gt.coordinator
+        if coord.deadlock_timeout is not None:
+            deadlock.enter(branch, coord.deadlock_timeout, coord.deadlock_fallback)
+
+
+def _after_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
+                          context: Any, executemany: bool) -> None:
+    branch = _branch_of(conn)
+    if branch is not None:
+        deadlock.after_statement(branch)
 
 
 def _wrote(conn: Connection) -> bool | None:
@@ -229,23 +242,26 @@ def _on_release_savepoint(conn: Connection, name: str, context: Any) -> None:
     _unwind(conn, name)
 
 
-def _on_error(context: Any) -> None:
+def _on_error(context: Any) -> BaseException | None:
     # The server may have rolled the whole transaction back (a deadlock): if the
     # application catches the error and commits, the commit must know.
     conn = context.connection
     if conn is None or context.original_exception is None:
-        return
+        return None
     branch = _branch_of(conn)
     if branch is not None:
         if branch.errors is None:
             branch.errors = []
         branch.errors.append(context.original_exception)
+        deadlock.leave(branch)
+        return deadlock.victim_error(branch.gt) if branch.gt is not None else None
     elif getattr(conn, _WROTE_KEY, None) is not None:  # a transaction's first connection
         errors = getattr(conn, _ERRORS_KEY, None)
         if errors is None:
             errors = []
             setattr(conn, _ERRORS_KEY, errors)
         errors.append(context.original_exception)
+    return None
 
 
 def _on_rollback(conn: Connection) -> None:
@@ -269,6 +285,16 @@ def _instrument(engine: Engine) -> None:
         setattr(engine, _INSTRUMENTED_KEY, True)
 
 
+def _instrument_branches(engine: Engine) -> None:
+    # the end of a branch's statement (for the deadlock detector), on an engine's first
+    # branch: an engine only ever used by single-shard transactions never pays for it
+    with _instrument_lock:
+        if getattr(engine, _AFTER_KEY, False):
+            return
+        event.listen(engine, "after_cursor_execute", _after_cursor_execute)
+        setattr(engine, _AFTER_KEY, True)
+
+
 def _is_autocommit(conn: Connection) -> bool:
     level = conn.get_execution_options().get("isolation_level")
     if level is None:
@@ -288,6 +314,15 @@ class TransactionCoordinator:
     :param max_workers: threads for the parallel phases (default: ``min(32, cpus + 4)``).
     :param max_commit_age: seconds; an older transaction is refused at commit (nothing is
         committed). Must stay below half of recovery's ``abort_retention``.
+    :param deadlock_timeout: seconds a statement of a global transaction (2+ shards) may
+        wait before the distributed deadlock detector reads the lock waits of its shards
+        (see :mod:`.deadlock`); ``None`` turns detection off.
+    :param deadlock_fallback: seconds after which a global transaction waiting on a shard
+        that cannot show its lock waits (MariaDB without ``PROCESS``, SQLite) is cancelled
+        with :class:`~shardsession.exc.DistributedDeadlock`.
+    :param label_branches: label each PostgreSQL branch of a global transaction with it
+        (``application_name``, one round trip per branch, multi-shard transactions only),
+        so that the detectors of other processes see its cycles too.
     :param crash_point: tests only: called with the name of each protocol step.
     """
 
@@ -299,7 +334,19 @@ class TransactionCoordinator:
         max_workers: int | None = None,
         max_commit_age: float = 6 * 3600.0,
         crash_point: Callable[[str], None] | None = None,
+        deadlock_timeout: float | None = 1.0,
+        deadlock_fallback: float = 30.0,
+        label_branches: bool = True,
     ) -> None:
+        if deadlock_timeout is not None and not deadlock_timeout > 0:
+            raise ConfigurationError(
+                f"deadlock_timeout must be > 0 seconds or None, not {deadlock_timeout!r}")
+        if not deadlock_fallback > 0:
+            raise ConfigurationError(
+                f"deadlock_fallback must be > 0 seconds, not {deadlock_fallback!r}")
+        self.deadlock_timeout = deadlock_timeout
+        self.deadlock_fallback = deadlock_fallback
+        self.label_branches = label_branches
         if atomic not in ("require", "best_effort"):
             raise ConfigurationError(f"atomic must be 'require' or 'best_effort', not {atomic!r}")
         self.atomic = atomic
@@ -392,6 +439,7 @@ class TransactionCoordinator:
 
     def forget(self, branch: Branch) -> None:
         """Drop a branch's mark from its connection."""
+        deadlock.leave(branch)
         if getattr(branch.connection, _BRANCH_KEY, None) is branch:
             setattr(branch.connection, _BRANCH_KEY, None)
 
@@ -466,8 +514,12 @@ class TransactionCoordinator:
     def _add(self, gt: GlobalTransaction, connection: Connection, *,
              begun: bool = False) -> Branch:
         _instrument(connection.engine)
+        if self.deadlock_timeout is not None:
+            _instrument_branches(connection.engine)
         branch = gt.add_branch(connection, begun=begun)
         setattr(connection, _BRANCH_KEY, branch)
+        if self.label_branches and self.deadlock_timeout is not None and not gt.defer_xa_start:
+            deadlock.schedule_labels(gt, ())  # (a flush's early BEGIN labels its own)
         if not getattr(connection, _WROTE_KEY, False):
             self._identity.early(branch)
         return branch
@@ -514,7 +566,7 @@ class TransactionCoordinator:
         if root is None:
             return []
         gt = self._global(sess, root)
-        if gt is None or gt.protocol_ran or gt.early:
+        if gt is None or gt.protocol_ran:
             return []
         branches = []
         # Every connection is checked out in the flush's order (the branches register as
@@ -532,10 +584,14 @@ class TransactionCoordinator:
                 branch = gt.branches.get(conn.engine)
                 if branch is not None and i > 0:
                     branches.append(branch)
+            if self.label_branches and self.deadlock_timeout is not None:
+                # the label jobs of the branches to begin early make their BEGINs
+                labelled = deadlock.schedule_labels(gt, branches)
+                branches = [b for b in branches if b not in labelled]
         finally:
             gt.defer_xa_start = False
             gt.start_pending_xa()
-        gt.early = early.start(self.executor(), branches)
+        gt.early.extend(early.start(self.executor(), branches))
         return gt.early
 
     def close(self) -> None:

@@ -45,7 +45,8 @@ def start(pool: Executor, branches: Sequence[Branch]) -> list[Future[None]]:
 
 
 def join(futures: list[Future[None]]) -> None:
-    """Wait for early BEGINs still running; empties ``futures`` (shared with the session)."""
+    """Wait for early BEGINs (and branch labels, see :mod:`.deadlock`) still running;
+    empties ``futures`` (shared with the session)."""
     while futures:
         future = futures.pop()
         try:

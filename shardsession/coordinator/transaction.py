@@ -22,7 +22,7 @@ from ..exc import (
     PrepareFailed,
     TransactionError,
 )
-from . import early, trace
+from . import deadlock, early, trace
 from .branch import (
     Branch,
     BranchState,
@@ -60,7 +60,7 @@ class GlobalTransaction:
 
     __slots__ = ("_own", "_xa_pending", "absent_decider", "branches", "committed_decider",
                  "coordinator", "decider_index", "defer_xa_start", "early", "gtrid", "protocol_ran",
-                 "session", "shard_of_engine", "shards")
+                 "session", "shard_of_engine", "shards", "watch")
 
     def __init__(self, coordinator: TransactionCoordinator,
                  shard_of_engine: Callable[[Engine], str],
@@ -88,6 +88,8 @@ class GlobalTransaction:
         self._xa_pending: list[Branch] = []
         #: the session whose listeners get the protocol's events (see shardsession.events)
         self.session: Any = None
+        #: what the distributed deadlock detector keeps of it (see .deadlock)
+        self.watch: Any = None
 
     # --- branches --------------------------------------------------------------------
 
@@ -314,7 +316,9 @@ class GlobalTransaction:
         committed (the decision is durable) and the named branches are left prepared for
         recovery (the coordinator lets the session finish its commit, then raises it).
         A branch the server already aborted fails the commit with ``PrepareFailed``
-        before any decision. :class:`~shardsession.exc.OutcomeUnknown` means the
+        before any decision; a transaction chosen as a distributed deadlock's victim
+        fails it with :class:`~shardsession.exc.DistributedDeadlock`.
+        :class:`~shardsession.exc.OutcomeUnknown` means the
         decider's COMMIT may have been sent and no definite answer from the server came
         back (a lost reply, or any exception while the driver waited: a signal handler's
         time limit, ``KeyboardInterrupt``): the prepared branches are left, recovery
@@ -330,6 +334,10 @@ class GlobalTransaction:
             return
         if self.early:
             early.join(self.early)
+        if self.watch is not None:
+            victim = deadlock.victim_error(self)
+            if victim is not None:  # its error may have been caught: never commit it
+                raise victim
         self.protocol_ran = True
         if len(self.branches) == 1:
             only = next(iter(self.branches.values()))

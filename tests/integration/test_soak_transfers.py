@@ -2,10 +2,11 @@
 threads over PostgreSQL x2 and MariaDB while a recovery worker runs ``recover()`` in a loop.
 
 Every transfer moves an amount between two accounts on different shards in one atomic
-commit. Conflicts (deadlocks across shards end in a lock timeout; serialization failures;
-a prepare that loses against a recovery claim) are retried as whole units of work, never by
-replaying statements. At the end the total balance is unchanged and nothing of ours is in
-doubt. ``SHARDSESSION_SOAK_SECONDS`` sets the duration (default 30 s).
+commit, with the servers' default lock settings. Conflicts (deadlocks across shards, broken
+by the distributed deadlock detector; serialization failures; a prepare that loses against
+a recovery claim) are retried as whole units of work, never by replaying statements. At
+the end the total balance is unchanged and nothing of ours is in doubt.
+``SHARDSESSION_SOAK_SECONDS`` sets the duration (default 30 s).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from typing import Any
 import psycopg2
 import pymysql
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, func, select
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, registry, sessionmaker
 
-from shardsession import HashSharding, Placement, ShardedSession
-from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
-from shardsession.exc import CommitIncomplete, OutcomeUnknown, PrepareFailed
+from shardsession import HashSharding, Placement, ShardedSession, is_retryable
+from shardsession.coordinator import TransactionCoordinator, deadlock, in_doubt, recover
+from shardsession.exc import CommitIncomplete, OutcomeUnknown, ShardSessionError
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgresql, pytest.mark.mysql]
 
@@ -42,27 +43,8 @@ accounts = Table("soak_accounts", md,
                  Column("id", Integer, primary_key=True, autoincrement=False),
                  Column("balance", Integer, nullable=False))
 
-# PostgreSQL: deadlock, serialization failure, lock timeout; MariaDB: deadlock, lock wait
-_RETRY_PG = {"40P01", "40001", "55P03"}
-_RETRY_MY = {1213, 1205}
-
-
 def _retryable(e: BaseException) -> bool:
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, PrepareFailed):
-            return True  # nothing committed: a "no" vote or a lost race with a claim
-        orig = getattr(cur, "orig", cur)
-        # SQLSTATE: psycopg 3 ``sqlstate``, psycopg2 ``pgcode``
-        if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in _RETRY_PG:
-            return True
-        args = getattr(orig, "args", ())
-        if args and args[0] in _RETRY_MY:
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    return is_retryable(e)
 
 
 @dataclass
@@ -100,20 +82,10 @@ def bank(request: pytest.FixtureRequest) -> Iterator[dict[str, Engine]]:
 
 
 def _engine(url: str, **kw: Any) -> Engine:
-    """An engine whose lock waits end after 1 s (cross-shard deadlocks are seen by no
-    server: the lock timeout breaks them, and the transfer is retried)."""
-    if url.startswith("postgresql"):
-        return create_engine(url, pool_size=THREADS + 2,
-                             connect_args={"options": "-c lock_timeout=1000"}, **kw)
-    e = create_engine(url, pool_size=THREADS + 2, **kw)
-
-    @event.listens_for(e, "connect")
-    def _timeout(dbapi_conn: Any, record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
-        cur.close()
-
-    return e
+    """An engine with the servers' default lock settings (PostgreSQL waits forever,
+    InnoDB 50 s): cross-shard deadlocks are seen by no server; the coordinator's
+    distributed deadlock detector breaks them, and the transfer is retried."""
+    return create_engine(url, pool_size=THREADS + 2, **kw)
 
 
 def _total(engines: dict[str, Engine]) -> int:
@@ -150,6 +122,7 @@ def test_concurrent_transfers_with_recovery_worker(bank: dict[str, Engine]) -> N
     initial = _total(engines)
     assert initial == 3 * ACCOUNTS_PER_SHARD * START_BALANCE
     coord = TransactionCoordinator()
+    broken = deadlock.deadlocks_broken()
     stats = Stats()
     stop = threading.Event()
     deadline = time.monotonic() + seconds
@@ -168,7 +141,7 @@ def test_concurrent_transfers_with_recovery_worker(bank: dict[str, Engine]) -> N
                 except OutcomeUnknown:
                     stats.add("unknown")  # all or nothing: the total holds either way
                     break
-                except (DBAPIError, PrepareFailed) as e:
+                except (DBAPIError, ShardSessionError) as e:
                     if not _retryable(e):
                         with stats.lock:
                             stats.failures.append(f"{type(e).__name__}: {e}"[:300])
@@ -215,6 +188,7 @@ def test_concurrent_transfers_with_recovery_worker(bank: dict[str, Engine]) -> N
     print(f"\nsoak: {elapsed:.1f}s commits={stats.commits} retries={stats.retries} "
           f"incomplete={stats.incomplete} unknown={stats.unknown} "
           f"recovery_passes={stats.recovery_passes} "
+          f"deadlocks_broken={deadlock.deadlocks_broken() - broken} "
           f"throughput={stats.commits / elapsed:.1f} commits/s")
 
 
