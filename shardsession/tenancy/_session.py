@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import event, inspect
+from sqlalchemy import and_, event, inspect, or_, select
 from sqlalchemy.orm import Mapper, ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm.attributes import get_history
 from sqlalchemy.sql.elements import TextClause
@@ -115,7 +115,15 @@ class Tenancy:
         _check_companions(placement, owned, mappers, shard)
         if orm_context.is_insert or orm_context.is_update:
             check_bulk_rows(orm_context, touched, tenant)
-        orm_context.statement = statement.options(*_criteria(placement, owned, tenant))
+        statement = statement.options(*_criteria(placement, owned, tenant))
+        if orm_context.is_column_load:
+            # (SQLAlchemy leaves with_loader_criteria out of the loads of an object's
+            # attributes, refresh() and expired or deferred columns, as the object was
+            # filtered when loaded; one that came in detached was not: filter it here,
+            # and a row of another tenant is "not present", ObjectDeletedError)
+            statement = cast(Any, statement).where(
+                *(_row_criterion(tm, tenant) for tm in touched))
+        orm_context.statement = statement
         if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
             orm_context.bind_arguments["shard_id"] = shard
             orm_context.update_execution_options(identity_token=shard)
@@ -168,6 +176,8 @@ class Tenancy:
                     )
             if tenant is not None:
                 check_state(state, tm, tenant)
+        if tenant is not None:
+            _verify_rows(session, owned, tenant, [*dirty, *deleted_states(session)])
 
     def check_object(self, session: Any, instance: Any) -> None:
         """Refuse an object of another tenant in the session (expunged first).
@@ -230,6 +240,61 @@ class Tenancy:
         if bind is None or getattr(bind, "engine", bind) is not connection.engine:
             return
         rule.directory.check_owner(tenant, shard, connection)
+
+
+def _row_criterion(tm: TenantMapper, tenant: str) -> Any:
+    key = typed_key(tm, tenant)
+    return and_(*(getattr(tm.mapper.class_, a) == key for a in tm.attrs))
+
+
+def _verify_rows(
+    session: Any, owned: dict[Mapper[Any], TenantMapper], tenant: str, states: list[Any]
+) -> None:
+    """Prove that the rows a flush will UPDATE or DELETE by primary key are the
+    tenant's, for objects this session did not load itself (``add()`` of a detached
+    object, ``merge(load=False)``, ``make_transient_to_detached``): the unit of work's
+    ``UPDATE ... WHERE id = ?`` carries no tenant condition, and the object's tenant key
+    is what its builder wrote, not what the row holds. One filtered SELECT of their
+    primary keys per mapper, on the tenant's shard, in the flush's transaction.
+
+    :raises TenantIsolationError: a row is not the tenant's (or not on its shard).
+    """
+    seen: set[Any] = session.__dict__.setdefault("_tenant_rows", set())
+    todo: dict[TenantMapper, list[Any]] = {}
+    shard: str | None = None
+    for state in states:
+        key = state.key
+        if key is None or key in seen:
+            continue
+        tm = owned.get(state.mapper) or next(
+            (owned[b] for b in state.mapper.iterate_to_root() if b in owned), None)
+        if tm is None:
+            continue
+        if shard is None:
+            shard = _tenant_shard(owned, tenant)
+        if key[2] is not None and key[2] != shard:
+            raise TenantIsolationError(
+                f"a {state.mapper.class_.__name__} of shard {key[2]!r} cannot be written by "
+                f"a session of tenant {tenant!r}, whose shard is {shard!r}",
+                tenant=tenant,
+            )
+        todo.setdefault(tm, []).append(state)
+    for tm, group in todo.items():
+        pk = tm.mapper.primary_key
+        idents = {tuple(s.key[1]) for s in group}
+        cond = or_(*(and_(*(c == v for c, v in zip(pk, ident, strict=True)))
+                     for ident in idents))
+        found = {tuple(r) for r in session.execute(
+            select(*pk).select_from(tm.mapper).where(cond))}
+        missing = idents - found
+        if missing:
+            raise TenantIsolationError(
+                f"{tm.mapper.class_.__name__} {sorted(missing)[0]!r} is not a row of tenant "
+                f"{tenant!r}: an object this session did not load cannot be written unless "
+                "its row is the tenant's",
+                tenant=tenant,
+            )
+        seen.update(s.key for s in group)
 
 
 def _check_scope(session: Any) -> None:
@@ -333,6 +398,14 @@ def _on_loaded(session: Any, state: Any) -> None:
     # this very function, which the check in on_session looks for)
     if getattr(session, "_tenant", None) is not None:
         check_loaded(session, state.obj())
+        # (loaded through the tenant filter: its row is the tenant's)
+        session.__dict__.setdefault("_tenant_rows", set()).add(state.key)
+
+
+def _on_attached(session: Any, state: Any) -> None:
+    # (a detached object: its row is proven the tenant's before a flush writes it)
+    if getattr(session, "_tenant", None) is not None:
+        check_loaded(session, state.obj())
 
 
 def _on_new(session: Any, state: Any) -> None:
@@ -346,7 +419,7 @@ def _install() -> None:
     global _CHECKS
     from ..session import ShardedSession
 
-    hooks = (("loaded_as_persistent", _on_loaded), ("detached_to_persistent", _on_loaded),
+    hooks = (("loaded_as_persistent", _on_loaded), ("detached_to_persistent", _on_attached),
              ("transient_to_pending", _on_new))
     for name, fn in hooks:
         if not event.contains(ShardedSession, name, fn):

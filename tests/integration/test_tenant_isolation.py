@@ -37,16 +37,19 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     aliased,
     joinedload,
+    make_transient_to_detached,
     mapped_column,
     relationship,
     selectinload,
     sessionmaker,
 )
+from sqlalchemy.orm.exc import ObjectDeletedError
 
 from shardsession import Broadcast, Follows, HashSharding, Placement, ShardedSession
 from shardsession.exc import (
@@ -449,6 +452,68 @@ def test_delete_of_another_tenants_object(env: Env, acme: ShardedSession) -> Non
     with pytest.raises(TenantIsolationError):
         acme.delete(stolen)
         acme.flush()
+
+
+def _forged(cls: Any, **kw: Any) -> Any:
+    """An object with another tenant's primary key and acme's tenant key, made detached:
+    it passes the object checks (it looks like acme's) but its row is initech's (on
+    acme's shard s0) -- attack 13, B3/B4."""
+    obj = cls(tenant_id="acme", **kw)
+    make_transient_to_detached(obj)
+    return obj
+
+
+def test_attribute_load_of_a_forged_detached_object(acme: ShardedSession) -> None:
+    a = _forged(Account, id=301)
+    acme.add(a)
+    with pytest.raises((ObjectDeletedError, TenantIsolationError)):
+        a.name  # noqa: B018 (an unloaded attribute: loaded by primary key)
+    acme.rollback()
+    acme.expunge_all()
+    i = _forged(Invoice, id=301, account_id=101, amount=0)
+    acme.add(i)
+    acme.expire(i, ["amount"])
+    with pytest.raises((ObjectDeletedError, TenantIsolationError)):
+        i.amount  # noqa: B018
+    acme.rollback()
+    acme.expunge_all()
+    b = _forged(Account, id=301, name="?")
+    acme.add(b)
+    with pytest.raises((InvalidRequestError, TenantIsolationError)):  # ("Could not
+        acme.refresh(b)  # refresh instance": the row is not there for acme)
+    acme.rollback()
+    acme.expunge_all()
+    own = _forged(Account, id=101)  # acme's own row: loads
+    acme.add(own)
+    assert own.name == "acme-account"
+
+
+def test_flush_of_a_forged_detached_object(acme: ShardedSession) -> None:
+    a = _forged(Account, id=301, name="x")
+    acme.add(a)
+    a.name = "pwned"
+    with pytest.raises(TenantIsolationError):
+        acme.flush()
+    acme.rollback()
+    acme.expunge_all()
+    m = acme.merge(_forged(Account, id=302, name="x"), load=False)
+    m.name = "pwned"
+    with pytest.raises(TenantIsolationError):
+        acme.flush()
+    acme.rollback()
+    acme.expunge_all()
+    i = _forged(Invoice, id=301, account_id=301, amount=0)
+    acme.add(i)
+    acme.delete(i)
+    with pytest.raises(TenantIsolationError):
+        acme.flush()
+    acme.rollback()
+    acme.expunge_all()
+    own = _forged(Account, id=101, name="x")  # acme's own row: written
+    acme.add(own)
+    own.balance = 7
+    acme.flush()
+    assert acme.scalar(select(Account.balance).where(Account.id == 101)) == 7
 
 
 # -- sessions and scopes -------------------------------------------------------------------
