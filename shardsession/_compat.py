@@ -1519,3 +1519,33 @@ def _nulls_low_default(element: NullsLow, compiler: Any, **kw: Any) -> str:
 def _nulls_low_high_dialects(element: NullsLow, compiler: Any, **kw: Any) -> str:
     text: str = compiler.process(element.element, **kw)
     return text + (" NULLS LAST" if element.descending else " NULLS FIRST")
+
+
+#: a row of VALUES that cannot be read by column (a positional multi-VALUES row)
+POSITIONAL = object()
+
+
+def dml_value_sets(statement: Any) -> list[Any]:
+    """The VALUES of an ``insert()`` / ``update()``: its ``.values()`` mapping (keys are
+    Columns, or names SQLAlchemy could not resolve) and each row of a multi-VALUES
+    insert; :data:`POSITIONAL` for a row given as a tuple. Reads ``_values`` and
+    ``_multi_values`` (private; checked on 2.0.30 and 2.1.9)."""
+    out: list[Any] = []
+    values = getattr(statement, "_values", None)
+    if values:
+        out.append(values)
+    for rows in getattr(statement, "_multi_values", None) or ():
+        for row in rows:
+            out.append(row if isinstance(row, Mapping) else POSITIONAL)
+    return out
+
+
+def dml_upserts(statement: Any) -> bool:
+    """Whether an insert has an ON CONFLICT / ON DUPLICATE KEY clause
+    (``_post_values_clause``, private)."""
+    return getattr(statement, "_post_values_clause", None) is not None
+
+
+def dml_from_select(statement: Any) -> bool:
+    """Whether an insert is ``insert().from_select(...)`` (``_select_names``, private)."""
+    return getattr(statement, "_select_names", None) is not None

@@ -14,11 +14,18 @@ from typing import Any, cast
 from sqlalchemy import and_, event, inspect, or_, select
 from sqlalchemy.orm import Mapper, ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm.attributes import get_history
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, TextClause
 from sqlalchemy.sql.util import find_tables
 
 from .. import _scope
-from .._compat import class_listener_list, flush_states
+from .._compat import (
+    POSITIONAL,
+    class_listener_list,
+    dml_from_select,
+    dml_upserts,
+    dml_value_sets,
+    flush_states,
+)
 from ..exc import (
     ConfigurationError,
     TenantIsolationError,
@@ -115,6 +122,7 @@ class Tenancy:
         _check_companions(placement, owned, mappers, shard)
         if orm_context.is_insert or orm_context.is_update:
             check_bulk_rows(orm_context, touched, tenant)
+            statement = _check_values(statement, touched, tenant, orm_context.is_insert)
         statement = statement.options(*_criteria(placement, owned, tenant))
         if orm_context.is_column_load:
             # (SQLAlchemy leaves with_loader_criteria out of the loads of an object's
@@ -240,6 +248,59 @@ class Tenancy:
         if bind is None or getattr(bind, "engine", bind) is not connection.engine:
             return
         rule.directory.check_owner(tenant, shard, connection)
+
+
+def _check_values(
+    statement: Any, touched: list[TenantMapper], tenant: str, is_insert: bool
+) -> Any:
+    """The VALUES of an ORM ``insert()`` / ``update()`` of a tenant table: a tenant key
+    in them must be the session's tenant, given as a plain value; an insert without it
+    gets it. Refused: upserts (their ON CONFLICT branch updates a row found by a key that
+    need not be the tenant's), ``insert().from_select()`` (the tenant key comes from the
+    select), positional multi-VALUES rows.
+
+    :raises TenantIsolationError: before anything is sent.
+    """
+    name = "INSERT" if is_insert else "UPDATE"
+    if is_insert and (dml_upserts(statement) or dml_from_select(statement)):
+        raise TenantIsolationError(
+            "a tenant-scoped session does not run upserts (ON CONFLICT / ON DUPLICATE KEY) "
+            "or insert().from_select() on tenant tables: the row they update or the tenant "
+            "key they copy cannot be proven the tenant's",
+            tenant=tenant,
+        )
+    sets = dml_value_sets(statement)
+    add: dict[Any, Any] = {}
+    for tm in touched:
+        for attr, col in zip(tm.attrs, tm.columns, strict=True):
+            for values in sets:
+                if values is POSITIONAL:
+                    raise TenantIsolationError(
+                        f"a multi-VALUES {name} of tenant-owned {tm.mapper.class_.__name__} "
+                        "with positional rows cannot be checked: give each row as a dict",
+                        tenant=tenant,
+                    )
+                found = [values[k] for k in (col, col.key, col.name, attr) if k in values]
+                if not found:
+                    if is_insert and len(sets) == 1:
+                        add[col] = typed_key(tm, tenant)
+                    elif is_insert:
+                        raise TenantIsolationError(
+                            f"every row of a multi-VALUES INSERT of "
+                            f"{tm.mapper.class_.__name__} must give the tenant key {attr!r}",
+                            tenant=tenant,
+                        )
+                    continue
+                for v in found:
+                    v = getattr(v, "value", v) if isinstance(v, BindParameter) else v
+                    if isinstance(v, ClauseElement) or v is None or text_of(v) != tenant:
+                        raise TenantIsolationError(
+                            f"an {name} of tenant-owned {tm.mapper.class_.__name__} sets "
+                            f"the tenant key {attr!r} to {v!r}, not to the session's tenant "
+                            f"{tenant!r}",
+                            tenant=tenant,
+                        )
+    return statement.values(add) if add else statement
 
 
 def _row_criterion(tm: TenantMapper, tenant: str) -> Any:

@@ -516,6 +516,54 @@ def test_flush_of_a_forged_detached_object(acme: ShardedSession) -> None:
     assert acme.scalar(select(Account.balance).where(Account.id == 101)) == 7
 
 
+def _dialect_insert(acme: ShardedSession) -> Any:
+    name = acme.get_bind(Account, shard_id="s0").dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert
+    if name == "mysql":
+        from sqlalchemy.dialects.mysql import insert as my_insert
+        return my_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    return sqlite_insert
+
+
+def test_tenant_key_in_statement_values(acme: ShardedSession) -> None:
+    row = {"name": "planted", "balance": 0}
+    for bad in ("initech", "globex"):
+        with pytest.raises(TenantIsolationError):
+            acme.execute(insert(Account).values(id=555, tenant_id=bad, **row))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(insert(Account).values([{"id": 556, "tenant_id": "acme", **row},
+                                             {"id": 557, "tenant_id": "initech", **row}]))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(update(Invoice).where(Invoice.id == 101)
+                     .values(tenant_id="initech", account_id=301))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(update(Account).values({Account.tenant_id: Account.name}))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(insert(Account).from_select(
+            ["id", "tenant_id", "name", "balance"],
+            select(Account.id + 1000, Account.tenant_id, Account.name, Account.balance)))
+    acme.rollback()
+    # the session's own key, or none (it is given): written as acme's
+    acme.execute(insert(Account).values(id=558, **row))
+    acme.execute(insert(Account).values(id=559, tenant_id="acme", **row))
+    assert acme.scalars(select(Account.tenant_id).where(Account.id.in_([558, 559]))).all() \
+        == ["acme", "acme"]
+
+
+def test_upserts_on_tenant_tables_are_refused(acme: ShardedSession) -> None:
+    ins = _dialect_insert(acme)
+    stmt = ins(Account).values(id=301, tenant_id="acme", name="x", balance=0)
+    if acme.get_bind(Account, shard_id="s0").dialect.name == "mysql":
+        stmt = stmt.on_duplicate_key_update(name="pwned")
+    else:
+        stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"name": "pwned"})
+    with pytest.raises(TenantIsolationError):
+        acme.execute(stmt)
+
+
 # -- sessions and scopes -------------------------------------------------------------------
 
 
