@@ -6,6 +6,7 @@ each function documents the private name it relies on, so an upgrade has one pla
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Collection, Iterable, Sized
 from typing import Any
@@ -1549,3 +1550,36 @@ def dml_upserts(statement: Any) -> bool:
 def dml_from_select(statement: Any) -> bool:
     """Whether an insert is ``insert().from_select(...)`` (``_select_names``, private)."""
     return getattr(statement, "_select_names", None) is not None
+
+
+def annotations_of(element: Any) -> Mapping[str, Any]:
+    """The ORM annotations of a SQL element (``_annotations``, private): an ORM
+    attribute's column carries ``parententity`` / ``parentmapper``, a plain Core
+    ``Table.c.x`` none."""
+    return getattr(element, "_annotations", None) or {}
+
+
+def text_extras(element: Any) -> bool:
+    """Whether a statement carries raw SQL text outside its clauses: prefixes, suffixes,
+    hints (``_prefixes``, ``_suffixes``, ``_hints``, ``_statement_hints``, private)."""
+    return any(getattr(element, n, None) for n in
+               ("_prefixes", "_suffixes", "_hints", "_statement_hints"))
+
+
+def lambda_resolved(statement: Any) -> Any:
+    """The statement a ``lambda_stmt()`` stands for (``_resolved``, private); others
+    unchanged."""
+    return getattr(statement, "_resolved", statement)
+
+
+def walk_children(element: Any) -> Iterable[Any]:
+    """``element.get_children()``, except that a ``Select``'s FROM list is its explicit
+    ``select_from()`` / join objects (``_from_obj``, private) and not the tables implied
+    by its columns (the plain ``Table`` behind an ORM attribute's annotated column)."""
+    if isinstance(element, Select):
+        return itertools.chain(
+            super(Select, element).get_children(
+                omit_attrs=("_from_obj", "_correlate", "_correlate_except")),
+            element._from_obj,
+        )
+    return element.get_children()  # type: ignore[no-any-return]

@@ -44,6 +44,7 @@ from ._checks import (
 )
 from ._directory import tenant_key
 from ._mappers import TenantMapper, criterion, tenant_mappers, text_of, typed_key
+from ._walk import unfiltered_part
 
 __all__ = ["CHECKED_OPTION", "Tenancy"]
 
@@ -103,6 +104,16 @@ class Tenancy:
                     )
             return
         checked = bool(orm_context.execution_options.get(CHECKED_OPTION))
+        if not checked and not (orm_context.is_column_load or orm_context.is_relationship_load):
+            part = unfiltered_part(statement, owned)
+            if part is not None:
+                raise TenantIsolationError(
+                    f"a tenant-scoped session refuses a statement holding {part}: the "
+                    "tenant filter reaches ORM entities only. Use mapped attributes, or "
+                    "filter by tenant yourself and pass execution_options="
+                    f"{{{CHECKED_OPTION!r}: True}}",
+                    tenant=tenant,
+                )
         if isinstance(statement, TextClause) or (
             touched and not orm_context.is_orm_statement
         ):
@@ -341,12 +352,13 @@ def _verify_rows(
             )
         todo.setdefault(tm, []).append(state)
     for tm, group in todo.items():
-        pk = tm.mapper.primary_key
+        cls = tm.mapper.class_
+        pk = [getattr(cls, tm.mapper.get_property_by_column(c).key)
+              for c in tm.mapper.primary_key]
         idents = {tuple(s.key[1]) for s in group}
         cond = or_(*(and_(*(c == v for c, v in zip(pk, ident, strict=True)))
                      for ident in idents))
-        found = {tuple(r) for r in session.execute(
-            select(*pk).select_from(tm.mapper).where(cond))}
+        found = {tuple(r) for r in session.execute(select(*pk).where(cond))}
         missing = idents - found
         if missing:
             raise TenantIsolationError(

@@ -26,13 +26,19 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    column,
     create_engine,
     delete,
+    exists,
     func,
     insert,
     lambda_stmt,
+    literal,
+    literal_column,
     select,
+    table,
     text,
+    true,
     union_all,
     update,
 )
@@ -562,6 +568,46 @@ def test_upserts_on_tenant_tables_are_refused(acme: ShardedSession) -> None:
         stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"name": "pwned"})
     with pytest.raises(TenantIsolationError):
         acme.execute(stmt)
+
+
+def test_core_references_and_text_inside_orm_statements(acme: ShardedSession) -> None:
+    """Attack 13, B1/B1b/B2: the filter reaches ORM entities only; a tenant table named
+    as a Core object, and SQL text, inside an ORM statement are refused."""
+    acct, inv = Account.__table__, Invoice.__table__
+    t2 = acct.alias("t2")
+    sq = select(acct.c.id, acct.c.name, acct.c.balance,
+                literal("acme").label("tenant_id")).subquery()
+    light = table("tn_account", column("name"), column("tenant_id"))
+    refused: list[Any] = [
+        select(Account.id, t2.c.name).join_from(Account, t2, true()),
+        select(Account.name, inv.c.amount).join(inv, true()),
+        select(Account.id, select(func.count(acct.c.id)).scalar_subquery()),
+        select(Account.name).where(exists(select(inv.c.id).where(inv.c.amount == 305))),
+        union_all(select(Account.name), select(acct.c.name)),
+        select(Account).with_only_columns(acct.c.name),
+        update(Invoice).values(amount=select(func.sum(inv.c.amount)).scalar_subquery()),
+        select(aliased(Account, sq)),  # B1b
+        select(literal_column("name")).select_from(text("tn_account")),
+        select(Account.id, Account.name).from_statement(text("SELECT id, name FROM tn_account")),
+        select(Account.name, text("(SELECT count(*) FROM tn_account)")),
+        select(Account.name).suffix_with("UNION ALL SELECT name FROM tn_account"),
+        select(Account.name).prefix_with("/* x */"),
+        select(Account.name).where(literal_column("1=1 OR 1")),
+        select(light.c.name),
+        update(light).values(name="pwned"),
+    ]
+    for stmt in refused:
+        with pytest.raises(TenantIsolationError):
+            acme.execute(stmt)
+    with pytest.raises(TenantIsolationError):
+        acme.query(func.count()).select_from(acct).all()
+    acme.rollback()
+    # what stays allowed: the entity's own table in its own statement, count(*), EXISTS
+    assert acme.scalars(select(Account.id).where(acct.c.id == 101)).all() == [101]
+    assert acme.scalar(select(func.count()).select_from(Account)) == 2
+    assert acme.scalar(select(acme.query(Account).filter(Account.id == 101).exists()))
+    assert acme.scalars(select(Account.id).where(exists(
+        select(Invoice.id).where(Invoice.account_id == Account.id)))).all() == [101]
 
 
 # -- sessions and scopes -------------------------------------------------------------------
