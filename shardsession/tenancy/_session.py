@@ -60,7 +60,7 @@ class Tenancy:
 
     # -- session creation ------------------------------------------------------------------
 
-    def on_session(self, session: Any, tenant: str | None) -> None:
+    def on_session(self, session: Any, tenant: str | int | None) -> None:
         placement: Placement | None = session._placement
         owned = tenant_mappers(placement) if placement is not None else {}
         if tenant is not None:
@@ -69,6 +69,8 @@ class Tenancy:
                     "a tenant-scoped session needs a placement with TenantSharding rules"
                 )
             session._tenant = tenant_key(tenant)
+            for tm in owned.values():  # (an int tenant key needs an int's canonical text)
+                typed_key(tm, session._tenant)
             for listeners, fn in _CHECKS:  # (a test suite may have cleared them)
                 if fn not in listeners:
                     _install()

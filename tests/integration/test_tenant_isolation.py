@@ -62,6 +62,7 @@ from shardsession.exc import (
     ConfigurationError,
     ShardSessionError,
     StaleTenantDirectoryError,
+    TenantError,
     TenantIsolationError,
     TenantRequiredError,
     UnsupportedQueryError,
@@ -787,6 +788,60 @@ def test_directory(env: Env) -> None:
     with pytest.raises(ShardSessionError):
         env.directory.add("globex", "s2")  # already on s1
     assert env.directory.add("globex") == "s1"
+
+
+def test_tenant_ids_have_one_spelling(env: Env) -> None:
+    """Attack 13, B7/B11: under MariaDB's case-, accent- and trailing-space-insensitive
+    collations "Acme", "acme " and "ACMÉ" are acme's directory and owner rows; tenant
+    ids are lowercase ASCII, and only str or int."""
+    before = env.snapshot()
+    for bad in ("Acme", "acme ", "ACMÉ", "ACME", " acme", "acme\n", "", "a" * 192):
+        with pytest.raises(TenantError):
+            env.directory.add(bad, "s0")
+        with pytest.raises(TenantError):
+            env.Session(tenant=bad)
+    for wrong in (True, 1.5, b"acme"):
+        with pytest.raises(TenantError):
+            env.Session(tenant=wrong)  # type: ignore[arg-type]
+        with pytest.raises(TenantError), tenant_scope(wrong):  # type: ignore[arg-type]
+            pass
+    assert env.snapshot() == before  # (acme's owner row untouched)
+    with env.Session(tenant="acme") as s:  # acme keeps working
+        assert {a.id for a in s.scalars(select(Account))} == ACME_ACCOUNTS
+
+
+def test_int_tenant_keys_in_canonical_form(tmp_path: Any) -> None:
+    """Attack 13, B8: with an integer tenant key column, "042", "4_2", " 42" would be
+    other tenants to the directory but tenant 42 to int()."""
+
+    class Base3(DeclarativeBase):
+        pass
+
+    class Shop(Base3):
+        __tablename__ = "tn3_shop"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        tenant_id: Mapped[int] = mapped_column(Integer)
+
+    engines = {"s0": create_engine(f"sqlite:///{tmp_path}/int.db")}
+    directory = TenantDirectory("s0")
+    placement = Placement({Shop: TenantSharding(Shop.tenant_id, directory)})
+    Session = sessionmaker(class_=ShardedSession, shards=engines, placement=placement)
+    Session().close()
+    Base3.metadata.create_all(engines["s0"])
+    tenancy_metadata.create_all(engines["s0"])
+    directory.add(42, "s0")
+    with Session(tenant=42) as s:
+        s.add(Shop(id=1))
+        s.commit()
+    for bad in ("042", "4_2", "+42", " 42", "٤٢", "42.0"):
+        with pytest.raises(TenantError):
+            Session(tenant=bad)
+    for bad in ("+42", " 42", "٤٢"):  # (not a tenant id at all)
+        with pytest.raises(TenantError):
+            directory.add(bad, "s0")
+    with Session(tenant="42") as s:
+        assert [x.id for x in s.scalars(select(Shop))] == [1]
+    engines["s0"].dispose()
 
 
 # -- a stale directory -----------------------------------------------------------------------
