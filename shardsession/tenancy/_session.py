@@ -199,6 +199,8 @@ class Tenancy:
                 check_state(state, tm, tenant)
         if tenant is not None:
             _verify_rows(session, owned, tenant, [*dirty, *deleted_states(session)])
+        elif owned:
+            _check_unscoped_owners(session, owned, [*new, *dirty, *deleted_states(session)])
 
     def check_object(self, session: Any, instance: Any) -> None:
         """Refuse an object of another tenant in the session (expunged first).
@@ -261,6 +263,38 @@ class Tenancy:
         if bind is None or getattr(bind, "engine", bind) is not connection.engine:
             return
         rule.directory.check_owner(tenant, shard, connection)
+
+
+def _check_unscoped_owners(
+    session: Any, owned: dict[Mapper[Any], TenantMapper], states: list[Any]
+) -> None:
+    """A session without a tenant writing tenant-owned rows: check, in the flush's
+    transaction on each shard written, that the shard holds each tenant written there
+    (what a tenant-scoped session does in ``after_begin``): a process whose directory
+    cache is stale after a move would write to the old shard, rows orphaned there.
+
+    :raises StaleTenantDirectoryError: a shard does not hold the tenant (the cache is
+        refreshed; roll back and retry).
+    """
+    pairs: set[tuple[str, str]] = set()
+    directory = None
+    for state in states:
+        tm = owned.get(state.mapper) or next(
+            (owned[b] for b in state.mapper.iterate_to_root() if b in owned), None)
+        if tm is None:
+            continue
+        directory = tm.rule.directory
+        value = state.dict.get(tm.attrs[0])
+        if value is None:
+            continue  # (no tenant key: the shard chooser refuses it)
+        key = tenant_key(value if type(value) in (str, int) else text_of(value))
+        shard = state.key[2] if state.key is not None else (
+            state.identity_token or directory.shard_of(key))
+        pairs.add((key, shard))
+    for key, shard in sorted(pairs):
+        assert directory is not None
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        directory.check_owner(key, shard, conn)
 
 
 def _check_values(

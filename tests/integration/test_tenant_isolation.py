@@ -912,3 +912,24 @@ def test_stale_directory_during_a_move(fresh: Env) -> None:
     with env.Session(tenant="globex") as s, pytest.raises(StaleTenantDirectoryError):
         s.scalars(select(Account)).all()
 
+
+
+def test_unscoped_writer_with_a_stale_directory(fresh: Env) -> None:
+    """Attack 13, B9: a session without a tenant writes tenant-owned rows after the
+    tenant moved, its process's cache still on the old shard: refused as a scoped
+    writer is, nothing orphaned on the old shard."""
+    env = fresh
+    assert env.directory.shard_of("globex") == "s1"  # cached: (s1, 1)
+    _move_by_hand(env, "globex", "s1", "s2")
+    with env.Session() as s:
+        s.add(Account(id=251, tenant_id="globex", name="late", balance=0))
+        with pytest.raises(StaleTenantDirectoryError):
+            s.commit()
+    with env.engines["s1"].connect() as c:  # nothing landed on the old shard
+        assert c.exec_driver_sql("SELECT count(*) FROM tn_account").scalar() == 0
+    with env.Session() as s:  # the retry goes to the new shard
+        s.add(Account(id=251, tenant_id="globex", name="late", balance=0))
+        s.commit()
+    with env.engines["s2"].connect() as c:
+        assert 251 in set(c.exec_driver_sql(
+            "SELECT id FROM tn_account WHERE tenant_id = 'globex'").scalars())
