@@ -1583,3 +1583,17 @@ def walk_children(element: Any) -> Iterable[Any]:
             element._from_obj,
         )
     return element.get_children()  # type: ignore[no-any-return]
+
+
+def loader_options(statement: Any) -> list[tuple[list[Any], tuple[Any, ...]]]:
+    """The loader options of an ORM statement, each as (the mappers on its path, its
+    SQL expressions: ``with_expression()``'s, ``relationship.and_()``'s). Reads
+    ``_with_options``, ``Load.context``, ``_LoadElement.path`` / ``_extra_criteria``
+    (private; checked on 2.1.9)."""
+    out: list[tuple[list[Any], tuple[Any, ...]]] = []
+    for opt in getattr(statement, "_with_options", ()) or ():
+        for element in getattr(opt, "context", ()) or ():
+            path = getattr(getattr(element, "path", None), "path", ()) or ()
+            mappers = [m for m in (getattr(i, "mapper", None) for i in path) if m is not None]
+            out.append((mappers, tuple(getattr(element, "_extra_criteria", ()) or ())))
+    return out

@@ -25,6 +25,7 @@ from .._compat import (
     dml_upserts,
     dml_value_sets,
     flush_states,
+    loader_options,
 )
 from ..exc import (
     ConfigurationError,
@@ -439,6 +440,9 @@ def _placed_mappers(placement: Placement, orm_context: ORMExecuteState) -> list[
         tables = []
     if tables:
         mappers.extend(placement.mappers_for_tables(tables))
+    if orm_context.is_orm_statement:  # (a joinedload from a Broadcast mapper into a
+        for path, _ in loader_options(orm_context.statement):  # tenant-owned one)
+            mappers.extend(m for m in path if placement.is_placed(m))
     return mappers
 
 

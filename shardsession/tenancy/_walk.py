@@ -13,12 +13,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from sqlalchemy import Column
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import ColumnClause, TextClause
 from sqlalchemy.sql.selectable import CTE, Select, Subquery, TableClause, TextualSelect
 
-from .._compat import annotations_of, lambda_resolved, text_extras, walk_children
+from .._compat import (
+    annotations_of,
+    lambda_resolved,
+    loader_options,
+    text_extras,
+    walk_children,
+)
 from ._mappers import TenantMapper
 
 __all__ = ["unfiltered_part"]
@@ -57,7 +64,12 @@ def unfiltered_part(statement: Any, owned: dict[Mapper[Any], TenantMapper]) -> s
     FROM it names is the entity's, filtered); a plain table or alias of one anywhere is
     refused."""
     names = _tenant_names(owned)
-    stack: list[tuple[Any, frozenset[Any]]] = [(lambda_resolved(statement), frozenset())]
+    statement = lambda_resolved(statement)
+    stack: list[tuple[Any, frozenset[Any]]] = [(statement, frozenset())]
+    for path, exprs in loader_options(statement):  # (with_expression(), .and_()
+        on_path = frozenset(t for m in path for t in m.tables)  # criteria: in the
+        stack.extend((x, on_path) for x in exprs)  # statement of the path's entities)
+    mappers_seen: set[Any] = set()
     seen: set[int] = set()
     while stack:
         e, covered = stack.pop()
@@ -84,6 +96,11 @@ def unfiltered_part(statement: Any, owned: dict[Mapper[Any], TenantMapper]) -> s
             ):
                 return (f"mapper {mapper.class_.__name__}, which maps a tenant table but is "
                         "not the tenant-owned mapper of the placement")
+            if mapper not in mappers_seen:
+                mappers_seen.add(mapper)
+                for prop in mapper.column_attrs:  # (column_property(select(...)))
+                    stack.extend((c, frozenset(mapper.tables)) for c in prop.columns
+                                 if not (isinstance(c, Column) and c.table in mapper.tables))
             if not isinstance(e, (Subquery, CTE)):
                 continue  # (an ORM attribute or entity: filtered; its table is its own;
                 # an entity aliased over a subquery is looked into)

@@ -48,12 +48,15 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     aliased,
+    column_property,
     joinedload,
     make_transient_to_detached,
     mapped_column,
+    query_expression,
     relationship,
     selectinload,
     sessionmaker,
+    with_expression,
 )
 from sqlalchemy.orm.exc import ObjectDeletedError
 
@@ -933,3 +936,66 @@ def test_unscoped_writer_with_a_stale_directory(fresh: Env) -> None:
     with env.engines["s2"].connect() as c:
         assert 251 in set(c.exec_driver_sql(
             "SELECT id FROM tn_account WHERE tenant_id = 'globex'").scalars())
+
+
+def test_mapping_level_expressions_over_tenant_tables(tmp_path: Any) -> None:
+    """Attack 13, B6: column_property / with_expression over a tenant table, a second
+    mapper of a tenant table, are refused in a tenant-scoped session; a joinedload from
+    a Broadcast mapper into a tenant-owned one is filtered (not refused by the row check)."""
+
+    class Base4(DeclarativeBase):
+        pass
+
+    class Doc(Base4):
+        __tablename__ = "tn4_doc"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        tenant_id: Mapped[str] = mapped_column(String(40))
+        title: Mapped[str] = mapped_column(String(40))
+        country: Mapped[str] = mapped_column(ForeignKey("tn4_country.code"))
+        extra: Mapped[str] = query_expression()
+
+    doc_t = Doc.__table__
+
+    class Country4(Base4):
+        __tablename__ = "tn4_country"
+        code: Mapped[str] = mapped_column(String(2), primary_key=True)
+        docs: Mapped[list[Doc]] = relationship(order_by=Doc.id)
+
+    class Region(Base4):  # Broadcast, with a column_property over the tenant table
+        __tablename__ = "tn4_region"
+        code: Mapped[str] = mapped_column(String(2), primary_key=True)
+        n_docs: Mapped[int] = column_property(
+            select(func.count(doc_t.c.id)).scalar_subquery())
+
+    class DocView(Base4):  # a second mapper of the tenant table, not placed
+        __table__ = doc_t
+
+    engines = {"s0": create_engine(f"sqlite:///{tmp_path}/b6.db")}
+    directory = TenantDirectory("s0")
+    placement = Placement({Doc: TenantSharding(Doc.tenant_id, directory),
+                           Country4: Broadcast(), Region: Broadcast()})
+    Session = sessionmaker(class_=ShardedSession, shards=engines, placement=placement)
+    Session().close()
+    Base4.metadata.create_all(engines["s0"])
+    tenancy_metadata.create_all(engines["s0"])
+    directory.add("acme", "s0")
+    directory.add("initech", "s0")
+    with engines["s0"].begin() as c:
+        c.execute(insert(Country4.__table__), [{"code": "de"}])
+        c.execute(insert(Region.__table__), [{"code": "eu"}])
+        c.execute(insert(doc_t), [
+            {"id": 1, "tenant_id": "acme", "title": "acme-doc", "country": "de"},
+            {"id": 2, "tenant_id": "initech", "title": "initech-doc", "country": "de"}])
+    with Session(tenant="acme") as s:
+        for stmt in (select(Region), select(Region.n_docs), select(DocView),
+                     select(DocView.title),
+                     select(Doc).options(with_expression(
+                         Doc.extra, select(func.max(doc_t.c.title)).scalar_subquery()))):
+            with pytest.raises(TenantIsolationError):
+                s.execute(stmt).all()
+        # filtered, not refused
+        got = s.scalars(select(Country4).options(joinedload(Country4.docs))).unique().all()
+        assert [[d.title for d in c.docs] for c in got] == [["acme-doc"]]
+        assert [d.extra for d in s.scalars(select(Doc).options(with_expression(
+            Doc.extra, func.upper(Doc.title))))] == ["ACME-DOC"]
+    engines["s0"].dispose()
