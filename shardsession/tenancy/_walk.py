@@ -11,6 +11,7 @@ session refuses a statement that holds any of them.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 from sqlalchemy import Column
@@ -44,6 +45,20 @@ def _tenant_names(owned: dict[Mapper[Any], TenantMapper]) -> set[tuple[str | Non
 
 def _owned(owned: dict[Mapper[Any], TenantMapper], mapper: Any) -> bool:
     return mapper is not None and any(b in owned for b in mapper.iterate_to_root())
+
+
+#: mapper -> its column_property expressions that are not plain columns of its tables
+_PROPERTY_EXPRESSIONS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _property_expressions(mapper: Any) -> tuple[Any, ...]:
+    found = _PROPERTY_EXPRESSIONS.get(mapper)
+    if found is None:
+        found = tuple(c for prop in mapper.column_attrs for c in prop.columns
+                      if not (isinstance(c, Column) and c.table in mapper.tables))
+        _PROPERTY_EXPRESSIONS[mapper] = found
+    return found
 
 
 def _entity_tables(element: Any) -> tuple[Any, ...]:
@@ -98,9 +113,8 @@ def unfiltered_part(statement: Any, owned: dict[Mapper[Any], TenantMapper]) -> s
                         "not the tenant-owned mapper of the placement")
             if mapper not in mappers_seen:
                 mappers_seen.add(mapper)
-                for prop in mapper.column_attrs:  # (column_property(select(...)))
-                    stack.extend((c, frozenset(mapper.tables)) for c in prop.columns
-                                 if not (isinstance(c, Column) and c.table in mapper.tables))
+                covered_here = frozenset(mapper.tables)
+                stack.extend((c, covered_here) for c in _property_expressions(mapper))
             if not isinstance(e, (Subquery, CTE)):
                 continue  # (an ORM attribute or entity: filtered; its table is its own;
                 # an entity aliased over a subquery is looked into)
