@@ -227,7 +227,7 @@ class ShardedSession(
                 "a tenant-scoped session needs a placement with TenantSharding rules "
                 "(shardsession.tenancy)"
             )
-        hooks.on_session(self, None if tenant is None else str(tenant))
+        hooks.on_session(self, tenant)  # (checks its type: not str() of anything)
 
     @property
     def tenant(self) -> str | None:

@@ -20,6 +20,7 @@ read from or write to the wrong shard.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -69,17 +70,30 @@ tenant_owners = Table(
 )
 
 
-def tenant_key(tenant: Any) -> str:
-    """The directory's text for a tenant id (a non-empty ``str``, or an ``int``).
+#: a tenant id's text: lowercase ASCII letters, digits, ``_ . -`` (an int's text too)
+_TENANT_ID = re.compile(r"-?[a-z0-9][a-z0-9_.\-]{0,189}")
 
-    :raises TenantError: any other value.
+
+def tenant_key(tenant: Any) -> str:
+    """The directory's text for a tenant id: a ``str`` of 1 to 191 characters of
+    lowercase ASCII letters, digits, ``_``, ``.`` and ``-`` (starting with a letter or
+    digit), or an ``int``. The charset is what makes ids compare as the bytes they are
+    everywhere: under a case-, accent- or trailing-space-insensitive collation (MariaDB's
+    defaults) ``"Acme"``, ``"acme "`` and ``"ACMÉ"`` would be the same row as ``"acme"``.
+
+    :raises TenantError: any other value (``bool``, ``float``, ``bytes``, uppercase or
+        non-ASCII text, spaces).
     """
-    if type(tenant) is str:
-        if not tenant or len(tenant) > 191:
-            raise TenantError(f"a tenant id is 1 to 191 characters, not {tenant!r}", tenant=None)
-        return tenant
     if type(tenant) is int:
         return str(tenant)
+    if type(tenant) is str and _TENANT_ID.fullmatch(tenant):
+        return tenant
+    if type(tenant) is str:
+        raise TenantError(
+            "a tenant id is 1 to 191 characters of a-z, 0-9, '_', '.', '-' (lowercase "
+            f"ASCII, starting with a letter or digit), not {tenant!r}",
+            tenant=None,
+        )
     raise TenantError(f"a tenant id is a str or an int, not {tenant!r}", tenant=None)
 
 
@@ -100,8 +114,9 @@ class TenantDirectory:
         :class:`~shardsession.ShardedSession` created with a placement that uses this
         directory, or by :meth:`bind`.
 
-    Tenant ids are ``str`` (up to 191 characters) or ``int``; the directory stores their
-    text, so ``42`` and ``"42"`` are one tenant. The directory is thread-safe.
+    Tenant ids are ``str`` (1 to 191 characters of ``a-z 0-9 _ . -``, see
+    :func:`tenant_key`) or ``int``; the directory stores their text, so ``42`` and
+    ``"42"`` are one tenant. The directory is thread-safe.
     """
 
     def __init__(

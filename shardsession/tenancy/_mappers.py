@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy.orm import Mapper, class_mapper
 
-from ..exc import ConfigurationError
+from ..exc import ConfigurationError, TenantError
 from ..routing.placement import Placement
 from ..routing.pruning import key_python_type
 from ..routing.strategies import Follows
@@ -102,14 +103,25 @@ def criterion(attrs: tuple[str, ...], value: Any) -> Any:
 
 
 def typed_key(tm: TenantMapper, tenant: str) -> Any:
-    """The tenant key as the column's Python type (an int column gets an int)."""
+    """The tenant key as the column's Python type (an int column gets an int).
+
+    :raises TenantError: an int column and a tenant whose text is not the canonical
+        text of an integer (``"042"``, ``"4_2"``, ``"acme"``: ``int()`` would make some of
+        them another tenant's key).
+    """
     if key_python_type(tm.columns[0]) is int:
-        try:
+        if _CANONICAL_INT.fullmatch(tenant) and str(int(tenant)) == tenant:
             return int(tenant)
-        except ValueError:
-            return tenant
+        raise TenantError(
+            f"tenant {tenant!r} is not an integer in canonical form, and the tenant key of "
+            f"{tm.mapper.class_.__name__} is an integer column",
+            tenant=tenant,
+        )
     return tenant
 
+
+#: ASCII digits with an optional minus sign (``str(int(x)) == x`` is checked too)
+_CANONICAL_INT = re.compile(r"-?[0-9]+")
 
 
 def text_of(value: Any) -> str:

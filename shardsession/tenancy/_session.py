@@ -11,14 +11,22 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import event, inspect
+from sqlalchemy import and_, event, inspect, or_, select
 from sqlalchemy.orm import Mapper, ORMExecuteState, with_loader_criteria
 from sqlalchemy.orm.attributes import get_history
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, TextClause
 from sqlalchemy.sql.util import find_tables
 
 from .. import _scope
-from .._compat import class_listener_list, flush_states
+from .._compat import (
+    POSITIONAL,
+    class_listener_list,
+    dml_from_select,
+    dml_upserts,
+    dml_value_sets,
+    flush_states,
+    loader_options,
+)
 from ..exc import (
     ConfigurationError,
     TenantIsolationError,
@@ -37,6 +45,7 @@ from ._checks import (
 )
 from ._directory import tenant_key
 from ._mappers import TenantMapper, criterion, tenant_mappers, text_of, typed_key
+from ._walk import unfiltered_part
 
 __all__ = ["CHECKED_OPTION", "Tenancy"]
 
@@ -52,7 +61,7 @@ class Tenancy:
 
     # -- session creation ------------------------------------------------------------------
 
-    def on_session(self, session: Any, tenant: str | None) -> None:
+    def on_session(self, session: Any, tenant: str | int | None) -> None:
         placement: Placement | None = session._placement
         owned = tenant_mappers(placement) if placement is not None else {}
         if tenant is not None:
@@ -61,6 +70,8 @@ class Tenancy:
                     "a tenant-scoped session needs a placement with TenantSharding rules"
                 )
             session._tenant = tenant_key(tenant)
+            for tm in owned.values():  # (an int tenant key needs an int's canonical text)
+                typed_key(tm, session._tenant)
             for listeners, fn in _CHECKS:  # (a test suite may have cleared them)
                 if fn not in listeners:
                     _install()
@@ -96,6 +107,16 @@ class Tenancy:
                     )
             return
         checked = bool(orm_context.execution_options.get(CHECKED_OPTION))
+        if not checked and not (orm_context.is_column_load or orm_context.is_relationship_load):
+            part = unfiltered_part(statement, owned)
+            if part is not None:
+                raise TenantIsolationError(
+                    f"a tenant-scoped session refuses a statement holding {part}: the "
+                    "tenant filter reaches ORM entities only. Use mapped attributes, or "
+                    "filter by tenant yourself and pass execution_options="
+                    f"{{{CHECKED_OPTION!r}: True}}",
+                    tenant=tenant,
+                )
         if isinstance(statement, TextClause) or (
             touched and not orm_context.is_orm_statement
         ):
@@ -115,7 +136,16 @@ class Tenancy:
         _check_companions(placement, owned, mappers, shard)
         if orm_context.is_insert or orm_context.is_update:
             check_bulk_rows(orm_context, touched, tenant)
-        orm_context.statement = statement.options(*_criteria(placement, owned, tenant))
+            statement = _check_values(statement, touched, tenant, orm_context.is_insert)
+        statement = statement.options(*_criteria(placement, owned, tenant))
+        if orm_context.is_column_load:
+            # (SQLAlchemy leaves with_loader_criteria out of the loads of an object's
+            # attributes, refresh() and expired or deferred columns, as the object was
+            # filtered when loaded; one that came in detached was not: filter it here,
+            # and a row of another tenant is "not present", ObjectDeletedError)
+            statement = cast(Any, statement).where(
+                *(_row_criterion(tm, tenant) for tm in touched))
+        orm_context.statement = statement
         if orm_context.is_select or orm_context.is_update or orm_context.is_delete:
             orm_context.bind_arguments["shard_id"] = shard
             orm_context.update_execution_options(identity_token=shard)
@@ -168,6 +198,10 @@ class Tenancy:
                     )
             if tenant is not None:
                 check_state(state, tm, tenant)
+        if tenant is not None:
+            _verify_rows(session, owned, tenant, [*dirty, *deleted_states(session)])
+        elif owned:
+            _check_unscoped_owners(session, owned, [*new, *dirty, *deleted_states(session)])
 
     def check_object(self, session: Any, instance: Any) -> None:
         """Refuse an object of another tenant in the session (expunged first).
@@ -232,6 +266,147 @@ class Tenancy:
         rule.directory.check_owner(tenant, shard, connection)
 
 
+def _check_unscoped_owners(
+    session: Any, owned: dict[Mapper[Any], TenantMapper], states: list[Any]
+) -> None:
+    """A session without a tenant writing tenant-owned rows: check, in the flush's
+    transaction on each shard written, that the shard holds each tenant written there
+    (what a tenant-scoped session does in ``after_begin``): a process whose directory
+    cache is stale after a move would write to the old shard, rows orphaned there.
+
+    :raises StaleTenantDirectoryError: a shard does not hold the tenant (the cache is
+        refreshed; roll back and retry).
+    """
+    pairs: set[tuple[str, str]] = set()
+    directory = None
+    for state in states:
+        tm = owned.get(state.mapper) or next(
+            (owned[b] for b in state.mapper.iterate_to_root() if b in owned), None)
+        if tm is None:
+            continue
+        directory = tm.rule.directory
+        value = state.dict.get(tm.attrs[0])
+        if value is None:
+            continue  # (no tenant key: the shard chooser refuses it)
+        key = tenant_key(value if type(value) in (str, int) else text_of(value))
+        shard = state.key[2] if state.key is not None else (
+            state.identity_token or directory.shard_of(key))
+        pairs.add((key, shard))
+    for key, shard in sorted(pairs):
+        assert directory is not None
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        directory.check_owner(key, shard, conn)
+
+
+def _check_values(
+    statement: Any, touched: list[TenantMapper], tenant: str, is_insert: bool
+) -> Any:
+    """The VALUES of an ORM ``insert()`` / ``update()`` of a tenant table: a tenant key
+    in them must be the session's tenant, given as a plain value; an insert without it
+    gets it. Refused: upserts (their ON CONFLICT branch updates a row found by a key that
+    need not be the tenant's), ``insert().from_select()`` (the tenant key comes from the
+    select), positional multi-VALUES rows.
+
+    :raises TenantIsolationError: before anything is sent.
+    """
+    name = "INSERT" if is_insert else "UPDATE"
+    if is_insert and (dml_upserts(statement) or dml_from_select(statement)):
+        raise TenantIsolationError(
+            "a tenant-scoped session does not run upserts (ON CONFLICT / ON DUPLICATE KEY) "
+            "or insert().from_select() on tenant tables: the row they update or the tenant "
+            "key they copy cannot be proven the tenant's",
+            tenant=tenant,
+        )
+    sets = dml_value_sets(statement)
+    add: dict[Any, Any] = {}
+    for tm in touched:
+        for attr, col in zip(tm.attrs, tm.columns, strict=True):
+            for values in sets:
+                if values is POSITIONAL:
+                    raise TenantIsolationError(
+                        f"a multi-VALUES {name} of tenant-owned {tm.mapper.class_.__name__} "
+                        "with positional rows cannot be checked: give each row as a dict",
+                        tenant=tenant,
+                    )
+                found = [values[k] for k in (col, col.key, col.name, attr) if k in values]
+                if not found:
+                    if is_insert and len(sets) == 1:
+                        add[col] = typed_key(tm, tenant)
+                    elif is_insert:
+                        raise TenantIsolationError(
+                            f"every row of a multi-VALUES INSERT of "
+                            f"{tm.mapper.class_.__name__} must give the tenant key {attr!r}",
+                            tenant=tenant,
+                        )
+                    continue
+                for v in found:
+                    v = getattr(v, "value", v) if isinstance(v, BindParameter) else v
+                    if isinstance(v, ClauseElement) or v is None or text_of(v) != tenant:
+                        raise TenantIsolationError(
+                            f"an {name} of tenant-owned {tm.mapper.class_.__name__} sets "
+                            f"the tenant key {attr!r} to {v!r}, not to the session's tenant "
+                            f"{tenant!r}",
+                            tenant=tenant,
+                        )
+    return statement.values(add) if add else statement
+
+
+def _row_criterion(tm: TenantMapper, tenant: str) -> Any:
+    key = typed_key(tm, tenant)
+    return and_(*(getattr(tm.mapper.class_, a) == key for a in tm.attrs))
+
+
+def _verify_rows(
+    session: Any, owned: dict[Mapper[Any], TenantMapper], tenant: str, states: list[Any]
+) -> None:
+    """Prove that the rows a flush will UPDATE or DELETE by primary key are the
+    tenant's, for objects this session did not load itself (``add()`` of a detached
+    object, ``merge(load=False)``, ``make_transient_to_detached``): the unit of work's
+    ``UPDATE ... WHERE id = ?`` carries no tenant condition, and the object's tenant key
+    is what its builder wrote, not what the row holds. One filtered SELECT of their
+    primary keys per mapper, on the tenant's shard, in the flush's transaction.
+
+    :raises TenantIsolationError: a row is not the tenant's (or not on its shard).
+    """
+    seen: set[Any] = session.__dict__.setdefault("_tenant_rows", set())
+    todo: dict[TenantMapper, list[Any]] = {}
+    shard: str | None = None
+    for state in states:
+        key = state.key
+        if key is None or key in seen:
+            continue
+        tm = owned.get(state.mapper) or next(
+            (owned[b] for b in state.mapper.iterate_to_root() if b in owned), None)
+        if tm is None:
+            continue
+        if shard is None:
+            shard = _tenant_shard(owned, tenant)
+        if key[2] is not None and key[2] != shard:
+            raise TenantIsolationError(
+                f"a {state.mapper.class_.__name__} of shard {key[2]!r} cannot be written by "
+                f"a session of tenant {tenant!r}, whose shard is {shard!r}",
+                tenant=tenant,
+            )
+        todo.setdefault(tm, []).append(state)
+    for tm, group in todo.items():
+        cls = tm.mapper.class_
+        pk = [getattr(cls, tm.mapper.get_property_by_column(c).key)
+              for c in tm.mapper.primary_key]
+        idents = {tuple(s.key[1]) for s in group}
+        cond = or_(*(and_(*(c == v for c, v in zip(pk, ident, strict=True)))
+                     for ident in idents))
+        found = {tuple(r) for r in session.execute(select(*pk).where(cond))}
+        missing = idents - found
+        if missing:
+            raise TenantIsolationError(
+                f"{tm.mapper.class_.__name__} {sorted(missing)[0]!r} is not a row of tenant "
+                f"{tenant!r}: an object this session did not load cannot be written unless "
+                "its row is the tenant's",
+                tenant=tenant,
+            )
+        seen.update(s.key for s in group)
+
+
 def _check_scope(session: Any) -> None:
     """Refuse a session used inside the :func:`tenant_scope` of another tenant than its
     own (a session kept across requests, by a ``scoped_session`` registry say): the
@@ -265,6 +440,9 @@ def _placed_mappers(placement: Placement, orm_context: ORMExecuteState) -> list[
         tables = []
     if tables:
         mappers.extend(placement.mappers_for_tables(tables))
+    if orm_context.is_orm_statement:  # (a joinedload from a Broadcast mapper into a
+        for path, _ in loader_options(orm_context.statement):  # tenant-owned one)
+            mappers.extend(m for m in path if placement.is_placed(m))
     return mappers
 
 
@@ -333,6 +511,14 @@ def _on_loaded(session: Any, state: Any) -> None:
     # this very function, which the check in on_session looks for)
     if getattr(session, "_tenant", None) is not None:
         check_loaded(session, state.obj())
+        # (loaded through the tenant filter: its row is the tenant's)
+        session.__dict__.setdefault("_tenant_rows", set()).add(state.key)
+
+
+def _on_attached(session: Any, state: Any) -> None:
+    # (a detached object: its row is proven the tenant's before a flush writes it)
+    if getattr(session, "_tenant", None) is not None:
+        check_loaded(session, state.obj())
 
 
 def _on_new(session: Any, state: Any) -> None:
@@ -346,7 +532,7 @@ def _install() -> None:
     global _CHECKS
     from ..session import ShardedSession
 
-    hooks = (("loaded_as_persistent", _on_loaded), ("detached_to_persistent", _on_loaded),
+    hooks = (("loaded_as_persistent", _on_loaded), ("detached_to_persistent", _on_attached),
              ("transient_to_pending", _on_new))
     for name, fn in hooks:
         if not event.contains(ShardedSession, name, fn):

@@ -26,33 +26,46 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    column,
     create_engine,
     delete,
+    exists,
     func,
     insert,
     lambda_stmt,
+    literal,
+    literal_column,
     select,
+    table,
     text,
+    true,
     union_all,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     aliased,
+    column_property,
     joinedload,
+    make_transient_to_detached,
     mapped_column,
+    query_expression,
     relationship,
     selectinload,
     sessionmaker,
+    with_expression,
 )
+from sqlalchemy.orm.exc import ObjectDeletedError
 
 from shardsession import Broadcast, Follows, HashSharding, Placement, ShardedSession
 from shardsession.exc import (
     ConfigurationError,
     ShardSessionError,
     StaleTenantDirectoryError,
+    TenantError,
     TenantIsolationError,
     TenantRequiredError,
     UnsupportedQueryError,
@@ -451,6 +464,156 @@ def test_delete_of_another_tenants_object(env: Env, acme: ShardedSession) -> Non
         acme.flush()
 
 
+def _forged(cls: Any, **kw: Any) -> Any:
+    """An object with another tenant's primary key and acme's tenant key, made detached:
+    it passes the object checks (it looks like acme's) but its row is initech's (on
+    acme's shard s0) -- attack 13, B3/B4."""
+    obj = cls(tenant_id="acme", **kw)
+    make_transient_to_detached(obj)
+    return obj
+
+
+def test_attribute_load_of_a_forged_detached_object(acme: ShardedSession) -> None:
+    a = _forged(Account, id=301)
+    acme.add(a)
+    with pytest.raises((ObjectDeletedError, TenantIsolationError)):
+        a.name  # noqa: B018 (an unloaded attribute: loaded by primary key)
+    acme.rollback()
+    acme.expunge_all()
+    i = _forged(Invoice, id=301, account_id=101, amount=0)
+    acme.add(i)
+    acme.expire(i, ["amount"])
+    with pytest.raises((ObjectDeletedError, TenantIsolationError)):
+        i.amount  # noqa: B018
+    acme.rollback()
+    acme.expunge_all()
+    b = _forged(Account, id=301, name="?")
+    acme.add(b)
+    with pytest.raises((InvalidRequestError, TenantIsolationError)):  # ("Could not
+        acme.refresh(b)  # refresh instance": the row is not there for acme)
+    acme.rollback()
+    acme.expunge_all()
+    own = _forged(Account, id=101)  # acme's own row: loads
+    acme.add(own)
+    assert own.name == "acme-account"
+
+
+def test_flush_of_a_forged_detached_object(acme: ShardedSession) -> None:
+    a = _forged(Account, id=301, name="x")
+    acme.add(a)
+    a.name = "pwned"
+    with pytest.raises(TenantIsolationError):
+        acme.flush()
+    acme.rollback()
+    acme.expunge_all()
+    m = acme.merge(_forged(Account, id=302, name="x"), load=False)
+    m.name = "pwned"
+    with pytest.raises(TenantIsolationError):
+        acme.flush()
+    acme.rollback()
+    acme.expunge_all()
+    i = _forged(Invoice, id=301, account_id=301, amount=0)
+    acme.add(i)
+    acme.delete(i)
+    with pytest.raises(TenantIsolationError):
+        acme.flush()
+    acme.rollback()
+    acme.expunge_all()
+    own = _forged(Account, id=101, name="x")  # acme's own row: written
+    acme.add(own)
+    own.balance = 7
+    acme.flush()
+    assert acme.scalar(select(Account.balance).where(Account.id == 101)) == 7
+
+
+def _dialect_insert(acme: ShardedSession) -> Any:
+    name = acme.get_bind(Account, shard_id="s0").dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert
+    if name == "mysql":
+        from sqlalchemy.dialects.mysql import insert as my_insert
+        return my_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    return sqlite_insert
+
+
+def test_tenant_key_in_statement_values(acme: ShardedSession) -> None:
+    row = {"name": "planted", "balance": 0}
+    for bad in ("initech", "globex"):
+        with pytest.raises(TenantIsolationError):
+            acme.execute(insert(Account).values(id=555, tenant_id=bad, **row))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(insert(Account).values([{"id": 556, "tenant_id": "acme", **row},
+                                             {"id": 557, "tenant_id": "initech", **row}]))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(update(Invoice).where(Invoice.id == 101)
+                     .values(tenant_id="initech", account_id=301))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(update(Account).values({Account.tenant_id: Account.name}))
+    with pytest.raises(TenantIsolationError):
+        acme.execute(insert(Account).from_select(
+            ["id", "tenant_id", "name", "balance"],
+            select(Account.id + 1000, Account.tenant_id, Account.name, Account.balance)))
+    acme.rollback()
+    # the session's own key, or none (it is given): written as acme's
+    acme.execute(insert(Account).values(id=558, **row))
+    acme.execute(insert(Account).values(id=559, tenant_id="acme", **row))
+    assert acme.scalars(select(Account.tenant_id).where(Account.id.in_([558, 559]))).all() \
+        == ["acme", "acme"]
+
+
+def test_upserts_on_tenant_tables_are_refused(acme: ShardedSession) -> None:
+    ins = _dialect_insert(acme)
+    stmt = ins(Account).values(id=301, tenant_id="acme", name="x", balance=0)
+    if acme.get_bind(Account, shard_id="s0").dialect.name == "mysql":
+        stmt = stmt.on_duplicate_key_update(name="pwned")
+    else:
+        stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"name": "pwned"})
+    with pytest.raises(TenantIsolationError):
+        acme.execute(stmt)
+
+
+def test_core_references_and_text_inside_orm_statements(acme: ShardedSession) -> None:
+    """Attack 13, B1/B1b/B2: the filter reaches ORM entities only; a tenant table named
+    as a Core object, and SQL text, inside an ORM statement are refused."""
+    acct, inv = Account.__table__, Invoice.__table__
+    t2 = acct.alias("t2")
+    sq = select(acct.c.id, acct.c.name, acct.c.balance,
+                literal("acme").label("tenant_id")).subquery()
+    light = table("tn_account", column("name"), column("tenant_id"))
+    refused: list[Any] = [
+        select(Account.id, t2.c.name).join_from(Account, t2, true()),
+        select(Account.name, inv.c.amount).join(inv, true()),
+        select(Account.id, select(func.count(acct.c.id)).scalar_subquery()),
+        select(Account.name).where(exists(select(inv.c.id).where(inv.c.amount == 305))),
+        union_all(select(Account.name), select(acct.c.name)),
+        select(Account).with_only_columns(acct.c.name),
+        update(Invoice).values(amount=select(func.sum(inv.c.amount)).scalar_subquery()),
+        select(aliased(Account, sq)),  # B1b
+        select(literal_column("name")).select_from(text("tn_account")),
+        select(Account.id, Account.name).from_statement(text("SELECT id, name FROM tn_account")),
+        select(Account.name, text("(SELECT count(*) FROM tn_account)")),
+        select(Account.name).suffix_with("UNION ALL SELECT name FROM tn_account"),
+        select(Account.name).prefix_with("/* x */"),
+        select(Account.name).where(literal_column("1=1 OR 1")),
+        select(light.c.name),
+        update(light).values(name="pwned"),
+    ]
+    for stmt in refused:
+        with pytest.raises(TenantIsolationError):
+            acme.execute(stmt)
+    with pytest.raises(TenantIsolationError):
+        acme.query(func.count()).select_from(acct).all()
+    acme.rollback()
+    # what stays allowed: the entity's own table in its own statement, count(*), EXISTS
+    assert acme.scalars(select(Account.id).where(acct.c.id == 101)).all() == [101]
+    assert acme.scalar(select(func.count()).select_from(Account)) == 2
+    assert acme.scalar(select(acme.query(Account).filter(Account.id == 101).exists()))
+    assert acme.scalars(select(Account.id).where(exists(
+        select(Invoice.id).where(Invoice.account_id == Account.id)))).all() == [101]
+
+
 # -- sessions and scopes -------------------------------------------------------------------
 
 
@@ -630,6 +793,60 @@ def test_directory(env: Env) -> None:
     assert env.directory.add("globex") == "s1"
 
 
+def test_tenant_ids_have_one_spelling(env: Env) -> None:
+    """Attack 13, B7/B11: under MariaDB's case-, accent- and trailing-space-insensitive
+    collations "Acme", "acme " and "ACMÉ" are acme's directory and owner rows; tenant
+    ids are lowercase ASCII, and only str or int."""
+    before = env.snapshot()
+    for bad in ("Acme", "acme ", "ACMÉ", "ACME", " acme", "acme\n", "", "a" * 192):
+        with pytest.raises(TenantError):
+            env.directory.add(bad, "s0")
+        with pytest.raises(TenantError):
+            env.Session(tenant=bad)
+    for wrong in (True, 1.5, b"acme"):
+        with pytest.raises(TenantError):
+            env.Session(tenant=wrong)  # type: ignore[arg-type]
+        with pytest.raises(TenantError), tenant_scope(wrong):  # type: ignore[arg-type]
+            pass
+    assert env.snapshot() == before  # (acme's owner row untouched)
+    with env.Session(tenant="acme") as s:  # acme keeps working
+        assert {a.id for a in s.scalars(select(Account))} == ACME_ACCOUNTS
+
+
+def test_int_tenant_keys_in_canonical_form(tmp_path: Any) -> None:
+    """Attack 13, B8: with an integer tenant key column, "042", "4_2", " 42" would be
+    other tenants to the directory but tenant 42 to int()."""
+
+    class Base3(DeclarativeBase):
+        pass
+
+    class Shop(Base3):
+        __tablename__ = "tn3_shop"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        tenant_id: Mapped[int] = mapped_column(Integer)
+
+    engines = {"s0": create_engine(f"sqlite:///{tmp_path}/int.db")}
+    directory = TenantDirectory("s0")
+    placement = Placement({Shop: TenantSharding(Shop.tenant_id, directory)})
+    Session = sessionmaker(class_=ShardedSession, shards=engines, placement=placement)
+    Session().close()
+    Base3.metadata.create_all(engines["s0"])
+    tenancy_metadata.create_all(engines["s0"])
+    directory.add(42, "s0")
+    with Session(tenant=42) as s:
+        s.add(Shop(id=1))
+        s.commit()
+    for bad in ("042", "4_2", "+42", " 42", "٤٢", "42.0"):
+        with pytest.raises(TenantError):
+            Session(tenant=bad)
+    for bad in ("+42", " 42", "٤٢"):  # (not a tenant id at all)
+        with pytest.raises(TenantError):
+            directory.add(bad, "s0")
+    with Session(tenant="42") as s:
+        assert [x.id for x in s.scalars(select(Shop))] == [1]
+    engines["s0"].dispose()
+
+
 # -- a stale directory -----------------------------------------------------------------------
 
 
@@ -698,3 +915,87 @@ def test_stale_directory_during_a_move(fresh: Env) -> None:
     with env.Session(tenant="globex") as s, pytest.raises(StaleTenantDirectoryError):
         s.scalars(select(Account)).all()
 
+
+
+def test_unscoped_writer_with_a_stale_directory(fresh: Env) -> None:
+    """Attack 13, B9: a session without a tenant writes tenant-owned rows after the
+    tenant moved, its process's cache still on the old shard: refused as a scoped
+    writer is, nothing orphaned on the old shard."""
+    env = fresh
+    assert env.directory.shard_of("globex") == "s1"  # cached: (s1, 1)
+    _move_by_hand(env, "globex", "s1", "s2")
+    with env.Session() as s:
+        s.add(Account(id=251, tenant_id="globex", name="late", balance=0))
+        with pytest.raises(StaleTenantDirectoryError):
+            s.commit()
+    with env.engines["s1"].connect() as c:  # nothing landed on the old shard
+        assert c.exec_driver_sql("SELECT count(*) FROM tn_account").scalar() == 0
+    with env.Session() as s:  # the retry goes to the new shard
+        s.add(Account(id=251, tenant_id="globex", name="late", balance=0))
+        s.commit()
+    with env.engines["s2"].connect() as c:
+        assert 251 in set(c.exec_driver_sql(
+            "SELECT id FROM tn_account WHERE tenant_id = 'globex'").scalars())
+
+
+def test_mapping_level_expressions_over_tenant_tables(tmp_path: Any) -> None:
+    """Attack 13, B6: column_property / with_expression over a tenant table, a second
+    mapper of a tenant table, are refused in a tenant-scoped session; a joinedload from
+    a Broadcast mapper into a tenant-owned one is filtered (not refused by the row check)."""
+
+    class Base4(DeclarativeBase):
+        pass
+
+    class Doc(Base4):
+        __tablename__ = "tn4_doc"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        tenant_id: Mapped[str] = mapped_column(String(40))
+        title: Mapped[str] = mapped_column(String(40))
+        country: Mapped[str] = mapped_column(ForeignKey("tn4_country.code"))
+        extra: Mapped[str] = query_expression()
+
+    doc_t = Doc.__table__
+
+    class Country4(Base4):
+        __tablename__ = "tn4_country"
+        code: Mapped[str] = mapped_column(String(2), primary_key=True)
+        docs: Mapped[list[Doc]] = relationship(order_by=Doc.id)
+
+    class Region(Base4):  # Broadcast, with a column_property over the tenant table
+        __tablename__ = "tn4_region"
+        code: Mapped[str] = mapped_column(String(2), primary_key=True)
+        n_docs: Mapped[int] = column_property(
+            select(func.count(doc_t.c.id)).scalar_subquery())
+
+    class DocView(Base4):  # a second mapper of the tenant table, not placed
+        __table__ = doc_t
+
+    engines = {"s0": create_engine(f"sqlite:///{tmp_path}/b6.db")}
+    directory = TenantDirectory("s0")
+    placement = Placement({Doc: TenantSharding(Doc.tenant_id, directory),
+                           Country4: Broadcast(), Region: Broadcast()})
+    Session = sessionmaker(class_=ShardedSession, shards=engines, placement=placement)
+    Session().close()
+    Base4.metadata.create_all(engines["s0"])
+    tenancy_metadata.create_all(engines["s0"])
+    directory.add("acme", "s0")
+    directory.add("initech", "s0")
+    with engines["s0"].begin() as c:
+        c.execute(insert(Country4.__table__), [{"code": "de"}])
+        c.execute(insert(Region.__table__), [{"code": "eu"}])
+        c.execute(insert(doc_t), [
+            {"id": 1, "tenant_id": "acme", "title": "acme-doc", "country": "de"},
+            {"id": 2, "tenant_id": "initech", "title": "initech-doc", "country": "de"}])
+    with Session(tenant="acme") as s:
+        for stmt in (select(Region), select(Region.n_docs), select(DocView),
+                     select(DocView.title),
+                     select(Doc).options(with_expression(
+                         Doc.extra, select(func.max(doc_t.c.title)).scalar_subquery()))):
+            with pytest.raises(TenantIsolationError):
+                s.execute(stmt).all()
+        # filtered, not refused
+        got = s.scalars(select(Country4).options(joinedload(Country4.docs))).unique().all()
+        assert [[d.title for d in c.docs] for c in got] == [["acme-doc"]]
+        assert [d.extra for d in s.scalars(select(Doc).options(with_expression(
+            Doc.extra, func.upper(Doc.title))))] == ["ACME-DOC"]
+    engines["s0"].dispose()
