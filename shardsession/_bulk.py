@@ -18,7 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Result
@@ -34,7 +34,8 @@ from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
 
 __all__ = [
-    "execute_bulk", "in_parameter_order", "route_rows", "run_per_shard", "save_mappings",
+    "all_or_nothing", "execute_bulk", "in_parameter_order", "route_rows", "run_per_shard",
+    "save_mappings",
 ]
 
 _T = TypeVar("_T")
@@ -270,23 +271,7 @@ def run_per_shard(
         lanes.setdefault(id(conns[s]), []).append(s)
     savepoints: dict[int, Any] | None = None
     if one_statement and len(shard_ids) > 1:
-        readiness = {s: _compat.savepoint_readiness(conns[s]) for s in shard_ids}
-        unsafe = [s for s, r in readiness.items() if r == _compat.SAVEPOINT_UNSAFE]
-        if unsafe:
-            raise CapabilityError(
-                f"a bulk statement over shards {', '.join(map(str, shard_ids))} cannot be "
-                f"all-or-nothing: the SQLite driver of {', '.join(map(str, unsafe))} is in "
-                "autocommit mode (isolation_level=None without a BEGIN, or autocommit=True), "
-                "so its part would be committed at once, and no SAVEPOINT can undo it if "
-                "another shard fails; nothing was sent. Send each shard's rows with "
-                "bind_arguments={'shard_id': ...}, or use the pysqlite savepoint recipe",
-                shard_id=unsafe[0],
-            )
-        begun: set[int] = set()
-        for s in shard_ids:
-            if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and id(conns[s]) not in begun:
-                begun.add(id(conns[s]))
-                _compat.begin_driver_transaction(conns[s])
+        prepare_savepoints(conns, shard_ids, "a bulk statement")
         savepoints = {}
 
     def lane(members: list[Any]) -> list[tuple[Any, _T]]:
@@ -299,13 +284,71 @@ def run_per_shard(
     try:
         done = _run_lanes(shard_ids, conns, lanes, lane)
     except BaseException:
-        for savepoint in savepoints.values():
-            with contextlib.suppress(Exception):  # the first error is the one to raise
-                savepoint.rollback()
+        _undo(savepoints.values())
         raise
     for savepoint in savepoints.values():
         savepoint.commit()  # RELEASE SAVEPOINT
     return done
+
+
+def prepare_savepoints(conns: Mapping[Any, Connection], shard_ids: Sequence[Any],
+                       what: str) -> None:
+    """Make sure a SAVEPOINT on each connection of ``conns`` nests in its transaction.
+
+    :raises CapabilityError: a connection in autocommit mode (a SQLite driver's
+        ``isolation_level=None`` / ``autocommit=True``, or a server engine's
+        ``isolation_level="AUTOCOMMIT"``): its part of ``what`` would be committed at
+        once and no SAVEPOINT could undo it if another shard fails; raised before
+        anything of the statement is sent."""
+    readiness = {s: _compat.savepoint_readiness(conns[s]) for s in shard_ids}
+    unsafe = [s for s, r in readiness.items() if r == _compat.SAVEPOINT_UNSAFE]
+    if unsafe:
+        raise CapabilityError(
+            f"{what} over shards {', '.join(map(str, shard_ids))} cannot be "
+            f"all-or-nothing: the connection of {', '.join(map(str, unsafe))} is in "
+            "autocommit mode (SQLite: isolation_level=None without a BEGIN, or "
+            "autocommit=True; a server: isolation_level='AUTOCOMMIT'), so its part would "
+            "be committed at once, and no SAVEPOINT can undo it if another shard fails; "
+            "nothing was sent. Send each shard's part with "
+            "bind_arguments={'shard_id': ...}, or use a transactional isolation level "
+            "(SQLite: the pysqlite savepoint recipe)",
+            shard_id=unsafe[0],
+        )
+    begun: set[int] = set()
+    for s in shard_ids:
+        if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and id(conns[s]) not in begun:
+            begun.add(id(conns[s]))
+            _compat.begin_driver_transaction(conns[s])
+
+
+def _undo(savepoints: Iterable[Any]) -> None:
+    for savepoint in savepoints:
+        with contextlib.suppress(Exception):  # the first error is the one to raise
+            savepoint.rollback()
+
+
+@contextlib.contextmanager
+def all_or_nothing(session: Any, shard_ids: Sequence[Any], what: str) -> Iterator[None]:
+    """Run the body (one statement sent to several shards) inside a SAVEPOINT on each
+    shard's connection: an error rolls every shard back to it and is re-raised, so no
+    shard keeps its part of a statement that failed on another, as one database undoes
+    a failed statement and its transaction goes on (SQLite, MariaDB). Two more round
+    trips per connection (SAVEPOINT and RELEASE), taken one after another.
+
+    :raises CapabilityError: see :func:`prepare_savepoints` (nothing was sent)."""
+    conns = {s: session.connection(bind_arguments={"shard_id": s}) for s in shard_ids}
+    prepare_savepoints(conns, shard_ids, what)
+    savepoints: dict[int, Any] = {}
+    try:
+        for s in shard_ids:
+            if id(conns[s]) not in savepoints:
+                savepoints[id(conns[s])] = conns[s].begin_nested()
+        yield
+    except BaseException:
+        _undo(savepoints.values())
+        raise
+    for savepoint in savepoints.values():
+        savepoint.commit()  # RELEASE SAVEPOINT
 
 
 def _run_lanes(

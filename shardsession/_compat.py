@@ -431,7 +431,8 @@ SAVEPOINT_READY, SAVEPOINT_AFTER_BEGIN, SAVEPOINT_UNSAFE = "ready", "after-begin
 def savepoint_readiness(connection: Any) -> str:
     """Whether a SAVEPOINT on ``connection`` nests in the transaction it is in.
 
-    ``SAVEPOINT_READY``: it does (every dialect but SQLite; SQLite when the driver says a
+    ``SAVEPOINT_READY``: it does (every dialect but SQLite, unless its isolation level
+    is ``AUTOCOMMIT``: then ``SAVEPOINT_UNSAFE``; SQLite when the driver says a
     transaction is open: ``sqlite3.Connection.in_transaction``, after the pysqlite
     savepoint recipe's ``BEGIN`` or an earlier write). ``SAVEPOINT_AFTER_BEGIN``: pysqlite
     or aiosqlite in their default mode, with no transaction begun yet: the driver begins
@@ -442,6 +443,10 @@ def savepoint_readiness(connection: Any) -> str:
     nest in) or cannot say whether a transaction is open. (aiosqlite: read through the
     private ``AsyncAdapt_aiosqlite_connection._connection``, checked on 2.1.9.)"""
     if connection.dialect.name != "sqlite":
+        level = connection.get_execution_options().get("isolation_level") or getattr(
+            connection.dialect, "isolation_level", None)
+        if str(level).upper() == "AUTOCOMMIT":
+            return SAVEPOINT_UNSAFE
         return SAVEPOINT_READY
     dbapi = connection.connection.dbapi_connection
     raw = getattr(dbapi, "_connection", dbapi)  # (aiosqlite: its aiosqlite.Connection)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Table,
+    case,
     create_engine,
     delete,
     event,
@@ -28,7 +29,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import make_transient, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -300,6 +301,85 @@ def test_failed_bulk_statement_leaves_nothing_on_any_shard(savepoint_cluster: Cl
     expected = {(i, "first"): s for s, i in first.items()}
     expected.update({(200, "after"): user_shard(200), (201, "after"): user_shard(201)})
     assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
+
+
+def _refuse_bad_names(cluster: Cluster, shard: str) -> None:
+    with cluster.engines[shard].begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("CREATE TRIGGER no_bad BEFORE UPDATE ON users "
+                              "WHEN NEW.name = 'bad' BEGIN SELECT RAISE(ABORT, 'bad'); END"))
+        else:
+            conn.execute(text("ALTER TABLE users ADD CONSTRAINT no_bad CHECK (name <> 'bad')"))
+
+
+def test_failed_fanout_update_or_delete_leaves_nothing_on_any_shard(
+    savepoint_cluster: Cluster,
+) -> None:
+    """A criteria UPDATE / DELETE sent to several shards that fails on one shard is
+    undone on every shard (a SAVEPOINT per shard around it), and the transaction goes on,
+    as on one database (SQLite, MariaDB: the statement is rolled back). Before, a caller
+    that caught the error and committed committed the other shards' part (attack 12,
+    break 3)."""
+    cluster = savepoint_cluster
+    Session = cluster.session_factory()
+    ids = {s: [i for i in range(1, 60) if user_shard(i) == s][:2] for s in SHARDS}
+    failing = "s1"  # (MariaDB in the server cluster)
+    _refuse_bad_names(cluster, failing)
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": i, "name": "first"} for v in ids.values() for i in v])
+    bad = ids[failing][0]
+    with Session() as s:
+        s.add(User(id=100, name="before"))
+        s.flush()
+        with pytest.raises(DBAPIError):
+            s.execute(update(User).values(name=case((User.id == bad, "bad"), else_="changed")))
+        with pytest.raises(DBAPIError):  # a WHERE the chooser cannot narrow to one shard
+            s.execute(update(User).where(User.id.in_([ids["s0"][0], bad]))
+                      .values(name=case((User.id == bad, "bad"), else_="changed")))
+        s.commit()
+    expected = {(i, "first"): sh for sh, v in ids.items() for i in v}
+    expected[(100, "before")] = user_shard(100)
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
+    if cluster.engines[failing].dialect.name == "sqlite":
+        return  # (no foreign keys enforced without PRAGMA foreign_keys)
+    # a DELETE refused on one shard (a row there still referenced) leaves every row
+    with Session.begin() as s:
+        s.execute(insert(Order), [{"id": 1, "user_id": bad, "amount": 1}])
+    with Session() as s:
+        with pytest.raises(IntegrityError):
+            s.execute(delete(User).where(User.id != 100))
+        s.add(User(id=101, name="after"))
+        s.commit()
+    expected[(101, "after")] = user_shard(101)
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
+
+
+def test_autocommit_server_shard_refuses_a_multi_shard_statement(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A server shard with isolation_level="AUTOCOMMIT" (MariaDB, PostgreSQL) would
+    commit its part of a multi-shard bulk or criteria statement at once, with no
+    savepoint to undo it: refused with CapabilityError before anything is sent, as a
+    SQLite shard in driver autocommit is (attack 12, break 6). One shard's part still
+    goes."""
+    urls = _server_urls(request)
+    for cluster in build_cluster(urls):
+        for name in ("s0", "s1"):  # PostgreSQL, then MariaDB in autocommit
+            Session = sessionmaker(
+                class_=ShardedSession, placement=cluster.session_factory().kw["placement"],
+                shards={**cluster.engines,
+                        name: cluster.engines[name].execution_options(
+                            isolation_level="AUTOCOMMIT")})
+            with Session() as s:
+                cluster.reset_log()
+                with pytest.raises(CapabilityError, match="autocommit"):
+                    s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 13)])
+                with pytest.raises(CapabilityError, match="autocommit"):
+                    s.execute(update(User).values(name="x"))
+                assert cluster.touched("INSERT") == set()
+                assert cluster.touched("UPDATE") == set()
+                s.rollback()
+        assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
 
 
 def test_plain_pysqlite_first_statement_begins_before_its_savepoint(tmp_path: Any) -> None:
