@@ -116,7 +116,12 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         # One statement over several shards: all of it or nothing of it (a shard that
         # fails undoes every shard's part; the transaction goes on, as on one database)
         with all_or_nothing(session, shard_ids, "an UPDATE or DELETE"):
-            return execute_on_shards(orm_context, shard_ids, _options(session))
+            result = execute_on_shards(orm_context, shard_ids, _options(session))
+            if getattr(result, "returns_rows", True):
+                # RETURNING rows are read before the RELEASE (SQLite cannot release a
+                # savepoint while a statement's rows are still being read)
+                result = result.freeze()()
+        return result
     return execute_on_shards(orm_context, shard_ids, _options(session))
 
 
