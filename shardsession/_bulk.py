@@ -506,11 +506,19 @@ def save_mappings(
     Objects inserted with ``return_defaults=True`` become persistent-keyed with their
     shard as identity token.
 
+    :raises sqlalchemy.exc.UnboundExecutionError: the session has no shard at all (as
+        a plain Session without a bind), before anything else is checked.
+
     Failure semantics: routing errors are raised before any shard is asked; a shard's
     error is raised after every shard finished, and the caller
     (:class:`~shardsession._compat.RoutedBulkSaves`) rolls the session's transaction back
     as a failed flush does: nothing is committed on any shard.
     """
+    if not session._shards:
+        # nothing to route to: what a plain Session without a bind raises
+        from .session import _unbound  # (the session module imports this one)
+
+        raise _unbound(mapper, None)
     if not mappings:
         return
     groups: dict[Any, list[Any]]
