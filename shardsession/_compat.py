@@ -611,6 +611,20 @@ def deannotated(element: Any) -> Any:
     return deannotate() if deannotate is not None else element
 
 
+def has_returning(stmt: Any) -> bool:
+    """Whether an INSERT/UPDATE/DELETE has a RETURNING clause (private ``_returning``)."""
+    return bool(getattr(stmt, "_returning", ()))
+
+
+def update_set_pairs(stmt: Any) -> list[tuple[Any, Any]]:
+    """What an UPDATE sets, as (key, value) pairs: the key a column name, attribute name
+    or column, the value a bound parameter or SQL expression (``_values`` and, on
+    2.0.x, ``_ordered_values``)."""
+    pairs: list[tuple[Any, Any]] = list((getattr(stmt, "_values", None) or {}).items())
+    pairs.extend(getattr(stmt, "_ordered_values", None) or ())
+    return pairs
+
+
 def dml_expressions(stmt: Any) -> list[Any]:
     """The expressions of an UPDATE or DELETE that may hold subqueries: its WHERE terms
     (``_where_criteria``) and the values it sets (``_values``, a dict; on 2.0.x also

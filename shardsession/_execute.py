@@ -117,7 +117,7 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         # fails undoes every shard's part; the transaction goes on, as on one database)
         with all_or_nothing(session, shard_ids, "an UPDATE or DELETE"):
             result = execute_on_shards(orm_context, shard_ids, _options(session))
-            if getattr(result, "returns_rows", True):
+            if _compat.has_returning(orm_context.statement):
                 # RETURNING rows are read before the RELEASE (SQLite cannot release a
                 # savepoint while a statement's rows are still being read)
                 result = result.freeze()()

@@ -336,6 +336,9 @@ def test_failed_fanout_update_or_delete_leaves_nothing_on_any_shard(
         with pytest.raises(DBAPIError):  # a WHERE the chooser cannot narrow to one shard
             s.execute(update(User).where(User.id.in_([ids["s0"][0], bad]))
                       .values(name=case((User.id == bad, "bad"), else_="changed")))
+        # one that succeeds: its savepoints released, its count summed
+        assert s.execute(update(User).where(User.id != 100).values(name="first")).rowcount == 6
+        assert s.execute(delete(User).where(User.id == -1)).rowcount == 0
         s.commit()
     expected = {(i, "first"): sh for sh, v in ids.items() for i in v}
     expected[(100, "before")] = user_shard(100)
