@@ -385,6 +385,40 @@ def test_autocommit_server_shard_refuses_a_multi_shard_statement(
         assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
 
 
+def test_update_statement_changing_the_shard_key_is_refused(cluster: Cluster) -> None:
+    """An UPDATE statement that sets the shard key (or a follower's foreign key that
+    places it) to a value of another shard is refused with RoutingError before anything
+    is sent, as changing a loaded object's key is at flush; the row stayed on its old
+    shard, unreachable under its new key (attack 12, break 4). A value placed on the one
+    shard the statement runs on is allowed."""
+    Session = cluster.session_factory()
+    x = next(i for i in range(1, 99) if user_shard(i) == "s0")
+    elsewhere = next(i for i in range(100, 199) if user_shard(i) != "s0")
+    same = next(i for i in range(100, 199) if user_shard(i) == "s0")
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": x, "name": "x"}, {"id": elsewhere, "name": "e"}])
+        s.execute(insert(Order), [{"id": 1, "user_id": elsewhere, "amount": 1}])
+    with Session() as s:
+        cluster.reset_log()
+        refused = [
+            update(User).where(User.id == x).values(id=elsewhere + 1000),
+            update(User).where(User.id == x).values({User.id: elsewhere + 1000}),
+            update(User).values(id=User.id + 1000),  # (a value it does not show)
+            update(User).where(User.id.in_([x, elsewhere])).values(id=same),
+            update(Order).where(Order.user_id == elsewhere).values(user_id=x),
+        ]
+        for stmt in refused:
+            with pytest.raises(RoutingError, match="shard key"):
+                s.execute(stmt)
+        assert cluster.touched("UPDATE") == set()
+        # a new key on the row's own shard, and a change of anything else, still go
+        s.execute(update(User).where(User.id == x).values(id=same))
+        s.execute(update(User).values(name="n"))
+        s.commit()
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
+        {(same, "n"): "s0", (elsewhere, "n"): user_shard(elsewhere)})
+
+
 def test_plain_pysqlite_first_statement_begins_before_its_savepoint(tmp_path: Any) -> None:
     """A plain pysqlite engine begins its transaction only before a write: a SAVEPOINT
     sent first would open a transaction of its own, which RELEASE commits, outside the
