@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import make_transient, sessionmaker
+from sqlalchemy.orm import make_transient, make_transient_to_detached, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import NullPool
 
@@ -618,6 +618,29 @@ def test_merge_of_a_transient_copy_finds_the_row_of_its_new_key(cluster: Cluster
         assert merged in s and not inspect(merged).pending
     assert stored(cluster, "SELECT id, name FROM users") == by_shard(
         {(old, "old"): user_shard(old), (other, "merged"): user_shard(other)})
+
+
+def test_merge_without_load_keys_a_detached_object_with_its_shard(cluster: Cluster) -> None:
+    """``merge(obj, load=False)`` of a detached object keyed without a shard
+    (``make_transient_to_detached``) is keyed with its shard's token: ``get()`` then
+    returns the same object, one UPDATE is sent. It was keyed ``(User, (id,), None)``
+    and ``get()`` loaded a second copy (attack 12, break 5)."""
+    Session = cluster.session_factory()
+    uid = next(i for i in range(1, 99) if user_shard(i) != "s0")
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": uid, "name": "stored"}])
+    with Session() as s:
+        d = User(id=uid, name="stored")
+        make_transient_to_detached(d)
+        merged = s.merge(d, load=False)
+        assert inspect(merged).key == (User, (uid,), user_shard(uid))
+        assert inspect(d).key == (User, (uid,), None)  # (the given object is left as it was)
+        assert s.get(User, uid) is merged
+        assert len(s.identity_map) == 1
+        merged.name = "merged"
+        s.commit()
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
+        {(uid, "merged"): user_shard(uid)})
 
 
 # --------------------------------------------------------------------------------------------
