@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import null_result
 from sqlalchemy.orm import Mapper, ORMExecuteState
@@ -110,7 +111,49 @@ def route_rows(
                 session._check_shard(shard)  # raises
             group = groups[shard] = []
         group.append(row)
+    if for_update and not r.pk_is_key and len(groups) > 0:
+        _refuse_moved_rows(session, mapper, groups, by_attribute)
     return groups
+
+
+def _refuse_moved_rows(session: Any, mapper: Mapper[Any], groups: Mapping[Any, list[_Row]],
+                       by_attribute: bool) -> None:
+    """Bulk UPDATE rows by primary key whose shard key is not the primary key are routed
+    by the key value they carry: a row whose key changed would be looked for on its new
+    shard (StaleDataError there, the row left on its old shard). Ask each shard which of
+    its rows' primary keys it holds (one SELECT per shard; only for a one-column primary
+    key) and refuse a row another shard holds.
+
+    :raises RoutingError: a row's shard key places it on another shard than the one that
+        holds it (moving rows between shards is not supported); nothing was written.
+    """
+    pk = mapper.primary_key
+    if len(pk) != 1:
+        return
+    name = mapper.get_property_by_column(pk[0]).key if by_attribute else str(pk[0].key)
+    wanted = {s: {row[name] for row in rows if row.get(name) is not None}
+              for s, rows in groups.items()}
+    missing: dict[Any, Any] = {}
+    for shard, ids in wanted.items():
+        if ids:
+            conn = session.connection(bind_arguments={"shard_id": shard})
+            held = set(conn.execute(select(pk[0]).where(pk[0].in_(ids))).scalars())
+            missing.update((i, shard) for i in ids - held)
+    if not missing:
+        return
+    for other in session._shards:
+        conn = session.connection(bind_arguments={"shard_id": other})
+        elsewhere = [i for i, shard in missing.items() if shard != other]
+        if not elsewhere:
+            continue
+        for found in conn.execute(select(pk[0]).where(pk[0].in_(elsewhere))).scalars():
+            raise RoutingError(
+                f"a bulk UPDATE row of {mapper.class_.__name__} with primary key {found!r} "
+                f"sets a shard key that places it on shard {missing[found]!r}, but shard "
+                f"{other!r} holds it; moving rows between shards is not supported (insert a "
+                "new row and delete the old one); nothing was written",
+                shard_id=missing[found],
+            )
 
 
 def _require_primary_key(mapper: Mapper[Any], rows: Sequence[_Row], by_attribute: bool) -> None:

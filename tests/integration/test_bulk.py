@@ -419,6 +419,33 @@ def test_update_statement_changing_the_shard_key_is_refused(cluster: Cluster) ->
         {(same, "n"): "s0", (elsewhere, "n"): user_shard(elsewhere)})
 
 
+def test_bulk_update_by_primary_key_changing_the_shard_key_is_refused(cluster: Cluster) -> None:
+    """Bulk UPDATE rows by primary key (``execute(update(M), rows)``,
+    ``bulk_update_mappings``) whose shard key is not the primary key, setting a key of
+    another shard than the one holding the row: RoutingError, nothing written (it was a
+    StaleDataError from the new shard, where the row is not: attack 12, break 4). A key
+    of the row's own shard, or the same key, still goes."""
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(Event), [{"id": 1, "day": 10, "what": "a"},
+                                  {"id": 2, "day": 150, "what": "b"}])
+    with Session() as s:
+        cluster.reset_log()
+        with pytest.raises(RoutingError, match="shard key"):
+            s.execute(update(Event), [{"id": 1, "day": 250, "what": "moved"},
+                                      {"id": 2, "day": 150, "what": "kept"}])
+        s.rollback()
+        with pytest.raises(RoutingError, match="shard key"):
+            s.bulk_update_mappings(Event, [{"id": 2, "day": 20, "what": "moved"}])
+        s.rollback()
+        assert cluster.touched("UPDATE") == set()
+        s.execute(update(Event), [{"id": 1, "day": 20, "what": "same shard"},
+                                  {"id": 2, "day": 150, "what": "same key"}])
+        s.commit()
+    assert stored(cluster, "SELECT id, day, what FROM events") == by_shard(
+        {(1, 20, "same shard"): "s0", (2, 150, "same key"): "s1"})
+
+
 def test_plain_pysqlite_first_statement_begins_before_its_savepoint(tmp_path: Any) -> None:
     """A plain pysqlite engine begins its transaction only before a write: a SAVEPOINT
     sent first would open a transaction of its own, which RELEASE commits, outside the
