@@ -27,6 +27,7 @@ from sqlalchemy.engine.result import null_result
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.elements import BindParameter
 
 from . import _compat
 from .exc import CapabilityError, RoutingError, ShardKeyMissingError, ShardSessionError
@@ -117,7 +118,7 @@ def route_rows(
 
 
 def _refuse_moved_rows(session: Any, mapper: Mapper[Any], groups: Mapping[Any, list[_Row]],
-                       by_attribute: bool) -> None:
+                       by_attribute: bool, what: str = "a bulk UPDATE row") -> None:
     """Bulk UPDATE rows by primary key whose shard key is not the primary key are routed
     by the key value they carry: a row whose key changed would be looked for on its new
     shard (StaleDataError there, the row left on its old shard). Ask each shard which of
@@ -148,7 +149,7 @@ def _refuse_moved_rows(session: Any, mapper: Mapper[Any], groups: Mapping[Any, l
             continue
         for found in conn.execute(select(pk[0]).where(pk[0].in_(elsewhere))).scalars():
             raise RoutingError(
-                f"a bulk UPDATE row of {mapper.class_.__name__} with primary key {found!r} "
+                f"{what} of {mapper.class_.__name__} with primary key {found!r} "
                 f"sets a shard key that places it on shard {missing[found]!r}, but shard "
                 f"{other!r} holds it; moving rows between shards is not supported (insert a "
                 "new row and delete the old one); nothing was written",
@@ -477,6 +478,8 @@ def execute_bulk(
         _compat.session_autoflush(session)
     replicated = _replicated(session, mapper) and shard_id is None
 
+    if bulk.kind == "insert" and shard_id is None:
+        _refuse_upsert_key_change(session, mapper, orm_context.statement, groups)
     if bulk.kind == "insert":
         def insert(shard: Any, conn: Connection) -> Any:
             return _compat.run_bulk_insert(orm_context, bulk, conn, groups[shard])
@@ -504,6 +507,45 @@ def execute_bulk(
     for shard, result in results.items():
         _compat.synchronize_bulk_update(orm_context, bulk, groups[shard], result, shard)
     return null_result()
+
+
+def _refuse_upsert_key_change(session: Any, mapper: Mapper[Any], statement: Any,
+                              groups: Mapping[Any, list[_Row]]) -> None:
+    """An upsert whose conflict clause sets the shard key to a value of another shard
+    than its rows' (or to an SQL expression other than the inserted row's own key,
+    ``excluded.key`` / ``inserted.key``) would leave the updated row on its shard under
+    a key that places it elsewhere.
+
+    :raises RoutingError: before anything is sent."""
+    placement = session.placement
+    if placement is None:
+        return
+    r = placement.resolve(mapper)
+    if r.strategy is None or not _compat.upsert_set_pairs(statement):
+        return
+    if not r.pk_is_key:
+        # the conflict is on the primary key, which another shard may hold: the row
+        # would be inserted again on its key's shard instead of updated where it is
+        _refuse_moved_rows(session, mapper, groups, True, "an upsert row")
+    names = {str(c.name): i for i, c in enumerate(r.columns)}
+    names.update({a: i for i, a in enumerate(r.attrs)})
+    for key, value in _compat.upsert_set_pairs(statement):
+        name = key if isinstance(key, str) else getattr(key, "name", None)
+        if name not in names:
+            continue
+        column = r.columns[names[name]]
+        if isinstance(value, BindParameter) and len(r.columns) == 1:
+            target = r.strategy.shard_for(value.effective_value)
+            if all(s == target for s in groups):
+                continue
+        elif (getattr(value, "name", None) == column.name
+              and getattr(getattr(value, "table", None), "name", None) in ("excluded", "inserted")):
+            continue  # the inserted row's own key: it placed the row
+        raise RoutingError(
+            f"an upsert of {mapper.class_.__name__} whose conflict clause sets its shard key "
+            f"{name!r} to a value of another shard (or an expression) would leave the row on "
+            "a shard its new key does not place it on; moving rows between shards is not "
+            "supported; nothing was sent", shard_id=None)
 
 
 def in_parameter_order(

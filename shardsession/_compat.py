@@ -616,6 +616,21 @@ def has_returning(stmt: Any) -> bool:
     return bool(getattr(stmt, "_returning", ()))
 
 
+def upsert_set_pairs(stmt: Any) -> list[tuple[Any, Any]]:
+    """What an upsert's conflict clause sets, as (key, value) pairs (PostgreSQL and
+    SQLite ``on_conflict_do_update``: ``_post_values_clause.update_values_to_set``;
+    MySQL ``on_duplicate_key_update``: ``.update``); empty for any other INSERT."""
+    clause = getattr(stmt, "_post_values_clause", None)
+    if clause is None:
+        return []
+    values = getattr(clause, "update_values_to_set", None)
+    if values is None:
+        values = getattr(clause, "update", None)
+    if isinstance(values, Mapping):
+        return list(values.items())
+    return list(values or ())
+
+
 def update_set_pairs(stmt: Any) -> list[tuple[Any, Any]]:
     """What an UPDATE sets, as (key, value) pairs: the key a column name, attribute name
     or column, the value a bound parameter or SQL expression (``_values`` and, on

@@ -742,6 +742,35 @@ def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> Any:
     return my.on_duplicate_key_update(name=my.inserted.name)
 
 
+def test_upsert_changing_the_shard_key_is_refused(cluster: Cluster) -> None:
+    """An upsert of a class whose shard key is not its primary key, for a row another
+    shard holds under a key of its own: RoutingError before anything is written (it
+    inserted a second row with that primary key on the new key's shard: attack 12,
+    break 4). New rows, and rows on their own shard, are upserted as before."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    # (days >= 200 are on s2: PostgreSQL in the server cluster, SQLite in the other)
+    make = pg_insert if cluster.engines["s2"].dialect.name == "postgresql" else sqlite_insert
+    stmt = make(Event)
+    stmt = stmt.on_conflict_do_update(index_elements=[Event.id],
+                                      set_={"day": stmt.excluded.day, "what": "upserted"})
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(Event), [{"id": 1, "day": 10, "what": "a"},
+                                  {"id": 2, "day": 250, "what": "b"}])
+    with Session() as s:
+        cluster.reset_log()
+        with pytest.raises(RoutingError, match="shard key"):
+            s.execute(stmt, [{"id": 1, "day": 250, "what": "x"}])
+        assert cluster.touched("INSERT") == set()
+        s.rollback()
+        s.execute(stmt, [{"id": 2, "day": 260, "what": "x"}, {"id": 3, "day": 270, "what": "x"}])
+        s.commit()
+    assert stored(cluster, "SELECT id, day, what FROM events") == by_shard(
+        {(1, 10, "a"): "s0", (2, 260, "upserted"): "s2", (3, 270, "x"): "s2"})
+
+
 def test_upserts_routed_by_key(cluster: Cluster) -> None:
     Session = cluster.session_factory()
     with Session.begin() as s:
