@@ -18,14 +18,16 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import null_result
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.elements import BindParameter
 
 from . import _compat
 from .exc import CapabilityError, RoutingError, ShardKeyMissingError, ShardSessionError
@@ -34,7 +36,8 @@ from .routing.placement import naming_mapper
 from .routing.strategies import Broadcast, Follows
 
 __all__ = [
-    "execute_bulk", "in_parameter_order", "route_rows", "run_per_shard", "save_mappings",
+    "all_or_nothing", "execute_bulk", "in_parameter_order", "route_rows", "run_per_shard",
+    "save_mappings",
 ]
 
 _T = TypeVar("_T")
@@ -109,7 +112,49 @@ def route_rows(
                 session._check_shard(shard)  # raises
             group = groups[shard] = []
         group.append(row)
+    if for_update and not r.pk_is_key and len(groups) > 0:
+        _refuse_moved_rows(session, mapper, groups, by_attribute)
     return groups
+
+
+def _refuse_moved_rows(session: Any, mapper: Mapper[Any], groups: Mapping[Any, list[_Row]],
+                       by_attribute: bool, what: str = "a bulk UPDATE row") -> None:
+    """Bulk UPDATE rows by primary key whose shard key is not the primary key are routed
+    by the key value they carry: a row whose key changed would be looked for on its new
+    shard (StaleDataError there, the row left on its old shard). Ask each shard which of
+    its rows' primary keys it holds (one SELECT per shard; only for a one-column primary
+    key) and refuse a row another shard holds.
+
+    :raises RoutingError: a row's shard key places it on another shard than the one that
+        holds it (moving rows between shards is not supported); nothing was written.
+    """
+    pk = mapper.primary_key
+    if len(pk) != 1:
+        return
+    name = mapper.get_property_by_column(pk[0]).key if by_attribute else str(pk[0].key)
+    wanted = {s: {row[name] for row in rows if row.get(name) is not None}
+              for s, rows in groups.items()}
+    missing: dict[Any, Any] = {}
+    for shard, ids in wanted.items():
+        if ids:
+            conn = session.connection(bind_arguments={"shard_id": shard})
+            held = set(conn.execute(select(pk[0]).where(pk[0].in_(ids))).scalars())
+            missing.update((i, shard) for i in ids - held)
+    if not missing:
+        return
+    for other in session._shards:
+        conn = session.connection(bind_arguments={"shard_id": other})
+        elsewhere = [i for i, shard in missing.items() if shard != other]
+        if not elsewhere:
+            continue
+        for found in conn.execute(select(pk[0]).where(pk[0].in_(elsewhere))).scalars():
+            raise RoutingError(
+                f"{what} of {mapper.class_.__name__} with primary key {found!r} "
+                f"sets a shard key that places it on shard {missing[found]!r}, but shard "
+                f"{other!r} holds it; moving rows between shards is not supported (insert a "
+                "new row and delete the old one); nothing was written",
+                shard_id=missing[found],
+            )
 
 
 def _require_primary_key(mapper: Mapper[Any], rows: Sequence[_Row], by_attribute: bool) -> None:
@@ -270,23 +315,7 @@ def run_per_shard(
         lanes.setdefault(id(conns[s]), []).append(s)
     savepoints: dict[int, Any] | None = None
     if one_statement and len(shard_ids) > 1:
-        readiness = {s: _compat.savepoint_readiness(conns[s]) for s in shard_ids}
-        unsafe = [s for s, r in readiness.items() if r == _compat.SAVEPOINT_UNSAFE]
-        if unsafe:
-            raise CapabilityError(
-                f"a bulk statement over shards {', '.join(map(str, shard_ids))} cannot be "
-                f"all-or-nothing: the SQLite driver of {', '.join(map(str, unsafe))} is in "
-                "autocommit mode (isolation_level=None without a BEGIN, or autocommit=True), "
-                "so its part would be committed at once, and no SAVEPOINT can undo it if "
-                "another shard fails; nothing was sent. Send each shard's rows with "
-                "bind_arguments={'shard_id': ...}, or use the pysqlite savepoint recipe",
-                shard_id=unsafe[0],
-            )
-        begun: set[int] = set()
-        for s in shard_ids:
-            if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and id(conns[s]) not in begun:
-                begun.add(id(conns[s]))
-                _compat.begin_driver_transaction(conns[s])
+        prepare_savepoints(conns, shard_ids, "a bulk statement")
         savepoints = {}
 
     def lane(members: list[Any]) -> list[tuple[Any, _T]]:
@@ -299,13 +328,71 @@ def run_per_shard(
     try:
         done = _run_lanes(shard_ids, conns, lanes, lane)
     except BaseException:
-        for savepoint in savepoints.values():
-            with contextlib.suppress(Exception):  # the first error is the one to raise
-                savepoint.rollback()
+        _undo(savepoints.values())
         raise
     for savepoint in savepoints.values():
         savepoint.commit()  # RELEASE SAVEPOINT
     return done
+
+
+def prepare_savepoints(conns: Mapping[Any, Connection], shard_ids: Sequence[Any],
+                       what: str) -> None:
+    """Make sure a SAVEPOINT on each connection of ``conns`` nests in its transaction.
+
+    :raises CapabilityError: a connection in autocommit mode (a SQLite driver's
+        ``isolation_level=None`` / ``autocommit=True``, or a server engine's
+        ``isolation_level="AUTOCOMMIT"``): its part of ``what`` would be committed at
+        once and no SAVEPOINT could undo it if another shard fails; raised before
+        anything of the statement is sent."""
+    readiness = {s: _compat.savepoint_readiness(conns[s]) for s in shard_ids}
+    unsafe = [s for s, r in readiness.items() if r == _compat.SAVEPOINT_UNSAFE]
+    if unsafe:
+        raise CapabilityError(
+            f"{what} over shards {', '.join(map(str, shard_ids))} cannot be "
+            f"all-or-nothing: the connection of {', '.join(map(str, unsafe))} is in "
+            "autocommit mode (SQLite: isolation_level=None without a BEGIN, or "
+            "autocommit=True; a server: isolation_level='AUTOCOMMIT'), so its part would "
+            "be committed at once, and no SAVEPOINT can undo it if another shard fails; "
+            "nothing was sent. Send each shard's part with "
+            "bind_arguments={'shard_id': ...}, or use a transactional isolation level "
+            "(SQLite: the pysqlite savepoint recipe)",
+            shard_id=unsafe[0],
+        )
+    begun: set[int] = set()
+    for s in shard_ids:
+        if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and id(conns[s]) not in begun:
+            begun.add(id(conns[s]))
+            _compat.begin_driver_transaction(conns[s])
+
+
+def _undo(savepoints: Iterable[Any]) -> None:
+    for savepoint in savepoints:
+        with contextlib.suppress(Exception):  # the first error is the one to raise
+            savepoint.rollback()
+
+
+@contextlib.contextmanager
+def all_or_nothing(session: Any, shard_ids: Sequence[Any], what: str) -> Iterator[None]:
+    """Run the body (one statement sent to several shards) inside a SAVEPOINT on each
+    shard's connection: an error rolls every shard back to it and is re-raised, so no
+    shard keeps its part of a statement that failed on another, as one database undoes
+    a failed statement and its transaction goes on (SQLite, MariaDB). Two more round
+    trips per connection (SAVEPOINT and RELEASE), taken one after another.
+
+    :raises CapabilityError: see :func:`prepare_savepoints` (nothing was sent)."""
+    conns = {s: session.connection(bind_arguments={"shard_id": s}) for s in shard_ids}
+    prepare_savepoints(conns, shard_ids, what)
+    savepoints: dict[int, Any] = {}
+    try:
+        for s in shard_ids:
+            if id(conns[s]) not in savepoints:
+                savepoints[id(conns[s])] = conns[s].begin_nested()
+        yield
+    except BaseException:
+        _undo(savepoints.values())
+        raise
+    for savepoint in savepoints.values():
+        savepoint.commit()  # RELEASE SAVEPOINT
 
 
 def _run_lanes(
@@ -391,6 +478,8 @@ def execute_bulk(
         _compat.session_autoflush(session)
     replicated = _replicated(session, mapper) and shard_id is None
 
+    if bulk.kind == "insert" and shard_id is None:
+        _refuse_upsert_key_change(session, mapper, orm_context.statement, groups)
     if bulk.kind == "insert":
         def insert(shard: Any, conn: Connection) -> Any:
             return _compat.run_bulk_insert(orm_context, bulk, conn, groups[shard])
@@ -418,6 +507,45 @@ def execute_bulk(
     for shard, result in results.items():
         _compat.synchronize_bulk_update(orm_context, bulk, groups[shard], result, shard)
     return null_result()
+
+
+def _refuse_upsert_key_change(session: Any, mapper: Mapper[Any], statement: Any,
+                              groups: Mapping[Any, list[_Row]]) -> None:
+    """An upsert whose conflict clause sets the shard key to a value of another shard
+    than its rows' (or to an SQL expression other than the inserted row's own key,
+    ``excluded.key`` / ``inserted.key``) would leave the updated row on its shard under
+    a key that places it elsewhere.
+
+    :raises RoutingError: before anything is sent."""
+    placement = session.placement
+    if placement is None:
+        return
+    r = placement.resolve(mapper)
+    if r.strategy is None or not _compat.upsert_set_pairs(statement):
+        return
+    if not r.pk_is_key:
+        # the conflict is on the primary key, which another shard may hold: the row
+        # would be inserted again on its key's shard instead of updated where it is
+        _refuse_moved_rows(session, mapper, groups, True, "an upsert row")
+    names = {str(c.name): i for i, c in enumerate(r.columns)}
+    names.update({a: i for i, a in enumerate(r.attrs)})
+    for key, value in _compat.upsert_set_pairs(statement):
+        name = key if isinstance(key, str) else getattr(key, "name", None)
+        if name not in names:
+            continue
+        column = r.columns[names[name]]
+        if isinstance(value, BindParameter) and len(r.columns) == 1:
+            target = r.strategy.shard_for(value.effective_value)
+            if all(s == target for s in groups):
+                continue
+        elif (getattr(value, "name", None) == column.name
+              and getattr(getattr(value, "table", None), "name", None) in ("excluded", "inserted")):
+            continue  # the inserted row's own key: it placed the row
+        raise RoutingError(
+            f"an upsert of {mapper.class_.__name__} whose conflict clause sets its shard key "
+            f"{name!r} to a value of another shard (or an expression) would leave the row on "
+            "a shard its new key does not place it on; moving rows between shards is not "
+            "supported; nothing was sent", shard_id=None)
 
 
 def in_parameter_order(
@@ -463,11 +591,19 @@ def save_mappings(
     Objects inserted with ``return_defaults=True`` become persistent-keyed with their
     shard as identity token.
 
+    :raises sqlalchemy.exc.UnboundExecutionError: the session has no shard at all (as
+        a plain Session without a bind), before anything else is checked.
+
     Failure semantics: routing errors are raised before any shard is asked; a shard's
     error is raised after every shard finished, and the caller
     (:class:`~shardsession._compat.RoutedBulkSaves`) rolls the session's transaction back
     as a failed flush does: nothing is committed on any shard.
     """
+    if not session._shards:
+        # nothing to route to: what a plain Session without a bind raises
+        from .session import _unbound  # (the session module imports this one)
+
+        raise _unbound(mapper, None)
     if not mappings:
         return
     groups: dict[Any, list[Any]]

@@ -432,7 +432,8 @@ SAVEPOINT_READY, SAVEPOINT_AFTER_BEGIN, SAVEPOINT_UNSAFE = "ready", "after-begin
 def savepoint_readiness(connection: Any) -> str:
     """Whether a SAVEPOINT on ``connection`` nests in the transaction it is in.
 
-    ``SAVEPOINT_READY``: it does (every dialect but SQLite; SQLite when the driver says a
+    ``SAVEPOINT_READY``: it does (every dialect but SQLite, unless its isolation level
+    is ``AUTOCOMMIT``: then ``SAVEPOINT_UNSAFE``; SQLite when the driver says a
     transaction is open: ``sqlite3.Connection.in_transaction``, after the pysqlite
     savepoint recipe's ``BEGIN`` or an earlier write). ``SAVEPOINT_AFTER_BEGIN``: pysqlite
     or aiosqlite in their default mode, with no transaction begun yet: the driver begins
@@ -443,6 +444,10 @@ def savepoint_readiness(connection: Any) -> str:
     nest in) or cannot say whether a transaction is open. (aiosqlite: read through the
     private ``AsyncAdapt_aiosqlite_connection._connection``, checked on 2.1.9.)"""
     if connection.dialect.name != "sqlite":
+        level = connection.get_execution_options().get("isolation_level") or getattr(
+            connection.dialect, "isolation_level", None)
+        if str(level).upper() == "AUTOCOMMIT":
+            return SAVEPOINT_UNSAFE
         return SAVEPOINT_READY
     dbapi = connection.connection.dbapi_connection
     raw = getattr(dbapi, "_connection", dbapi)  # (aiosqlite: its aiosqlite.Connection)
@@ -605,6 +610,35 @@ def deannotated(element: Any) -> Any:
     column's), which compare by identity as different objects."""
     deannotate = getattr(element, "_deannotate", None)
     return deannotate() if deannotate is not None else element
+
+
+def has_returning(stmt: Any) -> bool:
+    """Whether an INSERT/UPDATE/DELETE has a RETURNING clause (private ``_returning``)."""
+    return bool(getattr(stmt, "_returning", ()))
+
+
+def upsert_set_pairs(stmt: Any) -> list[tuple[Any, Any]]:
+    """What an upsert's conflict clause sets, as (key, value) pairs (PostgreSQL and
+    SQLite ``on_conflict_do_update``: ``_post_values_clause.update_values_to_set``;
+    MySQL ``on_duplicate_key_update``: ``.update``); empty for any other INSERT."""
+    clause = getattr(stmt, "_post_values_clause", None)
+    if clause is None:
+        return []
+    values = getattr(clause, "update_values_to_set", None)
+    if values is None:
+        values = getattr(clause, "update", None)
+    if isinstance(values, Mapping):
+        return list(values.items())
+    return list(values or ())
+
+
+def update_set_pairs(stmt: Any) -> list[tuple[Any, Any]]:
+    """What an UPDATE sets, as (key, value) pairs: the key a column name, attribute name
+    or column, the value a bound parameter or SQL expression (``_values`` and, on
+    2.0.x, ``_ordered_values``)."""
+    pairs: list[tuple[Any, Any]] = list((getattr(stmt, "_values", None) or {}).items())
+    pairs.extend(getattr(stmt, "_ordered_values", None) or ())
+    return pairs
 
 
 def dml_expressions(stmt: Any) -> list[Any]:

@@ -17,7 +17,7 @@ from sqlalchemy.sql import insert
 from sqlalchemy.sql.selectable import Join
 
 from . import _compat
-from ._bulk import execute_bulk, in_parameter_order, route_rows, run_per_shard
+from ._bulk import all_or_nothing, execute_bulk, in_parameter_order, route_rows, run_per_shard
 from .exc import NoShardChosenError, RoutingError, UnsupportedQueryError
 from .query import TIMEOUT_OPTION, FanoutOptions, execute_on_shards, one_shard_statement
 from .query._null_order import nulls_low_on_one_shard
@@ -112,6 +112,16 @@ def execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         return _single(session, orm_context, shard_ids[0])
     if orm_context.is_insert and orm_context.parameters and not orm_context.is_orm_statement:
         return chosen_insert(session, orm_context, shard_ids)
+    if orm_context.is_update or orm_context.is_delete:
+        # One statement over several shards: all of it or nothing of it (a shard that
+        # fails undoes every shard's part; the transaction goes on, as on one database)
+        with all_or_nothing(session, shard_ids, "an UPDATE or DELETE"):
+            result = execute_on_shards(orm_context, shard_ids, _options(session))
+            if _compat.has_returning(orm_context.statement):
+                # RETURNING rows are read before the RELEASE (SQLite cannot release a
+                # savepoint while a statement's rows are still being read)
+                result = result.freeze()()
+        return result
     return execute_on_shards(orm_context, shard_ids, _options(session))
 
 

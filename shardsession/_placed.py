@@ -14,6 +14,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.sql import Delete, Insert, Select, Update
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.util import find_tables
 
 from . import _compat
@@ -178,6 +179,9 @@ def execute_chooser(placement: Placement, orm_context: ORMExecuteState) -> list[
             found = placement.shards_for_clause(m, where, params, for_write=for_write)
             candidates = found if candidates is None else [s for s in candidates if s in found]
         assert candidates is not None
+        if isinstance(stmt, Update):
+            for m in keyed:
+                _refuse_key_change(placement, m, stmt, params, candidates)
         if one_shard_refusal is not None and len(candidates) == 1:
             message, construct = one_shard_refusal
             raise UnsupportedQueryError(message, shard_id=None, construct=construct)
@@ -187,6 +191,59 @@ def execute_chooser(placement: Placement, orm_context: ORMExecuteState) -> list[
             return placement.all_candidates(mappers[0])[:1] or list(placement.shards)[:1]
         return candidates
     return list(placement.shards)
+
+
+def _refuse_key_change(placement: Placement, mapper: Mapper[Any], stmt: Any,
+                       params: Mapping[str, Any], shards: Sequence[str]) -> None:
+    """Refuse an UPDATE that sets ``mapper``'s shard key (or the foreign key that places
+    a follower) to a value whose shard is not the one shard the statement runs on: the
+    rows would stay on their old shard under a key that places them elsewhere (no read
+    finds them again). A value the statement cannot show (an SQL expression) is refused
+    too.
+
+    :raises RoutingError: before anything is sent, as changing the key of a loaded object
+        is refused at flush.
+    """
+    r = placement.resolve(mapper)
+    if r.strategy is None:
+        return
+    table = _compat.dml_table(stmt)
+    names = {c.name: i for i, c in enumerate(r.columns) if getattr(c, "table", None) is not None
+             and _compat.deannotated(c.table) is table}
+    if not names:
+        return
+    new: dict[int, Any] = {}
+    opaque = False
+    for key, value in _compat.update_set_pairs(stmt):
+        if isinstance(key, str):
+            prop = mapper.attrs.get(key)
+            columns = getattr(prop, "columns", None)
+            name = columns[0].name if columns else key
+        else:
+            name = getattr(key, "name", None)
+        if name not in names:
+            continue
+        if isinstance(value, BindParameter):
+            new[names[name]] = params.get(value.key, value.effective_value)
+        else:
+            opaque = True
+    if not new and not opaque:
+        return
+    what = f"an UPDATE setting the shard key of {mapper.class_.__name__}"
+    if opaque or len(new) != len(r.columns):
+        raise RoutingError(
+            f"{what} to a value the statement does not show (an SQL expression, or part "
+            "of a composite key) would leave rows on a shard their new key does not "
+            "place them on; moving rows between shards is not supported: insert a new "
+            "row and delete the old one", shard_id=None)
+    values = tuple(new[i] for i in range(len(r.columns)))
+    target = r.strategy.shard_for(values[0] if len(values) == 1 else values)
+    if list(shards) != [target]:
+        raise RoutingError(
+            f"{what} to {values[0] if len(values) == 1 else values!r} would move its rows "
+            f"to shard {target!r} from {', '.join(map(repr, shards))}; moving rows between "
+            "shards is not supported: insert a new row and delete the old one",
+            shard_id=target)
 
 
 _JOIN_VERDICTS = "join_verdicts"

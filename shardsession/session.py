@@ -434,9 +434,26 @@ class ShardedSession(
         """:meth:`Session.merge`; in a tenant-scoped session the merged object must be
         the tenant's (checked after the copy, before it is returned).
 
+        With ``load=False``, a detached object keyed without a shard (a
+        ``make_transient_to_detached`` copy, say) is merged under its shard's identity
+        token, chosen by the shard chooser (the placement) from its attributes: keyed
+        with none it was a second copy of the object ``get()`` loads from its shard.
+        (Objects merged along its cascades are not re-keyed.)
+
         :raises TenantIsolationError: it is another tenant's; it is expunged again.
+        :raises RoutingError: ``load=False`` and no shard can be chosen for it.
         """
-        merged = super().merge(instance, load=load, options=options)
+        state = inspect(instance)
+        key = state.key
+        if not load and key is not None and key[2] is None and self._shards:
+            shard = self._check_shard(self.shard_chooser(state.mapper, instance, None))
+            state.key = (key[0], key[1], shard)  # (the key merge() reads; restored below)
+            try:
+                merged = super().merge(instance, load=load, options=options)
+            finally:
+                state.key = key
+        else:
+            merged = super().merge(instance, load=load, options=options)
         if self._tenant is not None:
             self._tenancy.check_object(self, merged)
         return merged

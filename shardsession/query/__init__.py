@@ -207,7 +207,9 @@ def execute_on_shards(
     read-only first pass of an uncorrelated subquery (:mod:`._twopass`) may have run.
     A driver error on one shard is re-raised unchanged after the other shards'
     statements finished; their results are discarded; for UPDATE/DELETE the other
-    shards' changes stay in the session's open transaction (roll back to undo them).
+    shards' changes stay in the session's open transaction (roll back to undo them;
+    :class:`~shardsession.ShardedSession` runs a multi-shard UPDATE/DELETE inside a
+    SAVEPOINT per shard and undoes them itself, see ``_bulk.all_or_nothing``).
     A deadline raises
     :class:`~shardsession.exc.FanoutTimeoutError`; roll the session back afterwards.
     """

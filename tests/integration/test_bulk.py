@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Table,
+    case,
     create_engine,
     delete,
     event,
@@ -28,9 +29,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import make_transient, sessionmaker
+from sqlalchemy.orm import make_transient, make_transient_to_detached, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import NullPool
 
@@ -302,6 +303,149 @@ def test_failed_bulk_statement_leaves_nothing_on_any_shard(savepoint_cluster: Cl
     assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
 
 
+def _refuse_bad_names(cluster: Cluster, shard: str) -> None:
+    with cluster.engines[shard].begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("CREATE TRIGGER no_bad BEFORE UPDATE ON users "
+                              "WHEN NEW.name = 'bad' BEGIN SELECT RAISE(ABORT, 'bad'); END"))
+        else:
+            conn.execute(text("ALTER TABLE users ADD CONSTRAINT no_bad CHECK (name <> 'bad')"))
+
+
+def test_failed_fanout_update_or_delete_leaves_nothing_on_any_shard(
+    savepoint_cluster: Cluster,
+) -> None:
+    """A criteria UPDATE / DELETE sent to several shards that fails on one shard is
+    undone on every shard (a SAVEPOINT per shard around it), and the transaction goes on,
+    as on one database (SQLite, MariaDB: the statement is rolled back). Before, a caller
+    that caught the error and committed committed the other shards' part (attack 12,
+    break 3)."""
+    cluster = savepoint_cluster
+    Session = cluster.session_factory()
+    ids = {s: [i for i in range(1, 60) if user_shard(i) == s][:2] for s in SHARDS}
+    failing = "s1"  # (MariaDB in the server cluster)
+    _refuse_bad_names(cluster, failing)
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": i, "name": "first"} for v in ids.values() for i in v])
+    bad = ids[failing][0]
+    with Session() as s:
+        s.add(User(id=100, name="before"))
+        s.flush()
+        with pytest.raises(DBAPIError):
+            s.execute(update(User).values(name=case((User.id == bad, "bad"), else_="changed")))
+        with pytest.raises(DBAPIError):  # a WHERE the chooser cannot narrow to one shard
+            s.execute(update(User).where(User.id.in_([ids["s0"][0], bad]))
+                      .values(name=case((User.id == bad, "bad"), else_="changed")))
+        # one that succeeds: its savepoints released, its count summed
+        assert s.execute(update(User).where(User.id != 100).values(name="first")).rowcount == 6
+        assert s.execute(delete(User).where(User.id == -1)).rowcount == 0
+        s.commit()
+    expected = {(i, "first"): sh for sh, v in ids.items() for i in v}
+    expected[(100, "before")] = user_shard(100)
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
+    if cluster.engines[failing].dialect.name == "sqlite":
+        return  # (no foreign keys enforced without PRAGMA foreign_keys)
+    # a DELETE refused on one shard (a row there still referenced) leaves every row
+    with Session.begin() as s:
+        s.execute(insert(Order), [{"id": 1, "user_id": bad, "amount": 1}])
+    with Session() as s:
+        with pytest.raises(IntegrityError):
+            s.execute(delete(User).where(User.id != 100))
+        s.add(User(id=101, name="after"))
+        s.commit()
+    expected[(101, "after")] = user_shard(101)
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(expected)
+
+
+def test_autocommit_server_shard_refuses_a_multi_shard_statement(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A server shard with isolation_level="AUTOCOMMIT" (MariaDB, PostgreSQL) would
+    commit its part of a multi-shard bulk or criteria statement at once, with no
+    savepoint to undo it: refused with CapabilityError before anything is sent, as a
+    SQLite shard in driver autocommit is (attack 12, break 6). One shard's part still
+    goes."""
+    urls = _server_urls(request)
+    for cluster in build_cluster(urls):
+        for name in ("s0", "s1"):  # PostgreSQL, then MariaDB in autocommit
+            Session = sessionmaker(
+                class_=ShardedSession, placement=cluster.session_factory().kw["placement"],
+                shards={**cluster.engines,
+                        name: cluster.engines[name].execution_options(
+                            isolation_level="AUTOCOMMIT")})
+            with Session() as s:
+                cluster.reset_log()
+                with pytest.raises(CapabilityError, match="autocommit"):
+                    s.execute(insert(User), [{"id": i, "name": "n"} for i in range(1, 13)])
+                with pytest.raises(CapabilityError, match="autocommit"):
+                    s.execute(update(User).values(name="x"))
+                assert cluster.touched("INSERT") == set()
+                assert cluster.touched("UPDATE") == set()
+                s.rollback()
+        assert all(not v for v in stored(cluster, "SELECT id FROM users").values())
+
+
+def test_update_statement_changing_the_shard_key_is_refused(cluster: Cluster) -> None:
+    """An UPDATE statement that sets the shard key (or a follower's foreign key that
+    places it) to a value of another shard is refused with RoutingError before anything
+    is sent, as changing a loaded object's key is at flush; the row stayed on its old
+    shard, unreachable under its new key (attack 12, break 4). A value placed on the one
+    shard the statement runs on is allowed."""
+    Session = cluster.session_factory()
+    x = next(i for i in range(1, 99) if user_shard(i) == "s0")
+    elsewhere = next(i for i in range(100, 199) if user_shard(i) != "s0")
+    same = next(i for i in range(100, 199) if user_shard(i) == "s0")
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": x, "name": "x"}, {"id": elsewhere, "name": "e"}])
+        s.execute(insert(Order), [{"id": 1, "user_id": elsewhere, "amount": 1}])
+    with Session() as s:
+        cluster.reset_log()
+        refused = [
+            update(User).where(User.id == x).values(id=elsewhere + 1000),
+            update(User).where(User.id == x).values({User.id: elsewhere + 1000}),
+            update(User).values(id=User.id + 1000),  # (a value it does not show)
+            update(User).where(User.id.in_([x, elsewhere])).values(id=same),
+            update(Order).where(Order.user_id == elsewhere).values(user_id=x),
+        ]
+        for stmt in refused:
+            with pytest.raises(RoutingError, match="shard key"):
+                s.execute(stmt)
+        assert cluster.touched("UPDATE") == set()
+        # a new key on the row's own shard, and a change of anything else, still go
+        s.execute(update(User).where(User.id == x).values(id=same))
+        s.execute(update(User).values(name="n"))
+        s.commit()
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
+        {(same, "n"): "s0", (elsewhere, "n"): user_shard(elsewhere)})
+
+
+def test_bulk_update_by_primary_key_changing_the_shard_key_is_refused(cluster: Cluster) -> None:
+    """Bulk UPDATE rows by primary key (``execute(update(M), rows)``,
+    ``bulk_update_mappings``) whose shard key is not the primary key, setting a key of
+    another shard than the one holding the row: RoutingError, nothing written (it was a
+    StaleDataError from the new shard, where the row is not: attack 12, break 4). A key
+    of the row's own shard, or the same key, still goes."""
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(Event), [{"id": 1, "day": 10, "what": "a"},
+                                  {"id": 2, "day": 150, "what": "b"}])
+    with Session() as s:
+        cluster.reset_log()
+        with pytest.raises(RoutingError, match="shard key"):
+            s.execute(update(Event), [{"id": 1, "day": 250, "what": "moved"},
+                                      {"id": 2, "day": 150, "what": "kept"}])
+        s.rollback()
+        with pytest.raises(RoutingError, match="shard key"):
+            s.bulk_update_mappings(Event, [{"id": 2, "day": 20, "what": "moved"}])
+        s.rollback()
+        assert cluster.touched("UPDATE") == set()
+        s.execute(update(Event), [{"id": 1, "day": 20, "what": "same shard"},
+                                  {"id": 2, "day": 150, "what": "same key"}])
+        s.commit()
+    assert stored(cluster, "SELECT id, day, what FROM events") == by_shard(
+        {(1, 20, "same shard"): "s0", (2, 150, "same key"): "s1"})
+
+
 def test_plain_pysqlite_first_statement_begins_before_its_savepoint(tmp_path: Any) -> None:
     """A plain pysqlite engine begins its transaction only before a write: a SAVEPOINT
     sent first would open a transaction of its own, which RELEASE commits, outside the
@@ -503,6 +647,29 @@ def test_merge_of_a_transient_copy_finds_the_row_of_its_new_key(cluster: Cluster
         {(old, "old"): user_shard(old), (other, "merged"): user_shard(other)})
 
 
+def test_merge_without_load_keys_a_detached_object_with_its_shard(cluster: Cluster) -> None:
+    """``merge(obj, load=False)`` of a detached object keyed without a shard
+    (``make_transient_to_detached``) is keyed with its shard's token: ``get()`` then
+    returns the same object, one UPDATE is sent. It was keyed ``(User, (id,), None)``
+    and ``get()`` loaded a second copy (attack 12, break 5)."""
+    Session = cluster.session_factory()
+    uid = next(i for i in range(1, 99) if user_shard(i) != "s0")
+    with Session.begin() as s:
+        s.execute(insert(User), [{"id": uid, "name": "stored"}])
+    with Session() as s:
+        d = User(id=uid, name="stored")
+        make_transient_to_detached(d)
+        merged = s.merge(d, load=False)
+        assert inspect(merged).key == (User, (uid,), user_shard(uid))
+        assert inspect(d).key == (User, (uid,), None)  # (the given object is left as it was)
+        assert s.get(User, uid) is merged
+        assert len(s.identity_map) == 1
+        merged.name = "merged"
+        s.commit()
+    assert stored(cluster, "SELECT id, name FROM users") == by_shard(
+        {(uid, "merged"): user_shard(uid)})
+
+
 # --------------------------------------------------------------------------------------------
 # UPDATE by primary key, the Session's bulk methods, upserts
 
@@ -573,6 +740,35 @@ def _upsert(engine: Engine, rows: list[dict[str, Any]]) -> Any:
 
     my = mysql_insert(User)
     return my.on_duplicate_key_update(name=my.inserted.name)
+
+
+def test_upsert_changing_the_shard_key_is_refused(cluster: Cluster) -> None:
+    """An upsert of a class whose shard key is not its primary key, for a row another
+    shard holds under a key of its own: RoutingError before anything is written (it
+    inserted a second row with that primary key on the new key's shard: attack 12,
+    break 4). New rows, and rows on their own shard, are upserted as before."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    # (days >= 200 are on s2: PostgreSQL in the server cluster, SQLite in the other)
+    make = pg_insert if cluster.engines["s2"].dialect.name == "postgresql" else sqlite_insert
+    stmt = make(Event)
+    stmt = stmt.on_conflict_do_update(index_elements=[Event.id],
+                                      set_={"day": stmt.excluded.day, "what": "upserted"})
+    Session = cluster.session_factory()
+    with Session.begin() as s:
+        s.execute(insert(Event), [{"id": 1, "day": 10, "what": "a"},
+                                  {"id": 2, "day": 250, "what": "b"}])
+    with Session() as s:
+        cluster.reset_log()
+        with pytest.raises(RoutingError, match="shard key"):
+            s.execute(stmt, [{"id": 1, "day": 250, "what": "x"}])
+        assert cluster.touched("INSERT") == set()
+        s.rollback()
+        s.execute(stmt, [{"id": 2, "day": 260, "what": "x"}, {"id": 3, "day": 270, "what": "x"}])
+        s.commit()
+    assert stored(cluster, "SELECT id, day, what FROM events") == by_shard(
+        {(1, 10, "a"): "s0", (2, 260, "upserted"): "s2", (3, 270, "x"): "s2"})
 
 
 def test_upserts_routed_by_key(cluster: Cluster) -> None:

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, func, literal_column, select, text
+from sqlalchemy import Integer, create_engine, func, literal_column, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import GenericFunction
 
 from shardsession.backends import DECISION_TABLE, adapter_for
 from shardsession.coordinator import TransactionCoordinator, in_doubt, recover
@@ -295,7 +296,16 @@ def _view_calling_it(engine: Engine) -> Any:
     return Table("ss_ins_view", MetaData(), Column("k", Integer)).c.k
 
 
-@pytest.mark.parametrize("call", ["func", "literal_column", "view"])
+class _TypedInsert(GenericFunction[int]):
+    """``ss_ins`` declared as a user GenericFunction (SQLAlchemy's way to type a user
+    function): not one of SQLAlchemy's known SQL functions."""
+    type = Integer()
+    name = "ss_ins"
+    identifier = "ss_ins_typed"
+    inherit_cache = True
+
+
+@pytest.mark.parametrize("call", ["func", "literal_column", "view", "generic_function"])
 @pytest.mark.parametrize("mix", ["pg+pg", "pg+mariadb"])
 def test_write_inside_select_is_committed_atomically(
     engines_for: Callable[[str], dict[str, Engine]], mix: str, call: str,
@@ -310,8 +320,11 @@ def test_write_inside_select_is_committed_atomically(
     insert(s, engines, "alpha", 1)
     # (literal_column: opaque SQL, which on MariaDB cannot be asked, counts as a write)
     # (view: on MariaDB, the session's counters of rows written say so)
+    # (generic_function: a user GenericFunction subclass, seen by MariaDB's counters;
+    # attack 12 break 1 reproduced against the tree without them)
     calling = (func.ss_ins(7) if call == "func" else literal_column("ss_ins(7)")
-               if call == "literal_column" else _view_calling_it(engines["beta"]))
+               if call == "literal_column" else func.ss_ins_typed(7)
+               if call == "generic_function" else _view_calling_it(engines["beta"]))
     got = s.connection(bind_arguments={"bind": engines["beta"]}).execute(
         select(calling)).scalar()
     assert got == 7
@@ -327,6 +340,26 @@ def test_write_inside_select_is_committed_atomically(
         select(func.count()).select_from(T["beta"]))  # count(*)'s "*" is no routine call
     s.commit()
     assert decision_count(engines["alpha"]) == 1
+
+
+@pytest.mark.parametrize("mix", ["pg+pg", "pg+mariadb"])
+def test_write_through_the_dbapi_cursor_is_committed_atomically(
+    engines_for: Callable[[str], dict[str, Engine]], mix: str,
+) -> None:
+    """A write through the DBAPI cursor of the session's connection to beta, the only
+    write there, joined after alpha wrote: committed with the decision, as a plain
+    Session commits what its connection wrote (attack 12 break 2: MariaDB's branch was
+    released with XA ROLLBACK before the counters of rows written were read)."""
+    engines = engines_for(mix)
+    s = session(engines, TransactionCoordinator(decider="alpha"))
+    insert(s, engines, "alpha", 1)
+    cur = s.connection(bind_arguments={"bind": engines["beta"]}).connection.cursor()
+    cur.execute("INSERT INTO ss_rows_beta (id, v) VALUES (8, 'raw')")
+    cur.close()
+    s.commit()
+    assert count(engines["beta"], "beta") == 1 and count(engines["alpha"], "alpha") == 1
+    assert decision_count(engines["alpha"]) == 1  # the two-phase protocol ran
+    assert in_doubt(engines) == []
 
 
 def test_mariadb_counters_are_read_only_in_multi_shard_transactions(

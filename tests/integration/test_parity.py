@@ -187,6 +187,28 @@ def test_a_session_without_shards_raises_as_an_unbound_session(engine: Engine) -
         session.close()
 
 
+def test_bulk_methods_of_a_session_without_shards_raise_as_an_unbound_session() -> None:
+    """bulk_save_objects / bulk_insert_mappings / bulk_update_mappings with no shard at
+    all: UnboundExecutionError as a plain Session without a bind (they raised
+    RoutingError and UnknownShardError: attack 12, break 9)."""
+    unbound = ShardedSession(
+        shards={},
+        shard_chooser=lambda mapper, instance, **k: "only",
+        identity_chooser=lambda *a, **k: ["only"],
+        execute_chooser=lambda orm_context: ["only"],
+    )
+    for session in (Session(), unbound):
+        with pytest.raises(UnboundExecutionError, match="mapper"):
+            session.bulk_save_objects([Item(id=10, name="y")])
+        session.rollback()
+        with pytest.raises(UnboundExecutionError, match="mapper"):
+            session.bulk_insert_mappings(Item, [{"id": 11, "name": "z"}])
+        session.rollback()
+        with pytest.raises(UnboundExecutionError, match="mapper"):
+            session.bulk_update_mappings(Item, [{"id": 11, "name": "z"}])
+        session.close()
+
+
 # --- UPDATE / DELETE in other forms -----------------------------------------------------
 
 
