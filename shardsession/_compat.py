@@ -714,9 +714,10 @@ def build_result(
     dialect), ``ResultMetaData._reduce()``, ``Result._attributes``,
     ``Result._unique_filter_state``, ``Result._yield_per``.
     """
-    metadata = template._metadata._for_freeze()
-    if visible != len(template.keys()):
-        metadata = metadata._reduce(list(range(visible)))
+    metadata = _frozen_metadata(template._metadata)
+    # Not ``len(template.keys())``: keys() leaves out unnamed columns (``None``).
+    if visible != len(metadata._keys):
+        metadata = _reduced_metadata(metadata, visible)
     result: IteratorResult[Any] = IteratorResult(metadata, iter(rows))
     merged_attrs = dict(template._attributes)
     if attributes:
@@ -727,6 +728,68 @@ def build_result(
     if template._yield_per:
         result._yield_per = template._yield_per
     return result
+
+
+def _frozen_metadata(metadata: Any) -> Any:
+    """``metadata._for_freeze()``, keeping each column's own extra keys.
+
+    SQLAlchemy's ``SimpleResultMetaData._for_freeze()`` (the ORM's result metadata)
+    reads each column's record by its name; a legacy ``Query`` of several unnamed
+    columns (``query(func.count(x), func.sum(y))``) has the name ``None`` for all of
+    them, so every column got the last one's record, and a tuple filter then read the
+    last column's value for each.  The records are taken by position here instead.
+    Private names used: ``SimpleResultMetaData._keys``, ``._keymap``,
+    ``._tuplefilter``, ``._translated_indexes``, ``._ambiguous_keys``,
+    ``._create_unique_filters``.
+    """
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    frozen = metadata._for_freeze()
+    if (
+        not isinstance(metadata, SimpleResultMetaData)
+        or metadata._tuplefilter is not None
+        or metadata._translated_indexes is not None
+    ):
+        return frozen
+    keys = list(metadata._keys)
+    if len(set(keys)) == len(keys):
+        return frozen
+    extras: dict[int, Any] = {}
+    for record in metadata._keymap.values():
+        if record[0] is not None:
+            extras.setdefault(record[0], record[2])
+    return SimpleResultMetaData(
+        keys,
+        extra=[extras.get(i) or () for i in range(len(keys))],
+        _create_unique_filters=frozen._create_unique_filters,
+        _ambiguous_keys=metadata._ambiguous_keys,
+    )
+
+
+def _reduced_metadata(metadata: Any, visible: int) -> Any:
+    """``metadata`` for its first ``visible`` columns.
+
+    ``ResultMetaData._reduce()`` looks columns up by name, so several unnamed columns
+    (the name ``None``, a legacy ``Query`` of expressions) would all become the last of
+    them; for ``SimpleResultMetaData`` without unnamed duplicates it is right, and the
+    others are rebuilt by position (private ``._keys``, ``._keymap``,
+    ``._create_unique_filters``, ``._ambiguous_keys``, ``engine.result.tuplegetter``)."""
+    from sqlalchemy.engine.result import SimpleResultMetaData, tuplegetter
+
+    keys = list(metadata._keys)
+    if not isinstance(metadata, SimpleResultMetaData) or None not in keys[:visible]:
+        return metadata._reduce(list(range(visible)))
+    extras: dict[int, Any] = {}
+    for record in metadata._keymap.values():
+        if record[0] is not None:
+            extras.setdefault(record[0], record[2])
+    return SimpleResultMetaData(
+        keys[:visible],
+        extra=[extras.get(i) or () for i in range(visible)],
+        _tuplefilter=tuplegetter(*range(visible)),
+        _create_unique_filters=metadata._create_unique_filters,
+        _ambiguous_keys=metadata._ambiguous_keys,
+    )
 
 
 def same_expression(a: ClauseElement, b: ClauseElement) -> bool:
