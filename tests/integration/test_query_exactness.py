@@ -445,3 +445,30 @@ def test_legacy_query_unnamed_columns_with_a_placement(
         )
 
     assert run(s) == run(oracle)
+
+
+# -- ORDER BY a selected label with ASC/DESC/NULLS (issue 10, class H) -------------------
+# ``order_by(label.desc())`` wraps ``label DESC`` in a label reference; the planner took
+# the whole of it for a hidden column (``qitems.a DESC AS _shardsession_0``: a syntax
+# error on every backend), and in aggregate queries refused it.
+
+_A = Item.a.label("s")
+_T = func.sum(Item.a).label("t")
+LABEL_ORDERS: dict[str, Stmt] = {
+    "label desc": lambda: select(Item.id, _A).order_by(_A.desc(), Item.id),
+    "label desc after another column": lambda: select(Item.id, _A)
+    .order_by(Item.grp, _A.desc(), Item.id),
+    "label asc nulls last, limited": lambda: select(Item.id, _A)
+    .order_by(_A.asc().nulls_last(), Item.id).limit(5),
+    "label desc nulls first": lambda: select(Item.id, _A)
+    .order_by(_A.desc().nulls_first(), Item.id.desc()),
+    "aggregate label desc": lambda: select(Item.grp, _T).group_by(Item.grp)
+    .order_by(_T.desc(), Item.grp),
+    "aggregate label asc nulls last": lambda: select(Item.grp, _T).group_by(Item.grp)
+    .order_by(_T.asc().nulls_last(), Item.grp),
+}
+
+
+@pytest.mark.parametrize("name", list(LABEL_ORDERS))
+def test_order_by_selected_label_with_direction(cluster: qp.Cluster, name: str) -> None:
+    _assert_exact(cluster, LABEL_ORDERS[name], ordered=True)
