@@ -712,12 +712,16 @@ def build_result(
     Private names used: ``Result._metadata``, ``ResultMetaData._for_freeze()`` (metadata
     without type processors: values are already processed, possibly by another shard's
     dialect), ``ResultMetaData._reduce()``, ``Result._attributes``,
-    ``Result._unique_filter_state``, ``Result._yield_per``.
+    ``Result._unique_filter_state``, ``Result._yield_per``,
+    ``SimpleResultMetaData._create_unique_filters`` (see :func:`_holding_objects`).
     """
     metadata = _frozen_metadata(template._metadata)
     # Not ``len(template.keys())``: keys() leaves out unnamed columns (``None``).
     if visible != len(metadata._keys):
         metadata = _reduced_metadata(metadata, visible)
+    create = getattr(metadata, "_create_unique_filters", None)
+    if create is not None:
+        metadata._create_unique_filters = _holding_objects(create)
     result: IteratorResult[Any] = IteratorResult(metadata, iter(rows))
     merged_attrs = dict(template._attributes)
     if attributes:
@@ -728,6 +732,38 @@ def build_result(
     if template._yield_per:
         result._yield_per = template._yield_per
     return result
+
+
+class _Held:
+    """A uniquing key for an ORM object: its identity, holding the object alive."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Held) and other.obj is self.obj
+
+
+def _holding_objects(create: Any) -> Any:
+    """The ORM's unique filters with ``id`` (what ``.unique()`` keys an ORM object by)
+    replaced by a key that keeps the object alive.
+
+    The ORM builds every object of a result before ``.unique()`` sees any, so no object
+    is freed while its ``id()`` is remembered.  A merged result yields one shard's
+    objects after another's: once the caller dropped an earlier object, a later object
+    could get its ``id()`` and be dropped as a duplicate (``scalars(select(Item).join(
+    Item.children)).unique()`` lost objects at random).  Memory: the objects seen, as
+    in one database's result."""
+
+    def create_holding(result: Any) -> Any:
+        return [_Held if f is id else f for f in create(result)]
+
+    return create_holding
 
 
 def _frozen_metadata(metadata: Any) -> Any:

@@ -4,6 +4,7 @@ database's answer holding every row."""
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,30 @@ def test_sum_and_avg_of_boolean(cluster: Cluster, grouped: bool) -> None:
             .order_by(Row.grp)
     want, got = _both(cluster, stmt)
     assert got == want
+
+
+# -- F: .unique() over a fan-out join (SQLite, PostgreSQL) --------------------------------
+# The ORM's unique() keys an object by id(); a merged result yields one shard's objects
+# after another's, so an object the caller had dropped could free an id() that a later
+# object got, which was then dropped as a duplicate.
+
+def _ids_dropping_objects(objects: Any) -> list[int]:
+    out = []
+    for obj in objects:
+        out.append(obj.id)
+        del obj
+        gc.collect()  # free what the caller no longer holds, as a long loop would
+    return sorted(out)
+
+
+@pytest.mark.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
+def test_unique_scalars_over_a_fan_out_join_keeps_every_object(cluster: Cluster) -> None:
+    stmt = select(Row).join(Row.kids)
+    with Session(cluster.oracle) as o:
+        want = sorted(r.id for r in o.scalars(stmt).unique())
+    assert len(want) > 10
+    for _ in range(3):
+        with cluster.session() as s:
+            assert _ids_dropping_objects(s.scalars(stmt).unique()) == want
+        with cluster.session() as s:
+            assert _ids_dropping_objects(s.execute(stmt).unique().scalars()) == want
