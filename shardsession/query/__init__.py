@@ -53,7 +53,7 @@ from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_compound, merge_rows
 from ._model import StatementModel, model_select
-from ._nodes import global_construct
+from ._nodes import MERGEABLE_AGGREGATES, OTHER_AGGREGATES, global_construct
 from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._oneshard import one_shard_colocation
 from ._paginate import Page, paginate
@@ -87,12 +87,54 @@ SHARD_PARAMS_OPTION = "shardsession_shard_params"
 
 # Words in textual SQL whose answer over several shards is not the concatenation of the
 # shards' answers; finding one refuses the statement (a false alarm refuses, never lies).
+# The aggregate names are the query engine's own lists (one source of truth).
 _UNMERGEABLE_TEXT = re.compile(
     r"\b(order\s+by|limit|offset|fetch|top|group\s+by|having|distinct|union|intersect|except"
-    r"|over|window|count|sum|min|max|avg|total|group_concat|string_agg|array_agg|every|"
-    r"bool_and|bool_or|bit_and|bit_or|stddev\w*|variance|var_pop|var_samp|percentile\w*)\b",
+    r"|over|window|"
+    + "|".join(sorted(MERGEABLE_AGGREGATES | OTHER_AGGREGATES))
+    + r")\b",
     re.IGNORECASE,
 )
+
+# The tables a plain textual SELECT names (after FROM / JOIN), and its FROM clause.
+_TEXT_TABLE = re.compile(r"\b(?:from|join)\s+([A-Za-z_][\w.]*|\"[^\"]+\"|`[^`]+`)", re.I)
+_TEXT_FROM = re.compile(
+    r"\bfrom\b(.*?)(?=\bwhere\b|\bgroup\b|\border\b|\blimit\b|\bhaving\b|$)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _text_reads_replicated_only(sql: str, placement: QueryPlacement | None) -> bool:
+    """Whether the textual statement ``sql`` is a SELECT reading only tables that
+    ``placement`` replicates (Broadcast): one shard's answer is then the answer.
+
+    Conservative (text is opaque): a single statement starting with SELECT, whose FROM
+    and JOIN name tables (no subquery, no comma list), every one of them a placed table
+    that is replicated, and that names no other placed table anywhere.  Anything else
+    goes to every shard as before."""
+    targets = getattr(placement, "targets", None)
+    if placement is None or targets is None:
+        return False
+    if not re.match(r"\s*select\b", sql, re.IGNORECASE) or ";" in sql.strip().rstrip(";"):
+        return False
+    tables: dict[str, Any] = {}
+    for target in targets():
+        table = getattr(target, "__table__", target)
+        name = getattr(table, "name", None)
+        if isinstance(name, str):
+            tables[name.lower()] = table
+            fullname = getattr(table, "fullname", None)
+            if isinstance(fullname, str):
+                tables[fullname.lower()] = table
+    named = [m.strip('"`').lower() for m in _TEXT_TABLE.findall(sql)]
+    if not named or any(n not in tables or not placement.is_replicated(tables[n]) for n in named):
+        return False
+    if any("," in clause or "(" in clause for clause in _TEXT_FROM.findall(sql)):
+        return False
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][\w.]*", sql)}
+    return not any(
+        n in words and not placement.is_replicated(t) for n, t in tables.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -299,6 +341,9 @@ def execute_on_shards(
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
     if isinstance(statement, TextClause):
+        if _text_reads_replicated_only(statement.text, opts.placement):
+            # every shard holds the same rows: ask one, as one database would answer
+            return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
         found = _UNMERGEABLE_TEXT.search(statement.text)
         if found is None:
             # Plain textual SQL (a filter-only SELECT, or a write the chooser sends to
