@@ -58,7 +58,7 @@ from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._oneshard import one_shard_colocation
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
-from ._semantics import apply_semantics, check_having
+from ._semantics import apply_semantics, check_having, compound_sort_keys
 from ._twopass import resolve_uncorrelated
 from ._union_from import union_rows_distinct
 
@@ -528,6 +528,19 @@ def _merge_compound(
             )
     if plan.sort_keys:
         shard_ids = sorted(shard_ids, key=str)
+
+        def connection_for(shard_id: Any) -> Any:
+            bind_arguments = dict(orm_context.bind_arguments)
+            bind_arguments["shard_id"] = shard_id
+            return orm_context.session.connection(bind_arguments=bind_arguments)
+
+        # the strings sort under their collation on the shards, as a plain ORDER BY
+        plan = replace(
+            plan,
+            sort_keys=compound_sort_keys(
+                plan.sort_keys, plan.branches, shard_ids, dialects, connection_for
+            ),
+        )
     results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
     return merge_compound(plan, results)
 

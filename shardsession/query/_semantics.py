@@ -44,6 +44,7 @@ __all__ = [
     "ValueSemantics",
     "apply_semantics",
     "check_having",
+    "compound_sort_keys",
 ]
 
 #: a function giving the connection of a shard (checked out in the calling thread)
@@ -426,3 +427,44 @@ def _is_bound(expr: Any) -> bool:
     from sqlalchemy.sql.elements import BindParameter
 
     return isinstance(unwrap(expr), BindParameter)
+
+
+def compound_sort_keys(
+    sort_keys: Sequence[Any],
+    branches: Sequence[Select[Any]],
+    shard_ids: Sequence[Any],
+    dialects: Sequence[str],
+    connection_for: ConnectionFor,
+) -> list[Any]:
+    """The ORDER BY keys of a UNION / UNION ALL with the collation its column compares
+    under on the shards, as a plain SELECT's ORDER BY gets (:func:`apply_semantics`).
+
+    A column of the UNION is each branch's column at that position: every branch must
+    compare its strings under the same collation.
+
+    :raises UnsupportedQueryError: the branches or shards collate the column
+        differently, or under a collation no Python key reproduces exactly (before any
+        shard is asked; a catalog read may have begun the session's transaction).
+    """
+    resolver = _Resolver(shard_ids, dialects, connection_for)
+    out = []
+    for key in sort_keys:
+        exprs = [list(b.selected_columns)[key.index] for b in branches]
+        value_keys = [_value_key(e, "ORDER BY of a UNION", resolver) for e in exprs]
+        if all(v is nan_safe for v in value_keys):
+            out.append(key)
+            continue
+        idents = {
+            expression_collation(e, d, resolver._lazy(sid)).ident
+            for e in exprs
+            if is_string(getattr(e, "type", None)) or _maybe_string(e)
+            for sid, d in zip(resolver.shard_ids, resolver.dialects, strict=True)
+        }
+        if len(idents) > 1 or len({v is nan_safe for v in value_keys}) > 1:
+            raise UnsupportedQueryError(
+                "the branches of a UNION compare the ORDER BY column's strings under "
+                "different collations; one database would use one of them",
+                construct="collation in ORDER BY of a UNION",
+            )
+        out.append(dataclasses.replace(key, key=value_keys[0]))
+    return out
