@@ -146,9 +146,7 @@ class _SlotBuilder:
             arg = args[0] if args else None
             if arg is None:
                 raise UnsupportedQueryError("AVG() needs an argument", construct="AVG")
-            s = self.cols.add_hidden(
-                _integer_sum(func.sum(avg_sum_argument(arg, self.dialects)), arg)
-            )
+            s = self.cols.add_hidden(_avg_partial_sum(arg, self.dialects))
             c = self.cols.add_hidden(func.count(arg))
             return Slot("avg", (s, c))
         if kind == "sum" and _is_boolean(_sum_argument(plain)):
@@ -225,6 +223,21 @@ def _integer_sum(partial: Any, arg: Any) -> Any:
     """A partial SUM of a Boolean argument read as an integer (``SUM`` takes its
     argument's type, whose result processor would turn a shard's count into ``True``)."""
     return type_coerce(partial, Integer()) if _is_boolean(arg) else partial
+
+
+def _avg_partial_sum(arg: Any, dialects: Sequence[str]) -> Any:
+    """Each shard's partial SUM for AVG(arg).
+
+    On SQLite an integer SUM raises "integer overflow" past 2**63 where SQLite's AVG
+    goes on in floating point: there the partial is ``total(arg)`` (a double, exact up
+    to 2**53 as the integer sum is), and the merged AVG a double, as SQLite's is."""
+    if (
+        dialects
+        and all(d == "sqlite" for d in dialects)
+        and isinstance(getattr(arg, "type", None), Integer)
+    ):
+        return func.total(arg)
+    return _integer_sum(func.sum(avg_sum_argument(arg, dialects)), arg)
 
 
 def _group_expression(g: Any) -> Any:

@@ -208,3 +208,15 @@ def test_having_across_types_refused_cleanly(cluster: Cluster) -> None:
         assert len(o.execute(stmt).all()) == 3
     with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="HAVING"):
         s.execute(stmt).all()
+
+
+# -- I: SQLite AVG of big integers (per-shard SUM overflowed past 2**63) -------------------
+
+@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sqlite_avg_of_big_integers(cluster: Cluster, grouped: bool) -> None:
+    stmt = select(func.avg(Row.big), func.avg(Row.grp))
+    if grouped:
+        stmt = select(Row.grp, func.avg(Row.big)).group_by(Row.grp).order_by(Row.grp)
+    want, got = _both(cluster, stmt)
+    assert got == want
