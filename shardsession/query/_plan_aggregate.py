@@ -17,6 +17,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnClause, ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import ScalarSelect, Select, SelectBase
+from sqlalchemy.types import NullType
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -237,7 +238,10 @@ def _avg_partial_sum(arg: Any, dialects: Sequence[str]) -> Any:
         and isinstance(getattr(arg, "type", None), Integer)
     ):
         return func.total(arg)
-    return _integer_sum(func.sum(avg_sum_argument(arg, dialects)), arg)
+    # Untyped, as SQLAlchemy types AVG itself: the driver's own value comes back (a
+    # PostgreSQL numeric SUM of a Float-typed CASE stays a Decimal, as its AVG does; a
+    # Boolean's SUM stays a number), not one converted by the argument's type.
+    return type_coerce(func.sum(avg_sum_argument(arg, dialects)), NullType())
 
 
 def _group_expression(g: Any) -> Any:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    case,
     create_engine,
     func,
     select,
@@ -220,3 +221,19 @@ def test_sqlite_avg_of_big_integers(cluster: Cluster, grouped: bool) -> None:
         stmt = select(Row.grp, func.avg(Row.big)).group_by(Row.grp).order_by(Row.grp)
     want, got = _both(cluster, stmt)
     assert got == want
+
+
+# -- E: AVG of an expression SQLAlchemy types Float that the database computes as numeric --
+
+@pytest.mark.parametrize("cluster", ["postgresql", "mariadb", "sqlite"], indirect=True)
+def test_avg_of_float_typed_numeric_expression(cluster: Cluster) -> None:
+    # PostgreSQL (and MariaDB) compute 1.0 and grp * 1.0 as numeric/decimal: one
+    # database's AVG is a Decimal; the partial SUM was converted to float by its type
+    stmt = select(
+        func.avg(case((Row.grp > 0, 1.0), else_=0.0)),
+        func.avg(Row.grp * 1.0),
+        func.avg(Row.grp),
+    )
+    want, got = _both(cluster, stmt)
+    assert got == want
+    assert [type(v) for v in got[0]] == [type(v) for v in want[0]]
