@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import Select, operators, visitors
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.selectable import CompoundSelect
 from sqlalchemy.sql.util import find_tables
@@ -209,6 +209,43 @@ def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
     return str(bind.dialect.name)
 
 
+#: pattern matching operators (LIKE, ILIKE and the startswith/endswith/contains family
+#: SQLAlchemy renders as LIKE): each backend matches under its own rules
+_LIKE_OPERATORS = frozenset(
+    op
+    for name in (
+        "like_op", "not_like_op", "notlike_op", "ilike_op", "not_ilike_op", "notilike_op",
+        "startswith_op", "not_startswith_op", "endswith_op", "not_endswith_op",
+        "contains_op", "not_contains_op", "istartswith_op", "not_istartswith_op",
+        "iendswith_op", "not_iendswith_op", "icontains_op", "not_icontains_op",
+    )
+    if (op := getattr(operators, name, None)) is not None
+)  # fmt: skip
+
+
+def _refuse_like_on_mixed_backends(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], statement: Any
+) -> None:
+    """Refuse LIKE/ILIKE on shards of different backends: SQLite's LIKE ignores ASCII
+    case, PostgreSQL's does not, MySQL/MariaDB's follows the column's collation (and
+    ILIKE is lower() LIKE lower() outside PostgreSQL), so one statement would match
+    different rows on different shards, unlike any one database.
+
+    :raises UnsupportedQueryError: before any shard is asked."""
+    if not isinstance(statement, ClauseElement) or len(shard_ids) < 2:
+        return
+    if len({_dialect_of(orm_context, s) for s in shard_ids}) < 2:
+        return
+    for node in visitors.iterate(statement):
+        if getattr(node, "operator", None) in _LIKE_OPERATORS:
+            raise UnsupportedQueryError(
+                "LIKE/ILIKE (and startswith/endswith/contains) match under each backend's "
+                "own rules (case, collation): not run across shards of different "
+                "backends; compare lower() values with == or filter in Python",
+                construct="LIKE on mixed backends",
+            )
+
+
 def _is_shard(binds: Any, shard_id: Any) -> bool:
     """Whether ``shard_id`` names one of ``binds`` (an unhashable id names none)."""
     try:
@@ -291,6 +328,9 @@ def execute_on_shards(
             )
             call = replace(call, statement=one)
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
+
+    if opts.merge or not orm_context.is_select:
+        _refuse_like_on_mixed_backends(orm_context, shard_ids, statement)
 
     if orm_context.is_insert:
         if len(shard_ids) > 1:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     select,
     union_all,
+    update,
 )
 from sqlalchemy import union as sa_union
 from sqlalchemy.engine import Engine
@@ -102,6 +103,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
     if backend == "sqlite":
         urls = {f"s{i}": f"sqlite:///{tmp_path}/s{i}.db" for i in range(3)}
         oracle = f"sqlite:///{tmp_path}/oracle.db"
+    elif backend == "mixed":  # one SQLite shard, two PostgreSQL shards
+        databases = request.getfixturevalue("databases")
+        server = request.getfixturevalue("pg_server_a")
+        urls = {"s0": f"sqlite:///{tmp_path}/s0.db",
+                "s1": databases.new(server), "s2": databases.new(server)}
+        oracle = databases.new(server)
     else:
         server = request.getfixturevalue(
             "mariadb_server" if backend == "mariadb" else "pg_server_a")
@@ -237,3 +244,27 @@ def test_avg_of_float_typed_numeric_expression(cluster: Cluster) -> None:
     want, got = _both(cluster, stmt)
     assert got == want
     assert [type(v) for v in got[0]] == [type(v) for v in want[0]]
+
+
+# -- G: LIKE on shards of different backends -----------------------------------------------
+
+@pytest.mark.parametrize("cluster", ["mixed"], indirect=True)
+def test_like_refused_on_mixed_backends(cluster: Cluster) -> None:
+    # SQLite's LIKE ignores ASCII case, PostgreSQL's does not: each shard would match
+    # under its own rules
+    for stmt in [
+        select(Row.id).where(Row.name.like("N%")),
+        select(Row.id).where(Row.name.ilike("n%")),
+        select(Row.id).where(Row.name.startswith("N")),
+        select(func.count()).where(Row.name.contains("1")),
+        update(Row).where(Row.name.like("N%")).values(grp=9),
+    ]:
+        with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="LIKE"):
+            s.execute(stmt)
+    with cluster.session() as s:
+        assert s.scalar(select(func.count()).where(Row.grp == 9)) == 0
+        # without LIKE the mixed cluster answers as before; merge=False concatenates
+        assert len(s.execute(select(Row.id).where(Row.name == "n1")).all()) == 3
+        raw = s.execute(select(Row.id).where(Row.name.like("n%")),
+                        execution_options={"shardsession_merge": False}).all()
+        assert len(raw) >= 1
