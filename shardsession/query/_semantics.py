@@ -176,7 +176,7 @@ def _enum_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
         bool(type_.native_enum) and d in _NATIVE_ENUM_DIALECTS for d in resolver.dialects
     }
     if natives == {False}:
-        return resolver.key_for(expr, what)
+        return _stored_label_key(type_, resolver.key_for(expr, what))
     mysql = any(d in ("mysql", "mariadb") for d in resolver.dialects)
     if len(natives) > 1 or (mysql and what in ("MIN", "MAX")):
         raise UnsupportedQueryError(
@@ -185,6 +185,24 @@ def _enum_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
             construct=f"ENUM in {what}",
         )
     return enum_order_key(type_)
+
+
+def _stored_label_key(type_: Any, string_key: ValueKey) -> ValueKey:
+    """A non-native ENUM compares as the string the database stores: for an ``Enum``
+    of a Python enum class, the member's label (its name, or ``values_callable``'s
+    value), under ``string_key`` (the column's collation)."""
+    enum_class = getattr(type_, "enum_class", None)
+    if enum_class is None:
+        return string_key
+    members = list(enum_class)
+    values_callable = getattr(type_, "values_callable", None)
+    labels = values_callable(enum_class) if values_callable else [m.name for m in members]
+    label_of = dict(zip(members, labels, strict=False))
+
+    def key(value: Any) -> Any:
+        return string_key(label_of.get(value, value))
+
+    return key
 
 
 def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
