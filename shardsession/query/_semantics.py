@@ -25,6 +25,7 @@ from sqlalchemy.sql.elements import (
     ColumnClause,
     ColumnElement,
     FunctionFilter,
+    UnaryExpression,
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
@@ -155,6 +156,26 @@ def _maybe_string(expr: ColumnElement[Any]) -> bool:
     )
 
 
+#: functions SQLAlchemy leaves untyped that return a string of a string argument
+_STRING_FUNCTIONS = frozenset(
+    {
+        "lower", "upper", "trim", "ltrim", "rtrim", "substr", "substring", "replace",
+        "left", "right", "lpad", "rpad", "reverse", "repeat", "initcap",
+    }
+)  # fmt: skip
+
+
+def _returns_string(expr: Any) -> bool:
+    """Whether ``expr`` (under labels and column-level DISTINCT) is one of
+    :data:`_STRING_FUNCTIONS`."""
+    plain = unwrap(expr)
+    while isinstance(plain, UnaryExpression) and plain.operator is operators.distinct_op:
+        plain = unwrap(plain.element)
+    return isinstance(plain, FunctionElement) and str(getattr(plain, "name", "")).lower() in (
+        _STRING_FUNCTIONS
+    )
+
+
 def _expr_at(descs: Sequence[dict[str, Any]], position: int) -> Any:
     return as_clause(descs[position].get("expr"))
 
@@ -215,6 +236,9 @@ def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
     if is_string(expr.type):
         return resolver.key_for(expr, what)
     if _maybe_string(expr):
+        if _returns_string(expr):
+            # lower(x) and its kind are strings: refuse before any shard is asked
+            return resolver.key_for(expr, what)
         try:
             return resolver.key_for(expr, what)
         except UnsupportedQueryError as err:

@@ -21,6 +21,8 @@ from sqlalchemy import (
     String,
     case,
     create_engine,
+    distinct,
+    event,
     func,
     select,
     union_all,
@@ -291,3 +293,15 @@ def test_non_native_enum_ordered_and_min_as_stored_strings(cluster: Cluster) -> 
     ]:
         want, got = _both(cluster, stmt)
         assert got == want
+
+
+# -- DISTINCT lower(x) of a collation the merge cannot reproduce: refused up front ----------
+
+@pytest.mark.parametrize("cluster", ["postgresql"], indirect=True)
+def test_distinct_lower_of_icu_column_refused_before_the_shards_run(cluster: Cluster) -> None:
+    sent: list[str] = []
+    for engine in cluster.shards.values():
+        event.listen(engine, "before_cursor_execute", lambda *a, **k: sent.append(str(a[2])))
+    with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="collation"):
+        s.execute(select(distinct(func.lower(Row.word)))).all()
+    assert not [q for q in sent if "FROM xt_rows" in q], sent
