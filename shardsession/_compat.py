@@ -747,11 +747,16 @@ def build_result(
     Private names used: ``Result._metadata``, ``ResultMetaData._for_freeze()`` (metadata
     without type processors: values are already processed, possibly by another shard's
     dialect), ``ResultMetaData._reduce()``, ``Result._attributes``,
-    ``Result._unique_filter_state``, ``Result._yield_per``.
+    ``Result._unique_filter_state``, ``Result._yield_per``,
+    ``SimpleResultMetaData._create_unique_filters`` (see :func:`_holding_objects`).
     """
-    metadata = template._metadata._for_freeze()
-    if visible != len(template.keys()):
-        metadata = metadata._reduce(list(range(visible)))
+    metadata = _frozen_metadata(template._metadata)
+    # Not ``len(template.keys())``: keys() leaves out unnamed columns (``None``).
+    if visible != len(metadata._keys):
+        metadata = _reduced_metadata(metadata, visible)
+    create = getattr(metadata, "_create_unique_filters", None)
+    if create is not None:
+        metadata._create_unique_filters = _holding_objects(create)
     result: IteratorResult[Any] = IteratorResult(metadata, iter(rows))
     merged_attrs = dict(template._attributes)
     if attributes:
@@ -762,6 +767,100 @@ def build_result(
     if template._yield_per:
         result._yield_per = template._yield_per
     return result
+
+
+class _Held:
+    """A uniquing key for an ORM object: its identity, holding the object alive."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Held) and other.obj is self.obj
+
+
+def _holding_objects(create: Any) -> Any:
+    """The ORM's unique filters with ``id`` (what ``.unique()`` keys an ORM object by)
+    replaced by a key that keeps the object alive.
+
+    The ORM builds every object of a result before ``.unique()`` sees any, so no object
+    is freed while its ``id()`` is remembered.  A merged result yields one shard's
+    objects after another's: once the caller dropped an earlier object, a later object
+    could get its ``id()`` and be dropped as a duplicate (``scalars(select(Item).join(
+    Item.children)).unique()`` lost objects at random).  Memory: the objects seen, as
+    in one database's result."""
+
+    def create_holding(result: Any) -> Any:
+        return [_Held if f is id else f for f in create(result)]
+
+    return create_holding
+
+
+def _frozen_metadata(metadata: Any) -> Any:
+    """``metadata._for_freeze()``, keeping each column's own extra keys.
+
+    SQLAlchemy's ``SimpleResultMetaData._for_freeze()`` (the ORM's result metadata)
+    reads each column's record by its name; a legacy ``Query`` of several unnamed
+    columns (``query(func.count(x), func.sum(y))``) has the name ``None`` for all of
+    them, so every column got the last one's record, and a tuple filter then read the
+    last column's value for each.  The records are taken by position here instead.
+    Private names used: ``SimpleResultMetaData._keys``, ``._keymap``,
+    ``._tuplefilter``, ``._translated_indexes``, ``._ambiguous_keys``,
+    ``._create_unique_filters``.
+    """
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    frozen = metadata._for_freeze()
+    if (
+        not isinstance(metadata, SimpleResultMetaData)
+        or metadata._tuplefilter is not None
+        or metadata._translated_indexes is not None
+    ):
+        return frozen
+    keys = list(metadata._keys)
+    if len(set(keys)) == len(keys):
+        return frozen
+    extras: dict[int, Any] = {}
+    for record in metadata._keymap.values():
+        if record[0] is not None:
+            extras.setdefault(record[0], record[2])
+    return SimpleResultMetaData(
+        keys,
+        extra=[extras.get(i) or () for i in range(len(keys))],
+        _create_unique_filters=frozen._create_unique_filters,
+        _ambiguous_keys=metadata._ambiguous_keys,
+    )
+
+
+def _reduced_metadata(metadata: Any, visible: int) -> Any:
+    """``metadata`` for its first ``visible`` columns.
+
+    ``ResultMetaData._reduce()`` looks columns up by name, so several unnamed columns
+    (the name ``None``, a legacy ``Query`` of expressions) would all become the last of
+    them; for ``SimpleResultMetaData`` without unnamed duplicates it is right, and the
+    others are rebuilt by position (private ``._keys``, ``._keymap``,
+    ``._create_unique_filters``, ``._ambiguous_keys``, ``engine.result.tuplegetter``)."""
+    from sqlalchemy.engine.result import SimpleResultMetaData, tuplegetter
+
+    keys = list(metadata._keys)
+    if not isinstance(metadata, SimpleResultMetaData) or None not in keys[:visible]:
+        return metadata._reduce(list(range(visible)))
+    extras: dict[int, Any] = {}
+    for record in metadata._keymap.values():
+        if record[0] is not None:
+            extras.setdefault(record[0], record[2])
+    return SimpleResultMetaData(
+        keys[:visible],
+        extra=[extras.get(i) or () for i in range(visible)],
+        _tuplefilter=tuplegetter(*range(visible)),
+        _create_unique_filters=metadata._create_unique_filters,
+        _ambiguous_keys=metadata._ambiguous_keys,
+    )
 
 
 def same_expression(a: ClauseElement, b: ClauseElement) -> bool:

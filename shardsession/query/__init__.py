@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import ORMExecuteState
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import Select, operators, visitors
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.selectable import CompoundSelect
 from sqlalchemy.sql.util import find_tables
@@ -53,12 +53,12 @@ from ._derived import counted_inner_select
 from ._fanout import ShardCall, run_on_shards
 from ._merge import merge_aggregate, merge_compound, merge_rows
 from ._model import StatementModel, model_select
-from ._nodes import global_construct
+from ._nodes import MERGEABLE_AGGREGATES, OTHER_AGGREGATES, global_construct
 from ._null_order import explicit_nulls_in_subqueries, nulls_low_on_one_shard
 from ._oneshard import one_shard_colocation
 from ._paginate import Page, paginate
 from ._plan import PLAN_CACHE, AggregatePlan, plan_select
-from ._semantics import apply_semantics, check_having
+from ._semantics import apply_semantics, check_having, compound_sort_keys
 from ._twopass import resolve_uncorrelated
 from ._union_from import union_rows_distinct
 
@@ -87,12 +87,54 @@ SHARD_PARAMS_OPTION = "shardsession_shard_params"
 
 # Words in textual SQL whose answer over several shards is not the concatenation of the
 # shards' answers; finding one refuses the statement (a false alarm refuses, never lies).
+# The aggregate names are the query engine's own lists (one source of truth).
 _UNMERGEABLE_TEXT = re.compile(
     r"\b(order\s+by|limit|offset|fetch|top|group\s+by|having|distinct|union|intersect|except"
-    r"|over|window|count|sum|min|max|avg|total|group_concat|string_agg|array_agg|every|"
-    r"bool_and|bool_or|bit_and|bit_or|stddev\w*|variance|var_pop|var_samp|percentile\w*)\b",
+    r"|over|window|"
+    + "|".join(sorted(MERGEABLE_AGGREGATES | OTHER_AGGREGATES))
+    + r")\b",
     re.IGNORECASE,
 )
+
+# The tables a plain textual SELECT names (after FROM / JOIN), and its FROM clause.
+_TEXT_TABLE = re.compile(r"\b(?:from|join)\s+([A-Za-z_][\w.]*|\"[^\"]+\"|`[^`]+`)", re.I)
+_TEXT_FROM = re.compile(
+    r"\bfrom\b(.*?)(?=\bwhere\b|\bgroup\b|\border\b|\blimit\b|\bhaving\b|$)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _text_reads_replicated_only(sql: str, placement: QueryPlacement | None) -> bool:
+    """Whether the textual statement ``sql`` is a SELECT reading only tables that
+    ``placement`` replicates (Broadcast): one shard's answer is then the answer.
+
+    Conservative (text is opaque): a single statement starting with SELECT, whose FROM
+    and JOIN name tables (no subquery, no comma list), every one of them a placed table
+    that is replicated, and that names no other placed table anywhere.  Anything else
+    goes to every shard as before."""
+    targets = getattr(placement, "targets", None)
+    if placement is None or targets is None:
+        return False
+    if not re.match(r"\s*select\b", sql, re.IGNORECASE) or ";" in sql.strip().rstrip(";"):
+        return False
+    tables: dict[str, Any] = {}
+    for target in targets():
+        table = getattr(target, "__table__", target)
+        name = getattr(table, "name", None)
+        if isinstance(name, str):
+            tables[name.lower()] = table
+            fullname = getattr(table, "fullname", None)
+            if isinstance(fullname, str):
+                tables[fullname.lower()] = table
+    named = [m.strip('"`').lower() for m in _TEXT_TABLE.findall(sql)]
+    if not named or any(n not in tables or not placement.is_replicated(tables[n]) for n in named):
+        return False
+    if any("," in clause or "(" in clause for clause in _TEXT_FROM.findall(sql)):
+        return False
+    words = {w.lower() for w in re.findall(r"[A-Za-z_][\w.]*", sql)}
+    return not any(
+        n in words and not placement.is_replicated(t) for n, t in tables.items()
+    )
 
 
 @dataclass(frozen=True)
@@ -165,6 +207,43 @@ def _reads_sharded_tables(
 def _dialect_of(orm_context: ORMExecuteState, shard_id: Any) -> str:
     bind = orm_context.session.get_bind(shard_id=shard_id)
     return str(bind.dialect.name)
+
+
+#: pattern matching operators (LIKE, ILIKE and the startswith/endswith/contains family
+#: SQLAlchemy renders as LIKE): each backend matches under its own rules
+_LIKE_OPERATORS = frozenset(
+    op
+    for name in (
+        "like_op", "not_like_op", "notlike_op", "ilike_op", "not_ilike_op", "notilike_op",
+        "startswith_op", "not_startswith_op", "endswith_op", "not_endswith_op",
+        "contains_op", "not_contains_op", "istartswith_op", "not_istartswith_op",
+        "iendswith_op", "not_iendswith_op", "icontains_op", "not_icontains_op",
+    )
+    if (op := getattr(operators, name, None)) is not None
+)  # fmt: skip
+
+
+def _refuse_like_on_mixed_backends(
+    orm_context: ORMExecuteState, shard_ids: Sequence[Any], statement: Any
+) -> None:
+    """Refuse LIKE/ILIKE on shards of different backends: SQLite's LIKE ignores ASCII
+    case, PostgreSQL's does not, MySQL/MariaDB's follows the column's collation (and
+    ILIKE is lower() LIKE lower() outside PostgreSQL), so one statement would match
+    different rows on different shards, unlike any one database.
+
+    :raises UnsupportedQueryError: before any shard is asked."""
+    if not isinstance(statement, ClauseElement) or len(shard_ids) < 2:
+        return
+    if len({_dialect_of(orm_context, s) for s in shard_ids}) < 2:
+        return
+    for node in visitors.iterate(statement):
+        if getattr(node, "operator", None) in _LIKE_OPERATORS:
+            raise UnsupportedQueryError(
+                "LIKE/ILIKE (and startswith/endswith/contains) match under each backend's "
+                "own rules (case, collation): not run across shards of different "
+                "backends; compare lower() values with == or filter in Python",
+                construct="LIKE on mixed backends",
+            )
 
 
 def _is_shard(binds: Any, shard_id: Any) -> bool:
@@ -252,6 +331,9 @@ def execute_on_shards(
             call = replace(call, statement=one)
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
+    if opts.merge or not orm_context.is_select:
+        _refuse_like_on_mixed_backends(orm_context, shard_ids, statement)
+
     if orm_context.is_insert:
         if len(shard_ids) > 1:
             raise UnsupportedQueryError(
@@ -301,6 +383,9 @@ def execute_on_shards(
         return _concatenate(run_on_shards(orm_context, shard_ids, call))
 
     if isinstance(statement, TextClause):
+        if _text_reads_replicated_only(statement.text, opts.placement):
+            # every shard holds the same rows: ask one, as one database would answer
+            return _concatenate(run_on_shards(orm_context, shard_ids[:1], call))
         found = _UNMERGEABLE_TEXT.search(statement.text)
         if found is None:
             # Plain textual SQL (a filter-only SELECT, or a write the chooser sends to
@@ -485,6 +570,19 @@ def _merge_compound(
             )
     if plan.sort_keys:
         shard_ids = sorted(shard_ids, key=str)
+
+        def connection_for(shard_id: Any) -> Any:
+            bind_arguments = dict(orm_context.bind_arguments)
+            bind_arguments["shard_id"] = shard_id
+            return orm_context.session.connection(bind_arguments=bind_arguments)
+
+        # the strings sort under their collation on the shards, as a plain ORDER BY
+        plan = replace(
+            plan,
+            sort_keys=compound_sort_keys(
+                plan.sort_keys, plan.branches, shard_ids, dialects, connection_for
+            ),
+        )
     results = run_on_shards(orm_context, shard_ids, replace(call, statement=plan.statement))
     return merge_compound(plan, results)
 

@@ -41,6 +41,9 @@ class Slot:
     kind: str
     positions: tuple[int, ...]
     key: ValueKey | None = None
+    #: a SUM over a Boolean argument: the merged integer total given as a bool, as the
+    #: Boolean result processor gives one database's SUM (SQLite, MySQL/MariaDB)
+    as_bool: bool = False
 
 
 _MISSING = object()
@@ -206,6 +209,8 @@ class GroupMerger:
                     values.append(finalize_avg(acc[0], acc[1], self.avg_dialect))
                 elif slot.kind in DISTINCT_KINDS:
                     values.append(_finish_distinct(slot.kind, acc, self.avg_dialect))
+                elif slot.as_bool:
+                    values.append(None if acc is None else bool(acc))
                 else:
                     values.append(acc)
             out.append(tuple(values))

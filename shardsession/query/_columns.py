@@ -60,6 +60,14 @@ def parse_order_by(element: ColumnElement[Any]) -> OrderItem:
     descending = False
     nulls: bool | None = None
     while True:
+        # ``order_by(label.desc())`` wraps the whole ``label DESC`` in a label
+        # reference: unwrap it and go on taking the modifiers off.
+        inner = _compat.label_reference_target(expr)
+        if inner is not None and not isinstance(inner, str) and getattr(
+            inner, "modifier", None
+        ) is not None:
+            expr = inner
+            continue
         modifier = getattr(expr, "modifier", None)
         if modifier is operators.desc_op:
             descending = True

@@ -73,7 +73,17 @@ def _compare(op: Callable[[Any, Any], bool], left: Predicate, right: Predicate) 
             return None  # comparisons with NULL are unknown
         # NaN equals NaN and exceeds every number, as in PostgreSQL (the only backend
         # that returns NaN).
-        return bool(op(nan_safe(a), nan_safe(b)))
+        try:
+            return bool(op(nan_safe(a), nan_safe(b)))
+        except TypeError as err:
+            # e.g. max(name) > 2: each backend has its own cross-type rules (SQLite
+            # ranks every number below every string, MySQL converts the string)
+            raise UnsupportedQueryError(
+                f"HAVING compares a {type(a).__name__} with a {type(b).__name__}; the "
+                "merge does not reproduce the database's cross-type comparison: compare "
+                "values of one type (cast one side)",
+                construct="HAVING across types",
+            ) from err
 
     return run
 

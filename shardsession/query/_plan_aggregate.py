@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import Boolean, Integer, func, type_coerce
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ClauseElement, ClauseList, ColumnClause, ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import ScalarSelect, Select, SelectBase
+from sqlalchemy.types import NullType
 
 from .. import _compat
 from ..exc import UnsupportedQueryError
@@ -146,9 +147,16 @@ class _SlotBuilder:
             arg = args[0] if args else None
             if arg is None:
                 raise UnsupportedQueryError("AVG() needs an argument", construct="AVG")
-            s = self.cols.add_hidden(func.sum(avg_sum_argument(arg, self.dialects)))
+            s = self.cols.add_hidden(_avg_partial_sum(arg, self.dialects))
             c = self.cols.add_hidden(func.count(arg))
             return Slot("avg", (s, c))
+        if kind == "sum" and _is_boolean(_sum_argument(plain)):
+            # Each shard's SUM(flag) would pass through the Boolean result processor
+            # (True for any count); the partials are read as integers and the merged
+            # total converted as one database's would be.
+            arg = _sum_argument(plain)
+            total = self.cols.add_hidden(_integer_sum(func.sum(arg), arg))
+            return Slot("sum", (total,), as_bool=True)
         if visible_pos is None:
             visible_pos = self.cols.add_hidden(plain)
         return Slot(kind, (visible_pos,))
@@ -201,6 +209,39 @@ class _SlotBuilder:
             construct="expression in ORDER BY/HAVING",
         )
 
+
+
+def _sum_argument(call: Any) -> Any:
+    args = list(getattr(getattr(call, "clauses", None), "clauses", ()))
+    return args[0] if len(args) == 1 else None
+
+
+def _is_boolean(expr: Any) -> bool:
+    return isinstance(getattr(expr, "type", None), Boolean)
+
+
+def _integer_sum(partial: Any, arg: Any) -> Any:
+    """A partial SUM of a Boolean argument read as an integer (``SUM`` takes its
+    argument's type, whose result processor would turn a shard's count into ``True``)."""
+    return type_coerce(partial, Integer()) if _is_boolean(arg) else partial
+
+
+def _avg_partial_sum(arg: Any, dialects: Sequence[str]) -> Any:
+    """Each shard's partial SUM for AVG(arg).
+
+    On SQLite an integer SUM raises "integer overflow" past 2**63 where SQLite's AVG
+    goes on in floating point: there the partial is ``total(arg)`` (a double, exact up
+    to 2**53 as the integer sum is), and the merged AVG a double, as SQLite's is."""
+    if (
+        dialects
+        and all(d == "sqlite" for d in dialects)
+        and isinstance(getattr(arg, "type", None), Integer)
+    ):
+        return func.total(arg)
+    # Untyped, as SQLAlchemy types AVG itself: the driver's own value comes back (a
+    # PostgreSQL numeric SUM of a Float-typed CASE stays a Decimal, as its AVG does; a
+    # Boolean's SUM stays a number), not one converted by the argument's type.
+    return type_coerce(func.sum(avg_sum_argument(arg, dialects)), NullType())
 
 
 def _group_expression(g: Any) -> Any:

@@ -25,6 +25,7 @@ from sqlalchemy.sql.elements import (
     ColumnClause,
     ColumnElement,
     FunctionFilter,
+    UnaryExpression,
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select
@@ -44,6 +45,7 @@ __all__ = [
     "ValueSemantics",
     "apply_semantics",
     "check_having",
+    "compound_sort_keys",
 ]
 
 #: a function giving the connection of a shard (checked out in the calling thread)
@@ -154,6 +156,26 @@ def _maybe_string(expr: ColumnElement[Any]) -> bool:
     )
 
 
+#: functions SQLAlchemy leaves untyped that return a string of a string argument
+_STRING_FUNCTIONS = frozenset(
+    {
+        "lower", "upper", "trim", "ltrim", "rtrim", "substr", "substring", "replace",
+        "left", "right", "lpad", "rpad", "reverse", "repeat", "initcap",
+    }
+)  # fmt: skip
+
+
+def _returns_string(expr: Any) -> bool:
+    """Whether ``expr`` (under labels and column-level DISTINCT) is one of
+    :data:`_STRING_FUNCTIONS`."""
+    plain = unwrap(expr)
+    while isinstance(plain, UnaryExpression) and plain.operator is operators.distinct_op:
+        plain = unwrap(plain.element)
+    return isinstance(plain, FunctionElement) and str(getattr(plain, "name", "")).lower() in (
+        _STRING_FUNCTIONS
+    )
+
+
 def _expr_at(descs: Sequence[dict[str, Any]], position: int) -> Any:
     return as_clause(descs[position].get("expr"))
 
@@ -175,7 +197,7 @@ def _enum_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
         bool(type_.native_enum) and d in _NATIVE_ENUM_DIALECTS for d in resolver.dialects
     }
     if natives == {False}:
-        return resolver.key_for(expr, what)
+        return _stored_label_key(type_, resolver.key_for(expr, what))
     mysql = any(d in ("mysql", "mariadb") for d in resolver.dialects)
     if len(natives) > 1 or (mysql and what in ("MIN", "MAX")):
         raise UnsupportedQueryError(
@@ -184,6 +206,24 @@ def _enum_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
             construct=f"ENUM in {what}",
         )
     return enum_order_key(type_)
+
+
+def _stored_label_key(type_: Any, string_key: ValueKey) -> ValueKey:
+    """A non-native ENUM compares as the string the database stores: for an ``Enum``
+    of a Python enum class, the member's label (its name, or ``values_callable``'s
+    value), under ``string_key`` (the column's collation)."""
+    enum_class = getattr(type_, "enum_class", None)
+    if enum_class is None:
+        return string_key
+    members = list(enum_class)
+    values_callable = getattr(type_, "values_callable", None)
+    labels = values_callable(enum_class) if values_callable else [m.name for m in members]
+    label_of = dict(zip(members, labels, strict=False))
+
+    def key(value: Any) -> Any:
+        return string_key(label_of.get(value, value))
+
+    return key
 
 
 def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
@@ -196,6 +236,9 @@ def _value_key(expr: Any, what: str, resolver: _Resolver) -> ValueKey:
     if is_string(expr.type):
         return resolver.key_for(expr, what)
     if _maybe_string(expr):
+        if _returns_string(expr):
+            # lower(x) and its kind are strings: refuse before any shard is asked
+            return resolver.key_for(expr, what)
         try:
             return resolver.key_for(expr, what)
         except UnsupportedQueryError as err:
@@ -426,3 +469,44 @@ def _is_bound(expr: Any) -> bool:
     from sqlalchemy.sql.elements import BindParameter
 
     return isinstance(unwrap(expr), BindParameter)
+
+
+def compound_sort_keys(
+    sort_keys: Sequence[Any],
+    branches: Sequence[Select[Any]],
+    shard_ids: Sequence[Any],
+    dialects: Sequence[str],
+    connection_for: ConnectionFor,
+) -> list[Any]:
+    """The ORDER BY keys of a UNION / UNION ALL with the collation its column compares
+    under on the shards, as a plain SELECT's ORDER BY gets (:func:`apply_semantics`).
+
+    A column of the UNION is each branch's column at that position: every branch must
+    compare its strings under the same collation.
+
+    :raises UnsupportedQueryError: the branches or shards collate the column
+        differently, or under a collation no Python key reproduces exactly (before any
+        shard is asked; a catalog read may have begun the session's transaction).
+    """
+    resolver = _Resolver(shard_ids, dialects, connection_for)
+    out = []
+    for key in sort_keys:
+        exprs = [list(b.selected_columns)[key.index] for b in branches]
+        value_keys = [_value_key(e, "ORDER BY of a UNION", resolver) for e in exprs]
+        if all(v is nan_safe for v in value_keys):
+            out.append(key)
+            continue
+        idents = {
+            expression_collation(e, d, resolver._lazy(sid)).ident
+            for e in exprs
+            if is_string(getattr(e, "type", None)) or _maybe_string(e)
+            for sid, d in zip(resolver.shard_ids, resolver.dialects, strict=True)
+        }
+        if len(idents) > 1 or len({v is nan_safe for v in value_keys}) > 1:
+            raise UnsupportedQueryError(
+                "the branches of a UNION compare the ORDER BY column's strings under "
+                "different collations; one database would use one of them",
+                construct="collation in ORDER BY of a UNION",
+            )
+        out.append(dataclasses.replace(key, key=value_keys[0]))
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Numeric, cast, distinct, exists, func, select, tuple_, update
+from sqlalchemy import Numeric, cast, distinct, event, exists, func, select, text, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
 from shardsession import ShardedSession
@@ -386,3 +386,139 @@ def test_placement_select_correlated_through_alias_on_non_key_refused(
         stmt = stmt.where(jp.User.id == 3)
     with pytest.raises(UnsupportedQueryError):
         s.execute(stmt).all()
+
+
+# -- legacy Query of several unnamed columns (issue 10, class A) -------------------------
+# The ORM names such columns ``None``; the merged result's metadata looked columns up by
+# name, so every column took the last column's value (or SQLAlchemy's row construction
+# failed with a bare AssertionError / ValueError).  Backend-independent (result metadata).
+
+LEGACY_QUERIES: dict[str, Callable[[Session], Any]] = {
+    "two aggregates one()": lambda s: s.query(func.count(Item.id), func.sum(Item.a)).one(),
+    "min and max one()": lambda s: s.query(func.min(Item.a), func.max(Item.a)).one(),
+    "expressions ordered all()": lambda s: s.query(Item.id + 1, Item.a * 2)
+    .order_by(Item.id).all(),
+    "expressions first()": lambda s: s.query(Item.id + 1, Item.a * 2)
+    .order_by(Item.id).first(),
+    "expressions sliced": lambda s: s.query(Item.id + 1, Item.a * 2)
+    .order_by(Item.id)[1:4],
+    "expressions yield_per": lambda s: sorted(
+        s.query(Item.id + 1, Item.a * 2).yield_per(2), key=repr),
+    "with_entities": lambda s: s.query(Item).with_entities(
+        func.count(Item.id), func.max(Item.b)).one(),
+    "grouped with having": lambda s: sorted(
+        s.query(Item.grp, func.count(Item.id), func.sum(Item.a)).group_by(Item.grp)
+        .having(func.count(Item.id) > 0).all(), key=repr),
+    "entity and an expression": lambda s: sorted(
+        (i.id, x) for i, x in s.query(Item, Item.a * 10).all()),
+    "entity and an aggregate": lambda s: sorted(
+        (i.id, n) for i, n in s.query(Item, func.count(Tag.id))
+        .outerjoin(Item.tags).group_by(Item.id).all()),
+}
+
+
+@pytest.mark.parametrize("name", list(LEGACY_QUERIES))
+def test_legacy_query_unnamed_columns_keep_their_values(
+    cluster: qp.Cluster, name: str
+) -> None:
+    run = LEGACY_QUERIES[name]
+    with Session(cluster.oracle) as o:
+        want = run(o)
+    with cluster.session() as s:
+        got = run(s)
+    assert want and [tuple(r) for r in _rows(got)] == [tuple(r) for r in _rows(want)]
+
+
+def _rows(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_legacy_query_unnamed_columns_with_a_placement(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+
+    def run(session: Session) -> Any:
+        return (
+            session.query(func.count(jp.Order.id), func.sum(jp.Order.amount)).one(),
+            session.query(jp.Order.id + 1, jp.Order.amount * 2).order_by(jp.Order.id).all(),
+        )
+
+    assert run(s) == run(oracle)
+
+
+# -- ORDER BY a selected label with ASC/DESC/NULLS (issue 10, class H) -------------------
+# ``order_by(label.desc())`` wraps ``label DESC`` in a label reference; the planner took
+# the whole of it for a hidden column (``qitems.a DESC AS _shardsession_0``: a syntax
+# error on every backend), and in aggregate queries refused it.
+
+_A = Item.a.label("s")
+_T = func.sum(Item.a).label("t")
+LABEL_ORDERS: dict[str, Stmt] = {
+    "label desc": lambda: select(Item.id, _A).order_by(_A.desc(), Item.id),
+    "label desc after another column": lambda: select(Item.id, _A)
+    .order_by(Item.grp, _A.desc(), Item.id),
+    "label asc nulls last, limited": lambda: select(Item.id, _A)
+    .order_by(_A.asc().nulls_last(), Item.id).limit(5),
+    "label desc nulls first": lambda: select(Item.id, _A)
+    .order_by(_A.desc().nulls_first(), Item.id.desc()),
+    "aggregate label desc": lambda: select(Item.grp, _T).group_by(Item.grp)
+    .order_by(_T.desc(), Item.grp),
+    "aggregate label asc nulls last": lambda: select(Item.grp, _T).group_by(Item.grp)
+    .order_by(_T.asc().nulls_last(), Item.grp),
+}
+
+
+@pytest.mark.parametrize("name", list(LABEL_ORDERS))
+def test_order_by_selected_label_with_direction(cluster: qp.Cluster, name: str) -> None:
+    _assert_exact(cluster, LABEL_ORDERS[name], ordered=True)
+
+
+# -- whole text() statements (issue 10, class D) -------------------------------------------
+# The words that refuse a textual statement were a hand list missing aggregates the query
+# engine knows (json_group_array, json_agg, regr_count, std, ...): each shard's one row
+# came back.  Refused before any shard is asked; the statement need not be SQLite's.
+
+@pytest.mark.parametrize("sql", [
+    "SELECT json_group_array(id) FROM qitems",
+    "SELECT json_agg(id) FROM qitems",
+    "SELECT regr_count(a, id) FROM qitems",
+    "SELECT std(a) FROM qitems",
+    "SELECT bit_xor(a) FROM qitems",
+])
+def test_text_with_any_known_aggregate_refused(cluster: qp.Cluster, sql: str) -> None:
+    sent: list[str] = []
+    for engine in cluster.engines.values():
+        event.listen(engine, "before_cursor_execute", lambda *a, **k: sent.append(str(a[2])))
+    with cluster.session() as s, pytest.raises(UnsupportedQueryError, match="textual SQL"):
+        s.execute(text(sql)).all()
+    assert not sent
+
+
+def test_text_over_broadcast_tables_asks_one_shard(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+    for sql in [
+        "SELECT id, name FROM jp_regions ORDER BY id",
+        "SELECT count(*) FROM jp_regions",
+        "SELECT a.id FROM jp_regions a JOIN jp_regions b ON a.id = b.id ORDER BY a.id",
+    ]:
+        want = [tuple(r) for r in oracle.execute(text(sql)).all()]
+        assert want and [tuple(r) for r in s.execute(text(sql)).all()] == want, sql
+
+
+def test_text_over_a_sharded_table_still_fans_out(
+    sessions: tuple[Session, Session],  # noqa: F811
+) -> None:
+    s, oracle = sessions
+    for sql in [
+        "SELECT id FROM jp_users",
+        "SELECT r.id FROM jp_regions r, jp_users u WHERE r.id = u.region",
+        "SELECT id FROM jp_regions WHERE id IN (SELECT region FROM jp_users)",
+    ]:
+        want = sorted(tuple(r) for r in oracle.execute(text(sql)).all())
+        got = sorted(tuple(r) for r in s.execute(text(sql)).all())
+        # sharded tables: the shards' rows together (with duplicates for a join over a
+        # replicated table, as before: text is opaque and not deduplicated)
+        assert set(got) == set(want), sql
