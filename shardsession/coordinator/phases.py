@@ -86,6 +86,25 @@ def run_two_phase(gt: GlobalTransaction, ordered: Sequence[Branch], plan: Commit
                          width=1 + len(run.prepare) + len(plan.last))
 
 
+_LOCATION_KEY = "shardsession_location"
+
+
+def _location(b: Branch) -> str | None:
+    """The location (server and database) of ``b``'s database, asked once per pooled
+    connection (kept in its ``info``); ``None`` when it cannot be asked (the decision row
+    then names the participant by token only, and recovery checks its identity instead)."""
+    info = b.connection.connection.info
+    loc = info.get(_LOCATION_KEY)
+    if loc is None and b.adapter is not None:
+        try:
+            loc = b.adapter.location(b.dbapi) or None
+        except Exception as e:  # recorded without it; recovery is stricter then
+            log.warning("cannot read the location of shard %s: %s", b.shard_id, e)
+            return None
+        info[_LOCATION_KEY] = loc
+    return loc if isinstance(loc, str) else None
+
+
 def _timed(event: str, gtrid: str, b: Branch, work: Callable[[], None]
            ) -> Callable[[], None]:
     """``work`` recording its duration and outcome as ``event`` of branch ``b``."""
@@ -175,7 +194,11 @@ class TwoPhaseRun:
         self._check()
         gt, gtrid, decider, prepare = self.gt, self.gtrid, self.decider, self.prepare
         # which shards recovery must have asked before it may delete the decision row
-        participants = participants_text((b.xid, b.shard_id) for b in prepare if b.xid)
+        # (and where each branch's database is, so that recovery asking another database
+        # under the same shard id never takes "no branch there" for an answer)
+        locations = {b.shard_id: loc for b in prepare if (loc := _location(b))}
+        participants = participants_text(((b.xid, b.shard_id) for b in prepare if b.xid),
+                                         locations)
         # With nothing to prepare (best effort over unpreparable shards only) there is no
         # in-doubt branch for a decision row to settle.
         need_decision = bool(prepare)

@@ -22,7 +22,11 @@ One pass (:func:`recover`):
    ``XA COMMIT`` for a branch still attached to a live, hung session with "unknown XID");
 5. delete a decision row only when every participant its ``participants`` column names
    is a configured shard that was listed in this pass and no branch of its gtrid is in
-   doubt; an ABORT row only once ``abort_retention`` seconds have passed since it was
+   doubt; for a COMMIT row, each participant shard must also positively be the database
+   its branch was prepared in (the location mark the row records for it matches the
+   shard's location here; rows without marks: the shard stores the decision's cluster
+   identity), otherwise the row is kept and an error names the shard; an ABORT row
+   only once ``abort_retention`` seconds have passed since it was
    claimed, by the claiming server's clock (see :func:`~.protocol.may_delete_decision`).
 
 Legacy xids (the ``ss1`` format, before cluster identities) carry no identity: recovery
@@ -65,7 +69,8 @@ from .xid import (
     gtrid_created,
     is_legacy_gtrid,
     is_our_gtrid,
-    parse_participants,
+    location_mark,
+    parse_participants_full,
 )
 
 __all__ = ["BranchRef", "InDoubtBranch", "RecoveryReport", "in_doubt", "recover"]
@@ -388,12 +393,43 @@ def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],
                 (ref, "still prepared after it was finished (attached to a live session?)"))
 
 
+def _not_the_participant(shard: str, mark: str | None, cluster: str | None, owners: Owners,
+                         locations: dict[str, str | None], shards: Mapping[str, Engine],
+                         adapters: Mapping[str, BackendAdapter]) -> str | None:
+    """Why ``shard`` as configured here is not positively the database that prepared a
+    COMMIT row's branch (``None``: it is). With a location mark (rows written since marks
+    exist) its location must match; without one, it must store the gtrid's identity."""
+    if mark is not None:
+        if shard not in locations:
+            try:
+                with admin_connection(shards[shard]) as dbapi:
+                    locations[shard] = adapters[shard].location(dbapi) or None
+            except Exception as e:
+                locations[shard] = None
+                log.warning("cannot read the location of shard %s: %s", shard, e)
+        here = locations[shard]
+        if here is None:
+            return f"participant shard {shard}: its location could not be read"
+        if location_mark(here) != mark:
+            return (f"participant shard {shard} is configured here as another database "
+                    f"({here}) than the one its branch was prepared in; fix the configuration "
+                    "(the branch may still be prepared there)")
+        return None
+    if cluster is None or owners.identities.get(shard) != cluster:
+        return (f"participant shard {shard} does not store the decision's cluster identity "
+                "and the row does not record where its branch was prepared: it cannot be "
+                "told from another database; delete the row by hand once no branch of it "
+                "is prepared anywhere")
+    return None
+
+
 def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
              adapters: Mapping[str, BackendAdapter], snapshot: Mapping[str, list[DecisionRow]],
              owners: Owners, listing: Listing, in_doubt_gtrids: set[str],
              abort_retention: float) -> None:
     """Delete the decision rows read in step 1 that no branch can need any more."""
     now = time.time()
+    locations: dict[str, str | None] = {}
     for name, rows in snapshot.items():
         doomed = []
         for row in rows:
@@ -405,16 +441,16 @@ def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
                     # unneeded (an old claim may go by the ABORT rule below)
                     report.legacy_rows_kept += 1
                     continue
-                parts: list[tuple[str, str]] | None = []
+                parts: list[tuple[str, str, str | None]] | None = []
             elif gtrid_cluster(row.gtrid) != owners.identities.get(name):
                 continue  # not decided under this database's identity: not ours to delete
             else:
-                parts = parse_participants(row.participants)
+                parts = parse_participants_full(row.participants)
             if parts is None:
                 report.decisions_kept.append((name, row.gtrid, "participants unreadable"))
                 continue
             asked = True
-            for _bqual, token in parts:
+            for _bqual, token, mark in parts:
                 shard = owners.tokens.get(token)
                 if shard is None:
                     report.decisions_kept.append(
@@ -422,6 +458,15 @@ def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
                     asked = False
                 elif shard not in listing.listed:
                     asked = False  # its listing failed: already an error of this pass
+                elif row.outcome == Outcome.COMMIT:
+                    # "no branch there" counts only from the database that took part
+                    why = _not_the_participant(shard, mark, gtrid_cluster(row.gtrid),
+                                               owners, locations, shards, adapters)
+                    if why is not None:
+                        report.decisions_kept.append((name, row.gtrid, why))
+                        report.errors.append(f"{row.gtrid}: COMMIT decision on {name} kept: "
+                                             f"{why}")
+                        asked = False
             if row.outcome == Outcome.ABORT:
                 # a claim names no participant: any branch may be anywhere
                 asked = asked and listing.complete

@@ -25,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from shardsession import HashSharding, Placement, ShardedSession
 from shardsession.backends import DecisionRow, Outcome, adapter_for
 from shardsession.coordinator import ain_doubt, arecover
+from shardsession.coordinator.decisions import admin_connection
 from shardsession.coordinator.identity import ensure_identity
 from shardsession.coordinator.xid import Xid, new_gtrid, participants_text
 from shardsession.exc import FanoutTimeoutError, NonAtomicCommitWarning, PrepareFailed
@@ -405,8 +406,14 @@ def test_arecover_planted(planted: dict[str, str]) -> None:
     _plant_xa(planted["gamma"], Xid.branch(g_commit, 2), 2)
     _plant_pg(planted["beta"], Xid.branch(g_orphan, 1).gid, 3)
     _plant_xa(planted["gamma"], Xid.branch(g_orphan, 2), 4)
+    where = {}  # where each branch was prepared, as a commit records it
+    for n in ("beta", "gamma"):
+        pe = create_engine(planted[n])
+        with admin_connection(pe) as dbapi:
+            where[n] = adapter_for(pe.dialect.name).location(dbapi)
+        pe.dispose()
     participants = participants_text([(Xid.branch(g_commit, 1), "beta"),
-                                      (Xid.branch(g_commit, 2), "gamma")])
+                                      (Xid.branch(g_commit, 2), "gamma")], where)
     with e.begin() as c:
         dbapi = c.connection.dbapi_connection
         adapter.ensure_decision_table(dbapi)

@@ -524,9 +524,11 @@ def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
         ensure_decisions(engine)
         gtrid = new_gtrid(name, cluster=new_cluster_id())
         most = [(Xid.branch(gtrid, i), f"shard{i}") for i in range(MAX_PREPARED_BRANCHES)]
-        text_ = participants_text(most)
+        # every participant with its location mark, as a commit records them
+        where = {s: f"server/db{s}" for _x, s in [*most, (None, "one more")]}
+        text_ = participants_text(most, where)
         assert len(text_) <= PARTICIPANTS_MAX_CHARS
-        assert len(participants_text([*most, (Xid.branch(gtrid, 998), "one more")])) \
+        assert len(participants_text([*most, (Xid.branch(gtrid, 998), "one more")], where)) \
             > PARTICIPANTS_MAX_CHARS
         with admin_connection(engine) as dbapi:
             adapter.insert_decision(dbapi, DecisionRow(gtrid, "C", time.time(), text_))
@@ -534,7 +536,7 @@ def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
         assert row is not None and row.participants == text_
         assert len(parse_participants(row.participants) or []) == MAX_PREPARED_BRANCHES
         if engine.dialect.name != "sqlite":  # (SQLite does not enforce VARCHAR sizes)
-            over = participants_text([*most, (Xid.branch(gtrid, 998), "one more")])
+            over = participants_text([*most, (Xid.branch(gtrid, 998), "one more")], where)
             with pytest.raises(Exception, match=r"(?i)too long"), \
                     admin_connection(engine) as dbapi:
                 adapter.insert_decision(dbapi, DecisionRow(
@@ -544,7 +546,7 @@ def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
 def test_more_prepared_branches_than_a_decision_row_can_name_are_refused_first(
     engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With the limit lowered to 1 (222 branches need 222 servers' connections), two
+    """With the limit lowered to 1 (148 branches need 148 servers' connections), two
     branches to prepare are refused before any PREPARE: nothing committed, nothing in
     doubt, no decision row."""
     from shardsession.coordinator import phases

@@ -292,6 +292,36 @@ def test_a_config_lacking_a_participant_keeps_the_decision_row(
         dispose(full)
 
 
+def test_a_participant_configured_as_another_database_keeps_the_commit_row(
+    pg_url_a: str, mariadb_url: str, pg_server_a: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """COMMIT decided on alpha (MariaDB), beta's branch prepared on PostgreSQL. A recovery
+    whose config points beta at *another* database of the same server sees no branch
+    there: it must keep the COMMIT row (an error naming beta), so that the recovery with
+    the right config commits beta's branch instead of presuming an abort (half-commit)."""
+    urls = _create({"alpha": mariadb_url, "beta": pg_url_a})
+    wrong_urls = _create({"alpha": mariadb_url, "beta": extra_db(pg_server_a)})
+    assert run_child({"urls": urls, "crash": "after_decision_commit",
+                      "key": 4}).returncode == -signal.SIGKILL
+    full, wrong = engines_of(urls), engines_of(wrong_urls)
+    try:
+        for _ in range(2):
+            report = recover(wrong, grace_period=0)
+            assert not report.resolved and report.decisions_deleted == 0
+            assert [k[0] for k in report.decisions_kept] == ["alpha"]
+            assert "participant shard beta" in report.decisions_kept[0][2]
+            assert any("beta" in e for e in report.errors), report.errors
+        assert list(decision_gtrids(full["alpha"]).values()) == ["C"]
+        report = recover(full, grace_period=0)
+        assert not report.errors and [r.shard for r in report.committed] == ["beta"]
+        assert rows(full, 4) == {"alpha": 1, "beta": 1}
+        report = recover(full, grace_period=0)
+        assert report.resolved and report.decisions_deleted == 1
+    finally:
+        dispose(full)
+        dispose(wrong)
+
+
 # --- item 6: ABORT claims are aged by the claiming server's clock -----------------------
 
 
