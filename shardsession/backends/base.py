@@ -252,6 +252,10 @@ class BackendAdapter(Protocol):
         """Add the columns of the cluster table that older versions did not create."""
         ...
 
+    def read_cluster_id_locked(self, dbapi_conn: Any) -> str | None:
+        """The stored identity, read in the current transaction with a share lock."""
+        ...
+
     def read_cluster_row(self, dbapi_conn: Any) -> ClusterRow | None:
         """The cluster table's row (``None``: none stored; the table may be missing)."""
         ...

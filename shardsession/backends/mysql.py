@@ -112,6 +112,7 @@ class MySQLAdapter(DecisionTableSQL):
 
     name = "mysql"
     now_sql = "UNIX_TIMESTAMP(NOW(6))"
+    share_lock_sql = " LOCK IN SHARE MODE"
     # the server as server_key names it, and the database
     location_sql = ("SELECT CONCAT('mysql:', @@hostname, ':', @@port, ':', @@datadir, '/', "
                     "COALESCE(DATABASE(), ''))")

@@ -200,6 +200,7 @@ class PostgreSQLAdapter(DecisionTableSQL):
 
     name = "postgresql"
     now_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
+    share_lock_sql = " FOR SHARE"
     # the cluster's initdb identifier (readable by every role) and the database
     location_sql = ("SELECT 'postgresql:' || (SELECT system_identifier::text FROM "
                     "pg_control_system()) || '/' || current_database()")

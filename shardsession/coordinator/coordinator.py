@@ -432,6 +432,10 @@ class TransactionCoordinator:
         """The cluster identity of a decider that is not a branch of the transaction."""
         return self._identity.for_engine(engine, self.adapter(engine))
 
+    def forget_identity(self, engine: Engine) -> None:
+        """Read a decider's identity again for the next transaction (it was re-keyed)."""
+        self._identity.forget(engine)
+
     def confirm_identity(self, branch: Branch, cluster: str) -> None:
         """Make sure a decider chosen before it joined stores ``cluster`` (see
         :meth:`.identity.IdentityCache.confirm`)."""

@@ -34,7 +34,7 @@ from ..exc import (
 from . import trace
 from .branch import Branch, BranchState, discard_dead, isolation_of, leave
 from .protocol import Action, CommitPlan, Event, State, Step, next_step
-from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_created, participants_text
+from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_cluster, gtrid_created, participants_text
 
 if TYPE_CHECKING:
     from .transaction import GlobalTransaction
@@ -221,6 +221,20 @@ class TwoPhaseRun:
             decider.adapter.insert_decision(
                 decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(), participants)
             )
+            # The identity this process wrote into the xids may be stale (another process
+            # re-keyed the database since it was read): deciding under it would leave
+            # branches no recovery takes for this database's. Checked in the decider's
+            # transaction, before the commit point; a mismatch fails the commit.
+            cluster = gtrid_cluster(gtrid)
+            if cluster is not None:
+                stored = decider.adapter.read_cluster_id_locked(decider.dbapi)
+                if stored != cluster:
+                    gt.coordinator.forget_identity(decider.engine)
+                    raise CapabilityError(
+                        f"the decider shard {decider.shard_id!r} now stores the cluster "
+                        f"identity {stored}, not {cluster} this transaction was prepared "
+                        "under (re-keyed by another process); nothing was committed, retry "
+                        "the transaction", gtrid=gtrid, shard_id=decider.shard_id)
 
         def release_one(b: Branch) -> Callable[[], None]:
             return lambda: gt._release(b)

@@ -262,6 +262,18 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
     groups: dict[str, _Group] = {}
     for (key, xid), seen in listing.branches.items():
         kind, decider = owners.classify(xid)
+        if kind in ("foreign", "previous", "unattributed", "unchecked") and not xid.legacy:
+            # A decision row for exactly this gtrid (130 random bits) in the table of the
+            # configured decider its xid names decides it, whatever identity the xid
+            # carries (decided before a re-key, by a process holding a stale identity):
+            # never foreign, never resolved without it. Following it is what the database
+            # that decided would do; nothing is claimed, no such row is deleted.
+            named = owners.tokens.get(xid.decider)
+            if named is not None and (named, xid.gtrid) in decided:
+                if kind != "ours":
+                    log.warning("recovery %s: xid names identity %s, not %s's; following "
+                                "its decision row there", xid.gtrid, xid.cluster, named)
+                kind, decider = "decided", named
         if kind == "foreign":
             listing.foreign.setdefault((key, xid.gid), seen.shard)
             continue

@@ -585,3 +585,95 @@ def test_a_cluster_stores_a_sqlite_shards_identity_on_first_connect(
         assert cluster.identities()["s"] == stored
     finally:
         cluster.dispose()
+
+
+# --- attack 11b: stale identities, decisions under another identity -------------------------
+
+
+def test_a_process_holding_a_stale_identity_cannot_decide(
+    tmp_path: Any, pg_server_a: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """One SQLite decider file seen at two paths (two mounts): a process caches the
+    identity read at one path, another process re-keys the file at the other. The first
+    process's next cross-shard commit must fail before its commit point (nothing
+    committed, nothing left prepared) instead of deciding under the stale identity; its
+    retry commits."""
+    import os
+
+    from shardsession import Placement
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "mount").mkdir()
+    real, mount = tmp_path / "real" / "d.db", tmp_path / "mount" / "d.db"
+    pg = create_engine(extra_db(pg_server_a))
+    first = {"s": create_engine(f"sqlite:///{real}"), "p": pg}
+    with first["s"].begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    os.link(real, mount)
+    second = {"s": create_engine(f"sqlite:///{mount}"), "p": pg}
+    with pg.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+
+    def commit(engines: dict[str, Engine], key: int) -> None:
+        s = ShardedSession(shards=engines, placement=Placement({}), atomic="require")
+        try:
+            for n in ("p", "s"):
+                s.connection(bind_arguments={"shard_id": n}).execute(
+                    text("INSERT INTO t VALUES (:k)"), {"k": key})
+            s.commit()
+        finally:
+            s.close()
+
+    def keys(engine: Engine) -> set[int]:
+        with engine.connect() as c:
+            return {r[0] for r in c.exec_driver_sql("SELECT id FROM t")}
+
+    try:
+        commit(first, 1)
+        commit(second, 2)  # re-keys the file: it was created at the other path
+        with pytest.raises(Exception, match="re-keyed by another process"):
+            commit(first, 3)
+        assert 3 not in keys(pg) and 3 not in keys(first["s"])
+        with pg.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts "
+                                     "WHERE database = current_database()").scalar() == 0
+        commit(first, 4)
+        assert keys(pg) == keys(first["s"]) == {1, 2, 4}
+    finally:
+        dispose(first)
+        dispose(second)
+
+
+def test_a_branch_decided_under_another_identity_follows_its_decision_row(
+    tmp_path: Any, pg_server_a: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """A branch whose xid names an identity its decider no longer stores (decided before
+    two re-keys) while the decider's table holds a COMMIT row for exactly its gtrid is
+    never foreign: recovery commits it by that row (and never deletes the row)."""
+    from shardsession.coordinator.xid import new_cluster_id, participants_text
+
+    s = create_engine(f"sqlite:///{tmp_path / 's.db'}")
+    p = create_engine(extra_db(pg_server_a))
+    engines = {"s": s, "p": p}
+    try:
+        with p.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        adapter = adapter_for("sqlite")
+        current, _ = ensure_identity(adapter, s)
+        old = time.time() - 3600
+        gtrid = new_gtrid("s", cluster=new_cluster_id(), now=old)
+        _plant_prepared_pg(p, Xid.branch(gtrid, 1).gid, 7)
+        with admin_connection(s) as dbapi:
+            adapter.ensure_decision_table(dbapi)
+            adapter.insert_decision(dbapi, DecisionRow(
+                gtrid, Outcome.COMMIT, old, participants_text([(Xid.branch(gtrid, 1), "p")])))
+        report = recover(engines, grace_period=0)
+        assert report.foreign == 0, report.foreign_ids
+        assert [(r.shard, r.gtrid) for r in report.committed] == [("p", gtrid)]
+        with p.connect() as c:
+            assert c.exec_driver_sql("SELECT id FROM t").scalar() == 7
+        assert recover(engines, grace_period=0).resolved
+        assert decision_gtrids(s) == {gtrid: "C"}
+        assert read_identity(adapter, s) == current
+    finally:
+        dispose(engines)
