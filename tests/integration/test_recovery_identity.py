@@ -208,8 +208,10 @@ def test_a_moved_original_finishes_its_branches_with_adopt_previous(
 ) -> None:
     """X decided COMMIT (MariaDB decider a) and crashed with b prepared; then its decider
     database was moved (its recorded place no longer matches: a renamed host, say) and
-    re-keyed on first use. Recovery leaves the branch of the previous identity alone
-    until told this is the original: then it follows the restored COMMIT row."""
+    re-keyed on first use. The branch names the previous identity, but the decider's table
+    holds a COMMIT row for exactly its gtrid: recovery follows it (attack 11b B: a
+    decision row is looked up by gtrid whatever identity it was recorded under), with or
+    without adopt_previous."""
     x_urls = _create({"a": mariadb_url, "b": extra_db(mariadb_server)})
     x = engines_of(x_urls)
     try:
@@ -221,10 +223,8 @@ def test_a_moved_original_finishes_its_branches_with_adopt_previous(
         new, _ = ensure_identity(adapter_for("mysql"), x["a"])  # first use: re-keyed
         assert new != old
         report = recover(x, grace_period=0)
-        assert not report.committed and not report.resolved
-        assert [why for _r, why in report.left_alone] == ["previous identity of its decider"]
-        report = recover(x, grace_period=0, adopt_previous=True)
         assert len(report.committed) == 1 and not report.errors, report
+        assert recover(x, grace_period=0, adopt_previous=True).resolved
         assert rows(x, 8) == {"a": 1, "b": 1}
         assert in_doubt(x) == []
     finally:
