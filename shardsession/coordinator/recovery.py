@@ -289,11 +289,17 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
         refs = [ref for _k, _x, _s, ref in group.branches]
         decider = group.decider
         if group.kind == "unattributed":
+            stored = owners.identities.get(decider) if decider is not None else None
+            what = ("stores no cluster identity" if stored is None
+                    else f"stores the cluster identity {stored}, not the one its xid names")
             report.left_alone.extend(
-                (r, f"its decider {decider} (SQLite) stores no cluster identity: if this "
-                    "cluster's first cross-shard commit crashed before deciding, roll it "
-                    "back by hand (no decision exists); run create-all to prevent this")
+                (r, f"its decider {decider} (SQLite) {what} and holds no decision row for "
+                    "it: if a cross-shard commit crashed before its identity was committed, "
+                    "roll it back by hand (it was never decided); run create-all to prevent "
+                    "this")
                 for r in refs)
+            report.errors.append(f"{gtrid}: unattributed branch of SQLite decider {decider}; "
+                                 "left in doubt")
             continue
         if group.kind == "previous":
             report.errors.append(

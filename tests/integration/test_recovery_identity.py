@@ -568,6 +568,14 @@ def test_branches_of_an_unset_sqlite_decider_are_reported_not_foreign(
         assert report.left_alone and all("stores no cluster identity" in why
                                          for _r, why in report.left_alone)
         assert {b.decider for b in in_doubt(engines)} == {"gamma"}
+        # the next cross-shard commit stores an identity: the branch stays reported
+        # (attack 11b N), never foreign, recover never exits 0 over it
+        assert run_child({"urls": urls, "crash": "none", "key": 5}).returncode == 0
+        report = recover(engines, grace_period=0)
+        assert not report.resolved and report.foreign == 0, report.foreign_ids
+        assert report.left_alone and all("holds no decision row" in why
+                                          for _r, why in report.left_alone)
+        assert not report.committed and not report.rolled_back
     finally:
         dispose(engines)
 
