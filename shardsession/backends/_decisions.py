@@ -157,6 +157,11 @@ class DecisionTableSQL:
         return ClusterRow(str(cid), None if bound is None else str(bound),
                           None if previous is None else str(previous))
 
+    def server_time(self, dbapi_conn: Any) -> float | None:
+        """The server's clock, unix seconds (``None``: no answer)."""
+        rows = self._rows(dbapi_conn, f"SELECT {self.now_sql}")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
     #: what makes a SELECT read the latest committed row and hold it (a re-key waits)
     share_lock_sql = ""
 

@@ -284,6 +284,7 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
 
     # 3-4. settle each gtrid
     now = time.time()
+    server_now: dict[str, float | None] = {}
     acted: list[tuple[str, Xid, BranchRef]] = []
     for gtrid, group in sorted(groups.items()):
         refs = [ref for _k, _x, _s, ref in group.branches]
@@ -321,8 +322,19 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
         outcome = decided.get((decider, gtrid))
         # The older of the two clocks' answers: a coordinator clock running ahead must not
         # keep a branch (and its locks) waiting; claiming early is safe, the claim decides.
+        # The gtrid's creation time is the coordinator's clock: aged by the decider
+        # server's clock, and not trusted at all when it lies in that server's future
+        # beyond FUTURE_TOLERANCE (MariaDB keeps no prepare time to fall back on).
         ages = [s.age for _k, _x, s, _r in group.branches if s.age is not None]
-        young = max([now - gtrid_created(gtrid), *ages]) < grace_period
+        if decider not in server_now:
+            server_now[decider] = _server_clock(adapters[decider], shards[decider])
+        clock = server_now[decider]
+        created_age = (clock if clock is not None else now) - gtrid_created(gtrid)
+        if created_age < -FUTURE_TOLERANCE:
+            log.warning("recovery %s: created %.0f s in the decider server's future; its "
+                        "creation time is not trusted", gtrid, -created_age)
+            created_age = float("inf")
+        young = max([created_age, *ages]) < grace_period
         action = recovery_action(outcome, young)
         if action is RecoveryAction.CLAIM_ABORT and group.kind == "legacy" and not claim_legacy:
             report.left_alone.extend(
@@ -379,6 +391,21 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
             emit_global("shardsession_in_doubt_resolved", ref.gtrid, ref.shard, ref.bqual,
                         outcome)
     _collect(report, shards, adapters, snapshot, owners, listing, set(groups), abort_retention)
+
+
+#: seconds a gtrid's creation time (the coordinator's clock) may lie in the decider
+#: server's future and still be trusted for the grace period
+FUTURE_TOLERANCE = 300.0
+
+
+def _server_clock(adapter: BackendAdapter, engine: Engine) -> float | None:
+    """The server's clock (unix seconds), ``None`` when it cannot be read."""
+    try:
+        with admin_connection(engine) as dbapi:
+            return adapter.server_time(dbapi)
+    except Exception as e:
+        log.warning("cannot read the server clock: %s", e)
+        return None
 
 
 def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],

@@ -685,3 +685,37 @@ def test_a_branch_decided_under_another_identity_follows_its_decision_row(
         assert read_identity(adapter, s) == current
     finally:
         dispose(engines)
+
+
+def test_a_gtrid_created_in_the_servers_future_is_not_left_for_the_grace_period(
+    mariadb_url: str, mariadb_server: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """A coordinator whose clock runs a day ahead crashed after PREPARE on a MariaDB-only
+    transaction (XA RECOVER keeps no prepare time): its gtrid's creation time lies in the
+    decider server's future, so it is not trusted for the grace period; recovery claims
+    the abort now instead of leaving the branch (and its locks) for a day."""
+    alpha = create_engine(mariadb_url)
+    beta_url = extra_db(mariadb_server)
+    beta = create_engine(beta_url)
+    engines = {"alpha": alpha, "beta": beta}
+    try:
+        with beta.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        cluster, _ = ensure_identity(adapter_for("mysql"), alpha)
+        gtrid = new_gtrid("alpha", cluster=cluster, now=time.time() + 86400)
+        xid = Xid.branch(gtrid, 1)
+        raw: Any = beta.raw_connection()
+        cur = raw.dbapi_connection.cursor()
+        cur.execute(f"XA START {xid.xa_literal}")
+        cur.execute("INSERT INTO t VALUES (9)")
+        cur.execute(f"XA END {xid.xa_literal}")
+        cur.execute(f"XA PREPARE {xid.xa_literal}")
+        raw.invalidate()  # a prepared XA branch survives its connection
+        report = recover(engines, grace_period=60)
+        # (one MariaDB server: its branches are listed once, under its first shard)
+        assert [r.gtrid for r in report.rolled_back] == [gtrid], report
+        assert decision_gtrids(alpha).get(gtrid) == "A"
+        with beta.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+    finally:
+        dispose(engines)
