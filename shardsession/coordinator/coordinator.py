@@ -52,7 +52,7 @@ from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..backends.sqlite import total_changes
 from ..exc import ConfigurationError, TransactionError
 from . import deadlock, early
-from .branch import Branch, BranchState
+from .branch import IMPLICIT_COMMIT_KEY, Branch, BranchState, commits_implicitly
 from .identity import IdentityCache
 from .transaction import GlobalTransaction
 
@@ -153,6 +153,9 @@ def _calls_routines(compiled: Any, stmt: Any) -> bool:
 def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
                            context: Any, executemany: bool) -> None:
     branch = _branch_of(conn)
+    if (conn.dialect.name in ("mysql", "mariadb") and commits_implicitly(statement)
+            and (branch is not None or getattr(conn, _WROTE_KEY, None) is not None)):
+        setattr(conn, IMPLICIT_COMMIT_KEY, statement[:80])
     if branch is None:
         # Not (yet) a branch. A transaction's first connection carries the "wrote" mark,
         # False until it writes: it becomes a branch only when a second shard joins, and

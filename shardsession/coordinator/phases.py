@@ -32,7 +32,7 @@ from ..exc import (
     warn_non_atomic,
 )
 from . import trace
-from .branch import Branch, BranchState, discard_dead, isolation_of, leave
+from .branch import IMPLICIT_COMMIT_KEY, Branch, BranchState, discard_dead, isolation_of, leave
 from .protocol import Action, CommitPlan, Event, State, Step, next_step
 from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_cluster, gtrid_created, participants_text
 
@@ -188,11 +188,29 @@ class TwoPhaseRun:
 
     # --- phase one (state PREPARING) --------------------------------------------------------
 
+    def _refuse_implicit_commits(self) -> None:
+        """A MariaDB/MySQL branch that sent DDL (or another statement the server commits
+        implicitly) already committed it and its earlier writes: this commit cannot be
+        atomic. Everything still open is rolled back, and the error says what is
+        committed (never "nothing was committed")."""
+        for b in self.ordered:
+            statement = getattr(b.connection, IMPLICIT_COMMIT_KEY, None)
+            if statement is None:
+                continue
+            self.gt._rollback_all(self.ordered)
+            raise TransactionError(
+                f"shard {b.shard_id!r} ran a statement MariaDB/MySQL commits implicitly "
+                f"({statement!r}): it and the writes made on that shard before it are "
+                "COMMITTED; everything else was rolled back, so this cross-shard "
+                "transaction is not atomic. Run DDL outside cross-shard transactions",
+                gtrid=self.gtrid)
+
     def prepare_all(self) -> Event:
         """PREPARE every other writer, insert the decision row in the decider's
         transaction and release the readers, all at once."""
         self._check()
         gt, gtrid, decider, prepare = self.gt, self.gtrid, self.decider, self.prepare
+        self._refuse_implicit_commits()
         # which shards recovery must have asked before it may delete the decision row
         # (and where each branch's database is, so that recovery asking another database
         # under the same shard id never takes "no branch there" for an answer)
