@@ -15,6 +15,7 @@ only leave prepared branches to recovery (``CommitIncomplete``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -440,6 +441,17 @@ class TwoPhaseRun:
             self.gt._abandon_decider(self.decider, self.decider_session)
             emit(self.gt.session, "shardsession_after_decision", self.gtrid, "unknown",
                  self.decider.shard_id)
+        cause = self.failure[2]
+        if isinstance(cause, asyncio.CancelledError) and step.raises is not None:
+            # asyncio's convention: a cancelled task ends cancelled (asyncio.wait_for then
+            # raises its TimeoutError). What the caller would have heard is recorded (the
+            # log, and the CancelledError's __cause__): the outcome is unknown and
+            # recovery settles it.
+            message, fields, _ = self.failure
+            unknown = step.raises(message, gtrid=self.gtrid, **fields)
+            log.error("2PC %s cancelled while its decision committed: %s", self.gtrid,
+                      unknown)
+            raise cause from unknown
         self._raise(step)
 
     def done(self, step: Step) -> None:
