@@ -274,6 +274,16 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
                     log.warning("recovery %s: xid names identity %s, not %s's; following "
                                 "its decision row there", xid.gtrid, xid.cluster, named)
                 kind, decider = "decided", named
+        if kind == "previous":
+            # Undecided, naming the identity its decider had before it was re-keyed as a
+            # copy: on a copy these are the original's in-flight transactions (its own
+            # recovery finishes them), so they are foreign here, never an error; `status`
+            # still lists them. A moved original finishes them with adopt_previous.
+            log.info("recovery %s: names the identity %s's database had before it was "
+                     "re-keyed as a copy; left to the original (if this database is the "
+                     "original, moved, run recover with --adopt-previous-identity)",
+                     xid.gtrid, decider)
+            kind = "foreign"
         if kind == "foreign":
             listing.foreign.setdefault((key, xid.gid), seen.shard)
             continue
@@ -301,14 +311,6 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
                 for r in refs)
             report.errors.append(f"{gtrid}: unattributed branch of SQLite decider {decider}; "
                                  "left in doubt")
-            continue
-        if group.kind == "previous":
-            report.errors.append(
-                f"{gtrid}: names the identity {decider}'s database had before it was "
-                "re-keyed as a copy; left in doubt (it may be the original's). If this "
-                "database is the original, restored or moved, run recover with "
-                "adopt_previous (--adopt-previous-identity)")
-            report.left_alone.extend((r, "previous identity of its decider") for r in refs)
             continue
         if group.kind == "unchecked" or decider is None or decider not in adapters:
             why = ("its decider's cluster identity could not be read" if decider is not None
