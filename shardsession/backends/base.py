@@ -257,7 +257,8 @@ class BackendAdapter(Protocol):
         ...
 
     def read_cluster_id_locked(self, dbapi_conn: Any) -> str | None:
-        """The stored identity, read in the current transaction with a share lock."""
+        """The stored identity, read in the current transaction with a share lock
+        (``""``: it cannot be read in this transaction, see the MySQL adapter)."""
         ...
 
     def read_cluster_row(self, dbapi_conn: Any) -> ClusterRow | None:

@@ -247,7 +247,7 @@ class TwoPhaseRun:
             cluster = gtrid_cluster(gtrid)
             if cluster is not None:
                 stored = decider.adapter.read_cluster_id_locked(decider.dbapi)
-                if stored != cluster:
+                if stored != cluster and stored != "":
                     gt.coordinator.forget_identity(decider.engine)
                     raise CapabilityError(
                         f"the decider shard {decider.shard_id!r} now stores the cluster "
