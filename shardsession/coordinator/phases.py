@@ -247,7 +247,10 @@ class TwoPhaseRun:
             cluster = gtrid_cluster(gtrid)
             if cluster is not None:
                 stored = decider.adapter.read_cluster_id_locked(decider.dbapi)
-                if stored != cluster and stored != "":
+                # (None or "": not visible in this transaction's snapshot -- PostgreSQL at
+                # REPEATABLE READ or SERIALIZABLE, a table newer than MariaDB's read view
+                # -- so it was stored while the transaction ran: nothing to compare)
+                if stored and stored != cluster:
                     gt.coordinator.forget_identity(decider.engine)
                     raise CapabilityError(
                         f"the decider shard {decider.shard_id!r} now stores the cluster "
