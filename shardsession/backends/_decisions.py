@@ -157,6 +157,23 @@ class DecisionTableSQL:
         return ClusterRow(str(cid), None if bound is None else str(bound),
                           None if previous is None else str(previous))
 
+    def server_time(self, dbapi_conn: Any) -> float | None:
+        """The server's clock, unix seconds (``None``: no answer)."""
+        rows = self._rows(dbapi_conn, f"SELECT {self.now_sql}")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    #: what makes a SELECT read the latest committed row and hold it (a re-key waits)
+    share_lock_sql = ""
+
+    def read_cluster_id_locked(self, dbapi_conn: Any) -> str | None:
+        """The stored identity, read in ``dbapi_conn``'s transaction with a share lock
+        (the latest committed one; a concurrent re-key waits for this transaction)."""
+        p = self.placeholder
+        rows = self._rows(dbapi_conn, f"SELECT cluster_id FROM {CLUSTER_TABLE} "
+                                      f"WHERE singleton = {p}{self.share_lock_sql}",
+                          (_SINGLETON,))
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def read_cluster_id(self, dbapi_conn: Any) -> str | None:
         row = self.read_cluster_row(dbapi_conn)
         return row.cluster_id if row is not None else None

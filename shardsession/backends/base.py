@@ -252,6 +252,15 @@ class BackendAdapter(Protocol):
         """Add the columns of the cluster table that older versions did not create."""
         ...
 
+    def server_time(self, dbapi_conn: Any) -> float | None:
+        """The server's clock, unix seconds (``None``: no answer)."""
+        ...
+
+    def read_cluster_id_locked(self, dbapi_conn: Any) -> str | None:
+        """The stored identity, read in the current transaction with a share lock
+        (``""``: it cannot be read in this transaction, see the MySQL adapter)."""
+        ...
+
     def read_cluster_row(self, dbapi_conn: Any) -> ClusterRow | None:
         """The cluster table's row (``None``: none stored; the table may be missing)."""
         ...

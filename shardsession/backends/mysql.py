@@ -112,6 +112,18 @@ class MySQLAdapter(DecisionTableSQL):
 
     name = "mysql"
     now_sql = "UNIX_TIMESTAMP(NOW(6))"
+    share_lock_sql = " LOCK IN SHARE MODE"
+
+    def read_cluster_id_locked(self, dbapi_conn: Any) -> str | None:
+        # 1412 "Table definition has changed": the cluster table is newer than this
+        # transaction's read view, so it was created (with the identity this transaction
+        # read from it) while the transaction ran: nothing can be stale. "" = not checked.
+        try:
+            return super().read_cluster_id_locked(dbapi_conn)
+        except Exception as e:
+            if getattr(e, "args", None) and e.args[0] == 1412:
+                return ""
+            raise
     # the server as server_key names it, and the database
     location_sql = ("SELECT CONCAT('mysql:', @@hostname, ':', @@port, ':', @@datadir, '/', "
                     "COALESCE(DATABASE(), ''))")

@@ -200,6 +200,9 @@ class PostgreSQLAdapter(DecisionTableSQL):
 
     name = "postgresql"
     now_sql = "EXTRACT(EPOCH FROM clock_timestamp())"
+    # (no FOR SHARE: it needs UPDATE on the table, which the application role lacks; a
+    # READ COMMITTED statement reads the latest committed row anyway)
+    share_lock_sql = ""
     # the cluster's initdb identifier (readable by every role) and the database
     location_sql = ("SELECT 'postgresql:' || (SELECT system_identifier::text FROM "
                     "pg_control_system()) || '/' || current_database()")

@@ -122,10 +122,13 @@ class Owners:
             return "ours", decider
         if decider is not None and self.previous.get(decider) == xid.cluster:
             return ("ours" if self.adopt_previous else "previous"), decider
-        if decider in self.sqlite and self.identities.get(decider) is None:
+        if decider in self.sqlite and decider not in self.unreadable:
             # A SQLite decider locked by its transaction's own writes stores its identity
             # with its first decision (see .identity): a crash before that leaves branches
-            # naming an identity stored nowhere. Never claimed, never called foreign.
+            # naming an identity stored nowhere, also once a later commit stored another
+            # one. Never claimed, never called foreign (a SQLite file is no shared server:
+            # another cluster's branch naming the same shard id is the rare case, and it is
+            # only reported).
             return "unattributed", decider
         if decider is not None and decider in self.unreadable:
             return "unchecked", decider

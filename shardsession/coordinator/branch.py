@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .transaction import GlobalTransaction
 
 __all__ = [
+    "IMPLICIT_COMMIT_KEY",
     "Branch",
     "BranchState",
     "discard_dead",
@@ -36,6 +38,24 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: set on a coordinated MySQL/MariaDB connection (to the statement) once it sent a
+#: statement the server commits implicitly, with whatever the transaction wrote before it
+IMPLICIT_COMMIT_KEY = "_shardsession_implicit_commit"
+
+# Statements MariaDB/MySQL commit implicitly (and commit the open transaction before
+# them): DDL and a few administrative ones. CREATE/DROP TEMPORARY TABLE do not.
+_IMPLICIT_RE = re.compile(
+    r"\s*(?:/\*.*?\*/\s*)*(?:"
+    r"(?:CREATE|DROP)\s+(?!TEMPORARY\b)|ALTER\s|RENAME\s|TRUNCATE\s|"
+    r"(?:GRANT|REVOKE|ANALYZE|OPTIMIZE|REPAIR|FLUSH|INSTALL|UNINSTALL)\s|"
+    r"LOCK\s+TABLES?\b|UNLOCK\s+TABLES?\b|LOAD\s+INDEX\b|CACHE\s+INDEX\b)",
+    re.IGNORECASE | re.DOTALL)
+
+
+def commits_implicitly(statement: str) -> bool:
+    """Whether MariaDB/MySQL commits ``statement`` (and the open transaction) implicitly."""
+    return _IMPLICIT_RE.match(statement) is not None
 
 
 class BranchState(enum.Enum):

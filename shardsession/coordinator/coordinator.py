@@ -52,7 +52,7 @@ from ..backends import BackendAdapter, Capabilities, adapter_for
 from ..backends.sqlite import total_changes
 from ..exc import ConfigurationError, TransactionError
 from . import deadlock, early
-from .branch import Branch, BranchState
+from .branch import IMPLICIT_COMMIT_KEY, Branch, BranchState, commits_implicitly
 from .identity import IdentityCache
 from .transaction import GlobalTransaction
 
@@ -153,6 +153,9 @@ def _calls_routines(compiled: Any, stmt: Any) -> bool:
 def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, parameters: Any,
                            context: Any, executemany: bool) -> None:
     branch = _branch_of(conn)
+    if (conn.dialect.name in ("mysql", "mariadb") and commits_implicitly(statement)
+            and (branch is not None or getattr(conn, _WROTE_KEY, None) is not None)):
+        setattr(conn, IMPLICIT_COMMIT_KEY, statement[:80])
     if branch is None:
         # Not (yet) a branch. A transaction's first connection carries the "wrote" mark,
         # False until it writes: it becomes a branch only when a second shard joins, and
@@ -431,6 +434,10 @@ class TransactionCoordinator:
     def engine_identity(self, engine: Engine) -> str:
         """The cluster identity of a decider that is not a branch of the transaction."""
         return self._identity.for_engine(engine, self.adapter(engine))
+
+    def forget_identity(self, engine: Engine) -> None:
+        """Read a decider's identity again for the next transaction (it was re-keyed)."""
+        self._identity.forget(engine)
 
     def confirm_identity(self, branch: Branch, cluster: str) -> None:
         """Make sure a decider chosen before it joined stores ``cluster`` (see

@@ -296,6 +296,12 @@ class IdentityCache:
         with self._lock:
             return self._pending.setdefault(engine, new_cluster_id())
 
+    def forget(self, engine: Engine) -> None:
+        """Drop what is known of ``engine``'s identity (read or chosen again next time)."""
+        with self._lock:
+            self._known.pop(engine, None)
+            self._pending.pop(engine, None)
+
     def confirm(self, branch: Branch, cluster: str) -> None:
         """Make sure the decider ``branch`` (chosen before it joined, see
         :meth:`for_engine`) stores ``cluster``, in its own transaction when the identity

@@ -15,6 +15,7 @@ only leave prepared branches to recovery (``CommitIncomplete``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +33,9 @@ from ..exc import (
     warn_non_atomic,
 )
 from . import trace
-from .branch import Branch, BranchState, discard_dead, isolation_of, leave
+from .branch import IMPLICIT_COMMIT_KEY, Branch, BranchState, discard_dead, isolation_of, leave
 from .protocol import Action, CommitPlan, Event, State, Step, next_step
-from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_created, participants_text
+from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_cluster, gtrid_created, participants_text
 
 if TYPE_CHECKING:
     from .transaction import GlobalTransaction
@@ -84,6 +85,25 @@ def run_two_phase(gt: GlobalTransaction, ordered: Sequence[Branch], plan: Commit
             trace.record("commit", kind, gtrid=run.gtrid, shard=run.decider.shard_id,
                          duration=time.perf_counter() - started,
                          width=1 + len(run.prepare) + len(plan.last))
+
+
+_LOCATION_KEY = "shardsession_location"
+
+
+def _location(b: Branch) -> str | None:
+    """The location (server and database) of ``b``'s database, asked once per pooled
+    connection (kept in its ``info``); ``None`` when it cannot be asked (the decision row
+    then names the participant by token only, and recovery checks its identity instead)."""
+    info = b.connection.connection.info
+    loc = info.get(_LOCATION_KEY)
+    if loc is None and b.adapter is not None:
+        try:
+            loc = b.adapter.location(b.dbapi) or None
+        except Exception as e:  # recorded without it; recovery is stricter then
+            log.warning("cannot read the location of shard %s: %s", b.shard_id, e)
+            return None
+        info[_LOCATION_KEY] = loc
+    return loc if isinstance(loc, str) else None
 
 
 def _timed(event: str, gtrid: str, b: Branch, work: Callable[[], None]
@@ -169,13 +189,35 @@ class TwoPhaseRun:
 
     # --- phase one (state PREPARING) --------------------------------------------------------
 
+    def _refuse_implicit_commits(self) -> None:
+        """A MariaDB/MySQL branch that sent DDL (or another statement the server commits
+        implicitly) already committed it and its earlier writes: this commit cannot be
+        atomic. Everything still open is rolled back, and the error says what is
+        committed (never "nothing was committed")."""
+        for b in self.ordered:
+            statement = getattr(b.connection, IMPLICIT_COMMIT_KEY, None)
+            if statement is None:
+                continue
+            self.gt._rollback_all(self.ordered)
+            raise TransactionError(
+                f"shard {b.shard_id!r} ran a statement MariaDB/MySQL commits implicitly "
+                f"({statement!r}): it and the writes made on that shard before it are "
+                "COMMITTED; everything else was rolled back, so this cross-shard "
+                "transaction is not atomic. Run DDL outside cross-shard transactions",
+                gtrid=self.gtrid)
+
     def prepare_all(self) -> Event:
         """PREPARE every other writer, insert the decision row in the decider's
         transaction and release the readers, all at once."""
         self._check()
         gt, gtrid, decider, prepare = self.gt, self.gtrid, self.decider, self.prepare
+        self._refuse_implicit_commits()
         # which shards recovery must have asked before it may delete the decision row
-        participants = participants_text((b.xid, b.shard_id) for b in prepare if b.xid)
+        # (and where each branch's database is, so that recovery asking another database
+        # under the same shard id never takes "no branch there" for an answer)
+        locations = {b.shard_id: loc for b in prepare if (loc := _location(b))}
+        participants = participants_text(((b.xid, b.shard_id) for b in prepare if b.xid),
+                                         locations)
         # With nothing to prepare (best effort over unpreparable shards only) there is no
         # in-doubt branch for a decision row to settle.
         need_decision = bool(prepare)
@@ -198,6 +240,23 @@ class TwoPhaseRun:
             decider.adapter.insert_decision(
                 decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(), participants)
             )
+            # The identity this process wrote into the xids may be stale (another process
+            # re-keyed the database since it was read): deciding under it would leave
+            # branches no recovery takes for this database's. Checked in the decider's
+            # transaction, before the commit point; a mismatch fails the commit.
+            cluster = gtrid_cluster(gtrid)
+            if cluster is not None:
+                stored = decider.adapter.read_cluster_id_locked(decider.dbapi)
+                # (None or "": not visible in this transaction's snapshot -- PostgreSQL at
+                # REPEATABLE READ or SERIALIZABLE, a table newer than MariaDB's read view
+                # -- so it was stored while the transaction ran: nothing to compare)
+                if stored and stored != cluster:
+                    gt.coordinator.forget_identity(decider.engine)
+                    raise CapabilityError(
+                        f"the decider shard {decider.shard_id!r} now stores the cluster "
+                        f"identity {stored}, not {cluster} this transaction was prepared "
+                        "under (re-keyed by another process); nothing was committed, retry "
+                        "the transaction", gtrid=gtrid, shard_id=decider.shard_id)
 
         def release_one(b: Branch) -> Callable[[], None]:
             return lambda: gt._release(b)
@@ -385,6 +444,17 @@ class TwoPhaseRun:
             self.gt._abandon_decider(self.decider, self.decider_session)
             emit(self.gt.session, "shardsession_after_decision", self.gtrid, "unknown",
                  self.decider.shard_id)
+        cause = self.failure[2]
+        if isinstance(cause, asyncio.CancelledError) and step.raises is not None:
+            # asyncio's convention: a cancelled task ends cancelled (asyncio.wait_for then
+            # raises its TimeoutError). What the caller would have heard is recorded (the
+            # log, and the CancelledError's __cause__): the outcome is unknown and
+            # recovery settles it.
+            message, fields, _ = self.failure
+            unknown = step.raises(message, gtrid=self.gtrid, **fields)
+            log.error("2PC %s cancelled while its decision committed: %s", self.gtrid,
+                      unknown)
+            raise cause from unknown
         self._raise(step)
 
     def done(self, step: Step) -> None:

@@ -22,7 +22,11 @@ One pass (:func:`recover`):
    ``XA COMMIT`` for a branch still attached to a live, hung session with "unknown XID");
 5. delete a decision row only when every participant its ``participants`` column names
    is a configured shard that was listed in this pass and no branch of its gtrid is in
-   doubt; an ABORT row only once ``abort_retention`` seconds have passed since it was
+   doubt; for a COMMIT row, each participant shard must also positively be the database
+   its branch was prepared in (the location mark the row records for it matches the
+   shard's location here; rows without marks: the shard stores the decision's cluster
+   identity), otherwise the row is kept and an error names the shard; an ABORT row
+   only once ``abort_retention`` seconds have passed since it was
    claimed, by the claiming server's clock (see :func:`~.protocol.may_delete_decision`).
 
 Legacy xids (the ``ss1`` format, before cluster identities) carry no identity: recovery
@@ -65,7 +69,8 @@ from .xid import (
     gtrid_created,
     is_legacy_gtrid,
     is_our_gtrid,
-    parse_participants,
+    location_mark,
+    parse_participants_full,
 )
 
 __all__ = ["BranchRef", "InDoubtBranch", "RecoveryReport", "in_doubt", "recover"]
@@ -257,6 +262,28 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
     groups: dict[str, _Group] = {}
     for (key, xid), seen in listing.branches.items():
         kind, decider = owners.classify(xid)
+        if kind in ("foreign", "previous", "unattributed", "unchecked") and not xid.legacy:
+            # A decision row for exactly this gtrid (130 random bits) in the table of the
+            # configured decider its xid names decides it, whatever identity the xid
+            # carries (decided before a re-key, by a process holding a stale identity):
+            # never foreign, never resolved without it. Following it is what the database
+            # that decided would do; nothing is claimed, no such row is deleted.
+            named = owners.tokens.get(xid.decider)
+            if named is not None and (named, xid.gtrid) in decided:
+                if kind != "ours":
+                    log.warning("recovery %s: xid names identity %s, not %s's; following "
+                                "its decision row there", xid.gtrid, xid.cluster, named)
+                kind, decider = "decided", named
+        if kind == "previous":
+            # Undecided, naming the identity its decider had before it was re-keyed as a
+            # copy: on a copy these are the original's in-flight transactions (its own
+            # recovery finishes them), so they are foreign here, never an error; `status`
+            # still lists them. A moved original finishes them with adopt_previous.
+            log.info("recovery %s: names the identity %s's database had before it was "
+                     "re-keyed as a copy; left to the original (if this database is the "
+                     "original, moved, run recover with --adopt-previous-identity)",
+                     xid.gtrid, decider)
+            kind = "foreign"
         if kind == "foreign":
             listing.foreign.setdefault((key, xid.gid), seen.shard)
             continue
@@ -267,24 +294,23 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
 
     # 3-4. settle each gtrid
     now = time.time()
+    server_now: dict[str, float | None] = {}
     acted: list[tuple[str, Xid, BranchRef]] = []
     for gtrid, group in sorted(groups.items()):
         refs = [ref for _k, _x, _s, ref in group.branches]
         decider = group.decider
         if group.kind == "unattributed":
+            stored = owners.identities.get(decider) if decider is not None else None
+            what = ("stores no cluster identity" if stored is None
+                    else f"stores the cluster identity {stored}, not the one its xid names")
             report.left_alone.extend(
-                (r, f"its decider {decider} (SQLite) stores no cluster identity: if this "
-                    "cluster's first cross-shard commit crashed before deciding, roll it "
-                    "back by hand (no decision exists); run create-all to prevent this")
+                (r, f"its decider {decider} (SQLite) {what} and holds no decision row for "
+                    "it: if a cross-shard commit crashed before its identity was committed, "
+                    "roll it back by hand (it was never decided); run create-all to prevent "
+                    "this")
                 for r in refs)
-            continue
-        if group.kind == "previous":
-            report.errors.append(
-                f"{gtrid}: names the identity {decider}'s database had before it was "
-                "re-keyed as a copy; left in doubt (it may be the original's). If this "
-                "database is the original, restored or moved, run recover with "
-                "adopt_previous (--adopt-previous-identity)")
-            report.left_alone.extend((r, "previous identity of its decider") for r in refs)
+            report.errors.append(f"{gtrid}: unattributed branch of SQLite decider {decider}; "
+                                 "left in doubt")
             continue
         if group.kind == "unchecked" or decider is None or decider not in adapters:
             why = ("its decider's cluster identity could not be read" if decider is not None
@@ -298,8 +324,19 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
         outcome = decided.get((decider, gtrid))
         # The older of the two clocks' answers: a coordinator clock running ahead must not
         # keep a branch (and its locks) waiting; claiming early is safe, the claim decides.
+        # The gtrid's creation time is the coordinator's clock: aged by the decider
+        # server's clock, and not trusted at all when it lies in that server's future
+        # beyond FUTURE_TOLERANCE (MariaDB keeps no prepare time to fall back on).
         ages = [s.age for _k, _x, s, _r in group.branches if s.age is not None]
-        young = max([now - gtrid_created(gtrid), *ages]) < grace_period
+        if decider not in server_now:
+            server_now[decider] = _server_clock(adapters[decider], shards[decider])
+        clock = server_now[decider]
+        created_age = (clock if clock is not None else now) - gtrid_created(gtrid)
+        if created_age < -FUTURE_TOLERANCE:
+            log.warning("recovery %s: created %.0f s in the decider server's future; its "
+                        "creation time is not trusted", gtrid, -created_age)
+            created_age = float("inf")
+        young = max([created_age, *ages]) < grace_period
         action = recovery_action(outcome, young)
         if action is RecoveryAction.CLAIM_ABORT and group.kind == "legacy" and not claim_legacy:
             report.left_alone.extend(
@@ -358,6 +395,21 @@ def _recover(report: RecoveryReport, shards: Mapping[str, Engine], grace_period:
     _collect(report, shards, adapters, snapshot, owners, listing, set(groups), abort_retention)
 
 
+#: seconds a gtrid's creation time (the coordinator's clock) may lie in the decider
+#: server's future and still be trusted for the grace period
+FUTURE_TOLERANCE = 300.0
+
+
+def _server_clock(adapter: BackendAdapter, engine: Engine) -> float | None:
+    """The server's clock (unix seconds), ``None`` when it cannot be read."""
+    try:
+        with admin_connection(engine) as dbapi:
+            return adapter.server_time(dbapi)
+    except Exception as e:
+        log.warning("cannot read the server clock: %s", e)
+        return None
+
+
 def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],
              adapters: Mapping[str, BackendAdapter],
              acted: list[tuple[str, Xid, BranchRef]]) -> None:
@@ -388,12 +440,43 @@ def _confirm(report: RecoveryReport, shards: Mapping[str, Engine],
                 (ref, "still prepared after it was finished (attached to a live session?)"))
 
 
+def _not_the_participant(shard: str, mark: str | None, cluster: str | None, owners: Owners,
+                         locations: dict[str, str | None], shards: Mapping[str, Engine],
+                         adapters: Mapping[str, BackendAdapter]) -> str | None:
+    """Why ``shard`` as configured here is not positively the database that prepared a
+    COMMIT row's branch (``None``: it is). With a location mark (rows written since marks
+    exist) its location must match; without one, it must store the gtrid's identity."""
+    if mark is not None:
+        if shard not in locations:
+            try:
+                with admin_connection(shards[shard]) as dbapi:
+                    locations[shard] = adapters[shard].location(dbapi) or None
+            except Exception as e:
+                locations[shard] = None
+                log.warning("cannot read the location of shard %s: %s", shard, e)
+        here = locations[shard]
+        if here is None:
+            return f"participant shard {shard}: its location could not be read"
+        if location_mark(here) != mark:
+            return (f"participant shard {shard} is configured here as another database "
+                    f"({here}) than the one its branch was prepared in; fix the configuration "
+                    "(the branch may still be prepared there)")
+        return None
+    if cluster is None or owners.identities.get(shard) != cluster:
+        return (f"participant shard {shard} does not store the decision's cluster identity "
+                "and the row does not record where its branch was prepared: it cannot be "
+                "told from another database; delete the row by hand once no branch of it "
+                "is prepared anywhere")
+    return None
+
+
 def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
              adapters: Mapping[str, BackendAdapter], snapshot: Mapping[str, list[DecisionRow]],
              owners: Owners, listing: Listing, in_doubt_gtrids: set[str],
              abort_retention: float) -> None:
     """Delete the decision rows read in step 1 that no branch can need any more."""
     now = time.time()
+    locations: dict[str, str | None] = {}
     for name, rows in snapshot.items():
         doomed = []
         for row in rows:
@@ -405,16 +488,16 @@ def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
                     # unneeded (an old claim may go by the ABORT rule below)
                     report.legacy_rows_kept += 1
                     continue
-                parts: list[tuple[str, str]] | None = []
+                parts: list[tuple[str, str, str | None]] | None = []
             elif gtrid_cluster(row.gtrid) != owners.identities.get(name):
                 continue  # not decided under this database's identity: not ours to delete
             else:
-                parts = parse_participants(row.participants)
+                parts = parse_participants_full(row.participants)
             if parts is None:
                 report.decisions_kept.append((name, row.gtrid, "participants unreadable"))
                 continue
             asked = True
-            for _bqual, token in parts:
+            for _bqual, token, mark in parts:
                 shard = owners.tokens.get(token)
                 if shard is None:
                     report.decisions_kept.append(
@@ -422,6 +505,15 @@ def _collect(report: RecoveryReport, shards: Mapping[str, Engine],
                     asked = False
                 elif shard not in listing.listed:
                     asked = False  # its listing failed: already an error of this pass
+                elif row.outcome == Outcome.COMMIT:
+                    # "no branch there" counts only from the database that took part
+                    why = _not_the_participant(shard, mark, gtrid_cluster(row.gtrid),
+                                               owners, locations, shards, adapters)
+                    if why is not None:
+                        report.decisions_kept.append((name, row.gtrid, why))
+                        report.errors.append(f"{row.gtrid}: COMMIT decision on {name} kept: "
+                                             f"{why}")
+                        asked = False
             if row.outcome == Outcome.ABORT:
                 # a claim names no participant: any branch may be anywhere
                 asked = asked and listing.complete

@@ -42,7 +42,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -61,10 +61,12 @@ __all__ = [
     "is_legacy_gtrid",
     "is_our_gtrid",
     "legacy_decider_token",
+    "location_mark",
     "new_cluster_id",
     "new_gtrid",
     "parse_gid",
     "parse_participants",
+    "parse_participants_full",
     "parse_xa",
     "participants_text",
     "shard_token",
@@ -76,9 +78,10 @@ LEGACY_PREFIX = "ss1."
 FORMAT_ID = 0x53534E31
 MAX_BRANCHES = 1000
 #: the ``participants`` column's size (VARCHAR(4000) in every dialect's DDL) and how many
-#: prepared branches (``b001@<token>``, 17 characters and a comma each) it can name
+#: prepared branches (``b001@<token>.<location>``, 26 characters and a comma each) it can
+#: name
 PARTICIPANTS_MAX_CHARS = 4000
-MAX_PREPARED_BRANCHES = (PARTICIPANTS_MAX_CHARS + 1) // 18
+MAX_PREPARED_BRANCHES = (PARTICIPANTS_MAX_CHARS + 1) // 27
 
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 _CLUSTER_LEN = 12  # 60 bits
@@ -95,7 +98,9 @@ _OLD_RE = re.compile(_OLD)
 _CLUSTER_RE = re.compile(f"{_F}{{{_CLUSTER_LEN}}}")
 _BQUAL_RE = re.compile(r"b[0-9]{3}")
 _GID_RE = re.compile(rf"(?P<gtrid>{_NEW}|{_OLD})\.(?P<bqual>b[0-9]{{3}})")
-_PARTICIPANT_RE = re.compile(rf"(b[0-9]{{3}})@({_F}{{{_TOKEN_LEN}}})")
+_LOCATION_LEN = 8  # 40 bits of the participant database's location
+_PARTICIPANT_RE = re.compile(
+    rf"(b[0-9]{{3}})@({_F}{{{_TOKEN_LEN}}})(?:\.({_F}{{{_LOCATION_LEN}}}))?")
 
 
 def _b32(value: int, width: int) -> str:
@@ -312,16 +317,39 @@ def parse_xa(format_id: object, gtrid_length: object, bqual_length: object,
     return Xid(gtrid, bqual)
 
 
-def participants_text(branches: Iterable[tuple[Xid, object]]) -> str:
-    """The ``participants`` column of a decision row: ``b001@<shard token>,...`` for each
-    prepared branch ``(xid, shard id)``, so that recovery knows which shards it must have
-    asked before the row may go (the token, not the shard id, for the reasons above)."""
-    return ",".join(f"{x.bqual}@{shard_token(s)}" for x, s in branches)
+def location_mark(location: str) -> str:
+    """The 8-character mark of a database's location (an adapter's ``location()``: server
+    and database) recorded for each participant of a decision row."""
+    digest = hashlib.sha256(b"shardsession/location/" + location.encode("utf-8")).digest()
+    return _b32(int.from_bytes(digest[:5], "big"), _LOCATION_LEN)
+
+
+def participants_text(branches: Iterable[tuple[Xid, object]],
+                      locations: Mapping[str, str] | None = None) -> str:
+    """The ``participants`` column of a decision row: ``b001@<shard token>.<location>,...``
+    for each prepared branch ``(xid, shard id)``, so that recovery knows which shards it
+    must have asked before the row may go (the token, not the shard id, for the reasons
+    above), and can check that the database it asked is the one the branch was prepared
+    in (the :func:`location_mark` of ``locations[shard id]``; left out where unknown)."""
+    out = []
+    for x, s in branches:
+        loc = (locations or {}).get(str(s))
+        mark = f".{location_mark(loc)}" if loc else ""
+        out.append(f"{x.bqual}@{shard_token(s)}{mark}")
+    return ",".join(out)
 
 
 def parse_participants(text: str) -> list[tuple[str, str]] | None:
     """``[(bqual, shard token), ...]`` of a ``participants`` column; ``None`` when it is
     not in that form (a legacy row's ``b001,b002`` names no shard). ``""`` is ``[]``."""
+    full = parse_participants_full(text)
+    return None if full is None else [(b, t) for b, t, _m in full]
+
+
+def parse_participants_full(text: str) -> list[tuple[str, str, str | None]] | None:
+    """``[(bqual, shard token, location mark or None), ...]`` of a ``participants``
+    column (rows written before location marks existed have none); ``None`` when it is
+    not in that form. ``""`` is ``[]``."""
     if text == "":
         return []
     out = []
@@ -329,5 +357,5 @@ def parse_participants(text: str) -> list[tuple[str, str]] | None:
         m = _PARTICIPANT_RE.fullmatch(part)
         if m is None:
             return None
-        out.append((m.group(1), m.group(2)))
+        out.append((m.group(1), m.group(2), m.group(3)))
     return out

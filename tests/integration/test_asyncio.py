@@ -9,6 +9,7 @@ in-doubt transactions with :func:`shardsession.coordinator.arecover`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import warnings
@@ -24,7 +25,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardsession import HashSharding, Placement, ShardedSession
 from shardsession.backends import DecisionRow, Outcome, adapter_for
-from shardsession.coordinator import ain_doubt, arecover
+from shardsession.coordinator import ain_doubt, arecover, recover
+from shardsession.coordinator.decisions import admin_connection
 from shardsession.coordinator.identity import ensure_identity
 from shardsession.coordinator.xid import Xid, new_gtrid, participants_text
 from shardsession.exc import FanoutTimeoutError, NonAtomicCommitWarning, PrepareFailed
@@ -405,8 +407,14 @@ def test_arecover_planted(planted: dict[str, str]) -> None:
     _plant_xa(planted["gamma"], Xid.branch(g_commit, 2), 2)
     _plant_pg(planted["beta"], Xid.branch(g_orphan, 1).gid, 3)
     _plant_xa(planted["gamma"], Xid.branch(g_orphan, 2), 4)
+    where = {}  # where each branch was prepared, as a commit records it
+    for n in ("beta", "gamma"):
+        pe = create_engine(planted[n])
+        with admin_connection(pe) as dbapi:
+            where[n] = adapter_for(pe.dialect.name).location(dbapi)
+        pe.dispose()
     participants = participants_text([(Xid.branch(g_commit, 1), "beta"),
-                                      (Xid.branch(g_commit, 2), "gamma")])
+                                      (Xid.branch(g_commit, 2), "gamma")], where)
     with e.begin() as c:
         dbapi = c.connection.dbapi_connection
         adapter.ensure_decision_table(dbapi)
@@ -537,3 +545,63 @@ def test_failed_bulk_statement_leaves_nothing_on_aiosqlite(
 
     asyncio.run(main())
     assert cluster.all_ids() == {on_s1}
+
+
+def test_cancelled_while_the_decision_commits_stays_cancelled(
+    planted: dict[str, str],
+) -> None:
+    """asyncio.wait_for times out while the PostgreSQL decider's COMMIT runs (a deferred
+    constraint trigger makes it take 2 s): the caller gets wait_for's TimeoutError (the
+    cancellation propagates, asyncio's convention), with the OutcomeUnknown it replaces
+    as the CancelledError's cause; recovery then settles all-or-nothing (attack 11b Q)."""
+    from shardsession.exc import OutcomeUnknown
+
+    e = create_engine(planted["alpha"])
+    with e.begin() as c:
+        c.exec_driver_sql("CREATE FUNCTION slow_t() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$")
+        c.exec_driver_sql("CREATE CONSTRAINT TRIGGER slow_t AFTER INSERT ON t DEFERRABLE "
+                          "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_t()")
+    e.dispose()
+    urls = {n: planted[n] for n in ("alpha", "gamma")}
+
+    async def main() -> BaseException | None:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        aio = {n: create_async_engine(make_url(u).set(
+            drivername=_ASYNC[make_url(u).get_backend_name()])) for n, u in urls.items()}
+        s = AsyncSession(sync_session_class=ShardedSession, shards=aio,
+                         placement=Placement({}), atomic="require")
+        try:
+            for n in ("alpha", "gamma"):
+                await (await s.connection(bind_arguments={"shard_id": n})).execute(
+                    insert_t, {"id": 1})
+            try:
+                await asyncio.wait_for(s.commit(), 1.0)
+            except BaseException as err:
+                return err
+            return None
+        finally:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(s.close(), 10)
+            for ae in aio.values():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(ae.dispose(), 10)
+
+    from sqlalchemy import text as _text
+
+    insert_t = _text("INSERT INTO t VALUES (:id)")
+    err = asyncio.run(main())
+    assert isinstance(err, TimeoutError), repr(err)
+    assert isinstance(err.__cause__, asyncio.CancelledError), repr(err.__cause__)
+    assert isinstance(err.__cause__.__cause__, OutcomeUnknown), repr(err.__cause__.__cause__)
+    time.sleep(2.5)  # the decider's COMMIT finishes server-side (or not)
+    sync = {n: create_engine(u) for n, u in urls.items()}
+    try:
+        report = recover(sync, grace_period=0)
+        assert not report.errors, report.errors
+        assert {n: _rows(u) for n, u in urls.items()} in (
+            {"alpha": {1}, "gamma": {1}}, {"alpha": set(), "gamma": set()})
+    finally:
+        for se in sync.values():
+            se.dispose()

@@ -557,9 +557,11 @@ def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
         ensure_decisions(engine)
         gtrid = new_gtrid(name, cluster=new_cluster_id())
         most = [(Xid.branch(gtrid, i), f"shard{i}") for i in range(MAX_PREPARED_BRANCHES)]
-        text_ = participants_text(most)
+        # every participant with its location mark, as a commit records them
+        where = {s: f"server/db{s}" for _x, s in [*most, (None, "one more")]}
+        text_ = participants_text(most, where)
         assert len(text_) <= PARTICIPANTS_MAX_CHARS
-        assert len(participants_text([*most, (Xid.branch(gtrid, 998), "one more")])) \
+        assert len(participants_text([*most, (Xid.branch(gtrid, 998), "one more")], where)) \
             > PARTICIPANTS_MAX_CHARS
         with admin_connection(engine) as dbapi:
             adapter.insert_decision(dbapi, DecisionRow(gtrid, "C", time.time(), text_))
@@ -567,7 +569,7 @@ def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
         assert row is not None and row.participants == text_
         assert len(parse_participants(row.participants) or []) == MAX_PREPARED_BRANCHES
         if engine.dialect.name != "sqlite":  # (SQLite does not enforce VARCHAR sizes)
-            over = participants_text([*most, (Xid.branch(gtrid, 998), "one more")])
+            over = participants_text([*most, (Xid.branch(gtrid, 998), "one more")], where)
             with pytest.raises(Exception, match=r"(?i)too long"), \
                     admin_connection(engine) as dbapi:
                 adapter.insert_decision(dbapi, DecisionRow(
@@ -577,7 +579,7 @@ def test_the_participants_column_holds_the_most_branches_a_commit_may_prepare(
 def test_more_prepared_branches_than_a_decision_row_can_name_are_refused_first(
     engines_for: Callable[[str], dict[str, Engine]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With the limit lowered to 1 (222 branches need 222 servers' connections), two
+    """With the limit lowered to 1 (148 branches need 148 servers' connections), two
     branches to prepare are refused before any PREPARE: nothing committed, nothing in
     doubt, no decision row."""
     from shardsession.coordinator import phases
@@ -770,3 +772,53 @@ def test_sqlite_reader_is_released_without_a_decision(
     s.commit()
     assert count(engines["alpha"], "alpha") == 1
     assert decision_count(engines["alpha"]) == decision_count(engines["beta"]) == 0
+
+
+# --- attack 11b D2: an implicit commit on the first (non-XA) MariaDB shard -----------------
+
+
+def test_ddl_on_the_plain_mariadb_shard_is_never_reported_as_nothing_committed(
+    mariadb_url: str, pg_url_a: str,
+) -> None:
+    """The transaction's first shard (MariaDB, no XA) runs DDL, which MariaDB commits
+    implicitly with the writes before it; then a PostgreSQL shard writes. The commit must
+    not answer PrepareFailed ("nothing was committed"): it refuses before any PREPARE
+    with an error saying what is committed, and rolls the PostgreSQL shard back."""
+    from shardsession import Placement, ShardedSession
+    from shardsession.exc import TransactionError
+
+    my, pg = create_engine(mariadb_url), create_engine(pg_url_a)
+    try:
+        for e in (my, pg):
+            with e.begin() as c:
+                c.exec_driver_sql("DROP TABLE IF EXISTS ce_ddl_acct")
+                c.exec_driver_sql("CREATE TABLE ce_ddl_acct (id INTEGER PRIMARY KEY, "
+                                  "bal INTEGER NOT NULL)")
+                c.exec_driver_sql("INSERT INTO ce_ddl_acct VALUES (1, 100)")
+        with my.begin() as c:
+            c.exec_driver_sql("DROP TABLE IF EXISTS ce_ddl_side")
+        s = ShardedSession(shards={"a": my, "b": pg}, placement=Placement({}),
+                           atomic="require")
+        ca = s.connection(bind_arguments={"shard_id": "a"})
+        ca.execute(text("UPDATE ce_ddl_acct SET bal = bal - 10 WHERE id = 1"))
+        ca.execute(text("CREATE TABLE ce_ddl_side (i INT)"))  # implicit commit
+        cb = s.connection(bind_arguments={"shard_id": "b"})
+        cb.execute(text("UPDATE ce_ddl_acct SET bal = bal + 10 WHERE id = 1"))
+        with pytest.raises(TransactionError, match="COMMITTED") as info:
+            s.commit()
+        assert not isinstance(info.value, PrepareFailed)
+        s.close()
+        balances = {}
+        for n, e in (("a", my), ("b", pg)):
+            with e.connect() as c:
+                balances[n] = c.exec_driver_sql("SELECT bal FROM ce_ddl_acct").scalar()
+        assert balances == {"a": 90, "b": 100}  # what the error says
+        with pg.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts WHERE "
+                                     "database = current_database()").scalar() == 0
+    finally:
+        for e in (my, pg):
+            with e.begin() as c:
+                c.exec_driver_sql("DROP TABLE IF EXISTS ce_ddl_acct")
+                c.exec_driver_sql("DROP TABLE IF EXISTS ce_ddl_side")
+            e.dispose()

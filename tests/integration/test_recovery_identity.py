@@ -179,7 +179,9 @@ def test_branches_of_a_copied_identity_are_left_to_the_original(
 ) -> None:
     """The original X crashed before deciding (a MariaDB branch prepared under X's
     identity); its copy Y, re-keyed, must not claim that branch (it names Y's previous
-    identity): left in doubt, reported. X's own recovery rolls it back."""
+    identity): never touched, reported as foreign (not an error: a staging copy's recovery
+    must not exit 1 over production's in-flight transactions). X's own recovery rolls it
+    back."""
     x_urls = _create({"a": mariadb_url, "b": extra_db(mariadb_server)})
     x = engines_of(x_urls)
     ensure_identity(adapter_for("mysql"), x["a"])
@@ -192,8 +194,8 @@ def test_branches_of_a_copied_identity_are_left_to_the_original(
                           "key": 7}).returncode == -signal.SIGKILL
         report = recover(y, grace_period=0)
         assert not report.rolled_back and not report.committed
-        assert [why for _r, why in report.left_alone] == ["previous identity of its decider"]
-        assert not report.resolved and _decisions_or_none(y["a"]) == {}
+        assert report.foreign == 1 and not report.left_alone and not report.errors
+        assert report.resolved and _decisions_or_none(y["a"]) == {}
         assert len(in_doubt(y)) == 1
         report = recover(x, grace_period=0)
         assert report.resolved and len(report.rolled_back) == 1
@@ -208,8 +210,10 @@ def test_a_moved_original_finishes_its_branches_with_adopt_previous(
 ) -> None:
     """X decided COMMIT (MariaDB decider a) and crashed with b prepared; then its decider
     database was moved (its recorded place no longer matches: a renamed host, say) and
-    re-keyed on first use. Recovery leaves the branch of the previous identity alone
-    until told this is the original: then it follows the restored COMMIT row."""
+    re-keyed on first use. The branch names the previous identity, but the decider's table
+    holds a COMMIT row for exactly its gtrid: recovery follows it (attack 11b B: a
+    decision row is looked up by gtrid whatever identity it was recorded under), with or
+    without adopt_previous."""
     x_urls = _create({"a": mariadb_url, "b": extra_db(mariadb_server)})
     x = engines_of(x_urls)
     try:
@@ -221,10 +225,8 @@ def test_a_moved_original_finishes_its_branches_with_adopt_previous(
         new, _ = ensure_identity(adapter_for("mysql"), x["a"])  # first use: re-keyed
         assert new != old
         report = recover(x, grace_period=0)
-        assert not report.committed and not report.resolved
-        assert [why for _r, why in report.left_alone] == ["previous identity of its decider"]
-        report = recover(x, grace_period=0, adopt_previous=True)
         assert len(report.committed) == 1 and not report.errors, report
+        assert recover(x, grace_period=0, adopt_previous=True).resolved
         assert rows(x, 8) == {"a": 1, "b": 1}
         assert in_doubt(x) == []
     finally:
@@ -290,6 +292,36 @@ def test_a_config_lacking_a_participant_keeps_the_decision_row(
         assert decision_gtrids(full["alpha"]) == {}
     finally:
         dispose(full)
+
+
+def test_a_participant_configured_as_another_database_keeps_the_commit_row(
+    pg_url_a: str, mariadb_url: str, pg_server_a: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """COMMIT decided on alpha (MariaDB), beta's branch prepared on PostgreSQL. A recovery
+    whose config points beta at *another* database of the same server sees no branch
+    there: it must keep the COMMIT row (an error naming beta), so that the recovery with
+    the right config commits beta's branch instead of presuming an abort (half-commit)."""
+    urls = _create({"alpha": mariadb_url, "beta": pg_url_a})
+    wrong_urls = _create({"alpha": mariadb_url, "beta": extra_db(pg_server_a)})
+    assert run_child({"urls": urls, "crash": "after_decision_commit",
+                      "key": 4}).returncode == -signal.SIGKILL
+    full, wrong = engines_of(urls), engines_of(wrong_urls)
+    try:
+        for _ in range(2):
+            report = recover(wrong, grace_period=0)
+            assert not report.resolved and report.decisions_deleted == 0
+            assert [k[0] for k in report.decisions_kept] == ["alpha"]
+            assert "participant shard beta" in report.decisions_kept[0][2]
+            assert any("beta" in e for e in report.errors), report.errors
+        assert list(decision_gtrids(full["alpha"]).values()) == ["C"]
+        report = recover(full, grace_period=0)
+        assert not report.errors and [r.shard for r in report.committed] == ["beta"]
+        assert rows(full, 4) == {"alpha": 1, "beta": 1}
+        report = recover(full, grace_period=0)
+        assert report.resolved and report.decisions_deleted == 1
+    finally:
+        dispose(full)
+        dispose(wrong)
 
 
 # --- item 6: ABORT claims are aged by the claiming server's clock -----------------------
@@ -538,6 +570,14 @@ def test_branches_of_an_unset_sqlite_decider_are_reported_not_foreign(
         assert report.left_alone and all("stores no cluster identity" in why
                                          for _r, why in report.left_alone)
         assert {b.decider for b in in_doubt(engines)} == {"gamma"}
+        # the next cross-shard commit stores an identity: the branch stays reported
+        # (attack 11b N), never foreign, recover never exits 0 over it
+        assert run_child({"urls": urls, "crash": "none", "key": 5}).returncode == 0
+        report = recover(engines, grace_period=0)
+        assert not report.resolved and report.foreign == 0, report.foreign_ids
+        assert report.left_alone and all("holds no decision row" in why
+                                          for _r, why in report.left_alone)
+        assert not report.committed and not report.rolled_back
     finally:
         dispose(engines)
 
@@ -555,3 +595,129 @@ def test_a_cluster_stores_a_sqlite_shards_identity_on_first_connect(
         assert cluster.identities()["s"] == stored
     finally:
         cluster.dispose()
+
+
+# --- attack 11b: stale identities, decisions under another identity -------------------------
+
+
+def test_a_process_holding_a_stale_identity_cannot_decide(
+    tmp_path: Any, pg_server_a: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """One SQLite decider file seen at two paths (two mounts): a process caches the
+    identity read at one path, another process re-keys the file at the other. The first
+    process's next cross-shard commit must fail before its commit point (nothing
+    committed, nothing left prepared) instead of deciding under the stale identity; its
+    retry commits."""
+    import os
+
+    from shardsession import Placement
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "mount").mkdir()
+    real, mount = tmp_path / "real" / "d.db", tmp_path / "mount" / "d.db"
+    pg = create_engine(extra_db(pg_server_a))
+    first = {"s": create_engine(f"sqlite:///{real}"), "p": pg}
+    with first["s"].begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    os.link(real, mount)
+    second = {"s": create_engine(f"sqlite:///{mount}"), "p": pg}
+    with pg.begin() as c:
+        c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+
+    def commit(engines: dict[str, Engine], key: int) -> None:
+        s = ShardedSession(shards=engines, placement=Placement({}), atomic="require")
+        try:
+            for n in ("p", "s"):
+                s.connection(bind_arguments={"shard_id": n}).execute(
+                    text("INSERT INTO t VALUES (:k)"), {"k": key})
+            s.commit()
+        finally:
+            s.close()
+
+    def keys(engine: Engine) -> set[int]:
+        with engine.connect() as c:
+            return {r[0] for r in c.exec_driver_sql("SELECT id FROM t")}
+
+    try:
+        commit(first, 1)
+        commit(second, 2)  # re-keys the file: it was created at the other path
+        with pytest.raises(Exception, match="re-keyed by another process"):
+            commit(first, 3)
+        assert 3 not in keys(pg) and 3 not in keys(first["s"])
+        with pg.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts "
+                                     "WHERE database = current_database()").scalar() == 0
+        commit(first, 4)
+        assert keys(pg) == keys(first["s"]) == {1, 2, 4}
+    finally:
+        dispose(first)
+        dispose(second)
+
+
+def test_a_branch_decided_under_another_identity_follows_its_decision_row(
+    tmp_path: Any, pg_server_a: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """A branch whose xid names an identity its decider no longer stores (decided before
+    two re-keys) while the decider's table holds a COMMIT row for exactly its gtrid is
+    never foreign: recovery commits it by that row (and never deletes the row)."""
+    from shardsession.coordinator.xid import new_cluster_id, participants_text
+
+    s = create_engine(f"sqlite:///{tmp_path / 's.db'}")
+    p = create_engine(extra_db(pg_server_a))
+    engines = {"s": s, "p": p}
+    try:
+        with p.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        adapter = adapter_for("sqlite")
+        current, _ = ensure_identity(adapter, s)
+        old = time.time() - 3600
+        gtrid = new_gtrid("s", cluster=new_cluster_id(), now=old)
+        _plant_prepared_pg(p, Xid.branch(gtrid, 1).gid, 7)
+        with admin_connection(s) as dbapi:
+            adapter.ensure_decision_table(dbapi)
+            adapter.insert_decision(dbapi, DecisionRow(
+                gtrid, Outcome.COMMIT, old, participants_text([(Xid.branch(gtrid, 1), "p")])))
+        report = recover(engines, grace_period=0)
+        assert report.foreign == 0, report.foreign_ids
+        assert [(r.shard, r.gtrid) for r in report.committed] == [("p", gtrid)]
+        with p.connect() as c:
+            assert c.exec_driver_sql("SELECT id FROM t").scalar() == 7
+        assert recover(engines, grace_period=0).resolved
+        assert decision_gtrids(s) == {gtrid: "C"}
+        assert read_identity(adapter, s) == current
+    finally:
+        dispose(engines)
+
+
+def test_a_gtrid_created_in_the_servers_future_is_not_left_for_the_grace_period(
+    mariadb_url: str, mariadb_server: Any, extra_db: Callable[[Any], str],
+) -> None:
+    """A coordinator whose clock runs a day ahead crashed after PREPARE on a MariaDB-only
+    transaction (XA RECOVER keeps no prepare time): its gtrid's creation time lies in the
+    decider server's future, so it is not trusted for the grace period; recovery claims
+    the abort now instead of leaving the branch (and its locks) for a day."""
+    alpha = create_engine(mariadb_url)
+    beta_url = extra_db(mariadb_server)
+    beta = create_engine(beta_url)
+    engines = {"alpha": alpha, "beta": beta}
+    try:
+        with beta.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        cluster, _ = ensure_identity(adapter_for("mysql"), alpha)
+        gtrid = new_gtrid("alpha", cluster=cluster, now=time.time() + 86400)
+        xid = Xid.branch(gtrid, 1)
+        raw: Any = beta.raw_connection()
+        cur = raw.dbapi_connection.cursor()
+        cur.execute(f"XA START {xid.xa_literal}")
+        cur.execute("INSERT INTO t VALUES (9)")
+        cur.execute(f"XA END {xid.xa_literal}")
+        cur.execute(f"XA PREPARE {xid.xa_literal}")
+        raw.invalidate()  # a prepared XA branch survives its connection
+        report = recover(engines, grace_period=60)
+        # (one MariaDB server: its branches are listed once, under its first shard)
+        assert [r.gtrid for r in report.rolled_back] == [gtrid], report
+        assert decision_gtrids(alpha).get(gtrid) == "A"
+        with beta.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+    finally:
+        dispose(engines)
