@@ -58,6 +58,12 @@ _CLUSTER_KEYS = {"atomic", "decider", "recovery_grace", "tenant_directory"}
 #: ``user:password@`` in text that does not parse as a URL
 _USERINFO = re.compile(r"(//[^:/@\s]*):[^@\s]*@")
 
+#: query parameters that carry a password (libpq, psycopg and PyMySQL accept them)
+_SECRET_PARAMS = frozenset({"password", "passwd"})
+
+#: ``?password=...`` / ``&passwd=...`` in text
+_SECRET_QUERY = re.compile(r"([?&](?:password|passwd)=)[^&\s'\"]*", re.IGNORECASE)
+
 #: the extra of ours that installs a driver module
 _EXTRAS = {
     "psycopg2": "postgresql",
@@ -69,13 +75,32 @@ _EXTRAS = {
 }
 
 
+def mask_url_text(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``: the
+    ``user:password@`` part and ``password=`` / ``passwd=`` query parameters (structural:
+    other text is left alone, however short the password)."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+
+
+def url_secrets(url: URL) -> list[str]:
+    """The passwords a URL carries: its password field and its password query
+    parameters."""
+    found = [] if url.password is None else [str(url.password)]
+    for key, value in url.query.items():
+        if key.lower() in _SECRET_PARAMS:
+            found.extend([value] if isinstance(value, str) else list(value))
+    return found
+
+
 def masked_url(url: str | URL) -> str:
-    """A URL as text with its password hidden (for logs, errors and ``repr``); text that
-    is not a URL is shown with anything in the place of a password replaced by ``***``."""
+    """A URL as text with its passwords hidden (for logs, errors and ``repr``): the
+    password field and the ``password`` / ``passwd`` query parameters. Text that is not
+    a URL is shown with anything in the place of a password replaced by ``***``."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:
-        return _USERINFO.sub(r"\1:***@", str(url))
+        return mask_url_text(str(url))
+    return mask_url_text(parsed.render_as_string(hide_password=True))
 
 
 def _driver_hint(url: URL, error: BaseException) -> str:
@@ -216,7 +241,7 @@ class Cluster:
             except Exception as e:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: "
-                    f"{type(e).__name__}: {e}{_driver_hint(url, e)}"
+                    f"{type(e).__name__}: {mask_url_text(str(e))}{_driver_hint(url, e)}"
                 ) from e
             if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
                 event.listen(self._engines[name], "first_connect", _sqlite_identity)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from ..config import Cluster
+from ..config import Cluster, mask_url_text, url_secrets
 from ..exc import ConfigurationError
 
 __all__ = [
@@ -98,12 +98,19 @@ def load_cluster(path: str) -> Cluster:
     :raises ConfigurationError: the file is unreadable or not a valid cluster config.
     """
     cluster = Cluster.from_toml(path, env=os.environ, pool_pre_ping=True)
-    redactor.add(engine.url.password for engine in cluster.engines.values())
+    redactor.add(s for engine in cluster.engines.values() for s in url_secrets(engine.url))
     return cluster
 
 
+#: passwords shorter than this are masked only where they stand in a URL (a plain text
+#: replacement of ``p`` would print ``O***erationalError`` and so reveal it)
+MIN_TEXT_SECRET = 6
+
+
 class Redactor(logging.Filter):
-    """Replaces known passwords by ``***`` in text and in log records."""
+    """Replaces passwords by ``***`` in text and in log records: in every URL (its
+    password field and ``password=`` / ``passwd=`` parameters, whatever their length),
+    and any known password of :data:`MIN_TEXT_SECRET` characters or more anywhere."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,19 +122,20 @@ class Redactor(logging.Filter):
                 self._secrets.add(str(secret))
 
     def __call__(self, text: str) -> str:
+        text = mask_url_text(text)
         # longest first: a password that contains another is masked whole
         for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
+            if len(secret) >= MIN_TEXT_SECRET:
+                text = text.replace(secret, "***")
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = record.getMessage()
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            record.msg, record.args = self(message), None
-            if record.exc_text:
-                record.exc_text = self(record.exc_text)
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args = self(message), None
+        if record.exc_text:
+            record.exc_text = self(record.exc_text)
         return True
 
 

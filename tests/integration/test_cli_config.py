@@ -227,3 +227,42 @@ def test_unknown_shard_key_is_named(tmp_path: Path) -> None:
     assert "shard 'a': unknown key(s) 'colour' (not create_engine() options)" in proc.stderr, \
         proc.stderr
     assert not (tmp_path / "a.db").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgres://app@127.0.0.1:1/s1?password={SECRET}",  # a dialect name SQLAlchemy lacks
+        f"mysql+mysqldb://app@127.0.0.1:1/s1?passwd={SECRET}",  # a driver not installed
+        f"postgresql+psycopg2//app@127.0.0.1:1/s1?password={SECRET}",  # not a URL
+    ],
+)
+def test_query_parameter_passwords_are_masked(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[shards.a]\nurl = "{url}"\n')
+    for args in (("status",), ("demo",)):
+        proc = run(*args, "--config", str(config))
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert SECRET not in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
+        assert "=***" in proc.stderr, proc.stderr
+
+
+def test_repr_of_a_cluster_masks_query_passwords() -> None:
+    from shardsession.config import Cluster
+
+    cluster = Cluster({
+        "a": f"postgresql+psycopg2://app@127.0.0.1:1/s1?password={SECRET}&sslmode=disable",
+        "b": f"mysql+pymysql://app:{SECRET}@127.0.0.1:1/s1?PASSWD={SECRET}",
+    })
+    shown = repr(cluster)
+    assert SECRET not in shown, shown
+    assert "password=***&sslmode=disable" in shown and "PASSWD=***" in shown, shown
+
+
+def test_short_passwords_are_masked_only_in_urls(tmp_path: Path) -> None:
+    from shardsession.cli._common import Redactor
+
+    redactor = Redactor()
+    redactor.add(["p", SECRET])
+    text = redactor(f"OperationalError at mysql://app:p@h/x?password=p and {SECRET}")
+    assert text == "OperationalError at mysql://app:***@h/x?password=*** and ***", text
