@@ -1,5 +1,6 @@
 """The recovery worker's small HTTP endpoint: ``/metrics`` (Prometheus text format) and
-``/healthz`` (200 while recovery passes run and complete, 503 otherwise), on a stdlib
+``/healthz`` (200 while recovery passes run and complete without errors, 503
+otherwise), on a stdlib
 threading server in a daemon thread."""
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def parse_listen(text: str) -> tuple[str, int]:
 class WorkerEndpoint:
     """Serves the metrics of ``registry`` and the worker's health.
 
-    Healthy: the last pass completed (it may have left branches in doubt: that is in the
-    metrics and the report, not a reason to restart the worker) no longer ago than
-    ``stale_after`` seconds.
+    Healthy: the last pass completed without errors no longer ago than ``stale_after``
+    seconds. Branches deliberately left in doubt (within the grace period) do not make
+    a worker unhealthy; a pass that raised, or that reported errors (a shard it could not
+    reach or list, a branch it could not finish, a decision it could not read or
+    delete), does: such a worker is not doing its job.
     """
 
     def __init__(self, host: str, port: int, registry: Any, stale_after: float) -> None:
@@ -46,6 +49,7 @@ class WorkerEndpoint:
         self.started = time.time()
         self.last_pass: float | None = None
         self.last_ok = False
+        self.last_errors = 0
         self.last_resolved: bool | None = None
         endpoint = self
 
@@ -78,16 +82,19 @@ class WorkerEndpoint:
                                         name="shardsession-http", daemon=True)
         self._thread.start()
 
-    def record_pass(self, ok: bool, resolved: bool | None) -> None:
+    def record_pass(self, ok: bool, resolved: bool | None, errors: int = 0) -> None:
+        """Note a pass: ``ok`` it completed, with ``errors`` errors reported."""
         self.last_pass, self.last_ok, self.last_resolved = time.time(), ok, resolved
+        self.last_errors = errors
 
     def health(self) -> tuple[int, dict[str, Any]]:
         now = time.time()
         age = None if self.last_pass is None else now - self.last_pass
-        healthy = self.last_ok and age is not None and age <= self.stale_after
+        healthy = (self.last_ok and self.last_errors == 0 and age is not None
+                   and age <= self.stale_after)
         return (200 if healthy else 503), {
             "healthy": healthy, "last_pass_age": age, "last_pass_completed": self.last_ok,
-            "resolved": self.last_resolved,
+            "last_pass_errors": self.last_errors, "resolved": self.last_resolved,
         }
 
     def close(self) -> None:

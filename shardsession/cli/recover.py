@@ -166,7 +166,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
                     _print_report(report, prefix)
                 code = EXIT_OK if report.resolved else EXIT_PROBLEM
                 if endpoint is not None:
-                    endpoint.record_pass(True, report.resolved)
+                    endpoint.record_pass(True, report.resolved, len(report.errors))
             if metrics is not None:
                 _set_in_doubt(metrics, engines)
             if not args.watch or stop.wait(args.interval):
