@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+from sqlalchemy import event
+
 from ..config import Cluster, mask_url_text, url_secrets
 from ..exc import ConfigurationError
 
@@ -30,6 +32,7 @@ __all__ = [
     "positive_float",
     "redactor",
     "say",
+    "set_driver_timeouts",
     "timestamp",
 ]
 
@@ -99,7 +102,43 @@ def load_cluster(path: str) -> Cluster:
     """
     cluster = Cluster.from_toml(path, env=os.environ, pool_pre_ping=True)
     redactor.add(s for engine in cluster.engines.values() for s in url_secrets(engine.url))
+    set_driver_timeouts(cluster)
     return cluster
+
+
+#: seconds to establish a connection (every command) and to wait for one answer of the
+#: server (``status`` and ``recover`` only: a migration's DDL may rightly take longer)
+CONNECT_TIMEOUT = 10
+READ_TIMEOUT = 60
+
+
+def set_driver_timeouts(cluster: Cluster, *, read: bool = False) -> None:
+    """Default network timeouts on every shard engine whose driver takes them, so that a
+    server that accepts connections but never answers cannot stall a command forever.
+    A value the shard's URL or ``connect_args`` already gives wins.
+
+    psycopg2 / psycopg: ``connect_timeout`` (libpq has no read timeout: a server that
+    stops answering after the connection is made is not bounded). PyMySQL and mysqlclient:
+    ``connect_timeout``, and with ``read`` also ``read_timeout`` and ``write_timeout``.
+    SQLite and the async drivers: nothing."""
+    for engine in cluster.engines.values():
+        driver = engine.dialect.driver
+        defaults: dict[str, int] = {}
+        if driver in ("psycopg2", "psycopg"):
+            defaults = {"connect_timeout": CONNECT_TIMEOUT}
+        elif driver in ("pymysql", "mysqldb"):
+            defaults = {"connect_timeout": CONNECT_TIMEOUT}
+            if read:
+                defaults |= {"read_timeout": READ_TIMEOUT, "write_timeout": READ_TIMEOUT}
+        if not defaults:
+            continue
+
+        def _defaults(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any],
+                      defaults: dict[str, int] = defaults) -> None:
+            for key, value in defaults.items():
+                cparams.setdefault(key, value)
+
+        event.listen(engine, "do_connect", _defaults)
 
 
 #: passwords shorter than this are masked only where they stand in a URL (a plain text

@@ -28,6 +28,7 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -64,6 +65,14 @@ def load_cluster(path: str) -> Cluster:
     :raises ConfigurationError: the file is unreadable or not a valid cluster config.
     """
     return _common.load_cluster(path)
+
+
+def _load_worker_cluster(path: str) -> Cluster:
+    """:func:`load_cluster` with read timeouts too (see
+    :func:`shardsession.cli._common.set_driver_timeouts`)."""
+    cluster = load_cluster(path)
+    _common.set_driver_timeouts(cluster, read=True)
+    return cluster
 
 
 def report_dict(report: RecoveryReport) -> dict[str, Any]:
@@ -122,7 +131,7 @@ def _config_error(command: str, error: ConfigurationError) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """One recovery pass, or a worker loop with ``--watch`` (stops on SIGTERM/SIGINT)."""
     try:
-        cluster = load_cluster(config_path(args))
+        cluster = _load_worker_cluster(config_path(args))
     except ConfigurationError as e:
         return _config_error("recover", e)
     engines = cluster.engines
@@ -147,8 +156,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
         while True:
             prefix = f"{timestamp()} " if args.watch else ""
             try:
-                report = recover(engines, grace_period=grace, claim_legacy=args.claim_legacy,
-                                 adopt_previous=args.adopt_previous_identity)
+                report = _one_pass(stop, lambda: recover(
+                    engines, grace_period=grace, claim_legacy=args.claim_legacy,
+                    adopt_previous=args.adopt_previous_identity))
+            except _Abandoned:
+                say(f"{prefix}stopped: the current pass did not end within {STOP_WAIT:g} s "
+                    "of the signal (a shard not answering); left it unfinished", err=True)
+                code = EXIT_PROBLEM
+                break
             except Exception as e:  # keep the worker alive across transient failures
                 log.exception("recovery pass failed")
                 if args.json:
@@ -176,6 +191,45 @@ def cmd_recover(args: argparse.Namespace) -> int:
             endpoint.close()
         cluster.dispose()
     return code
+
+
+#: seconds a signalled worker waits for its current pass before it leaves the pass
+STOP_WAIT = 5.0
+
+
+class _Abandoned(Exception):
+    """The worker was signalled and its pass did not end in time."""
+
+
+def _one_pass(stop: threading.Event, run: Callable[[], RecoveryReport]) -> RecoveryReport:
+    """``run()`` in a daemon thread, waited for in a way a signal interrupts: a pass
+    stalled in a driver call (a shard that never answers) cannot keep a signalled worker
+    alive. Leaving a pass unfinished is safe: every step of recovery is decided by a
+    durable row and repeated by the next pass.
+
+    :raises _Abandoned: ``stop`` was set and the pass did not end within
+        :data:`STOP_WAIT` seconds.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["report"] = run()
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="shardsession-recovery-pass", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop.is_set() and thread.is_alive():
+            thread.join(STOP_WAIT)
+            if thread.is_alive():
+                raise _Abandoned
+    if "error" in box:
+        raise box["error"]
+    report: RecoveryReport = box["report"]
+    return report
 
 
 def _serve(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -217,7 +271,7 @@ def _set_in_doubt(metrics: Any, engines: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print in-doubt branches of ours per shard with their age."""
     try:
-        cluster = load_cluster(config_path(args))
+        cluster = _load_worker_cluster(config_path(args))
     except ConfigurationError as e:
         return _config_error("status", e)
     engines = cluster.engines
