@@ -24,6 +24,7 @@ The TOML format, kept simple at its core::
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -194,8 +195,15 @@ class Cluster:
             raise ConfigurationError(
                 f"tenant_directory {tenant_directory!r} is not one of the shards")
         self.tenant_directory = tenant_directory
-        if recovery_grace < 0:
-            raise ConfigurationError("recovery_grace must be >= 0")
+        if (
+            isinstance(recovery_grace, bool)
+            or not isinstance(recovery_grace, (int, float))
+            or not math.isfinite(recovery_grace)
+            or recovery_grace < 0
+        ):
+            raise ConfigurationError(
+                f"recovery_grace must be a finite number of seconds >= 0, not {recovery_grace!r}"
+            )
         try:  # an xid names its decider by shard id: two ids must never name one
             check_shard_ids(shards)
         except ValueError as e:
@@ -234,6 +242,11 @@ class Cluster:
                 self._engines[name] = by_url[key] = create_engine(url, **kw)
             except TypeError as e:  # SQLAlchemy's answer to an unknown keyword
                 found = re.search(r"Invalid argument\(s\) (.+?) sent", str(e))
+                if found is None:  # a known keyword with a value of the wrong type
+                    raise ConfigurationError(
+                        f"shard {name!r}: a create_engine() option has a value of the wrong "
+                        f"type ({sorted(kw)}): {mask_url_text(str(e))}"
+                    ) from e
                 raise ConfigurationError(
                     f"shard {name!r}: unknown key(s) {found.group(1) if found else ''} "
                     f"(not create_engine() options): {e}"

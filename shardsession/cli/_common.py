@@ -27,6 +27,7 @@ __all__ = [
     "add_config_argument",
     "config_path",
     "emit_json",
+    "interval_float",
     "load_cluster",
     "non_negative_float",
     "positive_float",
@@ -50,6 +51,19 @@ def positive_float(text: str) -> float:
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+#: the shortest ``--interval`` a worker accepts (less would only busy-loop)
+MIN_INTERVAL = 0.05
+
+
+def interval_float(text: str) -> float:
+    """argparse type: a worker's interval, at least :data:`MIN_INTERVAL` seconds."""
+    value = _float(text)
+    if not value >= MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds >= {MIN_INTERVAL:g}, not {text!r}")
     return value
 
 

@@ -45,7 +45,6 @@ from ._common import (
     config_path,
     emit_json,
     non_negative_float,
-    positive_float,
     say,
     timestamp,
 )
@@ -336,7 +335,7 @@ def add_arguments(subparsers: Any) -> None:
     p = subparsers.add_parser("recover", help="finish in-doubt two-phase transactions")
     add_config_argument(p)
     p.add_argument("--watch", action="store_true", help="run as a worker until SIGTERM")
-    p.add_argument("--interval", type=positive_float, default=30.0, metavar="SECONDS",
+    p.add_argument("--interval", type=_common.interval_float, default=30.0, metavar="SECONDS",
                    help="seconds between passes with --watch (default 30, must be > 0)")
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="SECONDS",
                    help="seconds before an undecided prepared branch is claimed aborted "

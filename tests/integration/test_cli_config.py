@@ -55,6 +55,8 @@ def test_version() -> None:
         (("recover", "--interval", "nan"), "--interval: not a finite number"),
         (("recover", "--grace", "-1"), "--grace: must be a number of seconds >= 0"),
         (("recover", "--grace", "soon"), "--grace: not a number"),
+        (("recover", "--watch", "--interval", "1e-9"), "--interval: must be a number of "
+         "seconds >= 0.05"),
     ],
 )
 def test_bad_interval_and_grace_are_refused(tmp_path: Path, args: tuple[str, ...],
@@ -266,3 +268,23 @@ def test_short_passwords_are_masked_only_in_urls(tmp_path: Path) -> None:
     redactor.add(["p", SECRET])
     text = redactor(f"OperationalError at mysql://app:p@h/x?password=p and {SECRET}")
     assert text == "OperationalError at mysql://app:***@h/x?password=*** and ***", text
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("[cluster]\nrecovery_grace = nan\n", "recovery_grace must be a finite number"),
+        ("[cluster]\nrecovery_grace = inf\n", "recovery_grace must be a finite number"),
+        ("[cluster]\nrecovery_grace = true\n", "recovery_grace must be a finite number"),
+        ('[cluster]\nrecovery_grace = "60"\n', "recovery_grace must be a finite number"),
+        ('[shards.c]\nurl = "sqlite:///c.db"\npool_size = "abc"\n',
+         "a create_engine() option has a value of the wrong type"),
+    ],
+)
+def test_bad_config_numbers_are_refused_in_one_line(tmp_path: Path, setting: str,
+                                                    message: str) -> None:
+    config = sqlite_config(tmp_path)
+    config.write_text(config.read_text() + setting)
+    proc = run("status", "--config", str(config))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
