@@ -6,6 +6,7 @@ threading server in a daemon thread."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ConfigurationError(f"--listen: port {port} is out of range")
     return host.strip("[]"), port
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    """The endpoint on an IPv6 address (``--listen [::1]:9464``)."""
+
+    address_family = socket.AF_INET6
 
 
 class WorkerEndpoint:
@@ -75,7 +82,8 @@ class WorkerEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scrapes every few seconds: not worth a line each
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        self.server = server_class((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever,

@@ -267,3 +267,30 @@ def test_healthz_is_503_while_a_shard_cannot_be_reached(tmp_path: Path) -> None:
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=30)
+
+
+def test_listen_on_an_ipv6_address(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", {"a": f"sqlite:///{tmp_path / 'a.db'}"})
+    port = servers.free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "shardsession", "recover", "--config", str(config), "--watch",
+         "--interval", "0.5", "--listen", f"[::1]:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        code = 0
+        while time.monotonic() < deadline and worker.poll() is None:
+            try:
+                code, _body = _get(f"http://[::1]:{port}/healthz")
+            except OSError:
+                code = 0
+            if code == 200:
+                break
+            time.sleep(0.3)
+        assert code == 200, worker.poll()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
