@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_PROBLEM",
     "Redactor",
     "add_config_argument",
+    "config_error",
     "config_path",
     "emit_json",
     "interval_float",
@@ -199,6 +200,15 @@ redactor = Redactor()
 def say(text: str = "", *, err: bool = False) -> None:
     """Print a line, passwords masked."""
     print(redactor(text), file=sys.stderr if err else sys.stdout)
+
+
+def config_error(args: argparse.Namespace, command: str, message: object) -> int:
+    """Report a configuration or usage error: one line on stderr and, with ``--json``,
+    also ``{"ok": false, "error": ...}`` on stdout; returns :data:`EXIT_CONFIG`."""
+    say(f"shardsession {command}: {message}", err=True)
+    if getattr(args, "json", False):
+        emit_json({"ok": False, "error": str(message), "exit": EXIT_CONFIG})
+    return EXIT_CONFIG
 
 
 def emit_json(obj: Any) -> None:

@@ -29,10 +29,10 @@ from typing import Any
 
 from ..exc import ConfigurationError
 from ._common import (
-    EXIT_CONFIG,
     EXIT_OK,
     EXIT_PROBLEM,
     add_config_argument,
+    config_error,
     config_path,
     emit_json,
     load_cluster,
@@ -145,16 +145,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         cfg = _alembic_config(args)
         target_heads = _script_heads(cfg)
     except ConfigurationError as e:
-        say(f"shardsession migrate: {e}", err=True)
-        return EXIT_CONFIG
+        return config_error(args, "migrate", e)
     except Exception as e:  # a broken script directory
-        say(f"shardsession migrate: cannot read the Alembic scripts: {e}", err=True)
-        return EXIT_CONFIG
+        return config_error(args, "migrate", f"cannot read the Alembic scripts: {e}")
     action = args.action
     revision = args.revision or ("head" if action in ("upgrade", "stamp") else None)
     if action == "downgrade" and revision is None:
-        say("shardsession migrate downgrade: give the revision to go down to", err=True)
-        return EXIT_CONFIG
+        cluster.dispose()
+        return config_error(args, "migrate downgrade", "give the revision to go down to")
     results = [ShardMigration(name) for name in cluster.shard_ids]
     stopped = False
     try:

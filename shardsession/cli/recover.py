@@ -38,7 +38,6 @@ from ..coordinator.setup import shard_health
 from ..exc import ConfigurationError
 from . import _common
 from ._common import (
-    EXIT_CONFIG,
     EXIT_OK,
     EXIT_PROBLEM,
     add_config_argument,
@@ -122,9 +121,8 @@ def _print_report(report: RecoveryReport, prefix: str = "") -> None:
         say(f"{prefix}  error: {err}")
 
 
-def _config_error(command: str, error: ConfigurationError) -> int:
-    say(f"shardsession {command}: {error}", err=True)
-    return EXIT_CONFIG
+def _config_error(args: argparse.Namespace, command: str, error: ConfigurationError) -> int:
+    return _common.config_error(args, command, error)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -132,7 +130,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     try:
         cluster = _load_worker_cluster(config_path(args))
     except ConfigurationError as e:
-        return _config_error("recover", e)
+        return _config_error(args, "recover", e)
     engines = cluster.engines
     grace = args.grace if args.grace is not None else cluster.recovery_grace
     stop = threading.Event()
@@ -142,7 +140,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             endpoint, metrics = _serve(args)
         except ConfigurationError as e:
             cluster.dispose()
-            return _config_error("recover", e)
+            return _config_error(args, "recover", e)
     if args.watch:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("signal %d: stopping after the current pass", signum)
@@ -272,7 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         cluster = _load_worker_cluster(config_path(args))
     except ConfigurationError as e:
-        return _config_error("status", e)
+        return _config_error(args, "status", e)
     engines = cluster.engines
     listing_error: str | None = None
     try:

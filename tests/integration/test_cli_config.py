@@ -288,3 +288,12 @@ def test_bad_config_numbers_are_refused_in_one_line(tmp_path: Path, setting: str
     proc = run("status", "--config", str(config))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_json_config_errors_are_json(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    for args in (("status",), ("recover",), ("create-all",), ("migrate", "current")):
+        proc = run(*args, "--config", str(missing), "--json", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        doc = json.loads(proc.stdout)
+        assert doc["ok"] is False and "missing.toml" in doc["error"], (args, doc)
