@@ -124,15 +124,17 @@ def _resolve_sqlite_path(url: str, base: Path) -> str:
     except Exception:
         return url  # reported by Cluster with its reason
     database = parsed.database
-    if (
-        parsed.get_backend_name() != "sqlite"
-        or not database
-        or database == ":memory:"
-        or database.startswith("file:")
-        or Path(database).is_absolute()
-    ):
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return url
-    resolved = parsed.set(database=str((base / database).resolve()))
+    prefix = ""
+    if database.startswith("file:"):  # a URI filename (``?uri=true``): file:PATH
+        prefix, database = "file:", database[len("file:"):]
+        if (not database or database.startswith("/") or database.startswith(":memory:")
+                or parsed.query.get("mode") == "memory"):
+            return url
+    if Path(database).is_absolute():
+        return url
+    resolved = parsed.set(database=prefix + str((base / database).resolve()))
     return resolved.render_as_string(hide_password=False)
 
 

@@ -297,3 +297,15 @@ def test_json_config_errors_are_json(tmp_path: Path) -> None:
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         doc = json.loads(proc.stdout)
         assert doc["ok"] is False and "missing.toml" in doc["error"], (args, doc)
+
+
+def test_relative_sqlite_uri_filenames_resolve_against_the_config_folder(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    config = folder / "cluster.toml"
+    config.write_text('[shards.e]\nurl = "sqlite:///file:e.db?uri=true"\n')
+    proc = run("create-all", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (folder / "e.db").exists() and not (tmp_path / "e.db").exists()
