@@ -309,3 +309,18 @@ def test_relative_sqlite_uri_filenames_resolve_against_the_config_folder(
     proc = run("create-all", "--config", str(config), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (folder / "e.db").exists() and not (tmp_path / "e.db").exists()
+
+
+def test_demo_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    one = sqlite_config(tmp_path / "one", ("a",))
+    two_files = sqlite_config(tmp_path / "two", ("a", "b"))  # no atomic commit over them
+    for args, code, message in (
+        (("--dir", str(afile)), 2, "--dir"),
+        (("--config", str(one)), 2, "at least two shards"),
+        (("--config", str(two_files)), 1, "stopped:"),
+    ):
+        proc = run("demo", *args, cwd=tmp_path)
+        assert proc.returncode == code, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
