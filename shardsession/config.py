@@ -24,6 +24,7 @@ The TOML format, kept simple at its core::
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -58,6 +59,12 @@ _CLUSTER_KEYS = {"atomic", "decider", "recovery_grace", "tenant_directory"}
 #: ``user:password@`` in text that does not parse as a URL
 _USERINFO = re.compile(r"(//[^:/@\s]*):[^@\s]*@")
 
+#: query parameters that carry a password (libpq, psycopg and PyMySQL accept them)
+_SECRET_PARAMS = frozenset({"password", "passwd"})
+
+#: ``?password=...`` / ``&passwd=...`` in text
+_SECRET_QUERY = re.compile(r"([?&](?:password|passwd)=)[^&\s'\"]*", re.IGNORECASE)
+
 #: the extra of ours that installs a driver module
 _EXTRAS = {
     "psycopg2": "postgresql",
@@ -69,13 +76,32 @@ _EXTRAS = {
 }
 
 
+def mask_url_text(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``: the
+    ``user:password@`` part and ``password=`` / ``passwd=`` query parameters (structural:
+    other text is left alone, however short the password)."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+
+
+def url_secrets(url: URL) -> list[str]:
+    """The passwords a URL carries: its password field and its password query
+    parameters."""
+    found = [] if url.password is None else [str(url.password)]
+    for key, value in url.query.items():
+        if key.lower() in _SECRET_PARAMS:
+            found.extend([value] if isinstance(value, str) else list(value))
+    return found
+
+
 def masked_url(url: str | URL) -> str:
-    """A URL as text with its password hidden (for logs, errors and ``repr``); text that
-    is not a URL is shown with anything in the place of a password replaced by ``***``."""
+    """A URL as text with its passwords hidden (for logs, errors and ``repr``): the
+    password field and the ``password`` / ``passwd`` query parameters. Text that is not
+    a URL is shown with anything in the place of a password replaced by ``***``."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:
-        return _USERINFO.sub(r"\1:***@", str(url))
+        return mask_url_text(str(url))
+    return mask_url_text(parsed.render_as_string(hide_password=True))
 
 
 def _driver_hint(url: URL, error: BaseException) -> str:
@@ -98,15 +124,17 @@ def _resolve_sqlite_path(url: str, base: Path) -> str:
     except Exception:
         return url  # reported by Cluster with its reason
     database = parsed.database
-    if (
-        parsed.get_backend_name() != "sqlite"
-        or not database
-        or database == ":memory:"
-        or database.startswith("file:")
-        or Path(database).is_absolute()
-    ):
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return url
-    resolved = parsed.set(database=str((base / database).resolve()))
+    prefix = ""
+    if database.startswith("file:"):  # a URI filename (``?uri=true``): file:PATH
+        prefix, database = "file:", database[len("file:"):]
+        if (not database or database.startswith("/") or database.startswith(":memory:")
+                or parsed.query.get("mode") == "memory"):
+            return url
+    if Path(database).is_absolute():
+        return url
+    resolved = parsed.set(database=prefix + str((base / database).resolve()))
     return resolved.render_as_string(hide_password=False)
 
 
@@ -169,8 +197,15 @@ class Cluster:
             raise ConfigurationError(
                 f"tenant_directory {tenant_directory!r} is not one of the shards")
         self.tenant_directory = tenant_directory
-        if recovery_grace < 0:
-            raise ConfigurationError("recovery_grace must be >= 0")
+        if (
+            isinstance(recovery_grace, bool)
+            or not isinstance(recovery_grace, (int, float))
+            or not math.isfinite(recovery_grace)
+            or recovery_grace < 0
+        ):
+            raise ConfigurationError(
+                f"recovery_grace must be a finite number of seconds >= 0, not {recovery_grace!r}"
+            )
         try:  # an xid names its decider by shard id: two ids must never name one
             check_shard_ids(shards)
         except ValueError as e:
@@ -209,6 +244,11 @@ class Cluster:
                 self._engines[name] = by_url[key] = create_engine(url, **kw)
             except TypeError as e:  # SQLAlchemy's answer to an unknown keyword
                 found = re.search(r"Invalid argument\(s\) (.+?) sent", str(e))
+                if found is None:  # a known keyword with a value of the wrong type
+                    raise ConfigurationError(
+                        f"shard {name!r}: a create_engine() option has a value of the wrong "
+                        f"type ({sorted(kw)}): {mask_url_text(str(e))}"
+                    ) from e
                 raise ConfigurationError(
                     f"shard {name!r}: unknown key(s) {found.group(1) if found else ''} "
                     f"(not create_engine() options): {e}"
@@ -216,7 +256,7 @@ class Cluster:
             except Exception as e:
                 raise ConfigurationError(
                     f"shard {name!r}: cannot create an engine for {masked_url(url)}: "
-                    f"{type(e).__name__}: {e}{_driver_hint(url, e)}"
+                    f"{type(e).__name__}: {mask_url_text(str(e))}{_driver_hint(url, e)}"
                 ) from e
             if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
                 event.listen(self._engines[name], "first_connect", _sqlite_identity)

@@ -21,9 +21,11 @@ This module needs the ``alembic`` extra (``pip install 'shardsession[alembic]'``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.pool import NullPool
 
 from .backends.base import CLUSTER_TABLE, DECISION_TABLE
@@ -59,6 +61,36 @@ def current_shard(context: Any) -> str | None:
     return None if shard is None else str(shard)
 
 
+@contextmanager
+def transactional_sqlite_ddl(connection: Connection) -> Iterator[None]:
+    """Make the transactions begun on ``connection`` inside this block real ones on a
+    pysqlite connection (SQLite's DDL is transactional, but pysqlite's default mode
+    commits before DDL and begins only before DML). The pysqlite recipe of SQLAlchemy's
+    documentation: the driver's own transaction handling off (``isolation_level =
+    None``) and an explicit ``BEGIN`` at each SQLAlchemy begin. Any other connection, or
+    one already in a transaction, is left as it is."""
+    if (
+        connection.dialect.name != "sqlite"
+        or connection.dialect.driver != "pysqlite"
+        or connection.in_transaction()
+    ):
+        yield
+        return
+    dbapi_connection: Any = connection.connection.driver_connection
+    previous = dbapi_connection.isolation_level
+
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    dbapi_connection.isolation_level = None
+    event.listen(connection, "begin", _begin)
+    try:
+        yield
+    finally:
+        event.remove(connection, "begin", _begin)
+        dbapi_connection.isolation_level = previous
+
+
 def run_migrations(context: Any, target_metadata: Any, **configure: Any) -> None:
     """The body of an ``env.py``: configure Alembic for one shard and run its migrations.
 
@@ -72,8 +104,10 @@ def run_migrations(context: Any, target_metadata: Any, **configure: Any) -> None
     there.
 
     Failure semantics: an exception in a migration propagates; on PostgreSQL and SQLite
-    that migration's DDL is rolled back, on MySQL/MariaDB (no transactional DDL) what it
-    executed before the failure stays.
+    that migration's DDL is rolled back (on a pysqlite shard through
+    :func:`transactional_sqlite_ddl`, as pysqlite would otherwise commit before each DDL
+    statement), on MySQL/MariaDB (no transactional DDL) what it executed before the
+    failure stays.
     """
     user_filter = configure.pop("include_object", None)
 
@@ -96,7 +130,7 @@ def run_migrations(context: Any, target_metadata: Any, **configure: Any) -> None
     if connection is not None:
         context.configure(connection=connection, target_metadata=target_metadata,
                           include_object=_include, **configure)
-        with context.begin_transaction():
+        with transactional_sqlite_ddl(connection), context.begin_transaction():
             context.run_migrations()
         return
     engine = create_engine(context.config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
@@ -104,7 +138,7 @@ def run_migrations(context: Any, target_metadata: Any, **configure: Any) -> None
         with engine.connect() as conn:
             context.configure(connection=conn, target_metadata=target_metadata,
                               include_object=_include, **configure)
-            with context.begin_transaction():
+            with transactional_sqlite_ddl(conn), context.begin_transaction():
                 context.run_migrations()
     finally:
         engine.dispose()

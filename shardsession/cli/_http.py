@@ -1,10 +1,12 @@
 """The recovery worker's small HTTP endpoint: ``/metrics`` (Prometheus text format) and
-``/healthz`` (200 while recovery passes run and complete, 503 otherwise), on a stdlib
+``/healthz`` (200 while recovery passes run and complete without errors, 503
+otherwise), on a stdlib
 threading server in a daemon thread."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,12 +34,20 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    """The endpoint on an IPv6 address (``--listen [::1]:9464``)."""
+
+    address_family = socket.AF_INET6
+
+
 class WorkerEndpoint:
     """Serves the metrics of ``registry`` and the worker's health.
 
-    Healthy: the last pass completed (it may have left branches in doubt: that is in the
-    metrics and the report, not a reason to restart the worker) no longer ago than
-    ``stale_after`` seconds.
+    Healthy: the last pass completed without errors no longer ago than ``stale_after``
+    seconds. Branches deliberately left in doubt (within the grace period) do not make
+    a worker unhealthy; a pass that raised, or that reported errors (a shard it could not
+    reach or list, a branch it could not finish, a decision it could not read or
+    delete), does: such a worker is not doing its job.
     """
 
     def __init__(self, host: str, port: int, registry: Any, stale_after: float) -> None:
@@ -46,6 +56,7 @@ class WorkerEndpoint:
         self.started = time.time()
         self.last_pass: float | None = None
         self.last_ok = False
+        self.last_errors = 0
         self.last_resolved: bool | None = None
         endpoint = self
 
@@ -71,23 +82,27 @@ class WorkerEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # scrapes every few seconds: not worth a line each
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        self.server = server_class((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever,
                                         name="shardsession-http", daemon=True)
         self._thread.start()
 
-    def record_pass(self, ok: bool, resolved: bool | None) -> None:
+    def record_pass(self, ok: bool, resolved: bool | None, errors: int = 0) -> None:
+        """Note a pass: ``ok`` it completed, with ``errors`` errors reported."""
         self.last_pass, self.last_ok, self.last_resolved = time.time(), ok, resolved
+        self.last_errors = errors
 
     def health(self) -> tuple[int, dict[str, Any]]:
         now = time.time()
         age = None if self.last_pass is None else now - self.last_pass
-        healthy = self.last_ok and age is not None and age <= self.stale_after
+        healthy = (self.last_ok and self.last_errors == 0 and age is not None
+                   and age <= self.stale_after)
         return (200 if healthy else 503), {
             "healthy": healthy, "last_pass_age": age, "last_pass_completed": self.last_ok,
-            "resolved": self.last_resolved,
+            "last_pass_errors": self.last_errors, "resolved": self.last_resolved,
         }
 
     def close(self) -> None:

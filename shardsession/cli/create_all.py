@@ -22,10 +22,10 @@ from sqlalchemy import MetaData
 from ..coordinator.setup import prepare_shards
 from ..exc import ConfigurationError
 from ._common import (
-    EXIT_CONFIG,
     EXIT_OK,
     EXIT_PROBLEM,
     add_config_argument,
+    config_error,
     config_path,
     emit_json,
     say,
@@ -68,8 +68,7 @@ def cmd_create_all(args: argparse.Namespace) -> int:
         cluster = load_cluster(config_path(args))
         metadata = load_metadata(args.metadata) if args.metadata else None
     except ConfigurationError as e:
-        say(f"shardsession create-all: {e}", err=True)
-        return EXIT_CONFIG
+        return config_error(args, "create-all", e)
     engines = cluster.engines
     code = EXIT_OK
     identities: dict[str, str | None] = {}

@@ -98,10 +98,23 @@ def _cmd(args: argparse.Namespace) -> int:
         except ConfigurationError as e:
             say(f"shardsession demo: {e}", err=True)
             return 2
-        return run_demo(None, cluster=cluster, config=args.config)
+        if len(cluster.shard_ids) < 2:
+            cluster.dispose()
+            say("shardsession demo: --config needs a cluster of at least two shards "
+                f"(this one has {len(cluster.shard_ids)})", err=True)
+            return 2
+        try:
+            return run_demo(None, cluster=cluster, config=args.config)
+        except Exception as e:  # a shard unreachable, or shards that cannot commit atomically
+            say(f"shardsession demo: stopped: {type(e).__name__}: {e}", err=True)
+            return 1
     folder = args.dir if args.dir is not None else Path(
         tempfile.mkdtemp(prefix="shardsession-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        say(f"shardsession demo: --dir {folder}: {e.strerror or e}", err=True)
+        return 2
     return run_demo(folder)
 
 

@@ -1,4 +1,4 @@
-"""``shardsession migrate {upgrade,downgrade,current,check}``: one Alembic revision on
+"""``shardsession migrate {upgrade,downgrade,current,check,stamp}``: one Alembic revision on
 every shard, with a per-shard report.
 
 The Alembic project is the usual one (``alembic.ini`` naming ``script_location``, or
@@ -6,7 +6,7 @@ The Alembic project is the usual one (``alembic.ini`` naming ``script_location``
 :func:`shardsession.migrations.run_migrations`, which takes each shard's connection from
 the command. Shards are migrated one after another in configuration order (Alembic's
 ``context`` is process-global, so two shards cannot run their ``env.py`` in one process at
-once); ``upgrade``/``downgrade`` stop at the first shard that fails unless
+once); ``upgrade``/``downgrade``/``stamp`` stop at the first shard that fails unless
 ``--keep-going``. Every shard keeps its own ``alembic_version``: after a failure the
 report says which shard is at which revision, and running the same command again resumes
 every shard from where it is.
@@ -29,10 +29,10 @@ from typing import Any
 
 from ..exc import ConfigurationError
 from ._common import (
-    EXIT_CONFIG,
     EXIT_OK,
     EXIT_PROBLEM,
     add_config_argument,
+    config_error,
     config_path,
     emit_json,
     load_cluster,
@@ -110,6 +110,8 @@ def _run_on_shard(cfg: Any, name: str, engine: Any, action: str, revision: str,
                 command.upgrade(cfg, revision)
             elif action == "downgrade":
                 command.downgrade(cfg, revision)
+            elif action == "stamp":
+                command.stamp(cfg, revision)
             elif action == "check":
                 try:
                     command.check(cfg)
@@ -143,16 +145,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         cfg = _alembic_config(args)
         target_heads = _script_heads(cfg)
     except ConfigurationError as e:
-        say(f"shardsession migrate: {e}", err=True)
-        return EXIT_CONFIG
+        return config_error(args, "migrate", e)
     except Exception as e:  # a broken script directory
-        say(f"shardsession migrate: cannot read the Alembic scripts: {e}", err=True)
-        return EXIT_CONFIG
+        return config_error(args, "migrate", f"cannot read the Alembic scripts: {e}")
     action = args.action
-    revision = args.revision or ("head" if action == "upgrade" else None)
+    revision = args.revision or ("head" if action in ("upgrade", "stamp") else None)
     if action == "downgrade" and revision is None:
-        say("shardsession migrate downgrade: give the revision to go down to", err=True)
-        return EXIT_CONFIG
+        cluster.dispose()
+        return config_error(args, "migrate downgrade", "give the revision to go down to")
     results = [ShardMigration(name) for name in cluster.shard_ids]
     stopped = False
     try:
@@ -165,7 +165,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 except Exception as e:
                     result.error = f"{type(e).__name__}: {e}"
                 continue
-            if not args.json and action in ("upgrade", "downgrade"):
+            if not args.json and action in ("upgrade", "downgrade", "stamp"):
                 say(f"{result.shard}: {action} to {revision} ...")
             try:
                 _run_on_shard(cfg, result.shard, cluster.engines[result.shard], action,
@@ -173,7 +173,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             except Exception as e:  # the shard could not be reached
                 result.status = "failed"
                 result.error = f"{type(e).__name__}: {e}"
-            if result.status == "failed" and action in ("upgrade", "downgrade") \
+            if result.status == "failed" and action in ("upgrade", "downgrade", "stamp") \
                     and not args.keep_going:
                 stopped = True
             if not args.json:
@@ -227,15 +227,16 @@ def add_arguments(subparsers: Any) -> None:
     """Register ``migrate`` on the CLI's subparsers."""
     p = subparsers.add_parser(
         "migrate", help="run one Alembic revision on every shard (upgrade, downgrade, "
-        "current, check)")
-    p.add_argument("action", choices=("upgrade", "downgrade", "current", "check"))
+        "current, check, stamp)")
+    p.add_argument("action", choices=("upgrade", "downgrade", "current", "check", "stamp"))
     p.add_argument("revision", nargs="?", default=None,
-                   help="target revision (upgrade: default head; downgrade: required)")
+                   help="target revision (upgrade, stamp: default head; downgrade: "
+                   "required)")
     add_config_argument(p)
     p.add_argument("--alembic-ini", default="alembic.ini", metavar="FILE",
                    help="the Alembic project's ini file (default ./alembic.ini)")
     p.add_argument("--script-location", default=None, metavar="DIR",
                    help="the Alembic scripts folder (instead of --alembic-ini)")
     p.add_argument("--keep-going", action="store_true",
-                   help="upgrade/downgrade the other shards after one failed")
+                   help="upgrade/downgrade/stamp the other shards after one failed")
     p.set_defaults(func=cmd_migrate)

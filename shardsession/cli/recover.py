@@ -28,6 +28,7 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -37,14 +38,12 @@ from ..coordinator.setup import shard_health
 from ..exc import ConfigurationError
 from . import _common
 from ._common import (
-    EXIT_CONFIG,
     EXIT_OK,
     EXIT_PROBLEM,
     add_config_argument,
     config_path,
     emit_json,
     non_negative_float,
-    positive_float,
     say,
     timestamp,
 )
@@ -64,6 +63,14 @@ def load_cluster(path: str) -> Cluster:
     :raises ConfigurationError: the file is unreadable or not a valid cluster config.
     """
     return _common.load_cluster(path)
+
+
+def _load_worker_cluster(path: str) -> Cluster:
+    """:func:`load_cluster` with read timeouts too (see
+    :func:`shardsession.cli._common.set_driver_timeouts`)."""
+    cluster = load_cluster(path)
+    _common.set_driver_timeouts(cluster, read=True)
+    return cluster
 
 
 def report_dict(report: RecoveryReport) -> dict[str, Any]:
@@ -114,17 +121,16 @@ def _print_report(report: RecoveryReport, prefix: str = "") -> None:
         say(f"{prefix}  error: {err}")
 
 
-def _config_error(command: str, error: ConfigurationError) -> int:
-    say(f"shardsession {command}: {error}", err=True)
-    return EXIT_CONFIG
+def _config_error(args: argparse.Namespace, command: str, error: ConfigurationError) -> int:
+    return _common.config_error(args, command, error)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """One recovery pass, or a worker loop with ``--watch`` (stops on SIGTERM/SIGINT)."""
     try:
-        cluster = load_cluster(config_path(args))
+        cluster = _load_worker_cluster(config_path(args))
     except ConfigurationError as e:
-        return _config_error("recover", e)
+        return _config_error(args, "recover", e)
     engines = cluster.engines
     grace = args.grace if args.grace is not None else cluster.recovery_grace
     stop = threading.Event()
@@ -134,7 +140,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             endpoint, metrics = _serve(args)
         except ConfigurationError as e:
             cluster.dispose()
-            return _config_error("recover", e)
+            return _config_error(args, "recover", e)
     if args.watch:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("signal %d: stopping after the current pass", signum)
@@ -147,8 +153,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
         while True:
             prefix = f"{timestamp()} " if args.watch else ""
             try:
-                report = recover(engines, grace_period=grace, claim_legacy=args.claim_legacy,
-                                 adopt_previous=args.adopt_previous_identity)
+                report = _one_pass(stop, lambda: recover(
+                    engines, grace_period=grace, claim_legacy=args.claim_legacy,
+                    adopt_previous=args.adopt_previous_identity))
+            except _Abandoned:
+                say(f"{prefix}stopped: the current pass did not end within {STOP_WAIT:g} s "
+                    "of the signal (a shard not answering); left it unfinished", err=True)
+                code = EXIT_PROBLEM
+                break
             except Exception as e:  # keep the worker alive across transient failures
                 log.exception("recovery pass failed")
                 if args.json:
@@ -166,7 +178,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
                     _print_report(report, prefix)
                 code = EXIT_OK if report.resolved else EXIT_PROBLEM
                 if endpoint is not None:
-                    endpoint.record_pass(True, report.resolved)
+                    endpoint.record_pass(True, report.resolved, len(report.errors))
             if metrics is not None:
                 _set_in_doubt(metrics, engines)
             if not args.watch or stop.wait(args.interval):
@@ -176,6 +188,45 @@ def cmd_recover(args: argparse.Namespace) -> int:
             endpoint.close()
         cluster.dispose()
     return code
+
+
+#: seconds a signalled worker waits for its current pass before it leaves the pass
+STOP_WAIT = 5.0
+
+
+class _Abandoned(Exception):
+    """The worker was signalled and its pass did not end in time."""
+
+
+def _one_pass(stop: threading.Event, run: Callable[[], RecoveryReport]) -> RecoveryReport:
+    """``run()`` in a daemon thread, waited for in a way a signal interrupts: a pass
+    stalled in a driver call (a shard that never answers) cannot keep a signalled worker
+    alive. Leaving a pass unfinished is safe: every step of recovery is decided by a
+    durable row and repeated by the next pass.
+
+    :raises _Abandoned: ``stop`` was set and the pass did not end within
+        :data:`STOP_WAIT` seconds.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["report"] = run()
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="shardsession-recovery-pass", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop.is_set() and thread.is_alive():
+            thread.join(STOP_WAIT)
+            if thread.is_alive():
+                raise _Abandoned
+    if "error" in box:
+        raise box["error"]
+    report: RecoveryReport = box["report"]
+    return report
 
 
 def _serve(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -217,9 +268,9 @@ def _set_in_doubt(metrics: Any, engines: dict[str, Any]) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print in-doubt branches of ours per shard with their age."""
     try:
-        cluster = load_cluster(config_path(args))
+        cluster = _load_worker_cluster(config_path(args))
     except ConfigurationError as e:
-        return _config_error("status", e)
+        return _config_error(args, "status", e)
     engines = cluster.engines
     listing_error: str | None = None
     try:
@@ -282,7 +333,7 @@ def add_arguments(subparsers: Any) -> None:
     p = subparsers.add_parser("recover", help="finish in-doubt two-phase transactions")
     add_config_argument(p)
     p.add_argument("--watch", action="store_true", help="run as a worker until SIGTERM")
-    p.add_argument("--interval", type=positive_float, default=30.0, metavar="SECONDS",
+    p.add_argument("--interval", type=_common.interval_float, default=30.0, metavar="SECONDS",
                    help="seconds between passes with --watch (default 30, must be > 0)")
     p.add_argument("--grace", type=non_negative_float, default=None, metavar="SECONDS",
                    help="seconds before an undecided prepared branch is claimed aborted "

@@ -55,6 +55,8 @@ def test_version() -> None:
         (("recover", "--interval", "nan"), "--interval: not a finite number"),
         (("recover", "--grace", "-1"), "--grace: must be a number of seconds >= 0"),
         (("recover", "--grace", "soon"), "--grace: not a number"),
+        (("recover", "--watch", "--interval", "1e-9"), "--interval: must be a number of "
+         "seconds >= 0.05"),
     ],
 )
 def test_bad_interval_and_grace_are_refused(tmp_path: Path, args: tuple[str, ...],
@@ -227,3 +229,98 @@ def test_unknown_shard_key_is_named(tmp_path: Path) -> None:
     assert "shard 'a': unknown key(s) 'colour' (not create_engine() options)" in proc.stderr, \
         proc.stderr
     assert not (tmp_path / "a.db").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgres://app@127.0.0.1:1/s1?password={SECRET}",  # a dialect name SQLAlchemy lacks
+        f"mysql+mysqldb://app@127.0.0.1:1/s1?passwd={SECRET}",  # a driver not installed
+        f"postgresql+psycopg2//app@127.0.0.1:1/s1?password={SECRET}",  # not a URL
+    ],
+)
+def test_query_parameter_passwords_are_masked(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[shards.a]\nurl = "{url}"\n')
+    for args in (("status",), ("demo",)):
+        proc = run(*args, "--config", str(config))
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert SECRET not in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
+        assert "=***" in proc.stderr, proc.stderr
+
+
+def test_repr_of_a_cluster_masks_query_passwords() -> None:
+    from shardsession.config import Cluster
+
+    cluster = Cluster({
+        "a": f"postgresql+psycopg2://app@127.0.0.1:1/s1?password={SECRET}&sslmode=disable",
+        "b": f"mysql+pymysql://app:{SECRET}@127.0.0.1:1/s1?PASSWD={SECRET}",
+    })
+    shown = repr(cluster)
+    assert SECRET not in shown, shown
+    assert "password=***&sslmode=disable" in shown and "PASSWD=***" in shown, shown
+
+
+def test_short_passwords_are_masked_only_in_urls(tmp_path: Path) -> None:
+    from shardsession.cli._common import Redactor
+
+    redactor = Redactor()
+    redactor.add(["p", SECRET])
+    text = redactor(f"OperationalError at mysql://app:p@h/x?password=p and {SECRET}")
+    assert text == "OperationalError at mysql://app:***@h/x?password=*** and ***", text
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("[cluster]\nrecovery_grace = nan\n", "recovery_grace must be a finite number"),
+        ("[cluster]\nrecovery_grace = inf\n", "recovery_grace must be a finite number"),
+        ("[cluster]\nrecovery_grace = true\n", "recovery_grace must be a finite number"),
+        ('[cluster]\nrecovery_grace = "60"\n', "recovery_grace must be a finite number"),
+        ('[shards.c]\nurl = "sqlite:///c.db"\npool_size = "abc"\n',
+         "a create_engine() option has a value of the wrong type"),
+    ],
+)
+def test_bad_config_numbers_are_refused_in_one_line(tmp_path: Path, setting: str,
+                                                    message: str) -> None:
+    config = sqlite_config(tmp_path)
+    config.write_text(config.read_text() + setting)
+    proc = run("status", "--config", str(config))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_json_config_errors_are_json(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    for args in (("status",), ("recover",), ("create-all",), ("migrate", "current")):
+        proc = run(*args, "--config", str(missing), "--json", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        doc = json.loads(proc.stdout)
+        assert doc["ok"] is False and "missing.toml" in doc["error"], (args, doc)
+
+
+def test_relative_sqlite_uri_filenames_resolve_against_the_config_folder(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    config = folder / "cluster.toml"
+    config.write_text('[shards.e]\nurl = "sqlite:///file:e.db?uri=true"\n')
+    proc = run("create-all", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (folder / "e.db").exists() and not (tmp_path / "e.db").exists()
+
+
+def test_demo_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    one = sqlite_config(tmp_path / "one", ("a",))
+    two_files = sqlite_config(tmp_path / "two", ("a", "b"))  # no atomic commit over them
+    for args, code, message in (
+        (("--dir", str(afile)), 2, "--dir"),
+        (("--config", str(one)), 2, "at least two shards"),
+        (("--config", str(two_files)), 1, "stopped:"),
+    ):
+        proc = run("demo", *args, cwd=tmp_path)
+        assert proc.returncode == code, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -231,3 +231,66 @@ def test_listen_needs_watch_and_a_good_address(tmp_path: Path) -> None:
             env={**os.environ, "PYTHONPATH": ROOT},
         )
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_healthz_is_503_while_a_shard_cannot_be_reached(tmp_path: Path) -> None:
+    """A pass that completes with errors (here: one shard refuses connections) is not
+    healthy: the worker cannot do its job there."""
+    gone = servers.free_port()
+    config = write_config(tmp_path / "c.toml", {
+        "a": f"sqlite:///{tmp_path / 'a.db'}",
+        "gone": f"postgresql+psycopg2://app@127.0.0.1:{gone}/x",
+    })
+    port = servers.free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "shardsession", "recover", "--config", str(config), "--watch",
+         "--interval", "0.5", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        doc: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            try:
+                code, body = _get(f"http://127.0.0.1:{port}/healthz")
+            except OSError:
+                code, body = 0, b""
+            if body:
+                doc = json.loads(body)
+                if doc["last_pass_completed"]:
+                    break
+            time.sleep(0.3)
+        assert doc.get("last_pass_completed") is True, doc
+        assert code == 503 and doc["healthy"] is False, doc
+        assert isinstance(doc["last_pass_errors"], int) and doc["last_pass_errors"] >= 1, doc
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+
+
+def test_listen_on_an_ipv6_address(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", {"a": f"sqlite:///{tmp_path / 'a.db'}"})
+    port = servers.free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "shardsession", "recover", "--config", str(config), "--watch",
+         "--interval", "0.5", "--listen", f"[::1]:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        code = 0
+        while time.monotonic() < deadline and worker.poll() is None:
+            try:
+                code, _body = _get(f"http://[::1]:{port}/healthz")
+            except OSError:
+                code = 0
+            if code == 200:
+                break
+            time.sleep(0.3)
+        assert code == 200, worker.poll()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err

@@ -207,3 +207,36 @@ def test_missing_project_is_a_configuration_error(tmp_path: Path) -> None:
     config = write_config(tmp_path / "cluster.toml", {"a": f"sqlite:///{tmp_path / 'a.db'}"})
     proc = run("migrate", "current", "--config", str(config), cwd=tmp_path)
     assert proc.returncode == 2 and "no Alembic project" in proc.stderr
+
+
+def test_a_failed_revision_on_sqlite_keeps_none_of_its_ddl_and_resumes(tmp_path: Path) -> None:
+    """pysqlite commits before DDL unless told otherwise: the failed r2's ADD COLUMN must
+    be rolled back with it, so that the same command run again resumes at r1."""
+    project = _project(tmp_path)
+    config = tmp_path / "cluster.toml"
+    config.write_text('[shards.a]\nurl = "sqlite:///a.db"\n[shards.b]\nurl = "sqlite:///b.db"\n')
+    code, doc = migrate(project, config, "upgrade", env={"SS_MIG_FAIL": "b"})
+    assert code == 1 and _where(doc) == {"a": ["r2"], "b": ["r1"]}, doc
+    assert _columns(f"sqlite:///{tmp_path / 'b.db'}") == {"id", "name"}
+    code, doc = migrate(project, config, "upgrade")
+    assert code == 0 and _where(doc) == {"a": ["r2"], "b": ["r2"]}, doc
+    assert _columns(f"sqlite:///{tmp_path / 'b.db'}") == {"id", "name", "qty"}
+
+
+def test_stamp_after_create_all_metadata(tmp_path: Path) -> None:
+    """Tables made by ``create-all --metadata`` (not by Alembic): ``migrate stamp`` marks
+    every shard as at head, after which ``current`` and ``check`` pass."""
+    project = _project(tmp_path)
+    config = tmp_path / "cluster.toml"
+    config.write_text('[shards.a]\nurl = "sqlite:///a.db"\n[shards.b]\nurl = "sqlite:///b.db"\n')
+    proc = run("create-all", "--config", str(config), "--metadata", "ss_mig_models:metadata",
+               cwd=project, env={"PYTHONPATH": f"{Path(__file__).resolve().parents[2]}:{project}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, doc = migrate(project, config, "current")
+    assert code == 1 and _where(doc) == {"a": [], "b": []}, doc
+    code, doc = migrate(project, config, "stamp")
+    assert code == 0 and _where(doc) == {"a": ["r2"], "b": ["r2"]}, doc
+    code, doc = migrate(project, config, "stamp")  # again: nothing changes
+    assert code == 0 and _where(doc) == {"a": ["r2"], "b": ["r2"]}, doc
+    assert migrate(project, config, "current")[0] == 0
+    assert migrate(project, config, "check")[0] == 0
