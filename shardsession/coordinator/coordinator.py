@@ -226,6 +226,7 @@ def _on_rollback_savepoint(conn: Connection, name: str, context: Any) -> None:
         return
     branch = _branch_of(conn)
     if branch is not None:
+        deadlock.savepoint_rolled_back(branch)  # it reverts a label set since
         branch.wrote = wrote
         if (not wrote and branch.adapter is not None and branch.mark is not None
                 and branch.adapter.name == "sqlite"):

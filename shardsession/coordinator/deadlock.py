@@ -103,6 +103,12 @@ class WatchState:
     #: branches (by id) labelled, or to be labelled after their first statement
     labelled: set[int] = field(default_factory=set)
     deferred: set[int] = field(default_factory=set)
+    #: labelled branches whose label a ROLLBACK TO SAVEPOINT reverted (set_config is
+    #: local to the savepoint too): labelled again once that statement is answered
+    relabel: set[int] = field(default_factory=set)
+    #: the decider's COMMIT runs: never cancelled (its outcome would be unknown), so
+    #: another transaction of the cycle is chosen
+    committing: bool = False
 
 
 @dataclass
@@ -119,6 +125,16 @@ _waits: dict[int, _Wait] = {}
 _thread: threading.Thread | None = None
 _broken = [0]
 _side: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+#: every server a branch of this process has run a statement on (bounded): a pass reads
+#: them all, so that it sees the edges of a cycle on servers where none of its waiting
+#: transactions has a branch (those of other processes' transactions)
+_known: dict[str, Engine] = {}
+_KNOWN_MAX = 64
+#: other processes' victims seen in the last pass (cancelled here if still waiting in
+#: the next one: their own detector may not see the whole cycle)
+_foreign: set[Node] = set()
+#: the watch states of this process's live transactions, by token
+_mine: weakref.WeakValueDictionary[str, WatchState] = weakref.WeakValueDictionary()
 
 
 def _side_engine(engine: Engine) -> Engine:
@@ -142,6 +158,7 @@ def state_of(gt: GlobalTransaction) -> WatchState:
     st: WatchState | None = gt.watch
     if st is None:
         st = gt.watch = WatchState()
+        _mine[st.token] = st
     return st
 
 
@@ -153,8 +170,11 @@ def enter(branch: Branch, timeout: float, fallback: float) -> None:
         return
     state_of(gt)
     w = _Wait(branch, gt, time.monotonic(), timeout, fallback)
+    server = _server_of(branch.engine)
     with _lock:
         _waits[id(branch)] = w
+        if server not in _known and len(_known) < _KNOWN_MAX:
+            _known[server] = branch.engine
         if _thread is None:
             _thread = threading.Thread(target=_watch, name="shardsession-deadlock",
                                        daemon=True)
@@ -176,10 +196,27 @@ def after_statement(branch: Branch) -> None:
     if gt is None:
         return
     st: WatchState | None = gt.watch
+    if st is not None and id(branch) in st.relabel and not gt.protocol_ran:
+        st.relabel.discard(id(branch))
+        st.labelled.discard(id(branch))
+        job = label(branch)
+        if job is not None:  # in this thread: the next statement may wait on a lock
+            job()
+        return
     if st is not None and id(branch) in st.deferred and not gt.protocol_ran:
         job = label(branch)
         if job is not None:  # joined with the early BEGINs, before the transaction ends
             _submit(gt, job)
+
+
+def savepoint_rolled_back(branch: Branch) -> None:
+    """A ROLLBACK TO SAVEPOINT is about to run on the branch (from the session's thread):
+    it reverts a label set inside the savepoint, so the branch is labelled again once it
+    is answered (see :func:`after_statement`)."""
+    gt = branch.gt
+    st: WatchState | None = gt.watch if gt is not None else None
+    if st is not None and id(branch) in st.labelled:
+        st.relabel.add(id(branch))
 
 
 def victim_error(gt: GlobalTransaction) -> DistributedDeadlock | None:
@@ -351,9 +388,14 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
             sid = b.adapter.session_id(b.dbapi) if b.adapter is not None else None
             if sid is not None:
                 ours[(server, str(sid))] = ("gt", st.token)
+    with _lock:
+        for server, engine in _known.items():
+            engines.setdefault(server, engine)
     edges: list[tuple[Node, Node]] = []
     born: dict[Node, float] = {}
     blind: set[str] = set()
+    #: other processes' transactions: their waiting backends (server, pid, label)
+    waiting_of: dict[Node, list[tuple[str, str, str]]] = {}
     for gt in gts.values():
         st = state_of(gt)
         born[("gt", st.token)] = st.born
@@ -378,20 +420,41 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
                     return n
             return ("backend", server, backend)
 
-        edges.extend((node(w), node(b)) for w, b in pairs)
+        for waiter, blocker in pairs:
+            nw = node(waiter)
+            edges.append((nw, node(blocker)))
+            if nw[0] == "gt" and nw[1] not in _mine:
+                waiting_of.setdefault(nw, []).append((server, waiter,
+                                                      labels.get(waiter, "")))
     own: dict[Node, GlobalTransaction] = {("gt", state_of(gt).token): gt
                                           for gt in gts.values()}
+    foreign: set[Node] = set()
     for cycle in _cycles(edges):
-        candidates = [n for n in cycle if n in born]
+        # youngest first: (birth, token) is a total order every process agrees on; a
+        # decider committing (ours) is never cancelled: the next youngest is chosen
+        candidates = sorted((n for n in cycle if n in born),
+                            key=lambda n: (born[n], n), reverse=True)
+        candidates = [n for n in candidates
+                      if not getattr(_mine.get(n[1]), "committing", False)]
         if not candidates:
             continue
-        victim = max(candidates, key=lambda n: (born[n], n))
+        victim = candidates[0]
         gt_victim = own.get(victim)
+        if gt_victim is None and victim[1] in _mine:
+            continue  # ours, but no statement of it noted: nothing to cancel
         if gt_victim is None:
-            continue  # another process's transaction: its own detector cancels it
+            # another process's transaction: its own detector cancels it, if it sees the
+            # cycle; if it still waits at our next pass, it does not (a server where it
+            # has no branch holds an edge): cancelled here, by its label
+            foreign.add(victim)
+            if victim in _foreign:
+                _cancel_foreign(victim, waiting_of.get(victim, []), engines)
+            continue
         shards = sorted({b.shard_id for n in cycle if n in own for b in _branches(own[n])})
         _cancel(gt_victim, running.get(id(gt_victim), []), tuple(shards),
                 f"a lock cycle of {len(cycle)} transactions over shards {shards}")
+    _foreign.clear()
+    _foreign.update(foreign)
     # bounded wait where the server cannot show its waits
     for w in long:
         if _server_of(w.branch.engine) in blind and now - w.since >= w.fallback:
@@ -499,13 +562,41 @@ def _read_waits(engine: Engine) -> tuple[list[tuple[str, str]], dict[str, str]] 
     return None
 
 
+def _cancel_foreign(victim: Node, waiting: Sequence[tuple[str, str, str]],
+                    engines: Mapping[str, Engine]) -> None:
+    """Cancel another process's victim's waiting statements, each only while its backend
+    still waits under the same label (the label is local to its transaction: a backend
+    that moved on to another transaction is never cancelled)."""
+    for server, pid, lab in waiting:
+        engine = engines.get(server)
+        if engine is None or engine.dialect.name != "postgresql" or not lab:
+            continue
+        log.info("distributed deadlock: cancelling %s's backend %s on %s (another "
+                 "process's transaction, the youngest of a cycle its detector cannot see)",
+                 victim[-1], pid, server)
+        try:
+            with _side_engine(engine).connect() as c:
+                c = c.execution_options(isolation_level="AUTOCOMMIT")
+                c.execute(text(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = :pid "
+                    "AND application_name = :label AND wait_event_type = 'Lock' "
+                    # never a COMMIT (a decider's: its outcome would be unknown)
+                    "AND upper(left(ltrim(query), 6)) NOT IN ('COMMIT', 'END')"),
+                    {"pid": int(pid), "label": lab})
+        except Exception as e:
+            log.warning("deadlock detection: cancelling %s on %s failed (%s)", pid, server, e)
+
+
 def _cancel(gt: GlobalTransaction, running: Sequence[_Wait], shards: tuple[str, ...],
             reason: str) -> None:
     st = state_of(gt)
-    if st.victim is not None:
-        return  # chosen already: its cancellation is on its way
-    st.victim, st.reason = shards, reason
-    _broken[0] += 1
+    if st.victim is None:
+        st.victim, st.reason = shards, reason
+        _broken[0] += 1
+    elif not running:
+        return
+    # (chosen again while statements of it still run: the last cancel missed them, or
+    # they began after it; each is cancelled, the transaction is refused anyway)
     log.info("distributed deadlock: cancelling transaction %s (%s)",
                 gt.gtrid or st.token, reason)
     for w in running:

@@ -16,9 +16,10 @@ only leave prepared branches to recovery (``CommitIncomplete``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..backends import DecisionRow, Outcome
@@ -32,7 +33,7 @@ from ..exc import (
     TransactionError,
     warn_non_atomic,
 )
-from . import trace
+from . import deadlock, trace
 from .branch import IMPLICIT_COMMIT_KEY, Branch, BranchState, discard_dead, isolation_of, leave
 from .protocol import Action, CommitPlan, Event, State, Step, next_step
 from .xid import MAX_PREPARED_BRANCHES, Xid, gtrid_cluster, gtrid_created, participants_text
@@ -104,6 +105,20 @@ def _location(b: Branch) -> str | None:
             return None
         info[_LOCATION_KEY] = loc
     return loc if isinstance(loc, str) else None
+
+
+@contextlib.contextmanager
+def _noted(gt: GlobalTransaction, b: Branch) -> Iterator[None]:
+    """Note a commit-phase statement of ``b`` as a wait for the deadlock detector."""
+    coord = gt.coordinator
+    if coord.deadlock_timeout is None:
+        yield
+        return
+    deadlock.enter(b, coord.deadlock_timeout, coord.deadlock_fallback)
+    try:
+        yield
+    finally:
+        deadlock.leave(b)
 
 
 def _timed(event: str, gtrid: str, b: Branch, work: Callable[[], None]
@@ -230,16 +245,21 @@ class TwoPhaseRun:
         def prepare_one(b: Branch) -> Callable[[], None]:
             def run() -> None:
                 assert b.adapter is not None
-                b.adapter.prepare(b.dbapi, b.xid)
+                # noted as a wait: a PREPARE may wait on a lock (a deferred constraint's
+                # check), and cancelling it is safe (it fails, the protocol aborts)
+                with _noted(gt, b):
+                    b.adapter.prepare(b.dbapi, b.xid)
                 b.state = BranchState.PREPARED
                 gt._crash(f"after_prepare:{b.xid.bqual if b.xid else b.index}")
             return run
 
         def decide() -> None:
             assert decider.adapter is not None
-            decider.adapter.insert_decision(
-                decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(), participants)
-            )
+            with _noted(gt, decider):  # before the commit point: cancelling it is safe
+                decider.adapter.insert_decision(
+                    decider.dbapi, DecisionRow(gtrid, Outcome.COMMIT, time.time(),
+                                               participants)
+                )
             # The identity this process wrote into the xids may be stale (another process
             # re-keyed the database since it was read): deciding under it would leave
             # branches no recovery takes for this database's. Checked in the decider's
@@ -301,6 +321,9 @@ class TwoPhaseRun:
         def settle_one(b: Branch) -> Callable[[], None]:
             return lambda: b.adapter.settle_prepared(b.dbapi) if b.adapter else None
 
+        # The decider's COMMIT is never cancelled (its outcome would be unknown): the
+        # detector chooses another transaction of a cycle it waits in.
+        deadlock.state_of(gt).committing = True
         # Known to the driver without a round trip; needed only if the outcome is unknown.
         self.decider_session = decider.adapter.session_id(decider.dbapi)
         # While the decider commits, the prepared branches' drivers are brought to idle
