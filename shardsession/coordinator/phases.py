@@ -298,7 +298,8 @@ class TwoPhaseRun:
         emit(gt.session, "shardsession_after_prepare", gtrid, prepared_ids,
              [b.shard_id for b in failed])
         if failed:
-            first = errors[failed[0].index]
+            # a PREPARE cancelled by the deadlock detector fails with its victim error
+            first = deadlock.victim_error(gt) or errors[failed[0].index]
             self.failure = (f"prepare failed on {[b.shard_id for b in failed]}: {first}",
                             {"failed_shards": [b.shard_id for b in failed]}, first)
             return Event.PREPARE_FAILED
