@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -483,3 +483,196 @@ def test_orm_cycle_through_sharded_session(request: pytest.FixtureRequest,
         assert left is not None and right is not None
         assert (left.v, right.v) == (1 << winner, 1 << winner)
     print(f"\nORM cycle broken in {took[0]:.2f} s")
+
+
+@pytest.mark.postgresql
+def test_label_survives_a_rolled_back_savepoint(request: pytest.FixtureRequest,
+                                                dispose: list[Engine]) -> None:
+    """Branches labelled inside a savepoint (``set_config(..., true)`` is local to it) are
+    labelled again after ROLLBACK TO SAVEPOINT: other processes' detectors still see
+    them (issue 18, B3)."""
+    engines = {"l": create_engine(request.getfixturevalue("pg_url_a")),
+               "r": create_engine(request.getfixturevalue("pg_url_b"))}
+    dispose.extend(engines.values())
+    for e in engines.values():
+        _Base.metadata.create_all(e)
+    maker = sessionmaker(class_=ShardedSession, shards=engines,
+                         placement=Placement({Left: Pinned("l"), Right: Pinned("r")}))
+    with maker() as s:
+        with pytest.raises(RuntimeError), s.begin_nested():
+            s.add_all([Left(id=1), Right(id=1)])
+            s.flush()
+            la = _labels(engines["l"])
+            assert len(la) == 1 and la == _labels(engines["r"])
+            raise RuntimeError("undo the savepoint")
+        # the savepoint's rollback reverted the labels; they are set again
+        assert _labels(engines["l"]) == la and _labels(engines["r"]) == la
+        s.add_all([Left(id=2), Right(id=2)])
+        s.flush()
+        assert _labels(engines["l"]) == la and _labels(engines["r"]) == la
+        s.commit()
+    assert _labels(engines["l"]) == set() and _labels(engines["r"]) == set()
+    with maker() as s:
+        assert s.get(Left, 1) is None and s.get(Left, 2) is not None
+
+
+@pytest.mark.postgresql
+def test_prepare_waiting_in_a_cycle_is_broken(request: pytest.FixtureRequest,
+                                              dispose: list[Engine]) -> None:
+    """T1 (the youngest) waits at commit: its PREPARE or its decider's COMMIT rechecks a
+    deferred unique constraint against T2's uncommitted row, while T2 waits on T1's row.
+    A waiting PREPARE is cancelled (T1 fails, nothing of it kept); a waiting decider's
+    COMMIT is never cancelled, T2 is chosen instead (issue 18, B2)."""
+    engines = _engines(request, ["pg_url_a", "pg_url_b"])
+    dispose.extend(engines)
+    with engines[0].begin() as c:
+        c.exec_driver_sql("CREATE TABLE dl_u (k integer, "
+                          "CONSTRAINT dl_uk UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)")
+    coord = TransactionCoordinator()
+    names = {engines[0]: "s0", engines[1]: "s1"}
+    ins = text("INSERT INTO dl_u VALUES (1)")
+    t2_global, t1_inserted = threading.Event(), threading.Event()
+    outcome: dict[str, BaseException | str] = {}
+
+    def t2() -> None:
+        s = _session(coord, names)
+        try:
+            s.connection(bind_arguments={"bind": engines[0]}).execute(ins)
+            _add(s, engines[1], 2, row=2)  # a global transaction now: the older
+            t2_global.set()
+            t1_inserted.wait(30)
+            time.sleep(0.3)
+            _add(s, engines[1], 2)  # waits on T1's row
+            s.commit()
+            outcome["t2"] = "committed"
+        except BaseException as e:
+            outcome["t2"] = e
+            s.rollback()
+        finally:
+            s.close()
+
+    def t1() -> None:
+        t2_global.wait(30)
+        time.sleep(0.2)
+        s = _session(coord, names)
+        try:
+            _add(s, engines[1], 1)
+            s.connection(bind_arguments={"bind": engines[0]}).execute(ins)
+            t1_inserted.set()
+            time.sleep(1.0)
+            s.commit()  # the unique recheck waits on T2
+            outcome["t1"] = "committed"
+        except BaseException as e:
+            outcome["t1"] = e
+            s.rollback()
+        finally:
+            s.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=f) for f in (t1, t2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(BOUND + 30)
+    took = time.monotonic() - t0
+    stuck = [th for th in threads if th.is_alive()]
+    coord.close()
+    assert not stuck, outcome
+    assert sorted(k for k, v in outcome.items() if v == "committed") in (["t1"], ["t2"]), \
+        outcome
+    loser = "t1" if outcome["t2"] == "committed" else "t2"
+    err = outcome[loser]
+    assert isinstance(err, BaseException) and is_retryable(err), outcome
+    assert isinstance(err, DistributedDeadlock) or isinstance(err.__cause__, DistributedDeadlock), \
+        repr(err)
+    assert took < BOUND + 3, took
+    winner_bit = 1 if loser == "t2" else 2
+    assert _value(engines[1]) == winner_bit
+    assert _value(engines[1], row=2) == (2 if loser == "t1" else 0)
+    with engines[0].connect() as c:
+        assert c.exec_driver_sql("SELECT count(*) FROM dl_u").scalar() == 1
+    print(f"\ncommit-phase cycle broken in {took:.2f} s, victim {loser}")
+
+
+_CHILD3 = textwrap.dedent("""
+    import sys, threading, time, json
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+    from shardsession.coordinator import TransactionCoordinator
+    urls, plan, t0 = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3])
+    engines = [create_engine(u) for u in urls]
+    names = {e: f"s{i}" for i, e in enumerate(engines)}
+    coord = TransactionCoordinator()
+    stmt = text("UPDATE dl_rows SET v = v + :bit WHERE id = :row")
+    def run(name, bit, start, hold, filler, want):
+        time.sleep(max(0.0, t0 + start - time.time()))
+        s = Session()
+        coord.install(s, names.__getitem__)
+        try:
+            s.connection(bind_arguments={"bind": engines[hold]}).execute(stmt, {"bit": bit, "row": 1})
+            s.connection(bind_arguments={"bind": engines[filler]}).execute(stmt, {"bit": bit, "row": 2})
+            time.sleep(max(0.0, t0 + 3.0 - time.time()))
+            s.connection(bind_arguments={"bind": engines[want]}).execute(stmt, {"bit": bit, "row": 1})
+            s.commit()
+            print(name, "committed", flush=True)
+        except Exception as e:
+            s.rollback()
+            print(name, "failed", type(e).__name__, flush=True)
+        finally:
+            s.close()
+    ths = [threading.Thread(target=run, args=tuple(p)) for p in plan]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+""")
+
+
+@pytest.mark.postgresql
+def test_three_transaction_cycle_over_two_processes(request: pytest.FixtureRequest,
+                                                    dispose: list[Engine]) -> None:
+    """X (youngest, process 1) holds s0 and wants s1; Y (process 2) holds s1, wants s2; Z
+    (process 2) holds s2, wants s0. The edge Y -> Z lies on s2, where process 1 has no
+    branch and which its detector never reads; process 2 sees the whole cycle and cancels
+    X (another process's transaction) by its label (issue 18, B1)."""
+    from tests.harness.servers import start_postgres
+
+    third = start_postgres("dl_third")
+    try:
+        urls = [request.getfixturevalue("pg_url_a"), request.getfixturevalue("pg_url_b"),
+                third.create_database()]
+        engines = [create_engine(u) for u in urls]
+        dispose.extend(engines)
+        for e in engines:
+            md.create_all(e)
+            with e.begin() as c:
+                c.execute(t.insert(), [{"id": 1, "v": 0}, {"id": 2, "v": 0}])
+        t0 = time.time() + 3
+        plans = [[["X", 1, 1.5, 0, 1, 1]],
+                 [["Y", 2, 0.0, 1, 2, 2], ["Z", 4, 0.5, 2, 0, 0]]]
+        import json
+        procs = [subprocess.Popen([sys.executable, "-c", _CHILD3, json.dumps(urls),
+                                   json.dumps(p), str(t0)], stdout=subprocess.PIPE, text=True)
+                 for p in plans]
+        outs = []
+        try:
+            for p in procs:
+                out, _ = p.communicate(timeout=BOUND + 30)
+                outs.extend(out.split("\n"))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        took = time.time() - t0 - 3.0
+        lines = sorted(line.strip() for line in outs if line.strip())
+        assert lines[1:] == ["Y committed", "Z committed"], lines
+        assert lines[0].startswith("X failed"), lines
+        assert took < BOUND, took
+        assert [_value(e) for e in engines] == [4, 2, 6]
+        assert [_value(e, row=2) for e in engines] == [4, 0, 2]
+        print(f"\n3-cycle over 2 processes broken in {took:.2f} s")
+    finally:
+        for e in dispose:
+            e.dispose()
+        dispose.clear()
+        third.teardown()
