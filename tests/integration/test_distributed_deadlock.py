@@ -608,11 +608,14 @@ _CHILD3 = textwrap.dedent("""
         time.sleep(max(0.0, t0 + start - time.time()))
         s = Session()
         coord.install(s, names.__getitem__)
+        def up(shard, row):
+            s.connection(bind_arguments={"bind": engines[shard]}).execute(
+                stmt, {"bit": bit, "row": row})
         try:
-            s.connection(bind_arguments={"bind": engines[hold]}).execute(stmt, {"bit": bit, "row": 1})
-            s.connection(bind_arguments={"bind": engines[filler]}).execute(stmt, {"bit": bit, "row": 2})
+            up(hold, 1)
+            up(filler, 2)
             time.sleep(max(0.0, t0 + 3.0 - time.time()))
-            s.connection(bind_arguments={"bind": engines[want]}).execute(stmt, {"bit": bit, "row": 1})
+            up(want, 1)
             s.commit()
             print(name, "committed", flush=True)
         except Exception as e:
