@@ -15,9 +15,9 @@ How it runs:
   It reads the servers only when one of them has waited longer than its coordinator's
   ``deadlock_timeout`` (default 1 s), and then every ``deadlock_timeout`` again while one
   still waits;
-* a pass reads, on every server that a waiting global transaction of this process has a
-  branch on, which backend waits for which (PostgreSQL ``pg_blocking_pids()`` over
-  ``pg_stat_activity``, which any role may read; MariaDB
+* a pass reads, on every server a branch of this process has run a statement on (a
+  bounded list kept for the process's life), which backend waits for which
+  (PostgreSQL ``pg_blocking_pids()`` over ``pg_stat_activity``, which any role may read; MariaDB
   ``information_schema.INNODB_LOCK_WAITS`` joined with ``INNODB_TRX``, which needs the
   ``PROCESS`` privilege), maps each backend to its global transaction (the branches of
   this process by their backend id, known to the driver without a round trip; those of
@@ -28,7 +28,12 @@ How it runs:
   statement cancelled (``pg_cancel_backend``, ``KILL QUERY``: both allowed on the role's
   own backends). The cancelled statement raises :class:`~shardsession.exc.DistributedDeadlock`
   in its session (see :func:`victim_error`), and the commit of a marked transaction
-  refuses. A victim of another process is left to that process's own detector.
+  refuses. Commit-phase statements (PREPARE, the decision row) are noted as waits too;
+  a decider whose COMMIT runs is never chosen (its outcome would be unknown): the next
+  youngest is. A victim still running statements at a later pass is cancelled again.
+  A victim of another process is left to that process's own detector for one pass; if
+  it still waits in the cycle at the next one, it is cancelled here by its label (see
+  :func:`_cancel_foreign`): its detector may not read a server holding an edge.
 * where a server cannot show its lock waits (MariaDB without ``PROCESS``, SQLite, another
   dialect), a global transaction of this process waiting on it longer than its
   coordinator's ``deadlock_fallback`` (default 30 s) is cancelled the same way: a
