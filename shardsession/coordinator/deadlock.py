@@ -133,7 +133,7 @@ _side: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 #: every server a branch of this process has run a statement on (bounded): a pass reads
 #: them all, so that it sees the edges of a cycle on servers where none of its waiting
 #: transactions has a branch (those of other processes' transactions)
-_known: dict[str, Engine] = {}
+_known: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
 _KNOWN_MAX = 64
 #: other processes' victims seen in the last pass (cancelled here if still waiting in
 #: the next one: their own detector may not see the whole cycle)
@@ -393,8 +393,9 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
             sid = b.adapter.session_id(b.dbapi) if b.adapter is not None else None
             if sid is not None:
                 ours[(server, str(sid))] = ("gt", st.token)
+    mine_now = set(engines)  # servers of the transactions now running
     with _lock:
-        for server, engine in _known.items():
+        for server, engine in list(_known.items()):
             engines.setdefault(server, engine)
     edges: list[tuple[Node, Node]] = []
     born: dict[Node, float] = {}
@@ -408,6 +409,9 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
         found = _read_waits(engine)
         if found is None:
             blind.add(server)
+            if server not in mine_now:  # (a server gone: not read again until used)
+                with _lock:
+                    _known.pop(server, None)
             continue
         pairs, labels = found
 
