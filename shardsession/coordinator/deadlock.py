@@ -262,7 +262,7 @@ def label(branch: Branch) -> Callable[[], None] | None:
         return None
     st.labelled.add(id(branch))
     st.deferred.discard(id(branch))
-    name = f"{LABEL_PREFIX}{st.token}:{int(st.born * 1000)}"
+    name = f"{LABEL_PREFIX}{st.token}:{_born_ms(st)}"
 
     def run() -> None:
         cur = pg._cursor(dbapi)
@@ -367,6 +367,21 @@ def _watch() -> None:
         next_pass = time.monotonic() + interval
 
 
+def _born_ms(st: WatchState) -> int:
+    """The birth written into the label (epoch milliseconds)."""
+    return int(st.born * 1000)
+
+
+def _birth_of_label(ms: int) -> float:
+    return ms / 1000.0
+
+
+def _birth(st: WatchState) -> float:
+    """The birth the victim rule compares: the label's, for this process's transactions
+    too, so that every process orders the same (birth, token) pairs alike."""
+    return _birth_of_label(_born_ms(st))
+
+
 def _server_of(engine: Engine) -> str:
     u = engine.url
     # backend ids are unique per server, whatever the database
@@ -404,7 +419,10 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
     waiting_of: dict[Node, list[tuple[str, str, str]]] = {}
     for gt in gts.values():
         st = state_of(gt)
-        born[("gt", st.token)] = st.born
+        # at the label's precision (milliseconds), so that every process compares the same
+        # (birth, token) pairs: with the full float here, two transactions born in the
+        # same millisecond could each be the younger in its own process's eyes
+        born[("gt", st.token)] = _birth(st)
     for server, engine in engines.items():
         found = _read_waits(engine)
         if found is None:
@@ -425,7 +443,7 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
                 parts = lab[len(LABEL_PREFIX):].split(":")
                 if len(parts) == 2 and parts[1].isdigit():
                     n: Node = ("gt", parts[0])
-                    born.setdefault(n, int(parts[1]) / 1000.0)
+                    born.setdefault(n, _birth_of_label(int(parts[1])))
                     return n
             return ("backend", server, backend)
 
