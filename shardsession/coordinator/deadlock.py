@@ -31,8 +31,9 @@ How it runs:
   refuses. Commit-phase statements (PREPARE, the decision row) are noted as waits too;
   a decider whose COMMIT runs is never chosen (its outcome would be unknown): the next
   youngest is. A victim still running statements at a later pass is cancelled again.
-  A victim of another process is left to that process's own detector for one pass; if
-  it still waits in the cycle at the next one, it is cancelled here by its label (see
+  A victim of another process is left to that process's own detector for two
+  ``deadlock_timeout`` intervals; if it still waits in the cycle then, it is cancelled
+  here by its label (see
   :func:`_cancel_foreign`): its detector may not read a server holding an edge.
 * where a server cannot show its lock waits (MariaDB without ``PROCESS``, SQLite, another
   dialect), a global transaction of this process waiting on it longer than its
@@ -135,9 +136,10 @@ _side: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
 #: transactions has a branch (those of other processes' transactions)
 _known: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
 _KNOWN_MAX = 64
-#: other processes' victims seen in the last pass (cancelled here if still waiting in
-#: the next one: their own detector may not see the whole cycle)
-_foreign: set[Node] = set()
+#: other processes' victims seen by the last pass, with when they were first seen
+#: (cancelled here if still waiting two intervals later: their own detector, whose pass
+#: comes once their wait is ``deadlock_timeout`` old, may not see the whole cycle)
+_foreign: dict[Node, float] = {}
 #: the watch states of this process's live transactions, by token
 _mine: weakref.WeakValueDictionary[str, WatchState] = weakref.WeakValueDictionary()
 
@@ -455,7 +457,8 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
                                                       labels.get(waiter, "")))
     own: dict[Node, GlobalTransaction] = {("gt", state_of(gt).token): gt
                                           for gt in gts.values()}
-    foreign: set[Node] = set()
+    foreign: dict[Node, float] = {}
+    grace = 2 * min((w.timeout for w in long), default=1.0)
     for cycle in _cycles(edges):
         # youngest first: (birth, token) is a total order every process agrees on; a
         # decider committing (ours) is never cancelled: the next youngest is chosen
@@ -471,10 +474,10 @@ def _pass(long: Sequence[_Wait], now: float) -> None:
             continue  # ours, but no statement of it noted: nothing to cancel
         if gt_victim is None:
             # another process's transaction: its own detector cancels it, if it sees the
-            # cycle; if it still waits at our next pass, it does not (a server where it
+            # cycle; if it still waits two intervals later, it does not (a server where it
             # has no branch holds an edge): cancelled here, by its label
-            foreign.add(victim)
-            if victim in _foreign:
+            foreign[victim] = first = _foreign.get(victim, now)
+            if now - first >= grace:
                 _cancel_foreign(victim, waiting_of.get(victim, []), engines)
             continue
         shards = sorted({b.shard_id for n in cycle if n in own for b in _branches(own[n])})
