@@ -360,9 +360,18 @@ def prepare_savepoints(conns: Mapping[Any, Connection], shard_ids: Sequence[Any]
         )
     begun: set[int] = set()
     for s in shard_ids:
-        if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and id(conns[s]) not in begun:
-            begun.add(id(conns[s]))
+        # (shards of one local SQLite engine share one DBAPI connection: one BEGIN)
+        key = _dbapi_key(conns[s])
+        if readiness[s] == _compat.SAVEPOINT_AFTER_BEGIN and key not in begun:
+            begun.add(key)
             _compat.begin_driver_transaction(conns[s])
+
+
+def _dbapi_key(connection: Connection) -> int:
+    """The identity of the DBAPI connection under ``connection``: shards whose engines
+    share one (an in-memory SQLite engine with attached schemas or table prefixes per
+    shard) are in one transaction, which one BEGIN and one SAVEPOINT cover."""
+    return id(connection.connection.dbapi_connection)
 
 
 def _undo(savepoints: Iterable[Any]) -> None:
@@ -385,8 +394,8 @@ def all_or_nothing(session: Any, shard_ids: Sequence[Any], what: str) -> Iterato
     savepoints: dict[int, Any] = {}
     try:
         for s in shard_ids:
-            if id(conns[s]) not in savepoints:
-                savepoints[id(conns[s])] = conns[s].begin_nested()
+            if _dbapi_key(conns[s]) not in savepoints:
+                savepoints[_dbapi_key(conns[s])] = conns[s].begin_nested()
         yield
     except BaseException:
         _undo(savepoints.values())

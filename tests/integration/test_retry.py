@@ -235,5 +235,5 @@ def test_every_error_of_the_tree_says_whether_it_is_retryable() -> None:
                if isinstance(getattr(exc, n), type)
                and issubclass(getattr(exc, n), exc.ShardSessionError)]
     assert all(isinstance(c.retryable, bool) for c in classes)
-    assert {c.__name__ for c in classes if c.retryable} == {"DistributedDeadlock",
-                                                             "PrepareFailed"}
+    assert {c.__name__ for c in classes if c.retryable} == {
+        "DistributedDeadlock", "PrepareFailed", "StaleTenantDirectoryError"}

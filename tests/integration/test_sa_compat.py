@@ -152,13 +152,20 @@ def _build(impl: str, style: str, tmp_path: Path, *, legacy: bool = False) -> Wo
 
     log: list[tuple[str, str]] = []
     binds: dict[str, Any] = {}
+
+    def observed(stmt: str) -> bool:
+        # Transaction control is not an observation of routing: ours wraps a statement sent
+        # to several shards in a SAVEPOINT per shard (all-or-nothing), SQLAlchemy's does not.
+        return not stmt.lstrip().upper().startswith(("BEGIN", "SAVEPOINT", "RELEASE",
+                                                     "ROLLBACK TO"))
     if style == "files":
         for shard in SHARDS:
             engine = create_engine(f"sqlite:///{base_dir}/{shard}.db")
 
             def record(conn: Any, cursor: Any, stmt: str, params: Any, context: Any,
                        executemany: bool, _shard: str = shard) -> None:
-                log.append((_shard, stmt))
+                if observed(stmt):
+                    log.append((_shard, stmt))
 
             event.listen(engine, "before_cursor_execute", record)
             binds[shard] = engine
@@ -183,7 +190,7 @@ def _build(impl: str, style: str, tmp_path: Path, *, legacy: bool = False) -> Wo
             table_prefix = opts.get("table_prefix")
             if table_prefix:
                 stmt = stmt.replace("_prefix_", table_prefix)
-            if opts.get("shard_tag"):
+            if opts.get("shard_tag") and observed(stmt):
                 log.append((opts["shard_tag"], stmt))
             return stmt, params
 
