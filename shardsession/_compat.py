@@ -832,9 +832,18 @@ def _frozen_metadata(metadata: Any) -> Any:
     return SimpleResultMetaData(
         keys,
         extra=[extras.get(i) or () for i in range(len(keys))],
-        _create_unique_filters=frozen._create_unique_filters,
-        _ambiguous_keys=metadata._ambiguous_keys,
+        **_uniqueness(frozen, metadata),
     )
+
+
+def _uniqueness(filters_of: Any, ambiguity_of: Any) -> dict[str, Any]:
+    """The private ``SimpleResultMetaData`` arguments that carry ``unique()``'s filters:
+    ``_create_unique_filters`` and ``_ambiguous_keys`` on 2.1, ``_unique_filters`` on
+    2.0 (checked on 2.0.30 and 2.1.9)."""
+    if hasattr(filters_of, "_create_unique_filters"):
+        return {"_create_unique_filters": filters_of._create_unique_filters,
+                "_ambiguous_keys": ambiguity_of._ambiguous_keys}
+    return {"_unique_filters": filters_of._unique_filters}
 
 
 def _reduced_metadata(metadata: Any, visible: int) -> Any:
@@ -858,8 +867,7 @@ def _reduced_metadata(metadata: Any, visible: int) -> Any:
         keys[:visible],
         extra=[extras.get(i) or () for i in range(visible)],
         _tuplefilter=tuplegetter(*range(visible)),
-        _create_unique_filters=metadata._create_unique_filters,
-        _ambiguous_keys=metadata._ambiguous_keys,
+        **_uniqueness(metadata, metadata),
     )
 
 

@@ -443,7 +443,7 @@ class ShardedSession(
         :raises TenantIsolationError: it is another tenant's; it is expunged again.
         :raises RoutingError: ``load=False`` and no shard can be chosen for it.
         """
-        state = inspect(instance)
+        state: Any = inspect(instance)
         key = state.key
         if not load and key is not None and key[2] is None and self._shards:
             shard = self._check_shard(self.shard_chooser(state.mapper, instance, None))
