@@ -443,9 +443,9 @@ class ShardedSession(
         :raises TenantIsolationError: it is another tenant's; it is expunged again.
         :raises RoutingError: ``load=False`` and no shard can be chosen for it.
         """
-        state: Any = inspect(instance)
-        key = state.key
-        if not load and key is not None and key[2] is None and self._shards:
+        state: Any = None if load else inspect(instance, raiseerr=False)
+        key = state.key if state is not None else None  # (unmapped: super() says so)
+        if state is not None and key is not None and key[2] is None and self._shards:
             shard = self._check_shard(self.shard_chooser(state.mapper, instance, None))
             state.key = (key[0], key[1], shard)  # (the key merge() reads; restored below)
             try:
